@@ -1,0 +1,33 @@
+# vmferry — the two commands a user needs are `make demo` and `make test`.
+.PHONY: setup demo test check lint typecheck layers bench clean
+
+UV ?= uv
+PYTEST_ARGS ?=
+
+setup:
+	@bash scripts/setup-host.sh
+
+demo: setup
+	$(UV) run vmferry demo
+
+test: setup
+	$(UV) run pytest $(PYTEST_ARGS)
+
+check: setup lint typecheck layers
+
+lint:
+	$(UV) run ruff check src tests bench
+	$(UV) run ruff format --check src tests bench
+
+typecheck:
+	$(UV) run mypy --strict src
+	$(UV) run mypy tests bench
+
+layers:
+	$(UV) run pytest -q tests/unit/test_layers.py
+
+bench: setup
+	$(UV) run python bench/raw_vs_vmferry.py
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench/results

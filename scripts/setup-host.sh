@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Install what vmferry needs on this host, only what is missing (idempotent).
+#   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
+#   - busybox-static, gcc + static libc (the lab guest image), iproute2
+#   - uv, then the project's locked Python environment
+set -euo pipefail
+
+need_root() {
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null; then sudo "$@"; else
+            echo "setup: need root to run: $*" >&2; exit 1
+        fi
+    else
+        "$@"
+    fi
+}
+
+qemu_ok() {
+    command -v qemu-system-x86_64 >/dev/null || return 1
+    local v
+    v=$(qemu-system-x86_64 --version | sed -n 's/.*version \([0-9]*\)\..*/\1/p' | head -n1)
+    [ -n "$v" ] && [ "$v" -ge 10 ]
+}
+
+missing=()
+command -v busybox >/dev/null && busybox --list >/dev/null 2>&1 && [ -e /bin/busybox ] || missing+=(busybox-static)
+command -v gcc >/dev/null || missing+=(gcc)
+[ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
+command -v qemu-img >/dev/null || missing+=(qemu-utils)
+command -v dpkg-deb >/dev/null || missing+=(dpkg)
+command -v ip >/dev/null || missing+=(iproute2)
+if ! dpkg -s busybox-static >/dev/null 2>&1; then
+    case " ${missing[*]-} " in *" busybox-static "*) ;; *) missing+=(busybox-static) ;; esac
+fi
+
+backports=()
+if ! qemu_ok; then
+    codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
+    if [ "$codename" = bookworm ]; then
+        if ! grep -rqs "bookworm-backports" /etc/apt/sources.list /etc/apt/sources.list.d/; then
+            echo "setup: adding bookworm-backports (for QEMU >= 10)"
+            echo "deb http://deb.debian.org/debian bookworm-backports main" |
+                need_root tee /etc/apt/sources.list.d/bookworm-backports.list >/dev/null
+        fi
+        backports=(qemu-system-x86 qemu-utils)
+    else
+        missing+=(qemu-system-x86)
+    fi
+fi
+
+if [ ${#missing[@]} -gt 0 ] || [ ${#backports[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]-} ${backports[*]-}"
+    need_root apt-get update -q
+    export DEBIAN_FRONTEND=noninteractive
+    if [ ${#missing[@]} -gt 0 ]; then
+        need_root apt-get install -y -q --no-install-recommends "${missing[@]}"
+    fi
+    if [ ${#backports[@]} -gt 0 ]; then
+        need_root apt-get install -y -q --no-install-recommends -t bookworm-backports "${backports[@]}"
+    fi
+fi
+qemu_ok || { echo "setup: QEMU >= 10 is required and could not be installed" >&2; exit 1; }
+
+if ! command -v uv >/dev/null; then
+    echo "setup: installing uv"
+    python3 -m pip install --quiet uv || python3 -m pip install --quiet --break-system-packages uv
+fi
+uv sync --locked --quiet
+echo "setup: ok ($(qemu-system-x86_64 --version | head -n1))"

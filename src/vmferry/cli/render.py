@@ -1,0 +1,106 @@
+"""Rendering for the CLI: a live progress line for migrations and report summaries (Rich)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.phases import Phase
+
+__all__ = ["ProgressLine", "format_bytes", "report_table"]
+
+
+def format_bytes(value: int | None) -> str:
+    """Human-readable binary size (``1.5 GiB``)."""
+    if value is None:
+        return "-"
+    size = float(value)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(size) < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _ms(value: int | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value} ms" if value < 10_000 else f"{value / 1000:.1f} s"
+
+
+class ProgressLine:
+    """One live status line per migration: phase, transferred, remaining, dirty rate, ETA."""
+
+    def __init__(self, console: Console, title: str) -> None:
+        self.console = console
+        self.title = title
+        self._live = Live(Text(f"{title}: preparing"), console=console, transient=False)
+
+    def __enter__(self) -> ProgressLine:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.__exit__(None, None, None)
+
+    def update(self, phase: Phase, stats: MigrationStats | None) -> None:
+        line = Text(f"{self.title}: ", style="bold")
+        line.append(phase.value, style="cyan")
+        if stats is not None:
+            eta = stats.eta_ms
+            line.append(
+                f"  sent {format_bytes(stats.transferred_bytes)}"
+                f"  left {format_bytes(stats.remaining_bytes)}"
+                f"  of {format_bytes(stats.total_bytes)}"
+                f"  dirty {format_bytes(stats.dirty_rate_bps)}/s"
+                f"  link {format_bytes(stats.throughput_bps)}/s"
+                f"  pass {stats.iterations}"
+                f"  {stats.total_ms / 1000:.1f} s"
+                + (f"  ETA {eta / 1000:.1f} s" if eta is not None else "")
+            )
+        self._live.update(line)
+
+
+def report_table(reports: Sequence[MigrationReport]) -> Table:
+    """A summary table, one row per migration."""
+    table = Table(title="vmferry migrations")
+    for column in (
+        "VM",
+        "from → to",
+        "strategy",
+        "status",
+        "total",
+        "downtime (QEMU)",
+        "downtime (guest)",
+        "sent",
+        "passes",
+        "integrity",
+    ):
+        table.add_column(column)
+    for report in reports:
+        integrity = report.integrity
+        verdict = (
+            "not checked"
+            if integrity is None
+            else f"{'ok' if integrity.ok else 'BAD'}: {integrity.bad_pages} bad of "
+            f"{integrity.pages_checked} pages"
+        )
+        table.add_row(
+            report.vm,
+            f"{report.source} → {report.destination}",
+            report.strategy,
+            report.status if report.error is None else f"{report.status}: {report.error}",
+            _ms(report.total_ms),
+            _ms(report.downtime_ms),
+            _ms(report.guest_downtime_ms),
+            format_bytes(report.transferred_bytes),
+            str(report.iterations),
+            verdict,
+            style=None if report.is_success else "red",
+        )
+    return table

@@ -1,0 +1,1 @@
+"""vmferry.core"""

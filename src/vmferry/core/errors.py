@@ -1,0 +1,120 @@
+"""The one root of vmferry's errors, subclassed by what the caller can do about them."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigError",
+    "FerryError",
+    "GuestError",
+    "MigrationFailed",
+    "QEMULaunchError",
+    "QEMUNotFound",
+    "QMPCommandError",
+    "QMPConnectError",
+    "QMPTimeout",
+    "StateError",
+]
+
+
+class FerryError(Exception):
+    """Root of every error vmferry raises on purpose."""
+
+
+class ConfigError(FerryError):
+    """Bad input from the user: a name, a size, a spec. Nothing was changed."""
+
+
+class QEMUNotFound(ConfigError):
+    """No usable ``qemu-system-x86_64`` (missing, or older than vmferry requires)."""
+
+
+class StateError(FerryError):
+    """An operation was asked of something in the wrong state.
+
+    Attributes:
+        state: the state it was in.
+        required: the state(s) the operation needs.
+    """
+
+    def __init__(self, what: str, state: str, required: str) -> None:
+        super().__init__(f"{what} is {state}, needs {required}")
+        self.what = what
+        self.state = state
+        self.required = required
+
+
+class QEMULaunchError(FerryError):
+    """QEMU did not start, or died while we needed it.
+
+    Attributes:
+        exitcode: its exit status, None if it still ran (e.g. never opened its socket).
+        argv: the command line.
+        log_tail: the last lines QEMU wrote to its log.
+    """
+
+    def __init__(self, message: str, exitcode: int | None, argv: list[str], log_tail: str) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.argv = argv
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.exitcode is not None:
+            text += f" (exit status {self.exitcode})"
+        if self.log_tail:
+            text += f"\nQEMU said:\n{self.log_tail}"
+        return text
+
+
+class QMPConnectError(FerryError):
+    """The QMP socket could not be reached or the handshake failed."""
+
+    def __init__(self, message: str, exc: BaseException | None = None) -> None:
+        super().__init__(message if exc is None else f"{message}: {exc}")
+        self.exc = exc
+
+
+class QMPCommandError(FerryError):
+    """QEMU answered a QMP command with an error.
+
+    Attributes:
+        command: the command name.
+        error_class: QEMU's error class (e.g. ``GenericError``).
+        desc: QEMU's description.
+    """
+
+    def __init__(self, command: str, error_class: str, desc: str) -> None:
+        super().__init__(f"QMP {command} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
+
+
+class QMPTimeout(FerryError):
+    """QEMU did not answer (or a state was not reached) within the deadline."""
+
+    def __init__(self, what: str, timeout_s: float) -> None:
+        super().__init__(f"timed out after {timeout_s:g} s waiting for {what}")
+        self.what = what
+        self.timeout_s = timeout_s
+
+
+class GuestError(FerryError):
+    """The guest's workload channel misbehaved (no reply, bad reply, closed)."""
+
+
+class MigrationFailed(FerryError):
+    """A migration did not complete; the VM still runs where ``running_on`` says.
+
+    Attributes:
+        vm: the VM's name.
+        phase: the phase the migration was in.
+        reason: why it failed.
+    """
+
+    def __init__(self, vm: str, phase: str, reason: str) -> None:
+        super().__init__(f"migration of {vm} failed during {phase}: {reason}")
+        self.vm = vm
+        self.phase = phase
+        self.reason = reason

@@ -1,0 +1,211 @@
+"""Domain values: VM names and specs, migration progress samples and the migration report."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal, NewType
+
+from vmferry.core.errors import ConfigError
+from vmferry.core.workload import WorkloadSpec, parse_size, parse_workload
+
+__all__ = [
+    "DEFAULT_CPU_MODEL",
+    "DEFAULT_MACHINE_TYPE",
+    "REPORT_SCHEMA",
+    "HostName",
+    "IntegrityReport",
+    "MigrationReport",
+    "MigrationStats",
+    "Prediction",
+    "ReportStatus",
+    "VmName",
+    "VmSpec",
+    "validate_name",
+]
+
+VmName = NewType("VmName", str)
+HostName = NewType("HostName", str)
+
+# A fixed machine-type version and a named CPU model, so that source and destination build the
+# same virtual hardware whatever QEMU release each host runs (>= 10.0 is required anyway).
+DEFAULT_MACHINE_TYPE = "pc-q35-10.0"
+DEFAULT_CPU_MODEL = "qemu64"
+REPORT_SCHEMA = 1
+
+_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z", re.IGNORECASE)
+_MIN_MEMORY_BYTES = 128 << 20
+_MAX_MEMORY_BYTES = 64 << 30
+_MAX_VCPUS = 64
+
+
+def validate_name(name: str, what: str = "VM name") -> str:
+    """Check a VM or host name: letters, digits, '-' and '_', at most 63, no path characters.
+
+    Raises:
+        ConfigError: if the name is not acceptable.
+    """
+    if not _NAME_RE.match(name):
+        raise ConfigError(
+            f"invalid {what} {name!r}: use 1-63 letters, digits, '-' or '_', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What a VM is: enough to build identical QEMU command lines on any host."""
+
+    name: VmName
+    memory_bytes: int = 512 << 20
+    vcpus: int = 1
+    workload: WorkloadSpec = field(default_factory=lambda: parse_workload("idle"))
+    machine_type: str = DEFAULT_MACHINE_TYPE
+    cpu_model: str = DEFAULT_CPU_MODEL
+
+    def __post_init__(self) -> None:
+        validate_name(self.name)
+        if not _MIN_MEMORY_BYTES <= self.memory_bytes <= _MAX_MEMORY_BYTES:
+            raise ConfigError(
+                f"memory {self.memory_bytes} bytes out of range "
+                f"({_MIN_MEMORY_BYTES >> 20} MiB .. {_MAX_MEMORY_BYTES >> 30} GiB)"
+            )
+        if self.memory_bytes % (1 << 20):
+            raise ConfigError("memory must be a whole number of MiB")
+        if not 1 <= self.vcpus <= _MAX_VCPUS:
+            raise ConfigError(f"vcpus must be 1..{_MAX_VCPUS}, got {self.vcpus}")
+        # The kernel and the initramfs need room beside the working set.
+        if self.workload.size_bytes > self.memory_bytes - (96 << 20):
+            raise ConfigError(
+                f"working set {self.workload.size_bytes >> 20} MiB does not fit in "
+                f"{self.memory_bytes >> 20} MiB of guest memory (leave 96 MiB for the kernel)"
+            )
+
+    @classmethod
+    def build(
+        cls, name: str, memory: str = "512M", vcpus: int = 1, workload: WorkloadSpec | None = None
+    ) -> VmSpec:
+        """Build a spec from user-facing text (``memory="1G"``).
+
+        Raises:
+            ConfigError: on a bad name, size or count.
+        """
+        return cls(
+            name=VmName(validate_name(name)),
+            memory_bytes=parse_size(memory),
+            vcpus=vcpus,
+            workload=workload if workload is not None else parse_workload("idle"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationStats:
+    """One progress sample of a migration, as the source QEMU reports it."""
+
+    status: str
+    total_ms: int
+    transferred_bytes: int
+    remaining_bytes: int
+    total_bytes: int
+    dirty_pages_rate: int
+    page_size: int
+    iterations: int
+    throughput_bps: int
+    expected_downtime_ms: int | None
+    downtime_ms: int | None
+
+    @property
+    def dirty_rate_bps(self) -> int:
+        """Guest dirty rate in bytes per second, as QEMU measured it."""
+        return self.dirty_pages_rate * self.page_size
+
+    @property
+    def eta_ms(self) -> int | None:
+        """Naive time-to-finish: remaining over net progress rate; None when not converging."""
+        net_bps = self.throughput_bps - self.dirty_rate_bps
+        if self.status != "active" or net_bps <= 0 or self.throughput_bps <= 0:
+            return None
+        return int(self.remaining_bytes * 1000 / net_bps)
+
+
+@dataclass(frozen=True, slots=True)
+class IntegrityReport:
+    """The guest's own verdict on its working set after a move."""
+
+    ok: bool
+    pages_checked: int
+    bad_pages: int
+
+    def to_json(self) -> dict[str, object]:
+        return {"ok": self.ok, "pages_checked": self.pages_checked, "bad_pages": self.bad_pages}
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """What a migration was predicted to cost."""
+
+    total_ms: int
+    downtime_ms: int
+    transferred_bytes: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "total_ms": self.total_ms,
+            "downtime_ms": self.downtime_ms,
+            "transferred_bytes": self.transferred_bytes,
+        }
+
+
+ReportStatus = Literal["completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    """The outcome of one migration; ``to_json`` is DESIGN.md's schema version 1."""
+
+    vm: str
+    source: str
+    destination: str
+    running_on: str
+    strategy: str
+    status: ReportStatus
+    error: str | None
+    total_ms: int
+    downtime_ms: int | None
+    guest_downtime_ms: int | None
+    transferred_bytes: int
+    iterations: int
+    predicted: Prediction | None
+    integrity: IntegrityReport | None
+    guest_alive: bool
+
+    @property
+    def is_success(self) -> bool:
+        """Completed, guest alive and its memory verified intact."""
+        return (
+            self.status == "completed"
+            and self.guest_alive
+            and self.integrity is not None
+            and self.integrity.ok
+        )
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "schema": REPORT_SCHEMA,
+            "vm": self.vm,
+            "source": self.source,
+            "destination": self.destination,
+            "running_on": self.running_on,
+            "strategy": self.strategy,
+            "status": self.status,
+            "error": self.error,
+            "total_ms": self.total_ms,
+            "downtime_ms": self.downtime_ms,
+            "guest_downtime_ms": self.guest_downtime_ms,
+            "transferred_bytes": self.transferred_bytes,
+            "iterations": self.iterations,
+            "predicted": None if self.predicted is None else self.predicted.to_json(),
+            "integrity": None if self.integrity is None else self.integrity.to_json(),
+            "guest_alive": self.guest_alive,
+        }

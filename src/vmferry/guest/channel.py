@@ -1,0 +1,161 @@
+"""Host side of the lab guest's workload channel (its second serial port, a UNIX socket).
+
+One :class:`GuestChannel` per QEMU instance. It owns one reader task, which feeds heartbeats to
+a shared :class:`HeartbeatGaps` and queues every other message for :meth:`request`. During a
+migration, the source's and the destination's channels feed the same ``HeartbeatGaps``: the
+guest-observed downtime is then the largest gap across both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+from typing import TypeVar
+
+from vmferry.core.errors import GuestError
+from vmferry.core.heartbeat import HeartbeatGaps
+from vmferry.guest.protocol import GuestMessage, Heartbeat, Ready, parse_line
+
+__all__ = ["GuestChannel"]
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M")
+_CONNECT_RETRY_S = 0.05
+
+
+class GuestChannel:
+    """A connection to the guest's workload channel."""
+
+    def __init__(self, name: str, heartbeats: HeartbeatGaps) -> None:
+        self.name = name
+        self.heartbeats = heartbeats
+        self.logger = logger.getChild(name)
+        self.ready: Ready | None = None
+        self._ready_event = asyncio.Event()
+        self._heartbeat_event = asyncio.Event()
+        self._messages: asyncio.Queue[GuestMessage] = asyncio.Queue()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = asyncio.Event()
+
+    async def connect(self, path: Path, timeout_s: float = 10.0) -> None:
+        """Connect to QEMU's chardev socket, retrying until it accepts.
+
+        Raises:
+            GuestError: when it cannot be reached in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    try:
+                        self._reader, self._writer = await asyncio.open_unix_connection(str(path))
+                        break
+                    except (FileNotFoundError, ConnectionRefusedError):
+                        await asyncio.sleep(_CONNECT_RETRY_S)
+        except TimeoutError as err:
+            raise GuestError(f"guest channel {path} not reachable in {timeout_s:g} s") from err
+        # The channel owns its reader; close() cancels and awaits it.
+        self._task = asyncio.create_task(self._read_loop(), name=f"channel-{self.name}")
+
+    async def _read_loop(self) -> None:
+        assert self._reader is not None
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                raw = await self._reader.readline()
+                if not raw:
+                    break
+                message = parse_line(raw.decode(errors="replace"))
+                if message is None:
+                    continue
+                if isinstance(message, Heartbeat):
+                    self.heartbeats.observe(message.seq, loop.time() * 1000.0)
+                    self._heartbeat_event.set()
+                    continue
+                if isinstance(message, Ready):
+                    self.ready = message
+                    self._ready_event.set()
+                    continue
+                self.logger.debug("<-- %s", message)
+                self._messages.put_nowait(message)
+        except (ConnectionError, OSError) as err:
+            self.logger.debug("channel read ended: %s", err)
+        finally:
+            self._closed.set()
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closed.is_set()
+
+    async def wait_ready(self, timeout_s: float) -> Ready:
+        """Wait for the guest's READY line (working set written).
+
+        Raises:
+            GuestError: if it does not come in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._ready_event.wait()
+        except TimeoutError as err:
+            raise GuestError(f"guest {self.name} not ready within {timeout_s:g} s") from err
+        assert self.ready is not None
+        return self.ready
+
+    async def wait_heartbeat_after(self, since_ms: float, timeout_s: float) -> None:
+        """Wait until a heartbeat arrives later than ``since_ms`` (loop clock, ms).
+
+        Raises:
+            GuestError: when the guest stays silent.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                while (
+                    self.heartbeats.last_arrival_ms is None
+                    or self.heartbeats.last_arrival_ms <= since_ms
+                ):
+                    self._heartbeat_event.clear()
+                    await self._heartbeat_event.wait()
+        except TimeoutError as err:
+            raise GuestError(f"guest {self.name} sent no heartbeat in {timeout_s:g} s") from err
+
+    async def request(self, command: bytes, reply_type: type[M], timeout_s: float) -> M:
+        """Send a command line and wait for its reply message of ``reply_type``.
+
+        Raises:
+            GuestError: no reply in time, or the channel closed.
+        """
+        if self._writer is None:
+            raise GuestError(f"guest channel {self.name} is not connected")
+        while not self._messages.empty():  # stale replies from an earlier request
+            self._messages.get_nowait()
+        self.logger.debug("--> %r", command)
+        self._writer.write(command)
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._writer.drain()
+                while True:
+                    message = await self._messages.get()
+                    if isinstance(message, reply_type):
+                        return message
+                    self.logger.debug("ignoring %s while waiting for %s", message, reply_type)
+        except TimeoutError as err:
+            raise GuestError(
+                f"guest {self.name} did not answer {command!r} within {timeout_s:g} s"
+            ) from err
+        except (ConnectionError, OSError) as err:
+            raise GuestError(f"guest channel {self.name} broke: {err}") from err
+
+    async def close(self) -> None:
+        """Close the socket and reap the reader task."""
+        if self._writer is not None:
+            self._writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await self._writer.wait_closed()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait({self._task})
+            self._task = None

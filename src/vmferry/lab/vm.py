@@ -1,0 +1,148 @@
+"""A running lab VM on this machine: its QEMU process, QMP session and guest channel.
+
+:func:`launch` starts one QEMU instance (a fresh guest, or an empty destination waiting for an
+incoming migration) and returns a :class:`LabVm` that must be closed with :meth:`LabVm.stop`,
+which always reaps the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmferry.core.errors import FerryError, GuestError
+from vmferry.core.heartbeat import HeartbeatGaps
+from vmferry.core.model import IntegrityReport, VmSpec
+from vmferry.guest.channel import GuestChannel
+from vmferry.guest.protocol import Corrupted, VerifyResult, corrupt_command, verify_command
+from vmferry.qemu.argv import Accel, BootFiles, RuntimePaths, build_argv
+from vmferry.qemu.process import QemuProcess
+from vmferry.qemu.session import QmpSession
+
+__all__ = ["BOOT_TIMEOUT_S", "LabVm", "launch"]
+
+logger = logging.getLogger(__name__)
+
+# Boot to READY under TCG takes ~4 s plus writing the working set; leave ample room on a busy
+# 2-core machine.
+BOOT_TIMEOUT_S = 90.0
+_START_TIMEOUT_S = 15.0
+
+
+def _verify_timeout_s(spec: VmSpec) -> float:
+    # Checksumming under TCG runs at a few hundred MB/s at worst; be generous.
+    return 30.0 + spec.workload.size_bytes / (20 << 20)
+
+
+@dataclass(slots=True)
+class LabVm:
+    """One QEMU instance of a lab guest and the connections vmferry holds to it."""
+
+    spec: VmSpec
+    role: str
+    paths: RuntimePaths
+    process: QemuProcess
+    qmp: QmpSession
+    channel: GuestChannel
+
+    @property
+    def label(self) -> str:
+        return f"{self.spec.name}@{self.role}"
+
+    async def verify(self) -> IntegrityReport:
+        """Ask the guest to check every page of its working set.
+
+        Raises:
+            GuestError: the guest did not answer.
+        """
+        result = await self.channel.request(
+            verify_command(), VerifyResult, _verify_timeout_s(self.spec)
+        )
+        return IntegrityReport(
+            ok=result.bad_pages == 0 and result.pages_checked > 0,
+            pages_checked=result.pages_checked,
+            bad_pages=result.bad_pages,
+        )
+
+    async def corrupt(self, page: int) -> None:
+        """Damage one working-set page behind the guest's bookkeeping (for tests and drills).
+
+        Raises:
+            GuestError: the guest did not confirm.
+        """
+        await self.channel.request(corrupt_command(page), Corrupted, 10.0)
+
+    async def stop(self) -> None:
+        """Disconnect and end QEMU; always reaps the process."""
+        try:
+            await self.channel.close()
+            await self.qmp.close()
+        finally:
+            await self.process.stop()
+
+
+async def launch(
+    qemu: str,
+    spec: VmSpec,
+    boot: BootFiles,
+    directory: Path,
+    *,
+    role: str,
+    accel: Accel,
+    heartbeats: HeartbeatGaps,
+    incoming: bool = False,
+) -> LabVm:
+    """Start QEMU for ``spec`` in ``directory`` and connect QMP and the guest channel.
+
+    With ``incoming`` QEMU waits (``-incoming defer``) for a migration; otherwise it boots the
+    guest and this returns once the guest's workload reports READY.
+
+    Raises:
+        QEMULaunchError: QEMU would not start.
+        QMPConnectError, QMPTimeout: its QMP socket did not answer.
+        GuestError: the guest did not become ready.
+    """
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    paths = RuntimePaths(directory)
+    argv = build_argv(qemu, spec, boot, paths, accel=accel, incoming=incoming)
+    process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
+    qmp = QmpSession(f"{spec.name}.{role}")
+    channel = GuestChannel(f"{spec.name}.{role}", heartbeats)
+    vm = LabVm(spec, role, paths, process, qmp, channel)
+    await process.start()
+    try:
+        await process.wait_for_socket(paths.qmp_socket, _START_TIMEOUT_S)
+        await qmp.connect(paths.qmp_socket)
+        await channel.connect(paths.channel_socket)
+        if not incoming:
+            try:
+                await channel.wait_ready(BOOT_TIMEOUT_S)
+            except GuestError as err:
+                console = _tail(paths.console_log)
+                raise GuestError(f"{err}; guest console ends with:\n{console}") from err
+    except BaseException:
+        await vm.stop()
+        raise
+    logger.info("vm.launched %s pid=%s accel=%s", vm.label, process.pid, accel)
+    return vm
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no console output)"
+
+
+def check_alive(vm: LabVm) -> None:
+    """Raise if the VM's QEMU has exited.
+
+    Raises:
+        FerryError: QEMU is gone.
+    """
+    if not vm.process.is_running:
+        raise FerryError(f"QEMU of {vm.label} exited with status {vm.process.returncode}")

@@ -1,0 +1,195 @@
+"""Driving one QEMU-to-QEMU migration over QMP: prepare the destination, set capabilities and
+parameters, start, follow progress (events plus ``query-migrate``), complete or cancel.
+
+The driver never tears anything down: the caller decides what to stop once it knows which side
+holds the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmferry.core.errors import FerryError, MigrationFailed, QMPTimeout, StateError
+from vmferry.core.model import MigrationStats
+from vmferry.qemu.session import QmpSession
+
+__all__ = [
+    "MigrationOptions",
+    "cancel_migration",
+    "ensure_running",
+    "query_stats",
+    "run_migration",
+    "start_incoming",
+    "stats_from_reply",
+    "wait_running",
+]
+
+logger = logging.getLogger(__name__)
+
+# QEMU's default cap (128 MiB/s) is meant to protect a production network; on a lab loopback we
+# want the link to be the limit. 0 is not "unlimited" in QMP, so use a very large figure.
+UNLIMITED_BPS = 100 * 1000**3
+_POLL_S = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    """Knobs of one QEMU migration (set on both sides where QEMU requires it)."""
+
+    max_bandwidth_bps: int | None = None
+    downtime_limit_ms: int = 300
+    capabilities: Mapping[str, bool] = field(default_factory=lambda: {"events": True})
+    timeout_s: float = 600.0
+
+
+def _caps_arg(capabilities: Mapping[str, bool]) -> list[dict[str, object]]:
+    return [{"capability": name, "state": state} for name, state in capabilities.items()]
+
+
+def stats_from_reply(reply: Mapping[str, Any]) -> MigrationStats:
+    """Validate a ``query-migrate`` reply into :class:`MigrationStats`."""
+    ram = reply.get("ram") or {}
+    return MigrationStats(
+        status=str(reply.get("status", "none")),
+        total_ms=int(reply.get("total-time", 0)),
+        transferred_bytes=int(ram.get("transferred", 0)),
+        remaining_bytes=int(ram.get("remaining", 0)),
+        total_bytes=int(ram.get("total", 0)),
+        dirty_pages_rate=int(ram.get("dirty-pages-rate", 0)),
+        page_size=int(ram.get("page-size", 4096)),
+        iterations=int(ram.get("dirty-sync-count", 0)),
+        throughput_bps=int(float(ram.get("mbps", 0.0)) * 1_000_000 / 8),
+        expected_downtime_ms=(
+            int(reply["expected-downtime"]) if "expected-downtime" in reply else None
+        ),
+        downtime_ms=int(reply["downtime"]) if "downtime" in reply else None,
+    )
+
+
+async def query_stats(session: QmpSession) -> MigrationStats:
+    """One ``query-migrate`` sample."""
+    return stats_from_reply(await session.execute("query-migrate"))
+
+
+async def start_incoming(dst: QmpSession, listen_host: str, options: MigrationOptions) -> str:
+    """Make the destination (started with ``-incoming defer``) listen; return the URI to use.
+
+    The port is chosen by the kernel (port 0) and read back from ``query-migrate``, so there is
+    no race for a free port.
+    """
+    await dst.execute("migrate-set-capabilities", {"capabilities": _caps_arg(options.capabilities)})
+    await dst.execute("migrate-incoming", {"uri": f"tcp:{listen_host}:0"})
+    reply = await dst.execute("query-migrate")
+    for address in reply.get("socket-address", []):
+        if address.get("type") == "inet":
+            return f"tcp:{listen_host}:{address['port']}"
+    raise FerryError(f"destination did not report its listening address: {reply!r}")
+
+
+async def run_migration(
+    src: QmpSession,
+    uri: str,
+    options: MigrationOptions,
+    on_progress: Callable[[MigrationStats], None] | None = None,
+) -> MigrationStats:
+    """Start the migration on the source and follow it to the end.
+
+    Returns:
+        The final statistics (status ``completed``; ``downtime_ms`` set).
+
+    Raises:
+        MigrationFailed: QEMU reported failure or cancellation, or ``options.timeout_s``
+            passed (the migration is then cancelled first).
+    """
+    await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(options.capabilities)})
+    await src.execute(
+        "migrate-set-parameters",
+        {
+            "max-bandwidth": options.max_bandwidth_bps or UNLIMITED_BPS,
+            "downtime-limit": options.downtime_limit_ms,
+        },
+    )
+    with src.listener("MIGRATION") as listener:
+        await src.execute("migrate", {"uri": uri})
+        logger.info("migration.started %s -> %s", src.name, uri)
+        try:
+            async with asyncio.timeout(options.timeout_s):
+                while True:
+                    # No status change within the poll interval: sample progress anyway.
+                    with contextlib.suppress(QMPTimeout):
+                        await src.next_event(listener, _POLL_S)
+                    stats = await query_stats(src)
+                    if on_progress is not None:
+                        on_progress(stats)
+                    if stats.status == "completed":
+                        logger.info(
+                            "migration.complete %s total=%dms downtime=%sms",
+                            src.name,
+                            stats.total_ms,
+                            stats.downtime_ms,
+                        )
+                        return stats
+                    if stats.status in ("failed", "cancelled"):
+                        reply = await src.execute("query-migrate")
+                        reason = str(reply.get("error-desc", stats.status))
+                        raise MigrationFailed(src.name, stats.status, reason)
+        except TimeoutError:
+            final = await cancel_migration(src)
+            if final.status == "completed":
+                return final
+            raise MigrationFailed(
+                src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
+            ) from None
+
+
+async def cancel_migration(src: QmpSession, timeout_s: float = 30.0) -> MigrationStats:
+    """Cancel an outgoing migration and wait until QEMU has settled.
+
+    Returns the final sample: ``cancelled``/``failed`` (guest stays on the source) or
+    ``completed`` when the switchover won the race (guest is on the destination).
+    """
+    await src.execute("migrate_cancel")
+    async with asyncio.timeout(timeout_s):
+        while True:
+            stats = await query_stats(src)
+            if stats.status in ("cancelled", "failed", "completed", "none"):
+                return stats
+            await asyncio.sleep(_POLL_S)
+
+
+async def wait_running(session: QmpSession, timeout_s: float) -> None:
+    """Wait until the guest's vCPUs run (the destination after switchover).
+
+    Raises:
+        StateError: if it does not reach ``running`` in time.
+    """
+    status = "unknown"
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                reply = await session.execute("query-status")
+                status = str(reply["status"])
+                if status == "running":
+                    return
+                await asyncio.sleep(_POLL_S / 5)
+    except TimeoutError:
+        raise StateError(f"VM {session.name}", status, "running") from None
+
+
+async def ensure_running(session: QmpSession) -> str:
+    """Resume a source left paused by a failed switchover; return its final run state.
+
+    Only for a migration known to have failed or been cancelled. A source in ``postmigrate``
+    has handed the guest over and is never resumed: that would run the guest twice.
+    """
+    reply = await session.execute("query-status")
+    status = str(reply["status"])
+    if status == "paused":
+        await session.execute("cont")
+        status = str((await session.execute("query-status"))["status"])
+    return status

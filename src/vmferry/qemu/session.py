@@ -1,0 +1,108 @@
+"""The QMP session of one VM: the only place in vmferry that imports ``qemu.qmp``.
+
+Every command has a deadline; QEMU's errors become :class:`QMPCommandError`, dead or silent
+sockets become :class:`QMPConnectError` / :class:`QMPTimeout`. Raw QMP dictionaries stay inside
+``vmferry.qemu``. Traffic is logged at DEBUG by ``qemu.qmp`` itself (``-->`` / ``<--``).
+
+Example:
+    >>> session = QmpSession("vm1")                       # doctest: +SKIP
+    >>> await session.connect(Path("/run/vm1/qmp.sock"))  # doctest: +SKIP
+    >>> await session.execute("query-status")             # doctest: +SKIP
+    {'status': 'running', 'running': True}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+
+from vmferry.core.errors import QMPCommandError, QMPConnectError, QMPTimeout
+
+__all__ = ["DEFAULT_TIMEOUT_S", "QmpSession"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 10.0
+
+
+class QmpSession:
+    """An owned QMP connection to one QEMU."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._client = QMPClient(name)
+        self.logger = logger.getChild(name)
+
+    async def connect(self, socket_path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Connect and negotiate capabilities (QMP OOB is enabled when QEMU offers it).
+
+        Raises:
+            QMPConnectError: if the socket refuses or the handshake fails.
+            QMPTimeout: if QEMU does not greet in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._client.connect(str(socket_path))
+        except TimeoutError as err:
+            raise QMPTimeout(f"QMP greeting on {socket_path}", timeout_s) from err
+        except QMPError as err:
+            raise QMPConnectError(f"cannot connect QMP at {socket_path}", err) from err
+        self.logger.debug("qmp.connected %s", socket_path)
+
+    async def execute(
+        self,
+        command: str,
+        arguments: Mapping[str, object] | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        oob: bool = False,
+    ) -> Any:
+        """Run one command and return its ``return`` value.
+
+        Raises:
+            QMPCommandError: QEMU answered with an error.
+            QMPTimeout: no answer within ``timeout_s``.
+            QMPConnectError: the connection is gone.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._client.execute(command, arguments, oob=oob)
+        except ExecuteError as err:
+            raise QMPCommandError(command, err.error_class, err.error.error.desc) from err
+        except TimeoutError as err:
+            raise QMPTimeout(f"QMP {command}", timeout_s) from err
+        except QMPError as err:
+            raise QMPConnectError(f"QMP {command} lost its connection", err) from err
+
+    @contextlib.contextmanager
+    def listener(self, *names: str) -> Iterator[EventListener]:
+        """A private event queue for ``names`` (none = all events) for the caller alone."""
+        with self._client.listener(list(names) or None) as listener:
+            yield listener
+
+    async def next_event(self, listener: EventListener, timeout_s: float) -> Mapping[str, Any]:
+        """The next event from ``listener``.
+
+        Raises:
+            QMPTimeout: when none arrives in time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await listener.get()
+        except TimeoutError as err:
+            raise QMPTimeout(f"QMP event {listener.names}", timeout_s) from err
+
+    async def close(self) -> None:
+        """Disconnect; never raises for a connection that already died.
+
+        ``disconnect()`` re-raises whatever ended the reader (EOFError when QEMU exited first, as
+        a destination does after a cancelled incoming migration): that is not news here.
+        """
+        with contextlib.suppress(QMPError, OSError, EOFError, TimeoutError):
+            await asyncio.wait_for(self._client.disconnect(), DEFAULT_TIMEOUT_S)

@@ -1,0 +1,49 @@
+"""The vmferry command line, end to end."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+
+def _vmferry(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "vmferry.cli.main", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.mark.qemu
+def test_demo_json_report() -> None:
+    result = _vmferry("demo", "--memory", "512M", "--workload", "idle", "--json")
+    assert result.returncode == 0, result.stderr
+    reports = json.loads(result.stdout)
+    assert [r["destination"] for r in reports] == ["host-2", "host-1"]
+    for report in reports:
+        assert report["schema"] == 1
+        assert report["status"] == "completed"
+        assert report["integrity"]["ok"] is True
+        assert report["guest_alive"] is True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["demo", "--memory", "10T"], "memory"),
+        (["demo", "--memory", "lots"], "bad size"),
+        (["demo", "--workload", "dirty:rate=fast"], "bad size"),
+        (["demo", "--workload", "bogus"], "workload"),
+        (["demo", "--max-downtime", "0"], "max-downtime"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_starts(args: list[str], message: str) -> None:
+    result = _vmferry(*args, timeout_s=60)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr.lower()
+    assert "Traceback" not in result.stderr
