@@ -49,55 +49,49 @@ class ProgressLine:
         self._live.__exit__(None, None, None)
 
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
-        line = Text(f"{self.title}: ", style="bold")
+        line = Text(f"{self.title} ", style="bold")
         line.append(phase.value, style="cyan")
         if stats is not None:
             eta = stats.eta_ms
             line.append(
-                f"  sent {format_bytes(stats.transferred_bytes)}"
-                f"  left {format_bytes(stats.remaining_bytes)}"
-                f"  of {format_bytes(stats.total_bytes)}"
-                f"  dirty {format_bytes(stats.dirty_rate_bps)}/s"
-                f"  link {format_bytes(stats.throughput_bps)}/s"
-                f"  pass {stats.iterations}"
-                f"  {stats.total_ms / 1000:.1f} s"
-                + (f"  ETA {eta / 1000:.1f} s" if eta is not None else "")
+                f" {format_bytes(stats.transferred_bytes)} sent"
+                f", {format_bytes(stats.remaining_bytes)} left"
+                f", {format_bytes(stats.throughput_bps)}/s"
+                f", dirty {format_bytes(stats.dirty_rate_bps)}/s"
+                f", pass {stats.iterations}"
+                f", {stats.total_ms / 1000:.1f} s"
+                + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
             )
         self._live.update(line)
 
 
 def report_table(reports: Sequence[MigrationReport]) -> Table:
-    """A summary table, one row per migration."""
-    table = Table(title="vmferry migrations")
-    for column in (
-        "VM",
-        "from → to",
-        "strategy",
-        "status",
-        "total",
-        "downtime (QEMU)",
-        "downtime (guest)",
-        "sent",
-        "passes",
-        "integrity",
-    ):
-        table.add_column(column)
+    """A summary table, one row per migration (fits 80 columns)."""
+    names = sorted({report.vm for report in reports})
+    table = Table(title=f"vmferry migrations of {', '.join(names)}")
+    table.add_column("move")
+    table.add_column("result")
+    table.add_column("total", justify="right")
+    table.add_column("downtime\nQEMU/guest", justify="right")
+    table.add_column("sent", justify="right")
+    table.add_column("passes", justify="right")
+    table.add_column("memory check")
     for report in reports:
         integrity = report.integrity
         verdict = (
             "not checked"
             if integrity is None
-            else f"{'ok' if integrity.ok else 'BAD'}: {integrity.bad_pages} bad of "
-            f"{integrity.pages_checked} pages"
+            else f"{'ok' if integrity.ok else 'BAD'} {integrity.bad_pages} bad"
+            f" / {integrity.pages_checked} pages"
         )
+        result = f"{report.status} ({report.strategy})"
+        if report.error is not None:
+            result += f": {report.error}"
         table.add_row(
-            report.vm,
             f"{report.source} → {report.destination}",
-            report.strategy,
-            report.status if report.error is None else f"{report.status}: {report.error}",
+            result,
             _ms(report.total_ms),
-            _ms(report.downtime_ms),
-            _ms(report.guest_downtime_ms),
+            f"{_ms(report.downtime_ms)} / {_ms(report.guest_downtime_ms)}",
             format_bytes(report.transferred_bytes),
             str(report.iterations),
             verdict,

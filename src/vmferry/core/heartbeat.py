@@ -24,9 +24,12 @@ class HeartbeatGaps:
     window_open: bool = False
     window_max_gap_ms: float = 0.0
     window_start_ms: float | None = None
+    dirtied_pages: int = 0
 
-    def observe(self, seq: int, arrival_ms: float) -> None:
+    def observe(self, seq: int, arrival_ms: float, dirtied_pages: int = 0) -> None:
         """Record heartbeat ``seq`` arriving at ``arrival_ms``.
+
+        ``dirtied_pages`` is the guest's running count of pages it has rewritten.
 
         Heartbeats from the guest's previous home that arrive late (seq not newer) are ignored,
         as are sequence numbers that go backwards (a rebooted guest starts again at 1: that
@@ -46,6 +49,7 @@ class HeartbeatGaps:
                 self.window_max_gap_ms = max(self.window_max_gap_ms, arrival_ms - reference)
         self.last_seq = seq
         self.last_arrival_ms = arrival_ms
+        self.dirtied_pages = dirtied_pages
         self.received += 1
 
     def open_window(self, now_ms: float) -> None:

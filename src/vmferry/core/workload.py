@@ -60,7 +60,7 @@ _MODES: tuple[str, ...] = get_args(Mode)
 _IDLE_KEYS = ("size", "pattern", "hz")
 _DIRTY_KEYS = ("rate", "size", "pattern", "mode", "hz")
 _SUFFIX_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40}
-_SIZE_RE = re.compile(r"\s*(\d+)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -220,7 +220,7 @@ def _parse_options(kind: str, body: str, allowed: tuple[str, ...]) -> dict[str, 
 
 
 def _parse_hz(text: str) -> int:
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise ConfigError(f"bad heartbeat rate {text!r}: expected a whole number of Hz")
     return int(text)
 

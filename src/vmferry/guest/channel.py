@@ -73,7 +73,9 @@ class GuestChannel:
                 if message is None:
                     continue
                 if isinstance(message, Heartbeat):
-                    self.heartbeats.observe(message.seq, loop.time() * 1000.0)
+                    self.heartbeats.observe(
+                        message.seq, loop.time() * 1000.0, message.dirtied_pages
+                    )
                     self._heartbeat_event.set()
                     continue
                 if isinstance(message, Ready):

@@ -48,7 +48,7 @@ async def probe_accel(qemu: QemuBinary, boot: BootFiles, workdir: Path) -> Accel
         return forced  # type: ignore[return-value]
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return "tcg"
-    cache = default_cache_dir() / "accel.json"
+    cache = default_cache_dir().parent / "accel.json"
     key = f"{qemu.version_text}:{boot.kernel.name}:{boot.kernel.stat().st_size}"
     with contextlib.suppress(OSError, ValueError):
         cached = json.loads(cache.read_text())
