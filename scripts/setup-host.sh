@@ -23,15 +23,11 @@ qemu_ok() {
 }
 
 missing=()
-command -v busybox >/dev/null && busybox --list >/dev/null 2>&1 && [ -e /bin/busybox ] || missing+=(busybox-static)
+dpkg -s busybox-static >/dev/null 2>&1 || missing+=(busybox-static)
 command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
-command -v dpkg-deb >/dev/null || missing+=(dpkg)
 command -v ip >/dev/null || missing+=(iproute2)
-if ! dpkg -s busybox-static >/dev/null 2>&1; then
-    case " ${missing[*]-} " in *" busybox-static "*) ;; *) missing+=(busybox-static) ;; esac
-fi
 
 backports=()
 if ! qemu_ok; then
