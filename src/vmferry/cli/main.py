@@ -1,34 +1,24 @@
-"""The ``vmferry`` command: parse arguments, call the lab/controller, render the result."""
+"""The ``vmferry`` command: parse arguments, dispatch, map errors to exit statuses."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict
+from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from vmferry import __version__
+from vmferry.cli import commands
+from vmferry.cli.commands import DEMO_WORKLOAD, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from vmferry.controller.migrate import STRATEGIES
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.model import MigrationReport, VmSpec
-from vmferry.core.workload import parse_workload
-from vmferry.guest.image import build_image
-from vmferry.lab.local import LocalLab
-from vmferry.qemu.migration import MigrationOptions
 
 __all__ = ["main"]
-
-DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
-
-# Exit statuses scripts can rely on.
-EXIT_OK = 0
-EXIT_FAILED = 1  # the operation ran and failed (e.g. migration failed or not verified)
-EXIT_USAGE = 2  # bad input, nothing changed
-EXIT_INTERRUPTED = 130
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,113 +27,117 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    image = sub.add_parser("image", help="the lab guest image")
-    image_sub = image.add_subparsers(dest="image_command", required=True)
-    build = image_sub.add_parser("build", help="build (or reuse) the cached lab guest image")
-    build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    build.add_argument("--json", action="store_true", help="machine-readable output")
+    def json_flag(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
-    demo = sub.add_parser(
-        "demo", help="boot a lab guest, migrate it live host-1 → host-2 and back, verify"
-    )
-    demo.add_argument("--memory", default="1G", help="guest memory (default 1G)")
-    demo.add_argument(
-        "--workload", default=DEMO_WORKLOAD, help=f"guest workload (default {DEMO_WORKLOAD})"
-    )
-    demo.add_argument("--max-downtime", type=int, default=300, metavar="MS")
-    demo.add_argument(
+    lab = sub.add_parser("lab", help="a cluster of hosts on this machine")
+    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
+    up = lab_sub.add_parser("up", help="start host-1..host-N (one agent each)")
+    up.add_argument("--hosts", type=int, default=2)
+    up.add_argument("--netns", action="store_true", help="each host in its own network namespace")
+    up.add_argument("--link-mbps", type=int, default=None, help="shape each host link (--netns)")
+    up.add_argument("--memory-per-host", default=None, help="memory each host offers (e.g. 4G)")
+    json_flag(up)
+    json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
+    json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
+
+    vm = sub.add_parser("vm", help="create, list, show, delete VMs")
+    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
+    create = vm_sub.add_parser("create", help="boot a new lab VM on a host")
+    create.add_argument("name")
+    create.add_argument("--host", required=True)
+    create.add_argument("--memory", default="512M")
+    create.add_argument("--vcpus", type=int, default=1)
+    create.add_argument("--disk", default=None, help="(not available yet)")
+    create.add_argument("--workload", default="idle", help="e.g. " + DEMO_WORKLOAD)
+    json_flag(create)
+    json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
+    show = vm_sub.add_parser("show", help="one VM")
+    show.add_argument("name")
+    json_flag(show)
+    delete = vm_sub.add_parser("delete", help="stop and remove a VM")
+    delete.add_argument("name")
+    json_flag(delete)
+
+    verify = sub.add_parser("verify", help="ask the guest to check every page of its memory")
+    verify.add_argument("name")
+    json_flag(verify)
+
+    migrate = sub.add_parser("migrate", help="move a VM to another host")
+    migrate.add_argument("name")
+    migrate.add_argument("--to", required=True, metavar="HOST")
+    migrate.add_argument("--strategy", default="auto", choices=STRATEGIES)
+    migrate.add_argument("--max-downtime", type=int, default=300, metavar="MS")
+    migrate.add_argument("--deadline", type=float, default=None, metavar="S")
+    migrate.add_argument(
         "--bandwidth",
         type=int,
         default=None,
         metavar="MBPS",
-        help="cap the migration at MBPS megabits/s (default: no cap)",
+        help="cap the migration stream (megabits/s)",
     )
+    json_flag(migrate)
+
+    history = sub.add_parser("history", help="past migrations")
+    history.add_argument("--vm", default=None)
+    history.add_argument("--limit", type=int, default=50)
+    json_flag(history)
+
+    demo = sub.add_parser(
+        "demo", help="lab of 2 hosts; a busy guest migrated host-1 → host-2 and back, verified"
+    )
+    demo.add_argument("--memory", default="1G", help="guest memory (default 1G)")
+    demo.add_argument("--workload", default=DEMO_WORKLOAD, help=f"default {DEMO_WORKLOAD}")
+    demo.add_argument("--max-downtime", type=int, default=300, metavar="MS")
+    demo.add_argument("--bandwidth", type=int, default=None, metavar="MBPS")
     demo.add_argument("--one-way", action="store_true", help="do not migrate back")
-    demo.add_argument("--json", action="store_true", help="print the reports as JSON")
+    json_flag(demo)
+
+    image = sub.add_parser("image", help="the lab guest image")
+    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
+    build = image_sub.add_parser("build", help="build (or reuse) the cached lab guest image")
+    build.add_argument("--force", action="store_true", help="rebuild even if cached")
+    json_flag(build)
+
+    agent = sub.add_parser("agent", help="run a host agent (normally started by `lab up`)")
+    agent.add_argument("--host", required=True, help="this host's name, e.g. host-1")
+    agent.add_argument("--listen", default="127.0.0.1:0", metavar="ADDR:PORT")
+    agent.add_argument("--state-dir", required=True, type=Path)
+    agent.add_argument("--token-file", required=True, type=Path)
+    agent.add_argument("--memory", required=True, help="memory available to VMs (e.g. 8G)")
+    agent.add_argument(
+        "--migration-address", default="127.0.0.1", help="address incoming migrations listen on"
+    )
+    agent.add_argument(
+        "--ready-file", type=Path, default=None, help="write {url, pid} here once listening"
+    )
     return parser
 
 
-def _configure_logging(verbosity: int) -> None:
-    level = logging.WARNING - 10 * min(verbosity, 2)
+def _configure_logging(verbosity: int, command: str) -> None:
+    # An agent is a service: it logs its operations by default.
+    extra = 1 if command == "agent" else 0
+    level = logging.WARNING - 10 * min(verbosity + extra, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
 
 
-async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
-    from vmferry.cli.render import ProgressLine, report_table
-
-    spec = VmSpec.build("demo-vm", memory=args.memory, workload=parse_workload(args.workload))
-    if args.max_downtime <= 0:
-        raise ConfigError("--max-downtime must be positive")
-    options = MigrationOptions(
-        downtime_limit_ms=args.max_downtime,
-        max_bandwidth_bps=None if args.bandwidth is None else args.bandwidth * 125_000,
-    )
-    reports: list[MigrationReport] = []
-    with err.status("preparing the lab (QEMU check, guest image)…"):
-        lab = await LocalLab.open()
-    async with lab:
-        err.print(
-            f"QEMU {lab.qemu.version_text}, accelerator {lab.accel}, "
-            f"kernel {lab.image.kernel_version}"
-        )
-        with err.status(f"booting {spec.name} on host-1 ({spec.workload.describe()})…"):
-            await lab.boot(spec, "host-1")
-        route = [("host-1", "host-2")] + ([] if args.one_way else [("host-2", "host-1")])
-        for source, destination in route:
-            with ProgressLine(err, f"{spec.name} {source} → {destination}") as line:
-                report = await lab.migrate(
-                    spec.name, destination, options=options, on_progress=line.update
-                )
-            reports.append(report)
-            if not report.is_success:
-                break
-    if args.json:
-        out.print_json(json.dumps([report.to_json() for report in reports]))
-    else:
-        out.print(report_table(reports))
-    return EXIT_OK if reports and all(r.is_success for r in reports) else EXIT_FAILED
-
-
-async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> int:
-    with err.status("building the lab guest image…"):
-        image = await asyncio.to_thread(build_image, force=args.force, log=err.log)
-    if args.json:
-        out.print_json(json.dumps({k: str(v) for k, v in asdict(image).items()}))
-    else:
-        out.print(f"kernel  {image.kernel_path}\ninitrd  {image.initrd_path}")
-    return EXIT_OK
-
-
-async def _run(args: argparse.Namespace) -> int:
-    err = Console(stderr=True)
-    out = Console(soft_wrap=True)
-    if args.command == "demo":
-        return await _demo(args, err, out)
-    if args.command == "image":
-        return await _image_build(args, err, out)
-    raise AssertionError(args.command)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmferry`` console script."""
     args = _parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, args.command)
+    err = Console(stderr=True)
     try:
-        return asyncio.run(_run(args))
+        return asyncio.run(commands.run(args, err, Console(soft_wrap=True)))
     except FerryError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
-        return EXIT_USAGE if _is_usage(error) else EXIT_FAILED
+        err.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
+        return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
-        Console(stderr=True).print("interrupted; the lab stopped the VMs it had started")
+        err.print("interrupted")
         return EXIT_INTERRUPTED
-
-
-def _is_usage(error: FerryError) -> bool:
-    return isinstance(error, ConfigError)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,20 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from vmferry.agent.api import VmInfo
+from vmferry.controller.history import HistoryEntry
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
+from vmferry.lab.cluster import HostStatus
 
-__all__ = ["ProgressLine", "format_bytes", "report_table"]
+__all__ = [
+    "ProgressLine",
+    "format_bytes",
+    "history_table",
+    "hosts_table",
+    "report_table",
+    "vm_table",
+]
 
 
 def format_bytes(value: int | None) -> str:
@@ -96,5 +106,73 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
             str(report.iterations),
             verdict,
             style=None if report.is_success else "red",
+        )
+    return table
+
+
+def vm_table(vms: Sequence[VmInfo]) -> Table:
+    """VMs of the cluster, one row each."""
+    table = Table(title="VMs")
+    for column in ("name", "host", "state", "memory", "vcpus", "workload", "pid"):
+        table.add_column(column)
+    for vm in vms:
+        table.add_row(
+            vm.name,
+            vm.host,
+            vm.state,
+            format_bytes(vm.memory_bytes),
+            str(vm.vcpus),
+            vm.workload,
+            "-" if vm.pid is None else str(vm.pid),
+            style=None if vm.state == "running" else "yellow",
+        )
+    return table
+
+
+def hosts_table(statuses: Sequence[HostStatus]) -> Table:
+    """Lab hosts and whether their agents answer."""
+    table = Table(title="lab hosts")
+    for column in ("host", "agent", "reachable", "VMs", "memory used / offered"):
+        table.add_column(column)
+    for status in statuses:
+        info = status.info or {}
+        used, total = info.get("memory_used_bytes"), info.get("memory_bytes")
+        table.add_row(
+            status.name,
+            status.url,
+            "yes" if status.reachable else f"no: {status.error}",
+            str(info.get("vms", "-")),
+            (
+                f"{format_bytes(used)} / {format_bytes(total)}"
+                if isinstance(used, int) and isinstance(total, int)
+                else "-"
+            ),
+            style=None if status.reachable else "red",
+        )
+    return table
+
+
+def history_table(entries: Sequence[HistoryEntry]) -> Table:
+    """Past migrations, oldest first."""
+    table = Table(title="migration history")
+    for column in ("#", "when", "VM", "move", "strategy", "status", "total", "downtime", "check"):
+        table.add_column(column)
+    for entry in entries:
+        r = entry.report
+        integrity = r.get("integrity")
+        check = "-"
+        if isinstance(integrity, dict):
+            check = "ok" if integrity.get("ok") else f"BAD ({integrity.get('bad_pages')})"
+        total, downtime = r.get("total_ms"), r.get("downtime_ms")
+        table.add_row(
+            str(entry.id),
+            entry.started_at,
+            str(r.get("vm")),
+            f"{r.get('source')} → {r.get('destination')}",
+            str(r.get("strategy")),
+            str(r.get("status")),
+            _ms(total if isinstance(total, int) else None),
+            _ms(downtime if isinstance(downtime, int) else None),
+            check,
         )
     return table

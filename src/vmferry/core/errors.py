@@ -36,8 +36,9 @@ class StateError(FerryError):
         required: the state(s) the operation needs.
     """
 
-    def __init__(self, what: str, state: str, required: str) -> None:
-        super().__init__(f"{what} is {state}, needs {required}")
+    def __init__(self, what: str, state: str | None = None, required: str | None = None) -> None:
+        # With only ``what``, it is the whole message (e.g. rebuilt from an agent's reply).
+        super().__init__(what if state is None else f"{what} is {state}, needs {required}")
         self.what = what
         self.state = state
         self.required = required

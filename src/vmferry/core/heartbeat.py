@@ -25,6 +25,7 @@ class HeartbeatGaps:
     window_max_gap_ms: float = 0.0
     window_start_ms: float | None = None
     dirtied_pages: int = 0
+    first_arrival_ms: float | None = None
 
     def observe(self, seq: int, arrival_ms: float, dirtied_pages: int = 0) -> None:
         """Record heartbeat ``seq`` arriving at ``arrival_ms``.
@@ -48,6 +49,8 @@ class HeartbeatGaps:
             if reference is not None:
                 self.window_max_gap_ms = max(self.window_max_gap_ms, arrival_ms - reference)
         self.last_seq = seq
+        if self.first_arrival_ms is None:
+            self.first_arrival_ms = arrival_ms
         self.last_arrival_ms = arrival_ms
         self.dirtied_pages = dirtied_pages
         self.received += 1

@@ -21,6 +21,8 @@ __all__ = [
     "ReportStatus",
     "VmName",
     "VmSpec",
+    "spec_from_json",
+    "spec_to_json",
     "validate_name",
 ]
 
@@ -97,6 +99,50 @@ class VmSpec:
             vcpus=vcpus,
             workload=workload if workload is not None else parse_workload("idle"),
         )
+
+
+def spec_to_json(spec: VmSpec) -> dict[str, object]:
+    """A VM spec as JSON-ready data (persisted by agents, sent between them)."""
+    return {
+        "name": spec.name,
+        "memory_bytes": spec.memory_bytes,
+        "vcpus": spec.vcpus,
+        "workload": spec.workload.to_spec(),
+        "machine_type": spec.machine_type,
+        "cpu_model": spec.cpu_model,
+    }
+
+
+def spec_from_json(data: object) -> VmSpec:
+    """Validate JSON data into a :class:`VmSpec`.
+
+    Raises:
+        ConfigError: missing or mistyped fields, or values out of range.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError("a VM spec must be a JSON object")
+    name, memory, vcpus = data.get("name"), data.get("memory_bytes"), data.get("vcpus", 1)
+    workload = data.get("workload", "idle")
+    machine = data.get("machine_type", DEFAULT_MACHINE_TYPE)
+    cpu = data.get("cpu_model", DEFAULT_CPU_MODEL)
+    if not isinstance(name, str):
+        raise ConfigError("VM spec needs a string 'name'")
+    if not isinstance(memory, int) or isinstance(memory, bool):
+        raise ConfigError("VM spec needs an integer 'memory_bytes'")
+    if not isinstance(vcpus, int) or isinstance(vcpus, bool):
+        raise ConfigError("'vcpus' must be an integer")
+    if not isinstance(workload, str) or not isinstance(machine, str) or not isinstance(cpu, str):
+        raise ConfigError("'workload', 'machine_type' and 'cpu_model' must be strings")
+    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,40}", machine + cpu):
+        raise ConfigError(f"bad machine type or CPU model: {machine!r} {cpu!r}")
+    return VmSpec(
+        name=VmName(validate_name(name)),
+        memory_bytes=memory,
+        vcpus=vcpus,
+        workload=parse_workload(workload),
+        machine_type=machine,
+        cpu_model=cpu,
+    )
 
 
 @dataclass(frozen=True, slots=True)

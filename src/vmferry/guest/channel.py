@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,11 +19,18 @@ from vmferry.core.errors import GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.guest.protocol import GuestMessage, Heartbeat, Ready, parse_line
 
-__all__ = ["GuestChannel"]
+__all__ = ["GuestChannel", "now_ms"]
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M")
+
+
+def now_ms() -> float:
+    """Heartbeat clock: wall time in ms, so arrivals on different hosts can be compared."""
+    return time.time() * 1000.0
+
+
 _CONNECT_RETRY_S = 0.05
 
 
@@ -63,7 +71,6 @@ class GuestChannel:
 
     async def _read_loop(self) -> None:
         assert self._reader is not None
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 raw = await self._reader.readline()
@@ -73,9 +80,7 @@ class GuestChannel:
                 if message is None:
                     continue
                 if isinstance(message, Heartbeat):
-                    self.heartbeats.observe(
-                        message.seq, loop.time() * 1000.0, message.dirtied_pages
-                    )
+                    self.heartbeats.observe(message.seq, now_ms(), message.dirtied_pages)
                     self._heartbeat_event.set()
                     continue
                 if isinstance(message, Ready):
@@ -108,7 +113,7 @@ class GuestChannel:
         return self.ready
 
     async def wait_heartbeat_after(self, since_ms: float, timeout_s: float) -> None:
-        """Wait until a heartbeat arrives later than ``since_ms`` (loop clock, ms).
+        """Wait until a heartbeat arrives later than ``since_ms`` (:func:`now_ms` clock).
 
         Raises:
             GuestError: when the guest stays silent.

@@ -10,73 +10,28 @@ Example:
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 from types import TracebackType
 
+from vmferry.agent.accel import probe_accel
+from vmferry.agent.vm import RunningVm, launch
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
-from vmferry.core.workload import parse_workload
-from vmferry.guest.image import GuestImage, build_image, default_cache_dir
+from vmferry.guest.image import GuestImage, build_image
 from vmferry.lab.migration import ProgressCallback, migrate_between
-from vmferry.lab.vm import LabVm, launch
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary, find_qemu
 from vmferry.qemu.migration import MigrationOptions
 
-__all__ = ["LocalLab", "probe_accel"]
+__all__ = ["LocalLab"]
 
 logger = logging.getLogger(__name__)
 
 _KVM_PROBE_TIMEOUT_S = 12.0
-
-
-async def probe_accel(qemu: QemuBinary, boot: BootFiles, workdir: Path) -> Accel:
-    """Choose KVM only if a guest actually boots under it; else TCG.
-
-    ``/dev/kvm`` can exist and still hang standard kernels (nested PVM hosts), so the device node
-    proves nothing. The answer is cached per QEMU version and kernel. ``$VMFERRY_ACCEL`` overrides.
-    """
-    forced = os.environ.get("VMFERRY_ACCEL")
-    if forced in ("kvm", "tcg"):
-        return forced  # type: ignore[return-value]
-    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
-        return "tcg"
-    cache = default_cache_dir().parent / "accel.json"
-    key = f"{qemu.version_text}:{boot.kernel.name}:{boot.kernel.stat().st_size}"
-    with contextlib.suppress(OSError, ValueError):
-        cached = json.loads(cache.read_text())
-        if cached.get("key") == key and cached.get("accel") in ("kvm", "tcg"):
-            return cached["accel"]  # type: ignore[no-any-return]
-    spec = VmSpec.build("kvm-probe", memory="256M", workload=parse_workload("idle:size=16M"))
-    accel: Accel = "tcg"
-    try:
-        vm = await asyncio.wait_for(
-            launch(
-                qemu.path,
-                spec,
-                boot,
-                workdir / "kvm-probe",
-                role="probe",
-                accel="kvm",
-                heartbeats=HeartbeatGaps(),
-            ),
-            _KVM_PROBE_TIMEOUT_S,
-        )
-        await vm.stop()
-        accel = "kvm"
-    except (FerryError, TimeoutError) as err:
-        logger.info("kvm probe failed (%s); using TCG", err)
-    with contextlib.suppress(OSError):
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"key": key, "accel": accel}))
-    return accel
 
 
 class LocalLab:
@@ -93,7 +48,7 @@ class LocalLab:
         self.accel = accel
         self.workdir = workdir
         self._owns_workdir = owns_workdir
-        self.vms: dict[str, LabVm] = {}
+        self.vms: dict[str, RunningVm] = {}
         self._busy: set[str] = set()
 
     @property
@@ -133,7 +88,7 @@ class LocalLab:
     def _directory(self, host: str, name: str) -> Path:
         return self.workdir / validate_name(host, "host name") / validate_name(name)
 
-    async def boot(self, spec: VmSpec, host: str = "host-1") -> LabVm:
+    async def boot(self, spec: VmSpec, host: str = "host-1") -> RunningVm:
         """Boot a new lab guest on ``host`` and wait until its workload is ready.
 
         Raises:
@@ -154,7 +109,7 @@ class LocalLab:
         self.vms[spec.name] = vm
         return vm
 
-    def get(self, name: str) -> LabVm:
+    def get(self, name: str) -> RunningVm:
         """The running instance of VM ``name``.
 
         Raises:

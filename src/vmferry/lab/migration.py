@@ -14,10 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmferry.agent.vm import RunningVm, launch
 from vmferry.core.errors import FerryError
 from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats, ReportStatus
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
-from vmferry.lab.vm import LabVm, launch
+from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.migration import (
     MigrationOptions,
@@ -41,11 +42,11 @@ class MigrationOutcome:
     """The report and the instance that now holds the guest."""
 
     report: MigrationReport
-    vm: LabVm
+    vm: RunningVm
 
 
 async def migrate_between(
-    source: LabVm,
+    source: RunningVm,
     destination_host: str,
     directory: Path,
     *,
@@ -79,7 +80,7 @@ async def migrate_between(
         notify(stats)
 
     notify(None)
-    destination: LabVm | None = None
+    destination: RunningVm | None = None
     try:
         destination = await launch(
             qemu,
@@ -93,10 +94,10 @@ async def migrate_between(
         )
         uri = await start_incoming(destination.qmp, listen_host, options)
         phase = transition(phase, DestinationReady())
-        heartbeats.open_window(loop.time() * 1000.0)
+        heartbeats.open_window(now_ms())
         final = await run_migration(source.qmp, uri, options, follow)
         follow(final)
-        completed_ms = loop.time() * 1000.0
+        completed_ms = now_ms()
     except (FerryError, OSError) as err:
         phase = Phase.FAILED
         notify(last)
@@ -160,8 +161,8 @@ async def migrate_between(
 
 
 async def _roll_back(
-    source: LabVm,
-    destination: LabVm | None,
+    source: RunningVm,
+    destination: RunningVm | None,
     last: MigrationStats | None,
     reason: str,
     started_s: float,
@@ -203,7 +204,7 @@ async def _roll_back(
 
 
 async def _completed_late(
-    source: LabVm, destination: LabVm, final: MigrationStats, started_s: float
+    source: RunningVm, destination: RunningVm, final: MigrationStats, started_s: float
 ) -> MigrationOutcome:
     integrity: IntegrityReport | None = None
     error: str | None = "completed while being cancelled"

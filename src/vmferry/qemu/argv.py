@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -21,19 +23,35 @@ class BootFiles:
     initrd: Path
 
 
+# UNIX socket paths are limited to 107 bytes; keep ours well inside that.
+_MAX_SOCKET_PATH = 96
+
+
 @dataclass(frozen=True, slots=True)
 class RuntimePaths:
-    """Where one QEMU instance keeps its sockets and logs (one directory per instance)."""
+    """Where one QEMU instance keeps its sockets and logs (one directory per instance).
+
+    Sockets live in the directory itself when the path is short enough, else in a directory
+    under the system temp dir named by a hash of it (deterministic, so a restarted agent finds
+    them again).
+    """
 
     directory: Path
 
     @property
+    def socket_dir(self) -> Path:
+        if len(str(self.directory / "channel.sock")) <= _MAX_SOCKET_PATH:
+            return self.directory
+        digest = hashlib.sha256(str(self.directory.resolve()).encode()).hexdigest()[:16]
+        return Path(tempfile.gettempdir()) / "vmferry-sockets" / digest
+
+    @property
     def qmp_socket(self) -> Path:
-        return self.directory / "qmp.sock"
+        return self.socket_dir / "qmp.sock"
 
     @property
     def channel_socket(self) -> Path:
-        return self.directory / "channel.sock"
+        return self.socket_dir / "channel.sock"
 
     @property
     def console_log(self) -> Path:

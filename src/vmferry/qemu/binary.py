@@ -26,6 +26,7 @@ class QemuBinary:
     path: str
     version: tuple[int, int, int]
     machine_types: frozenset[str]
+    cpu_models: frozenset[str]
 
     @property
     def version_text(self) -> str:
@@ -77,4 +78,8 @@ async def find_qemu(path: str | None = None) -> QemuBinary:
         )
     machines = await _output([found, "-machine", "help"])
     types = frozenset(line.split()[0] for line in machines.splitlines()[1:] if line.strip())
-    return QemuBinary(path=found, version=version, machine_types=types)
+    cpus = await _output([found, "-cpu", "help"])
+    # "Available CPUs:" then one indented model per line, then a blank line and CPUID flags.
+    listing = cpus.split("\n\n", 1)[0].splitlines()[1:]
+    models = frozenset(line.split()[0] for line in listing if line.startswith("  "))
+    return QemuBinary(path=found, version=version, machine_types=types, cpu_models=models)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vmferry.core.errors import QEMULaunchError
 
-__all__ = ["QemuProcess"]
+__all__ = ["QemuProcess", "is_qemu_pid"]
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +26,25 @@ def _tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+def _pid_alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state letter follows the parenthesised command name.
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def is_qemu_pid(pid: int) -> bool:
+    """True if ``pid`` is a live QEMU process (guards against PID reuse before a kill)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"qemu-system" in cmdline.split(b"\0", 1)[0] and _pid_alive(pid)
+
+
 class QemuProcess:
     """One QEMU child process, its log and its QMP socket path.
 
@@ -38,17 +57,31 @@ class QemuProcess:
         self.log_path = log_path
         self.logger = logger.getChild(name)
         self._proc: asyncio.subprocess.Process | None = None
+        self._adopted_pid: int | None = None
+
+    @classmethod
+    def adopt(cls, pid: int, log_path: Path, name: str) -> QemuProcess:
+        """Take over a QEMU started by an earlier agent (not our child: no exit status)."""
+        process = cls([], log_path, name)
+        process._adopted_pid = pid
+        return process
 
     @property
     def pid(self) -> int | None:
+        if self._adopted_pid is not None:
+            return self._adopted_pid
         return None if self._proc is None else self._proc.pid
 
     @property
     def returncode(self) -> int | None:
+        if self._adopted_pid is not None:
+            return None if _pid_alive(self._adopted_pid) else -1
         return None if self._proc is None else self._proc.returncode
 
     @property
     def is_running(self) -> bool:
+        if self._adopted_pid is not None:
+            return _pid_alive(self._adopted_pid)
         return self._proc is not None and self._proc.returncode is None
 
     def log_tail(self) -> str:
@@ -120,11 +153,26 @@ class QemuProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self._proc.pid, signal.SIGKILL)
 
+    async def _stop_adopted(self, pid: int, grace_s: float) -> None:
+        for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+            if not _pid_alive(pid):
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            # Not our child: no exit notification to wait on, so poll /proc.
+            deadline = asyncio.get_running_loop().time() + wait_s
+            while _pid_alive(pid) and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(_POLL_S)
+        self.logger.info("qemu.stopped pid=%s (adopted)", pid)
+
     async def stop(self, grace_s: float = 3.0) -> None:
         """End QEMU: SIGTERM, then SIGKILL after ``grace_s``; always reaps.
 
         Safe to call more than once and on a process that already exited.
         """
+        if self._adopted_pid is not None:
+            await self._stop_adopted(self._adopted_pid, grace_s)
+            return
         proc = self._proc
         if proc is None:
             return

@@ -1,8 +1,8 @@
 """A running lab VM on this machine: its QEMU process, QMP session and guest channel.
 
 :func:`launch` starts one QEMU instance (a fresh guest, or an empty destination waiting for an
-incoming migration) and returns a :class:`LabVm` that must be closed with :meth:`LabVm.stop`,
-which always reaps the process.
+incoming migration) and returns a :class:`RunningVm` that must be closed with
+:meth:`RunningVm.stop`, which always reaps the process.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vmferry.qemu.argv import Accel, BootFiles, RuntimePaths, build_argv
 from vmferry.qemu.process import QemuProcess
 from vmferry.qemu.session import QmpSession
 
-__all__ = ["BOOT_TIMEOUT_S", "LabVm", "launch"]
+__all__ = ["BOOT_TIMEOUT_S", "RunningVm", "launch", "reattach"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ def _verify_timeout_s(spec: VmSpec) -> float:
 
 
 @dataclass(slots=True)
-class LabVm:
+class RunningVm:
     """One QEMU instance of a lab guest and the connections vmferry holds to it."""
 
     spec: VmSpec
@@ -74,6 +74,11 @@ class LabVm:
         """
         await self.channel.request(corrupt_command(page), Corrupted, 10.0)
 
+    async def detach(self) -> None:
+        """Drop our connections and leave QEMU running (agent shutdown or restart)."""
+        await self.channel.close()
+        await self.qmp.close()
+
     async def stop(self) -> None:
         """Disconnect and end QEMU; always reaps the process."""
         try:
@@ -93,7 +98,7 @@ async def launch(
     accel: Accel,
     heartbeats: HeartbeatGaps,
     incoming: bool = False,
-) -> LabVm:
+) -> RunningVm:
     """Start QEMU for ``spec`` in ``directory`` and connect QMP and the guest channel.
 
     With ``incoming`` QEMU waits (``-incoming defer``) for a migration; otherwise it boots the
@@ -104,17 +109,20 @@ async def launch(
         QMPConnectError, QMPTimeout: its QMP socket did not answer.
         GuestError: the guest did not become ready.
     """
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
     paths = RuntimePaths(directory)
+    for path in {directory, paths.socket_dir}:
+        if path.exists():
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
     argv = build_argv(qemu, spec, boot, paths, accel=accel, incoming=incoming)
     process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
     channel = GuestChannel(f"{spec.name}.{role}", heartbeats)
-    vm = LabVm(spec, role, paths, process, qmp, channel)
+    vm = RunningVm(spec, role, paths, process, qmp, channel)
     await process.start()
     try:
+        if process.pid is not None:
+            (directory / "qemu.pid").write_text(f"{process.pid}\n")
         await process.wait_for_socket(paths.qmp_socket, _START_TIMEOUT_S)
         await qmp.connect(paths.qmp_socket)
         await channel.connect(paths.channel_socket)
@@ -138,7 +146,7 @@ def _tail(path: Path, lines: int = 20) -> str:
         return "(no console output)"
 
 
-def check_alive(vm: LabVm) -> None:
+def check_alive(vm: RunningVm) -> None:
     """Raise if the VM's QEMU has exited.
 
     Raises:
@@ -146,3 +154,27 @@ def check_alive(vm: LabVm) -> None:
     """
     if not vm.process.is_running:
         raise FerryError(f"QEMU of {vm.label} exited with status {vm.process.returncode}")
+
+
+async def reattach(spec: VmSpec, directory: Path, *, role: str, pid: int) -> RunningVm:
+    """Take over a QEMU that an earlier agent started (the VM kept running meanwhile).
+
+    Raises:
+        QMPConnectError, QMPTimeout: its QMP socket does not answer.
+        GuestError: its guest channel is unreachable.
+    """
+    paths = RuntimePaths(directory)
+    process = QemuProcess.adopt(pid, paths.qemu_log, f"{spec.name}.{role}")
+    qmp = QmpSession(f"{spec.name}.{role}")
+    channel = GuestChannel(f"{spec.name}.{role}", HeartbeatGaps())
+    vm = RunningVm(spec, role, paths, process, qmp, channel)
+    try:
+        await qmp.connect(paths.qmp_socket)
+        await channel.connect(paths.channel_socket, timeout_s=5.0)
+    except BaseException:
+        # Only drop our connections: the guest itself must keep running.
+        await channel.close()
+        await qmp.close()
+        raise
+    logger.info("vm.reattached %s pid=%s", vm.label, pid)
+    return vm

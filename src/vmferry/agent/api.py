@@ -1,0 +1,224 @@
+"""Wire types of the agent's HTTP API (JSON), shared by the server and its client.
+
+Every body is a JSON object. Errors are ``{"error": {"type": <class>, "message": <text>}}`` with
+an HTTP status chosen by :data:`STATUS_BY_ERROR`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vmferry.core.errors import (
+    ConfigError,
+    FerryError,
+    GuestError,
+    MigrationFailed,
+    QEMULaunchError,
+    QEMUNotFound,
+    StateError,
+)
+from vmferry.core.model import IntegrityReport, MigrationStats
+
+__all__ = [
+    "API_PREFIX",
+    "STATUS_BY_ERROR",
+    "CapacityError",
+    "HostInfo",
+    "NotFound",
+    "OutgoingResult",
+    "VmInfo",
+    "integrity_from_json",
+    "stats_from_json",
+    "stats_to_json",
+]
+
+API_PREFIX = "/v1"
+
+
+class NotFound(ConfigError):
+    """No such VM (or route) on this host."""
+
+
+class CapacityError(ConfigError):
+    """The host has no room for this VM (memory would be overcommitted)."""
+
+
+# Most specific first: the first matching class decides.
+STATUS_BY_ERROR: tuple[tuple[type[FerryError], int], ...] = (
+    (NotFound, 404),
+    (CapacityError, 507),
+    (QEMUNotFound, 500),
+    (ConfigError, 400),
+    (StateError, 409),
+    (MigrationFailed, 502),
+    (GuestError, 502),
+    (QEMULaunchError, 500),
+    (FerryError, 500),
+)
+
+ERRORS_BY_NAME: dict[str, type[FerryError]] = {cls.__name__: cls for cls, _ in STATUS_BY_ERROR}
+
+
+@dataclass(frozen=True, slots=True)
+class HostInfo:
+    """What a host offers: capacity, QEMU, virtual hardware it can build."""
+
+    host: str
+    memory_bytes: int
+    memory_used_bytes: int
+    vms: int
+    qemu_version: str
+    machine_types: tuple[str, ...]
+    cpu_models: tuple[str, ...]
+    accel: str
+    migration_address: str
+
+    @property
+    def memory_free_bytes(self) -> int:
+        return self.memory_bytes - self.memory_used_bytes
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "host": self.host,
+            "memory_bytes": self.memory_bytes,
+            "memory_used_bytes": self.memory_used_bytes,
+            "vms": self.vms,
+            "qemu_version": self.qemu_version,
+            "machine_types": list(self.machine_types),
+            "cpu_models": list(self.cpu_models),
+            "accel": self.accel,
+            "migration_address": self.migration_address,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HostInfo:
+        return cls(
+            host=str(data["host"]),
+            memory_bytes=int(data["memory_bytes"]),
+            memory_used_bytes=int(data["memory_used_bytes"]),
+            vms=int(data["vms"]),
+            qemu_version=str(data["qemu_version"]),
+            machine_types=tuple(data["machine_types"]),
+            cpu_models=tuple(data["cpu_models"]),
+            accel=str(data["accel"]),
+            migration_address=str(data["migration_address"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class VmInfo:
+    """One VM as its host reports it."""
+
+    name: str
+    host: str
+    state: str
+    memory_bytes: int
+    vcpus: int
+    workload: str
+    pid: int | None
+    machine_type: str
+    cpu_model: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "host": self.host,
+            "state": self.state,
+            "memory_bytes": self.memory_bytes,
+            "vcpus": self.vcpus,
+            "workload": self.workload,
+            "pid": self.pid,
+            "machine_type": self.machine_type,
+            "cpu_model": self.cpu_model,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> VmInfo:
+        pid = data.get("pid")
+        return cls(
+            name=str(data["name"]),
+            host=str(data["host"]),
+            state=str(data["state"]),
+            memory_bytes=int(data["memory_bytes"]),
+            vcpus=int(data["vcpus"]),
+            workload=str(data["workload"]),
+            pid=pid if isinstance(pid, int) else None,
+            machine_type=str(data["machine_type"]),
+            cpu_model=str(data["cpu_model"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingResult:
+    """How an outgoing migration ended, as the source agent saw it.
+
+    ``last_heartbeat_ms`` (wall clock) and ``max_gap_ms`` let the controller compute the
+    guest-observed downtime together with the destination's first heartbeat.
+    """
+
+    status: str  # completed | failed | cancelled
+    error: str | None
+    stats: MigrationStats | None
+    last_heartbeat_ms: float | None
+    max_gap_ms: int | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "status": self.status,
+            "error": self.error,
+            "stats": None if self.stats is None else stats_to_json(self.stats),
+            "last_heartbeat_ms": self.last_heartbeat_ms,
+            "max_gap_ms": self.max_gap_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OutgoingResult:
+        stats = data.get("stats")
+        return cls(
+            status=str(data["status"]),
+            error=data.get("error"),
+            stats=None if stats is None else stats_from_json(stats),
+            last_heartbeat_ms=data.get("last_heartbeat_ms"),
+            max_gap_ms=data.get("max_gap_ms"),
+        )
+
+
+def stats_to_json(stats: MigrationStats) -> dict[str, object]:
+    return {
+        "status": stats.status,
+        "total_ms": stats.total_ms,
+        "transferred_bytes": stats.transferred_bytes,
+        "remaining_bytes": stats.remaining_bytes,
+        "total_bytes": stats.total_bytes,
+        "dirty_pages_rate": stats.dirty_pages_rate,
+        "page_size": stats.page_size,
+        "iterations": stats.iterations,
+        "throughput_bps": stats.throughput_bps,
+        "expected_downtime_ms": stats.expected_downtime_ms,
+        "downtime_ms": stats.downtime_ms,
+    }
+
+
+def stats_from_json(data: dict[str, Any]) -> MigrationStats:
+    return MigrationStats(
+        status=str(data["status"]),
+        total_ms=int(data["total_ms"]),
+        transferred_bytes=int(data["transferred_bytes"]),
+        remaining_bytes=int(data["remaining_bytes"]),
+        total_bytes=int(data["total_bytes"]),
+        dirty_pages_rate=int(data["dirty_pages_rate"]),
+        page_size=int(data["page_size"]),
+        iterations=int(data["iterations"]),
+        throughput_bps=int(data["throughput_bps"]),
+        expected_downtime_ms=data.get("expected_downtime_ms"),
+        downtime_ms=data.get("downtime_ms"),
+    )
+
+
+def integrity_from_json(data: dict[str, Any]) -> IntegrityReport:
+    return IntegrityReport(
+        ok=bool(data["ok"]),
+        pages_checked=int(data["pages_checked"]),
+        bad_pages=int(data["bad_pages"]),
+    )

@@ -1,0 +1,198 @@
+"""HTTP client of one agent, used by the controller and the lab. Typed methods, typed errors.
+
+Every call has a deadline. An agent's error response is turned back into the vmferry error
+class it reported (``NotFound``, ``CapacityError``, ``StateError`` …); a dead agent becomes
+:class:`AgentUnreachable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from vmferry.agent.api import (
+    API_PREFIX,
+    ERRORS_BY_NAME,
+    CapacityError,
+    HostInfo,
+    NotFound,
+    OutgoingResult,
+    VmInfo,
+    integrity_from_json,
+    stats_from_json,
+)
+from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
+from vmferry.core.model import IntegrityReport, MigrationStats, VmSpec, spec_to_json
+from vmferry.qemu.migration import MigrationOptions
+
+__all__ = ["AgentClient", "AgentError", "AgentUnreachable", "options_to_json"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 30.0
+BOOT_TIMEOUT_S = 180.0  # creating a VM boots it under TCG
+
+
+class AgentUnreachable(FerryError):
+    """The agent did not answer (not running, wrong address, network down)."""
+
+
+class AgentError(FerryError):
+    """The agent answered with an error we have no better class for."""
+
+
+def options_to_json(options: MigrationOptions) -> dict[str, object]:
+    return {
+        "max_bandwidth_bps": options.max_bandwidth_bps,
+        "downtime_limit_ms": options.downtime_limit_ms,
+        "timeout_s": options.timeout_s,
+    }
+
+
+# Error classes whose constructor takes just a message, so the agent's error comes back as is.
+_REBUILDABLE: frozenset[type[FerryError]] = frozenset(
+    {NotFound, CapacityError, ConfigError, StateError, GuestError, QEMUNotFound, FerryError}
+)
+
+
+def _raise_error(status: int, body: object, what: str) -> None:
+    error = body.get("error") if isinstance(body, dict) else None
+    if not isinstance(error, dict):
+        raise AgentError(f"{what}: HTTP {status}")
+    name, message = str(error.get("type")), str(error.get("message"))
+    if status == 401:
+        raise ConfigError(f"{what}: the agent refused our token ({message})")
+    cls = ERRORS_BY_NAME.get(name)
+    if cls is None or cls not in _REBUILDABLE:
+        raise AgentError(f"{what}: {message}")
+    raise cls(message)
+
+
+class AgentClient:
+    """A connection pool to one agent. Use as ``async with AgentClient(url, token) as c``."""
+
+    def __init__(self, name: str, url: str, token: str) -> None:
+        self.name = name
+        self.url = url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AgentClient:
+        self._session = aiohttp.ClientSession(headers=self._headers)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, object] | None = None,
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        if self._session is None:
+            raise FerryError("AgentClient used outside 'async with'")
+        what = f"{self.name}: {method} {path}"
+        logger.debug("--> %s %s", what, body)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self._session.request(
+                    method, f"{self.url}{API_PREFIX}{path}", json=body, params=params
+                ) as response:
+                    data: object = None
+                    if response.status != 204:
+                        data = await response.json(content_type=None)
+        except TimeoutError as err:
+            raise AgentUnreachable(f"{what}: no answer within {timeout_s:g} s") from err
+        except aiohttp.ClientError as err:
+            raise AgentUnreachable(f"{what}: {err}") from err
+        except ValueError as err:
+            raise AgentError(f"{what}: malformed reply ({err})") from err
+        logger.debug("<-- %s %s %s", what, response.status, data)
+        if response.status >= 400:
+            _raise_error(response.status, data, what)
+        return data
+
+    async def host_info(self, timeout_s: float = 5.0) -> HostInfo:
+        return HostInfo.from_json(await self._call("GET", "/host", timeout_s=timeout_s))
+
+    async def list_vms(self) -> list[VmInfo]:
+        return [VmInfo.from_json(item) for item in await self._call("GET", "/vms")]
+
+    async def get_vm(self, name: str) -> VmInfo:
+        return VmInfo.from_json(await self._call("GET", f"/vms/{name}"))
+
+    async def create_vm(self, spec: VmSpec) -> VmInfo:
+        data = await self._call(
+            "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S
+        )
+        return VmInfo.from_json(data)
+
+    async def delete_vm(self, name: str) -> None:
+        await self._call("DELETE", f"/vms/{name}")
+
+    async def verify(self, name: str) -> IntegrityReport:
+        return integrity_from_json(
+            await self._call("POST", f"/vms/{name}/verify", timeout_s=BOOT_TIMEOUT_S)
+        )
+
+    async def prepare_incoming(self, spec: VmSpec, options: MigrationOptions) -> str:
+        data = await self._call(
+            "POST",
+            "/incoming",
+            {"spec": spec_to_json(spec), "options": options_to_json(options)},
+            timeout_s=60.0,
+        )
+        return str(data["uri"])
+
+    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+        data = await self._call("POST", f"/vms/{name}/finish", timeout_s=BOOT_TIMEOUT_S)
+        return float(data["first_heartbeat_ms"]), integrity_from_json(data["integrity"])
+
+    async def abort_incoming(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/abort")
+
+    async def start_migration(
+        self, name: str, uri: str, options: MigrationOptions, *, cold: bool = False
+    ) -> None:
+        await self._call(
+            "POST",
+            f"/vms/{name}/migrate",
+            {"uri": uri, "options": options_to_json(options), "cold": cold},
+        )
+
+    async def migration_progress(
+        self, name: str, since: int, wait_s: float = 1.0
+    ) -> tuple[list[MigrationStats], int, OutgoingResult | None]:
+        data = await self._call(
+            "GET",
+            f"/vms/{name}/migration",
+            params={"since": str(since), "wait": str(wait_s)},
+            timeout_s=wait_s + DEFAULT_TIMEOUT_S,
+        )
+        result = data.get("result")
+        return (
+            [stats_from_json(s) for s in data["samples"]],
+            int(data["next"]),
+            None if result is None else OutgoingResult.from_json(result),
+        )
+
+    async def cancel_migration(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/cancel")
+
+    async def handoff(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/handoff")

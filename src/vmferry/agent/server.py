@@ -1,0 +1,274 @@
+"""The agent's HTTP service (aiohttp): authentication, routes, error mapping, process lifecycle.
+
+Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``)::
+
+    GET    /host                      HostInfo
+    GET    /vms                       [VmInfo]
+    POST   /vms                       {spec}                    -> 201 VmInfo (boots it)
+    GET    /vms/{name}                VmInfo
+    DELETE /vms/{name}                                          -> 204
+    POST   /vms/{name}/verify                                   -> integrity
+    POST   /incoming                  {spec, options}           -> {"uri"}
+    POST   /vms/{name}/finish                                   -> {first_heartbeat_ms, integrity}
+    POST   /vms/{name}/abort                                    -> 204
+    POST   /vms/{name}/migrate        {uri, options, cold}      -> 202
+    GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
+    POST   /vms/{name}/cancel                                   -> 202
+    POST   /vms/{name}/handoff                                  -> 204
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from vmferry.agent.accel import probe_accel
+from vmferry.agent.api import API_PREFIX, STATUS_BY_ERROR, NotFound, stats_to_json
+from vmferry.agent.host import AgentConfig, HostAgent
+from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.model import spec_from_json
+from vmferry.guest.image import build_image
+from vmferry.qemu.argv import BootFiles
+from vmferry.qemu.binary import find_qemu
+from vmferry.qemu.migration import MigrationOptions
+
+__all__ = ["build_app", "options_from_json", "run_agent"]
+
+logger = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+AGENT_KEY = web.AppKey("agent", HostAgent)
+TOKEN_KEY = web.AppKey("token", str)
+_MAX_BODY_BYTES = 64 * 1024
+
+
+def _error_response(error: FerryError) -> web.Response:
+    status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
+    body = {"error": {"type": type(error).__name__, "message": str(error)}}
+    return web.json_response(body, status=status)
+
+
+@web.middleware
+async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Authenticate every request and turn vmferry errors into JSON error responses."""
+    token = request.app[TOKEN_KEY]
+    given = request.headers.get("Authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+        return web.json_response(
+            {"error": {"type": "Unauthorized", "message": "missing or wrong token"}}, status=401
+        )
+    try:
+        return await handler(request)
+    except FerryError as error:
+        if not isinstance(error, ConfigError):
+            logger.error("%s %s failed: %s", request.method, request.path, error)
+        return _error_response(error)
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > _MAX_BODY_BYTES:
+        raise ConfigError("request body too large")
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"request body is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError("request body must be a JSON object")
+    return data
+
+
+def options_from_json(data: object) -> MigrationOptions:
+    """Validate migration options sent by a controller.
+
+    Raises:
+        ConfigError: wrong types or values.
+    """
+    if data is None:
+        return MigrationOptions()
+    if not isinstance(data, dict):
+        raise ConfigError("'options' must be an object")
+    bandwidth = data.get("max_bandwidth_bps")
+    downtime = data.get("downtime_limit_ms", 300)
+    timeout = data.get("timeout_s", 600.0)
+    if bandwidth is not None and (not isinstance(bandwidth, int) or bandwidth <= 0):
+        raise ConfigError("max_bandwidth_bps must be a positive integer")
+    if not isinstance(downtime, int) or not 1 <= downtime <= 600_000:
+        raise ConfigError("downtime_limit_ms must be an integer 1..600000")
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 86_400:
+        raise ConfigError("timeout_s must be a number in (0, 86400]")
+    return MigrationOptions(
+        max_bandwidth_bps=bandwidth, downtime_limit_ms=downtime, timeout_s=float(timeout)
+    )
+
+
+def _agent(request: web.Request) -> HostAgent:
+    return request.app[AGENT_KEY]
+
+
+async def _host(request: web.Request) -> web.Response:
+    return web.json_response(_agent(request).info().to_json())
+
+
+async def _list(request: web.Request) -> web.Response:
+    return web.json_response([vm.to_json() for vm in _agent(request).list_vms()])
+
+
+async def _create(request: web.Request) -> web.Response:
+    spec = spec_from_json((await _body(request)).get("spec"))
+    info = await _agent(request).create(spec)
+    return web.json_response(info.to_json(), status=201)
+
+
+async def _show(request: web.Request) -> web.Response:
+    return web.json_response(_agent(request).get(request.match_info["name"]).to_json())
+
+
+async def _delete(request: web.Request) -> web.Response:
+    await _agent(request).delete(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _verify(request: web.Request) -> web.Response:
+    report = await _agent(request).verify(request.match_info["name"])
+    return web.json_response(report.to_json())
+
+
+async def _incoming(request: web.Request) -> web.Response:
+    body = await _body(request)
+    spec = spec_from_json(body.get("spec"))
+    uri = await _agent(request).prepare_incoming(spec, options_from_json(body.get("options")))
+    return web.json_response({"uri": uri})
+
+
+async def _finish(request: web.Request) -> web.Response:
+    first_ms, integrity = await _agent(request).finish_incoming(request.match_info["name"])
+    return web.json_response({"first_heartbeat_ms": first_ms, "integrity": integrity.to_json()})
+
+
+async def _abort(request: web.Request) -> web.Response:
+    await _agent(request).abort_incoming(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _migrate(request: web.Request) -> web.Response:
+    body = await _body(request)
+    uri = body.get("uri")
+    if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        raise ConfigError("'uri' must be a tcp: migration URI")
+    cold = body.get("cold", False)
+    if not isinstance(cold, bool):
+        raise ConfigError("'cold' must be a boolean")
+    options = options_from_json(body.get("options"))
+    _agent(request).start_outgoing(request.match_info["name"], uri, options, cold=cold)
+    return web.json_response({"started": True}, status=202)
+
+
+async def _progress(request: web.Request) -> web.Response:
+    try:
+        since = int(request.query.get("since", "0"))
+        wait_s = min(float(request.query.get("wait", "1")), 10.0)
+    except ValueError as err:
+        raise ConfigError(f"bad query: {err}") from err
+    samples, result = await _agent(request).outgoing_progress(
+        request.match_info["name"], max(since, 0), max(wait_s, 0.0)
+    )
+    return web.json_response(
+        {
+            "samples": [stats_to_json(s) for s in samples],
+            "next": max(since, 0) + len(samples),
+            "result": None if result is None else result.to_json(),
+        }
+    )
+
+
+async def _cancel(request: web.Request) -> web.Response:
+    await _agent(request).cancel_outgoing(request.match_info["name"])
+    return web.json_response({"cancelling": True}, status=202)
+
+
+async def _handoff(request: web.Request) -> web.Response:
+    await _agent(request).handoff(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _not_found(request: web.Request) -> web.Response:
+    raise NotFound(f"no route {request.method} {request.path}")
+
+
+def build_app(agent: HostAgent, token: str) -> web.Application:
+    """The aiohttp application serving ``agent`` to holders of ``token``."""
+    app = web.Application(middlewares=[_guard], client_max_size=_MAX_BODY_BYTES)
+    app[AGENT_KEY] = agent
+    app[TOKEN_KEY] = token
+    p = API_PREFIX
+    app.router.add_get(f"{p}/host", _host)
+    app.router.add_get(f"{p}/vms", _list)
+    app.router.add_post(f"{p}/vms", _create)
+    app.router.add_get(f"{p}/vms/{{name}}", _show)
+    app.router.add_delete(f"{p}/vms/{{name}}", _delete)
+    app.router.add_post(f"{p}/vms/{{name}}/verify", _verify)
+    app.router.add_post(f"{p}/incoming", _incoming)
+    app.router.add_post(f"{p}/vms/{{name}}/finish", _finish)
+    app.router.add_post(f"{p}/vms/{{name}}/abort", _abort)
+    app.router.add_post(f"{p}/vms/{{name}}/migrate", _migrate)
+    app.router.add_get(f"{p}/vms/{{name}}/migration", _progress)
+    app.router.add_post(f"{p}/vms/{{name}}/cancel", _cancel)
+    app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
+    app.router.add_route("*", "/{tail:.*}", _not_found)
+    return app
+
+
+def _write_ready(path: Path, url: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}) + "\n")
+    tmp.replace(path)
+
+
+async def run_agent(
+    config: AgentConfig, listen_host: str, listen_port: int, token: str, ready_file: Path | None
+) -> None:
+    """Run the agent until SIGTERM/SIGINT. Its VMs keep running after it exits.
+
+    Raises:
+        QEMUNotFound, ImageBuildError: the host cannot run lab VMs.
+    """
+    qemu = await find_qemu()
+    image = await asyncio.to_thread(build_image)
+    boot = BootFiles(image.kernel_path, image.initrd_path)
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    accel = await probe_accel(qemu, boot, config.state_dir / "probe")
+    agent = HostAgent(config, qemu, boot, accel)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with asyncio.TaskGroup() as tasks:
+        await agent.start(tasks)
+        runner = web.AppRunner(build_app(agent, token), access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, listen_host, listen_port)
+            await site.start()
+            server = site._server
+            assert server is not None
+            port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
+            url = f"http://{listen_host}:{port}"
+            if ready_file is not None:
+                _write_ready(ready_file, url)
+            logger.info("agent.listening %s host=%s accel=%s", url, config.host, accel)
+            await stop.wait()
+            logger.info("agent.stopping %s", config.host)
+        finally:
+            await runner.cleanup()
+            agent.cancel_background()
+            await agent.close()

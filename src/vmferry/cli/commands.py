@@ -1,0 +1,352 @@
+"""The CLI's commands: each turns parsed arguments into controller/lab calls and renders.
+
+Human output and progress go to stderr (``err``); ``--json`` output goes to stdout (``out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from vmferry.cli.render import (
+    ProgressLine,
+    format_bytes,
+    history_table,
+    hosts_table,
+    report_table,
+    vm_table,
+)
+from vmferry.controller.cluster import Cluster
+from vmferry.controller.history import History
+from vmferry.controller.inventory import Inventory
+from vmferry.controller.migrate import MigrationRequest, migrate
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import MigrationReport, VmSpec, validate_name
+from vmferry.core.workload import parse_size, parse_workload
+from vmferry.guest.image import build_image
+
+__all__ = ["DEMO_WORKLOAD", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "run"]
+
+DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
+
+# Exit statuses scripts can rely on.
+EXIT_OK = 0
+EXIT_FAILED = 1  # it ran and failed (migration failed, guest not verified intact, agent down)
+EXIT_USAGE = 2  # bad input or refused by a pre-check: nothing was changed
+EXIT_INTERRUPTED = 130
+
+Command = Callable[[argparse.Namespace, Console, Console], Awaitable[int]]
+
+
+def _print_json(out: Console, data: object) -> None:
+    out.print_json(json.dumps(data))
+
+
+# -- lab ----------------------------------------------------------------------------------------
+
+
+async def _lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.cluster import lab_up
+
+    memory = None if args.memory_per_host is None else parse_size(args.memory_per_host)
+    with err.status("preparing the guest image…"):
+        await asyncio.to_thread(build_image)
+    with err.status(f"starting {args.hosts} host agent(s)…"):
+        inventory = await lab_up(
+            args.hosts, netns=args.netns, link_mbps=args.link_mbps, memory_per_host_bytes=memory
+        )
+    if args.json:
+        _print_json(out, {**inventory.to_json(), "directory": str(inventory.directory)})
+    else:
+        for host in inventory.hosts:
+            err.print(f"{host.name}  {host.url}  migration address {host.address}")
+        err.print(f"lab up in {inventory.directory}")
+    return EXIT_OK
+
+
+async def _lab_status(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.cluster import lab_status
+
+    statuses = await lab_status()
+    if args.json:
+        _print_json(
+            out,
+            [
+                {
+                    "name": s.name,
+                    "url": s.url,
+                    "reachable": s.reachable,
+                    "pid_alive": s.pid_alive,
+                    "info": s.info,
+                    "error": s.error,
+                }
+                for s in statuses
+            ],
+        )
+    else:
+        out.print(hosts_table(statuses))
+    return EXIT_OK if all(s.reachable for s in statuses) else EXIT_FAILED
+
+
+async def _lab_down(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.cluster import lab_down
+
+    with err.status("stopping the lab…"):
+        report = await lab_down()
+    data = {
+        "agents_stopped": report.agents_stopped,
+        "qemus_stopped": report.qemus_stopped,
+        "namespaces_removed": report.namespaces_removed,
+    }
+    if args.json:
+        _print_json(out, data)
+    elif report.nothing_to_do:
+        err.print("no lab running: nothing to do")
+    else:
+        err.print(
+            f"stopped {report.agents_stopped} agent(s) and {report.qemus_stopped} VM(s); "
+            f"removed {report.namespaces_removed} namespace(s)"
+        )
+    return EXIT_OK
+
+
+# -- VMs ----------------------------------------------------------------------------------------
+
+
+async def _vm_create(args: argparse.Namespace, err: Console, out: Console) -> int:
+    if args.disk is not None:
+        raise ConfigError("--disk is not available yet: lab VMs run from their initramfs")
+    spec = VmSpec.build(
+        args.name, memory=args.memory, vcpus=args.vcpus, workload=parse_workload(args.workload)
+    )
+    validate_name(args.host, "host name")
+    async with Cluster(Inventory.load()) as cluster:
+        client = cluster.client(args.host)
+        await cluster.check_new_name(spec.name)
+        with err.status(f"booting {spec.name} on {args.host} ({spec.workload.describe()})…"):
+            info = await client.create_vm(spec)
+    if args.json:
+        _print_json(out, info.to_json())
+    else:
+        err.print(f"{info.name} running on {info.host} (pid {info.pid})")
+    return EXIT_OK
+
+
+async def _vm_list(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with Cluster(Inventory.load()) as cluster:
+        listing = await cluster.list_vms()
+    if args.json:
+        _print_json(
+            out,
+            {"vms": [v.to_json() for v in listing.vms], "unreachable": list(listing.unreachable)},
+        )
+    else:
+        out.print(vm_table(listing.vms))
+        for host in listing.unreachable:
+            err.print(f"[yellow]warning:[/] {host} did not answer")
+    return EXIT_OK if not listing.unreachable else EXIT_FAILED
+
+
+async def _vm_show(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with Cluster(Inventory.load()) as cluster:
+        info = await cluster.locate(args.name)
+    if args.json:
+        _print_json(out, info.to_json())
+    else:
+        out.print(vm_table([info]))
+    return EXIT_OK
+
+
+async def _vm_delete(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with Cluster(Inventory.load()) as cluster:
+        info = await cluster.locate(args.name)
+        await cluster.client(info.host).delete_vm(info.name)
+    if args.json:
+        _print_json(out, {"deleted": info.name, "host": info.host})
+    else:
+        err.print(f"deleted {info.name} from {info.host}")
+    return EXIT_OK
+
+
+async def _verify(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with Cluster(Inventory.load()) as cluster:
+        info = await cluster.locate(args.name)
+        with err.status(f"verifying {info.name} on {info.host}…"):
+            integrity = await cluster.client(info.host).verify(info.name)
+    if args.json:
+        _print_json(out, {"vm": info.name, "host": info.host, **integrity.to_json()})
+    else:
+        verdict = "intact" if integrity.ok else "DAMAGED"
+        err.print(
+            f"{info.name} on {info.host}: {verdict} — {integrity.pages_checked} pages checked, "
+            f"{integrity.bad_pages} bad"
+        )
+    return EXIT_OK if integrity.ok else EXIT_FAILED
+
+
+# -- migrations ---------------------------------------------------------------------------------
+
+
+async def _migrate_one(
+    cluster: Cluster, history: History, request: MigrationRequest, err: Console, live: bool
+) -> MigrationReport:
+    title = f"{request.vm} → {request.destination}"
+    if not live:
+        return await migrate(cluster, request, history=history)
+    with ProgressLine(err, title) as line:
+        return await migrate(cluster, request, history=history, on_progress=line.update)
+
+
+async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
+    request = MigrationRequest(
+        vm=validate_name(args.name),
+        destination=validate_name(args.to, "host name"),
+        strategy=args.strategy,
+        max_downtime_ms=args.max_downtime,
+        deadline_s=args.deadline,
+        bandwidth_mbps=args.bandwidth,
+    )
+    request.resolve()  # refuse bad options before touching anything
+    inventory = Inventory.load()
+    async with Cluster(inventory) as cluster:
+        report = await _migrate_one(
+            cluster, History(inventory.history_db), request, err, live=err.is_terminal
+        )
+    if args.json:
+        _print_json(out, report.to_json())
+    else:
+        out.print(report_table([report]))
+    return EXIT_OK if report.is_success else EXIT_FAILED
+
+
+async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
+    if args.vm is not None:
+        validate_name(args.vm)
+    if not 1 <= args.limit <= 100_000:
+        raise ConfigError("--limit must be 1..100000")
+    inventory = Inventory.load()
+    entries = History(inventory.history_db).entries(vm=args.vm, limit=args.limit)
+    if args.json:
+        _print_json(out, [e.to_json() for e in entries])
+    else:
+        out.print(history_table(entries))
+    return EXIT_OK
+
+
+async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.cluster import lab_down, lab_up
+
+    spec = VmSpec.build("demo-vm", memory=args.memory, workload=parse_workload(args.workload))
+    destinations = ["host-2"] if args.one_way else ["host-2", "host-1"]
+    requests = [
+        MigrationRequest(
+            vm=spec.name,
+            destination=d,
+            strategy="precopy",
+            max_downtime_ms=args.max_downtime,
+            bandwidth_mbps=args.bandwidth,
+        )
+        for d in destinations
+    ]
+    for request in requests:
+        request.resolve()
+    lab_dir = Path(tempfile.mkdtemp(prefix="vmferry-demo-"))
+    reports: list[MigrationReport] = []
+    try:
+        with err.status("preparing the guest image…"):
+            image = await asyncio.to_thread(build_image)
+        with err.status("starting a lab of 2 hosts…"):
+            inventory = await lab_up(2, lab_dir=lab_dir)
+        err.print(f"lab: 2 hosts, guest kernel {image.kernel_version}, state in {lab_dir}")
+        async with Cluster(inventory) as cluster:
+            host = await cluster.client("host-1").host_info()
+            err.print(f"QEMU {host.qemu_version}, accelerator {host.accel}")
+            with err.status(f"booting {spec.name} on host-1 ({spec.workload.describe()})…"):
+                await cluster.client("host-1").create_vm(spec)
+            history = History(inventory.history_db)
+            for request in requests:
+                report = await _migrate_one(cluster, history, request, err, live=True)
+                reports.append(report)
+                if not report.is_success:
+                    break
+    finally:
+        with err.status("stopping the lab…"):
+            await asyncio.shield(lab_down(lab_dir))
+    if args.json:
+        _print_json(out, [r.to_json() for r in reports])
+    else:
+        out.print(report_table(reports))
+        if reports:
+            sent = sum(r.transferred_bytes for r in reports)
+            err.print(f"{len(reports)} live migration(s), {format_bytes(sent)} sent in all")
+    return EXIT_OK if reports and all(r.is_success for r in reports) else EXIT_FAILED
+
+
+async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> int:
+    with err.status("building the lab guest image…"):
+        image = await asyncio.to_thread(build_image, force=args.force)
+    if args.json:
+        _print_json(
+            out,
+            {
+                "kernel": str(image.kernel_path),
+                "initrd": str(image.initrd_path),
+                "kernel_version": image.kernel_version,
+                "key": image.key,
+            },
+        )
+    else:
+        out.print(f"kernel  {image.kernel_path}\ninitrd  {image.initrd_path}")
+    return EXIT_OK
+
+
+async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.agent.host import AgentConfig
+    from vmferry.agent.server import run_agent
+
+    host, _, port = args.listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--listen must be ADDR:PORT, got {args.listen!r}")
+    try:
+        token = args.token_file.read_text().strip()
+    except OSError as error:
+        raise ConfigError(f"cannot read the token file: {error}") from error
+    if len(token) < 16:
+        raise ConfigError("the token must be at least 16 characters")
+    config = AgentConfig(
+        host=validate_name(args.host, "host name"),
+        state_dir=args.state_dir,
+        memory_bytes=parse_size(args.memory),
+        migration_address=args.migration_address,
+    )
+    await run_agent(config, host, int(port), token, args.ready_file)
+    return EXIT_OK
+
+
+_COMMANDS: dict[tuple[str, str | None], Command] = {
+    ("lab", "up"): _lab_up,
+    ("lab", "status"): _lab_status,
+    ("lab", "down"): _lab_down,
+    ("vm", "create"): _vm_create,
+    ("vm", "list"): _vm_list,
+    ("vm", "show"): _vm_show,
+    ("vm", "delete"): _vm_delete,
+    ("verify", None): _verify,
+    ("migrate", None): _migrate,
+    ("history", None): _history,
+    ("demo", None): _demo,
+    ("image", "build"): _image_build,
+    ("agent", None): _agent,
+}
+
+
+async def run(args: argparse.Namespace, err: Console, out: Console) -> int:
+    """Run the command ``args`` names."""
+    action = getattr(args, f"{args.command}_command", None)
+    return await _COMMANDS[(args.command, action)](args, err, out)

@@ -1,0 +1,1 @@
+"""vmferry.controller: orchestration of migrations across agents, and history."""

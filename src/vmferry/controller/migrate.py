@@ -1,0 +1,250 @@
+"""One migration across two agents: pre-checks, destination, source, follow, switch, verify.
+
+The rule that governs every branch: at every moment exactly one intact copy of the guest runs.
+The source agent ends its QEMU (``handoff``) only after QEMU reported completion *and* the
+destination agent confirmed the guest runs there; any failure before that aborts the
+destination and leaves (or puts) the guest running on the source.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Literal
+
+from vmferry.agent.api import OutgoingResult
+from vmferry.agent.client import AgentClient
+from vmferry.controller.cluster import Cluster, spec_of
+from vmferry.controller.history import History
+from vmferry.core.errors import ConfigError, FerryError, StateError
+from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats, VmSpec
+from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
+from vmferry.qemu.migration import MigrationOptions
+
+__all__ = ["STRATEGIES", "MigrationRequest", "ProgressCallback", "migrate"]
+
+logger = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[Phase, MigrationStats | None], None]
+Strategy = Literal["precopy", "cold"]
+# Accepted names; the ones not yet available are refused with a clear message.
+STRATEGIES = ("auto", "precopy", "postcopy", "hybrid", "multifd", "xbzrle", "auto-converge", "cold")
+_AVAILABLE: dict[str, Strategy] = {"auto": "precopy", "precopy": "precopy", "cold": "cold"}
+_POLL_WAIT_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationRequest:
+    """What the user asked for."""
+
+    vm: str
+    destination: str
+    strategy: str = "auto"
+    max_downtime_ms: int = 300
+    deadline_s: float | None = None
+    bandwidth_mbps: int | None = None
+
+    def resolve(self) -> tuple[Strategy, MigrationOptions]:
+        """Validate and turn into a strategy and QEMU options.
+
+        Raises:
+            ConfigError: unknown or not yet available strategy, bad numbers.
+        """
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"unknown strategy {self.strategy!r}: use {', '.join(STRATEGIES)}")
+        strategy = _AVAILABLE.get(self.strategy)
+        if strategy is None:
+            raise ConfigError(
+                f"strategy {self.strategy!r} is not available yet; use "
+                f"{', '.join(_AVAILABLE)} ('auto' is live pre-copy for now)"
+            )
+        if not 1 <= self.max_downtime_ms <= 600_000:
+            raise ConfigError("--max-downtime must be 1..600000 ms")
+        if self.deadline_s is not None and not 0 < self.deadline_s <= 86_400:
+            raise ConfigError("--deadline must be in (0, 86400] seconds")
+        if self.bandwidth_mbps is not None and not 1 <= self.bandwidth_mbps <= 1_000_000:
+            raise ConfigError("--bandwidth must be 1..1000000 Mbit/s")
+        return strategy, MigrationOptions(
+            max_bandwidth_bps=None
+            if self.bandwidth_mbps is None
+            else self.bandwidth_mbps * 125_000,
+            downtime_limit_ms=self.max_downtime_ms,
+            timeout_s=self.deadline_s or 600.0,
+        )
+
+
+async def _precheck(
+    cluster: Cluster, request: MigrationRequest
+) -> tuple[VmSpec, str, AgentClient, AgentClient]:
+    destination = cluster.client(request.destination)
+    info = await cluster.locate(request.vm)
+    if info.host == request.destination:
+        raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
+    if info.state != "running":
+        raise StateError(f"VM {request.vm}", info.state, "running (one migration at a time)")
+    spec = spec_of(info)
+    host = await destination.host_info()
+    if spec.memory_bytes > host.memory_free_bytes:
+        raise ConfigError(
+            f"{request.destination} has {host.memory_free_bytes >> 20} MiB free; "
+            f"{request.vm} needs {spec.memory_bytes >> 20} MiB"
+        )
+    if spec.machine_type not in host.machine_types:
+        raise ConfigError(f"{request.destination} cannot build machine type {spec.machine_type}")
+    if spec.cpu_model not in host.cpu_models:
+        raise ConfigError(f"{request.destination} has no CPU model {spec.cpu_model}")
+    return spec, info.host, cluster.client(info.host), destination
+
+
+async def migrate(
+    cluster: Cluster,
+    request: MigrationRequest,
+    *,
+    history: History | None = None,
+    on_progress: ProgressCallback | None = None,
+) -> MigrationReport:
+    """Migrate a VM between two hosts of ``cluster`` and verify it on arrival.
+
+    Returns the report (also recorded in ``history``); a failed migration is a report with
+    status ``failed``, not an exception.
+
+    Raises:
+        ConfigError: bad request, unknown VM or host, no room on the destination.
+        StateError: the VM is not in a state to migrate (e.g. already migrating).
+        FerryError: an agent became unreachable before anything started.
+    """
+    strategy, options = request.resolve()
+    spec, source_host, source, destination = await _precheck(cluster, request)
+    started_at = datetime.now(UTC)
+    loop = asyncio.get_running_loop()
+    started_s = loop.time()
+    phase = Phase.PREPARING
+    last: MigrationStats | None = None
+
+    def notify(stats: MigrationStats | None) -> None:
+        if on_progress is not None:
+            on_progress(phase, stats)
+
+    def report(**fields: object) -> MigrationReport:
+        values: dict[str, object] = {
+            "vm": spec.name,
+            "source": source_host,
+            "destination": request.destination,
+            "running_on": source_host,
+            "strategy": strategy,
+            "status": "failed",
+            "error": None,
+            "total_ms": round((loop.time() - started_s) * 1000),
+            "downtime_ms": None,
+            "guest_downtime_ms": None,
+            "transferred_bytes": last.transferred_bytes if last is not None else 0,
+            "iterations": last.iterations if last is not None else 0,
+            "predicted": None,
+            "integrity": None,
+            "guest_alive": True,
+        }
+        values.update(fields)
+        result = MigrationReport(**values)  # type: ignore[arg-type]
+        if history is not None:
+            history.record(result, started_at)
+        return result
+
+    notify(None)
+    uri = await destination.prepare_incoming(spec, options)
+    try:
+        await source.start_migration(spec.name, uri, options, cold=strategy == "cold")
+    except BaseException:
+        await asyncio.shield(destination.abort_incoming(spec.name))
+        raise
+    phase = transition(phase, DestinationReady())
+    notify(None)
+
+    outcome: OutgoingResult | None = None
+    since = 0
+    cancel_sent = False
+    while outcome is None:
+        try:
+            samples, since, outcome = await source.migration_progress(
+                spec.name, since, _POLL_WAIT_S
+            )
+        except asyncio.CancelledError:
+            # Interrupted: cancel, then keep following (shielded) so we know where the guest is.
+            if not cancel_sent:
+                cancel_sent = True
+                with contextlib.suppress(FerryError):
+                    await asyncio.shield(source.cancel_migration(spec.name))
+            outcome = await asyncio.shield(_wait_outcome(source, spec.name, since))
+            if outcome.status != "completed":
+                await asyncio.shield(destination.abort_incoming(spec.name))
+            else:
+                await asyncio.shield(_switch(source, destination, spec.name))
+            raise
+        for stats in samples:
+            last = stats
+            if stats.status not in ("failed", "cancelled"):
+                with contextlib.suppress(StateError):
+                    phase = transition(phase, QemuStatus(stats.status))
+            notify(stats)
+
+    if outcome.status != "completed":
+        phase = Phase.FAILED
+        notify(last)
+        with contextlib.suppress(FerryError):
+            await destination.abort_incoming(spec.name)
+        logger.error("migration.failed %s: %s", spec.name, outcome.error)
+        return report(status="failed", error=outcome.error or outcome.status)
+
+    final = outcome.stats or last
+    last = final
+    phase = transition(phase, QemuStatus("completed"))
+    notify(final)
+    # Past completion the destination holds the only current copy of the guest.
+    integrity: IntegrityReport | None = None
+    try:
+        first_ms, integrity = await destination.finish_incoming(spec.name)
+    except FerryError as err:
+        logger.error("migration.arrival_failed %s: %s", spec.name, err)
+        return report(
+            status="completed",
+            running_on=request.destination,
+            error=f"guest did not come up on {request.destination}: {err}",
+            guest_alive=False,
+            downtime_ms=final.downtime_ms if final else None,
+        )
+    phase = transition(phase, Verified())
+    notify(final)
+    total_ms = round((loop.time() - started_s) * 1000)
+    error: str | None = None
+    try:
+        await source.handoff(spec.name)
+    except FerryError as err:
+        error = f"source QEMU not cleaned up: {err}"
+    gap = None
+    if outcome.last_heartbeat_ms is not None:
+        gap = round(max(outcome.max_gap_ms or 0, first_ms - outcome.last_heartbeat_ms))
+    return report(
+        status="completed",
+        running_on=request.destination,
+        error=error,
+        total_ms=total_ms,
+        downtime_ms=final.downtime_ms if final else None,
+        guest_downtime_ms=gap,
+        integrity=integrity,
+    )
+
+
+async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:
+    while True:
+        _, since, outcome = await source.migration_progress(name, since, _POLL_WAIT_S)
+        if outcome is not None:
+            return outcome
+
+
+async def _switch(source: AgentClient, destination: AgentClient, name: str) -> None:
+    with contextlib.suppress(FerryError):
+        await destination.finish_incoming(name)
+        await source.handoff(name)

@@ -1,0 +1,658 @@
+"""The multi-host lab on one machine: one ``vmferry agent`` process per host, optionally each in
+its own network namespace with a shaped link.
+
+``lab_up`` starts the agents detached (they outlive the CLI) and writes the inventory the CLI and
+controller read; ``lab_status`` asks each agent about its host; ``lab_down`` stops everything the
+lab started — also after a crash, from what it finds on disk (ready files, pid files) rather than
+from the inventory alone.
+
+Lab directory layout::
+
+    <lab_dir>/lab.json  token  network.json (netns labs)
+    <lab_dir>/hosts/host-i/agent.pid  ready.json  agent.log  vms/<vm>/qemu.pid
+
+Example:
+    >>> inventory = await lab_up(2)                                   # doctest: +SKIP
+    >>> [s.reachable for s in await lab_status()]                     # doctest: +SKIP
+    [True, True]
+    >>> await lab_down()                                              # doctest: +SKIP
+    DownReport(agents_stopped=2, qemus_stopped=0, namespaces_removed=0)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+from vmferry.controller.inventory import HostEntry, Inventory, default_lab_dir
+from vmferry.core.errors import ConfigError, FerryError
+from vmferry.guest.image import build_image
+from vmferry.lab import netns as lab_netns
+
+__all__ = [
+    "MAX_HOSTS",
+    "MAX_LINK_MBPS",
+    "AgentStartError",
+    "DownReport",
+    "HostStatus",
+    "default_memory_per_host_bytes",
+    "lab_down",
+    "lab_status",
+    "lab_up",
+    "validate_lab_request",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_HOSTS = 16
+MAX_LINK_MBPS = 100_000
+GIB = 1024**3
+MAX_MEMORY_PER_HOST_BYTES = 8 * GIB
+RESERVED_MEMORY_BYTES = 2 * GIB
+
+READY_TIMEOUT_S = 60.0
+STATUS_TIMEOUT_S = 5.0
+TERM_GRACE_S = 10.0
+KILL_GRACE_S = 5.0
+_LOG_TAIL_LINES = 20
+
+_NETWORK_FILE = "network.json"
+_HOSTS_DIR = "hosts"
+
+
+class AgentStartError(FerryError):
+    """An agent did not come up.
+
+    Attributes:
+        host: the host it was for.
+        exitcode: its exit status, None if it still ran (it never became ready).
+        log_tail: the end of its ``agent.log``.
+    """
+
+    def __init__(self, host: str, message: str, exitcode: int | None, log_tail: str) -> None:
+        super().__init__(f"agent for {host} {message}")
+        self.host = host
+        self.exitcode = exitcode
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.exitcode is not None:
+            text += f" (exit status {self.exitcode})"
+        if self.log_tail:
+            text += f"\nagent.log ends:\n{self.log_tail}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class HostStatus:
+    """What ``lab status`` found out about one host."""
+
+    name: str
+    url: str
+    reachable: bool  # its agent answered GET /v1/host
+    pid_alive: bool  # its agent process exists
+    info: dict[str, object] | None  # the agent's answer
+    error: str | None  # why it is not reachable
+
+
+@dataclass(frozen=True, slots=True)
+class DownReport:
+    """What ``lab down`` stopped and removed."""
+
+    agents_stopped: int
+    qemus_stopped: int
+    namespaces_removed: int
+    lab_dir_removed: bool = False
+
+    @property
+    def nothing_to_do(self) -> bool:
+        return not (
+            self.agents_stopped
+            or self.qemus_stopped
+            or self.namespaces_removed
+            or self.lab_dir_removed
+        )
+
+
+def validate_lab_request(
+    hosts: int,
+    *,
+    netns: bool = False,
+    link_mbps: int | None = None,
+    memory_per_host_bytes: int | None = None,
+) -> None:
+    """Check ``lab up``'s arguments before anything is touched.
+
+    Raises:
+        ConfigError: a value is out of range or the combination makes no sense.
+    """
+    if isinstance(hosts, bool) or not 1 <= hosts <= MAX_HOSTS:
+        raise ConfigError(f"--hosts must be 1..{MAX_HOSTS}, not {hosts}")
+    if link_mbps is not None:
+        if not netns:
+            raise ConfigError(
+                "--link-mbps shapes the links between network namespaces: add --netns"
+            )
+        if isinstance(link_mbps, bool) or not 1 <= link_mbps <= MAX_LINK_MBPS:
+            raise ConfigError(f"--link-mbps must be 1..{MAX_LINK_MBPS}, not {link_mbps}")
+    if memory_per_host_bytes is not None and memory_per_host_bytes <= 0:
+        raise ConfigError(f"memory per host must be positive, not {memory_per_host_bytes}")
+
+
+def default_memory_per_host_bytes(hosts: int, mem_total_bytes: int) -> int:
+    """Each host's share of this machine: ``min(8 GiB, (MemTotal - 2 GiB) // hosts)``.
+
+    Raises:
+        ConfigError: the machine has too little memory to share.
+    """
+    share = (mem_total_bytes - RESERVED_MEMORY_BYTES) // hosts
+    if share <= 0:
+        raise ConfigError(
+            f"this machine has {mem_total_bytes // 2**20} MiB; "
+            "too little for a lab (2 GiB are kept for the host)"
+        )
+    return min(MAX_MEMORY_PER_HOST_BYTES, share)
+
+
+def _mem_total_bytes() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise ConfigError("MemTotal missing from /proc/meminfo")
+
+
+# --------------------------------------------------------------------------------------- up
+
+
+async def lab_up(
+    hosts: int,
+    *,
+    netns: bool = False,
+    link_mbps: int | None = None,
+    lab_dir: Path | None = None,
+    memory_per_host_bytes: int | None = None,
+) -> Inventory:
+    """Start a lab: ``hosts`` agents (host-1..host-N), on loopback or in network namespaces.
+
+    Agents run detached and outlive the caller. If anything fails midway, everything started
+    so far is stopped and removed again.
+
+    Args:
+        hosts: how many hosts, 1..16.
+        netns: give each host its own network namespace (needs root).
+        link_mbps: shape each host's link to this rate in both directions (needs ``netns``).
+        lab_dir: where the lab keeps its state; default :func:`default_lab_dir`.
+        memory_per_host_bytes: the memory each agent may hand to VMs; default
+            :func:`default_memory_per_host_bytes`.
+
+    Returns:
+        The saved inventory.
+
+    Raises:
+        ConfigError: bad arguments, not root with ``netns``, or a lab (or its leftovers) exists.
+        AgentStartError: an agent exited or did not become ready in time.
+        NetworkCommandError: setting up the namespaces failed.
+        ImageBuildError: the lab guest image could not be built.
+    """
+    validate_lab_request(
+        hosts, netns=netns, link_mbps=link_mbps, memory_per_host_bytes=memory_per_host_bytes
+    )
+    if netns:
+        lab_netns.require_root()
+    directory = lab_dir or default_lab_dir()
+    memory = memory_per_host_bytes or default_memory_per_host_bytes(hosts, _mem_total_bytes())
+    if (directory / "lab.json").exists():
+        raise ConfigError(f"a lab is already up at {directory}: run `vmferry lab down` first")
+    subnet = None
+    if netns:
+        leftovers = lab_netns.existing_namespaces()
+        if leftovers:
+            raise ConfigError(
+                f"lab namespaces exist ({', '.join(leftovers)}): run `vmferry lab down` first"
+            )
+        subnet = await lab_netns.choose_subnet()
+    # Built (or found cached) once here: otherwise every agent would build it at once into the
+    # same cache, and a cold build (download + compile) would eat the agents' ready timeout.
+    await asyncio.to_thread(build_image)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        # Claims the directory: a second `lab up` racing this one fails here.
+        (directory / _HOSTS_DIR).mkdir()
+    except FileExistsError:
+        raise ConfigError(
+            f"leftovers of a lab are in {directory}: run `vmferry lab down` first"
+        ) from None
+    try:
+        inventory = await _start(directory, hosts, subnet, link_mbps, memory)
+    except BaseException:
+        logger.error("lab.up failed; undoing")
+        await asyncio.shield(lab_down(directory))
+        raise
+    logger.info("lab.up hosts=%d netns=%s link_mbps=%s dir=%s", hosts, netns, link_mbps, directory)
+    return inventory
+
+
+async def _start(
+    directory: Path, hosts: int, subnet: str | None, link_mbps: int | None, memory_bytes: int
+) -> Inventory:
+    token = secrets.token_urlsafe(32)
+    token_file = directory / "token"
+    fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+
+    network: lab_netns.LabNetwork | None = None
+    if subnet is not None:
+        # Written first so `lab down` knows this lab owns the namespaces, even after a crash.
+        (directory / _NETWORK_FILE).write_text(
+            json.dumps({"subnet": subnet, "link_mbps": link_mbps}) + "\n"
+        )
+        network = await lab_netns.setup(hosts, link_mbps=link_mbps, subnet=subnet)
+
+    procs: list[tuple[str, Path, asyncio.subprocess.Process]] = []
+    for index in range(1, hosts + 1):
+        name = f"host-{index}"
+        ns = network.hosts[index - 1] if network else None
+        address = ns.address if ns else "127.0.0.1"
+        state_dir = directory / _HOSTS_DIR / name
+        state_dir.mkdir()
+        argv = _agent_argv(name, address, state_dir, token_file, memory_bytes)
+        if ns:
+            argv = ["ip", "netns", "exec", ns.netns, *argv]
+        procs.append((name, state_dir, await _spawn(argv, state_dir)))
+
+    entries: list[HostEntry] = []
+    waiting_for = procs[0]
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            for waiting_for in procs:
+                url, pid = await _wait_ready(*waiting_for)
+                index = len(entries)
+                entries.append(
+                    HostEntry(
+                        name=waiting_for[0],
+                        url=url,
+                        pid=pid,
+                        state_dir=str(waiting_for[1]),
+                        address=network.hosts[index].address if network else "127.0.0.1",
+                        netns=network.hosts[index].netns if network else None,
+                    )
+                )
+    except TimeoutError:
+        name, state_dir, _ = waiting_for
+        raise AgentStartError(
+            name, f"was not ready within {READY_TIMEOUT_S:g} s", None, _log_tail(state_dir)
+        ) from None
+    inventory = Inventory(
+        directory=directory,
+        token=token,
+        hosts=tuple(entries),
+        netns=network is not None,
+        link_mbps=link_mbps,
+    )
+    inventory.save()
+    return inventory
+
+
+def _agent_argv(
+    name: str, address: str, state_dir: Path, token_file: Path, memory_bytes: int
+) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "vmferry.cli.main",
+        "agent",
+        "--host",
+        name,
+        "--listen",
+        f"{address}:0",
+        "--state-dir",
+        str(state_dir),
+        "--token-file",
+        str(token_file),
+        "--memory",
+        str(memory_bytes),
+        "--migration-address",
+        address,
+        "--ready-file",
+        str(state_dir / "ready.json"),
+    ]
+
+
+async def _spawn(argv: list[str], state_dir: Path) -> asyncio.subprocess.Process:
+    log_fd = os.open(state_dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            start_new_session=True,  # detached: survives the CLI and its terminal
+        )
+    except OSError as err:
+        raise AgentStartError(state_dir.name, f"could not start: {err}", None, "") from err
+    finally:
+        os.close(log_fd)
+    # Recorded at once so `lab down` finds it even if we crash before it is ready.
+    (state_dir / "agent.pid").write_text(f"{proc.pid}\n")
+    logger.debug("agent %s spawned pid=%d argv=%s", state_dir.name, proc.pid, argv)
+    return proc
+
+
+async def _wait_ready(
+    name: str, state_dir: Path, proc: asyncio.subprocess.Process
+) -> tuple[str, int]:
+    """Wait for the agent's ready file; the caller bounds the wait with a deadline.
+
+    Raises:
+        AgentStartError: the agent exited first.
+    """
+    ready_file = state_dir / "ready.json"
+    while True:
+        ready = _read_ready(ready_file)
+        if ready is not None:
+            return ready
+        if proc.returncode is not None:
+            raise AgentStartError(
+                name, "exited before it was ready", proc.returncode, _log_tail(state_dir)
+            )
+        # No file-appeared event without inotify; the agent's exit is polled alongside.
+        await asyncio.sleep(0.05)
+
+
+def _read_ready(path: Path) -> tuple[str, int] | None:
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return None  # the agent writes atomically, but be lenient with a torn read
+    if not isinstance(data, dict):
+        return None
+    url, pid = data.get("url"), data.get("pid")
+    if not isinstance(url, str) or not isinstance(pid, int):
+        return None
+    return url, pid
+
+
+def _log_tail(state_dir: Path) -> str:
+    try:
+        lines = (state_dir / "agent.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+# ----------------------------------------------------------------------------------- status
+
+
+async def lab_status(lab_dir: Path | None = None) -> list[HostStatus]:
+    """Ask every host's agent about its host (``GET /v1/host``), all at once.
+
+    Raises:
+        ConfigError: there is no lab.
+    """
+    inventory = Inventory.load(lab_dir)
+    timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)
+    headers = {"Authorization": f"Bearer {inventory.token}"}
+    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+        return list(await asyncio.gather(*(_probe(session, h) for h in inventory.hosts)))
+
+
+async def _probe(session: aiohttp.ClientSession, host: HostEntry) -> HostStatus:
+    alive = host.pid is not None and _is_agent(host.pid)
+    info: dict[str, object] | None = None
+    error: str | None = None
+    try:
+        async with asyncio.timeout(STATUS_TIMEOUT_S):
+            async with session.get(f"{host.url}/v1/host") as response:
+                if response.status != 200:
+                    error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                else:
+                    body = await response.json()
+                    if isinstance(body, dict):
+                        info = body
+                    else:
+                        error = "answer is not a JSON object"
+    except TimeoutError:
+        error = f"no answer within {STATUS_TIMEOUT_S:g} s"
+    except (aiohttp.ClientError, ValueError) as err:
+        error = str(err) or type(err).__name__
+    return HostStatus(
+        name=host.name,
+        url=host.url,
+        reachable=info is not None,
+        pid_alive=alive,
+        info=info,
+        error=error,
+    )
+
+
+# ------------------------------------------------------------------------------------- down
+
+
+async def lab_down(lab_dir: Path | None = None) -> DownReport:
+    """Stop everything a lab started and remove its state. Idempotent; works after a crash.
+
+    Agents and QEMUs are found from the inventory *and* from the files under ``hosts/`` (so a
+    lab whose inventory was never written or whose agents died is cleaned up too). A process is
+    only signalled if its command line shows it is ours (survives PID reuse). Files in the lab
+    directory that the lab did not make (e.g. ``history.db``) are kept.
+
+    Returns:
+        What was stopped and removed (all zero: there was nothing to do).
+
+    Raises:
+        ConfigError: namespaces must be removed but we are not root.
+        NetworkCommandError: removing the namespaces failed.
+    """
+    directory = lab_dir or default_lab_dir()
+    inventory: Inventory | None = None
+    with contextlib.suppress(ConfigError):
+        inventory = Inventory.load(directory)
+    state_dirs = _state_dirs(directory, inventory)
+
+    agent_pids = _agent_pids(state_dirs, inventory)
+    # QEMUs an agent runs but has not recorded yet (e.g. its start-up KVM probe) are found as
+    # its children, before stopping it orphans them.
+    children = _qemu_children(agent_pids)
+    agents = await _stop(agent_pids, _is_agent)
+    # After the agents, so none of them starts or restarts a QEMU behind our back.
+    qemus = await _stop(_qemu_pids(state_dirs) | children, _is_qemu)
+
+    namespaces = await lab_netns.teardown() if await _owns_network(directory, inventory) else 0
+    removed = _remove_state(directory)
+    report = DownReport(
+        agents_stopped=agents,
+        qemus_stopped=qemus,
+        namespaces_removed=namespaces,
+        lab_dir_removed=removed,
+    )
+    logger.info("lab.down %s dir=%s", report, directory)
+    return report
+
+
+async def _owns_network(directory: Path, inventory: Inventory | None) -> bool:
+    """Whether this lab's `down` should remove the (machine-global) lab network."""
+    if (directory / _NETWORK_FILE).exists() or (inventory is not None and inventory.netns):
+        return True
+    if (directory / "lab.json").exists() or (directory / _HOSTS_DIR).exists():
+        return False  # a loopback lab: the namespaces, if any, belong to another lab
+    # No lab here at all: remove orphaned namespaces (whose lab directory is gone), but never
+    # ones another lab's processes still run in.
+    if not lab_netns.existing_namespaces():
+        return True  # at most stray links of a crashed setup; otherwise a no-op
+    if os.geteuid() != 0:
+        return False  # a root's lab: not ours to judge, and we could not remove it anyway
+    busy = await lab_netns.namespaces_in_use()
+    if busy:
+        logger.info("lab network in use by another lab (%s); left alone", ", ".join(busy))
+    return not busy
+
+
+def _state_dirs(directory: Path, inventory: Inventory | None) -> list[Path]:
+    found = {Path(h.state_dir) for h in inventory.hosts} if inventory else set()
+    with contextlib.suppress(OSError):
+        found.update(p for p in (directory / _HOSTS_DIR).iterdir() if p.is_dir())
+    return sorted(found)
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def _agent_pids(state_dirs: Iterable[Path], inventory: Inventory | None) -> set[int]:
+    pids = {h.pid for h in inventory.hosts if h.pid} if inventory else set()
+    for state_dir in state_dirs:
+        ready = _read_ready(state_dir / "ready.json")
+        if ready:
+            pids.add(ready[1])
+        spawned = _read_pid(state_dir / "agent.pid")
+        if spawned:
+            pids.add(spawned)
+    return pids
+
+
+def _qemu_pids(state_dirs: Iterable[Path]) -> set[int]:
+    """PIDs from every ``qemu.pid`` under the state dirs (``vms/<vm>/`` and the accel probe's)."""
+    pids: set[int] = set()
+    for state_dir in state_dirs:
+        for pid_file in state_dir.rglob("qemu.pid"):
+            pid = _read_pid(pid_file)
+            if pid:
+                pids.add(pid)
+    return pids
+
+
+def _qemu_children(parents: set[int]) -> set[int]:
+    if not parents:
+        return set()
+    found: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        # Fields after "(comm)": state, ppid, ...; comm itself may contain spaces and parens.
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) in parents and _is_qemu(int(entry.name)):
+            found.add(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    """The process's argv; empty if it is gone or a zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def _is_agent(pid: int) -> bool:
+    return any("vmferry" in arg for arg in _cmdline(pid))
+
+
+def _is_qemu(pid: int) -> bool:
+    argv = _cmdline(pid)
+    return bool(argv) and os.path.basename(argv[0]).startswith("qemu-system")
+
+
+async def _stop(pids: Iterable[int], is_ours: Callable[[int], bool]) -> int:
+    """SIGTERM the processes that are ours, SIGKILL those still there after a grace period.
+
+    Signals go through pidfds opened *before* the ownership check, so a PID reused after the
+    check cannot be hit. Returns how many were signalled.
+    """
+    pidfds: dict[int, int] = {}
+    for pid in sorted(pids):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            continue  # already gone
+        if is_ours(pid):
+            pidfds[pid] = pidfd
+        else:
+            os.close(pidfd)
+    try:
+        for pid, pidfd in pidfds.items():
+            logger.debug("SIGTERM pid=%d %s", pid, _cmdline(pid)[:3])
+            _signal(pidfd, signal.SIGTERM)
+        left = await _wait_exited(pidfds, TERM_GRACE_S)
+        for pid in left:
+            logger.warning("pid %d ignored SIGTERM for %g s; SIGKILL", pid, TERM_GRACE_S)
+            _signal(pidfds[pid], signal.SIGKILL)
+        left = await _wait_exited({pid: pidfds[pid] for pid in left}, KILL_GRACE_S)
+        if left:
+            raise FerryError(f"processes {sorted(left)} survived SIGKILL for {KILL_GRACE_S:g} s")
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+    return len(pidfds)
+
+
+def _signal(pidfd: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        signal.pidfd_send_signal(pidfd, sig)
+
+
+async def _wait_exited(pidfds: dict[int, int], timeout_s: float) -> set[int]:
+    """Wait until each pidfd reports its process exited; return the PIDs still running."""
+    loop = asyncio.get_running_loop()
+    left = set(pidfds)
+    if not left:
+        return left
+    done = asyncio.Event()
+
+    def exited(pid: int) -> None:
+        loop.remove_reader(pidfds[pid])
+        left.discard(pid)
+        if not left:
+            done.set()
+
+    for pid, pidfd in pidfds.items():
+        loop.add_reader(pidfd, exited, pid)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await done.wait()
+    except TimeoutError:
+        pass
+    finally:
+        for pid in left:
+            loop.remove_reader(pidfds[pid])
+    return set(left)
+
+
+def _remove_state(directory: Path) -> bool:
+    """Remove what the lab made in its directory, then the directory if nothing else is left."""
+    removed = False
+    for name in ("lab.json", "lab.tmp", "token", "token.tmp", _NETWORK_FILE):
+        with contextlib.suppress(FileNotFoundError):
+            (directory / name).unlink()
+            removed = True
+    if (directory / _HOSTS_DIR).exists():
+        shutil.rmtree(directory / _HOSTS_DIR)
+        removed = True
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # only if empty: a user-chosen directory may hold other things
+    return removed
