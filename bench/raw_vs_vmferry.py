@@ -23,12 +23,12 @@ from typing import Any
 
 from qemu.qmp import QMPClient
 
-from vmferry.core.model import MigrationStats, VmSpec
+from vmferry.core.model import MigrationOptions, MigrationStats, VmSpec
 from vmferry.core.phases import Phase
 from vmferry.core.workload import parse_workload
 from vmferry.lab.local import LocalLab
 from vmferry.qemu.argv import BootFiles, RuntimePaths, build_argv
-from vmferry.qemu.migration import UNLIMITED_BPS, MigrationOptions
+from vmferry.qemu.migration import UNLIMITED_BPS
 
 CASES = {
     "idle": "idle",

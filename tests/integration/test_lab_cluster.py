@@ -22,14 +22,24 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from vmferry.agent.client import AgentClient
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import ConfigError
+from vmferry.core.model import VmSpec
+from vmferry.core.workload import parse_workload
+from vmferry.guest.image import build_image
 from vmferry.lab import netns
 from vmferry.lab.cluster import lab_down, lab_status, lab_up
 
 GIB = 1024**3
 is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="network namespaces need root")
+
+
+def _require_free_netns() -> None:
+    """Namespace names are machine-wide: a second netns lab cannot run beside a live one."""
+    if netns.existing_namespaces():
+        pytest.skip(f"another netns lab is running here ({netns.existing_namespaces()})")
 
 
 def _alive(pid: int) -> bool:
@@ -70,11 +80,18 @@ def _lab_pids(lab_dir: Path) -> set[int]:
     return pids
 
 
+@pytest.fixture(scope="session")
+def guest_image() -> None:
+    """The guest image, built once before agents start (each would build it otherwise)."""
+    build_image()
+
+
 @pytest_asyncio.fixture
 async def lab_dir(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Path]:
     """A short, private lab directory; the lab in it is always taken down afterwards."""
     directory = Path(tempfile.mkdtemp(prefix="vmf-"))
     monkeypatch.setenv("VMFERRY_LAB_DIR", str(directory))
+    foreign = set(netns.existing_namespaces())  # another lab's, e.g. a developer's
     try:
         yield directory
     finally:
@@ -83,7 +100,7 @@ async def lab_dir(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Path]:
             await lab_down(directory)
             survivors = {pid for pid in pids if _alive(pid)}
             assert not survivors, f"lab processes survived lab down: {survivors}"
-            assert not netns.existing_namespaces()
+            assert not set(netns.existing_namespaces()) - foreign
             assert not (directory / "lab.json").exists()
         finally:
             shutil.rmtree(directory, ignore_errors=True)
@@ -121,6 +138,7 @@ async def test_down_without_a_lab_has_nothing_to_do(lab_dir: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.usefixtures("guest_image")
 @pytest.mark.asyncio
 async def test_loopback_lab_up_status_down(lab_dir: Path) -> None:
     inventory = await lab_up(2, memory_per_host_bytes=GIB)
@@ -150,9 +168,11 @@ async def test_loopback_lab_up_status_down(lab_dir: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.usefixtures("guest_image")
 @needs_root
 @pytest.mark.asyncio
 async def test_netns_lab_with_shaped_links(lab_dir: Path) -> None:
+    _require_free_netns()
     inventory = await lab_up(2, netns=True, link_mbps=200, memory_per_host_bytes=GIB)
     assert [h.netns for h in inventory.hosts] == ["vmf-host-1", "vmf-host-2"]
     assert inventory.link_mbps == 200
@@ -185,30 +205,34 @@ async def test_netns_lab_with_shaped_links(lab_dir: Path) -> None:
 
 
 @pytest.mark.qemu
+@pytest.mark.usefixtures("guest_image")
 @pytest.mark.parametrize("use_netns", [False, pytest.param(True, marks=needs_root)])
 @pytest.mark.asyncio
 async def test_down_after_a_crash(lab_dir: Path, use_netns: bool) -> None:
+    if use_netns:
+        _require_free_netns()
     inventory = await lab_up(2, netns=use_netns, memory_per_host_bytes=GIB)
-    # A QEMU an agent left behind, and a stale qemu.pid pointing at something that is not QEMU.
-    qemu = await asyncio.create_subprocess_exec(
-        shutil.which("qemu-system-x86_64") or "qemu-system-x86_64",
-        *("-M", "none", "-S", "-display", "none", "-nodefaults", "-monitor", "none"),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    host1, host2 = inventory.hosts
+    # A real VM, which keeps running when its agent dies.
+    async with AgentClient(host1.name, host1.url, inventory.token) as agent:
+        vm = await agent.create_vm(
+            VmSpec.build("vm1", memory="128M", workload=parse_workload("idle:size=8M"))
+        )
+    qemu_pid = int((Path(host1.state_dir) / "vms" / "vm1" / "qemu.pid").read_text())
+    assert vm.pid == qemu_pid
+    # A stale qemu.pid pointing at something that is not QEMU: it must be left alone.
     bystander = await asyncio.create_subprocess_exec("sleep", "60")
     try:
-        for host, pid in ((inventory.hosts[0], qemu.pid), (inventory.hosts[1], bystander.pid)):
-            vm_dir = Path(host.state_dir) / "vms" / "vm1"
-            vm_dir.mkdir(parents=True)
-            (vm_dir / "qemu.pid").write_text(f"{pid}\n")
+        vm_dir = Path(host2.state_dir) / "vms" / "stale"
+        vm_dir.mkdir(parents=True)
+        (vm_dir / "qemu.pid").write_text(f"{bystander.pid}\n")
         for host in inventory.hosts:
             assert host.pid is not None
             os.kill(host.pid, signal.SIGKILL)
         for host in inventory.hosts:
             assert host.pid is not None
             await _wait_gone(host.pid)
+        assert _alive(qemu_pid), "the VM should outlive its agent"
         # The worst case: the inventory is gone too; only the per-host files remain.
         (lab_dir / "lab.json").unlink()
 
@@ -216,15 +240,14 @@ async def test_down_after_a_crash(lab_dir: Path, use_netns: bool) -> None:
         assert report.agents_stopped == 0  # already dead
         assert report.qemus_stopped == 1
         assert report.namespaces_removed == (2 if use_netns else 0)
-        async with asyncio.timeout(5):
-            await qemu.wait()
-        assert not netns.existing_namespaces()
+        assert not _alive(qemu_pid)
+        if use_netns:
+            assert not netns.existing_namespaces()
         assert _alive(bystander.pid), "lab down killed a process that is not QEMU"
         assert not lab_dir.exists()
         assert (await lab_down()).nothing_to_do
     finally:
-        if qemu.returncode is None:
-            qemu.kill()
-            await qemu.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(qemu_pid, signal.SIGKILL)  # only reached if lab down failed to
         bystander.kill()
         await bystander.wait()

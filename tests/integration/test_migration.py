@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from vmferry.core.model import VmSpec
+from vmferry.core.model import MigrationOptions, VmSpec
 from vmferry.core.phases import Phase
 from vmferry.core.workload import parse_workload
 from vmferry.lab.local import LocalLab
-from vmferry.qemu.migration import MigrationOptions
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 

@@ -26,8 +26,13 @@ from vmferry.agent.api import (
     stats_from_json,
 )
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
-from vmferry.core.model import IntegrityReport, MigrationStats, VmSpec, spec_to_json
-from vmferry.qemu.migration import MigrationOptions
+from vmferry.core.model import (
+    IntegrityReport,
+    MigrationOptions,
+    MigrationStats,
+    VmSpec,
+    spec_to_json,
+)
 
 __all__ = ["AgentClient", "AgentError", "AgentUnreachable", "options_to_json"]
 

@@ -22,12 +22,18 @@ from vmferry.agent.api import CapacityError, HostInfo, NotFound, OutgoingResult,
 from vmferry.agent.vm import RunningVm, launch, reattach
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
-from vmferry.core.model import IntegrityReport, MigrationStats, VmSpec, spec_from_json, spec_to_json
+from vmferry.core.model import (
+    IntegrityReport,
+    MigrationOptions,
+    MigrationStats,
+    VmSpec,
+    spec_from_json,
+    spec_to_json,
+)
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
 from vmferry.qemu.migration import (
-    MigrationOptions,
     cancel_migration,
     ensure_running,
     run_migration,
@@ -240,16 +246,11 @@ class HostAgent:
         self._slots.pop(name, None)
         shutil.rmtree(self._dir(name), ignore_errors=True)
 
-    async def create(self, spec: VmSpec) -> VmInfo:
-        """Boot a new VM on this host.
-
-        Raises:
-            ConfigError: duplicate name, unknown machine type/CPU model.
-            CapacityError: not enough memory left on the host.
-            QEMULaunchError, GuestError: it did not boot (nothing is left behind).
-        """
+    async def _launch(self, spec: VmSpec, *, incoming: bool) -> Slot:
+        """Check room, reserve the name, start QEMU and persist the definition at once (so a
+        successor agent, or `lab down`, finds it). Leaves nothing behind on failure."""
         self._check_room(spec)
-        slot = Slot(spec, VmState.INCOMING, None)  # reserves the name and memory while booting
+        slot = Slot(spec, VmState.INCOMING, None)  # reserves the name and memory meanwhile
         self._slots[spec.name] = slot
         try:
             slot.vm = await launch(
@@ -260,11 +261,25 @@ class HostAgent:
                 role=self.config.host,
                 accel=self.accel,
                 heartbeats=HeartbeatGaps(),
+                incoming=incoming,
             )
             self._persist(spec)
         except BaseException:
+            if slot.vm is not None:
+                await slot.vm.stop()
             self._forget(spec.name)
             raise
+        return slot
+
+    async def create(self, spec: VmSpec) -> VmInfo:
+        """Boot a new VM on this host.
+
+        Raises:
+            ConfigError: duplicate name, unknown machine type/CPU model.
+            CapacityError: not enough memory left on the host.
+            QEMULaunchError, GuestError: it did not boot (nothing is left behind).
+        """
+        slot = await self._launch(spec, incoming=False)
         slot.state = VmState.RUNNING
         self.logger.info("vm.created %s", spec.name)
         return self._vm_info(slot)
@@ -304,26 +319,12 @@ class HostAgent:
             ConfigError, CapacityError: as for :meth:`create`.
             QEMULaunchError: QEMU would not start.
         """
-        self._check_room(spec)
-        slot = Slot(spec, VmState.INCOMING, None)
-        self._slots[spec.name] = slot
+        slot = await self._launch(spec, incoming=True)
+        assert slot.vm is not None
         try:
-            slot.vm = await launch(
-                self.qemu.path,
-                spec,
-                self.boot,
-                self._dir(spec.name),
-                role=self.config.host,
-                accel=self.accel,
-                heartbeats=HeartbeatGaps(),
-                incoming=True,
-            )
-            # Persisted at once: if this agent dies, its successor (or `lab down`) finds it.
-            self._persist(spec)
             uri = await start_incoming(slot.vm.qmp, self.config.migration_address, options)
         except BaseException:
-            if slot.vm is not None:
-                await slot.vm.stop()
+            await slot.vm.stop()
             self._forget(spec.name)
             raise
         self.logger.info("migration.incoming %s at %s", spec.name, uri)

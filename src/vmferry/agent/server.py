@@ -35,11 +35,10 @@ from vmferry.agent.accel import probe_accel
 from vmferry.agent.api import API_PREFIX, STATUS_BY_ERROR, NotFound, stats_to_json
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.model import spec_from_json
+from vmferry.core.model import MigrationOptions, spec_from_json
 from vmferry.guest.image import build_image
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
-from vmferry.qemu.migration import MigrationOptions
 
 __all__ = ["build_app", "options_from_json", "run_agent"]
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from vmferry.agent.api import NotFound, VmInfo
-from vmferry.agent.client import AgentClient
+from vmferry.agent.client import AgentClient, AgentUnreachable
 from vmferry.controller.inventory import Inventory
-from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.errors import ConfigError
 from vmferry.core.model import DEFAULT_CPU_MODEL, VmSpec, spec_from_json, validate_name
 
 __all__ = ["Cluster", "VmListing", "spec_of"]
@@ -79,7 +79,7 @@ class Cluster:
         vms: list[VmInfo] = []
         unreachable: list[str] = []
         for name, result in zip(names, results, strict=True):
-            if isinstance(result, FerryError):
+            if isinstance(result, AgentUnreachable):
                 unreachable.append(name)
             elif isinstance(result, BaseException):
                 raise result

@@ -21,9 +21,14 @@ from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.core.errors import ConfigError, FerryError, StateError
-from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats, VmSpec
+from vmferry.core.model import (
+    IntegrityReport,
+    MigrationOptions,
+    MigrationReport,
+    MigrationStats,
+    VmSpec,
+)
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
-from vmferry.qemu.migration import MigrationOptions
 
 __all__ = ["STRATEGIES", "MigrationRequest", "ProgressCallback", "migrate"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
@@ -15,6 +16,7 @@ __all__ = [
     "REPORT_SCHEMA",
     "HostName",
     "IntegrityReport",
+    "MigrationOptions",
     "MigrationReport",
     "MigrationStats",
     "Prediction",
@@ -173,6 +175,16 @@ class MigrationStats:
         if self.status != "active" or net_bps <= 0 or self.throughput_bps <= 0:
             return None
         return int(self.remaining_bytes * 1000 / net_bps)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    """Knobs of one QEMU migration (set on both sides where QEMU requires it)."""
+
+    max_bandwidth_bps: int | None = None
+    downtime_limit_ms: int = 300
+    capabilities: Mapping[str, bool] = field(default_factory=lambda: {"events": True})
+    timeout_s: float = 600.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,6 @@ import aiohttp
 
 from vmferry.controller.inventory import HostEntry, Inventory, default_lab_dir
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.guest.image import build_image
 from vmferry.lab import netns as lab_netns
 
 __all__ = [
@@ -189,7 +188,9 @@ async def lab_up(
     """Start a lab: ``hosts`` agents (host-1..host-N), on loopback or in network namespaces.
 
     Agents run detached and outlive the caller. If anything fails midway, everything started
-    so far is stopped and removed again.
+    so far is stopped and removed again. Each agent finds (or builds) the guest image at start:
+    warm the cache first (``build_image``, as the CLI does), or a cold build runs once per agent
+    inside the ready timeout.
 
     Args:
         hosts: how many hosts, 1..16.
@@ -206,7 +207,6 @@ async def lab_up(
         ConfigError: bad arguments, not root with ``netns``, or a lab (or its leftovers) exists.
         AgentStartError: an agent exited or did not become ready in time.
         NetworkCommandError: setting up the namespaces failed.
-        ImageBuildError: the lab guest image could not be built.
     """
     validate_lab_request(
         hosts, netns=netns, link_mbps=link_mbps, memory_per_host_bytes=memory_per_host_bytes
@@ -225,9 +225,6 @@ async def lab_up(
                 f"lab namespaces exist ({', '.join(leftovers)}): run `vmferry lab down` first"
             )
         subnet = await lab_netns.choose_subnet()
-    # Built (or found cached) once here: otherwise every agent would build it at once into the
-    # same cache, and a cold build (download + compile) would eat the agents' ready timeout.
-    await asyncio.to_thread(build_image)
     directory.mkdir(parents=True, exist_ok=True)
     try:
         # Claims the directory: a second `lab up` racing this one fails here.
@@ -238,9 +235,13 @@ async def lab_up(
         ) from None
     try:
         inventory = await _start(directory, hosts, subnet, link_mbps, memory)
-    except BaseException:
-        logger.error("lab.up failed; undoing")
-        await asyncio.shield(lab_down(directory))
+    except BaseException as err:
+        logger.error("lab.up failed (%s); undoing", str(err) or type(err).__name__)
+        try:
+            await asyncio.shield(lab_down(directory))
+        except FerryError as undo_err:
+            # The original failure is the one to report; the undo's goes to the log.
+            logger.error("lab.up undo incomplete: %s (run `vmferry lab down`)", undo_err)
         raise
     logger.info("lab.up hosts=%d netns=%s link_mbps=%s dir=%s", hosts, netns, link_mbps, directory)
     return inventory
@@ -261,7 +262,9 @@ async def _start(
         (directory / _NETWORK_FILE).write_text(
             json.dumps({"subnet": subnet, "link_mbps": link_mbps}) + "\n"
         )
-        network = await lab_netns.setup(hosts, link_mbps=link_mbps, subnet=subnet)
+        network = await lab_netns.setup(
+            hosts, link_mbps=link_mbps, subnet=subnet, owner=str(directory.resolve())
+        )
 
     procs: list[tuple[str, Path, asyncio.subprocess.Process]] = []
     for index in range(1, hosts + 1):
@@ -492,15 +495,19 @@ async def _owns_network(directory: Path, inventory: Inventory | None) -> bool:
         return True
     if (directory / "lab.json").exists() or (directory / _HOSTS_DIR).exists():
         return False  # a loopback lab: the namespaces, if any, belong to another lab
-    # No lab here at all: remove orphaned namespaces (whose lab directory is gone), but never
-    # ones another lab's processes still run in.
+    # No lab here at all: remove an orphaned network (its lab directory is gone, so no `lab
+    # down` could ever claim it), but never another live lab's.
+    owner = await lab_netns.network_owner()
+    if owner and (Path(owner) / _NETWORK_FILE).exists():
+        logger.info("lab network belongs to the lab in %s; left alone", owner)
+        return False
     if not lab_netns.existing_namespaces():
         return True  # at most stray links of a crashed setup; otherwise a no-op
     if os.geteuid() != 0:
         return False  # a root's lab: not ours to judge, and we could not remove it anyway
     busy = await lab_netns.namespaces_in_use()
     if busy:
-        logger.info("lab network in use by another lab (%s); left alone", ", ".join(busy))
+        logger.info("lab network in use (%s); left alone", ", ".join(busy))
     return not busy
 
 

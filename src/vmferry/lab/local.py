@@ -20,12 +20,11 @@ from vmferry.agent.accel import probe_accel
 from vmferry.agent.vm import RunningVm, launch
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
-from vmferry.core.model import MigrationReport, VmSpec, validate_name
+from vmferry.core.model import MigrationOptions, MigrationReport, VmSpec, validate_name
 from vmferry.guest.image import GuestImage, build_image
 from vmferry.lab.migration import ProgressCallback, migrate_between
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary, find_qemu
-from vmferry.qemu.migration import MigrationOptions
 
 __all__ = ["LocalLab"]
 

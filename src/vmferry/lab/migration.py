@@ -16,12 +16,17 @@ from pathlib import Path
 
 from vmferry.agent.vm import RunningVm, launch
 from vmferry.core.errors import FerryError
-from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats, ReportStatus
+from vmferry.core.model import (
+    IntegrityReport,
+    MigrationOptions,
+    MigrationReport,
+    MigrationStats,
+    ReportStatus,
+)
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.migration import (
-    MigrationOptions,
     cancel_migration,
     ensure_running,
     run_migration,

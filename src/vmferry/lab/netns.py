@@ -38,6 +38,7 @@ __all__ = [
     "choose_subnet",
     "existing_namespaces",
     "namespaces_in_use",
+    "network_owner",
     "require_root",
     "setup",
     "tbf_burst_bytes",
@@ -233,8 +234,21 @@ async def choose_subnet() -> str:
     raise ConfigError("no free 10.211.x.0/24 subnet for the lab network")
 
 
+async def network_owner() -> str | None:
+    """The owner recorded on the bridge by :func:`setup` (a lab directory), if there is one.
+
+    Raises:
+        NetworkCommandError: ``ip`` failed.
+    """
+    for link in await _run_json(["ip", "-j", "link", "show"]):
+        if link.get("ifname") == BRIDGE:
+            alias = link.get("ifalias")
+            return alias if isinstance(alias, str) and alias else None
+    return None
+
+
 async def setup(
-    hosts: int, *, link_mbps: int | None = None, subnet: str | None = None
+    hosts: int, *, link_mbps: int | None = None, subnet: str | None = None, owner: str = ""
 ) -> LabNetwork:
     """Create the bridge and one namespace with a (shaped) veth link per host.
 
@@ -244,6 +258,8 @@ async def setup(
         hosts: how many hosts (named host-1..host-N).
         link_mbps: shape each host's link to this rate in both directions; None = unshaped.
         subnet: the first three octets to use; None = :func:`choose_subnet`.
+        owner: who owns the network (a lab directory), recorded as the bridge's alias so
+            others can tell a live lab's network from an orphan (:func:`network_owner`).
 
     Returns:
         The network's names and addresses.
@@ -267,7 +283,7 @@ async def setup(
         link_mbps=link_mbps,
     )
     try:
-        await _build(network)
+        await _build(network, owner)
     except BaseException:
         await asyncio.shield(teardown())
         raise
@@ -281,8 +297,10 @@ async def setup(
     return network
 
 
-async def _build(network: LabNetwork) -> None:
+async def _build(network: LabNetwork, owner: str) -> None:
     await _run(["ip", "link", "add", BRIDGE, "type", "bridge"])
+    if owner:
+        await _run(["ip", "link", "set", BRIDGE, "alias", owner])
     await _run(["ip", "addr", "add", f"{network.bridge_address}/{PREFIX_LEN}", "dev", BRIDGE])
     await _run(["ip", "link", "set", BRIDGE, "up"])
     for host in network.hosts:

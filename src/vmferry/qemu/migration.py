@@ -11,11 +11,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from vmferry.core.errors import FerryError, MigrationFailed, QMPTimeout, StateError
-from vmferry.core.model import MigrationStats
+from vmferry.core.model import MigrationOptions, MigrationStats
 from vmferry.qemu.session import QmpSession
 
 __all__ = [
@@ -35,16 +34,6 @@ logger = logging.getLogger(__name__)
 # want the link to be the limit. 0 is not "unlimited" in QMP, so use a very large figure.
 UNLIMITED_BPS = 100 * 1000**3
 _POLL_S = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationOptions:
-    """Knobs of one QEMU migration (set on both sides where QEMU requires it)."""
-
-    max_bandwidth_bps: int | None = None
-    downtime_limit_ms: int = 300
-    capabilities: Mapping[str, bool] = field(default_factory=lambda: {"events": True})
-    timeout_s: float = 600.0
 
 
 def _caps_arg(capabilities: Mapping[str, bool]) -> list[dict[str, object]]:

@@ -1,0 +1,225 @@
+"""The vmferry CLI against a real lab: agents as processes, real guests, real migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmferry.controller.inventory import Inventory
+from vmferry.lab.cluster import lab_down
+
+pytestmark = pytest.mark.qemu
+
+BUSY = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
+
+
+class Lab:
+    """Runs ``vmferry`` commands against one lab directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmferry.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            env={**os.environ, "VMFERRY_LAB_DIR": str(self.directory)},
+        )
+
+    def ok(self, *args: str) -> Any:
+        """Run with --json, expect exit 0, return the parsed output."""
+        result = self.run(*args, "--json")
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+        return json.loads(result.stdout)
+
+    def refused(self, *args: str, message: str) -> None:
+        result = self.run(*args)
+        assert result.returncode == 2, f"{args}: rc={result.returncode} {result.stderr}"
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+    def vms(self) -> list[dict[str, Any]]:
+        listing = self.ok("vm", "list")
+        assert listing["unreachable"] == []
+        return sorted(listing["vms"], key=lambda v: v["name"])
+
+
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture
+def lab_dir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="vmf-"))
+    try:
+        yield directory
+    finally:
+        report = asyncio.run(lab_down(directory))
+        for process in SPAWNED:  # agents a test started itself; lab down has ended them
+            process.wait(timeout=30)
+        SPAWNED.clear()
+        assert not directory.exists(), report
+
+
+def _qemu_pids() -> set[int]:
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv0 = (entry / "cmdline").read_bytes().split(b"\0", 1)[0]
+            except OSError:
+                continue
+            if b"qemu-system" in argv0:
+                pids.add(int(entry.name))
+    return pids
+
+
+def test_live_and_cold_migrations_through_the_cli(lab_dir: Path) -> None:
+    lab = Lab(lab_dir)
+    up = lab.ok("lab", "up", "--hosts", "2")
+    assert [h["name"] for h in up["hosts"]] == ["host-1", "host-2"]
+    created = lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", BUSY)
+    assert created["state"] == "running"
+
+    live = lab.ok("migrate", "vm1", "--to", "host-2")
+    assert live["status"] == "completed", live["error"]
+    assert live["strategy"] == "precopy"
+    assert live["running_on"] == "host-2"
+    assert live["integrity"] == {"ok": True, "pages_checked": 65536, "bad_pages": 0}
+    assert live["guest_downtime_ms"] is not None
+    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [("vm1", "host-2", "running")]
+
+    cold = lab.ok("migrate", "vm1", "--to", "host-1", "--strategy", "cold")
+    assert cold["status"] == "completed", cold["error"]
+    assert cold["strategy"] == "cold"
+    assert cold["integrity"]["ok"] is True
+    assert cold["integrity"]["bad_pages"] == 0
+    # A cold move pauses the guest for the whole copy.
+    assert cold["guest_downtime_ms"] >= cold["downtime_ms"]
+
+    verify = lab.ok("verify", "vm1")
+    assert verify["ok"] is True
+    assert verify["host"] == "host-1"
+    history = lab.ok("history")
+    assert [(h["source"], h["destination"], h["strategy"]) for h in history] == [
+        ("host-1", "host-2", "precopy"),
+        ("host-2", "host-1", "cold"),
+    ]
+    assert all(h["status"] == "completed" for h in history)
+
+
+def test_agent_restart_keeps_its_vms(lab_dir: Path) -> None:
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2")
+    created = lab.ok("vm", "create", "keeper", "--host", "host-1")
+    inventory = Inventory.load(lab_dir)
+    host = inventory.host("host-1")
+    assert host.pid is not None
+
+    os.kill(host.pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while Path(f"/proc/{host.pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{host.pid}").exists(), "agent did not exit"
+    assert created["pid"] in _qemu_pids(), "the VM must outlive its agent"
+
+    # Start host-1's agent again, exactly as the lab does, on the same state directory.
+    state_dir = Path(host.state_dir)
+    ready = state_dir / "ready.json"
+    ready.unlink(missing_ok=True)
+    address, port = host.url.removeprefix("http://").rsplit(":", 1)
+    with (state_dir / "agent.log").open("ab") as log:
+        agent = subprocess.Popen(
+            [
+                sys.executable, "-m", "vmferry.cli.main", "agent",
+                "--host", "host-1", "--listen", f"{address}:{port}",
+                "--state-dir", str(state_dir), "--token-file", str(inventory.token_file),
+                "--memory", "4G", "--migration-address", host.address,
+                "--ready-file", str(ready),
+            ],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )  # fmt: skip
+    SPAWNED.append(agent)
+    deadline = time.monotonic() + 60
+    while not ready.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert ready.exists(), (state_dir / "agent.log").read_text()[-2000:]
+
+    listed = lab.vms()
+    assert [(v["name"], v["host"], v["pid"]) for v in listed] == [
+        ("keeper", "host-1", created["pid"])
+    ]
+    assert lab.ok("verify", "keeper")["ok"] is True
+    moved = lab.ok("migrate", "keeper", "--to", "host-2")
+    assert moved["status"] == "completed"
+    assert moved["integrity"]["ok"] is True
+
+
+def test_bad_input_is_refused_and_changes_nothing(lab_dir: Path) -> None:
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "2G")
+    lab.ok("vm", "create", "vm1", "--host", "host-1")
+    before = lab.vms()
+    history_before = lab.ok("history")
+
+    lab.refused("migrate", "ghost", "--to", "host-2", message="unknown VM 'ghost'")
+    lab.refused("migrate", "vm1", "--to", "host-9", message="unknown host 'host-9'")
+    lab.refused("migrate", "vm1", "--to", "host-1", message="already runs on host-1")
+    lab.refused("migrate", "vm1", "--to", "../x", message="invalid host name")
+    lab.refused("vm", "create", "vm1", "--host", "host-2", message="already exists on host-1")
+    lab.refused("vm", "create", "../x", "--host", "host-1", message="invalid VM name")
+    lab.refused("vm", "create", "a/b", "--host", "host-1", message="invalid VM name")
+    lab.refused("vm", "create", "vm2", "--host", "host-1", "--memory", "900T", message="memory")
+    lab.refused("vm", "create", "vm2", "--host", "host-1", "--memory", "lots", message="bad size")
+    lab.refused("vm", "create", "vm2", "--host", "host-1", "--memory", "4G", message="free")
+    lab.refused("vm", "create", "vm2", "--host", "host-5", message="unknown host")
+    lab.refused("vm", "create", "vm2", "--host", "host-1", "--workload", "x", message="workload")
+    lab.refused("migrate", "vm1", "--to", "host-2", "--max-downtime", "0", message="downtime")
+    lab.refused("migrate", "vm1", "--to", "host-2", "--strategy", "xbzrle", message="not avail")
+
+    # A wrong token is refused by the agents.
+    token_file = lab_dir / "token"
+    good = token_file.read_text()
+    token_file.write_text("x" * 43 + "\n")
+    try:
+        lab.refused("vm", "delete", "vm1", message="refused our token")
+    finally:
+        token_file.write_text(good)
+
+    assert lab.vms() == before
+    assert lab.ok("history") == history_before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
+    lab = Lab(lab_dir)
+    up = lab.ok("lab", "up", "--hosts", "2", "--netns", "--link-mbps", "200")
+    assert all(h["netns"] for h in up["hosts"])
+    lab.ok(
+        "vm", "create", "vm1", "--host", "host-1",
+        "--workload", "dirty:rate=4M,size=128M,pattern=random,mode=paced",
+    )  # fmt: skip
+
+    report = lab.ok("migrate", "vm1", "--to", "host-2")
+
+    assert report["status"] == "completed", report["error"]
+    assert report["integrity"]["ok"] is True
+    assert report["integrity"]["bad_pages"] == 0
+    # 200 Mbit/s is 25 MB/s: the stream (128 MiB of random pages at least) cannot beat the link.
+    assert report["transferred_bytes"] > 128 << 20
+    rate_bps = report["transferred_bytes"] / (report["total_ms"] / 1000)
+    assert rate_bps < 25e6 * 1.1, rate_bps
+    assert lab.vms()[0]["host"] == "host-2"
