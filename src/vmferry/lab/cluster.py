@@ -653,7 +653,7 @@ async def _wait_exited(pidfds: dict[int, int], timeout_s: float) -> set[int]:
 def _remove_state(directory: Path) -> bool:
     """Remove what the lab made in its directory, then the directory if nothing else is left."""
     removed = False
-    for name in ("lab.json", "lab.tmp", "token", "token.tmp", _NETWORK_FILE):
+    for name in ("lab.json", "lab.tmp", "token", "token.tmp", "history.db", _NETWORK_FILE):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
             removed = True
