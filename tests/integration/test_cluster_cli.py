@@ -188,7 +188,7 @@ def test_bad_input_is_refused_and_changes_nothing(lab_dir: Path) -> None:
     lab.refused("vm", "create", "vm2", "--host", "host-5", message="unknown host")
     lab.refused("vm", "create", "vm2", "--host", "host-1", "--workload", "x", message="workload")
     lab.refused("migrate", "vm1", "--to", "host-2", "--max-downtime", "0", message="downtime")
-    lab.refused("migrate", "vm1", "--to", "host-2", "--strategy", "xbzrle", message="not avail")
+    lab.refused("migrate", "vm1", "--to", "host-2", "--strategy", "warp", message="invalid choice")
 
     # A wrong token is refused by the agents.
     token_file = lab_dir / "token"
@@ -201,6 +201,25 @@ def test_bad_input_is_refused_and_changes_nothing(lab_dir: Path) -> None:
 
     assert lab.vms() == before
     assert lab.ok("history") == history_before
+
+
+def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
+    # One guest, moved back and forth once per strategy (a boot costs more than a move).
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2")
+    workload = "dirty:rate=50M,size=128M,pattern=compressible,mode=paced"
+    lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", workload)
+    hosts = ["host-2", "host-1"]
+
+    for index, strategy in enumerate(["multifd", "xbzrle", "auto-converge", "postcopy", "hybrid"]):
+        destination = hosts[index % 2]
+        report = lab.ok("migrate", "vm1", "--to", destination, "--strategy", strategy)
+
+        assert report["status"] == "completed", (strategy, report["error"])
+        assert report["strategy"] == strategy
+        assert report["integrity"] == {"ok": True, "pages_checked": 32768, "bad_pages": 0}
+        assert report["guest_alive"] is True
+        assert lab.vms()[0]["host"] == destination
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")

@@ -36,10 +36,25 @@ def test_request_resolves_to_options() -> None:
 
 
 @pytest.mark.parametrize(
+    "strategy", ["precopy", "multifd", "xbzrle", "auto-converge", "postcopy", "hybrid", "cold"]
+)
+def test_explicit_strategies_are_their_own_mechanism(strategy: str) -> None:
+    mechanism, options = MigrationRequest("vm1", "host-2", strategy).resolve("postcopy")
+    assert mechanism == strategy
+    assert options.mechanism == strategy
+    assert options.uses_postcopy == (strategy in ("postcopy", "hybrid"))
+
+
+def test_auto_takes_the_chosen_mechanism_and_keeps_postcopy_ready() -> None:
+    mechanism, options = MigrationRequest("vm1", "host-2", "auto").resolve("xbzrle")
+    assert mechanism == "xbzrle"
+    assert options.postcopy_ready
+
+
+@pytest.mark.parametrize(
     ("fields", "message"),
     [
         ({"strategy": "teleport"}, "unknown strategy"),
-        ({"strategy": "postcopy"}, "not available yet"),
         ({"max_downtime_ms": 0}, "max-downtime"),
         ({"deadline_s": -1.0}, "deadline"),
         ({"bandwidth_mbps": 0}, "bandwidth"),

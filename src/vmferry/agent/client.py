@@ -55,6 +55,10 @@ def options_to_json(options: MigrationOptions) -> dict[str, object]:
         "max_bandwidth_bps": options.max_bandwidth_bps,
         "downtime_limit_ms": options.downtime_limit_ms,
         "timeout_s": options.timeout_s,
+        "mechanism": options.mechanism,
+        "postcopy_ready": options.postcopy_ready,
+        "multifd_channels": options.multifd_channels,
+        "xbzrle_cache_bytes": options.xbzrle_cache_bytes,
     }
 
 
@@ -171,13 +175,11 @@ class AgentClient:
     async def abort_incoming(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/abort")
 
-    async def start_migration(
-        self, name: str, uri: str, options: MigrationOptions, *, cold: bool = False
-    ) -> None:
+    async def start_migration(self, name: str, uri: str, options: MigrationOptions) -> None:
         await self._call(
             "POST",
             f"/vms/{name}/migrate",
-            {"uri": uri, "options": options_to_json(options), "cold": cold},
+            {"uri": uri, "options": options_to_json(options)},
         )
 
     async def migration_progress(
@@ -195,6 +197,9 @@ class AgentClient:
             int(data["next"]),
             None if result is None else OutgoingResult.from_json(result),
         )
+
+    async def start_postcopy(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/postcopy")
 
     async def cancel_migration(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/cancel")

@@ -38,6 +38,7 @@ from vmferry.qemu.migration import (
     ensure_running,
     run_migration,
     start_incoming,
+    start_postcopy,
     wait_running,
 )
 from vmferry.qemu.process import is_qemu_pid
@@ -378,9 +379,7 @@ class HostAgent:
 
     # -- outgoing migration (this host is the source) -------------------------------------------
 
-    def start_outgoing(
-        self, name: str, uri: str, options: MigrationOptions, *, cold: bool = False
-    ) -> None:
+    def start_outgoing(self, name: str, uri: str, options: MigrationOptions) -> None:
         """Start migrating VM ``name`` to ``uri`` in the background.
 
         Raises:
@@ -393,21 +392,19 @@ class HostAgent:
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
         task = self._tasks.create_task(
-            self._run_outgoing(slot, vm, uri, options, cold), name=f"migrate-{name}"
+            self._run_outgoing(slot, vm, uri, options), name=f"migrate-{name}"
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _run_outgoing(
-        self, slot: Slot, vm: RunningVm, uri: str, options: MigrationOptions, cold: bool
+        self, slot: Slot, vm: RunningVm, uri: str, options: MigrationOptions
     ) -> None:
         assert slot.outgoing is not None
         outgoing = slot.outgoing
         heartbeats = vm.channel.heartbeats
         heartbeats.open_window(now_ms())
         try:
-            if cold:
-                await vm.qmp.execute("stop")
             final = await run_migration(vm.qmp, uri, options, outgoing.push)
         except Exception as err:  # the task's boundary: whatever failed, put the guest back
             if not isinstance(err, FerryError | OSError):
@@ -454,6 +451,17 @@ class HostAgent:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(outgoing.changed.wait(), wait_s)
         return outgoing.samples[since:], outgoing.result
+
+    async def start_postcopy(self, name: str) -> None:
+        """Switch VM ``name``'s outgoing migration to post-copy (it must have been started with
+        post-copy enabled).
+
+        Raises:
+            NotFound, StateError: no migration in flight.
+            QMPCommandError: QEMU refused (e.g. post-copy not enabled).
+        """
+        _, vm = self._running(name, VmState.MIGRATING)
+        await start_postcopy(vm.qmp)
 
     async def cancel_outgoing(self, name: str) -> None:
         """Ask QEMU to cancel VM ``name``'s outgoing migration (the result tells how it ended).

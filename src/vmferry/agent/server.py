@@ -11,7 +11,8 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     POST   /incoming                  {spec, options}           -> {"uri"}
     POST   /vms/{name}/finish                                   -> {first_heartbeat_ms, integrity}
     POST   /vms/{name}/abort                                    -> 204
-    POST   /vms/{name}/migrate        {uri, options, cold}      -> 202
+    POST   /vms/{name}/migrate        {uri, options}            -> 202
+    POST   /vms/{name}/postcopy                                 -> 202 (switch to post-copy)
     GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
     POST   /vms/{name}/cancel                                   -> 202
     POST   /vms/{name}/handoff                                  -> 204
@@ -35,7 +36,7 @@ from vmferry.agent.accel import probe_accel
 from vmferry.agent.api import API_PREFIX, STATUS_BY_ERROR, NotFound, stats_to_json
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.model import MigrationOptions, spec_from_json
+from vmferry.core.model import MECHANISMS, MigrationOptions, spec_from_json
 from vmferry.guest.image import build_image
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
@@ -104,8 +105,26 @@ def options_from_json(data: object) -> MigrationOptions:
         raise ConfigError("downtime_limit_ms must be an integer 1..600000")
     if not isinstance(timeout, int | float) or not 0 < timeout <= 86_400:
         raise ConfigError("timeout_s must be a number in (0, 86400]")
+    mechanism = data.get("mechanism", "precopy")
+    if mechanism not in MECHANISMS:
+        raise ConfigError(f"mechanism must be one of {', '.join(MECHANISMS)}")
+    postcopy_ready = data.get("postcopy_ready", False)
+    channels = data.get("multifd_channels", 2)
+    cache = data.get("xbzrle_cache_bytes", 64 << 20)
+    if not isinstance(postcopy_ready, bool):
+        raise ConfigError("postcopy_ready must be a boolean")
+    if not isinstance(channels, int) or not 1 <= channels <= 32:
+        raise ConfigError("multifd_channels must be 1..32")
+    if not isinstance(cache, int) or not 1 << 20 <= cache <= 16 << 30:
+        raise ConfigError("xbzrle_cache_bytes must be 1 MiB..16 GiB")
     return MigrationOptions(
-        max_bandwidth_bps=bandwidth, downtime_limit_ms=downtime, timeout_s=float(timeout)
+        max_bandwidth_bps=bandwidth,
+        downtime_limit_ms=downtime,
+        timeout_s=float(timeout),
+        mechanism=mechanism,
+        postcopy_ready=postcopy_ready,
+        multifd_channels=channels,
+        xbzrle_cache_bytes=cache,
     )
 
 
@@ -163,11 +182,8 @@ async def _migrate(request: web.Request) -> web.Response:
     uri = body.get("uri")
     if not isinstance(uri, str) or not uri.startswith("tcp:"):
         raise ConfigError("'uri' must be a tcp: migration URI")
-    cold = body.get("cold", False)
-    if not isinstance(cold, bool):
-        raise ConfigError("'cold' must be a boolean")
     options = options_from_json(body.get("options"))
-    _agent(request).start_outgoing(request.match_info["name"], uri, options, cold=cold)
+    _agent(request).start_outgoing(request.match_info["name"], uri, options)
     return web.json_response({"started": True}, status=202)
 
 
@@ -187,6 +203,11 @@ async def _progress(request: web.Request) -> web.Response:
             "result": None if result is None else result.to_json(),
         }
     )
+
+
+async def _postcopy(request: web.Request) -> web.Response:
+    await _agent(request).start_postcopy(request.match_info["name"])
+    return web.json_response({"postcopy": True}, status=202)
 
 
 async def _cancel(request: web.Request) -> web.Response:
@@ -220,6 +241,7 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/abort", _abort)
     app.router.add_post(f"{p}/vms/{{name}}/migrate", _migrate)
     app.router.add_get(f"{p}/vms/{{name}}/migration", _progress)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy", _postcopy)
     app.router.add_post(f"{p}/vms/{{name}}/cancel", _cancel)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
     app.router.add_route("*", "/{tail:.*}", _not_found)

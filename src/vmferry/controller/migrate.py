@@ -14,7 +14,6 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
 
 from vmferry.agent.api import OutgoingResult
 from vmferry.agent.client import AgentClient
@@ -22,7 +21,9 @@ from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
+    MECHANISMS,
     IntegrityReport,
+    Mechanism,
     MigrationOptions,
     MigrationReport,
     MigrationStats,
@@ -35,10 +36,9 @@ __all__ = ["STRATEGIES", "MigrationRequest", "ProgressCallback", "migrate"]
 logger = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[Phase, MigrationStats | None], None]
-Strategy = Literal["precopy", "cold"]
-# Accepted names; the ones not yet available are refused with a clear message.
-STRATEGIES = ("auto", "precopy", "postcopy", "hybrid", "multifd", "xbzrle", "auto-converge", "cold")
-_AVAILABLE: dict[str, Strategy] = {"auto": "precopy", "precopy": "precopy", "cold": "cold"}
+STRATEGIES = ("auto", *MECHANISMS)
+# Hybrid: one full pre-copy pass (and the first re-send), then switch to post-copy.
+_HYBRID_SWITCH_ITERATION = 2
 _POLL_WAIT_S = 0.5
 
 
@@ -53,20 +53,20 @@ class MigrationRequest:
     deadline_s: float | None = None
     bandwidth_mbps: int | None = None
 
-    def resolve(self) -> tuple[Strategy, MigrationOptions]:
-        """Validate and turn into a strategy and QEMU options.
+    def resolve(self, mechanism: Mechanism | None = None) -> tuple[Mechanism, MigrationOptions]:
+        """Validate and turn into a mechanism and QEMU options.
+
+        Args:
+            mechanism: what ``auto`` resolved to (ignored for explicit strategies).
 
         Raises:
-            ConfigError: unknown or not yet available strategy, bad numbers.
+            ConfigError: unknown strategy, bad numbers.
         """
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}: use {', '.join(STRATEGIES)}")
-        strategy = _AVAILABLE.get(self.strategy)
-        if strategy is None:
-            raise ConfigError(
-                f"strategy {self.strategy!r} is not available yet; use "
-                f"{', '.join(_AVAILABLE)} ('auto' is live pre-copy for now)"
-            )
+        strategy: Mechanism = next(
+            (m for m in MECHANISMS if m == self.strategy), mechanism or "precopy"
+        )
         if not 1 <= self.max_downtime_ms <= 600_000:
             raise ConfigError("--max-downtime must be 1..600000 ms")
         if self.deadline_s is not None and not 0 < self.deadline_s <= 86_400:
@@ -79,6 +79,9 @@ class MigrationRequest:
             else self.bandwidth_mbps * 125_000,
             downtime_limit_ms=self.max_downtime_ms,
             timeout_s=self.deadline_s or 600.0,
+            mechanism=strategy,
+            # 'auto' keeps the way to post-copy open, to switch if pre-copy stalls.
+            postcopy_ready=self.strategy == "auto" and strategy not in ("cold", "multifd"),
         )
 
 
@@ -161,7 +164,7 @@ async def migrate(
     notify(None)
     uri = await destination.prepare_incoming(spec, options)
     try:
-        await source.start_migration(spec.name, uri, options, cold=strategy == "cold")
+        await source.start_migration(spec.name, uri, options)
     except BaseException:
         await asyncio.shield(destination.abort_incoming(spec.name))
         raise
@@ -171,6 +174,7 @@ async def migrate(
     outcome: OutgoingResult | None = None
     since = 0
     cancel_sent = False
+    switched = False
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
@@ -194,6 +198,16 @@ async def migrate(
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
             notify(stats)
+        if (
+            not switched
+            and outcome is None
+            and strategy == "hybrid"
+            and last is not None
+            and last.status == "active"
+            and last.iterations >= _HYBRID_SWITCH_ITERATION
+        ):
+            switched = True
+            await source.start_postcopy(spec.name)
 
     if outcome.status != "completed":
         phase = Phase.FAILED

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
@@ -13,9 +12,11 @@ from vmferry.core.workload import WorkloadSpec, parse_size, parse_workload
 __all__ = [
     "DEFAULT_CPU_MODEL",
     "DEFAULT_MACHINE_TYPE",
+    "MECHANISMS",
     "REPORT_SCHEMA",
     "HostName",
     "IntegrityReport",
+    "Mechanism",
     "MigrationOptions",
     "MigrationReport",
     "MigrationStats",
@@ -30,6 +31,17 @@ __all__ = [
 
 VmName = NewType("VmName", str)
 HostName = NewType("HostName", str)
+
+Mechanism = Literal["precopy", "multifd", "xbzrle", "auto-converge", "postcopy", "hybrid", "cold"]
+MECHANISMS: tuple[Mechanism, ...] = (
+    "precopy",
+    "multifd",
+    "xbzrle",
+    "auto-converge",
+    "postcopy",
+    "hybrid",
+    "cold",
+)
 
 # A fixed machine-type version and a named CPU model, so that source and destination build the
 # same virtual hardware whatever QEMU release each host runs (>= 10.0 is required anyway).
@@ -179,12 +191,28 @@ class MigrationStats:
 
 @dataclass(frozen=True, slots=True)
 class MigrationOptions:
-    """Knobs of one QEMU migration (set on both sides where QEMU requires it)."""
+    """How one QEMU migration runs: its mechanism and knobs (set on both sides where needed).
+
+    ``mechanism`` is what QEMU does: ``precopy`` (plain iterative copy), ``multifd`` (parallel
+    channels with zstd), ``xbzrle`` (delta-encode re-sent pages), ``auto-converge`` (throttle
+    the vCPUs), ``postcopy`` (switch to the destination at once, pull pages on demand),
+    ``hybrid`` (pre-copy, then post-copy) or ``cold`` (pause the guest, then copy).
+    ``postcopy_ready`` enables post-copy on both sides so a pre-copy can be switched over
+    mid-flight if it stalls.
+    """
 
     max_bandwidth_bps: int | None = None
     downtime_limit_ms: int = 300
-    capabilities: Mapping[str, bool] = field(default_factory=lambda: {"events": True})
     timeout_s: float = 600.0
+    mechanism: Mechanism = "precopy"
+    postcopy_ready: bool = False
+    multifd_channels: int = 2
+    xbzrle_cache_bytes: int = 64 << 20
+
+    @property
+    def uses_postcopy(self) -> bool:
+        """Post-copy must be enabled on both QEMUs before the migration starts."""
+        return self.postcopy_ready or self.mechanism in ("postcopy", "hybrid")
 
 
 @dataclass(frozen=True, slots=True)

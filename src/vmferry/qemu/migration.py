@@ -20,10 +20,13 @@ from vmferry.qemu.session import QmpSession
 __all__ = [
     "MigrationOptions",
     "cancel_migration",
+    "capabilities_for",
     "ensure_running",
     "query_stats",
     "run_migration",
+    "source_parameters_for",
     "start_incoming",
+    "start_postcopy",
     "stats_from_reply",
     "wait_running",
 ]
@@ -34,6 +37,45 @@ logger = logging.getLogger(__name__)
 # want the link to be the limit. 0 is not "unlimited" in QMP, so use a very large figure.
 UNLIMITED_BPS = 100 * 1000**3
 _POLL_S = 0.1
+
+
+def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
+    """QEMU migration capabilities for ``options`` (the same set goes to both sides)."""
+    caps = {"events": True}
+    if options.mechanism == "multifd":
+        caps["multifd"] = True
+    if options.mechanism == "xbzrle":
+        caps["xbzrle"] = True
+    if options.mechanism == "auto-converge":
+        caps["auto-converge"] = True
+    if options.uses_postcopy:
+        caps["postcopy-ram"] = True
+    return caps
+
+
+def source_parameters_for(options: MigrationOptions) -> dict[str, object]:
+    """``migrate-set-parameters`` arguments for the source."""
+    params: dict[str, object] = {
+        "max-bandwidth": options.max_bandwidth_bps or UNLIMITED_BPS,
+        "downtime-limit": options.downtime_limit_ms,
+    }
+    if options.uses_postcopy:
+        # Post-copy pulls pages over the same link: cap it alike.
+        params["max-postcopy-bandwidth"] = options.max_bandwidth_bps or 0
+    params.update(_shared_parameters(options))
+    if options.mechanism == "xbzrle":
+        params["xbzrle-cache-size"] = options.xbzrle_cache_bytes
+    if options.mechanism == "auto-converge":
+        params["cpu-throttle-initial"] = 20
+        params["cpu-throttle-increment"] = 10
+    return params
+
+
+def _shared_parameters(options: MigrationOptions) -> dict[str, object]:
+    """Parameters both QEMUs must agree on."""
+    if options.mechanism == "multifd":
+        return {"multifd-channels": options.multifd_channels, "multifd-compression": "zstd"}
+    return {}
 
 
 def _caps_arg(capabilities: Mapping[str, bool]) -> list[dict[str, object]]:
@@ -71,7 +113,12 @@ async def start_incoming(dst: QmpSession, listen_host: str, options: MigrationOp
     The port is chosen by the kernel (port 0) and read back from ``query-migrate``, so there is
     no race for a free port.
     """
-    await dst.execute("migrate-set-capabilities", {"capabilities": _caps_arg(options.capabilities)})
+    await dst.execute(
+        "migrate-set-capabilities", {"capabilities": _caps_arg(capabilities_for(options))}
+    )
+    shared = _shared_parameters(options)
+    if shared:
+        await dst.execute("migrate-set-parameters", shared)
     await dst.execute("migrate-incoming", {"uri": f"tcp:{listen_host}:0"})
     reply = await dst.execute("query-migrate")
     for address in reply.get("socket-address", []):
@@ -95,17 +142,17 @@ async def run_migration(
         MigrationFailed: QEMU reported failure or cancellation, or ``options.timeout_s``
             passed (the migration is then cancelled first).
     """
-    await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(options.capabilities)})
     await src.execute(
-        "migrate-set-parameters",
-        {
-            "max-bandwidth": options.max_bandwidth_bps or UNLIMITED_BPS,
-            "downtime-limit": options.downtime_limit_ms,
-        },
+        "migrate-set-capabilities", {"capabilities": _caps_arg(capabilities_for(options))}
     )
+    await src.execute("migrate-set-parameters", source_parameters_for(options))
+    if options.mechanism == "cold":
+        await src.execute("stop")
     with src.listener("MIGRATION") as listener:
         await src.execute("migrate", {"uri": uri})
-        logger.info("migration.started %s -> %s", src.name, uri)
+        logger.info("migration.started %s -> %s (%s)", src.name, uri, options.mechanism)
+        if options.mechanism == "postcopy":
+            await start_postcopy(src)
         try:
             async with asyncio.timeout(options.timeout_s):
                 while True:
@@ -134,6 +181,13 @@ async def run_migration(
             raise MigrationFailed(
                 src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
             ) from None
+
+
+async def start_postcopy(src: QmpSession) -> None:
+    """Switch a running migration to post-copy: the destination runs the guest from now on
+    and pulls the pages it still lacks. Needs ``postcopy-ram`` enabled on both sides."""
+    await src.execute("migrate-start-postcopy")
+    logger.info("migration.postcopy %s", src.name)
 
 
 async def cancel_migration(src: QmpSession, timeout_s: float = 30.0) -> MigrationStats:
