@@ -99,6 +99,7 @@ async def migrate_between(
         )
         uri = await start_incoming(destination.qmp, listen_host, options)
         phase = transition(phase, DestinationReady())
+        notify(None)
         heartbeats.open_window(now_ms())
         final = await run_migration(source.qmp, uri, options, follow)
         follow(final)
