@@ -24,6 +24,7 @@ __all__ = [
     "API_PREFIX",
     "STATUS_BY_ERROR",
     "CapacityError",
+    "GuestMeasurement",
     "HostInfo",
     "NotFound",
     "OutgoingResult",
@@ -146,6 +147,40 @@ class VmInfo:
             pid=pid if isinstance(pid, int) else None,
             machine_type=str(data["machine_type"]),
             cpu_model=str(data["cpu_model"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class GuestMeasurement:
+    """A guest's pre-flight profile, measured by its host while it runs."""
+
+    ram_bytes: int
+    dirty_rate_bps: int
+    zero_fraction: float
+    compress_ratio: float
+    vcpu_busy: float | None  # share of time its vCPUs ran (0..1); high = CPU-bound dirtier
+    elapsed_ms: int
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ram_bytes": self.ram_bytes,
+            "dirty_rate_bps": self.dirty_rate_bps,
+            "zero_fraction": self.zero_fraction,
+            "compress_ratio": self.compress_ratio,
+            "vcpu_busy": self.vcpu_busy,
+            "elapsed_ms": self.elapsed_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> GuestMeasurement:
+        busy = data.get("vcpu_busy")
+        return cls(
+            ram_bytes=int(data["ram_bytes"]),
+            dirty_rate_bps=int(data["dirty_rate_bps"]),
+            zero_fraction=float(data["zero_fraction"]),
+            compress_ratio=float(data["compress_ratio"]),
+            vcpu_busy=None if busy is None else float(busy),
+            elapsed_ms=int(data["elapsed_ms"]),
         )
 
 

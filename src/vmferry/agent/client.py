@@ -18,6 +18,7 @@ from vmferry.agent.api import (
     API_PREFIX,
     ERRORS_BY_NAME,
     CapacityError,
+    GuestMeasurement,
     HostInfo,
     NotFound,
     OutgoingResult,
@@ -197,6 +198,31 @@ class AgentClient:
             int(data["next"]),
             None if result is None else OutgoingResult.from_json(result),
         )
+
+    async def measure(self, name: str) -> GuestMeasurement:
+        return GuestMeasurement.from_json(
+            await self._call("POST", f"/vms/{name}/measure", timeout_s=60.0)
+        )
+
+    async def open_sink(self) -> int:
+        return int((await self._call("POST", "/bandwidth/sinks"))["port"])
+
+    async def sink_result(self, port: int, wait_s: float = 10.0) -> float:
+        """Bytes/s the sink measured."""
+        data = await self._call(
+            "GET", f"/bandwidth/sinks/{port}", params={"wait": str(wait_s)}, timeout_s=wait_s + 10
+        )
+        return float(data["bandwidth_bps"])
+
+    async def probe(self, address: str, port: int, duration_ms: int = 1000) -> float:
+        """Bytes/s the sender saw."""
+        data = await self._call(
+            "POST",
+            "/bandwidth/probe",
+            {"address": address, "port": port, "duration_ms": duration_ms},
+            timeout_s=duration_ms / 1000 + 30,
+        )
+        return float(data["bandwidth_bps"])
 
     async def start_postcopy(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/postcopy")

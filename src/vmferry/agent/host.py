@@ -18,7 +18,15 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vmferry.agent.api import CapacityError, HostInfo, NotFound, OutgoingResult, VmInfo
+from vmferry.agent.api import (
+    CapacityError,
+    GuestMeasurement,
+    HostInfo,
+    NotFound,
+    OutgoingResult,
+    VmInfo,
+)
+from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
 from vmferry.agent.vm import RunningVm, launch, reattach
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
@@ -33,6 +41,7 @@ from vmferry.core.model import (
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
+from vmferry.qemu.measure import measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
@@ -42,6 +51,7 @@ from vmferry.qemu.migration import (
     wait_running,
 )
 from vmferry.qemu.process import is_qemu_pid
+from vmferry.qemu.vcpu import vcpu_busy_fraction
 
 __all__ = ["AgentConfig", "HostAgent", "VmState"]
 
@@ -49,6 +59,10 @@ logger = logging.getLogger(__name__)
 
 _INCOMING_DONE_TIMEOUT_S = 60.0
 _HEARTBEAT_TIMEOUT_S = 30.0
+
+
+async def _none() -> None:
+    return None
 
 
 class VmState(enum.Enum):
@@ -111,6 +125,7 @@ class HostAgent:
         self._slots: dict[str, Slot] = {}
         self._tasks: asyncio.TaskGroup | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._sinks: dict[int, BandwidthSink] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -310,6 +325,55 @@ class HostAgent:
         slot, vm = self._running(name)
         async with slot.lock:
             return await vm.verify()
+
+    # -- pre-flight measurements ---------------------------------------------------------------
+
+    async def measure(self, name: str) -> GuestMeasurement:
+        """Profile VM ``name`` for a migration plan (about a second; the guest keeps running).
+
+        Raises:
+            NotFound, StateError: no running VM of that name.
+            MeasurementError: QEMU's answers could not be used.
+        """
+        slot, vm = self._running(name)
+        async with slot.lock:
+            pid = vm.process.pid
+            busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
+            profile, busy = await asyncio.gather(measure_guest(vm.qmp, self._dir(name)), busy_task)
+        return GuestMeasurement(
+            ram_bytes=profile.ram_bytes,
+            dirty_rate_bps=profile.dirty_rate_bps,
+            zero_fraction=profile.memory.zero_fraction,
+            compress_ratio=profile.memory.compress_ratio,
+            vcpu_busy=busy,
+            elapsed_ms=profile.elapsed_ms,
+        )
+
+    async def open_sink(self) -> int:
+        """Listen for a bandwidth probe on the migration address; returns the port."""
+        sink = BandwidthSink(self.config.migration_address)
+        port = await sink.start()
+        self._sinks[port] = sink
+        return port
+
+    async def sink_result(self, port: int, timeout_s: float) -> SinkResult:
+        """What the sink on ``port`` received (then it is closed).
+
+        Raises:
+            NotFound: no such sink.
+            BandwidthProbeError: no complete probe arrived.
+        """
+        sink = self._sinks.pop(port, None)
+        if sink is None:
+            raise NotFound(f"no bandwidth sink on port {port}")
+        try:
+            return await sink.result(timeout_s)
+        finally:
+            await sink.close()
+
+    async def probe(self, address: str, port: int, duration_ms: int) -> ProbeResult:
+        """Stream incompressible bytes to another host's sink (from this host's network)."""
+        return await send_probe(address, port, duration_ms=duration_ms)
 
     # -- incoming migration (this host is the destination) --------------------------------------
 

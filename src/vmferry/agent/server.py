@@ -13,6 +13,10 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     POST   /vms/{name}/abort                                    -> 204
     POST   /vms/{name}/migrate        {uri, options}            -> 202
     POST   /vms/{name}/postcopy                                 -> 202 (switch to post-copy)
+    POST   /vms/{name}/measure                                  -> GuestMeasurement
+    POST   /bandwidth/sinks                                     -> 201 {"port"}
+    GET    /bandwidth/sinks/{port}?wait=S                       -> {received_bytes, bandwidth_bps}
+    POST   /bandwidth/probe           {address, port, duration_ms} -> {sent_bytes, bandwidth_bps}
     GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
     POST   /vms/{name}/cancel                                   -> 202
     POST   /vms/{name}/handoff                                  -> 204
@@ -205,6 +209,49 @@ async def _progress(request: web.Request) -> web.Response:
     )
 
 
+async def _measure(request: web.Request) -> web.Response:
+    measurement = await _agent(request).measure(request.match_info["name"])
+    return web.json_response(measurement.to_json())
+
+
+async def _open_sink(request: web.Request) -> web.Response:
+    return web.json_response({"port": await _agent(request).open_sink()}, status=201)
+
+
+async def _sink_result(request: web.Request) -> web.Response:
+    try:
+        port = int(request.match_info["port"])
+        wait_s = min(float(request.query.get("wait", "10")), 60.0)
+    except ValueError as err:
+        raise ConfigError(f"bad sink query: {err}") from err
+    result = await _agent(request).sink_result(port, wait_s)
+    return web.json_response(
+        {
+            "received_bytes": result.received_bytes,
+            "elapsed_ms": result.elapsed_ms,
+            "bandwidth_bps": result.bandwidth_bps,
+        }
+    )
+
+
+async def _probe(request: web.Request) -> web.Response:
+    body = await _body(request)
+    address, port = body.get("address"), body.get("port")
+    duration_ms = body.get("duration_ms", 1000)
+    if not isinstance(address, str) or not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError("probe needs 'address' (string) and 'port' (1..65535)")
+    if not isinstance(duration_ms, int) or not 50 <= duration_ms <= 10_000:
+        raise ConfigError("duration_ms must be 50..10000")
+    result = await _agent(request).probe(address, port, duration_ms)
+    return web.json_response(
+        {
+            "sent_bytes": result.sent_bytes,
+            "elapsed_ms": result.elapsed_ms,
+            "bandwidth_bps": result.bandwidth_bps,
+        }
+    )
+
+
 async def _postcopy(request: web.Request) -> web.Response:
     await _agent(request).start_postcopy(request.match_info["name"])
     return web.json_response({"postcopy": True}, status=202)
@@ -242,6 +289,10 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/migrate", _migrate)
     app.router.add_get(f"{p}/vms/{{name}}/migration", _progress)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy", _postcopy)
+    app.router.add_post(f"{p}/vms/{{name}}/measure", _measure)
+    app.router.add_post(f"{p}/bandwidth/sinks", _open_sink)
+    app.router.add_get(f"{p}/bandwidth/sinks/{{port}}", _sink_result)
+    app.router.add_post(f"{p}/bandwidth/probe", _probe)
     app.router.add_post(f"{p}/vms/{{name}}/cancel", _cancel)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
     app.router.add_route("*", "/{tail:.*}", _not_found)

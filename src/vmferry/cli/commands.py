@@ -19,6 +19,7 @@ from vmferry.cli.render import (
     format_bytes,
     history_table,
     hosts_table,
+    plan_table,
     report_table,
     vm_table,
 )
@@ -26,6 +27,7 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.migrate import MigrationRequest, migrate
+from vmferry.controller.plan import make_plan
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
@@ -203,6 +205,41 @@ async def _migrate_one(
         return await migrate(cluster, request, history=history, on_progress=line.update)
 
 
+async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
+    request = MigrationRequest(
+        vm=validate_name(args.name),
+        destination=validate_name(args.to, "host name"),
+        max_downtime_ms=args.max_downtime,
+        deadline_s=args.deadline,
+        bandwidth_mbps=args.bandwidth,
+        allow_postcopy=not args.no_postcopy,
+    )
+    request.resolve()
+    inventory = Inventory.load()
+    async with Cluster(inventory) as cluster:
+        info = await cluster.locate(request.vm)
+        cluster.client(request.destination)
+        if info.host == request.destination:
+            raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
+        cap = None if request.bandwidth_mbps is None else request.bandwidth_mbps * 125_000
+        with err.status(f"measuring {info.name} and the path {info.host} → {request.destination}…"):
+            plan = await make_plan(
+                cluster,
+                info,
+                request.destination,
+                request.goal,
+                cap_bps=cap,
+                history=History(inventory.history_db),
+            )
+    if args.json:
+        _print_json(out, plan.to_json())
+    else:
+        out.print(plan_table(plan))
+        style = "green" if plan.choice.meets_goal else "yellow"
+        err.print(f"[{style}]recommended: {plan.choice.strategy}[/] — {plan.choice.reason}")
+    return EXIT_OK
+
+
 async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
     request = MigrationRequest(
         vm=validate_name(args.name),
@@ -211,10 +248,14 @@ async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
         max_downtime_ms=args.max_downtime,
         deadline_s=args.deadline,
         bandwidth_mbps=args.bandwidth,
+        force=args.force,
+        allow_postcopy=not args.no_postcopy,
     )
     request.resolve()  # refuse bad options before touching anything
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
+        if err.is_terminal:
+            err.print(f"measuring {request.vm} and the path to {request.destination}…")
         report = await _migrate_one(
             cluster, History(inventory.history_db), request, err, live=err.is_terminal
         )
@@ -338,6 +379,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("vm", "show"): _vm_show,
     ("vm", "delete"): _vm_delete,
     ("verify", None): _verify,
+    ("plan", None): _plan,
     ("migrate", None): _migrate,
     ("history", None): _history,
     ("demo", None): _demo,

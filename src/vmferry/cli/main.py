@@ -65,6 +65,15 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("name")
     json_flag(verify)
 
+    plan = sub.add_parser("plan", help="predict what each strategy would cost (changes nothing)")
+    plan.add_argument("name")
+    plan.add_argument("--to", required=True, metavar="HOST")
+    plan.add_argument("--max-downtime", type=int, default=300, metavar="MS")
+    plan.add_argument("--deadline", type=float, default=None, metavar="S")
+    plan.add_argument("--bandwidth", type=int, default=None, metavar="MBPS")
+    plan.add_argument("--no-postcopy", action="store_true", help="never choose post-copy")
+    json_flag(plan)
+
     migrate = sub.add_parser("migrate", help="move a VM to another host")
     migrate.add_argument("name")
     migrate.add_argument("--to", required=True, metavar="HOST")
@@ -77,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         metavar="MBPS",
         help="cap the migration stream (megabits/s)",
+    )
+    migrate.add_argument(
+        "--force",
+        action="store_true",
+        help="with auto: go ahead with the best effort if the goal cannot be met",
+    )
+    migrate.add_argument(
+        "--no-postcopy",
+        action="store_true",
+        help="never use post-copy (auto will not switch over mid-flight either)",
     )
     json_flag(migrate)
 

@@ -11,6 +11,7 @@ from rich.text import Text
 
 from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
+from vmferry.controller.plan import Plan
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.lab.cluster import HostStatus
@@ -20,6 +21,7 @@ __all__ = [
     "format_bytes",
     "history_table",
     "hosts_table",
+    "plan_table",
     "report_table",
     "vm_table",
 ]
@@ -174,5 +176,30 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
             _ms(total if isinstance(total, int) else None),
             _ms(downtime if isinstance(downtime, int) else None),
             check,
+        )
+    return table
+
+
+def plan_table(plan: Plan) -> Table:
+    """Predictions per strategy, recommended one first in bold."""
+    m = plan.measurement
+    title = (
+        f"plan for {plan.vm}: {plan.source} → {plan.destination}\n"
+        f"RAM {format_bytes(m.ram_bytes)}, {m.zero_fraction:.0%} zero, compresses "
+        f"{m.compress_ratio:.1f}x, dirties {format_bytes(m.dirty_rate_bps)}/s"
+        f"{' (CPU-bound)' if m.dirty_is_cpu_bound else ''}, link {format_bytes(m.bandwidth_bps)}/s"
+    )
+    table = Table(title=title)
+    for column in ("strategy", "total", "downtime", "sent", "note"):
+        table.add_column(column)
+    for p in plan.predictions:
+        chosen = p.strategy == plan.choice.strategy
+        table.add_row(
+            p.strategy + (" ◀" if chosen else ""),
+            _ms(p.total_ms) if p.converges else "never",
+            _ms(p.downtime_ms),
+            format_bytes(p.transferred_bytes),
+            p.note + (f" Risk: {p.risk}" if p.risk else ""),
+            style="bold" if chosen else (None if p.converges else "dim"),
         )
     return table

@@ -11,14 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from vmferry.agent.api import OutgoingResult
+from vmferry.agent.api import OutgoingResult, VmInfo
 from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
+from vmferry.controller.plan import make_plan
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
     MECHANISMS,
@@ -27,11 +29,12 @@ from vmferry.core.model import (
     MigrationOptions,
     MigrationReport,
     MigrationStats,
-    VmSpec,
 )
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
+from vmferry.core.predict import StrategyPrediction
+from vmferry.core.strategy import Action, Goal, Progress, replan
 
-__all__ = ["STRATEGIES", "MigrationRequest", "ProgressCallback", "migrate"]
+__all__ = ["STRATEGIES", "GoalUnreachable", "MigrationRequest", "ProgressCallback", "migrate"]
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,17 @@ class MigrationRequest:
     max_downtime_ms: int = 300
     deadline_s: float | None = None
     bandwidth_mbps: int | None = None
+    force: bool = False  # go ahead with the best effort when the goal cannot be met
+    allow_postcopy: bool = True
+    plan: bool = True  # measure and predict first (the report then carries the prediction)
+
+    @property
+    def goal(self) -> Goal:
+        return Goal(
+            max_downtime_ms=self.max_downtime_ms,
+            deadline_ms=None if self.deadline_s is None else round(self.deadline_s * 1000),
+            allow_postcopy=self.allow_postcopy,
+        )
 
     def resolve(self, mechanism: Mechanism | None = None) -> tuple[Mechanism, MigrationOptions]:
         """Validate and turn into a mechanism and QEMU options.
@@ -81,13 +95,15 @@ class MigrationRequest:
             timeout_s=self.deadline_s or 600.0,
             mechanism=strategy,
             # 'auto' keeps the way to post-copy open, to switch if pre-copy stalls.
-            postcopy_ready=self.strategy == "auto" and strategy not in ("cold", "multifd"),
+            postcopy_ready=self.strategy == "auto"
+            and self.allow_postcopy
+            and strategy not in ("cold", "multifd"),
         )
 
 
 async def _precheck(
     cluster: Cluster, request: MigrationRequest
-) -> tuple[VmSpec, str, AgentClient, AgentClient]:
+) -> tuple[VmInfo, AgentClient, AgentClient]:
     destination = cluster.client(request.destination)
     info = await cluster.locate(request.vm)
     if info.host == request.destination:
@@ -105,7 +121,38 @@ async def _precheck(
         raise ConfigError(f"{request.destination} cannot build machine type {spec.machine_type}")
     if spec.cpu_model not in host.cpu_models:
         raise ConfigError(f"{request.destination} has no CPU model {spec.cpu_model}")
-    return spec, info.host, cluster.client(info.host), destination
+    return info, cluster.client(info.host), destination
+
+
+class GoalUnreachable(ConfigError):
+    """No strategy is predicted to meet the goal; nothing was started."""
+
+
+async def _planned(
+    cluster: Cluster, request: MigrationRequest, info: VmInfo, history: History | None
+) -> tuple[Mechanism, MigrationOptions, StrategyPrediction | None]:
+    """Resolve the strategy (choosing one for 'auto') and find its prediction."""
+    if not request.plan and request.strategy != "auto":
+        mechanism, options = request.resolve()
+        return mechanism, options, None
+    cap = None if request.bandwidth_mbps is None else request.bandwidth_mbps * 125_000
+    try:
+        plan = await make_plan(
+            cluster, info, request.destination, request.goal, cap_bps=cap, history=history
+        )
+    except FerryError as err:
+        if request.strategy == "auto":
+            raise
+        logger.warning("plan.failed %s: %s; migrating without a prediction", info.name, err)
+        mechanism, options = request.resolve()
+        return mechanism, options, None
+    if request.strategy == "auto":
+        if not plan.choice.meets_goal and not request.force:
+            raise GoalUnreachable(f"{plan.choice.reason} (--force tries the best effort)")
+        mechanism, options = request.resolve(plan.choice.strategy)
+    else:
+        mechanism, options = request.resolve()
+    return mechanism, options, plan.prediction_for(mechanism)
 
 
 async def migrate(
@@ -125,9 +172,14 @@ async def migrate(
         StateError: the VM is not in a state to migrate (e.g. already migrating).
         FerryError: an agent became unreachable before anything started.
     """
-    strategy, options = request.resolve()
-    spec, source_host, source, destination = await _precheck(cluster, request)
+    request.resolve()  # bad options are refused before anything is measured
+    info, source, destination = await _precheck(cluster, request)
+    spec, source_host = spec_of(info), info.host
+    strategy, options, prediction = await _planned(cluster, request, info, history)
+    goal = request.goal
+    progress: list[Progress] = []
     started_at = datetime.now(UTC)
+    started_wall_ms = time.time() * 1000
     loop = asyncio.get_running_loop()
     started_s = loop.time()
     phase = Phase.PREPARING
@@ -151,7 +203,7 @@ async def migrate(
             "guest_downtime_ms": None,
             "transferred_bytes": last.transferred_bytes if last is not None else 0,
             "iterations": last.iterations if last is not None else 0,
-            "predicted": None,
+            "predicted": None if prediction is None else prediction.to_prediction(),
             "integrity": None,
             "guest_alive": True,
         }
@@ -175,6 +227,7 @@ async def migrate(
     since = 0
     cancel_sent = False
     switched = False
+    replan_error: str | None = None
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
@@ -197,7 +250,20 @@ async def migrate(
             if stats.status not in ("failed", "cancelled"):
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
+            progress.append(Progress.from_stats(stats))
             notify(stats)
+        if outcome is None and prediction is not None and last is not None:
+            decision = replan(strategy, progress, prediction, goal)
+            if decision.action is Action.SWITCH_TO_POSTCOPY and options.uses_postcopy:
+                if not switched:
+                    switched = True
+                    logger.info("migration.replan %s: %s", spec.name, decision.reason)
+                    await source.start_postcopy(spec.name)
+            elif decision.action is Action.CANCEL and not cancel_sent:
+                cancel_sent = True
+                logger.warning("migration.replan %s: %s", spec.name, decision.reason)
+                replan_error = decision.reason
+                await source.cancel_migration(spec.name)
         if (
             not switched
             and outcome is None
@@ -215,10 +281,14 @@ async def migrate(
         with contextlib.suppress(FerryError):
             await destination.abort_incoming(spec.name)
         logger.error("migration.failed %s: %s", spec.name, outcome.error)
-        return report(status="failed", error=outcome.error or outcome.status)
+        return report(
+            status="failed",
+            error=replan_error or outcome.error or outcome.status,
+        )
 
     final = outcome.stats or last
     last = final
+    completed_wall_ms = time.time() * 1000
     phase = transition(phase, QemuStatus("completed"))
     notify(final)
     # Past completion the destination holds the only current copy of the guest.
@@ -236,7 +306,9 @@ async def migrate(
         )
     phase = transition(phase, Verified())
     notify(final)
-    total_ms = round((loop.time() - started_s) * 1000)
+    # From the first request to the guest running on the destination with all its memory
+    # there (post-copy keeps pulling pages after the guest already runs).
+    total_ms = round(max(first_ms, completed_wall_ms) - started_wall_ms)
     error: str | None = None
     try:
         await source.handoff(spec.name)

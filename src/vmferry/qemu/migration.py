@@ -41,16 +41,15 @@ _POLL_S = 0.1
 
 def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
     """QEMU migration capabilities for ``options`` (the same set goes to both sides)."""
-    caps = {"events": True}
-    if options.mechanism == "multifd":
-        caps["multifd"] = True
-    if options.mechanism == "xbzrle":
-        caps["xbzrle"] = True
-    if options.mechanism == "auto-converge":
-        caps["auto-converge"] = True
-    if options.uses_postcopy:
-        caps["postcopy-ram"] = True
-    return caps
+    # Every capability we manage is set explicitly, on or off: a QEMU that arrived by an
+    # earlier migration keeps the capabilities it was received with.
+    return {
+        "events": True,
+        "multifd": options.mechanism == "multifd",
+        "xbzrle": options.mechanism == "xbzrle",
+        "auto-converge": options.mechanism == "auto-converge",
+        "postcopy-ram": options.uses_postcopy,
+    }
 
 
 def source_parameters_for(options: MigrationOptions) -> dict[str, object]:

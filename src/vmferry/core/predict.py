@@ -1,0 +1,678 @@
+"""Predict what each migration strategy will cost, from a pre-flight measurement of the guest.
+
+The model is the classic iterative pre-copy one, extended per strategy:
+
+* **pre-copy**: round 0 sends every non-zero page (zero pages are detected and sent as a flag:
+  they cost a scan, not a transfer); each later round re-sends what the guest dirtied during the
+  previous one. The distinct bytes dirtied in ``t`` seconds saturate at the dirty set ``W``:
+  ``W * (1 - exp(-rate * t / W))`` (random writes over ``W``; ``W`` is the whole RAM when
+  unknown). The link rate is the TCP throughput, capped by what QEMU's migration thread pushes.
+  QEMU switches over at the first dirty-bitmap sync that finds the remainder under its threshold
+  (rate x downtime limit); it syncs whenever its estimate dips under that threshold, so after a
+  re-send the remainder lands just under it, and downtime is about the limit on a slow link. The
+  remainder is copied with the guest paused (faster under TCG: no vCPU competes for the cores).
+  When the guest dirties at least as fast as the link drains and the dirty set does not fit the
+  threshold, the remainder never shrinks: QEMU iterates forever, so ``converges=False`` (also past
+  100 syncs).
+* **multifd** (+zstd): the link carries compressed pages, so guest memory moves at
+  ``link x compress_ratio``, but no faster than zstd compresses on this host.
+* **xbzrle**: re-sent pages are delta-encoded; their wire cost is ``1 / compress_ratio`` of a page
+  (a proxy for how much of a page changes) plus a fixed encoding overhead, so random pages gain
+  nothing and pay the overhead. Round 0 is sent plainly.
+* **auto-converge**: QEMU throttles the vCPUs (20 % at first, +10 % per round up to 99 %) once
+  the guest dirtied more than half of what a round sent, twice. Throttling only slows a dirtier
+  that needs CPU to dirty: a time-paced dirtier under TCG keeps its rate, so the throttle only
+  applies when ``Measurement.dirty_is_cpu_bound``.
+* **postcopy**: switch at once; the destination pulls every non-zero page while the guest runs
+  there. Downtime is the device-state switch only; always converges, but a network failure
+  during the copy stops the guest until the link is back.
+* **hybrid**: one pre-copy pass, then post-copy of what was dirtied during it.
+* **cold**: pause the guest, copy once, resume on the destination: downtime is the whole move.
+
+Times include ``Calibration.setup_ms`` (destination start, handshakes), so ``total_ms`` is what
+a user waits for after asking, and ``iterations`` counts QEMU's dirty-bitmap syncs (its
+``dirty-sync-count``): one at setup, one after each pre-copy round, one at switchover.
+
+Example:
+    >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.85, compress_ratio=2.0,
+    ...                 dirty_rate_bps=1_000_000, bandwidth_bps=25_000_000)
+    >>> p = predict("precopy", m, downtime_limit_ms=300, cal=Calibration.default())
+    >>> p.converges, p.iterations
+    (True, 3)
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import MECHANISMS, Mechanism, Prediction
+
+__all__ = [
+    "HEADROOM_CAP",
+    "STRATEGY_NAMES",
+    "Calibration",
+    "CalibrationSample",
+    "Measurement",
+    "StrategyPrediction",
+    "check_strategy",
+    "format_bytes",
+    "format_ms",
+    "predict",
+    "predict_all",
+]
+
+STRATEGY_NAMES: tuple[Mechanism, ...] = MECHANISMS
+
+POSTCOPY_RISK = "a network failure during the copy stops the guest until the link is recovered"
+HYBRID_RISK = (
+    "a network failure after the switch stops the guest until the link is recovered "
+    "(a shorter window than post-copy)"
+)
+
+# QEMU never gives up on a pre-copy; a prediction has to. Past this many rounds the remainder
+# shrinks so slowly that calling it convergent would mislead.
+_MAX_ROUNDS = 100
+# auto-converge (QEMU defaults): cpu-throttle-initial, cpu-throttle-increment, max-cpu-throttle,
+# throttle-trigger-threshold (dirtied / sent in a round), and the consecutive triggers needed.
+_THROTTLE_INITIAL_PCT = 20
+_THROTTLE_INCREMENT_PCT = 10
+_THROTTLE_MAX_PCT = 99
+_THROTTLE_TRIGGER_RATIO = 0.5
+_THROTTLE_TRIGGER_COUNT = 2
+# QEMU's pre-copy loop sends for up to 50 ms (MAX_WAIT) between looks at its pending estimate.
+_BURST_S = 0.050
+# Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
+HEADROOM_CAP = 4.0
+_HEADROOM_STEPS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What a pre-flight measured (a few seconds, guest running).
+
+    Attributes:
+        ram_bytes: guest RAM size.
+        zero_fraction: share of guest pages that are entirely zero (0..1), from a sample.
+        compress_ratio: zstd ratio (raw / compressed, >= 1) of the sampled non-zero pages.
+        dirty_rate_bps: bytes per second the guest dirties (QEMU ``calc-dirty-rate``).
+        bandwidth_bps: achievable TCP throughput between the two hosts on the migration path.
+        dirty_set_bytes: bound on the distinct bytes being re-dirtied, if known (else all RAM).
+        dirty_is_cpu_bound: the dirtier needs CPU to dirty, so throttling vCPUs slows it. False
+            for a time-paced dirtier (it catches up after each throttle sleep) and by default.
+    """
+
+    ram_bytes: int
+    zero_fraction: float
+    compress_ratio: float
+    dirty_rate_bps: int
+    bandwidth_bps: int
+    dirty_set_bytes: int | None = None
+    dirty_is_cpu_bound: bool = False
+
+    def __post_init__(self) -> None:
+        if self.ram_bytes <= 0:
+            raise ConfigError(f"ram_bytes must be positive, got {self.ram_bytes}")
+        if not 0.0 <= self.zero_fraction <= 1.0:
+            raise ConfigError(f"zero_fraction must be 0..1, got {self.zero_fraction}")
+        if not self.compress_ratio >= 1.0:
+            raise ConfigError(f"compress_ratio must be >= 1, got {self.compress_ratio}")
+        if self.dirty_rate_bps < 0:
+            raise ConfigError(f"dirty_rate_bps must be >= 0, got {self.dirty_rate_bps}")
+        if self.bandwidth_bps <= 0:
+            raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
+        if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:
+            raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
+
+    @property
+    def nonzero_bytes(self) -> float:
+        """Guest memory that has to travel as data."""
+        return self.ram_bytes * (1.0 - self.zero_fraction)
+
+    @property
+    def zero_bytes(self) -> float:
+        """Guest memory that travels as a zero-page flag."""
+        return self.ram_bytes * self.zero_fraction
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSample:
+    """One finished migration: what was predicted (with the calibration being refined) and what
+    QEMU reported.
+
+    Attributes:
+        strategy: the strategy that ran.
+        predicted: the prediction made before it started.
+        actual_total_ms: the measured total (same scope as the prediction).
+        actual_downtime_ms: QEMU's downtime, None if unknown.
+    """
+
+    strategy: Mechanism
+    predicted: Prediction
+    actual_total_ms: int
+    actual_downtime_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Machine and QEMU constants of the model.
+
+    Defaults come from QEMU 10 under TCG on a 2-core host (DESIGN.md "Facts"); ``refined``
+    adjusts them from past migrations.
+
+    Attributes:
+        qemu_throughput_bps: what one QEMU migration thread pushes at most (CPU-bound under TCG;
+            ~420 MB in ~1.0-1.2 s on loopback).
+        paused_throughput_bps: what QEMU pushes once the guest is paused (the switchover copy,
+            a cold migration): TCG vCPU threads no longer compete for the host's cores.
+        zero_scan_bps: how fast QEMU scans and flags zero pages (a 1 GiB mostly-zero guest pays
+            ~0.3 s for it under TCG).
+        setup_ms: starting the destination and the handshakes, before the first byte.
+        switchover_ms: device state and the final bitmap sync, paid in every pre-copy downtime.
+        postcopy_switchover_ms: downtime of a switch to post-copy (device state only; the
+            destination runs before its RAM arrives).
+        multifd_compress_bps: guest bytes per second zstd compresses for multifd on this host.
+        postcopy_fault_overhead: factor on post-copy transfer time (page faults, round trips).
+        xbzrle_overhead: extra wire cost of an xbzrle re-sent page, as a fraction of a page
+            (headers, cache misses, pages whose delta overflows and go whole).
+        time_scale: factor on every predicted transfer time, learnt from history by
+            ``refined`` (1.0 = the reference machine).
+    """
+
+    qemu_throughput_bps: int = 450_000_000
+    paused_throughput_bps: int = 900_000_000
+    zero_scan_bps: int = 3_000_000_000
+    setup_ms: int = 300
+    switchover_ms: int = 20
+    postcopy_switchover_ms: int = 1
+    multifd_compress_bps: int = 800_000_000
+    postcopy_fault_overhead: float = 1.05
+    xbzrle_overhead: float = 0.05
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        rates = (
+            self.qemu_throughput_bps,
+            self.paused_throughput_bps,
+            self.zero_scan_bps,
+            self.multifd_compress_bps,
+        )
+        if min(rates) <= 0:
+            raise ConfigError("calibration rates must be positive")
+        if min(self.setup_ms, self.switchover_ms, self.postcopy_switchover_ms) < 0:
+            raise ConfigError("calibration times must be >= 0")
+        if self.postcopy_fault_overhead < 1.0 or self.xbzrle_overhead < 0.0:
+            raise ConfigError("postcopy_fault_overhead must be >= 1 and xbzrle_overhead >= 0")
+        if not self.time_scale > 0.0:
+            raise ConfigError("time_scale must be positive")
+
+    @classmethod
+    def default(cls) -> Calibration:
+        """The reference machine's constants (see the attributes)."""
+        return cls()
+
+    def refined(self, samples: Sequence[CalibrationSample]) -> Calibration:
+        """Adjust the constants to past migrations predicted with this calibration.
+
+        Transfer times scale by the geometric mean of actual / predicted (setup excluded);
+        post-copy samples move ``postcopy_fault_overhead`` instead. Switchover times shift by
+        the median downtime error. Each adjustment is shrunk towards no change by
+        ``n / (n + 2)`` for ``n`` samples, so one odd run does not swing the model, and each
+        ratio is clamped to 0.2..5.
+
+        Args:
+            samples: (predicted, actual) pairs; unusable ones (non-positive times) are skipped.
+
+        Returns:
+            A new calibration (this one when there is nothing to learn).
+        """
+        copy_ratios: list[float] = []
+        postcopy_ratios: list[float] = []
+        downtime_errors: list[float] = []
+        switch_errors: list[float] = []
+        for sample in samples:
+            predicted_ms = sample.predicted.total_ms - self.setup_ms
+            actual_ms = sample.actual_total_ms - self.setup_ms
+            if predicted_ms > 0 and actual_ms > 0:
+                ratio = min(5.0, max(0.2, actual_ms / predicted_ms))
+                (postcopy_ratios if sample.strategy == "postcopy" else copy_ratios).append(ratio)
+            if sample.actual_downtime_ms is None or sample.strategy == "cold":
+                continue
+            error = float(sample.actual_downtime_ms - sample.predicted.downtime_ms)
+            if sample.strategy in ("postcopy", "hybrid"):
+                switch_errors.append(error)
+            else:
+                downtime_errors.append(error)
+
+        time_scale = self.time_scale * _shrunk_ratio(copy_ratios)
+        # Post-copy times carry time_scale too: move the overhead so that the product matches.
+        overhead = (
+            self.postcopy_fault_overhead
+            * _shrunk_ratio(postcopy_ratios)
+            * self.time_scale
+            / time_scale
+        )
+        return replace(
+            self,
+            time_scale=time_scale,
+            postcopy_fault_overhead=max(1.0, overhead),
+            switchover_ms=max(1, round(self.switchover_ms + _shrunk_shift(downtime_errors))),
+            postcopy_switchover_ms=max(
+                0, round(self.postcopy_switchover_ms + _shrunk_shift(switch_errors))
+            ),
+        )
+
+
+def _shrunk_ratio(ratios: Sequence[float]) -> float:
+    if not ratios:
+        return 1.0
+    mean_log = statistics.fmean(math.log(r) for r in ratios)
+    return math.exp(mean_log * len(ratios) / (len(ratios) + 2))
+
+
+def _shrunk_shift(errors: Sequence[float]) -> float:
+    if not errors:
+        return 0.0
+    return statistics.median(errors) * len(errors) / (len(errors) + 2)
+
+
+@dataclass(frozen=True, slots=True)
+class StrategyPrediction:
+    """What one strategy is predicted to cost.
+
+    Attributes:
+        strategy: the strategy.
+        converges: whether it finishes by itself (a pre-copy that cannot does not).
+        total_ms: from asking to done, None when it does not converge.
+        downtime_ms: the guest's pause, None when it does not converge.
+        transferred_bytes: bytes of guest memory sent (before compression), None when it does
+            not converge.
+        iterations: QEMU's dirty-bitmap sync count, None when it does not converge.
+        risk: what can go wrong that a pre-copy does not risk, if anything.
+        note: one line for a human (``vmferry plan``).
+        dirty_headroom: for pre-copy-like strategies (whose downtime QEMU holds to its limit),
+            how many times the measured dirty rate they tolerate and still converge, capped at
+            ``HEADROOM_CAP`` (0 when they do not converge); None where the dirty rate cannot
+            stop the migration (post-copy, hybrid, cold).
+    """
+
+    strategy: Mechanism
+    converges: bool
+    total_ms: int | None
+    downtime_ms: int | None
+    transferred_bytes: int | None
+    iterations: int | None
+    risk: str | None
+    note: str
+    dirty_headroom: float | None = None
+
+    def to_prediction(self) -> Prediction | None:
+        """The figures a migration report keeps, None when it does not converge."""
+        if self.total_ms is None or self.downtime_ms is None or self.transferred_bytes is None:
+            return None
+        return Prediction(self.total_ms, self.downtime_ms, self.transferred_bytes)
+
+
+def check_strategy(name: str) -> Mechanism:
+    """Validate a strategy name.
+
+    Raises:
+        ConfigError: not one of ``STRATEGY_NAMES``.
+    """
+    for known in STRATEGY_NAMES:
+        if name == known:
+            return known
+    raise ConfigError(f"unknown strategy {name!r}: use {', '.join(STRATEGY_NAMES)}")
+
+
+def predict(
+    strategy: str, m: Measurement, *, downtime_limit_ms: int, cal: Calibration
+) -> StrategyPrediction:
+    """Predict one strategy.
+
+    Args:
+        strategy: one of ``STRATEGY_NAMES``.
+        m: the pre-flight measurement.
+        downtime_limit_ms: QEMU's ``downtime-limit`` (pre-copy switches over once the
+            remainder fits it).
+        cal: the machine constants.
+
+    Returns:
+        The prediction.
+
+    Raises:
+        ConfigError: unknown strategy or a non-positive downtime limit.
+    """
+    name = check_strategy(strategy)
+    if downtime_limit_ms <= 0:
+        raise ConfigError(f"downtime limit must be positive, got {downtime_limit_ms} ms")
+    plain = _Rates.plain(m, cal)
+    if name == "precopy":
+        run = _precopy(m, downtime_limit_ms, plain)
+        headroom = _headroom(m, downtime_limit_ms, plain)
+        return _from_run(name, run, cal, _precopy_note(m, run, plain), headroom=headroom)
+    if name == "multifd":
+        # zstd is the limit once the link carries compressed pages, paused or not.
+        multifd_bps = min(
+            plain.first_bps * m.compress_ratio, cal.multifd_compress_bps / plain.scale
+        )
+        rates = replace(
+            plain, first_bps=multifd_bps, resend_bps=multifd_bps, paused_bps=multifd_bps
+        )
+        run = _precopy(m, downtime_limit_ms, rates)
+        gain = f"zstd x{m.compress_ratio:.1f} moves {_rate(multifd_bps)} of guest memory"
+        note = f"{gain}; {_precopy_note(m, run, rates)}"
+        return _from_run(name, run, cal, note, headroom=_headroom(m, downtime_limit_ms, rates))
+    if name == "xbzrle":
+        cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
+        rates = replace(
+            plain, resend_bps=plain.resend_bps / cost, paused_bps=plain.paused_bps / cost
+        )
+        run = _precopy(m, downtime_limit_ms, rates)
+        gain = f"re-sent pages cost ~{cost:.0%} of a page"
+        note = f"{gain}; {_precopy_note(m, run, rates)}"
+        return _from_run(name, run, cal, note, headroom=_headroom(m, downtime_limit_ms, rates))
+    if name == "auto-converge":
+        return _auto_converge(m, downtime_limit_ms, cal, plain)
+    if name == "postcopy":
+        return _postcopy(m, cal, plain)
+    if name == "hybrid":
+        return _hybrid(m, downtime_limit_ms, cal, plain)
+    return _cold(m, cal, plain)
+
+
+def predict_all(
+    m: Measurement, *, downtime_limit_ms: int, cal: Calibration
+) -> tuple[StrategyPrediction, ...]:
+    """Predict every strategy, in ``STRATEGY_NAMES`` order.
+
+    Raises:
+        ConfigError: a non-positive downtime limit.
+    """
+    return tuple(
+        predict(name, m, downtime_limit_ms=downtime_limit_ms, cal=cal) for name in STRATEGY_NAMES
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _Rates:
+    """Guest-memory rates of one strategy (bytes of guest RAM per second, time-scaled)."""
+
+    first_bps: float  # round 0
+    resend_bps: float  # later rounds, guest running
+    paused_bps: float  # the switchover copy, guest paused
+    zero_scan_bps: float
+    scale: float
+
+    @classmethod
+    def plain(cls, m: Measurement, cal: Calibration) -> _Rates:
+        running = min(m.bandwidth_bps, cal.qemu_throughput_bps) / cal.time_scale
+        paused = min(m.bandwidth_bps, max(cal.paused_throughput_bps, cal.qemu_throughput_bps))
+        return cls(
+            first_bps=running,
+            resend_bps=running,
+            paused_bps=paused / cal.time_scale,
+            zero_scan_bps=cal.zero_scan_bps / cal.time_scale,
+            scale=cal.time_scale,
+        )
+
+    def first_pass_s(self, m: Measurement) -> float:
+        """Round 0: every non-zero page as data, every zero page as a flag."""
+        return m.nonzero_bytes / self.first_bps + m.zero_bytes / self.zero_scan_bps
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    """A simulated pre-copy (times in seconds, setup and switchover excluded)."""
+
+    converges: bool
+    copy_s: float  # guest running
+    final_s: float  # copying the remainder, guest paused
+    sent_bytes: float
+    syncs: int  # QEMU's dirty-sync-count, switchover included
+    remainder_bytes: float  # at switchover, or where it stalled
+    throttle_pct: int = 0
+
+
+def _pending_after(
+    kept_bytes: float, rate_bps: float, seconds: float, dirty_set_bytes: float
+) -> float:
+    """Dirty bytes after a sync: the ``kept`` pages not yet sent, plus the distinct other pages
+    of the dirty set written at random during ``seconds``."""
+    if dirty_set_bytes <= 0.0 or rate_bps <= 0.0:
+        return kept_bytes
+    fresh = max(0.0, dirty_set_bytes - kept_bytes)
+    return kept_bytes + fresh * -math.expm1(-rate_bps * seconds / dirty_set_bytes)
+
+
+def _dirty_set(m: Measurement) -> float:
+    return float(m.ram_bytes if m.dirty_set_bytes is None else min(m.dirty_set_bytes, m.ram_bytes))
+
+
+def _precopy(
+    m: Measurement,
+    downtime_limit_ms: int,
+    rates: _Rates,
+    *,
+    throttle: bool = False,
+    rate_scale: float = 1.0,
+) -> _Run:
+    """Simulate QEMU's pre-copy loop, one dirty-bitmap sync at a time.
+
+    QEMU switches over when a sync finds the dirty bytes under its threshold (rate x downtime
+    limit). It syncs once its running estimate of the pending bytes dips under that threshold,
+    and it checks the estimate after each burst of up to 50 ms of sending, so about one burst
+    below the threshold stays unsent at each sync. The remainder at switchover is therefore
+    usually close to the threshold, unless a whole round already fitted.
+    """
+    dirty_set = _dirty_set(m)
+    rate = m.dirty_rate_bps * rate_scale
+    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
+    kept = max(0.0, threshold - rates.resend_bps * _BURST_S)
+    copy_s = rates.first_pass_s(m)
+    sent = m.nonzero_bytes
+    pending = _pending_after(0.0, rate, copy_s, dirty_set)
+    syncs = 2  # at setup, after round 0
+    burst_sent, throttle_pct, high = m.nonzero_bytes, 0, 0
+    while pending > threshold:
+        if throttle:
+            # At each sync QEMU compares what the guest dirtied with what was sent meanwhile.
+            dirtied = pending - min(pending, kept) if syncs > 2 else pending
+            high = high + 1 if dirtied > _THROTTLE_TRIGGER_RATIO * burst_sent else 0
+            if high >= _THROTTLE_TRIGGER_COUNT:
+                step = _THROTTLE_INCREMENT_PCT if throttle_pct else _THROTTLE_INITIAL_PCT
+                throttle_pct = min(_THROTTLE_MAX_PCT, throttle_pct + step)
+        if syncs - 1 >= _MAX_ROUNDS:
+            return _Run(False, copy_s, 0.0, sent, syncs, pending, throttle_pct)
+        burst_sent = pending - kept
+        seconds = burst_sent / rates.resend_bps
+        copy_s += seconds
+        sent += burst_sent
+        effective = rate * (1.0 - throttle_pct / 100.0)
+        pending = _pending_after(kept, effective, seconds, dirty_set)
+        syncs += 1
+    return _Run(
+        True,
+        copy_s,
+        pending / rates.paused_bps,
+        sent + pending,
+        syncs + 1,
+        pending,
+        throttle_pct,
+    )
+
+
+def _headroom(
+    m: Measurement, downtime_limit_ms: int, rates: _Rates, *, throttle: bool = False
+) -> float:
+    """How many times the measured dirty rate a pre-copy tolerates and still converges.
+
+    Convergence only gets harder as the rate grows, so bisect between 1 and the cap.
+    """
+
+    def converges(scale: float) -> bool:
+        run = _precopy(m, downtime_limit_ms, rates, throttle=throttle, rate_scale=scale)
+        return run.converges
+
+    if not converges(1.0):
+        return 0.0
+    if converges(HEADROOM_CAP):
+        return HEADROOM_CAP
+    low, high = 1.0, HEADROOM_CAP
+    for _ in range(_HEADROOM_STEPS):
+        middle = (low + high) / 2.0
+        low, high = (middle, high) if converges(middle) else (low, middle)
+    return low
+
+
+def _from_run(
+    name: Mechanism,
+    run: _Run,
+    cal: Calibration,
+    note: str,
+    risk: str | None = None,
+    *,
+    headroom: float | None = None,
+) -> StrategyPrediction:
+    if not run.converges:
+        return StrategyPrediction(name, False, None, None, None, None, risk, note, headroom)
+    downtime_ms = run.final_s * 1000.0 + cal.switchover_ms
+    return StrategyPrediction(
+        strategy=name,
+        converges=True,
+        total_ms=round(cal.setup_ms + run.copy_s * 1000.0 + downtime_ms),
+        downtime_ms=round(downtime_ms),
+        transferred_bytes=round(run.sent_bytes),
+        iterations=run.syncs,
+        risk=risk,
+        note=note,
+        dirty_headroom=headroom,
+    )
+
+
+def _precopy_note(m: Measurement, run: _Run, rates: _Rates) -> str:
+    if not run.converges:
+        return (
+            f"dirties {_rate(m.dirty_rate_bps)} over a {_rate(rates.resend_bps)} link: "
+            "never converges"
+        )
+    paused = format_bytes(run.remainder_bytes)
+    resent = run.sent_bytes - m.nonzero_bytes - run.remainder_bytes
+    if resent < 1.0:
+        return f"one pass, then {paused} while paused"
+    return f"one pass, re-sends {format_bytes(resent)}, then {paused} while paused"
+
+
+def _auto_converge(
+    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates
+) -> StrategyPrediction:
+    throttle = m.dirty_is_cpu_bound
+    run = _precopy(m, downtime_limit_ms, rates, throttle=throttle)
+    headroom = _headroom(m, downtime_limit_ms, rates, throttle=throttle)
+    link = _rate(rates.resend_bps)
+    if not run.converges:
+        why = (
+            f"even a {run.throttle_pct} % throttle does not catch up"
+            if m.dirty_is_cpu_bound
+            else "vCPU throttling does not slow a paced dirtier"
+        )
+        note = f"dirties {_rate(m.dirty_rate_bps)} over a {link} link; {why}: never converges"
+        return _from_run("auto-converge", run, cal, note, headroom=headroom)
+    if run.throttle_pct == 0:
+        note = f"no throttling needed; {_precopy_note(m, run, rates)}"
+        return _from_run("auto-converge", run, cal, note, headroom=headroom)
+    return _from_run(
+        "auto-converge",
+        run,
+        cal,
+        f"throttles the guest up to {run.throttle_pct} %; {_precopy_note(m, run, rates)}",
+        risk=f"the guest runs up to {run.throttle_pct} % slower until the switchover",
+        headroom=headroom,
+    )
+
+
+def _postcopy(m: Measurement, cal: Calibration, rates: _Rates) -> StrategyPrediction:
+    copy_s = rates.first_pass_s(m) * cal.postcopy_fault_overhead
+    return StrategyPrediction(
+        strategy="postcopy",
+        converges=True,
+        total_ms=round(cal.setup_ms + cal.postcopy_switchover_ms + copy_s * 1000.0),
+        downtime_ms=cal.postcopy_switchover_ms,
+        transferred_bytes=round(m.nonzero_bytes),
+        iterations=2,  # at setup, at the switch
+        risk=POSTCOPY_RISK,
+        note=(
+            f"switches at once, then pulls {format_bytes(m.nonzero_bytes)} at "
+            f"{_rate(rates.first_bps)} while the guest runs on the destination"
+        ),
+    )
+
+
+def _hybrid(
+    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates
+) -> StrategyPrediction:
+    first_s = rates.first_pass_s(m)
+    dirtied = _pending_after(0.0, float(m.dirty_rate_bps), first_s, _dirty_set(m))
+    if dirtied <= rates.resend_bps * downtime_limit_ms / 1000.0:
+        # The first sync already fits the threshold: QEMU completes as a pre-copy before the
+        # controller gets to switch.
+        run = _Run(True, first_s, dirtied / rates.paused_bps, m.nonzero_bytes + dirtied, 3, dirtied)
+        note = f"finishes as a pre-copy after one pass ({format_bytes(dirtied)} while paused)"
+        return _from_run("hybrid", run, cal, note)
+    pull_s = dirtied / rates.resend_bps * cal.postcopy_fault_overhead
+    return StrategyPrediction(
+        strategy="hybrid",
+        converges=True,
+        total_ms=round(cal.setup_ms + cal.postcopy_switchover_ms + (first_s + pull_s) * 1000.0),
+        downtime_ms=cal.postcopy_switchover_ms,
+        transferred_bytes=round(m.nonzero_bytes + dirtied),
+        iterations=3,  # at setup, after the pass, at the switch
+        risk=HYBRID_RISK,
+        note=(
+            f"one pass of {format_bytes(m.nonzero_bytes)}, then post-copy pulls the "
+            f"{format_bytes(dirtied)} dirtied meanwhile"
+        ),
+    )
+
+
+def _cold(m: Measurement, cal: Calibration, rates: _Rates) -> StrategyPrediction:
+    # The guest is paused first, so the copy runs at the paused rate and nothing is re-sent.
+    copy_s = m.nonzero_bytes / rates.paused_bps + m.zero_bytes / rates.zero_scan_bps
+    total_ms = round(cal.setup_ms + copy_s * 1000.0 + cal.switchover_ms)
+    return StrategyPrediction(
+        strategy="cold",
+        converges=True,
+        total_ms=total_ms,
+        downtime_ms=total_ms,
+        transferred_bytes=round(m.nonzero_bytes),
+        iterations=3,  # at setup, after the pass (nothing dirty), at completion
+        risk=None,
+        note=f"guest paused for the whole copy of {format_bytes(m.nonzero_bytes)}",
+    )
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units for humans: ``"420 MB"``, ``"1.2 GB"``, ``"900 kB"``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_ms(ms: float) -> str:
+    """A duration for humans: ``"85 ms"``, ``"1.6 s"``, ``"19 s"``, ``"4.5 min"``."""
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    if ms < 10_000:
+        return f"{ms / 1000:.1f} s"
+    if ms < 120_000:
+        return f"{ms / 1000:.0f} s"
+    return f"{ms / 60_000:.1f} min"
+
+
+def _rate(bps: float) -> str:
+    return f"{format_bytes(bps)}/s"

@@ -1,0 +1,423 @@
+"""Choose a migration strategy from a goal, and re-plan it mid-flight from progress samples.
+
+``choose`` takes the predictions of :mod:`vmferry.core.predict` (made with the goal's downtime
+as QEMU's downtime limit) and picks what meets the goal most comfortably, preferring strategies
+without post-copy's failure mode when the comfort is similar. ``replan`` watches a running
+migration and says when to give up on pre-copy: switch to post-copy if the goal allows it,
+otherwise cancel while the guest still runs on the source.
+
+Example:
+    >>> from vmferry.core.predict import Calibration, Measurement, predict_all
+    >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.8, compress_ratio=1.0,
+    ...                 dirty_rate_bps=80_000_000, bandwidth_bps=50_000_000,
+    ...                 dirty_set_bytes=128 << 20)
+    >>> goal = Goal(max_downtime_ms=300)
+    >>> choose(predict_all(m, downtime_limit_ms=300, cal=Calibration.default()), goal).strategy
+    'hybrid'
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import Mechanism, MigrationStats
+from vmferry.core.predict import (
+    HEADROOM_CAP,
+    StrategyPrediction,
+    check_strategy,
+    format_bytes,
+    format_ms,
+)
+
+__all__ = [
+    "MARGIN_CAP",
+    "Action",
+    "Choice",
+    "Goal",
+    "Progress",
+    "Replan",
+    "choose",
+    "margin_of",
+    "meets",
+    "replan",
+]
+
+# A safety factor beyond this is "plenty": 4x headroom is not meaningfully safer than 10x.
+MARGIN_CAP = HEADROOM_CAP
+# Margins within this factor of the best count as similar; the least risky one wins among them.
+_SIMILAR_MARGIN = 0.5
+# From least to most side effects: nothing extra; CPU for zstd; CPU and a page cache; a slowed
+# guest; post-copy's failure window (short, then whole); the guest paused for the whole copy.
+_PREFERENCE: tuple[Mechanism, ...] = (
+    "precopy",
+    "multifd",
+    "xbzrle",
+    "auto-converge",
+    "hybrid",
+    "postcopy",
+    "cold",
+)
+_POSTCOPY_LIKE = frozenset({"postcopy", "hybrid"})
+_PRECOPY_LIKE = frozenset({"precopy", "multifd", "xbzrle", "auto-converge", "hybrid"})
+# replan(): syncs after the first pass over which the pending bytes must shrink by 10 %.
+_STALL_SYNCS = 3
+_STALL_SYNCS_THROTTLED = 6  # auto-converge needs a few syncs to raise its throttle
+_STALL_SYNCS_PREDICTED = 2  # the prediction already said it would not converge
+_MIN_SHRINK = 0.10
+# The controller switches a hybrid after the first pass (QEMU's second dirty-bitmap sync).
+_HYBRID_SWITCH_SYNC = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Goal:
+    """What the user wants from a migration.
+
+    Attributes:
+        max_downtime_ms: the longest pause the guest may see.
+        deadline_ms: time from start to done, None for no deadline.
+        allow_postcopy: False forbids post-copy (and hybrid) and their failure mode.
+    """
+
+    max_downtime_ms: int
+    deadline_ms: int | None = None
+    allow_postcopy: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_downtime_ms <= 0:
+            raise ConfigError(f"max downtime must be positive, got {self.max_downtime_ms} ms")
+        if self.deadline_ms is not None and self.deadline_ms <= 0:
+            raise ConfigError(f"deadline must be positive, got {self.deadline_ms} ms")
+
+    def describe(self) -> str:
+        """``"300 ms downtime"`` or ``"300 ms downtime within 20 s"``."""
+        text = f"{self.max_downtime_ms} ms downtime"
+        if self.deadline_ms is not None:
+            text += f" within {format_ms(self.deadline_ms)}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """The strategy ``choose`` picked.
+
+    Attributes:
+        strategy: the strategy to run.
+        prediction: its prediction.
+        meets_goal: whether the prediction meets every part of the goal.
+        margin: see :func:`margin_of` (>= 1 when the goal is met; larger is safer).
+        reason: one line for the CLI.
+    """
+
+    strategy: Mechanism
+    prediction: StrategyPrediction
+    meets_goal: bool
+    margin: float
+    reason: str
+
+
+def meets(p: StrategyPrediction, goal: Goal) -> bool:
+    """Whether a prediction converges within the goal's downtime and deadline."""
+    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+        return False
+    if p.downtime_ms > goal.max_downtime_ms:
+        return False
+    return goal.deadline_ms is None or p.total_ms <= goal.deadline_ms
+
+
+def margin_of(p: StrategyPrediction, goal: Goal) -> float:
+    """How comfortably a prediction meets the goal: the smallest of its safety factors.
+
+    * deadline / predicted total, when there is a deadline;
+    * downtime limit / predicted downtime for post-copy, hybrid and cold;
+    * for pre-copy-like strategies, whose downtime QEMU itself holds to the limit, the factor by
+      which the guest's dirty rate may grow before they stop converging
+      (``StrategyPrediction.dirty_headroom``), or the downtime factor if it is the smaller.
+
+    Capped at ``MARGIN_CAP``; at least 1 when the goal is met; 0 when it does not converge.
+    """
+    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+        return 0.0
+    downtime_factor = goal.max_downtime_ms / max(1, p.downtime_ms)
+    factors = [downtime_factor]
+    if p.dirty_headroom is not None and downtime_factor >= 1.0:
+        factors = [p.dirty_headroom]
+    if goal.deadline_ms is not None:
+        factors.append(goal.deadline_ms / max(1, p.total_ms))
+    return min(MARGIN_CAP, *factors)
+
+
+def choose(predictions: Sequence[StrategyPrediction], goal: Goal) -> Choice:
+    """Pick the strategy that meets the goal most comfortably.
+
+    Among those that meet it, the largest margin wins, but any within a factor of 2 of it count
+    as similar and the least risky of those is taken (pre-copy before multifd, xbzrle,
+    auto-converge, hybrid, post-copy, cold). When none meets the goal, the best effort is, with
+    ``meets_goal=False``, one that keeps the downtime limit if any does, then the one that misses
+    the goal by the smallest factor. Cold is never chosen unless
+    it meets the downtime limit; post-copy and hybrid never when the goal forbids them.
+
+    Args:
+        predictions: one per strategy, predicted with ``goal.max_downtime_ms`` as the limit.
+        goal: the user's goal.
+
+    Returns:
+        The choice and a one-line reason.
+
+    Raises:
+        ConfigError: nothing to choose from (no predictions, or all excluded by the goal).
+    """
+    allowed = [
+        p
+        for p in predictions
+        if (goal.allow_postcopy or p.strategy not in _POSTCOPY_LIKE)
+        and (p.strategy != "cold" or _downtime_ok(p, goal))
+    ]
+    if not allowed:
+        raise ConfigError(
+            f"no strategy to choose from for {goal.describe()}"
+            + ("" if goal.allow_postcopy else " without post-copy")
+        )
+    meeting = [p for p in allowed if meets(p, goal)]
+    if meeting:
+        best = max(margin_of(p, goal) for p in meeting)
+        similar = [p for p in meeting if margin_of(p, goal) >= best * _SIMILAR_MARGIN]
+        pick = min(similar, key=lambda p: (_rank(p), p.total_ms or 0))
+        margin = margin_of(pick, goal)
+        reason = (
+            f"{pick.strategy}: ~{format_ms(pick.downtime_ms or 0)} downtime, "
+            f"~{format_ms(pick.total_ms or 0)} total, meets {goal.describe()} "
+            f"with {margin:.1f}x margin"
+        )
+        riskier = [p.strategy for p in meeting if margin_of(p, goal) > margin and p is not pick]
+        if riskier:
+            reason += f" (preferred to {', '.join(riskier)}: similar margin, fewer side effects)"
+        return Choice(pick.strategy, pick, True, margin, reason)
+
+    # The downtime is what the guest feels: missing only the deadline is the lesser miss.
+    pick = min(allowed, key=lambda p: (not _downtime_ok(p, goal), _shortfall(p, goal), _rank(p)))
+    return Choice(pick.strategy, pick, False, margin_of(pick, goal), _miss_reason(pick, goal))
+
+
+def _rank(p: StrategyPrediction) -> int:
+    return _PREFERENCE.index(p.strategy)
+
+
+def _downtime_ok(p: StrategyPrediction, goal: Goal) -> bool:
+    return p.converges and p.downtime_ms is not None and p.downtime_ms <= goal.max_downtime_ms
+
+
+def _shortfall(p: StrategyPrediction, goal: Goal) -> float:
+    """By what factor a prediction misses the goal (1 = just meets it, inf = never finishes)."""
+    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+        return math.inf
+    factors = [p.downtime_ms / goal.max_downtime_ms]
+    if goal.deadline_ms is not None:
+        factors.append(p.total_ms / goal.deadline_ms)
+    return max(factors)
+
+
+def _miss_reason(p: StrategyPrediction, goal: Goal) -> str:
+    head = f"cannot meet {goal.describe()}"
+    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+        forbidden = "" if goal.allow_postcopy else "; post-copy is not allowed"
+        return f"{head}: no allowed strategy finishes ({p.strategy}: {p.note}){forbidden}"
+    misses = []
+    if p.downtime_ms > goal.max_downtime_ms:
+        misses.append(
+            f"downtime {format_ms(goal.max_downtime_ms)} < predicted {format_ms(p.downtime_ms)}"
+        )
+    if goal.deadline_ms is not None and p.total_ms > goal.deadline_ms:
+        misses.append(f"deadline {format_ms(goal.deadline_ms)} < predicted {format_ms(p.total_ms)}")
+    return (
+        f"{head}: best is {p.strategy} at ~{format_ms(p.downtime_ms)} downtime "
+        f"but {' and '.join(misses)}"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """One progress sample as the controller sees it.
+
+    Attributes:
+        elapsed_ms: since the migration started.
+        transferred_bytes: sent so far.
+        remaining_bytes: QEMU's pending bytes (dirty pages, zero pages not yet scanned included).
+        dirty_rate_bps: the guest's dirty rate as QEMU measures it.
+        throughput_bps: what QEMU sends per second.
+        iterations: QEMU's dirty-bitmap sync count.
+        expected_downtime_ms: QEMU's own estimate, if it gave one.
+        is_postcopy: post-copy already runs (nothing to re-plan).
+    """
+
+    elapsed_ms: int
+    transferred_bytes: int
+    remaining_bytes: int
+    dirty_rate_bps: int
+    throughput_bps: int
+    iterations: int
+    expected_downtime_ms: int | None
+    is_postcopy: bool = False
+
+    @classmethod
+    def from_stats(cls, stats: MigrationStats) -> Progress:
+        """The sample a :class:`MigrationStats` carries."""
+        return cls(
+            elapsed_ms=stats.total_ms,
+            transferred_bytes=stats.transferred_bytes,
+            remaining_bytes=stats.remaining_bytes,
+            dirty_rate_bps=stats.dirty_rate_bps,
+            throughput_bps=stats.throughput_bps,
+            iterations=stats.iterations,
+            expected_downtime_ms=stats.expected_downtime_ms,
+            is_postcopy=stats.status.startswith("postcopy"),
+        )
+
+
+class Action(enum.Enum):
+    """What the controller should do next."""
+
+    CONTINUE = "continue"
+    SWITCH_TO_POSTCOPY = "switch-to-postcopy"
+    CANCEL = "cancel"
+
+
+@dataclass(frozen=True, slots=True)
+class Replan:
+    """``replan``'s verdict and a one-line reason for the log and the CLI."""
+
+    action: Action
+    reason: str
+
+
+def replan(
+    strategy: str,
+    history: Sequence[Progress],
+    prediction: StrategyPrediction,
+    goal: Goal,
+) -> Replan:
+    """Decide mid-flight whether a migration should go on as it is.
+
+    A pre-copy-like migration is *stalled* when, over the last few dirty-bitmap syncs after the
+    first pass (3; 6 for auto-converge, which needs syncs to raise its throttle; 2 when the
+    prediction already said it would not converge), the pending bytes did not shrink by 10 %
+    while QEMU still expected more downtime than the goal. It *misses the deadline* when the time
+    left at the current net rate (sent minus dirtied) does not fit before it, or when the deadline
+    has passed. Either way: switch to post-copy when the goal allows it (the switch itself pauses
+    the guest only for the device state), otherwise cancel now, while the guest runs on the source.
+    Nothing here raises the downtime limit: QEMU keeps holding pre-copy to it.
+
+    Args:
+        strategy: the running strategy.
+        history: progress samples, oldest first.
+        prediction: the strategy's prediction before it started.
+        goal: the user's goal.
+
+    Returns:
+        The action and why.
+
+    Raises:
+        ConfigError: unknown strategy.
+    """
+    name = check_strategy(strategy)
+    if not history:
+        return Replan(Action.CONTINUE, "no progress sample yet")
+    last = history[-1]
+    if last.is_postcopy or name == "postcopy":
+        return Replan(Action.CONTINUE, "post-copy runs: it finishes by itself")
+    if name not in _PRECOPY_LIKE:
+        return Replan(Action.CONTINUE, f"{name}: nothing to adapt")
+    if name == "hybrid" and goal.allow_postcopy and last.iterations >= _HYBRID_SWITCH_SYNC:
+        return Replan(Action.SWITCH_TO_POSTCOPY, "hybrid: first pass done, switching to post-copy")
+
+    trouble = _stall(name, history, prediction, goal) or _deadline_miss(last, goal)
+    if trouble is None:
+        return Replan(Action.CONTINUE, _on_track(last, prediction))
+    if goal.allow_postcopy:
+        return Replan(Action.SWITCH_TO_POSTCOPY, f"{trouble}: switching to post-copy")
+    return Replan(
+        Action.CANCEL,
+        f"{trouble}; post-copy is not allowed: cancelling, the guest keeps running on the source",
+    )
+
+
+def _pending_by_sync(history: Sequence[Progress]) -> list[tuple[int, Progress]]:
+    """Per dirty-bitmap sync after the first pass, the sample with the most pending bytes
+    (the closest to the sync itself)."""
+    best: dict[int, Progress] = {}
+    for sample in history:
+        if sample.iterations < 2:
+            continue
+        seen = best.get(sample.iterations)
+        if seen is None or sample.remaining_bytes > seen.remaining_bytes:
+            best[sample.iterations] = sample
+    return sorted(best.items())
+
+
+def _expected_downtime_ms(sample: Progress) -> float:
+    if sample.expected_downtime_ms is not None:
+        return float(sample.expected_downtime_ms)
+    if sample.throughput_bps <= 0:
+        return math.inf
+    return sample.remaining_bytes * 1000.0 / sample.throughput_bps
+
+
+def _stall(
+    name: Mechanism, history: Sequence[Progress], prediction: StrategyPrediction, goal: Goal
+) -> str | None:
+    if not prediction.converges:
+        window = _STALL_SYNCS_PREDICTED
+    elif name == "auto-converge":
+        window = _STALL_SYNCS_THROTTLED
+    else:
+        window = _STALL_SYNCS
+    syncs = _pending_by_sync(history)
+    if len(syncs) < window:
+        return None
+    recent = [sample for _, sample in syncs[-window:]]
+    first, latest = recent[0], recent[-1]
+    if latest.remaining_bytes < first.remaining_bytes * (1.0 - _MIN_SHRINK):
+        return None
+    if min(_expected_downtime_ms(s) for s in recent) <= goal.max_downtime_ms:
+        return None
+    as_predicted = " as predicted" if not prediction.converges else ""
+    return (
+        f"stalled{as_predicted}: {format_bytes(latest.remaining_bytes)} pending has not shrunk "
+        f"over {window} syncs (guest dirties {format_bytes(latest.dirty_rate_bps)}/s, "
+        f"{format_bytes(latest.throughput_bps)}/s sent)"
+    )
+
+
+def _deadline_miss(last: Progress, goal: Goal) -> str | None:
+    if goal.deadline_ms is None:
+        return None
+    if last.elapsed_ms >= goal.deadline_ms:
+        return f"deadline {format_ms(goal.deadline_ms)} passed"
+    if last.iterations < 2:
+        # During the first pass the pending bytes include zero pages not yet scanned, which
+        # cost almost nothing: a projection from them would be far too pessimistic.
+        return None
+    net_bps = last.throughput_bps - last.dirty_rate_bps
+    if net_bps <= 0:
+        return (
+            f"will miss the {format_ms(goal.deadline_ms)} deadline: the guest dirties "
+            f"{format_bytes(last.dirty_rate_bps)}/s, faster than "
+            f"{format_bytes(last.throughput_bps)}/s sent"
+        )
+    finish_ms = last.elapsed_ms + last.remaining_bytes * 1000.0 / net_bps
+    if finish_ms <= goal.deadline_ms:
+        return None
+    return (
+        f"will miss the {format_ms(goal.deadline_ms)} deadline: ~{format_ms(finish_ms)} "
+        "at the current net rate"
+    )
+
+
+def _on_track(last: Progress, prediction: StrategyPrediction) -> str:
+    text = f"{format_bytes(last.remaining_bytes)} pending after {format_ms(last.elapsed_ms)}"
+    if prediction.total_ms is not None:
+        text += f" (predicted ~{format_ms(prediction.total_ms)} in all)"
+    return text
