@@ -242,3 +242,40 @@ def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     rate_bps = report["transferred_bytes"] / (report["total_ms"] / 1000)
     assert rate_bps < 25e6 * 1.1, rate_bps
     assert lab.vms()[0]["host"] == "host-2"
+
+
+def test_plan_then_auto_meets_a_goal_plain_precopy_cannot(lab_dir: Path) -> None:
+    # A guest dirtying ~40 MiB/s behind a 200 Mbit/s (25 MB/s) cap: pre-copy never converges.
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2")
+    workload = "dirty:rate=40M,size=128M,pattern=random,mode=paced"
+    lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", workload)
+    goal = ["--max-downtime", "100", "--deadline", "60", "--bandwidth", "200"]
+
+    plan = lab.ok("plan", "vm1", "--to", "host-2", *goal)
+    predictions = {p["strategy"]: p for p in plan["predictions"]}
+    assert set(predictions) == {
+        "precopy", "multifd", "xbzrle", "auto-converge", "postcopy", "hybrid", "cold",
+    }  # fmt: skip
+    assert predictions["precopy"]["converges"] is False
+    assert predictions["postcopy"]["converges"] is True
+    assert predictions["cold"]["downtime_ms"] == predictions["cold"]["total_ms"]
+    assert plan["measured"]["bandwidth_bps"] <= 25_000_000
+    assert plan["measured"]["dirty_rate_bps"] > 20 << 20
+    assert plan["recommended"] in ("postcopy", "hybrid")
+    assert plan["meets_goal"] is True
+    assert lab.vms()[0]["host"] == "host-1"  # planning changes nothing
+
+    report = lab.ok("migrate", "vm1", "--to", "host-2", "--strategy", "auto", *goal)
+    assert report["status"] == "completed", report["error"]
+    assert report["strategy"] in ("postcopy", "hybrid")
+    assert report["predicted"] is not None
+    assert report["downtime_ms"] <= 100
+    assert report["integrity"]["ok"] is True
+
+    # Without post-copy nothing meets 100 ms here: refused before anything starts.
+    lab.refused(
+        "migrate", "vm1", "--to", "host-1", "--strategy", "auto", "--no-postcopy", *goal,
+        message="--force",
+    )  # fmt: skip
+    assert lab.vms()[0]["host"] == "host-2"
