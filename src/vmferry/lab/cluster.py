@@ -28,9 +28,7 @@ import logging
 import os
 import secrets
 import shutil
-import signal
 import sys
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +37,15 @@ import aiohttp
 from vmferry.controller.inventory import HostEntry, Inventory, default_lab_dir
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.lab import netns as lab_netns
+from vmferry.lab._reaper import (
+    agent_pids,
+    is_agent,
+    is_qemu,
+    qemu_children,
+    qemu_pids,
+    read_ready,
+    stop_pids,
+)
 
 __all__ = [
     "MAX_HOSTS",
@@ -63,8 +70,6 @@ RESERVED_MEMORY_BYTES = 2 * GIB
 
 READY_TIMEOUT_S = 60.0
 STATUS_TIMEOUT_S = 5.0
-TERM_GRACE_S = 10.0
-KILL_GRACE_S = 5.0
 _LOG_TAIL_LINES = 20
 
 _NETWORK_FILE = "network.json"
@@ -366,7 +371,7 @@ async def _wait_ready(
     """
     ready_file = state_dir / "ready.json"
     while True:
-        ready = _read_ready(ready_file)
+        ready = read_ready(ready_file)
         if ready is not None:
             return ready
         if proc.returncode is not None:
@@ -375,21 +380,6 @@ async def _wait_ready(
             )
         # No file-appeared event without inotify; the agent's exit is polled alongside.
         await asyncio.sleep(0.05)
-
-
-def _read_ready(path: Path) -> tuple[str, int] | None:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError):
-        return None  # the agent writes atomically, but be lenient with a torn read
-    if not isinstance(data, dict):
-        return None
-    url, pid = data.get("url"), data.get("pid")
-    if not isinstance(url, str) or not isinstance(pid, int):
-        return None
-    return url, pid
 
 
 def _log_tail(state_dir: Path) -> str:
@@ -417,7 +407,7 @@ async def lab_status(lab_dir: Path | None = None) -> list[HostStatus]:
 
 
 async def _probe(session: aiohttp.ClientSession, host: HostEntry) -> HostStatus:
-    alive = host.pid is not None and _is_agent(host.pid)
+    alive = host.pid is not None and is_agent(host.pid)
     info: dict[str, object] | None = None
     error: str | None = None
     try:
@@ -469,13 +459,13 @@ async def lab_down(lab_dir: Path | None = None) -> DownReport:
         inventory = Inventory.load(directory)
     state_dirs = _state_dirs(directory, inventory)
 
-    agent_pids = _agent_pids(state_dirs, inventory)
+    agents_found = agent_pids(state_dirs, inventory)
     # QEMUs an agent runs but has not recorded yet (e.g. its start-up KVM probe) are found as
     # its children, before stopping it orphans them.
-    children = _qemu_children(agent_pids)
-    agents = await _stop(agent_pids, _is_agent)
+    children = qemu_children(agents_found)
+    agents = await stop_pids(agents_found, is_agent)
     # After the agents, so none of them starts or restarts a QEMU behind our back.
-    qemus = await _stop(_qemu_pids(state_dirs) | children, _is_qemu)
+    qemus = await stop_pids(qemu_pids(state_dirs) | children, is_qemu)
 
     namespaces = await lab_netns.teardown() if await _owns_network(directory, inventory) else 0
     removed = _remove_state(directory)
@@ -516,138 +506,6 @@ def _state_dirs(directory: Path, inventory: Inventory | None) -> list[Path]:
     with contextlib.suppress(OSError):
         found.update(p for p in (directory / _HOSTS_DIR).iterdir() if p.is_dir())
     return sorted(found)
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    return int(text) if text.isdigit() and int(text) > 1 else None
-
-
-def _agent_pids(state_dirs: Iterable[Path], inventory: Inventory | None) -> set[int]:
-    pids = {h.pid for h in inventory.hosts if h.pid} if inventory else set()
-    for state_dir in state_dirs:
-        ready = _read_ready(state_dir / "ready.json")
-        if ready:
-            pids.add(ready[1])
-        spawned = _read_pid(state_dir / "agent.pid")
-        if spawned:
-            pids.add(spawned)
-    return pids
-
-
-def _qemu_pids(state_dirs: Iterable[Path]) -> set[int]:
-    """PIDs from every ``qemu.pid`` under the state dirs (``vms/<vm>/`` and the accel probe's)."""
-    pids: set[int] = set()
-    for state_dir in state_dirs:
-        for pid_file in state_dir.rglob("qemu.pid"):
-            pid = _read_pid(pid_file)
-            if pid:
-                pids.add(pid)
-    return pids
-
-
-def _qemu_children(parents: set[int]) -> set[int]:
-    if not parents:
-        return set()
-    found: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        # Fields after "(comm)": state, ppid, ...; comm itself may contain spaces and parens.
-        fields = stat.rsplit(")", 1)[-1].split()
-        if len(fields) > 1 and int(fields[1]) in parents and _is_qemu(int(entry.name)):
-            found.add(int(entry.name))
-    return found
-
-
-def _cmdline(pid: int) -> list[str]:
-    """The process's argv; empty if it is gone or a zombie."""
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-
-
-def _is_agent(pid: int) -> bool:
-    return any("vmferry" in arg for arg in _cmdline(pid))
-
-
-def _is_qemu(pid: int) -> bool:
-    argv = _cmdline(pid)
-    return bool(argv) and os.path.basename(argv[0]).startswith("qemu-system")
-
-
-async def _stop(pids: Iterable[int], is_ours: Callable[[int], bool]) -> int:
-    """SIGTERM the processes that are ours, SIGKILL those still there after a grace period.
-
-    Signals go through pidfds opened *before* the ownership check, so a PID reused after the
-    check cannot be hit. Returns how many were signalled.
-    """
-    pidfds: dict[int, int] = {}
-    for pid in sorted(pids):
-        try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            continue  # already gone
-        if is_ours(pid):
-            pidfds[pid] = pidfd
-        else:
-            os.close(pidfd)
-    try:
-        for pid, pidfd in pidfds.items():
-            logger.debug("SIGTERM pid=%d %s", pid, _cmdline(pid)[:3])
-            _signal(pidfd, signal.SIGTERM)
-        left = await _wait_exited(pidfds, TERM_GRACE_S)
-        for pid in left:
-            logger.warning("pid %d ignored SIGTERM for %g s; SIGKILL", pid, TERM_GRACE_S)
-            _signal(pidfds[pid], signal.SIGKILL)
-        left = await _wait_exited({pid: pidfds[pid] for pid in left}, KILL_GRACE_S)
-        if left:
-            raise FerryError(f"processes {sorted(left)} survived SIGKILL for {KILL_GRACE_S:g} s")
-    finally:
-        for pidfd in pidfds.values():
-            os.close(pidfd)
-    return len(pidfds)
-
-
-def _signal(pidfd: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        signal.pidfd_send_signal(pidfd, sig)
-
-
-async def _wait_exited(pidfds: dict[int, int], timeout_s: float) -> set[int]:
-    """Wait until each pidfd reports its process exited; return the PIDs still running."""
-    loop = asyncio.get_running_loop()
-    left = set(pidfds)
-    if not left:
-        return left
-    done = asyncio.Event()
-
-    def exited(pid: int) -> None:
-        loop.remove_reader(pidfds[pid])
-        left.discard(pid)
-        if not left:
-            done.set()
-
-    for pid, pidfd in pidfds.items():
-        loop.add_reader(pidfd, exited, pid)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await done.wait()
-    except TimeoutError:
-        pass
-    finally:
-        for pid in left:
-            loop.remove_reader(pidfds[pid])
-    return set(left)
 
 
 def _remove_state(directory: Path) -> bool:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from vmferry.core.errors import QMPCommandError, QMPConnectError, QMPTimeout
 
@@ -29,6 +29,7 @@ __all__ = ["DEFAULT_TIMEOUT_S", "QmpSession"]
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 10.0
+_CONNECT_RETRY_S = 0.02
 
 
 class QmpSession:
@@ -48,7 +49,15 @@ class QmpSession:
         """
         try:
             async with asyncio.timeout(timeout_s):
-                await self._client.connect(str(socket_path))
+                while True:
+                    try:
+                        await self._client.connect(str(socket_path))
+                        break
+                    except ConnectError as err:
+                        # QEMU binds its socket (the file appears) a moment before it listens.
+                        if not isinstance(err.exc, ConnectionRefusedError | FileNotFoundError):
+                            raise
+                        await asyncio.sleep(_CONNECT_RETRY_S)
         except TimeoutError as err:
             raise QMPTimeout(f"QMP greeting on {socket_path}", timeout_s) from err
         except QMPError as err:

@@ -1,0 +1,155 @@
+"""Calibration of the predictor: the machine/QEMU constants it needs, and their refinement
+from past migrations (predicted against actual)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import Mechanism, Prediction
+
+__all__ = ["Calibration", "CalibrationSample"]
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSample:
+    """One finished migration: what was predicted (with the calibration being refined) and what
+    QEMU reported.
+
+    Attributes:
+        strategy: the strategy that ran.
+        predicted: the prediction made before it started.
+        actual_total_ms: the measured total (same scope as the prediction).
+        actual_downtime_ms: QEMU's downtime, None if unknown.
+    """
+
+    strategy: Mechanism
+    predicted: Prediction
+    actual_total_ms: int
+    actual_downtime_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """Machine and QEMU constants of the model.
+
+    Defaults come from QEMU 10 under TCG on a 2-core host (DESIGN.md "Facts"); ``refined``
+    adjusts them from past migrations.
+
+    Attributes:
+        qemu_throughput_bps: what one QEMU migration thread pushes at most (CPU-bound under TCG;
+            ~420 MB in ~1.0-1.2 s on loopback).
+        paused_throughput_bps: what QEMU pushes once the guest is paused (the switchover copy,
+            a cold migration): TCG vCPU threads no longer compete for the host's cores.
+        zero_scan_bps: how fast QEMU scans and flags zero pages (a 1 GiB mostly-zero guest pays
+            ~0.3 s for it under TCG).
+        setup_ms: starting the destination and the handshakes, before the first byte.
+        switchover_ms: device state and the final bitmap sync, paid in every pre-copy downtime.
+        postcopy_switchover_ms: downtime of a switch to post-copy (device state only; the
+            destination runs before its RAM arrives).
+        multifd_compress_bps: guest bytes per second zstd compresses for multifd on this host.
+        postcopy_fault_overhead: factor on post-copy transfer time (page faults, round trips).
+        xbzrle_overhead: extra wire cost of an xbzrle re-sent page, as a fraction of a page
+            (headers, cache misses, pages whose delta overflows and go whole).
+        time_scale: factor on every predicted transfer time, learnt from history by
+            ``refined`` (1.0 = the reference machine).
+    """
+
+    qemu_throughput_bps: int = 450_000_000
+    paused_throughput_bps: int = 900_000_000
+    zero_scan_bps: int = 3_000_000_000
+    setup_ms: int = 300
+    switchover_ms: int = 20
+    postcopy_switchover_ms: int = 1
+    multifd_compress_bps: int = 800_000_000
+    postcopy_fault_overhead: float = 1.05
+    xbzrle_overhead: float = 0.05
+    time_scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        rates = (
+            self.qemu_throughput_bps,
+            self.paused_throughput_bps,
+            self.zero_scan_bps,
+            self.multifd_compress_bps,
+        )
+        if min(rates) <= 0:
+            raise ConfigError("calibration rates must be positive")
+        if min(self.setup_ms, self.switchover_ms, self.postcopy_switchover_ms) < 0:
+            raise ConfigError("calibration times must be >= 0")
+        if self.postcopy_fault_overhead < 1.0 or self.xbzrle_overhead < 0.0:
+            raise ConfigError("postcopy_fault_overhead must be >= 1 and xbzrle_overhead >= 0")
+        if not self.time_scale > 0.0:
+            raise ConfigError("time_scale must be positive")
+
+    @classmethod
+    def default(cls) -> Calibration:
+        """The reference machine's constants (see the attributes)."""
+        return cls()
+
+    def refined(self, samples: Sequence[CalibrationSample]) -> Calibration:
+        """Adjust the constants to past migrations predicted with this calibration.
+
+        Transfer times scale by the geometric mean of actual / predicted (setup excluded);
+        post-copy samples move ``postcopy_fault_overhead`` instead. Switchover times shift by
+        the median downtime error. Each adjustment is shrunk towards no change by
+        ``n / (n + 2)`` for ``n`` samples, so one odd run does not swing the model, and each
+        ratio is clamped to 0.2..5.
+
+        Args:
+            samples: (predicted, actual) pairs; unusable ones (non-positive times) are skipped.
+
+        Returns:
+            A new calibration (this one when there is nothing to learn).
+        """
+        copy_ratios: list[float] = []
+        postcopy_ratios: list[float] = []
+        downtime_errors: list[float] = []
+        switch_errors: list[float] = []
+        for sample in samples:
+            predicted_ms = sample.predicted.total_ms - self.setup_ms
+            actual_ms = sample.actual_total_ms - self.setup_ms
+            if predicted_ms > 0 and actual_ms > 0:
+                ratio = min(5.0, max(0.2, actual_ms / predicted_ms))
+                (postcopy_ratios if sample.strategy == "postcopy" else copy_ratios).append(ratio)
+            if sample.actual_downtime_ms is None or sample.strategy == "cold":
+                continue
+            error = float(sample.actual_downtime_ms - sample.predicted.downtime_ms)
+            if sample.strategy in ("postcopy", "hybrid"):
+                switch_errors.append(error)
+            else:
+                downtime_errors.append(error)
+
+        time_scale = self.time_scale * _shrunk_ratio(copy_ratios)
+        # Post-copy times carry time_scale too: move the overhead so that the product matches.
+        overhead = (
+            self.postcopy_fault_overhead
+            * _shrunk_ratio(postcopy_ratios)
+            * self.time_scale
+            / time_scale
+        )
+        return replace(
+            self,
+            time_scale=time_scale,
+            postcopy_fault_overhead=max(1.0, overhead),
+            switchover_ms=max(1, round(self.switchover_ms + _shrunk_shift(downtime_errors))),
+            postcopy_switchover_ms=max(
+                0, round(self.postcopy_switchover_ms + _shrunk_shift(switch_errors))
+            ),
+        )
+
+
+def _shrunk_ratio(ratios: Sequence[float]) -> float:
+    if not ratios:
+        return 1.0
+    mean_log = statistics.fmean(math.log(r) for r in ratios)
+    return math.exp(mean_log * len(ratios) / (len(ratios) + 2))
+
+
+def _shrunk_shift(errors: Sequence[float]) -> float:
+    if not errors:
+        return 0.0
+    return statistics.median(errors) * len(errors) / (len(errors) + 2)
