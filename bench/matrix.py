@@ -241,6 +241,12 @@ def make_record(
     }
     if refused is not None:
         record["refused"] = {"exit_code": refused.exit_code, "message": refused.stderr_tail}
+    derive(record, max_downtime_ms, deadline_s)
+    return record
+
+
+def derive(record: dict[str, Any], max_downtime_ms: int, deadline_s: float) -> None:
+    """(Re)compute a record's outcome and prediction errors from its report fields."""
     record["outcome"] = classify(record, max_downtime_ms, deadline_s)
     record["guest_within_goal"] = (
         record["outcome"] in ("within-goal", "over-goal")
@@ -248,7 +254,15 @@ def make_record(
         and record["guest_downtime_ms"] <= max_downtime_ms
     )
     record.update(prediction_errors(record))
-    return record
+    record["predicted_finish_but_failed"] = _predicted_finish_but_failed(record, deadline_s)
+
+
+def _predicted_finish_but_failed(record: dict[str, Any], deadline_s: float) -> bool | None:
+    """A prediction of finishing within the deadline for a run that did not complete."""
+    predicted = record.get("predicted")
+    if not predicted or predicted.get("total_ms") is None or record.get("status") is None:
+        return None
+    return bool(record["status"] != "completed" and predicted["total_ms"] <= deadline_s * 1000)
 
 
 def prediction_errors(record: dict[str, Any]) -> dict[str, Any]:
@@ -442,6 +456,9 @@ def summarize(cells: list[dict[str, Any]], strategies: list[str]) -> dict[str, A
     downtime_oks = [r["downtime_pred_ok"] for r in runs if r["downtime_pred_ok"] is not None]
     predictions = {
         "runs_with_prediction": sum(r["predicted"] is not None for r in runs),
+        "predicted_finish_but_failed": sum(
+            bool(r.get("predicted_finish_but_failed")) for r in runs
+        ),
         "total_compared": len(total_errs),
         "median_total_rel_err": _median(total_errs),
         "downtime_compared": len(downtime_oks),
@@ -606,6 +623,9 @@ def _parse_args() -> argparse.Namespace:
     parser.add_argument("--cells", default=None, help="comma-separated cell names (default all)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/matrix.json"))
     parser.add_argument("--png", type=Path, default=None, help="default: --out with .png")
+    parser.add_argument(
+        "--replot", action="store_true", help="recompute summary and PNG from --out; run nothing"
+    )
     args = parser.parse_args()
     args.strategies = [s for s in args.strategies.split(",") if s]
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
@@ -630,8 +650,27 @@ def _select_cells(args: argparse.Namespace, link_bps: int) -> list[Cell]:
     return [by_name[name] for name in wanted]
 
 
+def replot(args: argparse.Namespace) -> int:
+    """Recompute the summary and redraw the PNG of an existing results file."""
+    results = json.loads(args.out.read_text())
+    config = results["config"]
+    strategies = config["strategies"]
+    for cell in results["cells"]:
+        for record in cell["runs"].values():
+            derive(record, config["max_downtime_ms"], config["deadline_s"])
+    results["summary"] = summarize(results["cells"], strategies)
+    write_json(args.out, results)
+    plot(results, args.png)
+    print(table(results["cells"], strategies))
+    print(json.dumps(results["summary"], indent=2))
+    print(f"wrote {args.out} and {args.png}")
+    return 0
+
+
 def main() -> int:
     args = _parse_args()
+    if args.replot:
+        return replot(args)
     link_bps = args.link_mbps * 125_000
     cells = _select_cells(args, link_bps)
     likely_s, worst_s = estimate_s(

@@ -205,16 +205,24 @@ async def _migrate_one(
         return await migrate(cluster, request, history=history, on_progress=line.update)
 
 
-async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
+def _request(args: argparse.Namespace) -> MigrationRequest:
+    """The migration asked for by ``plan``/``migrate`` arguments, validated up front."""
     request = MigrationRequest(
         vm=validate_name(args.name),
         destination=validate_name(args.to, "host name"),
+        strategy=getattr(args, "strategy", "auto"),
         max_downtime_ms=args.max_downtime,
         deadline_s=args.deadline,
         bandwidth_mbps=args.bandwidth,
+        force=getattr(args, "force", False),
         allow_postcopy=not args.no_postcopy,
     )
-    request.resolve()
+    request.resolve()  # refuse bad options before touching anything
+    return request
+
+
+async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
+    request = _request(args)
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
         info = await cluster.locate(request.vm)
@@ -241,17 +249,7 @@ async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
-    request = MigrationRequest(
-        vm=validate_name(args.name),
-        destination=validate_name(args.to, "host name"),
-        strategy=args.strategy,
-        max_downtime_ms=args.max_downtime,
-        deadline_s=args.deadline,
-        bandwidth_mbps=args.bandwidth,
-        force=args.force,
-        allow_postcopy=not args.no_postcopy,
-    )
-    request.resolve()  # refuse bad options before touching anything
+    request = _request(args)
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
         if err.is_terminal:
@@ -289,7 +287,8 @@ async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
         MigrationRequest(
             vm=spec.name,
             destination=d,
-            strategy="precopy",
+            strategy="auto",
+            force=True,
             max_downtime_ms=args.max_downtime,
             bandwidth_mbps=args.bandwidth,
         )
