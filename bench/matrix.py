@@ -521,6 +521,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     cells: list[dict[str, Any]] = results["cells"]
     strategies: list[str] = results["config"]["strategies"]
@@ -583,6 +584,9 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ax_pred.plot([low, high], [low, high], color="black", linewidth=0.8, label="y = x")
         ax_pred.set_xscale("log")
         ax_pred.set_yscale("log")
+        for axis in (ax_pred.xaxis, ax_pred.yaxis):
+            axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            axis.set_minor_formatter(NullFormatter())
         ax_pred.legend(fontsize=7)
     else:
         ax_pred.text(
@@ -737,16 +741,19 @@ def main() -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     build_image()
     lab_dir = Path(tempfile.mkdtemp(prefix="vmf-matrix-"))
-    try:
-        asyncio.run(
-            lab_up(2, netns=not args.loopback, link_mbps=None if args.loopback else args.link_mbps,
-                   lab_dir=lab_dir)
-        )  # fmt: skip
-        for index, cell in enumerate(cells, start=1):
-            run_cell(lab_dir, index, cell, args, results["cells"], on_run)
-    finally:
-        asyncio.run(lab_down(lab_dir))
-        shutil.rmtree(lab_dir, ignore_errors=True)
+    # One loop for lab_up and lab_down: the agents' child watcher belongs to it. The runs
+    # themselves are plain blocking subprocesses between the two.
+    with asyncio.Runner() as runner:
+        try:
+            runner.run(
+                lab_up(2, netns=not args.loopback,
+                       link_mbps=None if args.loopback else args.link_mbps, lab_dir=lab_dir)
+            )  # fmt: skip
+            for index, cell in enumerate(cells, start=1):
+                run_cell(lab_dir, index, cell, args, results["cells"], on_run)
+        finally:
+            runner.run(lab_down(lab_dir))
+            shutil.rmtree(lab_dir, ignore_errors=True)
     results["elapsed_s"] = round(time.monotonic() - started)
     write_json(args.out, results)
     plot(results, args.png)

@@ -107,8 +107,9 @@ def test_live_and_cold_migrations_through_the_cli(lab_dir: Path) -> None:
     assert cold["strategy"] == "cold"
     assert cold["integrity"]["ok"] is True
     assert cold["integrity"]["bad_pages"] == 0
-    # A cold move pauses the guest for the whole copy.
-    assert cold["guest_downtime_ms"] >= cold["downtime_ms"]
+    # A cold move pauses the guest for the whole copy, and the report says so.
+    assert cold["downtime_ms"] >= live["downtime_ms"]
+    assert cold["guest_downtime_ms"] >= cold["downtime_ms"] - 20
 
     verify = lab.ok("verify", "vm1")
     assert verify["ok"] is True
@@ -224,6 +225,9 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
+    # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab (a no-op when
+    # none are, and it never touches a network whose lab still runs).
+    asyncio.run(lab_down(Path(tempfile.mkdtemp(prefix="vmf-"))))
     lab = Lab(lab_dir)
     up = lab.ok("lab", "up", "--hosts", "2", "--netns", "--link-mbps", "200")
     assert all(h["netns"] for h in up["hosts"])

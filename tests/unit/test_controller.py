@@ -30,7 +30,7 @@ def test_request_resolves_to_options() -> None:
     ).resolve()
     assert strategy == "precopy"
     assert options.max_bandwidth_bps == 25_000_000
-    assert options.downtime_limit_ms == 50
+    assert options.downtime_limit_ms == 35  # QEMU gets 70 % of the goal as its target
     assert options.timeout_s == 30
     assert MigrationRequest("vm1", "host-2", "cold").resolve()[0] == "cold"
 

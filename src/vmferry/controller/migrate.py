@@ -20,7 +20,7 @@ from vmferry.agent.api import OutgoingResult, VmInfo
 from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
-from vmferry.controller.plan import make_plan
+from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
     MECHANISMS,
@@ -91,7 +91,7 @@ class MigrationRequest:
             max_bandwidth_bps=None
             if self.bandwidth_mbps is None
             else self.bandwidth_mbps * 125_000,
-            downtime_limit_ms=self.max_downtime_ms,
+            downtime_limit_ms=qemu_downtime_limit_ms(self.max_downtime_ms),
             timeout_s=self.deadline_s or 600.0,
             mechanism=strategy,
             # 'auto' keeps the way to post-copy open, to switch if pre-copy stalls.
@@ -302,7 +302,7 @@ async def migrate(
             running_on=request.destination,
             error=f"guest did not come up on {request.destination}: {err}",
             guest_alive=False,
-            downtime_ms=final.downtime_ms if final else None,
+            downtime_ms=_downtime_ms(strategy, final),
         )
     phase = transition(phase, Verified())
     notify(final)
@@ -322,10 +322,20 @@ async def migrate(
         running_on=request.destination,
         error=error,
         total_ms=total_ms,
-        downtime_ms=final.downtime_ms if final else None,
+        downtime_ms=_downtime_ms(strategy, final),
         guest_downtime_ms=gap,
         integrity=integrity,
     )
+
+
+def _downtime_ms(strategy: Mechanism, final: MigrationStats | None) -> int | None:
+    """QEMU's downtime; for a cold move the guest was paused for QEMU's whole migration, which
+    QEMU does not count as downtime (it did not pause the guest itself)."""
+    if final is None:
+        return None
+    if strategy == "cold":
+        return max(final.total_ms, final.downtime_ms or 0)
+    return final.downtime_ms
 
 
 async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:

@@ -24,12 +24,30 @@ from vmferry.core.predict import (
 )
 from vmferry.core.strategy import Choice, Goal, choose
 
-__all__ = ["CPU_BOUND_BUSY", "Plan", "calibration_from", "make_plan", "measure_path"]
+__all__ = [
+    "CPU_BOUND_BUSY",
+    "DOWNTIME_HEADROOM",
+    "Plan",
+    "calibration_from",
+    "make_plan",
+    "measure_path",
+    "qemu_downtime_limit_ms",
+]
 
 logger = logging.getLogger(__name__)
 
 # A guest whose vCPUs run more than this share of the time dirties as fast as it can compute.
 CPU_BOUND_BUSY = 0.8
+# QEMU's downtime limit is a target it overshoots (the last pass, device state): ask QEMU for
+# this share of the user's maximum so the result stays under it.
+DOWNTIME_HEADROOM = 0.7
+
+
+def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
+    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum."""
+    return max(1, int(max_downtime_ms * DOWNTIME_HEADROOM))
+
+
 _PROBE_MS = 1000
 
 
@@ -175,7 +193,9 @@ async def make_plan(
     """
     guest, measurement = await measure_path(cluster, info, destination, cap_bps)
     predictions = predict_all(
-        measurement, downtime_limit_ms=goal.max_downtime_ms, cal=calibration_from(history)
+        measurement,
+        downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms),
+        cal=calibration_from(history),
     )
     return Plan(
         vm=info.name,
