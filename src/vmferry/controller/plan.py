@@ -132,6 +132,9 @@ async def measure_path(
         compress_ratio=max(1.0, guest.compress_ratio),
         dirty_rate_bps=guest.dirty_rate_bps,
         bandwidth_bps=max(1, int(bandwidth_bps)),
+        # Pages that are zero now are not being rewritten: the set a dirtier keeps rewriting
+        # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).
+        dirty_set_bytes=round(guest.ram_bytes * (1.0 - guest.zero_fraction)),
         dirty_is_cpu_bound=guest.vcpu_busy is not None and guest.vcpu_busy > CPU_BOUND_BUSY,
     )
     logger.info("plan.measured %s %s->%s %s", info.name, info.host, destination, measurement)

@@ -49,6 +49,8 @@ def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
         "xbzrle": options.mechanism == "xbzrle",
         "auto-converge": options.mechanism == "auto-converge",
         "postcopy-ram": options.uses_postcopy,
+        # Pages the guest faults on travel on their own channel, not behind the bulk copy.
+        "postcopy-preempt": options.uses_postcopy,
     }
 
 
