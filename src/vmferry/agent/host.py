@@ -180,6 +180,9 @@ class HostAgent:
 
     async def close(self) -> None:
         """Let go of every VM without stopping it (the agent is exiting)."""
+        for sink in self._sinks.values():
+            await sink.close()
+        self._sinks.clear()
         for slot in self._slots.values():
             if slot.vm is not None:
                 await slot.vm.detach()
