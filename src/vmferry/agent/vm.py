@@ -12,13 +12,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmferry.core.errors import FerryError, GuestError
+from vmferry.core.errors import GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import IntegrityReport, VmSpec
 from vmferry.guest.channel import GuestChannel
 from vmferry.guest.protocol import Corrupted, VerifyResult, corrupt_command, verify_command
 from vmferry.qemu.argv import Accel, BootFiles, RuntimePaths, build_argv
-from vmferry.qemu.process import QemuProcess
+from vmferry.qemu.process import QemuProcess, tail_lines
 from vmferry.qemu.session import QmpSession
 
 __all__ = ["BOOT_TIMEOUT_S", "RunningVm", "launch", "reattach"]
@@ -130,30 +130,17 @@ async def launch(
             try:
                 await channel.wait_ready(BOOT_TIMEOUT_S)
             except GuestError as err:
-                console = _tail(paths.console_log)
+                console = (
+                    tail_lines(paths.console_log, 20)
+                    if paths.console_log.exists()
+                    else "(no console output)"
+                )
                 raise GuestError(f"{err}; guest console ends with:\n{console}") from err
     except BaseException:
         await vm.stop()
         raise
     logger.info("vm.launched %s pid=%s accel=%s", vm.label, process.pid, accel)
     return vm
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no console output)"
-
-
-def check_alive(vm: RunningVm) -> None:
-    """Raise if the VM's QEMU has exited.
-
-    Raises:
-        FerryError: QEMU is gone.
-    """
-    if not vm.process.is_running:
-        raise FerryError(f"QEMU of {vm.label} exited with status {vm.process.returncode}")
 
 
 async def reattach(spec: VmSpec, directory: Path, *, role: str, pid: int) -> RunningVm:

@@ -48,7 +48,6 @@ class GuestChannel:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
-        self._closed = asyncio.Event()
 
     async def connect(self, path: Path, timeout_s: float = 10.0) -> None:
         """Connect to QEMU's chardev socket, retrying until it accepts.
@@ -91,12 +90,6 @@ class GuestChannel:
                 self._messages.put_nowait(message)
         except (ConnectionError, OSError) as err:
             self.logger.debug("channel read ended: %s", err)
-        finally:
-            self._closed.set()
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed.is_set()
 
     async def wait_ready(self, timeout_s: float) -> Ready:
         """Wait for the guest's READY line (working set written).

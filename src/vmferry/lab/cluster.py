@@ -46,6 +46,7 @@ from vmferry.lab._reaper import (
     read_ready,
     stop_pids,
 )
+from vmferry.qemu.process import tail_lines
 
 __all__ = [
     "MAX_HOSTS",
@@ -383,11 +384,7 @@ async def _wait_ready(
 
 
 def _log_tail(state_dir: Path) -> str:
-    try:
-        lines = (state_dir / "agent.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return ""
-    return "\n".join(lines[-_LOG_TAIL_LINES:])
+    return tail_lines(state_dir / "agent.log", _LOG_TAIL_LINES)
 
 
 # ----------------------------------------------------------------------------------- status

@@ -11,14 +11,15 @@ from pathlib import Path
 
 from vmferry.core.errors import QEMULaunchError
 
-__all__ = ["QemuProcess", "is_qemu_pid"]
+__all__ = ["QemuProcess", "is_qemu_pid", "tail_lines"]
 
 logger = logging.getLogger(__name__)
 
 _POLL_S = 0.02
 
 
-def _tail(path: Path, lines: int = 15) -> str:
+def tail_lines(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file, "" if it cannot be read."""
     try:
         text = path.read_text(errors="replace")
     except OSError:
@@ -85,7 +86,7 @@ class QemuProcess:
         return self._proc is not None and self._proc.returncode is None
 
     def log_tail(self) -> str:
-        return _tail(self.log_path)
+        return tail_lines(self.log_path)
 
     async def start(self) -> None:
         """Start QEMU with stdout and stderr going to the log file.
