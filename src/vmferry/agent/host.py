@@ -261,6 +261,20 @@ class HostAgent:
         tmp.write_text(json.dumps(spec_to_json(spec), indent=2) + "\n")
         tmp.replace(path)
 
+    async def _retire(self, name: str, required: VmState) -> None:
+        """End and forget VM ``name``'s QEMU, which must be in state ``required``.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it is in another state.
+        """
+        slot = self._slot(name)
+        if slot.state != required:
+            raise StateError(f"VM {name}", slot.state.value, required.value)
+        if slot.vm is not None:
+            await slot.vm.stop()
+        self._forget(name)
+
     def _forget(self, name: str) -> None:
         self._slots.pop(name, None)
         shutil.rmtree(self._dir(name), ignore_errors=True)
@@ -436,12 +450,7 @@ class HostAgent:
             NotFound: no such VM.
             StateError: it is not an unfinished incoming VM.
         """
-        slot = self._slot(name)
-        if slot.state != VmState.INCOMING:
-            raise StateError(f"VM {name}", slot.state.value, VmState.INCOMING.value)
-        if slot.vm is not None:
-            await slot.vm.stop()
-        self._forget(name)
+        await self._retire(name, VmState.INCOMING)
         self.logger.info("migration.incoming_aborted %s", name)
 
     # -- outgoing migration (this host is the source) -------------------------------------------
@@ -546,10 +555,5 @@ class HostAgent:
             NotFound: no such VM.
             StateError: the migration has not completed.
         """
-        slot = self._slot(name)
-        if slot.state != VmState.MIGRATED:
-            raise StateError(f"VM {name}", slot.state.value, VmState.MIGRATED.value)
-        if slot.vm is not None:
-            await slot.vm.stop()
-        self._forget(name)
+        await self._retire(name, VmState.MIGRATED)
         self.logger.info("migration.handed_off %s", name)

@@ -7,6 +7,7 @@ __all__ = [
     "FerryError",
     "GuestError",
     "MigrationFailed",
+    "ProcessStartError",
     "QEMULaunchError",
     "QEMUNotFound",
     "QMPCommandError",
@@ -44,7 +45,31 @@ class StateError(FerryError):
         self.required = required
 
 
-class QEMULaunchError(FerryError):
+class ProcessStartError(FerryError):
+    """A process we started did not come up (or died while we needed it).
+
+    Attributes:
+        exitcode: its exit status, None if it still ran.
+        log_tail: the last lines of its log.
+    """
+
+    log_label = "its log ends"
+
+    def __init__(self, message: str, exitcode: int | None, log_tail: str) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.log_tail = log_tail
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.exitcode is not None:
+            text += f" (exit status {self.exitcode})"
+        if self.log_tail:
+            text += f"\n{self.log_label}:\n{self.log_tail}"
+        return text
+
+
+class QEMULaunchError(ProcessStartError):
     """QEMU did not start, or died while we needed it.
 
     Attributes:
@@ -53,19 +78,11 @@ class QEMULaunchError(FerryError):
         log_tail: the last lines QEMU wrote to its log.
     """
 
-    def __init__(self, message: str, exitcode: int | None, argv: list[str], log_tail: str) -> None:
-        super().__init__(message)
-        self.exitcode = exitcode
-        self.argv = argv
-        self.log_tail = log_tail
+    log_label = "QEMU said"
 
-    def __str__(self) -> str:
-        text = super().__str__()
-        if self.exitcode is not None:
-            text += f" (exit status {self.exitcode})"
-        if self.log_tail:
-            text += f"\nQEMU said:\n{self.log_tail}"
-        return text
+    def __init__(self, message: str, exitcode: int | None, argv: list[str], log_tail: str) -> None:
+        super().__init__(message, exitcode, log_tail)
+        self.argv = argv
 
 
 class QMPConnectError(FerryError):

@@ -35,7 +35,7 @@ from pathlib import Path
 import aiohttp
 
 from vmferry.controller.inventory import HostEntry, Inventory, default_lab_dir
-from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.errors import ConfigError, FerryError, ProcessStartError
 from vmferry.lab import netns as lab_netns
 from vmferry.lab._reaper import (
     agent_pids,
@@ -77,7 +77,7 @@ _NETWORK_FILE = "network.json"
 _HOSTS_DIR = "hosts"
 
 
-class AgentStartError(FerryError):
+class AgentStartError(ProcessStartError):
     """An agent did not come up.
 
     Attributes:
@@ -86,19 +86,11 @@ class AgentStartError(FerryError):
         log_tail: the end of its ``agent.log``.
     """
 
-    def __init__(self, host: str, message: str, exitcode: int | None, log_tail: str) -> None:
-        super().__init__(f"agent for {host} {message}")
-        self.host = host
-        self.exitcode = exitcode
-        self.log_tail = log_tail
+    log_label = "agent.log ends"
 
-    def __str__(self) -> str:
-        text = super().__str__()
-        if self.exitcode is not None:
-            text += f" (exit status {self.exitcode})"
-        if self.log_tail:
-            text += f"\nagent.log ends:\n{self.log_tail}"
-        return text
+    def __init__(self, host: str, message: str, exitcode: int | None, log_tail: str) -> None:
+        super().__init__(f"agent for {host} {message}", exitcode, log_tail)
+        self.host = host
 
 
 @dataclass(frozen=True, slots=True)
