@@ -160,6 +160,12 @@ class GuestMeasurement:
     compress_ratio: float
     vcpu_busy: float | None  # share of time its vCPUs ran (0..1); high = CPU-bound dirtier
     elapsed_ms: int
+    # The VM's disk (all 0 without one): bytes its image holds (what a mirror must copy on
+    # local storage), the guest's write rate to it, and whether the image is on shared storage
+    # (then nothing of the disk moves).
+    disk_allocated_bytes: int = 0
+    disk_write_bps: int = 0
+    disk_shared: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -169,6 +175,9 @@ class GuestMeasurement:
             "compress_ratio": self.compress_ratio,
             "vcpu_busy": self.vcpu_busy,
             "elapsed_ms": self.elapsed_ms,
+            "disk_allocated_bytes": self.disk_allocated_bytes,
+            "disk_write_bps": self.disk_write_bps,
+            "disk_shared": self.disk_shared,
         }
 
     @classmethod
@@ -181,6 +190,9 @@ class GuestMeasurement:
             compress_ratio=float(data["compress_ratio"]),
             vcpu_busy=None if busy is None else float(busy),
             elapsed_ms=int(data["elapsed_ms"]),
+            disk_allocated_bytes=int(data.get("disk_allocated_bytes", 0)),
+            disk_write_bps=int(data.get("disk_write_bps", 0)),
+            disk_shared=bool(data.get("disk_shared", False)),
         )
 
 

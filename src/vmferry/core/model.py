@@ -12,8 +12,13 @@ from vmferry.core.workload import WorkloadSpec, parse_size, parse_workload
 __all__ = [
     "DEFAULT_CPU_MODEL",
     "DEFAULT_MACHINE_TYPE",
+    "DISK_BUSES",
+    "DISK_NODE",
     "MECHANISMS",
     "REPORT_SCHEMA",
+    "STORAGE_MODES",
+    "DiskBus",
+    "DiskSpec",
     "HostName",
     "IntegrityReport",
     "Mechanism",
@@ -22,6 +27,7 @@ __all__ = [
     "MigrationStats",
     "Prediction",
     "ReportStatus",
+    "StorageMode",
     "VmName",
     "VmSpec",
     "spec_from_json",
@@ -49,10 +55,21 @@ DEFAULT_MACHINE_TYPE = "pc-q35-10.0"
 DEFAULT_CPU_MODEL = "qemu64"
 REPORT_SCHEMA = 1
 
+DiskBus = Literal["virtio-blk", "virtio-scsi"]
+DISK_BUSES: tuple[DiskBus, ...] = ("virtio-blk", "virtio-scsi")
+# local: the image lives on the VM's host and moves with it (NBD + blockdev-mirror);
+# shared: every host sees the same image path, only RAM moves.
+StorageMode = Literal["local", "shared"]
+STORAGE_MODES: tuple[StorageMode, ...] = ("local", "shared")
+# The block node name of a VM's disk, the same on every host (mirror and NBD export use it).
+DISK_NODE = "disk0"
+
 _NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}\Z", re.IGNORECASE)
 _MIN_MEMORY_BYTES = 128 << 20
 _MAX_MEMORY_BYTES = 64 << 30
 _MAX_VCPUS = 64
+_MIN_DISK_BYTES = 16 << 20
+_MAX_DISK_BYTES = 2 << 40
 
 
 def validate_name(name: str, what: str = "VM name") -> str:
@@ -70,6 +87,62 @@ def validate_name(name: str, what: str = "VM name") -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class DiskSpec:
+    """A VM's one qcow2 disk: its virtual size, the bus the guest sees it on, where it lives."""
+
+    size_bytes: int
+    bus: DiskBus = "virtio-blk"
+    storage: StorageMode = "local"
+
+    def __post_init__(self) -> None:
+        if not _MIN_DISK_BYTES <= self.size_bytes <= _MAX_DISK_BYTES:
+            raise ConfigError(
+                f"disk size {self.size_bytes} bytes out of range "
+                f"({_MIN_DISK_BYTES >> 20} MiB .. {_MAX_DISK_BYTES >> 40} TiB)"
+            )
+        if self.size_bytes % (1 << 20):
+            raise ConfigError("disk size must be a whole number of MiB")
+        if self.bus not in DISK_BUSES:
+            raise ConfigError(f"unknown disk bus {self.bus!r}: use {' or '.join(DISK_BUSES)}")
+        if self.storage not in STORAGE_MODES:
+            raise ConfigError(
+                f"unknown storage mode {self.storage!r}: use {' or '.join(STORAGE_MODES)}"
+            )
+
+    @property
+    def guest_device(self) -> str:
+        """The device name the lab guest's kernel gives the disk (under /dev)."""
+        return "vda" if self.bus == "virtio-blk" else "sda"
+
+    def to_json(self) -> dict[str, object]:
+        return {"size_bytes": self.size_bytes, "bus": self.bus, "storage": self.storage}
+
+    @classmethod
+    def from_json(cls, data: object) -> DiskSpec:
+        """Raises: ConfigError on missing or mistyped fields."""
+        if not isinstance(data, dict):
+            raise ConfigError("'disk' must be a JSON object")
+        size, bus, storage = data.get("size_bytes"), data.get("bus"), data.get("storage")
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise ConfigError("disk needs an integer 'size_bytes'")
+        return cls(size_bytes=size, bus=_bus(bus), storage=_storage(storage))
+
+
+def _bus(text: object) -> DiskBus:
+    for bus in DISK_BUSES:
+        if text == bus:
+            return bus
+    raise ConfigError(f"unknown disk bus {text!r}: use {' or '.join(DISK_BUSES)}")
+
+
+def _storage(text: object) -> StorageMode:
+    for mode in STORAGE_MODES:
+        if text == mode:
+            return mode
+    raise ConfigError(f"unknown storage mode {text!r}: use {' or '.join(STORAGE_MODES)}")
+
+
+@dataclass(frozen=True, slots=True)
 class VmSpec:
     """What a VM is: enough to build identical QEMU command lines on any host."""
 
@@ -79,6 +152,7 @@ class VmSpec:
     workload: WorkloadSpec = field(default_factory=lambda: parse_workload("idle"))
     machine_type: str = DEFAULT_MACHINE_TYPE
     cpu_model: str = DEFAULT_CPU_MODEL
+    disk: DiskSpec | None = None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
@@ -100,18 +174,30 @@ class VmSpec:
 
     @classmethod
     def build(
-        cls, name: str, memory: str = "512M", vcpus: int = 1, workload: WorkloadSpec | None = None
+        cls,
+        name: str,
+        memory: str = "512M",
+        vcpus: int = 1,
+        workload: WorkloadSpec | None = None,
+        *,
+        disk: str | None = None,
+        disk_bus: str = "virtio-blk",
+        storage: str = "local",
     ) -> VmSpec:
-        """Build a spec from user-facing text (``memory="1G"``).
+        """Build a spec from user-facing text (``memory="1G"``, ``disk="2G"``).
 
         Raises:
-            ConfigError: on a bad name, size or count.
+            ConfigError: on a bad name, size, count, bus or storage mode.
         """
+        disk_spec = None
+        if disk is not None:
+            disk_spec = DiskSpec(parse_size(disk), bus=_bus(disk_bus), storage=_storage(storage))
         return cls(
             name=VmName(validate_name(name)),
             memory_bytes=parse_size(memory),
             vcpus=vcpus,
             workload=workload if workload is not None else parse_workload("idle"),
+            disk=disk_spec,
         )
 
 
@@ -124,6 +210,7 @@ def spec_to_json(spec: VmSpec) -> dict[str, object]:
         "workload": spec.workload.to_spec(),
         "machine_type": spec.machine_type,
         "cpu_model": spec.cpu_model,
+        "disk": None if spec.disk is None else spec.disk.to_json(),
     }
 
 
@@ -156,6 +243,7 @@ def spec_from_json(data: object) -> VmSpec:
         workload=parse_workload(workload),
         machine_type=machine,
         cpu_model=cpu,
+        disk=None if data.get("disk") is None else DiskSpec.from_json(data["disk"]),
     )
 
 
