@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import pytest_asyncio
+from labcli import lab_dir
 
 from vmferry.lab.local import LocalLab
+
+__all__ = ["lab_dir"]  # the CLI tests' lab fixture, registered here for every module
 
 
 @pytest_asyncio.fixture

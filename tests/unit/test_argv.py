@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from vmferry.core.model import VmSpec
+import pytest
+
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import VmSpec, spec_from_json, spec_to_json
 from vmferry.core.workload import parse_workload
 from vmferry.qemu.argv import BootFiles, RuntimePaths, build_argv
 from vmferry.qemu.migration import stats_from_reply
@@ -58,3 +61,58 @@ def test_stats_from_reply() -> None:
     assert stats.throughput_bps == 1_000_000
     assert stats.dirty_rate_bps == 3 * 4096
     assert stats_from_reply({"status": "setup"}).transferred_bytes == 0
+
+
+def test_disk_gets_the_same_node_on_both_sides_and_a_guest_device() -> None:
+    for bus, device, guest in (
+        ("virtio-blk", "virtio-blk-pci,drive=disk0", "vda"),
+        ("virtio-scsi", "scsi-hd,drive=disk0", "sda"),
+    ):
+        spec = VmSpec.build("vm1", memory="1G", disk="2G", disk_bus=bus)
+        source = build_argv(
+            "qemu", spec, BOOT, RuntimePaths(Path("/run/a")), disk_image=Path("/d/a.qcow2")
+        )
+        target = build_argv(
+            "qemu",
+            spec,
+            BOOT,
+            RuntimePaths(Path("/run/a")),
+            incoming=True,
+            disk_image=Path("/d/b.qcow2"),
+        )
+        joined = " ".join(source)
+        assert "driver=qcow2,file=disk0-file,node-name=disk0" in joined
+        assert device in joined
+        assert f"vmferry.disk_dev={guest}" in joined
+        assert [a.replace("/d/b.qcow2", "/d/a.qcow2") for a in target[:-2]] == source
+
+
+def test_disk_needs_an_image_path_without_commas() -> None:
+    spec = VmSpec.build("vm1", memory="1G", disk="1G")
+    with pytest.raises(ConfigError, match="image path"):
+        build_argv("qemu", spec, BOOT, RuntimePaths(Path("/run/a")))
+    with pytest.raises(ConfigError, match="','"):
+        build_argv("qemu", spec, BOOT, RuntimePaths(Path("/run/a")), disk_image=Path("/x,y"))
+
+
+@pytest.mark.parametrize(
+    ("disk", "bus", "storage", "message"),
+    [
+        ("1K", "virtio-blk", "local", "out of range"),
+        ("3T", "virtio-blk", "local", "out of range"),
+        ("100.5M", "virtio-blk", "local", "size"),
+        ("1G", "ide", "local", "unknown disk bus"),
+        ("1G", "virtio-blk", "nfs", "unknown storage mode"),
+    ],
+)
+def test_bad_disks_are_refused(disk: str, bus: str, storage: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        VmSpec.build("vm1", disk=disk, disk_bus=bus, storage=storage)
+
+
+def test_disk_spec_round_trips_through_json() -> None:
+    spec = VmSpec.build("vm1", disk="1G", disk_bus="virtio-scsi", storage="shared")
+    assert spec_from_json(spec_to_json(spec)) == spec
+    assert spec_from_json(spec_to_json(VmSpec.build("vm2"))).disk is None
+    with pytest.raises(ConfigError):
+        spec_from_json({**spec_to_json(spec), "disk": {"size_bytes": "1G"}})

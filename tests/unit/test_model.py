@@ -111,7 +111,14 @@ def test_report_schema_v1_keys() -> None:
         "guest_alive",
     ]
     assert data["schema"] == 1
-    assert data["integrity"] == {"ok": True, "pages_checked": 65536, "bad_pages": 0}
+    # Schema 1 extended (keys added, none renamed): disk blocks, 0 for a VM without a disk.
+    assert data["integrity"] == {
+        "ok": True,
+        "pages_checked": 65536,
+        "bad_pages": 0,
+        "blocks_checked": 0,
+        "bad_blocks": 0,
+    }
     assert report.is_success
     bad = dataclasses.replace(report, integrity=IntegrityReport(False, 10, 1))
     assert not bad.is_success

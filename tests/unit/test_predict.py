@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ from vmferry.core.predict import (
     predict,
     predict_all,
 )
+from vmferry.core.strategy import Goal, choose
 
 GIB = 1 << 30
 MIB = 1 << 20
@@ -291,6 +293,130 @@ def test_human_formats() -> None:
     assert format_ms(300_000) == "5.0 min"
 
 
+# --- disk -------------------------------------------------------------------------------------
+
+GB = 1_000_000_000
+LINK_BPS = 50_000_000  # under QEMU's thread cap, so the link is the limit
+
+
+def disk_guest(
+    copy_bytes: int, write_bps: int, bandwidth_bps: int = LINK_BPS, *, rate_bps: int = 0
+) -> Measurement:
+    """The idle lab guest with a local disk: ``copy_bytes`` allocated, written at ``write_bps``."""
+    return dataclasses.replace(
+        lab_guest(64 * MIB, rate_bps, bandwidth_bps),
+        disk_copy_bytes=copy_bytes,
+        disk_write_bps=write_bps,
+    )
+
+
+def _no_disk(m: Measurement, **changes: Any) -> Measurement:
+    return dataclasses.replace(m, disk_copy_bytes=0, disk_write_bps=0, **changes)
+
+
+def _extra(with_disk: int | None, without: int | None) -> int:
+    assert with_disk is not None
+    assert without is not None
+    return with_disk - without
+
+
+@pytest.mark.parametrize(
+    ("write_bps", "disk_ms", "disk_sent", "throttled"),
+    [
+        (0, 20_000, 1 * GB, False),  # D / L
+        (10_000_000, 25_000, 1.25 * GB, False),  # D / (L - w), re-copies D * w / (L - w)
+        (25_000_000, 40_000, 2 * GB, False),  # re-copy reaches D: (D + D) / L
+        (40_000_000, 40_000, 2 * GB, False),  # re-copy bounded by what was copied
+        (50_000_000, 20_000, 1 * GB, True),  # w >= L: write-blocking from the start, D / L
+        (80_000_000, 20_000, 1 * GB, True),
+    ],
+)
+def test_disk_phase_on_a_50mb_link(
+    write_bps: int, disk_ms: int, disk_sent: float, throttled: bool
+) -> None:
+    m = disk_guest(GB, write_bps)
+    # Post-copy switches right after the disk phase: its RAM part does not see the mirror.
+    with_disk, without = _p("postcopy", m), _p("postcopy", _no_disk(m))
+    assert with_disk.disk_ms == disk_ms
+    assert abs(_extra(with_disk.total_ms, without.total_ms) - disk_ms) <= 1
+    assert abs(_extra(with_disk.transferred_bytes, without.transferred_bytes) - disk_sent) <= 1
+    assert with_disk.note.startswith("mirrors 1.0 GB of disk first")
+    assert ("throttled" in with_disk.note) == throttled
+    assert without.disk_ms == 0
+
+
+@pytest.mark.parametrize(
+    ("write_bps", "ram_link_bps"),
+    [
+        (0, LINK_BPS),
+        (20_000_000, 30_000_000),  # write-blocking mirrors the guest's writes over the link
+        (80_000_000, 5_000_000),  # the RAM stream keeps at least 10 % of it
+    ],
+)
+def test_mirrored_writes_take_their_share_of_the_link_until_the_switch(
+    write_bps: int, ram_link_bps: int
+) -> None:
+    m = disk_guest(GB, write_bps)
+    # Nothing is dirty in RAM, so the paused copy is empty and the RAM phase is one pass.
+    as_if = _p("precopy", _no_disk(m, bandwidth_bps=ram_link_bps))
+    with_disk = _p("precopy", m)
+    assert abs(_extra(with_disk.total_ms, as_if.total_ms) - with_disk.disk_ms) <= 1
+    assert as_if.total_ms is not None
+    ram_s = (as_if.total_ms - CAL.setup_ms - CAL.switchover_ms) / 1000.0
+    disk_sent = _extra(
+        _p("postcopy", m).transferred_bytes, _p("postcopy", _no_disk(m)).transferred_bytes
+    )
+    mirrored = min(write_bps, 0.9 * LINK_BPS) * ram_s
+    assert _within(
+        _extra(with_disk.transferred_bytes, as_if.transferred_bytes), disk_sent + mirrored, 0.001
+    )
+
+
+def test_multifd_does_not_compress_the_disk() -> None:
+    m = dataclasses.replace(disk_guest(GB, 5_000_000), compress_ratio=6.0)
+    multifd, precopy = _p("multifd", m), _p("precopy", m)
+    assert multifd.disk_ms == precopy.disk_ms > 0
+    assert multifd.total_ms is not None
+    assert precopy.total_ms is not None
+    assert multifd.total_ms < precopy.total_ms  # RAM still gains
+
+
+def test_cold_copies_the_disk_while_paused() -> None:
+    m = disk_guest(GB, 80_000_000)  # nothing writes while paused: the rate does not matter
+    cold, bare = _p("cold", m), _p("cold", _no_disk(m))
+    assert cold.downtime_ms == cold.total_ms
+    assert cold.disk_ms == 20_000  # the paused rate, capped by the 50 MB/s link
+    assert abs(_extra(cold.downtime_ms, bare.downtime_ms) - 20_000) <= 1
+    assert _extra(cold.transferred_bytes, bare.transferred_bytes) == GB
+    assert "1.0 GB of disk" in cold.note
+
+
+def test_live_strategies_keep_their_downtime_with_a_disk() -> None:
+    m = disk_guest(GB, 10_000_000, rate_bps=2 * MIB)
+    for strategy in ("precopy", "multifd", "xbzrle", "auto-converge", "postcopy", "hybrid"):
+        p = _p(strategy, m)
+        assert p.converges, strategy
+        assert p.downtime_ms is not None
+        assert p.downtime_ms <= LIMIT_MS + CAL.switchover_ms, strategy
+        assert p.disk_ms == 25_000, strategy
+
+
+def test_a_disk_can_break_a_deadline_the_ram_alone_meets() -> None:
+    goal = Goal(max_downtime_ms=LIMIT_MS, deadline_ms=15_000)
+    m = disk_guest(GB, 0)
+    assert choose(predict_all(_no_disk(m), downtime_limit_ms=LIMIT_MS, cal=CAL), goal).meets_goal
+    choice = choose(predict_all(m, downtime_limit_ms=LIMIT_MS, cal=CAL), goal)
+    assert not choice.meets_goal
+    assert "deadline" in choice.reason
+
+
+def test_bad_disk_figures_are_refused() -> None:
+    with pytest.raises(ConfigError):
+        dataclasses.replace(IDLE, disk_copy_bytes=-1)
+    with pytest.raises(ConfigError):
+        dataclasses.replace(IDLE, disk_write_bps=-1)
+
+
 # --- properties -------------------------------------------------------------------------------
 
 measurements = st.builds(
@@ -373,3 +499,81 @@ def test_every_prediction_is_consistent(m: Measurement, limit: int) -> None:
             assert p.downtime_ms <= limit + CAL.switchover_ms + 1
             assert p.dirty_headroom is not None
             assert p.dirty_headroom >= 1.0
+
+
+disk_measurements = st.builds(
+    dataclasses.replace,
+    measurements,
+    disk_copy_bytes=st.integers(0, 256 * GIB),
+    disk_write_bps=st.integers(0, 4_000_000_000),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=disk_measurements, limit=limits)
+def test_every_prediction_with_a_disk_is_consistent(m: Measurement, limit: int) -> None:
+    for p in predict_all(m, downtime_limit_ms=limit, cal=CAL):
+        assert p.disk_ms >= 0
+        assert (p.disk_ms > 0) <= (m.disk_copy_bytes > 0)
+        if p.strategy in ("postcopy", "hybrid", "cold"):
+            assert p.converges  # the disk phase always ends
+        if not p.converges:
+            continue
+        assert p.total_ms is not None
+        assert p.downtime_ms is not None
+        assert p.transferred_bytes is not None
+        assert p.total_ms >= p.disk_ms + CAL.setup_ms - 1
+        assert p.transferred_bytes >= 0.99 * (m.nonzero_bytes + m.disk_copy_bytes)
+        if p.strategy == "cold":
+            assert p.downtime_ms == p.total_ms >= p.disk_ms
+        else:
+            assert p.downtime_ms < max(limit, CAL.postcopy_switchover_ms) + CAL.switchover_ms + 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=disk_measurements, limit=limits, more=st.integers(0, 256 * GIB))
+def test_more_disk_bytes_never_predict_a_shorter_migration(
+    m: Measurement, limit: int, more: int
+) -> None:
+    bigger = dataclasses.replace(m, disk_copy_bytes=m.disk_copy_bytes + more)
+    small = predict_all(m, downtime_limit_ms=limit, cal=CAL)
+    big = predict_all(bigger, downtime_limit_ms=limit, cal=CAL)
+    for a, b in zip(small, big, strict=True):
+        assert b.disk_ms >= a.disk_ms
+        if b.converges:
+            assert a.converges
+            assert a.total_ms is not None
+            assert b.total_ms is not None
+            assert a.transferred_bytes is not None
+            assert b.transferred_bytes is not None
+            assert b.total_ms >= a.total_ms
+            assert b.transferred_bytes >= a.transferred_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(m=disk_measurements, limit=limits)
+def test_shared_storage_predicts_as_without_a_disk(m: Measurement, limit: int) -> None:
+    # measure_path passes disk_copy_bytes=0 on shared storage, with the write rate as measured.
+    shared = dataclasses.replace(m, disk_copy_bytes=0)
+    bare = dataclasses.replace(m, disk_copy_bytes=0, disk_write_bps=0)
+    assert predict_all(shared, downtime_limit_ms=limit, cal=CAL) == predict_all(
+        bare, downtime_limit_ms=limit, cal=CAL
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(m=disk_measurements, limit=limits, factor=st.floats(1.0, 100.0))
+def test_writing_at_least_the_link_rate_still_finishes_live(
+    m: Measurement, limit: int, factor: float
+) -> None:
+    heavy = dataclasses.replace(
+        m,
+        disk_copy_bytes=max(1, m.disk_copy_bytes),
+        disk_write_bps=round(m.bandwidth_bps * factor),
+    )
+    for strategy in ("postcopy", "hybrid"):
+        p = predict(strategy, heavy, downtime_limit_ms=limit, cal=CAL)
+        assert p.converges
+        assert p.total_ms is not None
+        assert math.isfinite(p.total_ms)
+        assert "throttled" in p.note

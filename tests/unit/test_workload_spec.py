@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from vmferry.core.errors import ConfigError
 from vmferry.core.workload import (
+    DEFAULT_DISK_SIZE_BYTES,
     Mode,
     Pattern,
     WorkloadSpec,
@@ -74,6 +75,26 @@ def test_format_size_round_trips(size_bytes: int) -> None:
         ),
         ("dirty:rate=100K,pattern=zero", WorkloadSpec(256 * MiB, 100 << 10, "zero", "paced")),
         ("dirty:mode=paced,hz=1000", WorkloadSpec(256 * MiB, 50 * MiB, "random", "paced", 1000)),
+        (
+            "idle:disk-rate=2M",
+            WorkloadSpec(64 * MiB, 0, "random", "idle", disk_rate_bps=2 * MiB),
+        ),
+        (
+            "idle:disk-size=1M",
+            WorkloadSpec(64 * MiB, 0, "random", "idle", disk_size_bytes=MiB),
+        ),
+        (
+            "idle:size=32M,DISK-SIZE=1G,disk-rate=512K",
+            WorkloadSpec(32 * MiB, 0, "random", "idle", 200, 512 << 10, 1 << 30),
+        ),
+        (
+            "dirty:rate=20M,size=128M,disk-rate=4M,disk-size=256M",
+            WorkloadSpec(128 * MiB, 20 * MiB, "random", "paced", 200, 4 * MiB, 256 * MiB),
+        ),
+        (
+            "dirty:mode=cpu,disk-size=3000000",
+            WorkloadSpec(256 * MiB, 0, "random", "cpu", disk_size_bytes=3_000_000),
+        ),
     ],
 )
 def test_parse_workload(spec: str, expected: WorkloadSpec) -> None:
@@ -105,6 +126,18 @@ def test_parse_workload(spec: str, expected: WorkloadSpec) -> None:
         ("dirty:hz=0", "heartbeat rate"),
         ("dirty:hz=20000", "heartbeat rate"),
         ("dirty:hz=fast", "heartbeat rate"),
+        ("idle:disk-rate=0", "disk-rate must be positive"),
+        ("dirty:disk-rate=0K", "disk-rate must be positive"),
+        ("idle:disk-rate=fast", "bad size"),
+        ("idle:disk-rate=-1M", "bad size"),
+        ("idle:disk-rate=2M,disk-rate=3M", "given twice"),
+        ("idle:disk-size=0", "at least 1M"),
+        ("idle:disk-size=1023K", "at least 1M"),
+        ("idle:disk-size=1.5G", "bad size"),
+        ("dirty:disk-size=32T", "out of range"),
+        ("idle:disk=1M", "unknown idle option 'disk'"),
+        ("dirty:disk_rate=1M", "unknown dirty option 'disk_rate'"),
+        ("idle:disk-rate=", "expected key=value"),
     ],
 )
 def test_parse_workload_rejects(spec: str, message: str) -> None:
@@ -120,6 +153,26 @@ def test_parse_workload_rejects(spec: str, message: str) -> None:
         ({"size_bytes": 4096, "rate_bps": 5, "pattern": "random", "mode": "idle"}, "only applies"),
         ({"size_bytes": 4096, "rate_bps": 0, "pattern": "ones", "mode": "idle"}, "pattern"),
         ({"size_bytes": 4096, "rate_bps": 0, "pattern": "zero", "mode": "spin"}, "mode"),
+        (
+            {
+                "size_bytes": 4096,
+                "rate_bps": 0,
+                "pattern": "zero",
+                "mode": "idle",
+                "disk_rate_bps": -1,
+            },
+            "disk rate",
+        ),
+        (
+            {
+                "size_bytes": 4096,
+                "rate_bps": 0,
+                "pattern": "zero",
+                "mode": "idle",
+                "disk_size_bytes": 4096,
+            },
+            "disk region",
+        ),
     ],
 )
 def test_constructor_validates(fields: dict[str, object], message: str) -> None:
@@ -139,6 +192,31 @@ def test_kernel_args() -> None:
     assert spec.pages == 65536
 
 
+def test_kernel_args_with_disk_keys() -> None:
+    spec = parse_workload("dirty:rate=20M,size=128M,disk-rate=4M,disk-size=256M")
+    assert spec.kernel_args()[-2:] == ["vmferry.disk_rate=4194304", "vmferry.disk_ws=268435456"]
+    assert parse_workload("idle:disk-rate=2M").kernel_args()[-1] == "vmferry.disk_rate=2097152"
+    assert parse_workload("idle:disk-size=8M").kernel_args()[-1] == "vmferry.disk_ws=8388608"
+    # Defaults are not rendered: the guest's own defaults apply.
+    assert not any("disk" in arg for arg in parse_workload("idle").kernel_args())
+
+
+@pytest.mark.parametrize(
+    ("spec", "disk_bytes", "region_bytes"),
+    [
+        ("idle", 256 * MiB, DEFAULT_DISK_SIZE_BYTES),
+        ("idle", 16 * MiB, 16 * MiB),
+        ("idle", 10_000_000, 10_000_000 // 4096 * 4096),
+        ("idle:disk-size=256M", 100 * MiB, 100 * MiB),
+        ("idle:disk-size=256M", 1 << 30, 256 * MiB),
+        ("idle:disk-size=3000000", 1 << 30, 3_000_000 // 4096 * 4096),
+        ("idle:disk-size=1M", 0, 0),
+    ],
+)
+def test_disk_region_bytes(spec: str, disk_bytes: int, region_bytes: int) -> None:
+    assert parse_workload(spec).disk_region_bytes(disk_bytes) == region_bytes
+
+
 @pytest.mark.parametrize(
     ("spec", "words"),
     [
@@ -146,6 +224,8 @@ def test_kernel_args() -> None:
         ("dirty:rate=50M,size=256M", ["paced", "50 MiB/s", "256 MiB"]),
         ("dirty:mode=cpu,size=1G,pattern=zero", ["cpu", "1 GiB", "zero"]),
         ("dirty:rate=1536K", ["1.5 MiB/s"]),
+        ("idle:disk-rate=2M", ["disk", "64 MiB region", "2 MiB/s of writes"]),
+        ("idle:disk-size=1G", ["disk", "1 GiB region", "no writes"]),
     ],
 )
 def test_describe(spec: str, words: list[str]) -> None:
@@ -165,6 +245,8 @@ def specs(draw: st.DrawFn) -> WorkloadSpec:
         pattern=pattern,
         mode=mode,
         heartbeat_hz=draw(st.integers(1, 10_000)),
+        disk_rate_bps=draw(st.just(0) | st.integers(1, 1 << 34)),
+        disk_size_bytes=draw(st.none() | st.integers(MiB, 1 << 44)),
     )
 
 
@@ -176,13 +258,26 @@ def test_to_spec_round_trips(spec: WorkloadSpec) -> None:
 @given(specs())
 def test_kernel_args_carry_every_field(spec: WorkloadSpec) -> None:
     args = dict(arg.removeprefix("vmferry.").split("=") for arg in spec.kernel_args())
-    assert args == {
+    expected = {
         "ws": str(spec.size_bytes),
         "rate": str(spec.rate_bps),
         "pattern": spec.pattern,
         "mode": spec.mode,
         "hz": str(spec.heartbeat_hz),
     }
+    if spec.disk_rate_bps:
+        expected["disk_rate"] = str(spec.disk_rate_bps)
+    if spec.disk_size_bytes is not None:
+        expected["disk_ws"] = str(spec.disk_size_bytes)
+    assert args == expected
+
+
+@given(specs(), st.integers(0, 1 << 45))
+def test_disk_region_is_whole_blocks_within_both_limits(spec: WorkloadSpec, disk: int) -> None:
+    region = spec.disk_region_bytes(disk)
+    limit = min(disk, spec.disk_size_bytes or DEFAULT_DISK_SIZE_BYTES)
+    assert region % 4096 == 0
+    assert limit - 4096 < region <= limit
 
 
 @given(st.text(max_size=60))

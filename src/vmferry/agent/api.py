@@ -120,9 +120,11 @@ class VmInfo:
     pid: int | None
     machine_type: str
     cpu_model: str
+    disk: dict[str, object] | None = None  # DiskSpec.to_json() of its disk, if it has one
 
     def to_json(self) -> dict[str, object]:
         return {
+            "disk": self.disk,
             "name": self.name,
             "host": self.host,
             "state": self.state,
@@ -147,6 +149,7 @@ class VmInfo:
             pid=pid if isinstance(pid, int) else None,
             machine_type=str(data["machine_type"]),
             cpu_model=str(data["cpu_model"]),
+            disk=disk if isinstance(disk := data.get("disk"), dict) else None,
         )
 
 
@@ -244,6 +247,8 @@ def stats_to_json(stats: MigrationStats) -> dict[str, object]:
         "throughput_bps": stats.throughput_bps,
         "expected_downtime_ms": stats.expected_downtime_ms,
         "downtime_ms": stats.downtime_ms,
+        "disk_copied_bytes": stats.disk_copied_bytes,
+        "disk_total_bytes": stats.disk_total_bytes,
     }
 
 
@@ -260,6 +265,8 @@ def stats_from_json(data: dict[str, Any]) -> MigrationStats:
         throughput_bps=int(data["throughput_bps"]),
         expected_downtime_ms=data.get("expected_downtime_ms"),
         downtime_ms=data.get("downtime_ms"),
+        disk_copied_bytes=int(data.get("disk_copied_bytes", 0)),
+        disk_total_bytes=int(data.get("disk_total_bytes", 0)),
     )
 
 
@@ -268,4 +275,6 @@ def integrity_from_json(data: dict[str, Any]) -> IntegrityReport:
         ok=bool(data["ok"]),
         pages_checked=int(data["pages_checked"]),
         bad_pages=int(data["bad_pages"]),
+        blocks_checked=int(data.get("blocks_checked", 0)),
+        bad_blocks=int(data.get("bad_blocks", 0)),
     )

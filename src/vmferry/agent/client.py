@@ -31,6 +31,7 @@ from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
     MigrationStats,
+    NbdTarget,
     VmSpec,
     spec_to_json,
 )
@@ -160,14 +161,18 @@ class AgentClient:
             await self._call("POST", f"/vms/{name}/verify", timeout_s=BOOT_TIMEOUT_S)
         )
 
-    async def prepare_incoming(self, spec: VmSpec, options: MigrationOptions) -> str:
+    async def prepare_incoming(
+        self, spec: VmSpec, options: MigrationOptions
+    ) -> tuple[str, NbdTarget | None]:
+        """Returns the RAM URI and, for a disk on local storage, the NBD export to mirror to."""
         data = await self._call(
             "POST",
             "/incoming",
             {"spec": spec_to_json(spec), "options": options_to_json(options)},
             timeout_s=60.0,
         )
-        return str(data["uri"])
+        nbd = data.get("nbd")
+        return str(data["uri"]), None if nbd is None else NbdTarget.from_json(nbd)
 
     async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
         data = await self._call("POST", f"/vms/{name}/finish", timeout_s=BOOT_TIMEOUT_S)
@@ -176,11 +181,17 @@ class AgentClient:
     async def abort_incoming(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/abort")
 
-    async def start_migration(self, name: str, uri: str, options: MigrationOptions) -> None:
+    async def start_migration(
+        self, name: str, uri: str, options: MigrationOptions, nbd: NbdTarget | None = None
+    ) -> None:
         await self._call(
             "POST",
             f"/vms/{name}/migrate",
-            {"uri": uri, "options": options_to_json(options)},
+            {
+                "uri": uri,
+                "options": options_to_json(options),
+                "nbd": None if nbd is None else nbd.to_json(),
+            },
         )
 
     async def migration_progress(

@@ -15,7 +15,7 @@ import enum
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from vmferry.agent.api import (
@@ -28,12 +28,14 @@ from vmferry.agent.api import (
 )
 from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
 from vmferry.agent.vm import RunningVm, launch, reattach
-from vmferry.core.errors import ConfigError, FerryError, StateError
+from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import (
+    DISK_PHASE,
     IntegrityReport,
     MigrationOptions,
     MigrationStats,
+    NbdTarget,
     VmSpec,
     spec_from_json,
     spec_to_json,
@@ -41,7 +43,17 @@ from vmferry.core.model import (
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
-from vmferry.qemu.measure import measure_guest
+from vmferry.qemu.block import (
+    MirrorStatus,
+    abort_mirror,
+    export_disk,
+    finish_mirror,
+    make_write_blocking,
+    mirror_status,
+    start_mirror,
+    unexport_disk,
+)
+from vmferry.qemu.measure import measure_disk_writes, measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
@@ -51,6 +63,7 @@ from vmferry.qemu.migration import (
     wait_running,
 )
 from vmferry.qemu.process import is_qemu_pid
+from vmferry.qemu.qcow2 import allocated_bytes, create_image, free_bytes, remove_image
 from vmferry.qemu.vcpu import vcpu_busy_fraction
 
 __all__ = ["AgentConfig", "HostAgent", "VmState"]
@@ -59,6 +72,10 @@ logger = logging.getLogger(__name__)
 
 _INCOMING_DONE_TIMEOUT_S = 60.0
 _HEARTBEAT_TIMEOUT_S = 30.0
+_MIRROR_POLL_S = 0.2
+# A background mirror whose remainder has not shrunk for this long is losing to the guest's
+# writes: switch it to write-blocking so it converges (guest writes then go at link speed).
+_MIRROR_STALL_S = 3.0
 
 
 async def _none() -> None:
@@ -81,6 +98,11 @@ class AgentConfig:
     state_dir: Path
     memory_bytes: int
     migration_address: str
+    # Directory every host sees at the same path (VMs with storage "shared" keep their image
+    # there); None: this host has no shared storage.
+    shared_dir: Path | None = None
+    # Space for local disk images (sum of their virtual sizes); None: the filesystem's free space.
+    disk_bytes: int | None = None
 
 
 @dataclass(slots=True)
@@ -90,6 +112,7 @@ class Outgoing:
     samples: list[MigrationStats] = field(default_factory=list)
     result: OutgoingResult | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_requested: bool = False
 
     def push(self, stats: MigrationStats) -> None:
         self.samples.append(stats)
@@ -135,6 +158,33 @@ class HostAgent:
 
     def _dir(self, name: str) -> Path:
         return self.vms_dir / name
+
+    @property
+    def disks_dir(self) -> Path:
+        return self.config.state_dir / "disks"
+
+    def _disk_path(self, spec: VmSpec) -> Path | None:
+        """Where VM ``spec``'s image lives on this host (None: it has no disk).
+
+        Raises:
+            ConfigError: it is on shared storage and this host has none.
+        """
+        if spec.disk is None:
+            return None
+        if spec.disk.storage == "local":
+            return self.disks_dir / f"{spec.name}.qcow2"
+        if self.config.shared_dir is None:
+            raise ConfigError(
+                f"{self.config.host} has no shared storage for {spec.name} "
+                "(start its agent with --shared-dir)"
+            )
+        return self.config.shared_dir / f"{spec.name}.qcow2"
+
+    def _owned_disk(self, spec: VmSpec) -> Path | None:
+        """The image this host removes together with the VM: a local one only."""
+        if spec.disk is None or spec.disk.storage != "local":
+            return None
+        return self.disks_dir / f"{spec.name}.qcow2"
 
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         """Adopt the VMs an earlier agent left running; ``tasks`` owns background work."""
@@ -205,6 +255,28 @@ class HostAgent:
     def _memory_used(self) -> int:
         return sum(s.spec.memory_bytes for s in self._slots.values() if s.state != VmState.STOPPED)
 
+    def _local_disk_used(self) -> int:
+        return sum(
+            s.spec.disk.size_bytes
+            for s in self._slots.values()
+            if s.spec.disk is not None and s.spec.disk.storage == "local"
+        )
+
+    def _check_disk_room(self, spec: VmSpec) -> None:
+        """Raises: CapacityError when a new local image of ``spec`` would not fit."""
+        if spec.disk is None or spec.disk.storage != "local":
+            return
+        need = spec.disk.size_bytes
+        if self.config.disk_bytes is not None:
+            free = self.config.disk_bytes - self._local_disk_used()
+        else:
+            free = free_bytes(self.disks_dir)
+        if need > free:
+            raise CapacityError(
+                f"{self.config.host} has {free >> 20} MiB free for disks; "
+                f"{spec.name} needs {need >> 20} MiB"
+            )
+
     def _vm_info(self, slot: Slot) -> VmInfo:
         alive = slot.vm is not None and slot.vm.process.is_running
         state = slot.state if alive or slot.state == VmState.STOPPED else VmState.STOPPED
@@ -218,6 +290,7 @@ class HostAgent:
             pid=slot.vm.process.pid if slot.vm is not None and alive else None,
             machine_type=slot.spec.machine_type,
             cpu_model=slot.spec.cpu_model,
+            disk=None if slot.spec.disk is None else slot.spec.disk.to_json(),
         )
 
     def list_vms(self) -> list[VmInfo]:
@@ -262,7 +335,8 @@ class HostAgent:
         tmp.replace(path)
 
     async def _retire(self, name: str, required: VmState) -> None:
-        """End and forget VM ``name``'s QEMU, which must be in state ``required``.
+        """End and forget VM ``name``'s QEMU, which must be in state ``required``, and remove
+        its local disk image (a shared image belongs to whichever host runs the VM).
 
         Raises:
             NotFound: no such VM.
@@ -273,19 +347,32 @@ class HostAgent:
             raise StateError(f"VM {name}", slot.state.value, required.value)
         if slot.vm is not None:
             await slot.vm.stop()
-        self._forget(name)
+        self._forget(name, self._owned_disk(slot.spec))
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, disk: Path | None) -> None:
+        """Drop the slot, its runtime directory and, if given, its disk image."""
         self._slots.pop(name, None)
         shutil.rmtree(self._dir(name), ignore_errors=True)
+        if disk is not None:
+            remove_image(disk)
 
-    async def _launch(self, spec: VmSpec, *, incoming: bool) -> Slot:
-        """Check room, reserve the name, start QEMU and persist the definition at once (so a
-        successor agent, or `lab down`, finds it). Leaves nothing behind on failure."""
+    async def _launch(self, spec: VmSpec, *, incoming: bool, new_disk: bool) -> Slot:
+        """Check room, reserve the name, create the disk image if ``new_disk``, start QEMU and
+        persist the definition at once (so a successor agent, or `lab down`, finds it).
+        Leaves nothing behind on failure (an image it did not create is never removed)."""
         self._check_room(spec)
+        disk = self._disk_path(spec)
+        if new_disk:
+            self._check_disk_room(spec)
+        elif disk is not None and not disk.exists():
+            raise ConfigError(f"{self.config.host} cannot see {spec.name}'s disk image {disk}")
         slot = Slot(spec, VmState.INCOMING, None)  # reserves the name and memory meanwhile
         self._slots[spec.name] = slot
+        created = None
         try:
+            if new_disk and disk is not None and spec.disk is not None:
+                await create_image(disk, spec.disk.size_bytes)
+                created = disk
             slot.vm = await launch(
                 self.qemu.path,
                 spec,
@@ -295,12 +382,13 @@ class HostAgent:
                 accel=self.accel,
                 heartbeats=HeartbeatGaps(),
                 incoming=incoming,
+                disk_image=disk,
             )
             self._persist(spec)
         except BaseException:
             if slot.vm is not None:
                 await slot.vm.stop()
-            self._forget(spec.name)
+            self._forget(spec.name, created)
             raise
         return slot
 
@@ -308,11 +396,12 @@ class HostAgent:
         """Boot a new VM on this host.
 
         Raises:
-            ConfigError: duplicate name, unknown machine type/CPU model.
-            CapacityError: not enough memory left on the host.
+            ConfigError: duplicate name, unknown machine type/CPU model, a shared disk on a
+                host without shared storage, an image of that name exists already.
+            CapacityError: not enough memory or disk space left on the host.
             QEMULaunchError, GuestError: it did not boot (nothing is left behind).
         """
-        slot = await self._launch(spec, incoming=False)
+        slot = await self._launch(spec, incoming=False, new_disk=True)
         slot.state = VmState.RUNNING
         self.logger.info("vm.created %s", spec.name)
         return self._vm_info(slot)
@@ -330,7 +419,8 @@ class HostAgent:
         async with slot.lock:
             if slot.vm is not None:
                 await slot.vm.stop()
-            self._forget(name)
+            # Deleting a VM deletes its disk, wherever it lives.
+            self._forget(name, self._disk_path(slot.spec))
         self.logger.info("vm.deleted %s", name)
 
     async def verify(self, name: str) -> IntegrityReport:
@@ -356,7 +446,10 @@ class HostAgent:
         async with slot.lock:
             pid = vm.process.pid
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
-            profile, busy = await asyncio.gather(measure_guest(vm.qmp, self._dir(name)), busy_task)
+            profile, busy, disk = await asyncio.gather(
+                measure_guest(vm.qmp, self._dir(name)), busy_task, self._measure_disk(slot.spec, vm)
+            )
+        allocated, write_bps = disk
         return GuestMeasurement(
             ram_bytes=profile.ram_bytes,
             dirty_rate_bps=profile.dirty_rate_bps,
@@ -364,7 +457,18 @@ class HostAgent:
             compress_ratio=profile.memory.compress_ratio,
             vcpu_busy=busy,
             elapsed_ms=profile.elapsed_ms,
+            disk_allocated_bytes=allocated,
+            disk_write_bps=write_bps,
+            disk_shared=slot.spec.disk is not None and slot.spec.disk.storage == "shared",
         )
+
+    async def _measure_disk(self, spec: VmSpec, vm: RunningVm) -> tuple[int, int]:
+        """Allocated bytes of the VM's image and its guest's write rate (0, 0 without a disk)."""
+        disk = self._disk_path(spec)
+        if disk is None:
+            return 0, 0
+        write_bps = await measure_disk_writes(vm.qmp, window_s=1.0)
+        return await allocated_bytes(disk), write_bps
 
     async def open_sink(self) -> int:
         """Listen for a bandwidth probe on the migration address; returns the port."""
@@ -394,23 +498,35 @@ class HostAgent:
 
     # -- incoming migration (this host is the destination) --------------------------------------
 
-    async def prepare_incoming(self, spec: VmSpec, options: MigrationOptions) -> str:
-        """Start an empty QEMU for ``spec`` waiting for its state; return the URI to send to.
+    async def prepare_incoming(
+        self, spec: VmSpec, options: MigrationOptions
+    ) -> tuple[str, NbdTarget | None]:
+        """Start an empty QEMU for ``spec`` waiting for its state.
+
+        A disk on local storage gets a new empty image here, exported over NBD for the
+        source's mirror; a disk on shared storage is opened where it is (QEMU keeps it inactive,
+        without the write lock, until the switchover).
+
+        Returns:
+            The URI to send RAM to and, for a local disk, the NBD export to mirror into.
 
         Raises:
-            ConfigError, CapacityError: as for :meth:`create`.
+            ConfigError, CapacityError: as for :meth:`create`; a shared image this host cannot
+                see.
             QEMULaunchError: QEMU would not start.
         """
-        slot = await self._launch(spec, incoming=True)
+        local = spec.disk is not None and spec.disk.storage == "local"
+        slot = await self._launch(spec, incoming=True, new_disk=local)
         assert slot.vm is not None
         try:
             uri = await start_incoming(slot.vm.qmp, self.config.migration_address, options)
+            nbd = await export_disk(slot.vm.qmp, self.config.migration_address) if local else None
         except BaseException:
             await slot.vm.stop()
-            self._forget(spec.name)
+            self._forget(spec.name, self._owned_disk(spec))
             raise
-        self.logger.info("migration.incoming %s at %s", spec.name, uri)
-        return uri
+        self.logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
+        return uri, nbd
 
     async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
         """After the source reported completion: make sure the guest runs here and is intact.
@@ -424,6 +540,9 @@ class HostAgent:
         """
         slot, vm = self._running(name, VmState.INCOMING)
         async with slot.lock:
+            if self._owned_disk(slot.spec) is not None:
+                # The source detached from the export before it let the guest go.
+                await unexport_disk(vm.qmp)
             async with asyncio.timeout(_INCOMING_DONE_TIMEOUT_S):
                 while True:
                     status = str((await vm.qmp.execute("query-status"))["status"])
@@ -444,7 +563,8 @@ class HostAgent:
         return first_ms, integrity
 
     async def abort_incoming(self, name: str) -> None:
-        """Drop a destination that will not receive the guest.
+        """Drop a destination that will not receive the guest (and the image it created for
+        a local disk; a shared image is left alone: the source still runs from it).
 
         Raises:
             NotFound: no such VM.
@@ -455,36 +575,81 @@ class HostAgent:
 
     # -- outgoing migration (this host is the source) -------------------------------------------
 
-    def start_outgoing(self, name: str, uri: str, options: MigrationOptions) -> None:
-        """Start migrating VM ``name`` to ``uri`` in the background.
+    def start_outgoing(
+        self, name: str, uri: str, options: MigrationOptions, nbd: NbdTarget | None = None
+    ) -> None:
+        """Start migrating VM ``name`` to ``uri`` in the background; a disk on local storage is
+        mirrored to ``nbd`` first.
 
         Raises:
             NotFound: no such VM.
             StateError: it is not running (e.g. already migrating: one migration per VM).
+            ConfigError: a local disk without an NBD target, or a target without a local disk.
         """
         slot, vm = self._running(name)
         if self._tasks is None:
             raise StateError("agent", "not started", "started")
+        local = self._owned_disk(slot.spec) is not None
+        if local and nbd is None:
+            raise ConfigError(f"{name}'s disk is on local storage: an NBD target is needed")
+        if not local and nbd is not None:
+            raise ConfigError(f"{name} has no disk on local storage to mirror")
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
         task = self._tasks.create_task(
-            self._run_outgoing(slot, vm, uri, options), name=f"migrate-{name}"
+            self._run_outgoing(slot, vm, uri, options, nbd), name=f"migrate-{name}"
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
     async def _run_outgoing(
-        self, slot: Slot, vm: RunningVm, uri: str, options: MigrationOptions
+        self,
+        slot: Slot,
+        vm: RunningVm,
+        uri: str,
+        options: MigrationOptions,
+        nbd: NbdTarget | None,
     ) -> None:
         assert slot.outgoing is not None
         outgoing = slot.outgoing
         heartbeats = vm.channel.heartbeats
         heartbeats.open_window(now_ms())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + options.timeout_s
+        mirrored = False
         try:
-            final = await run_migration(vm.qmp, uri, options, outgoing.push)
+            hook = None
+            disk = MirrorStatus(0, 0, False, "none")
+            if nbd is not None:
+                if options.mechanism == "cold":
+                    await vm.qmp.execute("stop")  # the disk is copied with the guest paused
+                mirrored = True
+                await start_mirror(vm.qmp, nbd, speed_bps=options.max_bandwidth_bps)
+                disk = await self._mirror_until_ready(slot, vm, deadline)
+
+                async def hook() -> None:
+                    await finish_mirror(vm.qmp)
+
+            def push(stats: MigrationStats) -> None:
+                outgoing.push(
+                    replace(
+                        stats,
+                        disk_copied_bytes=disk.copied_bytes,
+                        disk_total_bytes=disk.total_bytes,
+                    )
+                )
+
+            ram_options = replace(options, timeout_s=max(1.0, deadline - loop.time()))
+            final = await run_migration(vm.qmp, uri, ram_options, push, before_switchover=hook)
+            final = replace(
+                final, disk_copied_bytes=disk.copied_bytes, disk_total_bytes=disk.total_bytes
+            )
         except Exception as err:  # the task's boundary: whatever failed, put the guest back
             if not isinstance(err, FerryError | OSError):
                 self.logger.exception("migration.crashed %s", vm.label)
+            if mirrored:
+                with contextlib.suppress(FerryError):
+                    await abort_mirror(vm.qmp)
             heartbeats.close_window()
             slot.state = await self._resume_source(vm)
             last = outgoing.samples[-1] if outgoing.samples else None
@@ -494,12 +659,73 @@ class HostAgent:
             # Agent shutting down mid-migration: leave the guest running here.
             with contextlib.suppress(FerryError):
                 await asyncio.shield(cancel_migration(vm.qmp))
+            if mirrored:
+                with contextlib.suppress(FerryError):
+                    await asyncio.shield(abort_mirror(vm.qmp))
+            with contextlib.suppress(FerryError):
+                await asyncio.shield(ensure_running(vm.qmp))
             raise
         max_gap = heartbeats.close_window()
         slot.state = VmState.MIGRATED
         outgoing.finish(
             OutgoingResult("completed", None, final, heartbeats.last_arrival_ms, max_gap)
         )
+
+    async def _mirror_until_ready(self, slot: Slot, vm: RunningVm, deadline: float) -> MirrorStatus:
+        """Follow the disk mirror until source and target are in sync, then make it
+        write-blocking; report each sample as progress (status DISK_PHASE).
+
+        Raises:
+            MigrationFailed: the mirror failed, the migration was cancelled or ran out of time.
+        """
+        assert slot.outgoing is not None
+        loop = asyncio.get_running_loop()
+        started = last_time = loop.time()
+        last_copied = 0
+        best_remaining: int | None = None
+        best_at = started
+        blocking = False
+        while True:
+            status = await mirror_status(vm.qmp)
+            now = loop.time()
+            if status.status in ("gone", "concluded", "aborting", "null") or status.error:
+                raise MigrationFailed(
+                    vm.label, "disk", f"disk mirror failed: {status.error or status.status}"
+                )
+            rate = (status.copied_bytes - last_copied) / max(now - last_time, 1e-3)
+            last_copied, last_time = status.copied_bytes, now
+            slot.outgoing.push(
+                MigrationStats(
+                    status=DISK_PHASE,
+                    total_ms=round((now - started) * 1000),
+                    transferred_bytes=0,
+                    remaining_bytes=slot.spec.memory_bytes,
+                    total_bytes=slot.spec.memory_bytes,
+                    dirty_pages_rate=0,
+                    page_size=4096,
+                    iterations=0,
+                    throughput_bps=max(0, round(rate)),
+                    expected_downtime_ms=None,
+                    downtime_ms=None,
+                    disk_copied_bytes=status.copied_bytes,
+                    disk_total_bytes=status.total_bytes,
+                )
+            )
+            if status.ready:
+                if not blocking:
+                    await make_write_blocking(vm.qmp)
+                return status
+            if slot.outgoing.cancel_requested:
+                raise MigrationFailed(vm.label, "disk", "cancelled during the disk copy")
+            if now > deadline:
+                raise MigrationFailed(vm.label, "disk", "the disk copy ran out of time")
+            if best_remaining is None or status.remaining_bytes < best_remaining:
+                best_remaining, best_at = status.remaining_bytes, now
+            elif not blocking and now - best_at > _MIRROR_STALL_S:
+                blocking = True
+                await make_write_blocking(vm.qmp)
+                self.logger.info("disk.mirror_stalled %s: write-blocking now", vm.label)
+            await asyncio.sleep(_MIRROR_POLL_S)
 
     async def _resume_source(self, vm: RunningVm) -> VmState:
         try:
@@ -545,7 +771,9 @@ class HostAgent:
         Raises:
             NotFound, StateError: no migration in flight.
         """
-        _, vm = self._running(name, VmState.MIGRATING)
+        slot, vm = self._running(name, VmState.MIGRATING)
+        if slot.outgoing is not None:
+            slot.outgoing.cancel_requested = True  # seen by the disk phase
         await vm.qmp.execute("migrate_cancel")
 
     async def handoff(self, name: str) -> None:

@@ -40,7 +40,7 @@ from vmferry.agent.accel import probe_accel
 from vmferry.agent.api import API_PREFIX, STATUS_BY_ERROR, NotFound, stats_to_json
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.model import MECHANISMS, MigrationOptions, spec_from_json
+from vmferry.core.model import MECHANISMS, MigrationOptions, NbdTarget, spec_from_json
 from vmferry.guest.image import build_image
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
@@ -167,8 +167,8 @@ async def _verify(request: web.Request) -> web.Response:
 async def _incoming(request: web.Request) -> web.Response:
     body = await _body(request)
     spec = spec_from_json(body.get("spec"))
-    uri = await _agent(request).prepare_incoming(spec, options_from_json(body.get("options")))
-    return web.json_response({"uri": uri})
+    uri, nbd = await _agent(request).prepare_incoming(spec, options_from_json(body.get("options")))
+    return web.json_response({"uri": uri, "nbd": None if nbd is None else nbd.to_json()})
 
 
 async def _finish(request: web.Request) -> web.Response:
@@ -187,7 +187,12 @@ async def _migrate(request: web.Request) -> web.Response:
     if not isinstance(uri, str) or not uri.startswith("tcp:"):
         raise ConfigError("'uri' must be a tcp: migration URI")
     options = options_from_json(body.get("options"))
-    _agent(request).start_outgoing(request.match_info["name"], uri, options)
+    raw_nbd = body.get("nbd")
+    try:
+        nbd = None if raw_nbd is None else NbdTarget.from_json(raw_nbd)
+    except FerryError as err:
+        raise ConfigError(str(err)) from err
+    _agent(request).start_outgoing(request.match_info["name"], uri, options, nbd)
     return web.json_response({"started": True}, status=202)
 
 

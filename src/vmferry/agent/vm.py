@@ -16,7 +16,7 @@ from vmferry.core.errors import GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import IntegrityReport, VmSpec
 from vmferry.guest.channel import GuestChannel
-from vmferry.guest.protocol import Corrupted, VerifyResult, corrupt_command, verify_command
+from vmferry.guest.protocol import Corrupted, corrupt_command
 from vmferry.qemu.argv import Accel, BootFiles, RuntimePaths, build_argv
 from vmferry.qemu.process import QemuProcess, tail_lines
 from vmferry.qemu.session import QmpSession
@@ -32,8 +32,10 @@ _START_TIMEOUT_S = 15.0
 
 
 def _verify_timeout_s(spec: VmSpec) -> float:
-    # Checksumming under TCG runs at a few hundred MB/s at worst; be generous.
-    return 30.0 + spec.workload.size_bytes / (20 << 20)
+    # Checksumming under TCG runs at a few hundred MB/s at worst, reading the disk region back
+    # about as fast; be generous (a disk write in flight may also be slowed by a mirror).
+    disk = 0 if spec.disk is None else spec.workload.disk_region_bytes(spec.disk.size_bytes)
+    return 30.0 + (spec.workload.size_bytes + disk) / (20 << 20)
 
 
 @dataclass(slots=True)
@@ -52,18 +54,20 @@ class RunningVm:
         return f"{self.spec.name}@{self.role}"
 
     async def verify(self) -> IntegrityReport:
-        """Ask the guest to check every page of its working set.
+        """Ask the guest to check every page of its working set and every block of its disk
+        region (a VM with a disk whose guest checked no block is not ok).
 
         Raises:
             GuestError: the guest did not answer.
         """
-        result = await self.channel.request(
-            verify_command(), VerifyResult, _verify_timeout_s(self.spec)
-        )
+        result = await self.channel.verify(_verify_timeout_s(self.spec))
+        disk_ok = self.spec.disk is None or (result.blocks_checked > 0 and result.bad_blocks == 0)
         return IntegrityReport(
-            ok=result.bad_pages == 0 and result.pages_checked > 0,
+            ok=result.bad_pages == 0 and result.pages_checked > 0 and disk_ok,
             pages_checked=result.pages_checked,
             bad_pages=result.bad_pages,
+            blocks_checked=result.blocks_checked,
+            bad_blocks=result.bad_blocks,
         )
 
     async def corrupt(self, page: int) -> None:
@@ -98,6 +102,7 @@ async def launch(
     accel: Accel,
     heartbeats: HeartbeatGaps,
     incoming: bool = False,
+    disk_image: Path | None = None,
 ) -> RunningVm:
     """Start QEMU for ``spec`` in ``directory`` and connect QMP and the guest channel.
 
@@ -114,7 +119,9 @@ async def launch(
         if path.exists():
             shutil.rmtree(path)
         path.mkdir(parents=True)
-    argv = build_argv(qemu, spec, boot, paths, accel=accel, incoming=incoming)
+    argv = build_argv(
+        qemu, spec, boot, paths, accel=accel, incoming=incoming, disk_image=disk_image
+    )
     process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
     channel = GuestChannel(f"{spec.name}.{role}", heartbeats)

@@ -57,11 +57,16 @@ async def _lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
     from vmferry.lab.cluster import lab_up
 
     memory = None if args.memory_per_host is None else parse_size(args.memory_per_host)
+    disk = None if args.disk_per_host is None else parse_size(args.disk_per_host)
     with err.status("preparing the guest image…"):
         await asyncio.to_thread(build_image)
     with err.status(f"starting {args.hosts} host agent(s)…"):
         inventory = await lab_up(
-            args.hosts, netns=args.netns, link_mbps=args.link_mbps, memory_per_host_bytes=memory
+            args.hosts,
+            netns=args.netns,
+            link_mbps=args.link_mbps,
+            memory_per_host_bytes=memory,
+            disk_per_host_bytes=disk,
         )
     if args.json:
         _print_json(out, {**inventory.to_json(), "directory": str(inventory.directory)})
@@ -122,10 +127,14 @@ async def _lab_down(args: argparse.Namespace, err: Console, out: Console) -> int
 
 
 async def _vm_create(args: argparse.Namespace, err: Console, out: Console) -> int:
-    if args.disk is not None:
-        raise ConfigError("--disk is not available yet: lab VMs run from their initramfs")
     spec = VmSpec.build(
-        args.name, memory=args.memory, vcpus=args.vcpus, workload=parse_workload(args.workload)
+        args.name,
+        memory=args.memory,
+        vcpus=args.vcpus,
+        workload=parse_workload(args.workload),
+        disk=args.disk,
+        disk_bus=args.disk_bus,
+        storage=args.storage,
     )
     validate_name(args.host, "host name")
     async with Cluster(Inventory.load()) as cluster:
@@ -364,6 +373,8 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
         state_dir=args.state_dir,
         memory_bytes=parse_size(args.memory),
         migration_address=args.migration_address,
+        shared_dir=args.shared_dir,
+        disk_bytes=None if args.disk is None else parse_size(args.disk),
     )
     await run_agent(config, host, int(port), token, args.ready_file)
     return EXIT_OK

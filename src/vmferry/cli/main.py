@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--netns", action="store_true", help="each host in its own network namespace")
     up.add_argument("--link-mbps", type=int, default=None, help="shape each host link (--netns)")
     up.add_argument("--memory-per-host", default=None, help="memory each host offers (e.g. 4G)")
+    up.add_argument(
+        "--disk-per-host", default=None, help="space for local disk images per host (e.g. 8G)"
+    )
     json_flag(up)
     json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
     json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
@@ -50,7 +53,17 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--host", required=True)
     create.add_argument("--memory", default="512M")
     create.add_argument("--vcpus", type=int, default=1)
-    create.add_argument("--disk", default=None, help="(not available yet)")
+    create.add_argument("--disk", default=None, metavar="SIZE", help="a qcow2 disk, e.g. 1G")
+    create.add_argument(
+        "--disk-bus", default="virtio-blk", choices=("virtio-blk", "virtio-scsi"), help="disk bus"
+    )
+    create.add_argument(
+        "--storage",
+        default="local",
+        choices=("local", "shared"),
+        help="local: the image lives on the VM's host and moves with it; "
+        "shared: on storage every host sees (only RAM moves)",
+    )
     create.add_argument("--workload", default="idle", help="e.g. " + DEMO_WORKLOAD)
     json_flag(create)
     json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
@@ -128,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--memory", required=True, help="memory available to VMs (e.g. 8G)")
     agent.add_argument(
         "--migration-address", default="127.0.0.1", help="address incoming migrations listen on"
+    )
+    agent.add_argument(
+        "--shared-dir", type=Path, default=None, help="shared storage (same path on every host)"
+    )
+    agent.add_argument(
+        "--disk", default=None, help="space for local disk images (default: free space)"
     )
     agent.add_argument(
         "--ready-file", type=Path, default=None, help="write {url, pid} here once listening"

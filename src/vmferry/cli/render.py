@@ -12,7 +12,7 @@ from rich.text import Text
 from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
-from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.model import DISK_PHASE, MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.lab.cluster import HostStatus
 
@@ -63,8 +63,19 @@ class ProgressLine:
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
         line = Text(f"{self.title} ", style="bold")
         line.append(phase.value, style="cyan")
-        if stats is not None:
+        if stats is not None and stats.status == DISK_PHASE:
             eta = stats.eta_ms
+            line.append(
+                f" disk {format_bytes(stats.disk_copied_bytes)}"
+                f" of {format_bytes(stats.disk_total_bytes)}"
+                f", {format_bytes(stats.throughput_bps)}/s, then RAM"
+                f", {stats.total_ms / 1000:.1f} s"
+                + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
+            )
+        elif stats is not None:
+            eta = stats.eta_ms
+            if stats.disk_total_bytes:
+                line.append(f" disk {format_bytes(stats.disk_copied_bytes)} in sync,")
             line.append(
                 f" {format_bytes(stats.transferred_bytes)} sent"
                 f", {format_bytes(stats.remaining_bytes)} left"
@@ -95,6 +106,11 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
             if integrity is None
             else f"{'ok' if integrity.ok else 'BAD'} {integrity.bad_pages} bad"
             f" / {integrity.pages_checked} pages"
+            + (
+                f", {integrity.bad_blocks} bad / {integrity.blocks_checked} blocks"
+                if integrity.blocks_checked
+                else ""
+            )
         )
         result = f"{report.status} ({report.strategy})"
         if report.error is not None:
@@ -115,15 +131,20 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
 def vm_table(vms: Sequence[VmInfo]) -> Table:
     """VMs of the cluster, one row each."""
     table = Table(title="VMs")
-    for column in ("name", "host", "state", "memory", "vcpus", "workload", "pid"):
+    for column in ("name", "host", "state", "memory", "vcpus", "disk", "workload", "pid"):
         table.add_column(column)
     for vm in vms:
+        disk = vm.disk or {}
         table.add_row(
             vm.name,
             vm.host,
             vm.state,
             format_bytes(vm.memory_bytes),
             str(vm.vcpus),
+            "-"
+            if not disk
+            else f"{format_bytes(int(str(disk.get('size_bytes', 0))))} "
+            f"{disk.get('bus')} {disk.get('storage')}",
             vm.workload,
             "-" if vm.pid is None else str(vm.pid),
             style=None if vm.state == "running" else "yellow",
@@ -188,6 +209,12 @@ def plan_table(plan: Plan) -> Table:
         f"RAM {format_bytes(m.ram_bytes)}, {m.zero_fraction:.0%} zero, compresses "
         f"{m.compress_ratio:.1f}x, dirties {format_bytes(m.dirty_rate_bps)}/s"
         f"{' (CPU-bound)' if m.dirty_is_cpu_bound else ''}, link {format_bytes(m.bandwidth_bps)}/s"
+        + (
+            f"\ndisk {format_bytes(m.disk_copy_bytes)} to copy, "
+            f"guest writes {format_bytes(m.disk_write_bps)}/s"
+            if m.disk_copy_bytes
+            else ""
+        )
     )
     table = Table(title=title)
     for column in ("strategy", "total", "downtime", "sent", "note"):
@@ -196,7 +223,8 @@ def plan_table(plan: Plan) -> Table:
         chosen = p.strategy == plan.choice.strategy
         table.add_row(
             p.strategy + (" ◀" if chosen else ""),
-            _ms(p.total_ms) if p.converges else "never",
+            (_ms(p.total_ms) if p.converges else "never")
+            + (f"\n(disk {_ms(p.disk_ms)})" if p.disk_ms else ""),
             _ms(p.downtime_ms),
             format_bytes(p.transferred_bytes),
             p.note + (f" Risk: {p.risk}" if p.risk else ""),

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from vmferry.agent.api import OutgoingResult, VmInfo
@@ -23,6 +23,7 @@ from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
+    DISK_PHASE,
     MECHANISMS,
     IntegrityReport,
     Mechanism,
@@ -184,6 +185,7 @@ async def migrate(
     started_s = loop.time()
     phase = Phase.PREPARING
     last: MigrationStats | None = None
+    disk_ms = 0
 
     def notify(stats: MigrationStats | None) -> None:
         if on_progress is not None:
@@ -201,7 +203,9 @@ async def migrate(
             "total_ms": round((loop.time() - started_s) * 1000),
             "downtime_ms": None,
             "guest_downtime_ms": None,
-            "transferred_bytes": last.transferred_bytes if last is not None else 0,
+            "transferred_bytes": (
+                last.transferred_bytes + last.disk_copied_bytes if last is not None else 0
+            ),
             "iterations": last.iterations if last is not None else 0,
             "predicted": None if prediction is None else prediction.to_prediction(),
             "integrity": None,
@@ -214,9 +218,9 @@ async def migrate(
         return result
 
     notify(None)
-    uri = await destination.prepare_incoming(spec, options)
+    uri, nbd = await destination.prepare_incoming(spec, options)
     try:
-        await source.start_migration(spec.name, uri, options)
+        await source.start_migration(spec.name, uri, options, nbd)
     except BaseException:
         await asyncio.shield(destination.abort_incoming(spec.name))
         raise
@@ -247,12 +251,23 @@ async def migrate(
             raise
         for stats in samples:
             last = stats
+            if stats.status == DISK_PHASE:
+                # The disk copy precedes QEMU's migration: progress to show, nothing to re-plan.
+                disk_ms = stats.total_ms
+                notify(stats)
+                continue
             if stats.status not in ("failed", "cancelled"):
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
-            progress.append(Progress.from_stats(stats))
+            # The re-plan's deadline counts from before the disk copy, QEMU's clock from after.
+            progress.append(Progress.from_stats(replace(stats, total_ms=stats.total_ms + disk_ms)))
             notify(stats)
-        if outcome is None and prediction is not None and last is not None:
+        if (
+            outcome is None
+            and prediction is not None
+            and last is not None
+            and last.status != DISK_PHASE
+        ):
             decision = replan(strategy, progress, prediction, goal)
             if decision.action is Action.SWITCH_TO_POSTCOPY and options.uses_postcopy:
                 if not switched:
@@ -302,7 +317,7 @@ async def migrate(
             running_on=request.destination,
             error=f"guest did not come up on {request.destination}: {err}",
             guest_alive=False,
-            downtime_ms=_downtime_ms(strategy, final),
+            downtime_ms=_downtime_ms(strategy, final, disk_ms),
         )
     phase = transition(phase, Verified())
     notify(final)
@@ -322,19 +337,19 @@ async def migrate(
         running_on=request.destination,
         error=error,
         total_ms=total_ms,
-        downtime_ms=_downtime_ms(strategy, final),
+        downtime_ms=_downtime_ms(strategy, final, disk_ms),
         guest_downtime_ms=gap,
         integrity=integrity,
     )
 
 
-def _downtime_ms(strategy: Mechanism, final: MigrationStats | None) -> int | None:
-    """QEMU's downtime; for a cold move the guest was paused for QEMU's whole migration, which
-    QEMU does not count as downtime (it did not pause the guest itself)."""
+def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int) -> int | None:
+    """QEMU's downtime; for a cold move the guest was paused for the disk copy and QEMU's
+    whole migration, which QEMU does not count as downtime (it did not pause the guest)."""
     if final is None:
         return None
     if strategy == "cold":
-        return max(final.total_ms, final.downtime_ms or 0)
+        return disk_ms + max(final.total_ms, final.downtime_ms or 0)
     return final.downtime_ms
 
 

@@ -82,6 +82,9 @@ class Plan:
                 "bandwidth_bps": m.bandwidth_bps,
                 "vcpu_busy": self.guest.vcpu_busy,
                 "dirty_is_cpu_bound": m.dirty_is_cpu_bound,
+                "disk_copy_bytes": m.disk_copy_bytes,
+                "disk_write_bps": m.disk_write_bps,
+                "disk_shared": self.guest.disk_shared,
             },
             "goal": {
                 "max_downtime_ms": self.goal.max_downtime_ms,
@@ -96,6 +99,7 @@ class Plan:
                     "downtime_ms": p.downtime_ms,
                     "transferred_bytes": p.transferred_bytes,
                     "iterations": p.iterations,
+                    "disk_ms": p.disk_ms,
                     "risk": p.risk,
                     "note": p.note,
                 }
@@ -136,6 +140,9 @@ async def measure_path(
         # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).
         dirty_set_bytes=round(guest.ram_bytes * (1.0 - guest.zero_fraction)),
         dirty_is_cpu_bound=guest.vcpu_busy is not None and guest.vcpu_busy > CPU_BOUND_BUSY,
+        # On shared storage nothing of the disk moves: no mirror, so no copy and no write cost.
+        disk_copy_bytes=0 if guest.disk_shared else guest.disk_allocated_bytes,
+        disk_write_bps=guest.disk_write_bps,
     )
     logger.info("plan.measured %s %s->%s %s", info.name, info.host, destination, measurement)
     return guest, measurement

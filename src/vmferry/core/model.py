@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_MACHINE_TYPE",
     "DISK_BUSES",
     "DISK_NODE",
+    "DISK_PHASE",
     "MECHANISMS",
     "REPORT_SCHEMA",
     "STORAGE_MODES",
@@ -25,6 +26,7 @@ __all__ = [
     "MigrationOptions",
     "MigrationReport",
     "MigrationStats",
+    "NbdTarget",
     "Prediction",
     "ReportStatus",
     "StorageMode",
@@ -61,6 +63,8 @@ DISK_BUSES: tuple[DiskBus, ...] = ("virtio-blk", "virtio-scsi")
 # shared: every host sees the same image path, only RAM moves.
 StorageMode = Literal["local", "shared"]
 STORAGE_MODES: tuple[StorageMode, ...] = ("local", "shared")
+# MigrationStats.status while a local disk is mirrored, before QEMU's RAM migration starts.
+DISK_PHASE = "disk-mirror"
 # The block node name of a VM's disk, the same on every host (mirror and NBD export use it).
 DISK_NODE = "disk0"
 
@@ -140,6 +144,30 @@ def _storage(text: object) -> StorageMode:
         if text == mode:
             return mode
     raise ConfigError(f"unknown storage mode {text!r}: use {' or '.join(STORAGE_MODES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class NbdTarget:
+    """Where a destination exports a VM's disk."""
+
+    host: str
+    port: int
+    export: str = DISK_NODE
+
+    def to_json(self) -> dict[str, object]:
+        return {"host": self.host, "port": self.port, "export": self.export}
+
+    @classmethod
+    def from_json(cls, data: object) -> NbdTarget:
+        """Raises: ConfigError on malformed data."""
+        if not isinstance(data, dict):
+            raise ConfigError("an NBD target must be a JSON object")
+        host, port, export = data.get("host"), data.get("port"), data.get("export", DISK_NODE)
+        if not isinstance(host, str) or not isinstance(port, int) or not isinstance(export, str):
+            raise ConfigError(f"bad NBD target {data!r}")
+        if not 0 < port < 65536 or export != DISK_NODE:
+            raise ConfigError(f"bad NBD target {data!r}")
+        return cls(host, port, export)
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,6 +290,15 @@ class MigrationStats:
     throughput_bps: int
     expected_downtime_ms: int | None
     downtime_ms: int | None
+    # The disk mirror of a VM on local storage (0 without one). While the disk is copied,
+    # before RAM moves, ``status`` is DISK_PHASE, the RAM figures are the RAM still to send
+    # (its size) and ``throughput_bps`` is the mirror's rate.
+    disk_copied_bytes: int = 0
+    disk_total_bytes: int = 0
+
+    @property
+    def disk_remaining_bytes(self) -> int:
+        return max(0, self.disk_total_bytes - self.disk_copied_bytes)
 
     @property
     def dirty_rate_bps(self) -> int:
@@ -271,6 +308,13 @@ class MigrationStats:
     @property
     def eta_ms(self) -> int | None:
         """Naive time-to-finish: remaining over net progress rate; None when not converging."""
+        if self.status == DISK_PHASE:
+            # Disk and RAM share the link: what is left of the disk, then all of RAM (an upper
+            # bound: zero pages cost next to nothing).
+            if self.throughput_bps <= 0:
+                return None
+            left = self.disk_remaining_bytes + self.remaining_bytes
+            return int(left * 1000 / self.throughput_bps)
         net_bps = self.throughput_bps - self.dirty_rate_bps
         if self.status != "active" or net_bps <= 0 or self.throughput_bps <= 0:
             return None
@@ -310,9 +354,18 @@ class IntegrityReport:
     ok: bool
     pages_checked: int
     bad_pages: int
+    # The disk region the guest writes (0 checked without a disk).
+    blocks_checked: int = 0
+    bad_blocks: int = 0
 
     def to_json(self) -> dict[str, object]:
-        return {"ok": self.ok, "pages_checked": self.pages_checked, "bad_pages": self.bad_pages}
+        return {
+            "ok": self.ok,
+            "pages_checked": self.pages_checked,
+            "bad_pages": self.bad_pages,
+            "blocks_checked": self.blocks_checked,
+            "bad_blocks": self.bad_blocks,
+        }
 
 
 @dataclass(frozen=True, slots=True)

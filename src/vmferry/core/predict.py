@@ -29,6 +29,28 @@ The model is the classic iterative pre-copy one, extended per strategy:
 * **hybrid**: one pre-copy pass, then post-copy of what was dirtied during it.
 * **cold**: pause the guest, copy once, resume on the destination: downtime is the whole move.
 
+A disk on local storage moves first (on shared storage nothing of it moves: the caller passes
+``disk_copy_bytes=0``, and then the write rate is ignored too). ``blockdev-mirror`` copies its
+``D`` allocated bytes (unallocated areas go as write-zeroes commands, which cost nothing here) to
+the destination's NBD export over the same link, at the running rate ``L`` (capped like the
+migration thread, as QEMU's main loop does the copy; multifd's compression does not apply):
+
+* while it copies in the background the guest writes at ``w`` and re-dirties blocks already
+  sent. Net progress is ``L - w``, so the re-copy is ``D * w / (L - w)``, but at most ``D``: the
+  mirror's dirty bitmap holds each block once, and a guest can re-dirty no more than was copied.
+  The phase takes ``(D + re-copy) / L``.
+* at ``w >= L`` the mirror would never get ready: it goes ``write-blocking`` at once, the
+  guest's writes are throttled to the link and the copy takes ``D / L``. So a guest writing
+  just under the link rate is predicted up to twice as long a disk phase as one writing above
+  it: the latter pays in throttled writes instead (the note says so).
+* then, until the switchover, write-blocking mirrors every guest write synchronously: the RAM
+  stream keeps ``bandwidth - w`` of the link, but at least 10 % of it. The paused switchover
+  copy and post-copy's pull (the mirror is cancelled at the switch) have the whole link.
+* cold pauses the guest first, then mirrors at the paused rate: the disk adds to the downtime.
+
+``transferred_bytes`` counts the disk too (copy, re-copy, writes mirrored during the RAM phase);
+``disk_ms`` is the disk phase alone.
+
 Times include ``Calibration.setup_ms`` (destination start, handshakes), so ``total_ms`` is what
 a user waits for after asking, and ``iterations`` counts QEMU's dirty-bitmap syncs (its
 ``dirty-sync-count``): one at setup, one after each pre-copy round, one at switchover.
@@ -87,6 +109,8 @@ _BURST_S = 0.050
 # Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
 HEADROOM_CAP = 4.0
 _HEADROOM_STEPS = 12
+# While a write-blocking mirror runs, the RAM stream keeps at least this share of the link.
+_RAM_MIN_LINK_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +126,10 @@ class Measurement:
         dirty_set_bytes: bound on the distinct bytes being re-dirtied, if known (else all RAM).
         dirty_is_cpu_bound: the dirtier needs CPU to dirty, so throttling vCPUs slows it. False
             for a time-paced dirtier (it catches up after each throttle sleep) and by default.
+        disk_copy_bytes: allocated disk bytes a mirror must copy; 0 without a disk or on
+            shared storage (nothing of the disk moves).
+        disk_write_bps: bytes per second the guest writes to its disk (ignored when
+            ``disk_copy_bytes`` is 0).
     """
 
     ram_bytes: int
@@ -111,6 +139,8 @@ class Measurement:
     bandwidth_bps: int
     dirty_set_bytes: int | None = None
     dirty_is_cpu_bound: bool = False
+    disk_copy_bytes: int = 0
+    disk_write_bps: int = 0
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -125,6 +155,11 @@ class Measurement:
             raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
         if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:
             raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
+        if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
+            raise ConfigError(
+                f"disk_copy_bytes and disk_write_bps must be >= 0, got "
+                f"{self.disk_copy_bytes} and {self.disk_write_bps}"
+            )
 
     @property
     def nonzero_bytes(self) -> float:
@@ -146,8 +181,8 @@ class StrategyPrediction:
         converges: whether it finishes by itself (a pre-copy that cannot does not).
         total_ms: from asking to done, None when it does not converge.
         downtime_ms: the guest's pause, None when it does not converge.
-        transferred_bytes: bytes of guest memory sent (before compression), None when it does
-            not converge.
+        transferred_bytes: bytes of guest memory (before compression) and disk sent, None when
+            it does not converge.
         iterations: QEMU's dirty-bitmap sync count, None when it does not converge.
         risk: what can go wrong that a pre-copy does not risk, if anything.
         note: one line for a human (``vmferry plan``).
@@ -155,6 +190,8 @@ class StrategyPrediction:
             how many times the measured dirty rate they tolerate and still converge, capped at
             ``HEADROOM_CAP`` (0 when they do not converge); None where the dirty rate cannot
             stop the migration (post-copy, hybrid, cold).
+        disk_ms: the disk mirror's phase before RAM moves (guest paused for cold), included in
+            ``total_ms``; 0 without a disk to move. Predicted even when RAM does not converge.
     """
 
     strategy: Mechanism
@@ -166,6 +203,7 @@ class StrategyPrediction:
     risk: str | None
     note: str
     dirty_headroom: float | None = None
+    disk_ms: int = 0
 
     def to_prediction(self) -> Prediction | None:
         """The figures a migration report keeps, None when it does not converge."""
@@ -207,23 +245,31 @@ def predict(
     name = check_strategy(strategy)
     if downtime_limit_ms <= 0:
         raise ConfigError(f"downtime limit must be positive, got {downtime_limit_ms} ms")
-    plain = _Rates.plain(m, cal)
+    idle = _Rates.plain(m, cal)  # the whole link: guest paused, or after the switch
+    if name == "cold":
+        return _cold(m, cal, idle)
+    disk = _Disk.live(m, idle)
+    plain = _Rates.plain(m, cal, mirror_bps=disk.mirror_bps)  # guest running, RAM phase
     if name == "precopy":
         run = _precopy(m, downtime_limit_ms, plain)
         headroom = _headroom(m, downtime_limit_ms, plain)
-        return _from_run(name, run, cal, _precopy_note(m, run, plain), headroom=headroom)
+        note = _precopy_note(m, run, plain)
+        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
     if name == "multifd":
         # zstd is the limit once the link carries compressed pages, paused or not.
-        multifd_bps = min(
-            plain.first_bps * m.compress_ratio, cal.multifd_compress_bps / plain.scale
-        )
+        zstd_bps = cal.multifd_compress_bps / plain.scale
+        multifd_bps = min(plain.first_bps * m.compress_ratio, zstd_bps)
         rates = replace(
-            plain, first_bps=multifd_bps, resend_bps=multifd_bps, paused_bps=multifd_bps
+            plain,
+            first_bps=multifd_bps,
+            resend_bps=multifd_bps,
+            paused_bps=min(idle.first_bps * m.compress_ratio, zstd_bps),
         )
         run = _precopy(m, downtime_limit_ms, rates)
         gain = f"zstd x{m.compress_ratio:.1f} moves {_rate(multifd_bps)} of guest memory"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
-        return _from_run(name, run, cal, note, headroom=_headroom(m, downtime_limit_ms, rates))
+        headroom = _headroom(m, downtime_limit_ms, rates)
+        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
     if name == "xbzrle":
         cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
         rates = replace(
@@ -232,14 +278,13 @@ def predict(
         run = _precopy(m, downtime_limit_ms, rates)
         gain = f"re-sent pages cost ~{cost:.0%} of a page"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
-        return _from_run(name, run, cal, note, headroom=_headroom(m, downtime_limit_ms, rates))
+        headroom = _headroom(m, downtime_limit_ms, rates)
+        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
     if name == "auto-converge":
-        return _auto_converge(m, downtime_limit_ms, cal, plain)
+        return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
     if name == "postcopy":
-        return _postcopy(m, cal, plain)
-    if name == "hybrid":
-        return _hybrid(m, downtime_limit_ms, cal, plain)
-    return _cold(m, cal, plain)
+        return _postcopy(m, cal, idle, disk)
+    return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
 
 
 def predict_all(
@@ -266,8 +311,10 @@ class _Rates:
     scale: float
 
     @classmethod
-    def plain(cls, m: Measurement, cal: Calibration) -> _Rates:
-        running = min(m.bandwidth_bps, cal.qemu_throughput_bps) / cal.time_scale
+    def plain(cls, m: Measurement, cal: Calibration, *, mirror_bps: float = 0.0) -> _Rates:
+        """Plain pre-copy rates; ``mirror_bps`` of the link carries mirrored disk writes while
+        the guest runs (not while it is paused)."""
+        running = min(m.bandwidth_bps - mirror_bps, cal.qemu_throughput_bps) / cal.time_scale
         paused = min(m.bandwidth_bps, max(cal.paused_throughput_bps, cal.qemu_throughput_bps))
         return cls(
             first_bps=running,
@@ -280,6 +327,57 @@ class _Rates:
     def first_pass_s(self, m: Measurement) -> float:
         """Round 0: every non-zero page as data, every zero page as a flag."""
         return m.nonzero_bytes / self.first_bps + m.zero_bytes / self.zero_scan_bps
+
+
+@dataclass(frozen=True, slots=True)
+class _Disk:
+    """The disk mirror's part of a migration (see the module docs)."""
+
+    copy_bytes: float  # what the mirror must copy
+    copy_s: float  # the disk phase, before RAM moves
+    sent_bytes: float  # the copy and the re-copied blocks
+    mirror_bps: float  # guest writes mirrored synchronously, taken from the link, until the switch
+    is_blocking_early: bool = False  # write-blocking from the start: guest writes throttled
+
+    @classmethod
+    def live(cls, m: Measurement, idle: _Rates) -> _Disk:
+        """The disk phase of a live strategy; ``idle`` has the whole link."""
+        copy = float(m.disk_copy_bytes)
+        if copy == 0.0:
+            return cls(0.0, 0.0, 0.0, 0.0)
+        link_bps, write_bps = idle.first_bps, float(m.disk_write_bps)
+        mirror_bps = min(write_bps, (1.0 - _RAM_MIN_LINK_SHARE) * m.bandwidth_bps)
+        if write_bps >= link_bps:
+            return cls(copy, copy / link_bps, copy, mirror_bps, is_blocking_early=True)
+        recopy = min(copy * write_bps / (link_bps - write_bps), copy)
+        return cls(copy, (copy + recopy) / link_bps, copy + recopy, mirror_bps)
+
+    @classmethod
+    def paused(cls, m: Measurement, idle: _Rates) -> _Disk:
+        """The disk phase of a cold migration: nothing writes, the paused rate."""
+        copy = float(m.disk_copy_bytes)
+        return cls(copy, copy / idle.paused_bps, copy, 0.0)
+
+    @property
+    def ms(self) -> int:
+        return round(self.copy_s * 1000.0)
+
+    def sent_with(self, running_s: float) -> float:
+        """Disk bytes sent, with the writes mirrored during ``running_s`` of the RAM phase."""
+        return self.sent_bytes + self.mirror_bps * running_s
+
+    def note(self, *, mirrors_writes: bool = True) -> str:
+        """The note's prefix ("" without a disk to move)."""
+        if self.copy_bytes == 0.0:
+            return ""
+        text = f"mirrors {format_bytes(self.copy_bytes)} of disk first in {format_ms(self.ms)}"
+        if self.is_blocking_early:
+            text += " (guest writes throttled to the link)"
+        elif self.sent_bytes > self.copy_bytes:
+            text += f" ({format_bytes(self.sent_bytes - self.copy_bytes)} re-copied)"
+        if mirrors_writes and self.mirror_bps > 0.0:
+            text += f", then {_rate(self.mirror_bps)} of writes share the link"
+        return f"{text}; "
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,21 +491,26 @@ def _from_run(
     note: str,
     risk: str | None = None,
     *,
+    disk: _Disk,
     headroom: float | None = None,
 ) -> StrategyPrediction:
+    note = disk.note() + note
     if not run.converges:
-        return StrategyPrediction(name, False, None, None, None, None, risk, note, headroom)
+        return StrategyPrediction(
+            name, False, None, None, None, None, risk, note, headroom, disk_ms=disk.ms
+        )
     downtime_ms = run.final_s * 1000.0 + cal.switchover_ms
     return StrategyPrediction(
         strategy=name,
         converges=True,
-        total_ms=round(cal.setup_ms + run.copy_s * 1000.0 + downtime_ms),
+        total_ms=round(cal.setup_ms + (disk.copy_s + run.copy_s) * 1000.0 + downtime_ms),
         downtime_ms=round(downtime_ms),
-        transferred_bytes=round(run.sent_bytes),
+        transferred_bytes=round(run.sent_bytes + disk.sent_with(run.copy_s)),
         iterations=run.syncs,
         risk=risk,
         note=note,
         dirty_headroom=headroom,
+        disk_ms=disk.ms,
     )
 
 
@@ -425,7 +528,7 @@ def _precopy_note(m: Measurement, run: _Run, rates: _Rates) -> str:
 
 
 def _auto_converge(
-    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates
+    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates, disk: _Disk
 ) -> StrategyPrediction:
     throttle = m.dirty_is_cpu_bound
     run = _precopy(m, downtime_limit_ms, rates, throttle=throttle)
@@ -438,39 +541,48 @@ def _auto_converge(
             else "vCPU throttling does not slow a paced dirtier"
         )
         note = f"dirties {_rate(m.dirty_rate_bps)} over a {link} link; {why}: never converges"
-        return _from_run("auto-converge", run, cal, note, headroom=headroom)
+        return _from_run("auto-converge", run, cal, note, disk=disk, headroom=headroom)
     if run.throttle_pct == 0:
         note = f"no throttling needed; {_precopy_note(m, run, rates)}"
-        return _from_run("auto-converge", run, cal, note, headroom=headroom)
+        return _from_run("auto-converge", run, cal, note, disk=disk, headroom=headroom)
     return _from_run(
         "auto-converge",
         run,
         cal,
         f"throttles the guest up to {run.throttle_pct} %; {_precopy_note(m, run, rates)}",
         risk=f"the guest runs up to {run.throttle_pct} % slower until the switchover",
+        disk=disk,
         headroom=headroom,
     )
 
 
-def _postcopy(m: Measurement, cal: Calibration, rates: _Rates) -> StrategyPrediction:
-    copy_s = rates.first_pass_s(m) * cal.postcopy_fault_overhead
+def _postcopy(m: Measurement, cal: Calibration, idle: _Rates, disk: _Disk) -> StrategyPrediction:
+    # It switches right after the disk phase; the mirror ends there, so the pull has the link.
+    copy_s = idle.first_pass_s(m) * cal.postcopy_fault_overhead
     return StrategyPrediction(
         strategy="postcopy",
         converges=True,
-        total_ms=round(cal.setup_ms + cal.postcopy_switchover_ms + copy_s * 1000.0),
+        total_ms=round(cal.setup_ms + cal.postcopy_switchover_ms + (disk.copy_s + copy_s) * 1000.0),
         downtime_ms=cal.postcopy_switchover_ms,
-        transferred_bytes=round(m.nonzero_bytes),
+        transferred_bytes=round(m.nonzero_bytes + disk.sent_with(0.0)),
         iterations=2,  # at setup, at the switch
         risk=POSTCOPY_RISK,
         note=(
-            f"switches at once, then pulls {format_bytes(m.nonzero_bytes)} at "
-            f"{_rate(rates.first_bps)} while the guest runs on the destination"
+            f"{disk.note(mirrors_writes=False)}switches at once, then pulls "
+            f"{format_bytes(m.nonzero_bytes)} at {_rate(idle.first_bps)} while the guest runs "
+            "on the destination"
         ),
+        disk_ms=disk.ms,
     )
 
 
 def _hybrid(
-    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates
+    m: Measurement,
+    downtime_limit_ms: int,
+    cal: Calibration,
+    rates: _Rates,
+    idle: _Rates,
+    disk: _Disk,
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
     dirtied = _pending_after(0.0, float(m.dirty_rate_bps), first_s, _dirty_set(m))
@@ -479,36 +591,45 @@ def _hybrid(
         # controller gets to switch.
         run = _Run(True, first_s, dirtied / rates.paused_bps, m.nonzero_bytes + dirtied, 3, dirtied)
         note = f"finishes as a pre-copy after one pass ({format_bytes(dirtied)} while paused)"
-        return _from_run("hybrid", run, cal, note)
-    pull_s = dirtied / rates.resend_bps * cal.postcopy_fault_overhead
+        return _from_run("hybrid", run, cal, note, disk=disk)
+    # After the switch the mirror is gone: the pull has the whole link.
+    pull_s = dirtied / idle.resend_bps * cal.postcopy_fault_overhead
     return StrategyPrediction(
         strategy="hybrid",
         converges=True,
-        total_ms=round(cal.setup_ms + cal.postcopy_switchover_ms + (first_s + pull_s) * 1000.0),
+        total_ms=round(
+            cal.setup_ms + cal.postcopy_switchover_ms + (disk.copy_s + first_s + pull_s) * 1000.0
+        ),
         downtime_ms=cal.postcopy_switchover_ms,
-        transferred_bytes=round(m.nonzero_bytes + dirtied),
+        transferred_bytes=round(m.nonzero_bytes + dirtied + disk.sent_with(first_s)),
         iterations=3,  # at setup, after the pass, at the switch
         risk=HYBRID_RISK,
         note=(
-            f"one pass of {format_bytes(m.nonzero_bytes)}, then post-copy pulls the "
-            f"{format_bytes(dirtied)} dirtied meanwhile"
+            f"{disk.note()}one pass of {format_bytes(m.nonzero_bytes)}, then post-copy pulls "
+            f"the {format_bytes(dirtied)} dirtied meanwhile"
         ),
+        disk_ms=disk.ms,
     )
 
 
-def _cold(m: Measurement, cal: Calibration, rates: _Rates) -> StrategyPrediction:
-    # The guest is paused first, so the copy runs at the paused rate and nothing is re-sent.
-    copy_s = m.nonzero_bytes / rates.paused_bps + m.zero_bytes / rates.zero_scan_bps
-    total_ms = round(cal.setup_ms + copy_s * 1000.0 + cal.switchover_ms)
+def _cold(m: Measurement, cal: Calibration, idle: _Rates) -> StrategyPrediction:
+    # The guest is paused first, so the copies run at the paused rate and nothing is re-sent.
+    disk = _Disk.paused(m, idle)
+    copy_s = m.nonzero_bytes / idle.paused_bps + m.zero_bytes / idle.zero_scan_bps
+    total_ms = round(cal.setup_ms + (disk.copy_s + copy_s) * 1000.0 + cal.switchover_ms)
+    what = format_bytes(m.nonzero_bytes)
+    if disk.copy_bytes:
+        what = f"{format_bytes(disk.copy_bytes)} of disk and {what} of RAM"
     return StrategyPrediction(
         strategy="cold",
         converges=True,
         total_ms=total_ms,
         downtime_ms=total_ms,
-        transferred_bytes=round(m.nonzero_bytes),
+        transferred_bytes=round(m.nonzero_bytes + disk.sent_bytes),
         iterations=3,  # at setup, after the pass (nothing dirty), at completion
         risk=None,
-        note=f"guest paused for the whole copy of {format_bytes(m.nonzero_bytes)}",
+        note=f"guest paused for the whole copy of {what}",
+        disk_ms=disk.ms,
     )
 
 

@@ -4,8 +4,10 @@ A spec says how the guest's workload program treats its working set::
 
     idle                                   # heartbeats only; 64 MiB working set to verify
     idle:size=128M,pattern=zero
+    idle:disk-rate=2M                      # plus 2 MiB/s of disk writes when the VM has a disk
     dirty:rate=50M,size=256M,pattern=random,mode=paced
     dirty:size=256M,pattern=compressible,mode=cpu
+    dirty:rate=20M,size=128M,disk-rate=4M,disk-size=256M
 
 Sizes and rates take binary suffixes (``K``/``M``/``G``/``T``, also ``KiB``/``MiB``/``GiB``/
 ``TiB``, case-insensitive); a rate is bytes per second. Decisions taken here:
@@ -13,7 +15,11 @@ Sizes and rates take binary suffixes (``K``/``M``/``G``/``T``, also ``KiB``/``Mi
 * ``mode=cpu`` dirties as fast as the vCPU allows, so giving it a ``rate`` is an error rather
   than silently ignored.
 * ``dirty`` without ``mode`` is ``paced``; ``paced`` without ``rate`` is 50 MiB/s.
-* ``idle`` accepts ``size``, ``pattern`` and ``hz`` only.
+* ``idle`` accepts ``size``, ``pattern``, ``hz`` and the disk keys only.
+* ``disk-size`` (default 64 MiB, at least 1 MiB) is the disk region the guest fills with
+  self-checking 4 KiB blocks before it reports ready, clamped to the disk; ``disk-rate``
+  (default none) is how many bytes/s of it are rewritten afterwards. Both are inert for a VM
+  without a disk, so a spec does not need to know whether its VM has one.
 
 Example:
     >>> spec = parse_workload("dirty:rate=50M,size=256M,pattern=random")
@@ -32,6 +38,7 @@ from vmferry.core.errors import ConfigError
 __all__ = [
     "DEFAULT_DIRTY_RATE_BPS",
     "DEFAULT_DIRTY_SIZE_BYTES",
+    "DEFAULT_DISK_SIZE_BYTES",
     "DEFAULT_IDLE_SIZE_BYTES",
     "GUEST_PAGE_SIZE_BYTES",
     "Mode",
@@ -49,6 +56,8 @@ GUEST_PAGE_SIZE_BYTES = 4096
 DEFAULT_IDLE_SIZE_BYTES = 64 << 20
 DEFAULT_DIRTY_SIZE_BYTES = 256 << 20
 DEFAULT_DIRTY_RATE_BPS = 50 << 20
+DEFAULT_DISK_SIZE_BYTES = 64 << 20
+MIN_DISK_SIZE_BYTES = 1 << 20
 DEFAULT_HEARTBEAT_HZ = 200
 MAX_HEARTBEAT_HZ = 10_000
 # Far beyond any lab VM; keeps page counts comfortably inside the guest's 64-bit arithmetic.
@@ -57,8 +66,9 @@ MAX_SIZE_BYTES = 1 << 44
 _PATTERN_CHOICES: tuple[Pattern, ...] = ("zero", "compressible", "random")
 _PATTERNS: tuple[str, ...] = get_args(Pattern)
 _MODES: tuple[str, ...] = get_args(Mode)
-_IDLE_KEYS = ("size", "pattern", "hz")
-_DIRTY_KEYS = ("rate", "size", "pattern", "mode", "hz")
+_DISK_KEYS = ("disk-rate", "disk-size")
+_IDLE_KEYS = ("size", "pattern", "hz", *_DISK_KEYS)
+_DIRTY_KEYS = ("rate", "size", "pattern", "mode", "hz", *_DISK_KEYS)
 _SUFFIX_SHIFT = {"": 0, "b": 0, "k": 10, "m": 20, "g": 30, "t": 40}
 _SIZE_RE = re.compile(r"\s*([0-9]+)\s*([kmgt]?)(i?b?)\s*", re.IGNORECASE)
 
@@ -124,6 +134,10 @@ class WorkloadSpec:
         mode: ``idle`` (no dirtying), ``paced`` (token bucket at ``rate_bps``) or ``cpu``
             (as fast as the vCPU can).
         heartbeat_hz: heartbeats per second on the guest channel.
+        disk_rate_bps: bytes per second of disk blocks rewritten after the initial fill
+            (0: none); only used when the VM has a disk.
+        disk_size_bytes: the disk region the guest writes and verifies, before clamping to
+            the disk (None: `DEFAULT_DISK_SIZE_BYTES`); see `disk_region_bytes`.
 
     Raises:
         ConfigError: on construction, if the fields contradict each other.
@@ -134,6 +148,8 @@ class WorkloadSpec:
     pattern: Pattern
     mode: Mode
     heartbeat_hz: int = DEFAULT_HEARTBEAT_HZ
+    disk_rate_bps: int = 0
+    disk_size_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.size_bytes <= 0:
@@ -156,6 +172,28 @@ class WorkloadSpec:
             raise ConfigError(
                 f"heartbeat rate must be 1..{MAX_HEARTBEAT_HZ} Hz, got {self.heartbeat_hz}"
             )
+        if self.disk_rate_bps < 0:
+            raise ConfigError(f"disk rate must not be negative, got {self.disk_rate_bps}")
+        if self.disk_size_bytes is not None and not (
+            MIN_DISK_SIZE_BYTES <= self.disk_size_bytes <= MAX_SIZE_BYTES
+        ):
+            raise ConfigError(
+                f"disk region {self.disk_size_bytes} bytes out of range (1 MiB .. 16 TiB)"
+            )
+
+    def disk_region_bytes(self, disk_bytes: int) -> int:
+        """The part of a ``disk_bytes`` disk the guest writes and verifies.
+
+        Args:
+            disk_bytes: the disk's virtual size.
+
+        Returns:
+            ``min(disk_size_bytes, disk_bytes)`` rounded down to whole 4 KiB blocks (the
+            guest's own rule), with the default region when ``disk_size_bytes`` is None.
+        """
+        size = DEFAULT_DISK_SIZE_BYTES if self.disk_size_bytes is None else self.disk_size_bytes
+        region = min(size, disk_bytes)
+        return region - region % GUEST_PAGE_SIZE_BYTES
 
     @property
     def pages(self) -> int:
@@ -167,15 +205,22 @@ class WorkloadSpec:
 
         Returns:
             ``["vmferry.ws=<bytes>", "vmferry.rate=<bytes/s>", "vmferry.pattern=<p>",
-            "vmferry.mode=<m>", "vmferry.hz=<n>"]``.
+            "vmferry.mode=<m>", "vmferry.hz=<n>"]``, then ``vmferry.disk_rate=<bytes/s>``
+            when a disk rate is set and ``vmferry.disk_ws=<bytes>`` when a disk size is. The
+            disk device itself (``vmferry.disk_dev=``) comes from the VM, not the workload.
         """
-        return [
+        args = [
             f"vmferry.ws={self.size_bytes}",
             f"vmferry.rate={self.rate_bps}",
             f"vmferry.pattern={self.pattern}",
             f"vmferry.mode={self.mode}",
             f"vmferry.hz={self.heartbeat_hz}",
         ]
+        if self.disk_rate_bps:
+            args.append(f"vmferry.disk_rate={self.disk_rate_bps}")
+        if self.disk_size_bytes is not None:
+            args.append(f"vmferry.disk_ws={self.disk_size_bytes}")
+        return args
 
     def describe(self) -> str:
         """One line for humans, e.g. ``paced dirtying at 50 MiB/s of a 256 MiB random set``."""
@@ -186,7 +231,18 @@ class WorkloadSpec:
             what = f"paced dirtying at {_human(self.rate_bps)}/s of {where}"
         else:
             what = f"unpaced (cpu-bound) dirtying of {where}"
-        return f"{what}, {self.heartbeat_hz} Hz heartbeat"
+        text = f"{what}, {self.heartbeat_hz} Hz heartbeat"
+        if self.disk_rate_bps or self.disk_size_bytes is not None:
+            region = _human(
+                DEFAULT_DISK_SIZE_BYTES if self.disk_size_bytes is None else self.disk_size_bytes
+            )
+            writes = (
+                f"{_human(self.disk_rate_bps)}/s of writes"
+                if self.disk_rate_bps
+                else "no writes after the fill"
+            )
+            text += f"; disk (if any): {region} region, {writes}"
+        return text
 
     def to_spec(self) -> str:
         """Render back to the CLI syntax; ``parse_workload(s.to_spec()) == s``."""
@@ -200,6 +256,10 @@ class WorkloadSpec:
                 parts.insert(0, f"rate={format_size(self.rate_bps)}")
         if self.heartbeat_hz != DEFAULT_HEARTBEAT_HZ:
             parts.append(f"hz={self.heartbeat_hz}")
+        if self.disk_rate_bps:
+            parts.append(f"disk-rate={format_size(self.disk_rate_bps)}")
+        if self.disk_size_bytes is not None:
+            parts.append(f"disk-size={format_size(self.disk_size_bytes)}")
         return f"{head}:{','.join(parts)}"
 
 
@@ -279,10 +339,22 @@ def parse_workload(spec: str) -> WorkloadSpec:
                 raise ConfigError("rate must be positive (use 'idle' for no dirtying)")
     pattern = _parse_pattern(options.get("pattern", "random"))
     hz = _parse_hz(options["hz"]) if "hz" in options else DEFAULT_HEARTBEAT_HZ
+    disk_rate_bps = 0
+    if "disk-rate" in options:
+        disk_rate_bps = parse_size(options["disk-rate"])
+        if disk_rate_bps <= 0:
+            raise ConfigError("disk-rate must be positive (leave it out for no disk writes)")
+    disk_size_bytes = None
+    if "disk-size" in options:
+        disk_size_bytes = parse_size(options["disk-size"])
+        if disk_size_bytes < MIN_DISK_SIZE_BYTES:
+            raise ConfigError(f"disk-size must be at least 1M, got {options['disk-size']!r}")
     return WorkloadSpec(
         size_bytes=size_bytes,
         rate_bps=rate_bps,
         pattern=pattern,
         mode=mode,
         heartbeat_hz=hz,
+        disk_rate_bps=disk_rate_bps,
+        disk_size_bytes=disk_size_bytes,
     )

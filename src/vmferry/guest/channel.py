@@ -17,7 +17,19 @@ from typing import TypeVar
 
 from vmferry.core.errors import GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
-from vmferry.guest.protocol import GuestMessage, Heartbeat, Ready, parse_line
+from vmferry.guest.protocol import (
+    Corrupted,
+    CorruptedBlock,
+    ErrorReply,
+    GuestMessage,
+    Heartbeat,
+    Ready,
+    VerifyResult,
+    corrupt_block_command,
+    corrupt_command,
+    parse_line,
+    verify_command,
+)
 
 __all__ = ["GuestChannel", "now_ms"]
 
@@ -32,6 +44,13 @@ def now_ms() -> float:
 
 
 _CONNECT_RETRY_S = 0.05
+_COMMAND_TIMEOUT_S = 10.0
+# Verify timeouts: a floor, plus the slowest plausible check rates under TCG on a loaded host
+# (memory checksums run at hundreds of MB/s; disk blocks are read back through the device).
+_VERIFY_BASE_S = 30.0
+_VERIFY_MEMORY_BPS = 20 << 20
+_VERIFY_DISK_BPS = 5 << 20
+_BLOCK_BYTES = 4096
 
 
 class GuestChannel:
@@ -126,7 +145,8 @@ class GuestChannel:
         """Send a command line and wait for its reply message of ``reply_type``.
 
         Raises:
-            GuestError: no reply in time, or the channel closed.
+            GuestError: no reply in time, the guest refused the command (``ERR``), or the
+                channel closed.
         """
         if self._writer is None:
             raise GuestError(f"guest channel {self.name} is not connected")
@@ -141,6 +161,8 @@ class GuestChannel:
                     message = await self._messages.get()
                     if isinstance(message, reply_type):
                         return message
+                    if isinstance(message, ErrorReply):
+                        raise GuestError(f"guest {self.name} refused {command!r}: {message.text}")
                     self.logger.debug("ignoring %s while waiting for %s", message, reply_type)
         except TimeoutError as err:
             raise GuestError(
@@ -148,6 +170,53 @@ class GuestChannel:
             ) from err
         except (ConnectionError, OSError) as err:
             raise GuestError(f"guest channel {self.name} broke: {err}") from err
+
+    def verify_timeout_s(self) -> float:
+        """A generous deadline for `verify`, from the sizes in the guest's READY line."""
+        if self.ready is None:
+            return _VERIFY_BASE_S + (1 << 30) / _VERIFY_MEMORY_BPS
+        return (
+            _VERIFY_BASE_S
+            + self.ready.pages * _BLOCK_BYTES / _VERIFY_MEMORY_BPS
+            + self.ready.disk_blocks * _BLOCK_BYTES / _VERIFY_DISK_BPS
+        )
+
+    async def verify(self, timeout_s: float | None = None) -> VerifyResult:
+        """Have the guest check every page of its working set and every block of its disk region.
+
+        Args:
+            timeout_s: how long to wait for the answer; default `verify_timeout_s`.
+
+        Raises:
+            GuestError: no answer in time, or the channel closed.
+        """
+        deadline_s = self.verify_timeout_s() if timeout_s is None else timeout_s
+        return await self.request(verify_command(), VerifyResult, deadline_s)
+
+    async def corrupt(self, page: int, timeout_s: float = _COMMAND_TIMEOUT_S) -> Corrupted:
+        """Have the guest damage working-set ``page`` behind its checksum table (test hook).
+
+        Raises:
+            ConfigError: ``page`` is negative.
+            GuestError: the guest refused (a page out of range), did not confirm in time, or
+                the channel closed.
+        """
+        return await self.request(corrupt_command(page), Corrupted, timeout_s)
+
+    async def corrupt_block(
+        self, block: int, timeout_s: float = _COMMAND_TIMEOUT_S
+    ) -> CorruptedBlock:
+        """Have the guest damage disk-region ``block`` on the device, behind its table.
+
+        Pause the guest first (``pause``) if the corruption must survive until a verify: its
+        disk writer could otherwise rewrite the block.
+
+        Raises:
+            ConfigError: ``block`` is negative.
+            GuestError: the guest refused (no disk, or a block out of range), did not confirm
+                in time, or the channel closed.
+        """
+        return await self.request(corrupt_block_command(block), CorruptedBlock, timeout_s)
 
     async def close(self) -> None:
         """Close the socket and reap the reader task."""

@@ -2,8 +2,15 @@
 
 The kernel comes out of the ``linux-image-*-cloud-amd64`` .deb (``apt-get download`` and
 ``dpkg-deb -x`` into a temporary directory; nothing is installed on the host). The initramfs
-holds a static busybox, the static workload program compiled from ``workload.c`` and an
-``/init`` script that starts it with the ``vmferry.*`` kernel arguments.
+holds a static busybox, the static workload program compiled from ``workload.c``, the disk
+drivers (Debian builds virtio-pci, virtio-blk and virtio-scsi as modules) and an ``/init``
+script that, when the VM has a disk (``vmferry.disk_dev=`` on the kernel command line), loads
+the drivers of that disk's bus and then starts the workload with the ``vmferry.*`` kernel
+arguments. A diskless guest loads no modules; loading them costs ~0.2 s (virtio-blk) to
+~0.4 s (virtio-scsi) of boot under TCG.
+
+The module load order is computed from the ``depends=`` field of each module's ``.modinfo``
+section (the .deb ships no ``modules.dep``), dependencies first.
 
 Images are cached under ``<user cache>/vmferry/images/<key>/``, where the key hashes every
 input (kernel package and version, workload source, busybox binary, init script, builder
@@ -22,41 +29,57 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
+import zstandard
 
 from vmferry.core.errors import FerryError
 from vmferry.guest.newc import DeviceNode, Directory, Entry, RegularFile, Symlink, build_archive
 
 __all__ = [
     "BUILDER_VERSION",
+    "DISK_DRIVERS",
     "INIT_SCRIPT",
     "KERNEL_BASE_ARGS",
     "KERNEL_META_PACKAGE",
     "GuestImage",
     "ImageBuildError",
+    "KernelModule",
     "build_image",
     "default_cache_dir",
+    "module_load_order",
+    "read_modinfo",
 ]
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # ttyS0 is the console, ttyS1 the workload channel; panic=-1 turns a guest panic into a QEMU
 # exit (with -no-reboot) instead of a hang.
 KERNEL_BASE_ARGS = ("console=ttyS0", "panic=-1", "rdinit=/init")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+# The drivers of each disk bus the lab offers, by the first two letters of the guest's device
+# name (virtio-blk disks are vdX, virtio-scsi disks sdX); their dependencies are read from the
+# modules themselves. /init loads only the disk's own bus: each insmod costs 20-100 ms under TCG.
+DISK_DRIVERS: Mapping[str, tuple[str, ...]] = {
+    "vd": ("virtio_pci", "virtio_blk"),
+    "sd": ("virtio_pci", "virtio_scsi", "sd_mod"),
+}
+# Where /init finds the modules (<name>.ko) and the load orders (<prefix>.load, all.load).
+MODULE_DIR = "lib/modules"
+ALL_MODULES_LOAD = "all"
 _TOOL_TIMEOUT_S = 600.0
 
 INIT_SCRIPT = """\
@@ -67,11 +90,22 @@ INIT_SCRIPT = """\
 /bin/busybox mount -t devtmpfs devtmpfs /dev
 /bin/busybox --install -s
 args=""
+disk=""
 for word in $(cat /proc/cmdline); do
     case "$word" in
+        vmferry.disk_dev=*) disk="${word#vmferry.disk_dev=}"; args="$args ${word#vmferry.}" ;;
         vmferry.*=*) args="$args ${word#vmferry.}" ;;
     esac
 done
+# Only a VM with a disk pays for drivers, and only for its bus's (by the device name's first
+# two letters; all of them for an unknown name). The workload waits for the device node.
+if [ -n "$disk" ]; then
+    load="/lib/modules/${disk%"${disk#??}"}.load"
+    [ -f "$load" ] || load=/lib/modules/all.load
+    while read -r module; do
+        insmod "/lib/modules/$module" || echo "vmferry-init: insmod $module failed"
+    done < "$load"
+fi
 echo "vmferry-init: starting /bin/workload$args"
 /bin/workload $args
 echo "vmferry-init: workload exited with status $?"
@@ -218,6 +252,186 @@ def _package_version(package: str) -> str:
     return match[1]
 
 
+@dataclass(frozen=True, slots=True)
+class KernelModule:
+    """A loadable kernel module, uncompressed, with what its ``.modinfo`` says about it.
+
+    Attributes:
+        name: the module name (``_``, never ``-``), e.g. ``virtio_blk``.
+        depends: modules that must be loaded first (``depends=``), in their listed order.
+        vermagic: the kernel it was built for, e.g. ``6.1.0-56-cloud-amd64 SMP preempt ...``.
+        data: the ``.ko`` ELF image.
+    """
+
+    name: str
+    depends: tuple[str, ...]
+    vermagic: str
+    data: bytes
+
+
+def read_modinfo(data: bytes) -> dict[str, str]:
+    """The ``key=value`` strings of a kernel module's ``.modinfo`` section.
+
+    Args:
+        data: an uncompressed ``.ko`` file.
+
+    Returns:
+        Each key's first value (keys such as ``alias`` repeat; ``name``, ``depends`` and
+        ``vermagic`` do not).
+
+    Raises:
+        ImageBuildError: not a 64-bit little-endian ELF, or it has no ``.modinfo`` section.
+    """
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        raise ImageBuildError("not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    if shentsize < 64 or shstrndx >= shnum or shoff + shnum * shentsize > len(data):
+        raise ImageBuildError("ELF section header table out of bounds")
+
+    def section(index: int) -> tuple[int, bytes]:
+        base = shoff + index * shentsize
+        (name_offset,) = struct.unpack_from("<I", data, base)
+        offset, size = struct.unpack_from("<QQ", data, base + 24)
+        return name_offset, data[offset : offset + size]
+
+    _, names = section(shstrndx)
+    for index in range(shnum):
+        name_offset, body = section(index)
+        end = names.find(b"\0", name_offset)
+        if names[name_offset:end] != b".modinfo":
+            continue
+        info: dict[str, str] = {}
+        for item in body.split(b"\0"):
+            key, sep, value = item.decode("utf-8", errors="replace").partition("=")
+            if sep:
+                info.setdefault(key, value)
+        return info
+    raise ImageBuildError("no .modinfo section")
+
+
+def module_load_order(
+    modules: Mapping[str, KernelModule],
+    wanted: Sequence[str],
+    builtin: frozenset[str] = frozenset(),
+) -> list[KernelModule]:
+    """``wanted`` and everything they depend on, each module after its dependencies.
+
+    Args:
+        modules: the available modules by name (at least ``wanted`` and their dependencies).
+        wanted: the modules to load, in the preferred order.
+        builtin: modules compiled into the kernel: satisfied without loading.
+
+    Returns:
+        The modules in a valid ``insmod`` order (deterministic for the same inputs).
+
+    Raises:
+        ImageBuildError: a module or a dependency is neither available nor built in, or the
+            dependencies form a cycle.
+    """
+    order: list[KernelModule] = []
+    done: set[str] = set()
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in done or name in builtin:
+            return
+        if name in visiting:
+            cycle = " -> ".join([*visiting[visiting.index(name) :], name])
+            raise ImageBuildError(f"kernel module dependency cycle: {cycle}")
+        module = modules.get(name)
+        if module is None:
+            needed_by = f" (needed by {visiting[-1]})" if visiting else ""
+            raise ImageBuildError(f"kernel module {name}{needed_by} not found")
+        visiting.append(name)
+        for dependency in module.depends:
+            visit(dependency)
+        visiting.pop()
+        done.add(name)
+        order.append(module)
+
+    for name in wanted:
+        visit(name)
+    return order
+
+
+def _module_name(path: Path) -> str:
+    return path.name.split(".ko", 1)[0].replace("-", "_")
+
+
+def _read_module_file(path: Path) -> bytes:
+    """A module file's ELF image; Debian ships plain ``.ko``, other builds compress them."""
+    raw = path.read_bytes()
+    try:
+        if path.name.endswith(".ko.xz"):
+            return lzma.decompress(raw)
+        if path.name.endswith(".ko.zst"):
+            return zstandard.ZstdDecompressor().decompressobj().decompress(raw)
+    except (lzma.LZMAError, zstandard.ZstdError) as err:
+        raise ImageBuildError(f"cannot decompress {path.name}: {err}") from err
+    if not path.name.endswith(".ko"):
+        raise ImageBuildError(f"unsupported kernel module compression: {path.name}")
+    return raw
+
+
+def _load_module(path: Path, kernel_version: str) -> KernelModule:
+    data = _read_module_file(path)
+    try:
+        info = read_modinfo(data)
+    except ImageBuildError as err:
+        raise ImageBuildError(f"kernel module {path.name}: {err}") from err
+    name = info.get("name", _module_name(path))
+    vermagic = info.get("vermagic", "")
+    # insmod refuses a module built for another kernel; say so at build time instead.
+    if vermagic.split(" ", 1)[0] != kernel_version:
+        raise ImageBuildError(
+            f"kernel module {path.name} is for {vermagic or 'an unknown kernel'!r}, "
+            f"not {kernel_version}"
+        )
+    depends = tuple(d.replace("-", "_") for d in info.get("depends", "").split(",") if d)
+    return KernelModule(name, depends, vermagic, data)
+
+
+@dataclass(frozen=True, slots=True)
+class _DiskDrivers:
+    """The modules to ship, and the load order of each bus's drivers (module names)."""
+
+    modules: list[KernelModule]
+    load_orders: dict[str, list[str]]
+
+
+def _collect_disk_modules(root: Path, kernel_version: str) -> _DiskDrivers:
+    """Read `DISK_DRIVERS` and their dependencies out of the unpacked kernel package."""
+    base = root / "lib" / "modules" / kernel_version
+    paths = {_module_name(path): path for path in sorted(base.glob("kernel/**/*.ko*"))}
+    builtin_list = base / "modules.builtin"
+    builtin = frozenset(
+        _module_name(Path(line.strip()))
+        for line in (builtin_list.read_text().splitlines() if builtin_list.is_file() else [])
+        if line.strip()
+    )
+    wanted = list(dict.fromkeys(name for names in DISK_DRIVERS.values() for name in names))
+    modules: dict[str, KernelModule] = {}
+    pending = list(wanted)
+    while pending:
+        name = pending.pop()
+        if name in modules or name in builtin:
+            continue
+        path = paths.get(name)
+        if path is None:
+            continue  # module_load_order names it and the module that needs it
+        module = _load_module(path, kernel_version)
+        modules[name] = module
+        pending.extend(module.depends)
+    everything = module_load_order(modules, wanted, builtin)
+    load_orders = {
+        prefix: [module.name for module in module_load_order(modules, names, builtin)]
+        for prefix, names in DISK_DRIVERS.items()
+    }
+    load_orders[ALL_MODULES_LOAD] = [module.name for module in everything]
+    return _DiskDrivers(everything, load_orders)
+
+
 def _workload_source() -> bytes:
     return (importlib.resources.files("vmferry.guest") / "workload.c").read_bytes()
 
@@ -233,6 +447,7 @@ def _cache_key(package: str, version: str, source: bytes, busybox: bytes) -> str
         f"workload={_sha256(source)}",
         f"busybox={_sha256(busybox)}",
         f"init={_sha256(INIT_SCRIPT.encode())}",
+        f"modules={json.dumps(DISK_DRIVERS, sort_keys=True)}",
     ]
     return _sha256("\n".join(parts).encode())
 
@@ -252,7 +467,7 @@ def _load_cached(directory: Path, key: str) -> GuestImage | None:
     return GuestImage(kernel, initrd, version, key)
 
 
-def _initramfs_entries(busybox: bytes, workload: bytes) -> list[Entry]:
+def _initramfs_entries(busybox: bytes, workload: bytes, drivers: _DiskDrivers) -> list[Entry]:
     dirs = ["bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run", "root"]
     return [
         *(Directory(d) for d in dirs),
@@ -263,6 +478,13 @@ def _initramfs_entries(busybox: bytes, workload: bytes) -> list[Entry]:
         RegularFile("bin/busybox", busybox, 0o755),
         Symlink("bin/sh", "busybox"),
         RegularFile("bin/workload", workload, 0o755),
+        Directory("lib"),
+        Directory(MODULE_DIR),
+        *(RegularFile(f"{MODULE_DIR}/{m.name}.ko", m.data) for m in drivers.modules),
+        *(
+            RegularFile(f"{MODULE_DIR}/{name}.load", "".join(f"{n}.ko\n" for n in order).encode())
+            for name, order in drivers.load_orders.items()
+        ),
     ]
 
 
@@ -285,18 +507,24 @@ def _build_into(
             raise ImageBuildError(f"{debs[0].name} holds no boot/vmlinuz-*")
         kernel_version = kernels[0].name.removeprefix("vmlinuz-")
         shutil.copyfile(kernels[0], staging / "vmlinuz")
+        drivers = _collect_disk_modules(root, kernel_version)
+        for name, order in drivers.load_orders.items():
+            log(f"disk drivers for {name}: {' '.join(order)}")
 
         log("compiling workload.c")
         (tmp / "workload.c").write_bytes(source)
         _run(
-            ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", "workload", "workload.c"],
+            [
+                *("gcc", "-static", "-pthread", "-O2", "-Wall", "-Wextra"),
+                *("-o", "workload", "workload.c"),
+            ],
             cwd=tmp,
             what="compiling the guest workload (needs gcc and libc6-dev)",
         )
         workload = (tmp / "workload").read_bytes()
 
     log("writing initramfs")
-    archive = build_archive(_initramfs_entries(busybox, workload))
+    archive = build_archive(_initramfs_entries(busybox, workload, drivers))
     (staging / "initrd.cpio").write_bytes(archive)
     manifest = {
         "builder_version": BUILDER_VERSION,
@@ -304,6 +532,7 @@ def _build_into(
         "kernel_version": kernel_version,
         "workload_sha256": _sha256(source),
         "busybox_sha256": _sha256(busybox),
+        "module_load_orders": drivers.load_orders,
     }
     (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return kernel_version

@@ -1,36 +1,56 @@
 /*
  * vmferry guest workload: dirties a working set at a set rate and pattern,
- * sends heartbeats on /dev/ttyS1 and verifies every page on request.
+ * writes self-checking blocks to a disk, sends heartbeats on /dev/ttyS1 and
+ * verifies every page and every disk block on request.
  *
  * Arguments (key=value, with or without a "vmferry." prefix; read from
  * /proc/cmdline when none are given):
  *   ws=<bytes> rate=<bytes/s> pattern=zero|compressible|random
  *   mode=idle|paced|cpu hz=<heartbeats/s>
+ *   disk_dev=<name under /dev> disk_ws=<bytes> disk_rate=<bytes/s>
  *
  * Protocol on /dev/ttyS1 (one line per message, '\n' terminated):
  *   guest -> host: READY pages=<n> pattern=<p> mode=<m> rate=<bytes/s>
+ *                        disk_blocks=<n> disk_rate=<bytes/s>   (one line)
  *                  HB <seq> <dirtied_pages_total>
- *                  VERIFY <checked> <bad> <first_bad|-1>
- *                  CORRUPTED <page>
+ *                  VERIFY <pages> <bad_pages> <first_bad_page|-1>
+ *                         <blocks> <bad_blocks> <first_bad_block|-1>   (one line)
+ *                  CORRUPTED <page> | CORRUPTED block <n>
  *                  ACK pause | ACK resume
  *                  ERR <text>
- *   host -> guest: verify | corrupt <page> | pause | resume | ready
+ *   host -> guest: verify | corrupt <page> | corrupt-block <n> | pause |
+ *                  resume | ready
  *
  * Heartbeats are best effort (dropped when the channel is full; the sequence
  * number makes drops visible). Replies are queued and retried until sent.
- * Single-threaded on purpose: no locks, no races with verify.
+ *
+ * Disk: with disk_dev, the first disk_ws bytes of /dev/<disk_dev> (clamped to
+ * the device) are the disk region of 4 KiB blocks. Every block is written once
+ * (generation 1) before READY; afterwards random runs of blocks are rewritten
+ * at disk_rate, each write bumping the blocks' generations. All disk I/O is
+ * O_DIRECT: writes reach the virtual device and verify reads the device, never
+ * the guest's page cache. The memory side is single-threaded; the disk writer
+ * is a thread of its own, so a disk write stalled by the host (a block mirror
+ * waiting on the network) never delays heartbeats. disk_lock guards the
+ * generation table and is held across each write, each verify and each
+ * corrupt-block, so verify always sees whole writes. pause stops the disk
+ * writer too.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <linux/fs.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <termios.h>
 #include <time.h>
@@ -46,6 +66,22 @@
 #define REPLY_WAIT_MS 2000
 /* Large odd prime: k * STRIDE mod n visits every page when gcd(STRIDE, n) = 1. */
 #define STRIDE_PRIME 2654435761ull
+
+#define BLOCK_SIZE_BYTES 4096u
+#define BLOCK_WORDS (BLOCK_SIZE_BYTES / 8u)
+/* Header words: magic, block index, generation, checksum of the rest. */
+#define BLOCK_HEADER_WORDS 4u
+#define BLOCK_MAGIC 0x31204B5344464D56ull /* "VMFDSK 1" */
+/* Fill and verify move 1 MiB per request: few exits, and an aligned O_DIRECT buffer. */
+#define DISK_CHUNK_BLOCKS 256u
+#define DISK_WAIT_MS 10000u
+/* The writer aims at this many writes per second and grows each write (a run of
+ * adjacent blocks) up to DISK_MAX_RUN_BLOCKS to reach higher rates. */
+#define DISK_WRITES_PER_S 100u
+#define DISK_MAX_RUN_BLOCKS 64u
+/* At most this much catch-up after the writer was stalled (by the host or a verify). */
+#define DISK_MAX_BACKLOG_NS 50000000ull
+#define DISK_DEV_MAX 31u
 
 enum pattern { PAT_ZERO, PAT_COMPRESSIBLE, PAT_RANDOM };
 enum mode { MODE_IDLE, MODE_PACED, MODE_CPU };
@@ -64,7 +100,10 @@ static struct {
     enum pattern pattern;
     enum mode mode;
     uint32_t hz;
-} cfg = {64ull << 20, 0, PAT_RANDOM, MODE_IDLE, 200};
+    char disk_dev[DISK_DEV_MAX + 1];
+    uint64_t disk_ws_bytes;
+    uint64_t disk_rate_bps;
+} cfg = {64ull << 20, 0, PAT_RANDOM, MODE_IDLE, 200, "", 64ull << 20, 0};
 
 static uint8_t *pages;
 static struct page_meta *meta;
@@ -73,6 +112,15 @@ static uint64_t stride;
 static uint64_t walk_k;
 static uint64_t dirtied_total;
 static int paused;
+
+/* Disk state. block_gen is written by the writer thread (and by the fill,
+ * before the thread starts); every access after that holds disk_lock. */
+static int disk_fd = -1;
+static uint64_t n_blocks;
+static uint32_t *block_gen;
+static uint64_t *disk_buf; /* DISK_CHUNK_BLOCKS blocks, main thread only */
+static pthread_mutex_t disk_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_int disk_paused;
 
 static int chan = -1;
 static char out_buf[OUT_CAPACITY];
@@ -148,16 +196,16 @@ static void fill_page(uint64_t index, uint32_t generation, uint64_t *w)
 /*
  * Multiply-xor over four independent lanes (each step is a bijection of the
  * lane state, so any single changed word changes the result), then a
- * bijective finaliser mixed with the page index.
+ * bijective finaliser mixed with the seed. n_words is a multiple of 4.
  */
-static uint64_t page_checksum(uint64_t index, const uint64_t *w)
+static uint64_t lanes_checksum(uint64_t index, const uint64_t *w, unsigned n_words)
 {
     const uint64_t k = 0x9FB21C651E98DF25ull;
     uint64_t a = index ^ 0x243F6A8885A308D3ull;
     uint64_t b = index ^ 0x13198A2E03707344ull;
     uint64_t c = index ^ 0xA4093822299F31D0ull;
     uint64_t d = index ^ 0x082EFA98EC4E6C89ull;
-    for (unsigned i = 0; i < PAGE_WORDS; i += 4) {
+    for (unsigned i = 0; i < n_words; i += 4) {
         a = (a ^ w[i]) * k;
         b = (b ^ w[i + 1]) * k;
         c = (c ^ w[i + 2]) * k;
@@ -169,6 +217,11 @@ static uint64_t page_checksum(uint64_t index, const uint64_t *w)
     }
     return fmix64(index) ^ fmix64(a) ^ (fmix64(b) + 1) ^ fmix64(c ^ 0x1234567ull) ^
            (fmix64(d) * 3);
+}
+
+static uint64_t page_checksum(uint64_t index, const uint64_t *w)
+{
+    return lanes_checksum(index, w, PAGE_WORDS);
 }
 
 static void write_page(uint64_t index)
@@ -188,6 +241,191 @@ static void dirty_pages(uint64_t count)
             walk_k = 0;
     }
     dirtied_total += count;
+}
+
+/* ------------------------------------------------------ block contents */
+
+/* Covers the body and, through the seed, the block's index and generation. */
+static uint64_t block_checksum(uint64_t index, uint32_t generation, const uint64_t *w)
+{
+    uint64_t seed = splitmix64(index) ^ ((uint64_t)generation * 0x9E3779B97F4A7C15ull);
+    return lanes_checksum(seed, w + BLOCK_HEADER_WORDS, BLOCK_WORDS - BLOCK_HEADER_WORDS);
+}
+
+static void fill_block(uint64_t index, uint32_t generation, uint64_t *w)
+{
+    uint64_t s = splitmix64((index << 32) ^ generation ^ 0xD15Cull);
+    if (s == 0)
+        s = 1;
+    for (unsigned i = BLOCK_HEADER_WORDS; i < BLOCK_WORDS; i++) {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        w[i] = s;
+    }
+    w[0] = BLOCK_MAGIC;
+    w[1] = index;
+    w[2] = generation;
+    w[3] = block_checksum(index, generation, w);
+}
+
+static int block_is_good(uint64_t index, uint32_t generation, const uint64_t *w)
+{
+    return w[0] == BLOCK_MAGIC && w[1] == index && w[2] == generation &&
+           w[3] == block_checksum(index, generation, w);
+}
+
+/* ---------------------------------------------------------------- disk */
+
+/* Whole-buffer O_DIRECT transfer; 0 on success, -1 with errno set. */
+static int disk_io(int write_it, void *buf, size_t len, uint64_t offset)
+{
+    size_t done = 0;
+    while (done < len) {
+        ssize_t n = write_it ? pwrite(disk_fd, (char *)buf + done, len - done, (off_t)(offset + done))
+                             : pread(disk_fd, (char *)buf + done, len - done, (off_t)(offset + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                errno = EIO; /* past the end of the device */
+            return -1;
+        }
+        done += (size_t)n;
+    }
+    return 0;
+}
+
+static void sleep_ms(unsigned ms)
+{
+    struct timespec ts = {(time_t)(ms / 1000u), (long)(ms % 1000u) * 1000000L};
+    while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+        ;
+}
+
+/* Open /dev/<disk_dev> (waiting for the driver's asynchronous probe), size the
+ * region and write every block of it once. Exits on failure: a VM that was
+ * given a disk must not look healthy without one. */
+static void setup_disk(void)
+{
+    char path[16 + DISK_DEV_MAX];
+    snprintf(path, sizeof path, "/dev/%s", cfg.disk_dev);
+    uint64_t t0 = now_ns();
+    uint64_t deadline = t0 + (uint64_t)DISK_WAIT_MS * 1000000ull;
+    for (;;) {
+        disk_fd = open(path, O_RDWR | O_DIRECT | O_CLOEXEC);
+        if (disk_fd >= 0)
+            break;
+        int retry = errno == ENOENT || errno == ENXIO || errno == ENODEV;
+        if (!retry || now_ns() > deadline) {
+            fprintf(stderr, "workload: open %s: %s (waited %" PRIu64 " ms)\n", path,
+                    strerror(errno), (uint64_t)((now_ns() - t0) / 1000000ull));
+            exit(1);
+        }
+        sleep_ms(20);
+    }
+    uint64_t device_bytes = 0;
+    if (ioctl(disk_fd, BLKGETSIZE64, &device_bytes) != 0) {
+        fprintf(stderr, "workload: BLKGETSIZE64 %s: %s\n", path, strerror(errno));
+        exit(1);
+    }
+    uint64_t region = cfg.disk_ws_bytes < device_bytes ? cfg.disk_ws_bytes : device_bytes;
+    n_blocks = region / BLOCK_SIZE_BYTES;
+    if (n_blocks == 0) {
+        fprintf(stderr, "workload: %s holds no whole 4 KiB block\n", path);
+        exit(1);
+    }
+    block_gen = calloc(n_blocks, sizeof *block_gen);
+    disk_buf = aligned_alloc(BLOCK_SIZE_BYTES, (size_t)DISK_CHUNK_BLOCKS * BLOCK_SIZE_BYTES);
+    if (block_gen == NULL || disk_buf == NULL) {
+        fprintf(stderr, "workload: no memory for %" PRIu64 " disk blocks\n", n_blocks);
+        exit(1);
+    }
+    uint64_t t1 = now_ns();
+    for (uint64_t first = 0; first < n_blocks; first += DISK_CHUNK_BLOCKS) {
+        uint64_t count = n_blocks - first < DISK_CHUNK_BLOCKS ? n_blocks - first : DISK_CHUNK_BLOCKS;
+        for (uint64_t i = 0; i < count; i++)
+            fill_block(first + i, 1, disk_buf + i * BLOCK_WORDS);
+        if (disk_io(1, disk_buf, (size_t)(count * BLOCK_SIZE_BYTES), first * BLOCK_SIZE_BYTES) != 0) {
+            fprintf(stderr, "workload: writing %s block %" PRIu64 ": %s\n", path, first,
+                    strerror(errno));
+            exit(1);
+        }
+        for (uint64_t i = 0; i < count; i++)
+            block_gen[first + i] = 1;
+    }
+    fprintf(stderr,
+            "workload: %s (%" PRIu64 " bytes) appeared after %" PRIu64 " ms; filled %" PRIu64
+            " blocks in %" PRIu64 " ms\n",
+            path, device_bytes, (uint64_t)((t1 - t0) / 1000000ull), n_blocks,
+            (uint64_t)((now_ns() - t1) / 1000000ull));
+}
+
+static void *disk_writer(void *unused)
+{
+    (void)unused;
+    uint64_t run = cfg.disk_rate_bps / BLOCK_SIZE_BYTES / DISK_WRITES_PER_S;
+    if (run < 1)
+        run = 1;
+    if (run > DISK_MAX_RUN_BLOCKS)
+        run = DISK_MAX_RUN_BLOCKS;
+    if (run > n_blocks)
+        run = n_blocks;
+    uint64_t *buf = aligned_alloc(BLOCK_SIZE_BYTES, (size_t)(run * BLOCK_SIZE_BYTES));
+    if (buf == NULL) {
+        fprintf(stderr, "workload: disk writer: no memory\n");
+        return NULL;
+    }
+    const uint64_t period_ns = run * BLOCK_SIZE_BYTES * 1000000000ull / cfg.disk_rate_bps;
+    uint64_t rng = splitmix64(now_ns()) | 1;
+    uint64_t errors = 0;
+    uint64_t next = now_ns();
+    for (;;) {
+        struct timespec ts = {(time_t)(next / 1000000000ull), (long)(next % 1000000000ull)};
+        while (clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &ts, NULL) == EINTR)
+            ;
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        uint64_t first = rng % (n_blocks - run + 1);
+
+        pthread_mutex_lock(&disk_lock);
+        /* Checked under the lock: after "ACK pause" no write can land on a
+         * block that corrupt-block damages next. */
+        if (!atomic_load(&disk_paused)) {
+            for (uint64_t i = 0; i < run; i++)
+                fill_block(first + i, block_gen[first + i] + 1, buf + i * BLOCK_WORDS);
+            if (disk_io(1, buf, (size_t)(run * BLOCK_SIZE_BYTES), first * BLOCK_SIZE_BYTES) == 0) {
+                for (uint64_t i = 0; i < run; i++)
+                    block_gen[first + i]++;
+            } else if (errors++ < 10) {
+                /* The blocks' contents are now unknown: verify will say so. */
+                fprintf(stderr, "workload: disk write at block %" PRIu64 ": %s\n", first,
+                        strerror(errno));
+            }
+        }
+        pthread_mutex_unlock(&disk_lock);
+
+        next += period_ns;
+        uint64_t now = now_ns();
+        if (next + DISK_MAX_BACKLOG_NS < now)
+            next = now - DISK_MAX_BACKLOG_NS;
+    }
+    return NULL;
+}
+
+static void start_disk_writer(void)
+{
+    pthread_t thread;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    int err = pthread_create(&thread, &attr, disk_writer, NULL);
+    pthread_attr_destroy(&attr);
+    if (err != 0) {
+        fprintf(stderr, "workload: starting the disk writer: %s\n", strerror(err));
+        exit(1);
+    }
 }
 
 /* ------------------------------------------------------------- channel */
@@ -290,11 +528,36 @@ static void heartbeat(uint64_t seq)
 
 static void announce_ready(void)
 {
-    reply("READY pages=%" PRIu64 " pattern=%s mode=%s rate=%" PRIu64 "\n", n_pages,
-          pattern_names[cfg.pattern], mode_names[cfg.mode], cfg.rate_bps);
+    reply("READY pages=%" PRIu64 " pattern=%s mode=%s rate=%" PRIu64 " disk_blocks=%" PRIu64
+          " disk_rate=%" PRIu64 "\n",
+          n_pages, pattern_names[cfg.pattern], mode_names[cfg.mode], cfg.rate_bps, n_blocks,
+          n_blocks > 0 ? cfg.disk_rate_bps : 0);
 }
 
 /* ------------------------------------------------------------ commands */
+
+/* Read the whole disk region back from the device; unreadable blocks are bad. */
+static void verify_disk(uint64_t *bad, int64_t *first_bad)
+{
+    pthread_mutex_lock(&disk_lock);
+    for (uint64_t first = 0; first < n_blocks; first += DISK_CHUNK_BLOCKS) {
+        uint64_t count = n_blocks - first < DISK_CHUNK_BLOCKS ? n_blocks - first : DISK_CHUNK_BLOCKS;
+        int readable =
+            disk_io(0, disk_buf, (size_t)(count * BLOCK_SIZE_BYTES), first * BLOCK_SIZE_BYTES) == 0;
+        if (!readable)
+            fprintf(stderr, "workload: verify: reading block %" PRIu64 ": %s\n", first,
+                    strerror(errno));
+        for (uint64_t i = 0; i < count; i++) {
+            uint64_t index = first + i;
+            if (readable && block_is_good(index, block_gen[index], disk_buf + i * BLOCK_WORDS))
+                continue;
+            if (*bad == 0)
+                *first_bad = (int64_t)index;
+            (*bad)++;
+        }
+    }
+    pthread_mutex_unlock(&disk_lock);
+}
 
 static void do_verify(void)
 {
@@ -308,7 +571,12 @@ static void do_verify(void)
             bad++;
         }
     }
-    reply("VERIFY %" PRIu64 " %" PRIu64 " %" PRId64 "\n", n_pages, bad, first_bad);
+    uint64_t bad_blocks = 0;
+    int64_t first_bad_block = -1;
+    if (n_blocks > 0)
+        verify_disk(&bad_blocks, &first_bad_block);
+    reply("VERIFY %" PRIu64 " %" PRIu64 " %" PRId64 " %" PRIu64 " %" PRIu64 " %" PRId64 "\n",
+          n_pages, bad, first_bad, n_blocks, bad_blocks, first_bad_block);
 }
 
 static void do_corrupt(const char *arg)
@@ -328,6 +596,34 @@ static void do_corrupt(const char *arg)
     reply("CORRUPTED %llu\n", page);
 }
 
+static void do_corrupt_block(const char *arg)
+{
+    char *end;
+    errno = 0;
+    unsigned long long block = strtoull(arg, &end, 10);
+    if (errno != 0 || end == arg || *end != '\0' || arg[0] == '-' || block >= n_blocks) {
+        reply("ERR corrupt-block: bad block '%.64s' (have %" PRIu64 " blocks)\n", arg, n_blocks);
+        return;
+    }
+    /* Flip bytes of the block on the device, leaving the generation table alone. */
+    pthread_mutex_lock(&disk_lock);
+    uint8_t *p = (uint8_t *)disk_buf;
+    uint64_t offset = (uint64_t)block * BLOCK_SIZE_BYTES;
+    int failed = disk_io(0, disk_buf, BLOCK_SIZE_BYTES, offset);
+    if (failed == 0) {
+        p[100] ^= 0xA5;
+        p[2049] ^= 0x5A;
+        p[BLOCK_SIZE_BYTES - 1] ^= 0xFF;
+        failed = disk_io(1, disk_buf, BLOCK_SIZE_BYTES, offset);
+    }
+    int saved = errno;
+    pthread_mutex_unlock(&disk_lock);
+    if (failed)
+        reply("ERR corrupt-block %llu: %s\n", block, strerror(saved));
+    else
+        reply("CORRUPTED block %llu\n", block);
+}
+
 static void handle_command(char *line)
 {
     while (*line == ' ' || *line == '\t')
@@ -344,11 +640,18 @@ static void handle_command(char *line)
         while (*arg == ' ')
             arg++;
         do_corrupt(arg);
+    } else if (strncmp(line, "corrupt-block ", 14) == 0) {
+        const char *arg = line + 14;
+        while (*arg == ' ')
+            arg++;
+        do_corrupt_block(arg);
     } else if (strcmp(line, "pause") == 0) {
         paused = 1;
+        atomic_store(&disk_paused, 1);
         reply("ACK pause\n");
     } else if (strcmp(line, "resume") == 0) {
         paused = 0;
+        atomic_store(&disk_paused, 0);
         reply("ACK resume\n");
     } else if (strcmp(line, "ready") == 0) {
         announce_ready();
@@ -439,6 +742,20 @@ static void parse_arg(const char *arg)
                 return;
             }
         goto bad;
+    } else if (klen == 8 && strncmp(arg, "disk_dev", 8) == 0) {
+        /* A plain device name: it is put after "/dev/". */
+        size_t n = strlen(val);
+        if (n == 0 || n > DISK_DEV_MAX || strspn(val, "abcdefghijklmnopqrstuvwxyz0123456789") != n)
+            goto bad;
+        memcpy(cfg.disk_dev, val, n + 1);
+    } else if (klen == 7 && strncmp(arg, "disk_ws", 7) == 0) {
+        if (parse_u64(val, &v) != 0 || v < BLOCK_SIZE_BYTES)
+            goto bad;
+        cfg.disk_ws_bytes = v;
+    } else if (klen == 9 && strncmp(arg, "disk_rate", 9) == 0) {
+        if (parse_u64(val, &v) != 0)
+            goto bad;
+        cfg.disk_rate_bps = v;
     } else {
         goto bad;
     }
@@ -511,6 +828,11 @@ int main(int argc, char **argv)
         write_page(i);
     fprintf(stderr, "workload: filled %" PRIu64 " pages in %" PRIu64 " ms\n", n_pages,
             (uint64_t)((now_ns() - t0) / 1000000ull));
+    if (cfg.disk_dev[0] != '\0') {
+        setup_disk();
+        if (cfg.disk_rate_bps > 0)
+            start_disk_writer();
+    }
     announce_ready();
 
     const uint64_t period_ns = 1000000000ull / cfg.hz;

@@ -75,6 +75,8 @@ _LOG_TAIL_LINES = 20
 
 _NETWORK_FILE = "network.json"
 _HOSTS_DIR = "hosts"
+# Seen by every host at the same path: the lab's "shared storage" for VM disk images.
+SHARED_DIR = "shared"
 
 
 class AgentStartError(ProcessStartError):
@@ -130,6 +132,7 @@ def validate_lab_request(
     netns: bool = False,
     link_mbps: int | None = None,
     memory_per_host_bytes: int | None = None,
+    disk_per_host_bytes: int | None = None,
 ) -> None:
     """Check ``lab up``'s arguments before anything is touched.
 
@@ -147,6 +150,8 @@ def validate_lab_request(
             raise ConfigError(f"--link-mbps must be 1..{MAX_LINK_MBPS}, not {link_mbps}")
     if memory_per_host_bytes is not None and memory_per_host_bytes <= 0:
         raise ConfigError(f"memory per host must be positive, not {memory_per_host_bytes}")
+    if disk_per_host_bytes is not None and disk_per_host_bytes <= 0:
+        raise ConfigError(f"disk space per host must be positive, not {disk_per_host_bytes}")
 
 
 def default_memory_per_host_bytes(hosts: int, mem_total_bytes: int) -> int:
@@ -182,6 +187,7 @@ async def lab_up(
     link_mbps: int | None = None,
     lab_dir: Path | None = None,
     memory_per_host_bytes: int | None = None,
+    disk_per_host_bytes: int | None = None,
 ) -> Inventory:
     """Start a lab: ``hosts`` agents (host-1..host-N), on loopback or in network namespaces.
 
@@ -197,6 +203,9 @@ async def lab_up(
         lab_dir: where the lab keeps its state; default :func:`default_lab_dir`.
         memory_per_host_bytes: the memory each agent may hand to VMs; default
             :func:`default_memory_per_host_bytes`.
+        disk_per_host_bytes: the space each agent may give local disk images (sum of their
+            virtual sizes); default: the free space of the lab directory's filesystem.
+            Every host also sees ``<lab_dir>/shared`` as shared storage.
 
     Returns:
         The saved inventory.
@@ -207,7 +216,11 @@ async def lab_up(
         NetworkCommandError: setting up the namespaces failed.
     """
     validate_lab_request(
-        hosts, netns=netns, link_mbps=link_mbps, memory_per_host_bytes=memory_per_host_bytes
+        hosts,
+        netns=netns,
+        link_mbps=link_mbps,
+        memory_per_host_bytes=memory_per_host_bytes,
+        disk_per_host_bytes=disk_per_host_bytes,
     )
     if netns:
         lab_netns.require_root()
@@ -232,7 +245,7 @@ async def lab_up(
             f"leftovers of a lab are in {directory}: run `vmferry lab down` first"
         ) from None
     try:
-        inventory = await _start(directory, hosts, subnet, link_mbps, memory)
+        inventory = await _start(directory, hosts, subnet, link_mbps, memory, disk_per_host_bytes)
     except BaseException as err:
         logger.error("lab.up failed (%s); undoing", str(err) or type(err).__name__)
         try:
@@ -246,7 +259,12 @@ async def lab_up(
 
 
 async def _start(
-    directory: Path, hosts: int, subnet: str | None, link_mbps: int | None, memory_bytes: int
+    directory: Path,
+    hosts: int,
+    subnet: str | None,
+    link_mbps: int | None,
+    memory_bytes: int,
+    disk_bytes: int | None,
 ) -> Inventory:
     token = secrets.token_urlsafe(32)
     token_file = directory / "token"
@@ -272,6 +290,9 @@ async def _start(
         state_dir = directory / _HOSTS_DIR / name
         state_dir.mkdir()
         argv = _agent_argv(name, address, state_dir, token_file, memory_bytes)
+        argv += ["--shared-dir", str(directory / SHARED_DIR)]
+        if disk_bytes is not None:
+            argv += ["--disk", str(disk_bytes)]
         if ns:
             argv = ["ip", "netns", "exec", ns.netns, *argv]
         procs.append((name, state_dir, await _spawn(argv, state_dir)))
@@ -504,9 +525,10 @@ def _remove_state(directory: Path) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
             removed = True
-    if (directory / _HOSTS_DIR).exists():
-        shutil.rmtree(directory / _HOSTS_DIR)
-        removed = True
+    for owned in (_HOSTS_DIR, SHARED_DIR):
+        if (directory / owned).exists():
+            shutil.rmtree(directory / owned)
+            removed = True
     with contextlib.suppress(OSError):
         directory.rmdir()  # only if empty: a user-chosen directory may hold other things
     return removed

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vmferry.core.model import VmSpec
+from vmferry.core.errors import ConfigError
+from vmferry.core.model import DISK_NODE, VmSpec
 
-__all__ = ["Accel", "BootFiles", "RuntimePaths", "build_argv", "kernel_cmdline"]
+__all__ = ["Accel", "BootFiles", "RuntimePaths", "build_argv", "disk_args", "kernel_cmdline"]
 
 Accel = Literal["kvm", "tcg"]
 
@@ -65,7 +66,44 @@ class RuntimePaths:
 def kernel_cmdline(spec: VmSpec) -> str:
     """The guest kernel command line: console on ttyS0, workload settings for our init."""
     parts = ["console=ttyS0", "panic=-1", "quiet", "loglevel=3", *spec.workload.kernel_args()]
+    if spec.disk is not None:
+        parts.append(f"vmferry.disk_dev={spec.disk.guest_device}")
     return " ".join(parts)
+
+
+def disk_args(spec: VmSpec, image: Path) -> list[str]:
+    """``-blockdev``/``-device`` arguments of the VM's qcow2 disk (empty without one).
+
+    The format node is named :data:`DISK_NODE` on every host: the NBD export on a destination
+    and the mirror on a source address it by that name. The host page cache is bypassed
+    (``cache.direct``) where the filesystem allows it, so a disk on shared storage has no
+    host-side cache that could go stale when the other host takes over; QEMU's image locking
+    (on by default) keeps two QEMUs from opening it read-write at once (an incoming QEMU
+    holds it inactive, without the write lock, until the switchover).
+    """
+    if spec.disk is None:
+        return []
+    if "," in str(image):
+        raise ConfigError(f"disk image path must not contain ',': {image}")
+    file_node = f"{DISK_NODE}-file"
+    args = [
+        "-blockdev",
+        f"driver=file,filename={image},node-name={file_node},"
+        f"cache.direct={'on' if spec.disk.storage == 'shared' else 'off'},"
+        "cache.no-flush=off,discard=unmap",
+        "-blockdev",
+        f"driver=qcow2,file={file_node},node-name={DISK_NODE},discard=unmap",
+    ]
+    if spec.disk.bus == "virtio-blk":
+        args += ["-device", f"virtio-blk-pci,drive={DISK_NODE},id={DISK_NODE}-dev"]
+    else:
+        args += [
+            "-device",
+            "virtio-scsi-pci,id=scsi0",
+            "-device",
+            f"scsi-hd,drive={DISK_NODE},bus=scsi0.0,id={DISK_NODE}-dev",
+        ]
+    return args
 
 
 def build_argv(
@@ -76,12 +114,18 @@ def build_argv(
     *,
     accel: Accel = "tcg",
     incoming: bool = False,
+    disk_image: Path | None = None,
 ) -> list[str]:
     """Build the argv of one QEMU instance of ``spec``.
 
     Source and destination must get identical device models, so everything that shapes the
-    guest comes from ``spec``; only sockets, logs and ``-incoming`` differ.
+    guest comes from ``spec``; only sockets, logs, the disk image path and ``-incoming`` differ.
+
+    Raises:
+        ConfigError: the spec has a disk but no ``disk_image`` was given (or a bad path).
     """
+    if spec.disk is not None and disk_image is None:
+        raise ConfigError(f"VM {spec.name} has a disk: an image path is needed")
     argv = [
         qemu,
         "-name",
@@ -120,6 +164,8 @@ def build_argv(
         "-serial",
         "chardev:channel",
     ]
+    if disk_image is not None:
+        argv += disk_args(spec, disk_image)
     if incoming:
         argv += ["-incoming", "defer"]
     return argv

@@ -39,6 +39,7 @@ __all__ = [
     "MeasurementError",
     "MemorySample",
     "measure_dirty_rate",
+    "measure_disk_writes",
     "measure_guest",
     "ram_size_bytes",
     "sample_memory",
@@ -417,3 +418,22 @@ async def _measure_concurrently(
         # Callers expect our error types, not an ExceptionGroup: report the first failure.
         raise failures.exceptions[0] from None
     return rate.result(), memory.result()
+
+
+async def _written_bytes(session: QmpSession) -> int:
+    stats = await session.execute("query-blockstats")
+    return sum(int(entry.get("stats", {}).get("wr_bytes", 0)) for entry in stats)
+
+
+async def measure_disk_writes(session: QmpSession, window_s: float = 1.0) -> int:
+    """The guest's disk write rate (bytes/s) over ``window_s``, from QEMU's block statistics
+    (every disk of the VM together).
+
+    Raises:
+        QMPCommandError, QMPTimeout, QMPConnectError: QEMU did not answer.
+    """
+    loop = asyncio.get_running_loop()
+    first, started = await _written_bytes(session), loop.time()
+    await asyncio.sleep(window_s)
+    last, ended = await _written_bytes(session), loop.time()
+    return max(0, round((last - first) / max(ended - started, 1e-3)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from vmferry.core.errors import FerryError, MigrationFailed, QMPTimeout, StateError
@@ -133,8 +133,19 @@ async def run_migration(
     uri: str,
     options: MigrationOptions,
     on_progress: Callable[[MigrationStats], None] | None = None,
+    *,
+    before_switchover: Callable[[], Awaitable[None]] | None = None,
 ) -> MigrationStats:
     """Start the migration on the source and follow it to the end.
+
+    Args:
+        src: the source VM's session.
+        uri: where the destination listens.
+        options: mechanism and knobs.
+        on_progress: called with every progress sample.
+        before_switchover: run with the guest paused just before its device state is sent
+            (QEMU's ``pause-before-switchover``), e.g. to complete a disk mirror; the
+            migration continues when it returns and is cancelled when it raises.
 
     Returns:
         The final statistics (status ``completed``; ``downtime_ms`` set).
@@ -142,10 +153,11 @@ async def run_migration(
     Raises:
         MigrationFailed: QEMU reported failure or cancellation, or ``options.timeout_s``
             passed (the migration is then cancelled first).
+        FerryError: whatever ``before_switchover`` raised (the migration is cancelled first).
     """
-    await src.execute(
-        "migrate-set-capabilities", {"capabilities": _caps_arg(capabilities_for(options))}
-    )
+    capabilities = capabilities_for(options)
+    capabilities["pause-before-switchover"] = before_switchover is not None
+    await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(capabilities)})
     await src.execute("migrate-set-parameters", source_parameters_for(options))
     if options.mechanism == "cold":
         await src.execute("stop")
@@ -163,6 +175,9 @@ async def run_migration(
                     stats = await query_stats(src)
                     if on_progress is not None:
                         on_progress(stats)
+                    if stats.status == "pre-switchover" and before_switchover is not None:
+                        await _switch_over(src, before_switchover)
+                        continue
                     if stats.status == "completed":
                         logger.info(
                             "migration.complete %s total=%dms downtime=%sms",
@@ -182,6 +197,17 @@ async def run_migration(
             raise MigrationFailed(
                 src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
             ) from None
+
+
+async def _switch_over(src: QmpSession, hook: Callable[[], Awaitable[None]]) -> None:
+    """Run ``hook`` at ``pre-switchover``, then let QEMU send the device state."""
+    try:
+        await hook()
+    except BaseException:
+        with contextlib.suppress(FerryError):
+            await asyncio.shield(cancel_migration(src))
+        raise
+    await src.execute("migrate-continue", {"state": "pre-switchover"})
 
 
 async def start_postcopy(src: QmpSession) -> None:

@@ -89,6 +89,19 @@ class QmpSession:
         except QMPError as err:
             raise QMPConnectError(f"QMP {command} lost its connection", err) from err
 
+    async def pass_fd(self, fd_name: str, fd: int, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        """Hand QEMU a copy of file descriptor ``fd`` under ``fd_name`` (``getfd``), e.g. a
+        listening socket bound by the caller, so no port has to be guessed free.
+
+        Raises:
+            QMPCommandError, QMPTimeout, QMPConnectError: as for :meth:`execute`.
+        """
+        try:
+            self._client.send_fd_scm(fd)
+        except (QMPError, OSError) as err:
+            raise QMPConnectError(f"cannot pass fd {fd_name} over QMP", err) from err
+        await self.execute("getfd", {"fdname": fd_name}, timeout_s=timeout_s)
+
     @contextlib.contextmanager
     def listener(self, *names: str) -> Iterator[EventListener]:
         """A private event queue for ``names`` (none = all events) for the caller alone."""

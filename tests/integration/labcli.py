@@ -1,0 +1,72 @@
+"""Driving the ``vmferry`` CLI against a lab directory from tests (shared by the CLI tests).
+
+The ``lab_dir`` fixture is registered for every integration test by ``conftest.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmferry.lab.cluster import lab_down
+
+__all__ = ["SPAWNED", "Lab", "lab_dir"]
+
+
+class Lab:
+    """Runs ``vmferry`` commands against one lab directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "vmferry.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+            env={**os.environ, "VMFERRY_LAB_DIR": str(self.directory)},
+        )
+
+    def ok(self, *args: str) -> Any:
+        """Run with --json, expect exit 0, return the parsed output."""
+        result = self.run(*args, "--json")
+        assert result.returncode == 0, f"{args}: {result.stderr}"
+        return json.loads(result.stdout)
+
+    def refused(self, *args: str, message: str) -> None:
+        result = self.run(*args)
+        assert result.returncode == 2, f"{args}: rc={result.returncode} {result.stderr}"
+        assert message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+
+    def vms(self) -> list[dict[str, Any]]:
+        listing = self.ok("vm", "list")
+        assert listing["unreachable"] == []
+        return sorted(listing["vms"], key=lambda v: v["name"])
+
+
+SPAWNED: list[subprocess.Popen[bytes]] = []
+
+
+@pytest.fixture
+def lab_dir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="vmf-"))
+    try:
+        yield directory
+    finally:
+        report = asyncio.run(lab_down(directory))
+        for process in SPAWNED:  # agents a test started itself; lab down has ended them
+            process.wait(timeout=30)
+        SPAWNED.clear()
+        assert not directory.exists(), report
