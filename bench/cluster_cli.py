@@ -35,7 +35,7 @@ BUSY = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
 SHAPED = "dirty:rate=4M,size=256M,pattern=random,mode=paced"
 
 
-def _cli(lab_dir: Path, *args: str) -> tuple[float, dict[str, Any]]:
+def run_cli(lab_dir: Path, *args: str) -> tuple[float, dict[str, Any]]:
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "vmferry.cli.main", *args, "--json"],
@@ -58,11 +58,11 @@ async def _cli_runs(
     runs: list[dict[str, Any]] = []
     try:
         await lab_up(2, lab_dir=lab_dir, netns=netns, link_mbps=link_mbps)
-        _cli(lab_dir, "vm", "create", "bench", "--host", "host-1", "--memory", memory,
+        run_cli(lab_dir, "vm", "create", "bench", "--host", "host-1", "--memory", memory,
              "--workload", workload)  # fmt: skip
         hosts = ["host-2", "host-1"]
         for attempt in range(repeat):
-            wall_ms, report = _cli(lab_dir, "migrate", "bench", "--to", hosts[attempt % 2])
+            wall_ms, report = run_cli(lab_dir, "migrate", "bench", "--to", hosts[attempt % 2])
             runs.append({"cli_wall_ms": round(wall_ms), **report})
             print("cli", "netns" if netns else "loopback", runs[-1], flush=True)
     finally:

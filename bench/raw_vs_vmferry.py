@@ -41,7 +41,7 @@ DOWNTIME_LIMIT_MS = 300
 # The baseline: as little as it takes to live-migrate with QEMU and QMP alone.
 
 
-class _Heartbeats:
+class Heartbeats:
     def __init__(self) -> None:
         self.last_seq = 0
         self.last_at = 0.0
@@ -67,7 +67,7 @@ class _Heartbeats:
                     self.last_seq, self.last_at = seq, now
 
 
-async def _qmp(path: Path) -> QMPClient:
+async def connect_qmp(path: Path) -> QMPClient:
     client = QMPClient("raw")
     for _ in range(200):
         if path.exists():
@@ -84,11 +84,11 @@ async def raw_migration(qemu: str, spec: VmSpec, boot: BootFiles, root: Path) ->
     src = await asyncio.create_subprocess_exec(
         *build_argv(qemu, spec, boot, src_paths), stdout=asyncio.subprocess.DEVNULL
     )
-    beats = _Heartbeats()
+    beats = Heartbeats()
     tasks: list[asyncio.Task[None]] = []
     dst: asyncio.subprocess.Process | None = None
     try:
-        src_qmp = await _qmp(src_paths.qmp_socket)
+        src_qmp = await connect_qmp(src_paths.qmp_socket)
         tasks.append(asyncio.create_task(beats.follow(src_paths.channel_socket)))
         while beats.last_seq < 50:  # booted and beating  # noqa: ASYNC110 - minimal on purpose
             await asyncio.sleep(0.1)
@@ -97,7 +97,7 @@ async def raw_migration(qemu: str, spec: VmSpec, boot: BootFiles, root: Path) ->
             *build_argv(qemu, spec, boot, dst_paths, incoming=True),
             stdout=asyncio.subprocess.DEVNULL,
         )
-        dst_qmp = await _qmp(dst_paths.qmp_socket)
+        dst_qmp = await connect_qmp(dst_paths.qmp_socket)
         tasks.append(asyncio.create_task(beats.follow(dst_paths.channel_socket)))
         await dst_qmp.execute("migrate-incoming", {"uri": "tcp:127.0.0.1:0"})
         port = (await dst_qmp.execute("query-migrate"))["socket-address"][0]["port"]  # type: ignore[index]
