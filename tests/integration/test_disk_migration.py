@@ -85,6 +85,10 @@ def test_local_disk_moves_live_and_cold_with_every_block_verified(lab_dir: Path)
     # Only allocated data moved: the 256 MiB image holds about the 32 MiB the guest wrote.
     assert int(str(_image_info(moved)["actual-size"])) < 128 << 20
     assert live["transferred_bytes"] > 32 << 20
+    # The destination released its NBD export before it took the disk over, so QEMU could
+    # activate the image at the switchover (it does not resume a guest whose disk it could not).
+    log = (lab_dir / "hosts" / "host-2" / "vms" / "d1" / "qemu.log").read_text()
+    assert "Permission conflict" not in log, log
 
     # Back with post-copy: the mirror completes at the pre-switchover pause, before the
     # destination runs the guest.

@@ -241,5 +241,13 @@ class AgentClient:
     async def cancel_migration(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/cancel")
 
+    async def release_disk(self, name: str) -> None:
+        """Have a destination drop the NBD export of an incoming VM's disk."""
+        await self._call("POST", f"/vms/{name}/release-disk")
+
+    async def continue_switchover(self, name: str) -> None:
+        """Let a source whose disk is synced (status DISK_SYNCED) finish the switchover."""
+        await self._call("POST", f"/vms/{name}/switchover")
+
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")

@@ -32,6 +32,7 @@ from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, StateE
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import (
     DISK_PHASE,
+    DISK_SYNCED,
     IntegrityReport,
     MigrationOptions,
     MigrationStats,
@@ -76,6 +77,9 @@ _MIRROR_POLL_S = 0.2
 # A background mirror whose remainder has not shrunk for this long is losing to the guest's
 # writes: switch it to write-blocking so it converges (guest writes then go at link speed).
 _MIRROR_STALL_S = 3.0
+# How long a source paused at the switchover waits for the controller's go-ahead before it
+# gives up, cancels and resumes the guest (a controller that died must not leave it paused).
+_HANDOVER_TIMEOUT_S = 30.0
 
 
 async def _none() -> None:
@@ -113,6 +117,8 @@ class Outgoing:
     result: OutgoingResult | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     cancel_requested: bool = False
+    # Set by the controller once the destination released its disk export (or by a cancel).
+    handover: asyncio.Event = field(default_factory=asyncio.Event)
 
     def push(self, stats: MigrationStats) -> None:
         self.samples.append(stats)
@@ -628,7 +634,7 @@ class HostAgent:
                 disk = await self._mirror_until_ready(slot, vm, deadline)
 
                 async def hook() -> None:
-                    await finish_mirror(vm.qmp)
+                    await self._hand_over_disk(slot, vm)
 
             def push(stats: MigrationStats) -> None:
                 outgoing.push(
@@ -670,6 +676,58 @@ class HostAgent:
         outgoing.finish(
             OutgoingResult("completed", None, final, heartbeats.last_arrival_ms, max_gap)
         )
+
+    async def _hand_over_disk(self, slot: Slot, vm: RunningVm) -> None:
+        """At the switchover pause: complete the mirror, tell the controller (status
+        DISK_SYNCED), and wait until it has released the destination's export — the
+        destination can only take over the disk once nothing else holds it writable.
+
+        Raises:
+            MigrationFailed: the mirror did not complete, the migration was cancelled, or no
+                go-ahead came in time (the caller then cancels and resumes the guest here).
+        """
+        outgoing = slot.outgoing
+        assert outgoing is not None
+        done = await finish_mirror(vm.qmp)
+        last = outgoing.samples[-1] if outgoing.samples else None
+        if last is not None:
+            outgoing.push(
+                replace(
+                    last,
+                    status=DISK_SYNCED,
+                    disk_copied_bytes=done.copied_bytes,
+                    disk_total_bytes=done.total_bytes,
+                )
+            )
+        try:
+            async with asyncio.timeout(_HANDOVER_TIMEOUT_S):
+                await outgoing.handover.wait()
+        except TimeoutError:
+            raise MigrationFailed(
+                vm.label, "disk", f"no go-ahead for the switchover within {_HANDOVER_TIMEOUT_S:g} s"
+            ) from None
+        if outgoing.cancel_requested:
+            raise MigrationFailed(vm.label, "disk", "cancelled at the switchover")
+
+    def continue_outgoing(self, name: str) -> None:
+        """Let VM ``name``'s migration, paused at the switchover with its disk synced, go on.
+
+        Raises:
+            NotFound, StateError: no migration in flight.
+        """
+        slot, _ = self._running(name, VmState.MIGRATING)
+        assert slot.outgoing is not None
+        slot.outgoing.handover.set()
+
+    async def release_disk(self, name: str) -> None:
+        """Drop the NBD export of incoming VM ``name``'s disk (the source's mirror is done).
+
+        Raises:
+            NotFound, StateError: not an incoming VM.
+        """
+        slot, vm = self._running(name, VmState.INCOMING)
+        if self._owned_disk(slot.spec) is not None:
+            await unexport_disk(vm.qmp)
 
     async def _mirror_until_ready(self, slot: Slot, vm: RunningVm, deadline: float) -> MirrorStatus:
         """Follow the disk mirror until source and target are in sync, then make it
@@ -773,7 +831,8 @@ class HostAgent:
         """
         slot, vm = self._running(name, VmState.MIGRATING)
         if slot.outgoing is not None:
-            slot.outgoing.cancel_requested = True  # seen by the disk phase
+            slot.outgoing.cancel_requested = True  # seen by the disk phase and the handover
+            slot.outgoing.handover.set()
         await vm.qmp.execute("migrate_cancel")
 
     async def handoff(self, name: str) -> None:

@@ -8,10 +8,12 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     GET    /vms/{name}                VmInfo
     DELETE /vms/{name}                                          -> 204
     POST   /vms/{name}/verify                                   -> integrity
-    POST   /incoming                  {spec, options}           -> {"uri"}
+    POST   /incoming                  {spec, options}           -> {"uri", "nbd"}
     POST   /vms/{name}/finish                                   -> {first_heartbeat_ms, integrity}
     POST   /vms/{name}/abort                                    -> 204
-    POST   /vms/{name}/migrate        {uri, options}            -> 202
+    POST   /vms/{name}/release-disk                             -> 204 (drop the NBD export)
+    POST   /vms/{name}/migrate        {uri, options, nbd}       -> 202
+    POST   /vms/{name}/switchover                               -> 204 (disk synced: go on)
     POST   /vms/{name}/postcopy                                 -> 202 (switch to post-copy)
     POST   /vms/{name}/measure                                  -> GuestMeasurement
     POST   /bandwidth/sinks                                     -> 201 {"port"}
@@ -262,6 +264,16 @@ async def _postcopy(request: web.Request) -> web.Response:
     return web.json_response({"postcopy": True}, status=202)
 
 
+async def _release_disk(request: web.Request) -> web.Response:
+    await _agent(request).release_disk(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _switchover(request: web.Request) -> web.Response:
+    _agent(request).continue_outgoing(request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def _cancel(request: web.Request) -> web.Response:
     await _agent(request).cancel_outgoing(request.match_info["name"])
     return web.json_response({"cancelling": True}, status=202)
@@ -299,6 +311,8 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_get(f"{p}/bandwidth/sinks/{{port}}", _sink_result)
     app.router.add_post(f"{p}/bandwidth/probe", _probe)
     app.router.add_post(f"{p}/vms/{{name}}/cancel", _cancel)
+    app.router.add_post(f"{p}/vms/{{name}}/release-disk", _release_disk)
+    app.router.add_post(f"{p}/vms/{{name}}/switchover", _switchover)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

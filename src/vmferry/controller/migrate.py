@@ -24,6 +24,7 @@ from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
     DISK_PHASE,
+    DISK_SYNCED,
     MECHANISMS,
     IntegrityReport,
     Mechanism,
@@ -231,6 +232,7 @@ async def migrate(
     since = 0
     cancel_sent = False
     switched = False
+    handed_over = False
     replan_error: str | None = None
     while outcome is None:
         try:
@@ -256,6 +258,21 @@ async def migrate(
                 disk_ms = stats.total_ms
                 notify(stats)
                 continue
+            if stats.status == DISK_SYNCED:
+                # Paused at the switchover with the disk complete: the destination must drop
+                # its export before it can take the disk over; then the source goes on.
+                notify(stats)
+                if not handed_over:
+                    handed_over = True
+                    try:
+                        await destination.release_disk(spec.name)
+                        await source.continue_switchover(spec.name)
+                    except FerryError as err:
+                        logger.error("migration.handover_failed %s: %s", spec.name, err)
+                        replan_error = f"disk handover failed: {err}"
+                        with contextlib.suppress(FerryError):
+                            await source.cancel_migration(spec.name)
+                continue
             if stats.status not in ("failed", "cancelled"):
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
@@ -266,7 +283,7 @@ async def migrate(
             outcome is None
             and prediction is not None
             and last is not None
-            and last.status != DISK_PHASE
+            and last.status not in (DISK_PHASE, DISK_SYNCED)
         ):
             decision = replan(strategy, progress, prediction, goal)
             if decision.action is Action.SWITCH_TO_POSTCOPY and options.uses_postcopy:

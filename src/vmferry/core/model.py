@@ -15,6 +15,7 @@ __all__ = [
     "DISK_BUSES",
     "DISK_NODE",
     "DISK_PHASE",
+    "DISK_SYNCED",
     "MECHANISMS",
     "REPORT_SCHEMA",
     "STORAGE_MODES",
@@ -65,6 +66,9 @@ StorageMode = Literal["local", "shared"]
 STORAGE_MODES: tuple[StorageMode, ...] = ("local", "shared")
 # MigrationStats.status while a local disk is mirrored, before QEMU's RAM migration starts.
 DISK_PHASE = "disk-mirror"
+# MigrationStats.status once the guest is paused at the switchover and its disk copy is complete:
+# the source waits for the controller to release the destination's export, then goes on.
+DISK_SYNCED = "disk-synced"
 # The block node name of a VM's disk, the same on every host (mirror and NBD export use it).
 DISK_NODE = "disk0"
 

@@ -76,10 +76,12 @@ def disk_args(spec: VmSpec, image: Path) -> list[str]:
 
     The format node is named :data:`DISK_NODE` on every host: the NBD export on a destination
     and the mirror on a source address it by that name. The host page cache is bypassed
-    (``cache.direct``) where the filesystem allows it, so a disk on shared storage has no
-    host-side cache that could go stale when the other host takes over; QEMU's image locking
-    (on by default) keeps two QEMUs from opening it read-write at once (an incoming QEMU
-    holds it inactive, without the write lock, until the switchover).
+    (``cache.direct=on``, O_DIRECT, what libvirt calls ``cache=none``): a disk on shared
+    storage then has no host-side cache that could go stale when the other host takes over,
+    and no host holds gigabytes of dirty cache that the switchover's flush would have to write
+    while the guest is paused. QEMU's image locking (on by default) keeps two QEMUs from
+    opening an image read-write at once (an incoming QEMU holds it inactive, without the
+    write lock, until the switchover). The filesystem must support O_DIRECT (not tmpfs).
     """
     if spec.disk is None:
         return []
@@ -89,7 +91,7 @@ def disk_args(spec: VmSpec, image: Path) -> list[str]:
     args = [
         "-blockdev",
         f"driver=file,filename={image},node-name={file_node},"
-        f"cache.direct={'on' if spec.disk.storage == 'shared' else 'off'},"
+        "cache.direct=on,"
         "cache.no-flush=off,discard=unmap",
         "-blockdev",
         f"driver=qcow2,file={file_node},node-name={DISK_NODE},discard=unmap",
