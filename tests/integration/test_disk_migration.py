@@ -95,6 +95,10 @@ def test_local_disk_moves_live_and_cold_with_every_block_verified(lab_dir: Path)
     back = lab.ok("migrate", "d1", "--to", "host-1", "--strategy", "postcopy")
     _assert_disk_ok(back)
     assert not moved.exists()
+    # The export was gone before post-copy started the guest on host-1, so QEMU activated the
+    # disk and ran the guest at once instead of leaving it paused until the copy ended.
+    log = (lab_dir / "hosts" / "host-1" / "vms" / "d1" / "qemu.log").read_text()
+    assert "Permission conflict" not in log, log
 
     cold = lab.ok("migrate", "d1", "--to", "host-2", "--strategy", "cold")
     _assert_disk_ok(cold)
