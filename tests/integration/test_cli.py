@@ -29,6 +29,7 @@ def test_demo_json_report() -> None:
         assert report["schema"] == 1
         assert report["status"] == "completed"
         assert report["integrity"]["ok"] is True
+        assert report["integrity"]["blocks_checked"] == (64 << 20) // 4096  # its disk moved too
         assert report["guest_alive"] is True
 
 
@@ -40,6 +41,7 @@ def test_demo_json_report() -> None:
         (["demo", "--workload", "dirty:rate=fast"], "bad size"),
         (["demo", "--workload", "bogus"], "workload"),
         (["demo", "--max-downtime", "0"], "max-downtime"),
+        (["demo", "--disk", "1K"], "disk size"),
     ],
 )
 def test_bad_input_is_refused_before_anything_starts(args: list[str], message: str) -> None:

@@ -630,8 +630,20 @@ class HostAgent:
                 if options.mechanism == "cold":
                     await vm.qmp.execute("stop")  # the disk is copied with the guest paused
                 mirrored = True
+                image = self._owned_disk(slot.spec)
+                assert image is not None
+                assert slot.spec.disk is not None
+                allocated = await allocated_bytes(image)
                 await start_mirror(vm.qmp, nbd, speed_bps=options.max_bandwidth_bps)
-                disk = await self._mirror_until_ready(slot, vm, deadline)
+                synced = await self._mirror_until_ready(slot, vm, deadline)
+                # QEMU's progress counts the whole virtual disk, zero areas included (they
+                # travel as write-zeroes commands); what carried data is the allocation plus
+                # what the guest re-dirtied during the copy.
+                moved = min(
+                    synced.copied_bytes,
+                    allocated + max(0, synced.total_bytes - slot.spec.disk.size_bytes),
+                )
+                disk = replace(synced, copied_bytes=moved, total_bytes=moved)
 
                 async def hook() -> None:
                     await self._hand_over_disk(slot, vm)
@@ -688,17 +700,10 @@ class HostAgent:
         """
         outgoing = slot.outgoing
         assert outgoing is not None
-        done = await finish_mirror(vm.qmp)
+        await finish_mirror(vm.qmp)
         last = outgoing.samples[-1] if outgoing.samples else None
         if last is not None:
-            outgoing.push(
-                replace(
-                    last,
-                    status=DISK_SYNCED,
-                    disk_copied_bytes=done.copied_bytes,
-                    disk_total_bytes=done.total_bytes,
-                )
-            )
+            outgoing.push(replace(last, status=DISK_SYNCED))
         try:
             async with asyncio.timeout(_HANDOVER_TIMEOUT_S):
                 await outgoing.handover.wait()

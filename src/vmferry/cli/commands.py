@@ -35,7 +35,7 @@ from vmferry.guest.image import build_image
 
 __all__ = ["DEMO_WORKLOAD", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "run"]
 
-DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
+DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced,disk-rate=4M"
 
 # Exit statuses scripts can rely on.
 EXIT_OK = 0
@@ -290,7 +290,12 @@ async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
 async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
     from vmferry.lab.cluster import lab_down, lab_up
 
-    spec = VmSpec.build("demo-vm", memory=args.memory, workload=parse_workload(args.workload))
+    spec = VmSpec.build(
+        "demo-vm",
+        memory=args.memory,
+        workload=parse_workload(args.workload),
+        disk=None if args.disk == "none" else args.disk,
+    )
     destinations = ["host-2"] if args.one_way else ["host-2", "host-1"]
     requests = [
         MigrationRequest(

@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--memory", default="1G", help="guest memory (default 1G)")
     demo.add_argument("--workload", default=DEMO_WORKLOAD, help=f"default {DEMO_WORKLOAD}")
+    demo.add_argument(
+        "--disk", default="512M", help="the guest's disk on local storage, or 'none' (512M)"
+    )
     demo.add_argument("--max-downtime", type=int, default=300, metavar="MS")
     demo.add_argument("--bandwidth", type=int, default=None, metavar="MBPS")
     demo.add_argument("--one-way", action="store_true", help="do not migrate back")
