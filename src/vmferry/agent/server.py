@@ -1,5 +1,9 @@
 """The agent's HTTP service (aiohttp): authentication, routes, error mapping, process lifecycle.
 
+Served over HTTPS (``run_agent`` with an ``ssl.SSLContext``, see :mod:`vmferry.agent.tls`); plain
+HTTP only when the operator asks for it (``vmferry agent --insecure-http``). Either way every
+request, unknown paths included, must carry the token: no route answers without it.
+
 Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``)::
 
     GET    /host                      HostInfo
@@ -32,6 +36,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -326,9 +331,16 @@ def _write_ready(path: Path, url: str) -> None:
 
 
 async def run_agent(
-    config: AgentConfig, listen_host: str, listen_port: int, token: str, ready_file: Path | None
+    config: AgentConfig,
+    listen_host: str,
+    listen_port: int,
+    token: str,
+    ready_file: Path | None,
+    tls: ssl.SSLContext | None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT. Its VMs keep running after it exits.
+
+    ``tls`` serves HTTPS; None (only by explicit choice: ``--insecure-http``) plain HTTP.
 
     Raises:
         QEMUNotFound, ImageBuildError: the host cannot run lab VMs.
@@ -348,12 +360,12 @@ async def run_agent(
         runner = web.AppRunner(build_app(agent, token), access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, listen_host, listen_port)
+            site = web.TCPSite(runner, listen_host, listen_port, ssl_context=tls)
             await site.start()
             server = site._server
             assert server is not None
             port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-            url = f"http://{listen_host}:{port}"
+            url = f"{'http' if tls is None else 'https'}://{listen_host}:{port}"
             if ready_file is not None:
                 _write_ready(ready_file, url)
             logger.info("agent.listening %s host=%s accel=%s", url, config.host, accel)
