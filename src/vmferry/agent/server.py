@@ -34,6 +34,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import signal
 import ssl
@@ -83,6 +84,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(error, ConfigError):
             logger.error("%s %s failed: %s", request.method, request.path, error)
         return _error_response(error)
+    except web.HTTPException as error:
+        # aiohttp's own refusals (405 from the router, 413 body too large …): JSON too.
+        if error.status < 400:
+            raise
+        body = {"error": {"type": type(error).__name__, "message": error.reason}}
+        return web.json_response(body, status=error.status)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -137,6 +144,22 @@ def options_from_json(data: object) -> MigrationOptions:
         multifd_channels=channels,
         xbzrle_cache_bytes=cache,
     )
+
+
+def _wait_s(request: web.Request, default: float, most: float) -> float:
+    """The ``wait`` query parameter: seconds, finite, 0..``most`` (larger values are capped).
+
+    Raises:
+        ConfigError: not a number, NaN, infinite or negative.
+    """
+    text = request.query.get("wait")
+    try:
+        wait_s = default if text is None else float(text)
+    except ValueError as err:
+        raise ConfigError(f"bad query: wait={text!r} is not a number") from err
+    if not math.isfinite(wait_s) or wait_s < 0:
+        raise ConfigError(f"bad query: wait must be a finite number of seconds >= 0, not {text}")
+    return min(wait_s, most)
 
 
 def _agent(request: web.Request) -> HostAgent:
@@ -206,11 +229,11 @@ async def _migrate(request: web.Request) -> web.Response:
 async def _progress(request: web.Request) -> web.Response:
     try:
         since = int(request.query.get("since", "0"))
-        wait_s = min(float(request.query.get("wait", "1")), 10.0)
     except ValueError as err:
         raise ConfigError(f"bad query: {err}") from err
+    wait_s = _wait_s(request, 1.0, 10.0)
     samples, result = await _agent(request).outgoing_progress(
-        request.match_info["name"], max(since, 0), max(wait_s, 0.0)
+        request.match_info["name"], max(since, 0), wait_s
     )
     return web.json_response(
         {
@@ -233,9 +256,9 @@ async def _open_sink(request: web.Request) -> web.Response:
 async def _sink_result(request: web.Request) -> web.Response:
     try:
         port = int(request.match_info["port"])
-        wait_s = min(float(request.query.get("wait", "10")), 60.0)
     except ValueError as err:
-        raise ConfigError(f"bad sink query: {err}") from err
+        raise ConfigError(f"bad sink port: {err}") from err
+    wait_s = _wait_s(request, 10.0, 60.0)
     result = await _agent(request).sink_result(port, wait_s)
     return web.json_response(
         {
