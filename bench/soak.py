@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -137,6 +138,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.count < 1:
         parser.error("--count must be at least 1")
+    # SIGTERM unwinds like Ctrl-C, so the `finally` below takes the lab down.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     lab_dir = Path(tempfile.mkdtemp(prefix="vmf-soak-"))
     try:
         result = soak(lab_dir, args.count, args.memory, args.workload)
