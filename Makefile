@@ -1,5 +1,5 @@
 # vmferry — the two commands a user needs are `make demo` and `make test`.
-.PHONY: setup demo test check lint typecheck layers bench clean
+.PHONY: setup demo test check lint typecheck layers bench soak clean
 
 UV ?= uv
 PYTEST_ARGS ?=
@@ -28,6 +28,11 @@ layers:
 
 bench: setup
 	$(UV) run python bench/raw_vs_vmferry.py
+
+# 100 back-and-forth live migrations, each verified (not part of `make test`); SOAK_ARGS=--count 10
+SOAK_ARGS ?=
+soak: setup
+	$(UV) run python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench/results

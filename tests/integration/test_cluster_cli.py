@@ -95,7 +95,8 @@ def test_agent_restart_keeps_its_vms(lab_dir: Path) -> None:
     state_dir = Path(host.state_dir)
     ready = state_dir / "ready.json"
     ready.unlink(missing_ok=True)
-    address, port = host.url.removeprefix("http://").rsplit(":", 1)
+    address, port = host.url.removeprefix("https://").rsplit(":", 1)
+    tls = lab_dir / "tls"
     with (state_dir / "agent.log").open("ab") as log:
         agent = subprocess.Popen(
             [
@@ -104,6 +105,7 @@ def test_agent_restart_keeps_its_vms(lab_dir: Path) -> None:
                 "--state-dir", str(state_dir), "--token-file", str(inventory.token_file),
                 "--memory", "4G", "--migration-address", host.address,
                 "--ready-file", str(ready),
+                "--tls-cert", str(tls / "host-1.pem"), "--tls-key", str(tls / "host-1.key"),
             ],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip

@@ -143,9 +143,12 @@ async def test_down_without_a_lab_has_nothing_to_do(lab_dir: Path) -> None:
 async def test_loopback_lab_up_status_down(lab_dir: Path) -> None:
     inventory = await lab_up(2, memory_per_host_bytes=GIB)
     assert [h.name for h in inventory.hosts] == ["host-1", "host-2"]
-    assert all(h.url.startswith("http://127.0.0.1:") and h.netns is None for h in inventory.hosts)
+    assert all(h.url.startswith("https://127.0.0.1:") and h.netns is None for h in inventory.hosts)
     assert Inventory.load() == inventory
     assert (lab_dir / "token").stat().st_mode & 0o077 == 0
+    assert inventory.ca_file == lab_dir / "tls" / "ca.pem"
+    for key in ("ca.key", "host-1.key", "host-2.key"):
+        assert (lab_dir / "tls" / key).stat().st_mode & 0o777 == 0o600
 
     with pytest.raises(ConfigError, match="lab down"):
         await lab_up(1)
@@ -178,7 +181,7 @@ async def test_netns_lab_with_shaped_links(lab_dir: Path) -> None:
     assert inventory.link_mbps == 200
     host1, host2 = inventory.hosts
     assert host1.address != host2.address
-    assert host1.url.startswith(f"http://{host1.address}:")
+    assert host1.url.startswith(f"https://{host1.address}:")
 
     for i in (1, 2):
         into = await _run("tc", "qdisc", "show", "dev", f"vmf-h{i}")
@@ -214,7 +217,7 @@ async def test_down_after_a_crash(lab_dir: Path, use_netns: bool) -> None:
     inventory = await lab_up(2, netns=use_netns, memory_per_host_bytes=GIB)
     host1, host2 = inventory.hosts
     # A real VM, which keeps running when its agent dies.
-    async with AgentClient(host1.name, host1.url, inventory.token) as agent:
+    async with AgentClient(host1.name, host1.url, inventory.token, inventory.ca_file) as agent:
         vm = await agent.create_vm(
             VmSpec.build("vm1", memory="128M", workload=parse_workload("idle:size=8M"))
         )

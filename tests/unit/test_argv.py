@@ -9,7 +9,7 @@ import pytest
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import VmSpec, spec_from_json, spec_to_json
 from vmferry.core.workload import parse_workload
-from vmferry.qemu.argv import BootFiles, RuntimePaths, build_argv
+from vmferry.qemu.argv import SANDBOX_OPTION, BootFiles, RuntimePaths, build_argv
 from vmferry.qemu.migration import stats_from_reply
 
 BOOT = BootFiles(Path("/img/vmlinuz"), Path("/img/initrd"))
@@ -116,3 +116,16 @@ def test_disk_spec_round_trips_through_json() -> None:
     assert spec_from_json(spec_to_json(VmSpec.build("vm2"))).disk is None
     with pytest.raises(ConfigError):
         spec_from_json({**spec_to_json(spec), "disk": {"size_bytes": "1G"}})
+
+
+def test_qemu_always_runs_under_its_seccomp_sandbox() -> None:
+    argv = _argv("/run/a", incoming=False)
+    index = argv.index("-sandbox")
+    assert argv[index + 1] == SANDBOX_OPTION
+    assert set(SANDBOX_OPTION.split(",")) == {
+        "on",
+        "obsolete=deny",
+        "elevateprivileges=deny",
+        "spawn=deny",
+        "resourcecontrol=deny",
+    }

@@ -56,3 +56,20 @@ def test_every_module_has_a_docstring() -> None:
         if path.name == "__init__.py" and not path.read_text().strip():
             continue
         assert ast.get_docstring(ast.parse(path.read_text())), f"{path} lacks a docstring"
+
+
+def test_no_shell_strings() -> None:
+    """Processes are started from argv lists only: no shell ever parses a string we built."""
+    banned = {"create_subprocess_shell", "system", "popen"}
+    for path in SRC.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                assert name not in banned, f"{path.name}:{node.lineno} calls {name}"
+                for keyword in node.keywords:
+                    assert not (
+                        keyword.arg == "shell"
+                        and isinstance(keyword.value, ast.Constant)
+                        and keyword.value.value
+                    ), f"{path.name}:{node.lineno} uses shell=True"

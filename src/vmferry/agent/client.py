@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -26,6 +28,7 @@ from vmferry.agent.api import (
     integrity_from_json,
     stats_from_json,
 )
+from vmferry.agent.tls import client_context
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
 from vmferry.core.model import (
     IntegrityReport,
@@ -36,7 +39,7 @@ from vmferry.core.model import (
     spec_to_json,
 )
 
-__all__ = ["AgentClient", "AgentError", "AgentUnreachable", "options_to_json"]
+__all__ = ["AgentClient", "AgentError", "AgentUnreachable", "agent_ssl", "options_to_json"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,19 @@ class AgentUnreachable(FerryError):
 
 class AgentError(FerryError):
     """The agent answered with an error we have no better class for."""
+
+
+def agent_ssl(url: str, ca_file: Path | None) -> ssl.SSLContext | bool:
+    """What aiohttp's ``ssl=`` gets for an agent at ``url``: the CA-pinned context for HTTPS.
+
+    Raises:
+        ConfigError: ``https://`` without a CA file, or the CA cannot be read.
+    """
+    if not url.startswith("https://"):
+        return False  # a plain-HTTP agent, run with --insecure-http on purpose
+    if ca_file is None:
+        raise ConfigError(f"{url} serves HTTPS: the cluster CA file is needed to verify it")
+    return client_context(ca_file)
 
 
 def options_to_json(options: MigrationOptions) -> dict[str, object]:
@@ -84,16 +100,25 @@ def _raise_error(status: int, body: object, what: str) -> None:
 
 
 class AgentClient:
-    """A connection pool to one agent. Use as ``async with AgentClient(url, token) as c``."""
+    """A connection pool to one agent. Use as ``async with AgentClient(name, url, token, ca)``.
 
-    def __init__(self, name: str, url: str, token: str) -> None:
+    An ``https://`` agent is verified against ``ca_file`` (the cluster CA) only.
+
+    Raises:
+        ConfigError: an ``https://`` URL without a CA file, or an unreadable CA.
+    """
+
+    def __init__(self, name: str, url: str, token: str, ca_file: Path | None = None) -> None:
         self.name = name
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
+        self._ssl = agent_ssl(self.url, ca_file)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AgentClient:
-        self._session = aiohttp.ClientSession(headers=self._headers)
+        self._session = aiohttp.ClientSession(
+            headers=self._headers, connector=aiohttp.TCPConnector(ssl=self._ssl)
+        )
         return self
 
     async def __aexit__(

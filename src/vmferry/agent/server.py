@@ -1,5 +1,9 @@
 """The agent's HTTP service (aiohttp): authentication, routes, error mapping, process lifecycle.
 
+Served over HTTPS (``run_agent`` with an ``ssl.SSLContext``, see :mod:`vmferry.agent.tls`); plain
+HTTP only when the operator asks for it (``vmferry agent --insecure-http``). Either way every
+request, unknown paths included, must carry the token: no route answers without it.
+
 Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``)::
 
     GET    /host                      HostInfo
@@ -30,8 +34,10 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import os
 import signal
+import ssl
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -78,6 +84,12 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not isinstance(error, ConfigError):
             logger.error("%s %s failed: %s", request.method, request.path, error)
         return _error_response(error)
+    except web.HTTPException as error:
+        # aiohttp's own refusals (405 from the router, 413 body too large …): JSON too.
+        if error.status < 400:
+            raise
+        body = {"error": {"type": type(error).__name__, "message": error.reason}}
+        return web.json_response(body, status=error.status)
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
@@ -132,6 +144,22 @@ def options_from_json(data: object) -> MigrationOptions:
         multifd_channels=channels,
         xbzrle_cache_bytes=cache,
     )
+
+
+def _wait_s(request: web.Request, default: float, most: float) -> float:
+    """The ``wait`` query parameter: seconds, finite, 0..``most`` (larger values are capped).
+
+    Raises:
+        ConfigError: not a number, NaN, infinite or negative.
+    """
+    text = request.query.get("wait")
+    try:
+        wait_s = default if text is None else float(text)
+    except ValueError as err:
+        raise ConfigError(f"bad query: wait={text!r} is not a number") from err
+    if not math.isfinite(wait_s) or wait_s < 0:
+        raise ConfigError(f"bad query: wait must be a finite number of seconds >= 0, not {text}")
+    return min(wait_s, most)
 
 
 def _agent(request: web.Request) -> HostAgent:
@@ -201,11 +229,11 @@ async def _migrate(request: web.Request) -> web.Response:
 async def _progress(request: web.Request) -> web.Response:
     try:
         since = int(request.query.get("since", "0"))
-        wait_s = min(float(request.query.get("wait", "1")), 10.0)
     except ValueError as err:
         raise ConfigError(f"bad query: {err}") from err
+    wait_s = _wait_s(request, 1.0, 10.0)
     samples, result = await _agent(request).outgoing_progress(
-        request.match_info["name"], max(since, 0), max(wait_s, 0.0)
+        request.match_info["name"], max(since, 0), wait_s
     )
     return web.json_response(
         {
@@ -228,9 +256,9 @@ async def _open_sink(request: web.Request) -> web.Response:
 async def _sink_result(request: web.Request) -> web.Response:
     try:
         port = int(request.match_info["port"])
-        wait_s = min(float(request.query.get("wait", "10")), 60.0)
     except ValueError as err:
-        raise ConfigError(f"bad sink query: {err}") from err
+        raise ConfigError(f"bad sink port: {err}") from err
+    wait_s = _wait_s(request, 10.0, 60.0)
     result = await _agent(request).sink_result(port, wait_s)
     return web.json_response(
         {
@@ -326,9 +354,16 @@ def _write_ready(path: Path, url: str) -> None:
 
 
 async def run_agent(
-    config: AgentConfig, listen_host: str, listen_port: int, token: str, ready_file: Path | None
+    config: AgentConfig,
+    listen_host: str,
+    listen_port: int,
+    token: str,
+    ready_file: Path | None,
+    tls: ssl.SSLContext | None,
 ) -> None:
     """Run the agent until SIGTERM/SIGINT. Its VMs keep running after it exits.
+
+    ``tls`` serves HTTPS; None (only by explicit choice: ``--insecure-http``) plain HTTP.
 
     Raises:
         QEMUNotFound, ImageBuildError: the host cannot run lab VMs.
@@ -348,12 +383,12 @@ async def run_agent(
         runner = web.AppRunner(build_app(agent, token), access_log=None)
         await runner.setup()
         try:
-            site = web.TCPSite(runner, listen_host, listen_port)
+            site = web.TCPSite(runner, listen_host, listen_port, ssl_context=tls)
             await site.start()
             server = site._server
             assert server is not None
             port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-            url = f"http://{listen_host}:{port}"
+            url = f"{'http' if tls is None else 'https'}://{listen_host}:{port}"
             if ready_file is not None:
                 _write_ready(ready_file, url)
             logger.info("agent.listening %s host=%s accel=%s", url, config.host, accel)

@@ -363,6 +363,7 @@ async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> 
 async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
     from vmferry.agent.host import AgentConfig
     from vmferry.agent.server import run_agent
+    from vmferry.agent.tls import server_context
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -373,6 +374,16 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
         raise ConfigError(f"cannot read the token file: {error}") from error
     if len(token) < 16:
         raise ConfigError("the token must be at least 16 characters")
+    if args.insecure_http:
+        if args.tls_cert or args.tls_key:
+            raise ConfigError("--insecure-http and --tls-cert/--tls-key exclude each other")
+        tls = None
+    elif args.tls_cert and args.tls_key:
+        tls = server_context(args.tls_cert, args.tls_key)
+    else:
+        raise ConfigError(
+            "the agent serves HTTPS: give --tls-cert and --tls-key (or --insecure-http)"
+        )
     config = AgentConfig(
         host=validate_name(args.host, "host name"),
         state_dir=args.state_dir,
@@ -381,7 +392,7 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
         shared_dir=args.shared_dir,
         disk_bytes=None if args.disk is None else parse_size(args.disk),
     )
-    await run_agent(config, host, int(port), token, args.ready_file)
+    await run_agent(config, host, int(port), token, args.ready_file, tls)
     return EXIT_OK
 
 

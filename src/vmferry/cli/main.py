@@ -141,6 +141,13 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--listen", default="127.0.0.1:0", metavar="ADDR:PORT")
     agent.add_argument("--state-dir", required=True, type=Path)
     agent.add_argument("--token-file", required=True, type=Path)
+    agent.add_argument("--tls-cert", type=Path, default=None, help="HTTPS certificate (PEM)")
+    agent.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    agent.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP instead of HTTPS (debugging only: the token travels in clear)",
+    )
     agent.add_argument("--memory", required=True, help="memory available to VMs (e.g. 8G)")
     agent.add_argument(
         "--migration-address", default="127.0.0.1", help="address incoming migrations listen on"

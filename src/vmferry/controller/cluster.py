@@ -49,7 +49,7 @@ class Cluster:
 
     async def __aenter__(self) -> Cluster:
         for host in self.inventory.hosts:
-            client = AgentClient(host.name, host.url, self.inventory.token)
+            client = AgentClient(host.name, host.url, self.inventory.token, self.inventory.ca_file)
             self._clients[host.name] = await self._stack.enter_async_context(client)
         return self
 

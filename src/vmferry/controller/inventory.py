@@ -1,4 +1,5 @@
-"""The cluster inventory: which hosts exist, where their agents listen, and the shared token.
+"""The cluster inventory: which hosts exist, where their agents listen, the shared token and the
+CA their HTTPS certificates are signed by.
 
 A lab writes it (``lab.json`` in the lab directory); the CLI and the controller read it. The
 lab directory is ``$VMFERRY_LAB_DIR`` if set, else ``<user state dir>/vmferry/lab``.
@@ -33,7 +34,7 @@ class HostEntry:
     """One host of the cluster."""
 
     name: str
-    url: str  # the agent's HTTP base URL, e.g. http://127.0.0.1:41234
+    url: str  # the agent's base URL, e.g. https://127.0.0.1:41234
     pid: int | None  # the agent's process id (lab-managed hosts)
     state_dir: str  # the agent's state directory
     address: str  # where its migration stream listens (127.0.0.1, or its netns address)
@@ -72,6 +73,8 @@ class Inventory:
     hosts: tuple[HostEntry, ...]
     netns: bool = False
     link_mbps: int | None = None
+    # The CA that signed the agents' HTTPS certificates; clients trust it alone.
+    ca_file: Path | None = None
 
     @property
     def path(self) -> Path:
@@ -102,6 +105,7 @@ class Inventory:
             "schema": INVENTORY_SCHEMA,
             "netns": self.netns,
             "link_mbps": self.link_mbps,
+            "ca_file": None if self.ca_file is None else str(self.ca_file),
             "hosts": [h.to_json() for h in self.hosts],
         }
 
@@ -136,10 +140,12 @@ class Inventory:
         if not isinstance(data, dict) or data.get("schema") != INVENTORY_SCHEMA:
             raise ConfigError(f"{path} is not a vmferry lab inventory (schema {INVENTORY_SCHEMA})")
         link = data.get("link_mbps")
+        ca_file = data.get("ca_file")
         return cls(
             directory=directory,
             token=token,
             hosts=tuple(HostEntry.from_json(h) for h in data.get("hosts", [])),
             netns=bool(data.get("netns", False)),
             link_mbps=link if isinstance(link, int) else None,
+            ca_file=Path(ca_file) if isinstance(ca_file, str) else None,
         )

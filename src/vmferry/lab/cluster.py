@@ -9,6 +9,7 @@ from the inventory alone.
 Lab directory layout::
 
     <lab_dir>/lab.json  token  network.json (netns labs)
+    <lab_dir>/tls/ca.pem ca.key host-i.pem host-i.key   (see vmferry.lab.pki; keys 0600)
     <lab_dir>/hosts/host-i/agent.pid  ready.json  agent.log  vms/<vm>/qemu.pid
 
 Example:
@@ -34,9 +35,11 @@ from pathlib import Path
 
 import aiohttp
 
+from vmferry.agent.client import agent_ssl
 from vmferry.controller.inventory import HostEntry, Inventory, default_lab_dir
 from vmferry.core.errors import ConfigError, FerryError, ProcessStartError
 from vmferry.lab import netns as lab_netns
+from vmferry.lab import pki
 from vmferry.lab._reaper import (
     agent_pids,
     is_agent,
@@ -75,6 +78,7 @@ _LOG_TAIL_LINES = 20
 
 _NETWORK_FILE = "network.json"
 _HOSTS_DIR = "hosts"
+_TLS_DIR = "tls"
 # Seen by every host at the same path: the lab's "shared storage" for VM disk images.
 SHARED_DIR = "shared"
 
@@ -282,6 +286,7 @@ async def _start(
             hosts, link_mbps=link_mbps, subnet=subnet, owner=str(directory.resolve())
         )
 
+    ca = pki.make_ca(directory / _TLS_DIR)
     procs: list[tuple[str, Path, asyncio.subprocess.Process]] = []
     for index in range(1, hosts + 1):
         name = f"host-{index}"
@@ -291,6 +296,8 @@ async def _start(
         state_dir.mkdir()
         argv = _agent_argv(name, address, state_dir, token_file, memory_bytes)
         argv += ["--shared-dir", str(directory / SHARED_DIR)]
+        cert = pki.issue_server_cert(ca, name, address)  # SAN = the address it listens on
+        argv += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
         if disk_bytes is not None:
             argv += ["--disk", str(disk_bytes)]
         if ns:
@@ -325,6 +332,7 @@ async def _start(
         hosts=tuple(entries),
         netns=network is not None,
         link_mbps=link_mbps,
+        ca_file=ca.cert_file,
     )
     inventory.save()
     return inventory
@@ -412,7 +420,12 @@ async def lab_status(lab_dir: Path | None = None) -> list[HostStatus]:
     inventory = Inventory.load(lab_dir)
     timeout = aiohttp.ClientTimeout(total=STATUS_TIMEOUT_S)
     headers = {"Authorization": f"Bearer {inventory.token}"}
-    async with aiohttp.ClientSession(timeout=timeout, headers=headers) as session:
+    # One context for all: every agent of a lab serves the same scheme and CA.
+    tls = agent_ssl(inventory.hosts[0].url, inventory.ca_file) if inventory.hosts else False
+    connector = aiohttp.TCPConnector(ssl=tls)
+    async with aiohttp.ClientSession(
+        timeout=timeout, headers=headers, connector=connector
+    ) as session:
         return list(await asyncio.gather(*(_probe(session, h) for h in inventory.hosts)))
 
 
@@ -525,7 +538,7 @@ def _remove_state(directory: Path) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
             removed = True
-    for owned in (_HOSTS_DIR, SHARED_DIR):
+    for owned in (_HOSTS_DIR, SHARED_DIR, _TLS_DIR):
         if (directory / owned).exists():
             shutil.rmtree(directory / owned)
             removed = True

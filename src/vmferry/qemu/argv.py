@@ -11,7 +11,19 @@ from typing import Literal
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import DISK_NODE, VmSpec
 
-__all__ = ["Accel", "BootFiles", "RuntimePaths", "build_argv", "disk_args", "kernel_cmdline"]
+__all__ = [
+    "SANDBOX_OPTION",
+    "Accel",
+    "BootFiles",
+    "RuntimePaths",
+    "build_argv",
+    "disk_args",
+    "kernel_cmdline",
+]
+
+# QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no CPU affinity or
+# priority changes. (QEMU has no "obtain" key; ``obsolete`` is the one that exists.)
+SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 
 Accel = Literal["kvm", "tcg"]
 
@@ -120,6 +132,9 @@ def build_argv(
 ) -> list[str]:
     """Build the argv of one QEMU instance of ``spec``.
 
+    QEMU always runs under its seccomp filter (``-sandbox``, see ``SANDBOX_OPTION``): no
+    fork/exec, no privilege or scheduler changes; ``find_qemu`` refuses a QEMU without it.
+
     Source and destination must get identical device models, so everything that shapes the
     guest comes from ``spec``; only sockets, logs, the disk image path and ``-incoming`` differ.
 
@@ -147,6 +162,8 @@ def build_argv(
         "-display",
         "none",
         "-no-reboot",
+        "-sandbox",
+        SANDBOX_OPTION,
         "-kernel",
         str(boot.kernel),
         "-initrd",

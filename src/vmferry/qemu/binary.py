@@ -9,6 +9,7 @@ import shutil
 from dataclasses import dataclass
 
 from vmferry.core.errors import QEMUNotFound
+from vmferry.qemu.argv import SANDBOX_OPTION
 
 __all__ = ["MIN_QEMU_VERSION", "QemuBinary", "find_qemu"]
 
@@ -56,7 +57,8 @@ async def find_qemu(path: str | None = None) -> QemuBinary:
     """Locate and check QEMU (``$VMFERRY_QEMU``, else ``qemu-system-x86_64`` on PATH).
 
     Raises:
-        QEMUNotFound: when it is missing, too old, or lacks the machine types we need.
+        QEMUNotFound: when it is missing, too old, lacks the machine types we need, or cannot
+            run under its seccomp sandbox.
     """
     wanted = path or os.environ.get("VMFERRY_QEMU") or "qemu-system-x86_64"
     found = shutil.which(wanted)
@@ -82,4 +84,36 @@ async def find_qemu(path: str | None = None) -> QemuBinary:
     # "Available CPUs:" then one indented model per line, then a blank line and CPUID flags.
     listing = cpus.split("\n\n", 1)[0].splitlines()[1:]
     models = frozenset(line.split()[0] for line in listing if line.startswith("  "))
+    await _probe_sandbox(found)
     return QemuBinary(path=found, version=version, machine_types=types, cpu_models=models)
+
+
+async def _probe_sandbox(found: str) -> None:
+    """Start QEMU (no machine) with our seccomp sandbox and have its monitor quit at once.
+
+    Help texts do not prove the filter can be installed, so it is really started; a build
+    without seccomp fails at option parsing. vmferry never runs guests unsandboxed.
+
+    Raises:
+        QEMUNotFound: this QEMU cannot run with ``-sandbox SANDBOX_OPTION``.
+    """
+    argv = [found, "-sandbox", SANDBOX_OPTION, "-machine", "none", "-nodefaults"]
+    argv += ["-display", "none", "-S", "-monitor", "stdio"]
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    try:
+        async with asyncio.timeout(_PROBE_TIMEOUT_S):
+            out, _ = await proc.communicate(b"quit\n")
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        out = b"no answer"
+    if proc.returncode != 0:
+        raise QEMUNotFound(
+            f"{found} cannot run with -sandbox {SANDBOX_OPTION} (is it built with seccomp? "
+            f"Debian's qemu-system-x86 is): {out.decode(errors='replace').strip()[-300:]}"
+        )

@@ -1,0 +1,157 @@
+"""The lab's private certificate authority: one CA, one server certificate per agent.
+
+Layout (in ``<lab_dir>/tls/``, keys mode 0600, the directory 0700)::
+
+    ca.pem  ca.key                  the lab's CA (ECDSA P-256, valid 1 year)
+    host-N.pem  host-N.key          agent host-N's certificate; SAN = its listen address
+
+Clients trust ``ca.pem`` only (the inventory records its path). The CA key stays in the lab
+directory so ``lab up`` could add hosts later; whoever can read it can impersonate an agent, as
+whoever can read the token can command one — both are the lab owner's files.
+
+Example:
+    >>> ca = make_ca(Path("/tmp/lab/tls"))                            # doctest: +SKIP
+    >>> issue_server_cert(ca, "host-1", "127.0.0.1")                  # doctest: +SKIP
+    ServerCert(cert_file=PosixPath('/tmp/lab/tls/host-1.pem'), key_file=...)
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["CertificateAuthority", "ServerCert", "issue_server_cert", "make_ca"]
+
+_VALIDITY = datetime.timedelta(days=365)
+_CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+
+@dataclass(frozen=True, slots=True)
+class CertificateAuthority:
+    """A CA on disk plus its loaded key (to sign with)."""
+
+    cert_file: Path
+    key_file: Path
+    certificate: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+
+    @property
+    def directory(self) -> Path:
+        return self.cert_file.parent
+
+
+@dataclass(frozen=True, slots=True)
+class ServerCert:
+    """An agent's certificate and key files."""
+
+    cert_file: Path
+    key_file: Path
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Created 0600 (not chmod-ed after), so the key is never readable by others.
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _write_cert(path: Path, cert: x509.Certificate) -> None:
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "vmferry lab"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def make_ca(directory: Path) -> CertificateAuthority:
+    """Create ``directory`` (0700) with a fresh CA in it."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = _name("vmferry lab CA")
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    ca = CertificateAuthority(directory / "ca.pem", directory / "ca.key", cert, key)
+    _write_key(ca.key_file, key)
+    _write_cert(ca.cert_file, cert)
+    return ca
+
+
+def issue_server_cert(ca: CertificateAuthority, host: str, address: str) -> ServerCert:
+    """Sign a server certificate for agent ``host`` listening on ``address`` (IP or DNS name).
+
+    Raises:
+        ValueError: ``host`` is not a plain name (it becomes a file name).
+    """
+    if not host or "/" in host or host.startswith("."):
+        raise ValueError(f"bad host name for a certificate: {host!r}")
+    key = ec.generate_private_key(ec.SECP256R1())
+    try:
+        san: x509.GeneralName = x509.IPAddress(ipaddress.ip_address(address))
+    except ValueError:
+        san = x509.DNSName(address)
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(host))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - _CLOCK_SKEW)
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.SubjectAlternativeName([san]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    issued = ServerCert(ca.directory / f"{host}.pem", ca.directory / f"{host}.key")
+    _write_key(issued.key_file, key)
+    _write_cert(issued.cert_file, cert)
+    return issued
