@@ -251,3 +251,23 @@ class AgentClient:
 
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")
+
+    # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
+
+    async def pause_postcopy(self, name: str, timeout_s: float = 15.0) -> str:
+        """Pause a broken post-copy on this agent's side; returns ``postcopy-paused`` (or
+        ``completed`` if it finished meanwhile)."""
+        data = await self._call("POST", f"/vms/{name}/postcopy/pause", timeout_s=timeout_s)
+        return str(data["status"])
+
+    async def recover_postcopy(self, name: str, timeout_s: float = 10.0) -> str:
+        """Have a destination whose post-copy is paused listen again; returns the URI."""
+        data = await self._call("POST", f"/vms/{name}/postcopy/recover", timeout_s=timeout_s)
+        return str(data["uri"])
+
+    async def resume_postcopy(self, name: str, uri: str, timeout_s: float = 20.0) -> str:
+        """Resume a source's paused post-copy to ``uri``; returns the status it reached."""
+        data = await self._call(
+            "POST", f"/vms/{name}/postcopy/resume", {"uri": uri}, timeout_s=timeout_s
+        )
+        return str(data["status"])

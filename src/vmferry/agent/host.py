@@ -58,6 +58,9 @@ from vmferry.qemu.measure import measure_disk_writes, measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
+    pause_postcopy,
+    recover_incoming,
+    resume_postcopy,
     run_migration,
     start_incoming,
     start_postcopy,
@@ -822,6 +825,58 @@ class HostAgent:
         """
         _, vm = self._running(name, VmState.MIGRATING)
         await start_postcopy(vm.qmp)
+
+    # -- post-copy recovery ----------------------------------------------------------------------
+
+    def _migrating_either_way(self, name: str) -> RunningVm:
+        slot = self._slot(name)
+        if slot.state not in (VmState.MIGRATING, VmState.INCOMING) or slot.vm is None:
+            raise StateError(f"VM {name}", slot.state.value, "migrating or incoming")
+        return slot.vm
+
+    async def pause_postcopy(self, name: str) -> str:
+        """Pause VM ``name``'s broken post-copy on this side (source or destination); a
+        migration QEMU already paused is left as it is.
+
+        Returns:
+            ``postcopy-paused``, or ``completed`` if it finished meanwhile.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it is not migrating in post-copy here.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        return await pause_postcopy(self._migrating_either_way(name).qmp)
+
+    async def recover_incoming(self, name: str) -> str:
+        """Have incoming VM ``name``, whose post-copy is paused, listen for the source again.
+
+        Returns:
+            The URI the source resumes to.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: not an incoming VM with a paused post-copy.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        _, vm = self._running(name, VmState.INCOMING)
+        return await recover_incoming(vm.qmp, self.config.migration_address)
+
+    async def resume_outgoing(self, name: str, uri: str) -> str:
+        """Resume VM ``name``'s paused outgoing post-copy towards ``uri`` (the migration task
+        keeps following it).
+
+        Returns:
+            The status reached: ``postcopy-active``/``completed`` (recovered),
+            ``postcopy-paused`` (this attempt failed), or still ``postcopy-recover*``.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: no outgoing post-copy is paused.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        _, vm = self._running(name, VmState.MIGRATING)
+        return await resume_postcopy(vm.qmp, uri)
 
     async def cancel_outgoing(self, name: str) -> None:
         """Ask QEMU to cancel VM ``name``'s outgoing migration (the result tells how it ended).

@@ -22,6 +22,9 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
     POST   /vms/{name}/cancel                                   -> 202
     POST   /vms/{name}/handoff                                  -> 204
+    POST   /vms/{name}/postcopy/pause                           -> {"status"} (either side)
+    POST   /vms/{name}/postcopy/recover                         -> {"uri"} (destination)
+    POST   /vms/{name}/postcopy/resume    {uri}                 -> {"status"} (source)
 """
 
 from __future__ import annotations
@@ -284,6 +287,24 @@ async def _handoff(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _postcopy_pause(request: web.Request) -> web.Response:
+    status = await _agent(request).pause_postcopy(request.match_info["name"])
+    return web.json_response({"status": status})
+
+
+async def _postcopy_recover(request: web.Request) -> web.Response:
+    uri = await _agent(request).recover_incoming(request.match_info["name"])
+    return web.json_response({"uri": uri})
+
+
+async def _postcopy_resume(request: web.Request) -> web.Response:
+    uri = (await _body(request)).get("uri")
+    if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        raise ConfigError("'uri' must be a tcp: migration URI")
+    status = await _agent(request).resume_outgoing(request.match_info["name"], uri)
+    return web.json_response({"status": status})
+
+
 async def _not_found(request: web.Request) -> web.Response:
     raise NotFound(f"no route {request.method} {request.path}")
 
@@ -314,6 +335,9 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/release-disk", _release_disk)
     app.router.add_post(f"{p}/vms/{{name}}/switchover", _switchover)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/pause", _postcopy_pause)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/recover", _postcopy_recover)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/resume", _postcopy_resume)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 

@@ -113,6 +113,8 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
             )
         )
         result = f"{report.status} ({report.strategy})"
+        if report.recoveries:
+            result += f", post-copy recovered {report.recoveries}x"
         if report.error is not None:
             result += f": {report.error}"
         table.add_row(
