@@ -57,11 +57,18 @@ async def _wait_postcopy(
 
 
 async def _migrate_with_cut(
-    lab: Lab, vm: str, source: str, destination: str, cut_s: float | None, limit_s: float = 60
+    lab: Lab,
+    vm: str,
+    source: str,
+    destination: str,
+    cut_s: float | None,
+    limit_s: float = 60,
+    cut_host: str | None = None,
 ) -> tuple[int, dict[str, Any], str, float]:
-    """Run ``vmferry migrate`` (post-copy); cut the destination's link for ``cut_s`` (None:
-    until the command ended) once post-copy is under way. Returns the exit status, the report,
-    the CLI's log and the time from the link's restoration to the end of the migration."""
+    """Run ``vmferry migrate`` (post-copy); cut ``cut_host``'s link (default: the
+    destination's) for ``cut_s`` (None: until the command ended) once post-copy is under way.
+    Returns the exit status, the report, the CLI's log and the time from the link's
+    restoration to the end of the migration."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
         "--strategy", "postcopy", "--recovery-limit", str(limit_s), "--json",
@@ -72,14 +79,14 @@ async def _migrate_with_cut(
     try:
         try:
             await _wait_postcopy(Inventory.load(lab.directory), source, vm, 16 << 20, communicate)
-            await set_link(destination, False)
+            await set_link(cut_host or destination, False)
             if cut_s is None:
                 async with asyncio.timeout(limit_s + 60):
                     await asyncio.shield(communicate)
             else:
                 await asyncio.sleep(cut_s)
         finally:
-            await set_link(destination, True)
+            await set_link(cut_host or destination, True)
         restored = time.monotonic()
         async with asyncio.timeout(120):
             stdout, stderr = await communicate

@@ -195,13 +195,13 @@ class AgentClient:
         )
 
     async def migration_progress(
-        self, name: str, since: int, wait_s: float = 1.0
+        self, name: str, since: int, wait_s: float = 1.0, *, timeout_s: float | None = None
     ) -> tuple[list[MigrationStats], int, OutgoingResult | None]:
         data = await self._call(
             "GET",
             f"/vms/{name}/migration",
             params={"since": str(since), "wait": str(wait_s)},
-            timeout_s=wait_s + DEFAULT_TIMEOUT_S,
+            timeout_s=wait_s + DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
         )
         result = data.get("result")
         return (

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from vmferry.agent.api import OutgoingResult, VmInfo
-from vmferry.agent.client import AgentClient
+from vmferry.agent.client import AgentClient, AgentUnreachable
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
@@ -259,8 +259,18 @@ async def migrate(
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
-                spec.name, since, _POLL_WAIT_S
+                spec.name,
+                since,
+                _POLL_WAIT_S,
+                timeout_s=_POLL_WAIT_S + _RECOVERY_CALL_TIMEOUT_S if postcopy else None,
             )
+        except AgentUnreachable as err:
+            if not postcopy:
+                raise
+            # The source is behind a broken link too: the stall check below starts a
+            # recovery, which keeps trying to reach it.
+            logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            samples = []
         except asyncio.CancelledError:
             # Interrupted: cancel, then keep following (shielded) so we know where the guest is.
             if not cancel_sent:
@@ -482,7 +492,7 @@ async def _recover_once(source: AgentClient, destination: AgentClient, name: str
         FerryError: a step failed (an agent unreachable behind the broken link, QEMU not
             paused yet, ...): the caller retries.
     """
-    if await source.pause_postcopy(name) == "completed":
+    if await source.pause_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S + 2) == "completed":
         return True
     await destination.pause_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
     uri = await destination.recover_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
