@@ -254,20 +254,30 @@ class AgentClient:
 
     # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
 
-    async def pause_postcopy(self, name: str, timeout_s: float = 15.0) -> str:
+    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = 15.0) -> str:
         """Pause a broken post-copy on this agent's side; returns ``postcopy-paused`` (or
-        ``completed`` if it finished meanwhile)."""
-        data = await self._call("POST", f"/vms/{name}/postcopy/pause", timeout_s=timeout_s)
+        ``completed`` if it finished meanwhile). ``attempt`` numbers the controller's recovery
+        attempts: the agent refuses older ones (requests TCP delivered late)."""
+        data = await self._call(
+            "POST", f"/vms/{name}/postcopy/pause", {"attempt": attempt}, timeout_s=timeout_s
+        )
         return str(data["status"])
 
-    async def recover_postcopy(self, name: str, timeout_s: float = 10.0) -> str:
+    async def recover_postcopy(self, name: str, attempt: int, timeout_s: float = 10.0) -> str:
         """Have a destination whose post-copy is paused listen again; returns the URI."""
-        data = await self._call("POST", f"/vms/{name}/postcopy/recover", timeout_s=timeout_s)
+        data = await self._call(
+            "POST", f"/vms/{name}/postcopy/recover", {"attempt": attempt}, timeout_s=timeout_s
+        )
         return str(data["uri"])
 
-    async def resume_postcopy(self, name: str, uri: str, timeout_s: float = 20.0) -> str:
+    async def resume_postcopy(
+        self, name: str, uri: str, attempt: int, timeout_s: float = 20.0
+    ) -> str:
         """Resume a source's paused post-copy to ``uri``; returns the status it reached."""
         data = await self._call(
-            "POST", f"/vms/{name}/postcopy/resume", {"uri": uri}, timeout_s=timeout_s
+            "POST",
+            f"/vms/{name}/postcopy/resume",
+            {"uri": uri, "attempt": attempt},
+            timeout_s=timeout_s,
         )
         return str(data["status"])

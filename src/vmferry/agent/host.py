@@ -141,6 +141,9 @@ class Slot:
     vm: RunningVm | None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outgoing: Outgoing | None = None
+    # Highest post-copy recovery attempt a controller sent for the current migration: requests
+    # of older attempts, delivered late by TCP once a cut link is back, are refused.
+    recovery_attempt: int = 0
 
 
 class HostAgent:
@@ -605,6 +608,7 @@ class HostAgent:
             raise ConfigError(f"{name} has no disk on local storage to mirror")
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
+        slot.recovery_attempt = 0
         task = self._tasks.create_task(
             self._run_outgoing(slot, vm, uri, options, nbd), name=f"migrate-{name}"
         )
@@ -828,27 +832,45 @@ class HostAgent:
 
     # -- post-copy recovery ----------------------------------------------------------------------
 
-    def _migrating_either_way(self, name: str) -> RunningVm:
+    def _recovering(self, name: str, attempt: int, *states: VmState) -> RunningVm:
+        """VM ``name``'s QEMU for recovery ``attempt``, if it is in one of ``states``.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: in another state, or ``attempt`` is older than one already seen.
+        """
         slot = self._slot(name)
-        if slot.state not in (VmState.MIGRATING, VmState.INCOMING) or slot.vm is None:
-            raise StateError(f"VM {name}", slot.state.value, "migrating or incoming")
+        if slot.state not in states or slot.vm is None:
+            raise StateError(f"VM {name}", slot.state.value, " or ".join(x.value for x in states))
+        if attempt < slot.recovery_attempt:
+            raise StateError(
+                f"recovery attempt {attempt} of {name}",
+                "stale",
+                f"attempt >= {slot.recovery_attempt}",
+            )
+        slot.recovery_attempt = attempt
         return slot.vm
 
-    async def pause_postcopy(self, name: str) -> str:
+    async def pause_postcopy(self, name: str, attempt: int = 0) -> str:
         """Pause VM ``name``'s broken post-copy on this side (source or destination); a
         migration QEMU already paused is left as it is.
+
+        Args:
+            name: the VM.
+            attempt: the controller's recovery attempt number (older ones are refused).
 
         Returns:
             ``postcopy-paused``, or ``completed`` if it finished meanwhile.
 
         Raises:
             NotFound: no such VM.
-            StateError: it is not migrating in post-copy here.
+            StateError: it is not migrating in post-copy here; a stale attempt.
             QMPCommandError, QMPTimeout: QEMU failed.
         """
-        return await pause_postcopy(self._migrating_either_way(name).qmp)
+        vm = self._recovering(name, attempt, VmState.MIGRATING, VmState.INCOMING)
+        return await pause_postcopy(vm.qmp)
 
-    async def recover_incoming(self, name: str) -> str:
+    async def recover_incoming(self, name: str, attempt: int = 0) -> str:
         """Have incoming VM ``name``, whose post-copy is paused, listen for the source again.
 
         Returns:
@@ -856,13 +878,13 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: not an incoming VM with a paused post-copy.
+            StateError: not an incoming VM with a paused post-copy; a stale attempt.
             QMPCommandError, QMPTimeout: QEMU failed.
         """
-        _, vm = self._running(name, VmState.INCOMING)
+        vm = self._recovering(name, attempt, VmState.INCOMING)
         return await recover_incoming(vm.qmp, self.config.migration_address)
 
-    async def resume_outgoing(self, name: str, uri: str) -> str:
+    async def resume_outgoing(self, name: str, uri: str, attempt: int = 0) -> str:
         """Resume VM ``name``'s paused outgoing post-copy towards ``uri`` (the migration task
         keeps following it).
 
@@ -872,10 +894,10 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: no outgoing post-copy is paused.
+            StateError: no outgoing post-copy is paused; a stale attempt.
             QMPCommandError, QMPTimeout: QEMU failed.
         """
-        _, vm = self._running(name, VmState.MIGRATING)
+        vm = self._recovering(name, attempt, VmState.MIGRATING)
         return await resume_postcopy(vm.qmp, uri)
 
     async def cancel_outgoing(self, name: str) -> None:

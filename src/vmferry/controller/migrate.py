@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
@@ -205,6 +206,7 @@ async def migrate(
     disk_ms = 0
     policy = request.recovery
     recoveries = 0
+    attempts = itertools.count(1)
 
     def notify(stats: MigrationStats | None) -> None:
         if on_progress is not None:
@@ -278,7 +280,8 @@ async def migrate(
                 with contextlib.suppress(FerryError):
                     await asyncio.shield(source.cancel_migration(spec.name))
             outcome = await asyncio.shield(_wait_outcome(source, spec.name, since))
-            if outcome.status != "completed":
+            if outcome.status != "completed" and not postcopy:
+                # (After post-copy began the destination holds the guest: never abort it.)
                 await asyncio.shield(destination.abort_incoming(spec.name))
             else:
                 await asyncio.shield(_switch(source, destination, spec.name))
@@ -327,7 +330,7 @@ async def migrate(
             broke = last.status if last.status in POSTCOPY_RECOVERING else "stalled"
             logger.warning("migration.postcopy_broken %s: %s", spec.name, broke)
             notify(replace(last, status="postcopy-paused"))
-            recovered_in_s = await _recover(source, destination, spec.name, policy)
+            recovered_in_s = await _recover(source, destination, spec.name, policy, attempts)
             if recovered_in_s is None:
                 phase = Phase.FAILED
                 notify(last)
@@ -460,11 +463,20 @@ def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int
 
 
 async def _recover(
-    source: AgentClient, destination: AgentClient, name: str, policy: RecoveryPolicy
+    source: AgentClient,
+    destination: AgentClient,
+    name: str,
+    policy: RecoveryPolicy,
+    attempts: Iterator[int],
 ) -> float | None:
     """Recover a broken post-copy: pause both sides (each tolerates a QEMU that paused
     itself), have the destination listen again, resume the source to it; retry with backoff
     until it works or ``policy.limit_s`` passes.
+
+    Args:
+        attempts: attempt numbers, increasing over the whole migration (the agents refuse a
+            request of an older attempt: one sent into a cut link arrives after the link is
+            back and would pause the recovered migration again).
 
     Returns:
         Seconds it took, or None when the limit passed (both sides stay paused).
@@ -473,11 +485,12 @@ async def _recover(
     started = loop.time()
     failed = 0
     while True:
+        attempt = next(attempts)
         try:
-            if await _recover_once(source, destination, name):
+            if await _recover_once(source, destination, name, attempt):
                 return loop.time() - started
         except FerryError as err:
-            logger.info("migration.recover_attempt %s #%d: %s", name, failed + 1, err)
+            logger.info("migration.recover_attempt %s #%d: %s", name, attempt, err)
         failed += 1
         wait_s = policy.next_wait_s(failed, loop.time() - started)
         if wait_s is None:
@@ -485,19 +498,22 @@ async def _recover(
         await asyncio.sleep(wait_s)
 
 
-async def _recover_once(source: AgentClient, destination: AgentClient, name: str) -> bool:
+async def _recover_once(
+    source: AgentClient, destination: AgentClient, name: str, attempt: int
+) -> bool:
     """One recovery attempt; True when the post-copy runs (or completed) again.
 
     Raises:
         FerryError: a step failed (an agent unreachable behind the broken link, QEMU not
             paused yet, ...): the caller retries.
     """
-    if await source.pause_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S + 2) == "completed":
+    timeout_s = _RECOVERY_CALL_TIMEOUT_S
+    if await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2) == "completed":
         return True
-    await destination.pause_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
-    uri = await destination.recover_postcopy(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
-    status = await source.resume_postcopy(name, uri)
-    logger.info("migration.resume_attempt %s -> %s: %s", name, uri, status)
+    await destination.pause_postcopy(name, attempt, timeout_s=timeout_s)
+    uri = await destination.recover_postcopy(name, attempt, timeout_s=timeout_s)
+    status = await source.resume_postcopy(name, uri, attempt)
+    logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
     return status in ("postcopy-active", "completed")
 
 

@@ -183,6 +183,7 @@ async def run_migration(
         if options.mechanism == "postcopy":
             await start_postcopy(src)
         try:
+            previous = "setup"
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
                     # No status change within the poll interval: sample progress anyway.
@@ -195,8 +196,15 @@ async def run_migration(
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
                         deadline.reschedule(None)
-                        if stats.status in POSTCOPY_RECOVERING:
-                            logger.warning("migration.%s %s", stats.status, src.name)
+                    if stats.status != previous and stats.status in POSTCOPY_RECOVERING:
+                        reply = await src.execute("query-migrate")
+                        logger.warning(
+                            "migration.%s %s: %s",
+                            stats.status,
+                            src.name,
+                            reply.get("error-desc", "-"),
+                        )
+                    previous = stats.status
                     if stats.status == "pre-switchover" and before_switchover is not None:
                         await _switch_over(src, before_switchover)
                         continue
