@@ -118,8 +118,10 @@ def test_report_schema_v1_keys() -> None:
         "predicted",
         "integrity",
         "guest_alive",
+        "recoveries",  # schema 1 extended: post-copy recoveries, 0 when none were needed
     ]
     assert data["schema"] == 1
+    assert data["recoveries"] == 0
     # Schema 1 extended (keys added, none renamed): disk blocks, 0 for a VM without a disk.
     assert data["integrity"] == {
         "ok": True,

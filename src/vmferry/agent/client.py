@@ -220,13 +220,13 @@ class AgentClient:
         )
 
     async def migration_progress(
-        self, name: str, since: int, wait_s: float = 1.0
+        self, name: str, since: int, wait_s: float = 1.0, *, timeout_s: float | None = None
     ) -> tuple[list[MigrationStats], int, OutgoingResult | None]:
         data = await self._call(
             "GET",
             f"/vms/{name}/migration",
             params={"since": str(since), "wait": str(wait_s)},
-            timeout_s=wait_s + DEFAULT_TIMEOUT_S,
+            timeout_s=wait_s + DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
         )
         result = data.get("result")
         return (
@@ -276,3 +276,33 @@ class AgentClient:
 
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")
+
+    # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
+
+    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = 15.0) -> str:
+        """Pause a broken post-copy on this agent's side; returns ``postcopy-paused`` (or
+        ``completed`` if it finished meanwhile). ``attempt`` numbers the controller's recovery
+        attempts: the agent refuses older ones (requests TCP delivered late)."""
+        data = await self._call(
+            "POST", f"/vms/{name}/postcopy/pause", {"attempt": attempt}, timeout_s=timeout_s
+        )
+        return str(data["status"])
+
+    async def recover_postcopy(self, name: str, attempt: int, timeout_s: float = 10.0) -> str:
+        """Have a destination whose post-copy is paused listen again; returns the URI."""
+        data = await self._call(
+            "POST", f"/vms/{name}/postcopy/recover", {"attempt": attempt}, timeout_s=timeout_s
+        )
+        return str(data["uri"])
+
+    async def resume_postcopy(
+        self, name: str, uri: str, attempt: int, timeout_s: float = 20.0
+    ) -> str:
+        """Resume a source's paused post-copy to ``uri``; returns the status it reached."""
+        data = await self._call(
+            "POST",
+            f"/vms/{name}/postcopy/resume",
+            {"uri": uri, "attempt": attempt},
+            timeout_s=timeout_s,
+        )
+        return str(data["status"])

@@ -58,6 +58,9 @@ from vmferry.qemu.measure import measure_disk_writes, measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
+    pause_postcopy,
+    recover_incoming,
+    resume_postcopy,
     run_migration,
     start_incoming,
     start_postcopy,
@@ -138,6 +141,9 @@ class Slot:
     vm: RunningVm | None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outgoing: Outgoing | None = None
+    # Highest post-copy recovery attempt a controller sent for the current migration: requests
+    # of older attempts, delivered late by TCP once a cut link is back, are refused.
+    recovery_attempt: int = 0
 
 
 class HostAgent:
@@ -602,6 +608,7 @@ class HostAgent:
             raise ConfigError(f"{name} has no disk on local storage to mirror")
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
+        slot.recovery_attempt = 0
         task = self._tasks.create_task(
             self._run_outgoing(slot, vm, uri, options, nbd), name=f"migrate-{name}"
         )
@@ -827,6 +834,76 @@ class HostAgent:
         """
         _, vm = self._running(name, VmState.MIGRATING)
         await start_postcopy(vm.qmp)
+
+    # -- post-copy recovery ----------------------------------------------------------------------
+
+    def _recovering(self, name: str, attempt: int, *states: VmState) -> RunningVm:
+        """VM ``name``'s QEMU for recovery ``attempt``, if it is in one of ``states``.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: in another state, or ``attempt`` is older than one already seen.
+        """
+        slot = self._slot(name)
+        if slot.state not in states or slot.vm is None:
+            raise StateError(f"VM {name}", slot.state.value, " or ".join(x.value for x in states))
+        if attempt < slot.recovery_attempt:
+            raise StateError(
+                f"recovery attempt {attempt} of {name}",
+                "stale",
+                f"attempt >= {slot.recovery_attempt}",
+            )
+        slot.recovery_attempt = attempt
+        return slot.vm
+
+    async def pause_postcopy(self, name: str, attempt: int = 0) -> str:
+        """Pause VM ``name``'s broken post-copy on this side (source or destination); a
+        migration QEMU already paused is left as it is.
+
+        Args:
+            name: the VM.
+            attempt: the controller's recovery attempt number (older ones are refused).
+
+        Returns:
+            ``postcopy-paused``, or ``completed`` if it finished meanwhile.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it is not migrating in post-copy here; a stale attempt.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        vm = self._recovering(name, attempt, VmState.MIGRATING, VmState.INCOMING)
+        return await pause_postcopy(vm.qmp)
+
+    async def recover_incoming(self, name: str, attempt: int = 0) -> str:
+        """Have incoming VM ``name``, whose post-copy is paused, listen for the source again.
+
+        Returns:
+            The URI the source resumes to.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: not an incoming VM with a paused post-copy; a stale attempt.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        vm = self._recovering(name, attempt, VmState.INCOMING)
+        return await recover_incoming(vm.qmp, self.config.migration_address)
+
+    async def resume_outgoing(self, name: str, uri: str, attempt: int = 0) -> str:
+        """Resume VM ``name``'s paused outgoing post-copy towards ``uri`` (the migration task
+        keeps following it).
+
+        Returns:
+            The status reached: ``postcopy-active``/``completed`` (recovered),
+            ``postcopy-paused`` (this attempt failed), or still ``postcopy-recover*``.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: no outgoing post-copy is paused; a stale attempt.
+            QMPCommandError, QMPTimeout: QEMU failed.
+        """
+        vm = self._recovering(name, attempt, VmState.MIGRATING)
+        return await resume_postcopy(vm.qmp, uri)
 
     async def cancel_outgoing(self, name: str) -> None:
         """Ask QEMU to cancel VM ``name``'s outgoing migration (the result tells how it ended).

@@ -26,6 +26,9 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
     POST   /vms/{name}/cancel                                   -> 202
     POST   /vms/{name}/handoff                                  -> 204
+    POST   /vms/{name}/postcopy/pause     {attempt}             -> {"status"} (either side)
+    POST   /vms/{name}/postcopy/recover   {attempt}             -> {"uri"} (destination)
+    POST   /vms/{name}/postcopy/resume    {uri, attempt}        -> {"status"} (source)
 """
 
 from __future__ import annotations
@@ -312,6 +315,34 @@ async def _handoff(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+def _attempt(body: dict[str, Any]) -> int:
+    attempt = body.get("attempt", 0)
+    if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
+        raise ConfigError("'attempt' must be a non-negative integer")
+    return attempt
+
+
+async def _postcopy_pause(request: web.Request) -> web.Response:
+    attempt = _attempt(await _body(request))
+    status = await _agent(request).pause_postcopy(request.match_info["name"], attempt)
+    return web.json_response({"status": status})
+
+
+async def _postcopy_recover(request: web.Request) -> web.Response:
+    attempt = _attempt(await _body(request))
+    uri = await _agent(request).recover_incoming(request.match_info["name"], attempt)
+    return web.json_response({"uri": uri})
+
+
+async def _postcopy_resume(request: web.Request) -> web.Response:
+    body = await _body(request)
+    uri = body.get("uri")
+    if not isinstance(uri, str) or not uri.startswith("tcp:"):
+        raise ConfigError("'uri' must be a tcp: migration URI")
+    status = await _agent(request).resume_outgoing(request.match_info["name"], uri, _attempt(body))
+    return web.json_response({"status": status})
+
+
 async def _not_found(request: web.Request) -> web.Response:
     raise NotFound(f"no route {request.method} {request.path}")
 
@@ -342,6 +373,9 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/release-disk", _release_disk)
     app.router.add_post(f"{p}/vms/{{name}}/switchover", _switchover)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/pause", _postcopy_pause)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/recover", _postcopy_recover)
+    app.router.add_post(f"{p}/vms/{{name}}/postcopy/resume", _postcopy_resume)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app
 

@@ -123,6 +123,17 @@ async def _lab_down(args: argparse.Namespace, err: Console, out: Console) -> int
     return EXIT_OK
 
 
+async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.netns import set_link
+
+    host = await set_link(validate_name(args.host, "host name"), args.state == "up")
+    if args.json:
+        _print_json(out, {"host": host.name, "veth": host.veth, "link": args.state})
+    else:
+        err.print(f"{host.name}: link {args.state} ({host.veth})")
+    return EXIT_OK
+
+
 # -- VMs ----------------------------------------------------------------------------------------
 
 
@@ -225,6 +236,7 @@ def _request(args: argparse.Namespace) -> MigrationRequest:
         bandwidth_mbps=args.bandwidth,
         force=getattr(args, "force", False),
         allow_postcopy=not args.no_postcopy,
+        recovery_limit_s=getattr(args, "recovery_limit", 600.0),
     )
     request.resolve()  # refuse bad options before touching anything
     return request
@@ -400,6 +412,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("lab", "up"): _lab_up,
     ("lab", "status"): _lab_status,
     ("lab", "down"): _lab_down,
+    ("lab", "link"): _lab_link,
     ("vm", "create"): _vm_create,
     ("vm", "list"): _vm_list,
     ("vm", "show"): _vm_show,

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     json_flag(up)
     json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
     json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
+    link = lab_sub.add_parser("link", help="cut or restore a --netns host's link (fault test)")
+    link.add_argument("host", metavar="HOST")
+    link.add_argument("state", choices=("down", "up"))
+    json_flag(link)
 
     vm = sub.add_parser("vm", help="create, list, show, delete VMs")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
@@ -109,6 +113,13 @@ def _parser() -> argparse.ArgumentParser:
         "--no-postcopy",
         action="store_true",
         help="never use post-copy (auto will not switch over mid-flight either)",
+    )
+    migrate.add_argument(
+        "--recovery-limit",
+        type=float,
+        default=600.0,
+        metavar="S",
+        help="keep recovering a post-copy broken by a network fault this long (default 600)",
     )
     json_flag(migrate)
 

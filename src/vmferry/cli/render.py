@@ -14,6 +14,7 @@ from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
 from vmferry.core.model import DISK_PHASE, MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
+from vmferry.core.recovery import POSTCOPY_RECOVERING
 from vmferry.lab.cluster import HostStatus
 
 __all__ = [
@@ -63,6 +64,8 @@ class ProgressLine:
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
         line = Text(f"{self.title} ", style="bold")
         line.append(phase.value, style="cyan")
+        if stats is not None and stats.status in POSTCOPY_RECOVERING:
+            line.append(f" {stats.status}: recovering", style="bold yellow")
         if stats is not None and stats.status == DISK_PHASE:
             eta = stats.eta_ms
             line.append(
@@ -113,6 +116,8 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
             )
         )
         result = f"{report.status} ({report.strategy})"
+        if report.recoveries:
+            result += f", post-copy recovered {report.recoveries}x"
         if report.error is not None:
             result += f": {report.error}"
         table.add_row(

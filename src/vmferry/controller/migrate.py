@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from vmferry.agent.api import OutgoingResult, VmInfo
-from vmferry.agent.client import AgentClient
+from vmferry.agent.client import AgentClient, AgentUnreachable
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
@@ -34,6 +35,7 @@ from vmferry.core.model import (
 )
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
 from vmferry.core.predict import StrategyPrediction
+from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_postcopy, is_stalled
 from vmferry.core.strategy import Action, Goal, Progress, replan
 
 __all__ = ["STRATEGIES", "GoalUnreachable", "MigrationRequest", "ProgressCallback", "migrate"]
@@ -45,6 +47,13 @@ STRATEGIES = ("auto", *MECHANISMS)
 # Hybrid: one full pre-copy pass (and the first re-send), then switch to post-copy.
 _HYBRID_SWITCH_ITERATION = 2
 _POLL_WAIT_S = 0.5
+# An active post-copy that sent nothing for this long has lost its link: pause and recover it
+# rather than wait minutes for TCP to give up.
+POSTCOPY_STALL_S = 1.0
+# After a recovery, samples queued before it still say "paused": ignore those for this long.
+_RECOVERY_GRACE_S = 1.0
+# Calls to a destination behind a broken link fail fast, so the next attempt comes sooner.
+_RECOVERY_CALL_TIMEOUT_S = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,13 @@ class MigrationRequest:
     force: bool = False  # go ahead with the best effort when the goal cannot be met
     allow_postcopy: bool = True
     plan: bool = True  # measure and predict first (the report then carries the prediction)
+    # How long to keep trying to recover a post-copy broken by a network fault.
+    recovery_limit_s: float = 600.0
+
+    @property
+    def recovery(self) -> RecoveryPolicy:
+        """Raises: ConfigError for a limit out of range."""
+        return RecoveryPolicy(limit_s=self.recovery_limit_s)
 
     @property
     def goal(self) -> Goal:
@@ -89,6 +105,7 @@ class MigrationRequest:
             raise ConfigError("--deadline must be in (0, 86400] seconds")
         if self.bandwidth_mbps is not None and not 1 <= self.bandwidth_mbps <= 1_000_000:
             raise ConfigError("--bandwidth must be 1..1000000 Mbit/s")
+        RecoveryPolicy(limit_s=self.recovery_limit_s)  # raises ConfigError when out of range
         return strategy, MigrationOptions(
             max_bandwidth_bps=None
             if self.bandwidth_mbps is None
@@ -187,6 +204,9 @@ async def migrate(
     phase = Phase.PREPARING
     last: MigrationStats | None = None
     disk_ms = 0
+    policy = request.recovery
+    recoveries = 0
+    attempts = itertools.count(1)
 
     def notify(stats: MigrationStats | None) -> None:
         if on_progress is not None:
@@ -211,6 +231,7 @@ async def migrate(
             "predicted": None if prediction is None else prediction.to_prediction(),
             "integrity": None,
             "guest_alive": True,
+            "recoveries": recoveries,
         }
         values.update(fields)
         result = MigrationReport(**values)  # type: ignore[arg-type]
@@ -234,11 +255,24 @@ async def migrate(
     switched = False
     handed_over = False
     replan_error: str | None = None
+    postcopy = False  # once True the destination owns the guest: never abort it
+    sent_bytes, progress_at = -1, loop.time()
+    grace_until = 0.0
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
-                spec.name, since, _POLL_WAIT_S
+                spec.name,
+                since,
+                _POLL_WAIT_S,
+                timeout_s=_POLL_WAIT_S + _RECOVERY_CALL_TIMEOUT_S if postcopy else None,
             )
+        except AgentUnreachable as err:
+            if not postcopy:
+                raise
+            # The source is behind a broken link too: the stall check below starts a
+            # recovery, which keeps trying to reach it.
+            logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            samples = []
         except asyncio.CancelledError:
             # Interrupted: cancel, then keep following (shielded) so we know where the guest is.
             if not cancel_sent:
@@ -246,7 +280,8 @@ async def migrate(
                 with contextlib.suppress(FerryError):
                     await asyncio.shield(source.cancel_migration(spec.name))
             outcome = await asyncio.shield(_wait_outcome(source, spec.name, since))
-            if outcome.status != "completed":
+            if outcome.status != "completed" and not postcopy:
+                # (After post-copy began the destination holds the guest: never abort it.)
                 await asyncio.shield(destination.abort_incoming(spec.name))
             else:
                 await asyncio.shield(_switch(source, destination, spec.name))
@@ -273,14 +308,58 @@ async def migrate(
                         with contextlib.suppress(FerryError):
                             await source.cancel_migration(spec.name)
                 continue
+            postcopy = postcopy or is_postcopy(stats.status)
+            if stats.transferred_bytes != sent_bytes:
+                sent_bytes, progress_at = stats.transferred_bytes, loop.time()
             if stats.status not in ("failed", "cancelled"):
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
             # The re-plan's deadline counts from before the disk copy, QEMU's clock from after.
             progress.append(Progress.from_stats(replace(stats, total_ms=stats.total_ms + disk_ms)))
             notify(stats)
+        now = loop.time()
         if (
             outcome is None
+            and last is not None
+            and now >= grace_until
+            and (
+                last.status in POSTCOPY_RECOVERING
+                or is_stalled(last.status, progress_at, now, POSTCOPY_STALL_S)
+            )
+        ):
+            broke = last.status if last.status in POSTCOPY_RECOVERING else "stalled"
+            logger.warning("migration.postcopy_broken %s: %s", spec.name, broke)
+            notify(replace(last, status="postcopy-paused"))
+            recovered_in_s = await _recover(source, destination, spec.name, policy, attempts)
+            if recovered_in_s is None:
+                phase = Phase.FAILED
+                notify(last)
+                logger.error("migration.unrecovered %s", spec.name)
+                return report(
+                    status="failed",
+                    running_on=request.destination,
+                    guest_alive=False,
+                    error=(
+                        f"post-copy broken and not recovered within {policy.limit_s:g} s: the "
+                        f"guest is paused on {request.destination} with part of its memory "
+                        f"still on {source_host}; both QEMUs are kept as they are (the source "
+                        "copy is never started). Restore the network and recover the "
+                        "migration, or accept the loss."
+                    ),
+                )
+            recoveries += 1
+            logger.info(
+                "migration.recovered %s in %.1f s (recovery %d)",
+                spec.name,
+                recovered_in_s,
+                recoveries,
+            )
+            grace_until = loop.time() + _RECOVERY_GRACE_S
+            progress_at = loop.time()
+            continue
+        if (
+            outcome is None
+            and not postcopy
             and prediction is not None
             and last is not None
             and last.status not in (DISK_PHASE, DISK_SYNCED)
@@ -307,6 +386,19 @@ async def migrate(
             switched = True
             await source.start_postcopy(spec.name)
 
+    if outcome.status != "completed" and postcopy:
+        # QEMU failed a post-copy: the guest's state is split between both hosts. Keep both
+        # QEMUs for inspection; neither may be resumed or removed automatically.
+        phase = Phase.FAILED
+        notify(last)
+        logger.error("migration.failed %s in post-copy: %s", spec.name, outcome.error)
+        return report(
+            status="failed",
+            running_on=request.destination,
+            guest_alive=False,
+            error=f"post-copy failed ({outcome.error or outcome.status}); the guest's memory "
+            f"is split between {source_host} and {request.destination}",
+        )
     if outcome.status != "completed":
         phase = Phase.FAILED
         notify(last)
@@ -368,6 +460,61 @@ def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int
     if strategy == "cold":
         return disk_ms + max(final.total_ms, final.downtime_ms or 0)
     return final.downtime_ms
+
+
+async def _recover(
+    source: AgentClient,
+    destination: AgentClient,
+    name: str,
+    policy: RecoveryPolicy,
+    attempts: Iterator[int],
+) -> float | None:
+    """Recover a broken post-copy: pause both sides (each tolerates a QEMU that paused
+    itself), have the destination listen again, resume the source to it; retry with backoff
+    until it works or ``policy.limit_s`` passes.
+
+    Args:
+        attempts: attempt numbers, increasing over the whole migration (the agents refuse a
+            request of an older attempt: one sent into a cut link arrives after the link is
+            back and would pause the recovered migration again).
+
+    Returns:
+        Seconds it took, or None when the limit passed (both sides stay paused).
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    failed = 0
+    while True:
+        attempt = next(attempts)
+        try:
+            if await _recover_once(source, destination, name, attempt):
+                return loop.time() - started
+        except FerryError as err:
+            logger.info("migration.recover_attempt %s #%d: %s", name, attempt, err)
+        failed += 1
+        wait_s = policy.next_wait_s(failed, loop.time() - started)
+        if wait_s is None:
+            return None
+        await asyncio.sleep(wait_s)
+
+
+async def _recover_once(
+    source: AgentClient, destination: AgentClient, name: str, attempt: int
+) -> bool:
+    """One recovery attempt; True when the post-copy runs (or completed) again.
+
+    Raises:
+        FerryError: a step failed (an agent unreachable behind the broken link, QEMU not
+            paused yet, ...): the caller retries.
+    """
+    timeout_s = _RECOVERY_CALL_TIMEOUT_S
+    if await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2) == "completed":
+        return True
+    await destination.pause_postcopy(name, attempt, timeout_s=timeout_s)
+    uri = await destination.recover_postcopy(name, attempt, timeout_s=timeout_s)
+    status = await source.resume_postcopy(name, uri, attempt)
+    logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
+    return status in ("postcopy-active", "completed")
 
 
 async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:

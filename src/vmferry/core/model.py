@@ -410,6 +410,8 @@ class MigrationReport:
     predicted: Prediction | None
     integrity: IntegrityReport | None
     guest_alive: bool
+    # Post-copy recoveries after network faults (pause, re-listen, resume) that succeeded.
+    recoveries: int = 0
 
     @property
     def is_success(self) -> bool:
@@ -439,4 +441,5 @@ class MigrationReport:
             "predicted": None if self.predicted is None else self.predicted.to_json(),
             "integrity": None if self.integrity is None else self.integrity.to_json(),
             "guest_alive": self.guest_alive,
+            "recoveries": self.recoveries,
         }

@@ -40,6 +40,7 @@ __all__ = [
     "namespaces_in_use",
     "network_owner",
     "require_root",
+    "set_link",
     "setup",
     "tbf_burst_bytes",
     "teardown",
@@ -371,3 +372,30 @@ async def teardown() -> int:
     if namespaces:
         logger.info("lab.network.down namespaces=%d", len(namespaces))
     return len(namespaces)
+
+
+async def set_link(host: str | int, up: bool) -> NetnsHost:
+    """Cut (``up=False``) or restore a lab host's link, as a network fault would: the
+    root-side veth end goes down, so nothing crosses it either way (its tbf shaping stays).
+
+    Args:
+        host: ``host-N`` or its index N.
+        up: restore (True) or cut (False).
+
+    Returns:
+        The host whose link changed.
+
+    Raises:
+        ConfigError: not root, a malformed name, or no such lab namespace.
+        NetworkCommandError: ``ip`` failed.
+    """
+    require_root()
+    text = str(host).removeprefix("host-")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"no lab host {host!r}: use host-N or N")
+    target = host_for(int(text), subnet="")
+    if target.netns not in existing_namespaces():
+        raise ConfigError(f"{target.name} has no network namespace (is a --netns lab up?)")
+    await _run(["ip", "link", "set", target.veth, "up" if up else "down"])
+    logger.info("lab.link %s %s", target.name, "up" if up else "down")
+    return target

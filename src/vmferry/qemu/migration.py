@@ -13,8 +13,15 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from vmferry.core.errors import FerryError, MigrationFailed, QMPTimeout, StateError
+from vmferry.core.errors import (
+    FerryError,
+    MigrationFailed,
+    QMPCommandError,
+    QMPTimeout,
+    StateError,
+)
 from vmferry.core.model import MigrationOptions, MigrationStats
+from vmferry.core.recovery import POSTCOPY_RECOVERING, is_postcopy
 from vmferry.qemu.session import QmpSession
 
 __all__ = [
@@ -22,7 +29,11 @@ __all__ = [
     "cancel_migration",
     "capabilities_for",
     "ensure_running",
+    "incoming_status",
+    "pause_postcopy",
     "query_stats",
+    "recover_incoming",
+    "resume_postcopy",
     "run_migration",
     "source_parameters_for",
     "start_incoming",
@@ -150,9 +161,14 @@ async def run_migration(
     Returns:
         The final statistics (status ``completed``; ``downtime_ms`` set).
 
+    A post-copy that QEMU pauses after a network fault (``postcopy-paused``) is followed on
+    through its recovery (``postcopy-recover-setup``, ``postcopy-recover``, back to
+    ``postcopy-active``), without time limit: someone else (the controller) recovers it, and
+    the source must never take the guest back.
+
     Raises:
         MigrationFailed: QEMU reported failure or cancellation, or ``options.timeout_s``
-            passed (the migration is then cancelled first).
+            passed before post-copy started (the migration is then cancelled first).
         FerryError: whatever ``before_switchover`` raised (the migration is cancelled first).
     """
     capabilities = capabilities_for(options)
@@ -167,7 +183,8 @@ async def run_migration(
         if options.mechanism == "postcopy":
             await start_postcopy(src)
         try:
-            async with asyncio.timeout(options.timeout_s):
+            previous = "setup"
+            async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
                     # No status change within the poll interval: sample progress anyway.
                     with contextlib.suppress(QMPTimeout):
@@ -175,6 +192,19 @@ async def run_migration(
                     stats = await query_stats(src)
                     if on_progress is not None:
                         on_progress(stats)
+                    if is_postcopy(stats.status) and deadline.when() is not None:
+                        # The destination owns the guest now: a post-copy cannot be
+                        # cancelled, only completed (or paused and recovered), however long.
+                        deadline.reschedule(None)
+                    if stats.status != previous and stats.status in POSTCOPY_RECOVERING:
+                        reply = await src.execute("query-migrate")
+                        logger.warning(
+                            "migration.%s %s: %s",
+                            stats.status,
+                            src.name,
+                            reply.get("error-desc", "-"),
+                        )
+                    previous = stats.status
                     if stats.status == "pre-switchover" and before_switchover is not None:
                         await _switch_over(src, before_switchover)
                         continue
@@ -255,11 +285,141 @@ async def ensure_running(session: QmpSession) -> str:
     """Resume a source left paused by a failed switchover; return its final run state.
 
     Only for a migration known to have failed or been cancelled. A source in ``postmigrate``
-    has handed the guest over and is never resumed: that would run the guest twice.
+    has handed the guest over and is never resumed: that would run the guest twice. Nor is a
+    source whose migration entered post-copy (even paused): the destination runs the guest.
     """
+    migration = str((await session.execute("query-migrate")).get("status", "none"))
+    if is_postcopy(migration):
+        logger.warning("migration.no_resume %s: post-copy %s", session.name, migration)
+        return str((await session.execute("query-status"))["status"])
     reply = await session.execute("query-status")
     status = str(reply["status"])
     if status == "paused":
         await session.execute("cont")
         status = str((await session.execute("query-status"))["status"])
+    return status
+
+
+# -- post-copy recovery ---------------------------------------------------------------------------
+
+_PAUSE_TIMEOUT_S = 10.0
+
+
+async def incoming_status(dst: QmpSession, timeout_s: float = 5.0) -> str:
+    """The incoming migration's status on a destination (``none`` when there is none)."""
+    reply = await dst.execute("query-migrate", timeout_s=timeout_s)
+    return str(reply.get("status", "none"))
+
+
+async def pause_postcopy(session: QmpSession, timeout_s: float = _PAUSE_TIMEOUT_S) -> str:
+    """Pause a broken post-copy on either side (OOB ``migrate-pause``: it runs even when the
+    main loop is stuck on a missing page), and wait until QEMU reports ``postcopy-paused``.
+
+    Tolerant: a migration QEMU already paused itself, or that is being recovered, is left
+    alone; one that completed meanwhile is reported as such.
+
+    Returns:
+        The status reached: ``postcopy-paused``, or ``completed``.
+
+    Raises:
+        StateError: not in post-copy (nothing to pause), or it did not pause in time.
+        QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
+    """
+    status = await incoming_status(session, timeout_s)
+    if status not in ("postcopy-active", "postcopy-paused", "completed", *POSTCOPY_RECOVERING):
+        raise StateError(f"migration of {session.name}", status, "post-copy")
+    if status != "postcopy-paused" and status != "completed":
+        # Also a recovery stuck connecting over a link that went down again.
+        try:
+            await session.execute("migrate-pause", oob=True, timeout_s=timeout_s)
+        except QMPCommandError as err:
+            # QEMU paused it itself between our query and the command.
+            logger.debug("migrate-pause %s: %s", session.name, err)
+        logger.info("migration.pause %s (was %s)", session.name, status)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while status not in ("postcopy-paused", "completed"):
+                await asyncio.sleep(_POLL_S)
+                status = await incoming_status(session, timeout_s)
+    except TimeoutError:
+        raise StateError(f"migration of {session.name}", status, "postcopy-paused") from None
+    return status
+
+
+def _inet_ports(reply: Mapping[str, Any]) -> list[int]:
+    return [
+        int(address["port"])
+        for address in reply.get("socket-address", [])
+        if address.get("type") == "inet" and "port" in address
+    ]
+
+
+async def recover_incoming(dst: QmpSession, listen_host: str, timeout_s: float = 5.0) -> str:
+    """Make a destination whose post-copy is paused listen for the source again
+    (``migrate-recover``, OOB); return the URI the source resumes to.
+
+    The port is chosen by the kernel (``tcp:<host>:0``) and read back from ``query-migrate``'s
+    ``socket-address``, as for the first connection: the new listener is the one whose port
+    was not there before (QEMU drops the old listeners first in current versions).
+
+    Raises:
+        StateError: the incoming post-copy is not paused (QEMU refused), or no new port shows.
+        QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
+    """
+    before = set(_inet_ports(await dst.execute("query-migrate", timeout_s=timeout_s)))
+    try:
+        await dst.execute(
+            "migrate-recover", {"uri": f"tcp:{listen_host}:0"}, oob=True, timeout_s=timeout_s
+        )
+    except QMPCommandError as err:
+        status = await incoming_status(dst, timeout_s)
+        raise StateError(
+            f"incoming migration of {dst.name} ({err.desc})", status, "postcopy-paused"
+        ) from err
+    ports = _inet_ports(await dst.execute("query-migrate", timeout_s=timeout_s))
+    fresh = [port for port in ports if port not in before] or ports
+    if not fresh:
+        raise StateError(f"recovery listener of {dst.name}", "no socket-address", "listening")
+    uri = f"tcp:{listen_host}:{fresh[0]}"
+    logger.info("migration.recover_listen %s at %s", dst.name, uri)
+    return uri
+
+
+async def resume_postcopy(src: QmpSession, uri: str, timeout_s: float = 10.0) -> str:
+    """Resume a paused outgoing post-copy towards ``uri`` (``migrate`` with ``resume``) and
+    wait until it is running again or paused again.
+
+    Returns:
+        ``postcopy-active`` or ``completed`` (recovered), ``postcopy-paused`` (the attempt
+        failed; retry), or a ``postcopy-recover*`` status still in progress when
+        ``timeout_s`` passed.
+
+    Raises:
+        StateError: the migration is not paused in post-copy.
+        QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
+    """
+    status = (await query_stats(src)).status
+    if status != "postcopy-paused":
+        raise StateError(f"migration of {src.name}", status, "postcopy-paused")
+    with src.listener("MIGRATION") as listener:
+        await src.execute("migrate", {"uri": uri, "resume": True})
+        logger.info("migration.resume %s -> %s", src.name, uri)
+        left_paused = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    # Events catch a quick recover-setup -> paused round trip polling misses.
+                    with contextlib.suppress(QMPTimeout):
+                        event = await src.next_event(listener, _POLL_S)
+                        if str(event.get("data", {}).get("status")) != "postcopy-paused":
+                            left_paused = True
+                        elif left_paused:
+                            return "postcopy-paused"
+                    status = (await query_stats(src)).status
+                    if status in ("postcopy-active", "completed", "failed"):
+                        return status
+                    if status != "postcopy-paused":
+                        left_paused = True
+                    elif left_paused:
+                        return status  # fell back: this attempt failed
     return status

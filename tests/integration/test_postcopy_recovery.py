@@ -1,0 +1,147 @@
+"""Automatic post-copy recovery: a host's link is cut in the middle of a post-copy migration
+and restored; the controller pauses, re-listens and resumes, and the guest arrives intact."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from labcli import Lab
+
+from vmferry.agent.client import AgentClient
+from vmferry.controller.inventory import Inventory
+from vmferry.core.errors import FerryError
+from vmferry.lab.cluster import lab_down
+from vmferry.lab.netns import existing_namespaces, set_link
+
+pytestmark = [
+    pytest.mark.qemu,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+]
+
+# About 100 MiB of random pages to pull over a 100 Mbit/s link: post-copy lasts ~10 s.
+WORKLOAD = "dirty:rate=8M,size=96M,pattern=random,mode=paced"
+LINK_MBPS = "100"
+
+
+async def _wait_postcopy(
+    inventory: Inventory, source: str, vm: str, sent_bytes: int, cli: asyncio.Future[Any]
+) -> None:
+    """Until ``vm``'s outgoing migration on ``source`` is in post-copy and sent ``sent_bytes``
+    (fails at once if the ``cli`` command ended first)."""
+    host = inventory.host(source)
+    async with AgentClient(source, host.url, inventory.token_file.read_text().strip()) as agent:
+        since = 0
+        async with asyncio.timeout(90):
+            while True:
+                assert not cli.done(), "vmferry migrate ended before post-copy"
+                try:
+                    samples, since, result = await agent.migration_progress(vm, since, 0.5)
+                except FerryError:  # not started yet
+                    await asyncio.sleep(0.2)
+                    continue
+                assert result is None, f"migration ended before the cut: {result}"
+                if any(
+                    s.status == "postcopy-active" and s.transferred_bytes >= sent_bytes
+                    for s in samples
+                ):
+                    return
+
+
+async def _migrate_with_cut(
+    lab: Lab,
+    vm: str,
+    source: str,
+    destination: str,
+    cut_s: float | None,
+    limit_s: float = 60,
+    cut_host: str | None = None,
+) -> tuple[int, dict[str, Any], str, float]:
+    """Run ``vmferry migrate`` (post-copy); cut ``cut_host``'s link (default: the
+    destination's) for ``cut_s`` (None: until the command ended) once post-copy is under way.
+    Returns the exit status, the report, the CLI's log and the time from the link's
+    restoration to the end of the migration."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
+        "--strategy", "postcopy", "--recovery-limit", str(limit_s), "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "VMFERRY_LAB_DIR": str(lab.directory)},
+    )  # fmt: skip
+    communicate = asyncio.ensure_future(process.communicate())
+    try:
+        try:
+            await _wait_postcopy(Inventory.load(lab.directory), source, vm, 16 << 20, communicate)
+            await set_link(cut_host or destination, False)
+            if cut_s is None:
+                async with asyncio.timeout(limit_s + 60):
+                    await asyncio.shield(communicate)
+            else:
+                await asyncio.sleep(cut_s)
+        finally:
+            await set_link(cut_host or destination, True)
+        restored = time.monotonic()
+        async with asyncio.timeout(120):
+            stdout, stderr = await communicate
+        after_s = time.monotonic() - restored
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        communicate.cancel()
+    log = stderr.decode(errors="replace")
+    if directory := os.environ.get("VMFERRY_TEST_LOGS"):
+        Path(directory, f"{vm}-{source}-{destination}.log").write_text(log)
+    assert stdout, log[-3000:]
+    return process.returncode or 0, json.loads(stdout), log, after_s
+
+
+def test_postcopy_survives_link_cuts(lab_dir: Path) -> None:
+    # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab.
+    asyncio.run(lab_down(Path(tempfile.mkdtemp(prefix="vmf-"))))
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2", "--netns", "--link-mbps", LINK_MBPS)
+    lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", WORKLOAD)
+
+    for source, destination, cut_s in (("host-1", "host-2", 1.0), ("host-2", "host-1", 10.0)):
+        code, report, log, after_s = asyncio.run(
+            _migrate_with_cut(lab, "vm1", source, destination, cut_s)
+        )
+        recovered = re.findall(r"migration\.recovered vm1 in ([0-9.]+) s", log)
+        print(
+            f"cut {cut_s:g} s: recoveries={report['recoveries']} recovered_in={recovered} "
+            f"done {after_s:.1f} s after restore, total {report['total_ms']} ms, "
+            f"guest downtime {report['guest_downtime_ms']} ms"
+        )
+        assert code == 0, log[-3000:]
+        assert report["status"] == "completed", report["error"]
+        assert report["strategy"] == "postcopy"
+        assert report["recoveries"] >= 1, log[-3000:]
+        assert report["integrity"]["ok"] is True
+        assert report["integrity"]["bad_pages"] == 0
+        assert report["guest_alive"] is True
+        # Exactly one VM, running where it was sent.
+        assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
+            ("vm1", destination, "running")
+        ]
+
+    # A cut that outlasts the limit: a clear failure, and the source copy is never started.
+    code, report, log, _ = asyncio.run(
+        _migrate_with_cut(lab, "vm1", "host-1", "host-2", None, limit_s=4)
+    )
+    assert code == 1, log[-3000:]
+    assert report["status"] == "failed"
+    assert report["running_on"] == "host-2"
+    assert report["guest_alive"] is False
+    assert "not recovered within 4 s" in report["error"]
+    assert "never started" in report["error"]
+    states = {(v["host"], v["state"]) for v in lab.vms()}
+    assert states == {("host-1", "migrating"), ("host-2", "incoming")}, states
+    assert len(existing_namespaces()) == 2
