@@ -38,7 +38,8 @@ async def _wait_postcopy(
     """Until ``vm``'s outgoing migration on ``source`` is in post-copy and sent ``sent_bytes``
     (fails at once if the ``cli`` command ended first)."""
     host = inventory.host(source)
-    async with AgentClient(source, host.url, inventory.token_file.read_text().strip()) as agent:
+    token = inventory.token_file.read_text().strip()
+    async with AgentClient(source, host.url, token, inventory.ca_file) as agent:
         since = 0
         async with asyncio.timeout(90):
             while True:
