@@ -196,7 +196,7 @@ class HostAgent:
         """The image this host removes together with the VM: a local one only."""
         if spec.disk is None or spec.disk.storage != "local":
             return None
-        return self.disks_dir / f"{spec.name}.qcow2"
+        return self._disk_path(spec)
 
     async def start(self, tasks: asyncio.TaskGroup) -> None:
         """Adopt the VMs an earlier agent left running; ``tasks`` owns background work."""
@@ -552,9 +552,7 @@ class HostAgent:
         """
         slot, vm = self._running(name, VmState.INCOMING)
         async with slot.lock:
-            if self._owned_disk(slot.spec) is not None:
-                # The source detached from the export before it let the guest go.
-                await unexport_disk(vm.qmp)
+            # A local disk's export is gone already: the switchover waited for release_disk.
             async with asyncio.timeout(_INCOMING_DONE_TIMEOUT_S):
                 while True:
                     status = str((await vm.qmp.execute("query-status"))["status"])
