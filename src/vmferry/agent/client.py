@@ -277,6 +277,14 @@ class AgentClient:
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")
 
+    async def forget(self, name: str) -> None:
+        """Drop the record of a VM whose QEMU died on this host."""
+        await self._call("POST", f"/vms/{name}/forget")
+
+    async def resume_source(self, name: str) -> None:
+        """Run the guest again on a source whose completed pre-copy lost its destination."""
+        await self._call("POST", f"/vms/{name}/resume-source")
+
     # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
 
     async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = 15.0) -> str:

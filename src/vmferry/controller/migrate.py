@@ -38,7 +38,14 @@ from vmferry.core.predict import StrategyPrediction
 from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_postcopy, is_stalled
 from vmferry.core.strategy import Action, Goal, Progress, replan
 
-__all__ = ["STRATEGIES", "GoalUnreachable", "MigrationRequest", "ProgressCallback", "migrate"]
+__all__ = [
+    "STRATEGIES",
+    "GoalUnreachable",
+    "MigrationRequest",
+    "ProgressCallback",
+    "migrate",
+    "recover_postcopy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +61,9 @@ POSTCOPY_STALL_S = 1.0
 _RECOVERY_GRACE_S = 1.0
 # Calls to a destination behind a broken link fail fast, so the next attempt comes sooner.
 _RECOVERY_CALL_TIMEOUT_S = 3.0
+# How long an agent may be unreachable (e.g. being restarted) before the controller gives up
+# on following the migration and leaves it to `vmferry reconcile`.
+AGENT_RETURN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +268,7 @@ async def migrate(
     postcopy = False  # once True the destination owns the guest: never abort it
     sent_bytes, progress_at = -1, loop.time()
     grace_until = 0.0
+    lost_since: float | None = None
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
@@ -267,12 +278,31 @@ async def migrate(
                 timeout_s=_POLL_WAIT_S + _RECOVERY_CALL_TIMEOUT_S if postcopy else None,
             )
         except AgentUnreachable as err:
-            if not postcopy:
-                raise
-            # The source is behind a broken link too: the stall check below starts a
-            # recovery, which keeps trying to reach it.
-            logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            # The next answer may come from a restarted agent, which numbers samples anew.
+            since = 0
             samples = []
+            if postcopy:
+                # The source is behind a broken link too: the stall check below starts a
+                # recovery, which keeps trying to reach it.
+                logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            else:
+                # QEMU goes on without its agent; a restarted agent settles the migration
+                # (see agent.adopt) and answers with its outcome. Wait for it a while.
+                lost_since = lost_since if lost_since is not None else loop.time()
+                if loop.time() - lost_since > AGENT_RETURN_S:
+                    phase = Phase.FAILED
+                    notify(last)
+                    return report(
+                        status="failed",
+                        error=(
+                            f"{source_host}'s agent did not answer for {AGENT_RETURN_S:g} s "
+                            f"({err}): the migration's outcome is unknown. Restart the agent "
+                            "and run `vmferry reconcile`."
+                        ),
+                    )
+                logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+                await asyncio.sleep(1.0)
+                continue
         except asyncio.CancelledError:
             # Interrupted: cancel, then keep following (shielded) so we know where the guest is.
             if not cancel_sent:
@@ -286,6 +316,7 @@ async def migrate(
             else:
                 await asyncio.shield(_switch(source, destination, spec.name))
             raise
+        lost_since = None
         for stats in samples:
             last = stats
             if stats.status == DISK_PHASE:
@@ -330,7 +361,9 @@ async def migrate(
             broke = last.status if last.status in POSTCOPY_RECOVERING else "stalled"
             logger.warning("migration.postcopy_broken %s: %s", spec.name, broke)
             notify(replace(last, status="postcopy-paused"))
-            recovered_in_s = await _recover(source, destination, spec.name, policy, attempts)
+            recovered_in_s = await recover_postcopy(
+                source, destination, spec.name, policy, attempts
+            )
             if recovered_in_s is None:
                 phase = Phase.FAILED
                 notify(last)
@@ -405,10 +438,15 @@ async def migrate(
         with contextlib.suppress(FerryError):
             await destination.abort_incoming(spec.name)
         logger.error("migration.failed %s: %s", spec.name, outcome.error)
-        return report(
-            status="failed",
-            error=replan_error or outcome.error or outcome.status,
-        )
+        reason = replan_error or outcome.error or outcome.status
+        alive = await _state_of(source, spec.name) != "stopped"
+        if not alive:
+            reason = (
+                f"the source QEMU on {source_host} died before the switchover ({reason}): "
+                "the guest is lost; no copy runs (nothing was started on "
+                f"{request.destination})"
+            )
+        return report(status="failed", error=reason, guest_alive=alive)
 
     final = outcome.stats or last
     last = final
@@ -418,13 +456,31 @@ async def migrate(
     # Past completion the destination holds the only current copy of the guest.
     integrity: IntegrityReport | None = None
     try:
-        first_ms, integrity = await destination.finish_incoming(spec.name)
+        first_ms, integrity = await _finish(destination, spec.name)
     except FerryError as err:
         logger.error("migration.arrival_failed %s: %s", spec.name, err)
+        if not postcopy and await _state_of(destination, spec.name) == "stopped":
+            # The destination QEMU died before the guest ran there; the source still holds
+            # the complete, current guest: take it back.
+            try:
+                await destination.forget(spec.name)
+                await source.resume_source(spec.name)
+                integrity = await source.verify(spec.name)
+            except FerryError as resume_err:
+                err = FerryError(f"{err}; taking the guest back failed: {resume_err}")
+            else:
+                return report(
+                    status="failed",
+                    error=f"the destination QEMU died at the switchover ({err}); the guest "
+                    f"runs on {source_host} again",
+                    integrity=integrity,
+                    downtime_ms=_downtime_ms(strategy, final, disk_ms),
+                )
         return report(
             status="completed",
             running_on=request.destination,
-            error=f"guest did not come up on {request.destination}: {err}",
+            error=f"guest did not come up on {request.destination}: {err} "
+            "(see `vmferry reconcile`)",
             guest_alive=False,
             downtime_ms=_downtime_ms(strategy, final, disk_ms),
         )
@@ -462,7 +518,7 @@ def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int
     return final.downtime_ms
 
 
-async def _recover(
+async def recover_postcopy(
     source: AgentClient,
     destination: AgentClient,
     name: str,
@@ -515,6 +571,29 @@ async def _recover_once(
     status = await source.resume_postcopy(name, uri, attempt)
     logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
     return status in ("postcopy-active", "completed")
+
+
+async def _state_of(agent: AgentClient, name: str) -> str | None:
+    """VM ``name``'s state on ``agent`` (``stopped``: its QEMU died); None if unknown."""
+    try:
+        return (await agent.get_vm(name)).state
+    except FerryError:
+        return None
+
+
+async def _finish(destination: AgentClient, name: str) -> tuple[float, IntegrityReport]:
+    """``finish_incoming``, tolerating a destination agent that is being restarted (the
+    guest runs there meanwhile; a restarted agent keeps the VM incoming)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + AGENT_RETURN_S
+    while True:
+        try:
+            return await destination.finish_incoming(name)
+        except AgentUnreachable as err:
+            if loop.time() > give_up:
+                raise
+            logger.warning("migration.destination_unreachable %s: %s", name, err)
+            await asyncio.sleep(1.0)
 
 
 async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:
