@@ -169,8 +169,10 @@ class AgentClient:
     async def list_vms(self) -> list[VmInfo]:
         return [VmInfo.from_json(item) for item in await self._call("GET", "/vms")]
 
-    async def get_vm(self, name: str) -> VmInfo:
-        return VmInfo.from_json(await self._call("GET", f"/vms/{name}"))
+    async def get_vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+        return VmInfo.from_json(
+            await self._call("GET", f"/vms/{name}", timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
+        )
 
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(

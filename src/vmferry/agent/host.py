@@ -623,8 +623,14 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: it is not an unfinished incoming VM.
+            StateError: it is not an unfinished incoming VM, or its QEMU has received the
+                guest already (left QEMU's ``inmigrate``): that copy is never ended here.
         """
+        slot = self._slot(name)
+        if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
+            status = str((await slot.vm.qmp.execute("query-status"))["status"])
+            if status != "inmigrate":
+                raise StateError(f"incoming VM {name}", f"{status} (received)", "inmigrate")
         await self._retire(name, VmState.INCOMING)
         self.logger.info("migration.incoming_aborted %s", name)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from vmferry.agent.api import OutgoingResult
 from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster
-from vmferry.controller.migrate import recover_postcopy
+from vmferry.controller.migrate import drop_unstarted, recover_postcopy
 from vmferry.core.errors import FerryError, StateError
 from vmferry.core.model import IntegrityReport
 from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
@@ -119,12 +119,37 @@ async def _carry_out(cluster: Cluster, decision: Decision, result: Reconciled) -
         try:
             await _step(client, step, decision.vm, result)
         except FerryError as err:
+            source = next((s.host for s in decision.steps if s.kind is StepKind.HANDOFF), None)
+            if step.kind is StepKind.FINISH and source is not None:
+                # A completed source whose destination never started the guest: if that
+                # copy can be dropped (its agent refuses once it received the guest), the
+                # source takes the guest back.
+                await _take_back(cluster, source, step, decision.vm, result, err)
+                return
             result.verdict = "lost" if step.kind is StepKind.RESUME else "failed"
             result.error = f"{step}: {err}"
             logger.error("reconcile.step_failed %s %s: %s", decision.vm, step, err)
             return
         result.done.append(str(step))
         logger.info("reconcile.done %s: %s", decision.vm, step)
+    result.verdict = "settled"
+
+
+async def _take_back(
+    cluster: Cluster, source: str, failed: Step, name: str, result: Reconciled, err: FerryError
+) -> None:
+    result.error = f"{failed}: {err}"
+    if not await drop_unstarted(cluster.client(failed.host), name):
+        result.verdict = "failed"
+        return
+    result.done.append(f"dropped the unstarted copy on {failed.host}")
+    try:
+        await _step(cluster.client(source), Step(StepKind.RESUME, source), name, result)
+    except FerryError as resume_err:
+        result.verdict = "lost"
+        result.error += f"; taking the guest back on {source} failed: {resume_err}"
+        return
+    result.done.append(f"resume on {source}")
     result.verdict = "settled"
 
 
