@@ -65,11 +65,13 @@ def unmark(directory: Path, marker: str) -> None:
     (directory / marker).unlink(missing_ok=True)
 
 
-async def settle(qmp: QmpSession, directory: Path) -> Adopted:
-    """Settle the VM whose QEMU ``qmp`` talks to, found running by a restarted agent.
+async def settle(qmp: QmpSession, directory: Path, why: str = RESTARTED) -> Adopted:
+    """Settle the VM whose QEMU ``qmp`` talks to: found running by a restarted agent, or
+    after its migration task failed in a way that leaves QEMU's state unknown (``why`` says
+    which, for the outcome's error).
 
     Raises:
-        QMPCommandError, QMPTimeout: QEMU does not answer (the caller marks it stopped).
+        QMPCommandError, QMPTimeout: QEMU does not answer (the caller retries or gives up).
     """
     status = str((await qmp.execute("query-status"))["status"])
     migration = await migration_status(qmp)
@@ -96,17 +98,19 @@ async def settle(qmp: QmpSession, directory: Path) -> Adopted:
             return Adopted("migrated", _completed(await query_stats(qmp)))
         with contextlib.suppress(FerryError):
             await abort_mirror(qmp)
-        error = f"{RESTARTED}: cancelled, the guest runs on here"
+        error = f"{why}: cancelled, the guest runs on here"
         return Adopted("running", await _resumed(qmp, directory, error))
     if status == "postmigrate" or (directory / POSTCOPY_MARKER).exists():
         # Handed over (a post-copy that failed in QEMU, or an unknown end): never resumed here.
         return Adopted(
-            "migrated", OutgoingResult("failed", f"{RESTARTED}: {migration}", None, None, None)
+            "migrated", OutgoingResult("failed", f"{why}: {migration}", None, None, None)
         )
     if status != "running":
         # Paused by a migration that failed or was cancelled while no agent watched.
-        error = f"{RESTARTED}: {migration}, the guest runs on here"
+        error = f"{why}: {migration}, the guest runs on here"
         return Adopted("running", await _resumed(qmp, directory, error))
+    if why != RESTARTED:
+        return Adopted("running", OutgoingResult("failed", why, None, None, None))
     return Adopted("running", None)
 
 

@@ -38,7 +38,7 @@ from vmferry.agent.api import (
 )
 from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
 from vmferry.agent.vm import RunningVm, launch, reattach
-from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, StateError
+from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, QMPTimeout, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import (
     DISK_PHASE,
@@ -95,7 +95,10 @@ _MIRROR_POLL_S = 0.2
 _MIRROR_STALL_S = 3.0
 # How long a source paused at the switchover waits for the controller's go-ahead before it
 # gives up, cancels and resumes the guest (a controller that died must not leave it paused).
-_HANDOVER_TIMEOUT_S = 30.0
+_HANDOVER_TIMEOUT_S = 10.0
+# How long a failed migration's source QEMU may stay silent (e.g. its main loop held while a
+# switchover crawls over a throttled link) before the agent stops waiting to judge it.
+_BUSY_QEMU_WAIT_S = 900.0
 
 
 async def _none() -> None:
@@ -720,13 +723,20 @@ class HostAgent:
         except Exception as err:  # the task's boundary: whatever failed, put the guest back
             if not isinstance(err, FerryError | OSError):
                 self.logger.exception("migration.crashed %s", vm.label)
-            if mirrored:
-                with contextlib.suppress(FerryError):
-                    await abort_mirror(vm.qmp)
             heartbeats.close_window()
-            slot.state = await self._resume_source(vm)
             last = outgoing.samples[-1] if outgoing.samples else None
-            outgoing.finish(OutgoingResult("failed", str(err), last, None, None))
+            # Judged from QEMU's own state, once it answers again: a QMP timeout at the
+            # switchover (QEMU holds its main loop while it sends the device state over a
+            # slow link) does not mean the migration failed — it may complete meanwhile.
+            settled = await self._settle(vm, str(err))
+            slot.state = VmState(settled.state)
+            result = settled.outcome or OutgoingResult("failed", str(err), last, None, None)
+            if result.status == "failed" and result.stats is None:
+                result = replace(result, stats=last)
+            if settled.follow:
+                self._background_task(self._follow_postcopy(slot, vm), f"follow-{vm.label}")
+            else:
+                outgoing.finish(result)
             return
         except BaseException:
             # Agent shutting down mid-migration: leave the guest running here.
@@ -845,13 +855,31 @@ class HostAgent:
                 self.logger.info("disk.mirror_stalled %s: write-blocking now", vm.label)
             await asyncio.sleep(_MIRROR_POLL_S)
 
-    async def _resume_source(self, vm: RunningVm) -> VmState:
-        try:
-            status = await ensure_running(vm.qmp)
-        except FerryError as err:
-            self.logger.error("migration.rollback %s: %s", vm.label, err)
-            return VmState.STOPPED if not vm.process.is_running else VmState.RUNNING
-        return VmState.RUNNING if status == "running" else VmState.MIGRATED
+    async def _settle(self, vm: RunningVm, why: str) -> Adopted:
+        """Settle a source whose migration task failed (see :func:`.adopt.settle`), waiting
+        as long as its QEMU lives but does not answer."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _BUSY_QEMU_WAIT_S
+        while True:
+            try:
+                return await settle(vm.qmp, vm.paths.directory, why)
+            except QMPTimeout as err:
+                if not vm.process.is_running or loop.time() > give_up:
+                    self.logger.error("migration.unsettled %s: %s", vm.label, err)
+                    break
+                self.logger.warning("migration.qemu_busy %s: %s; waiting", vm.label, err)
+                await asyncio.sleep(1.0)
+            except FerryError as err:
+                self.logger.error("migration.unsettled %s: %s", vm.label, err)
+                break
+        if not vm.process.is_running:
+            return Adopted(
+                "stopped", OutgoingResult("failed", f"{why}; QEMU died", None, None, None)
+            )
+        # Alive but silent for many minutes: leave it to a human, claim nothing.
+        return Adopted(
+            "migrating", OutgoingResult("failed", f"{why}; QEMU does not answer", None, None, None)
+        )
 
     async def outgoing_progress(
         self, name: str, since: int, wait_s: float

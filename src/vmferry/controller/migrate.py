@@ -258,6 +258,20 @@ async def migrate(
     uri, nbd = await destination.prepare_incoming(spec, options)
     try:
         await source.start_migration(spec.name, uri, options, nbd)
+    except FerryError as err:
+        with contextlib.suppress(FerryError):
+            await destination.abort_incoming(spec.name)
+        alive = await _state_of(source, spec.name) != "stopped"
+        logger.error("migration.not_started %s: %s", spec.name, err)
+        phase = Phase.FAILED
+        return report(
+            status="failed",
+            guest_alive=alive,
+            error=f"could not start the migration on {source_host}: {err}"
+            if alive
+            else f"the source QEMU on {source_host} died ({err}): the guest is lost; no copy "
+            f"runs (the destination on {request.destination} was removed)",
+        )
     except BaseException:
         await asyncio.shield(destination.abort_incoming(spec.name))
         raise
@@ -438,12 +452,14 @@ async def migrate(
                 if not switched:
                     switched = True
                     logger.info("migration.replan %s: %s", spec.name, decision.reason)
-                    await source.start_postcopy(spec.name)
+                    with contextlib.suppress(FerryError):
+                        await source.start_postcopy(spec.name)
             elif decision.action is Action.CANCEL and not cancel_sent:
                 cancel_sent = True
                 logger.warning("migration.replan %s: %s", spec.name, decision.reason)
                 replan_error = decision.reason
-                await source.cancel_migration(spec.name)
+                with contextlib.suppress(FerryError):
+                    await source.cancel_migration(spec.name)
         if (
             not switched
             and outcome is None
@@ -453,7 +469,8 @@ async def migrate(
             and last.iterations >= _HYBRID_SWITCH_ITERATION
         ):
             switched = True
-            await source.start_postcopy(spec.name)
+            with contextlib.suppress(FerryError):
+                await source.start_postcopy(spec.name)
 
     if outcome.status != "completed" and postcopy:
         # QEMU failed a post-copy: the guest's state is split between both hosts. Keep both
