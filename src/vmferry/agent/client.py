@@ -172,6 +172,12 @@ class AgentClient:
     async def get_vm(self, name: str) -> VmInfo:
         return VmInfo.from_json(await self._call("GET", f"/vms/{name}"))
 
+    async def runstate(self, name: str, timeout_s: float = 10.0) -> str:
+        """QEMU's own run state of VM ``name`` (``gone``: no QEMU runs it)."""
+        return str(
+            (await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s))["runstate"]
+        )
+
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(
             "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S
