@@ -447,7 +447,8 @@ async def _watch_progress(
                 trace.status(stats.status)
                 if cell.phase == "precopy":
                     if cell.fault == "disk-full":
-                        hit = stats.status == "disk-mirror" and stats.disk_copied_bytes >= 2 << 20
+                        # At once: the image must still grow when the filesystem is full.
+                        hit = stats.status == "disk-mirror"
                     else:
                         hit = stats.status == "active" and stats.transferred_bytes >= 16 << 20
                 elif cell.phase == "switchover":
@@ -852,18 +853,19 @@ def summary_row(record: dict[str, Any]) -> dict[str, Any]:
 
 def markdown_table(records: list[dict[str, Any]], skipped: dict[str, str]) -> str:
     lines = [
-        "| cell | outcome | exit | report | ended on | verified | notes |",
-        "|---|---|---|---|---|---|---|",
+        "| cell | lab | outcome | exit | report | ended on | verified | notes |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for record in records:
         row = summary_row(record)
         notes = str(row["notes"]).replace("|", "/")
         lines.append(
-            f"| {row['cell']} | {row['outcome']} | {row['exit']} | {row['report_status']} | "
+            f"| {row['cell']} | {'netns' if record.get('netns') else 'loopback'} | "
+            f"{row['outcome']} | {row['exit']} | {row['report_status']} | "
             f"{row['ended_on']} | {row['verified']} | {notes} |"
         )
     for name, why in skipped.items():
-        lines.append(f"| {name} | n/a | | | | | {why} |")
+        lines.append(f"| {name} | | n/a | | | | | {why} |")
     return "\n".join(lines) + "\n"
 
 
