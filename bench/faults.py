@@ -34,8 +34,10 @@ from faultkit import (
     PHASES,
     CellConfig,
     iter_cells,
+    judge,
     markdown_table,
     not_applicable,
+    parse_cell,
     run_cell,
     summary_row,
 )
@@ -94,6 +96,8 @@ def main() -> int:
     skipped = {f"{f}@{p}": why for f in FAULTS for p in PHASES if (why := not_applicable(f, p))}
     if args.merge:
         merged = [c for path in args.merge for c in json.loads(path.read_text())["cells"]]
+        for record in merged:  # with today's rules
+            judge(parse_cell(record["cell"]), record)
         _write(args.out, merged, skipped, None, 0.0)
         print(markdown_table(merged, skipped))
         return 0

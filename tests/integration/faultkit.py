@@ -53,10 +53,13 @@ __all__ = [
     "Cell",
     "CellConfig",
     "all_cells",
+    "iter_cells",
+    "judge",
     "markdown_table",
     "not_applicable",
     "parse_cell",
     "run_cell",
+    "summary_row",
 ]
 
 FAULTS = (
@@ -110,11 +113,15 @@ class Cell:
         return "postcopy" if self.phase == "postcopy" else "precopy"
 
     @property
-    def source_lost_is_physical(self) -> bool:
+    def loss_is_physical(self) -> bool:
         """Whether no running copy is the only possible outcome: the source QEMU died while it
         held the only complete copy of the guest (before the switchover completed, or during
-        post-copy when the source still holds pages the destination never got)."""
-        return self.fault == "kill-src-qemu"
+        post-copy when the source still holds pages the destination never got), or the
+        destination QEMU died during post-copy (it alone held the guest's current CPU and
+        device state and the pages the guest changed since the switchover)."""
+        return self.fault == "kill-src-qemu" or (
+            self.fault == "kill-dst-qemu" and self.phase == "postcopy"
+        )
 
 
 def parse_cell(text: str) -> Cell:
@@ -723,7 +730,10 @@ def _running(copy: dict[str, Any]) -> bool:
 
 
 def judge(cell: Cell, record: dict[str, Any]) -> None:
-    """Set ``outcome``, ``ended_on`` and ``notes`` from the observation."""
+    """Set ``outcome``, ``ended_on`` and ``notes`` from the observation (again, if it was
+    judged before: the rules may have changed since)."""
+    if "hosts" not in record:
+        return  # the harness failed before it could look
     hosts = record["hosts"]
     running = [(h, c) for h, v in hosts.items() for c in v["qemus"] if _running(c)]
     others = [(h, c) for h, v in hosts.items() for c in v["qemus"] if not _running(c)]
@@ -758,7 +768,7 @@ def judge(cell: Cell, record: dict[str, Any]) -> None:
         outcome = "DUPLICATE"
     else:
         record["ended_on"] = None
-        if cell.source_lost_is_physical:
+        if cell.loss_is_physical:
             said = f"{report.get('error')}" if report else " ".join(record["cli_log_tail"][-1:])
             outcome = "lost (unavoidable)"
             notes.append(f"CLI said: {said[:300]}")
