@@ -52,6 +52,8 @@ ROUTES = [
     ("GET", "/v1/vms/{name}/migration"),
     ("POST", "/v1/vms/{name}/cancel"),
     ("POST", "/v1/vms/{name}/handoff"),
+    ("POST", "/v1/vms/{name}/resume-source"),
+    ("POST", "/v1/vms/{name}/forget"),
     ("PUT", "/v1/vms"),
     ("GET", "/v1/{name}"),
 ]

@@ -15,9 +15,19 @@ import enum
 import json
 import logging
 import shutil
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from vmferry.agent.adopt import (
+    INCOMING_MARKER,
+    POSTCOPY_MARKER,
+    Adopted,
+    mark,
+    settle,
+    unmark,
+)
 from vmferry.agent.api import (
     CapacityError,
     GuestMeasurement,
@@ -41,6 +51,7 @@ from vmferry.core.model import (
     spec_from_json,
     spec_to_json,
 )
+from vmferry.core.recovery import is_postcopy
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
@@ -58,8 +69,10 @@ from vmferry.qemu.measure import measure_disk_writes, measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
+    follow_postcopy,
     pause_postcopy,
     recover_incoming,
+    resume_completed_source,
     resume_postcopy,
     run_migration,
     start_incoming,
@@ -222,18 +235,48 @@ class HostAgent:
             return
         try:
             vm = await reattach(spec, directory, role=self.config.host, pid=pid)
-            status = str((await vm.qmp.execute("query-status"))["status"])
         except FerryError as err:
             self.logger.error("agent.adopt: cannot reattach %s (pid %s): %s", spec.name, pid, err)
             self._slots[spec.name] = Slot(spec, VmState.STOPPED, None)
             return
-        state = {
-            "running": VmState.RUNNING,
-            "inmigrate": VmState.INCOMING,
-            "postmigrate": VmState.MIGRATED,
-        }.get(status, VmState.RUNNING)
-        self._slots[spec.name] = Slot(spec, state, vm)
-        self.logger.info("agent.adopted %s pid=%s state=%s", spec.name, pid, state.value)
+        try:
+            adopted = await settle(vm.qmp, directory)
+        except FerryError as err:
+            # Keep it attached (it may still be listed and deleted) but touch nothing more.
+            self.logger.error("agent.adopt: cannot settle %s (pid %s): %s", spec.name, pid, err)
+            adopted = Adopted("running", None)
+        slot = Slot(spec, VmState(adopted.state), vm)
+        self._slots[spec.name] = slot
+        if adopted.outcome is not None or adopted.follow:
+            slot.outgoing = Outgoing()
+        if adopted.outcome is not None:
+            assert slot.outgoing is not None
+            slot.outgoing.finish(adopted.outcome)
+        if adopted.follow:
+            self._background_task(self._follow_postcopy(slot, vm), f"follow-{spec.name}")
+        self.logger.info("agent.adopted %s pid=%s state=%s", spec.name, pid, slot.state.value)
+
+    def _background_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._tasks is None:
+            raise StateError("agent", "not started", "started")
+        task = self._tasks.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow_postcopy(self, slot: Slot, vm: RunningVm) -> None:
+        """Follow a post-copy an earlier agent started, to its end (see :mod:`.adopt`)."""
+        outgoing = slot.outgoing
+        assert outgoing is not None
+        try:
+            final = await follow_postcopy(vm.qmp, outgoing.push)
+        except FerryError as err:
+            # Never resumed here: the destination ran the guest.
+            slot.state = VmState.MIGRATED
+            last = outgoing.samples[-1] if outgoing.samples else None
+            outgoing.finish(OutgoingResult("failed", str(err), last, None, None))
+            return
+        slot.state = VmState.MIGRATED
+        outgoing.finish(OutgoingResult("completed", None, final, None, None))
 
     def cancel_background(self) -> None:
         """Cancel in-flight migrations (each cancels its QEMU migration; guests stay here)."""
@@ -552,6 +595,7 @@ class HostAgent:
             await slot.vm.stop()
             self._forget(spec.name, self._owned_disk(spec))
             raise
+        mark(self._dir(spec.name), INCOMING_MARKER)  # a restarted agent keeps it incoming
         self.logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
         return uri, nbd
 
@@ -583,6 +627,7 @@ class HostAgent:
             first_ms = vm.channel.heartbeats.first_arrival_ms
             assert first_ms is not None
             slot.state = VmState.RUNNING
+            unmark(self._dir(name), INCOMING_MARKER)
             integrity = await vm.verify()
         self.logger.info("migration.arrived %s ok=%s", name, integrity.ok)
         return first_ms, integrity
@@ -593,8 +638,14 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: it is not an unfinished incoming VM.
+            StateError: it is not an unfinished incoming VM, or its QEMU has received the
+                guest already (left QEMU's ``inmigrate``): that copy is never ended here.
         """
+        slot = self._slot(name)
+        if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
+            status = str((await slot.vm.qmp.execute("query-status"))["status"])
+            if status != "inmigrate":
+                raise StateError(f"incoming VM {name}", f"{status} (received)", "inmigrate")
         await self._retire(name, VmState.INCOMING)
         self.logger.info("migration.incoming_aborted %s", name)
 
@@ -622,11 +673,8 @@ class HostAgent:
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
         slot.recovery_attempt = 0
-        task = self._tasks.create_task(
-            self._run_outgoing(slot, vm, uri, options, nbd), name=f"migrate-{name}"
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        unmark(self._dir(name), POSTCOPY_MARKER)
+        self._background_task(self._run_outgoing(slot, vm, uri, options, nbd), f"migrate-{name}")
 
     async def _run_outgoing(
         self,
@@ -669,6 +717,8 @@ class HostAgent:
                     await self._hand_over_disk(slot, vm)
 
             def push(stats: MigrationStats) -> None:
+                if is_postcopy(stats.status):
+                    mark(vm.paths.directory, POSTCOPY_MARKER)  # never resume this source
                 outgoing.push(
                     replace(
                         stats,
@@ -929,6 +979,42 @@ class HostAgent:
             slot.outgoing.cancel_requested = True  # seen by the disk phase and the handover
             slot.outgoing.handover.set()
         await vm.qmp.execute("migrate_cancel")
+
+    async def forget(self, name: str) -> None:
+        """Drop the record of VM ``name`` whose QEMU died here while the guest runs elsewhere
+        (or is lost), with this host's local image of it; a shared image is left alone.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: its QEMU still runs.
+        """
+        slot = self._slot(name)
+        if slot.vm is not None and slot.vm.process.is_running:
+            raise StateError(f"VM {name}", slot.state.value, "stopped (its QEMU dead)")
+        async with slot.lock:
+            if slot.vm is not None:
+                await slot.vm.stop()  # reaps it and closes our connections
+            self._forget(name, self._owned_disk(slot.spec))
+        self.logger.info("vm.forgotten %s", name)
+
+    async def resume_source(self, name: str) -> None:
+        """Run VM ``name`` here again after a completed pre-copy whose destination copy is
+        gone (its QEMU died before the guest ran there): this host's memory is the guest's
+        only current state. The caller must have made sure no destination QEMU is left.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it has not migrated, or its migration entered post-copy (the
+                destination ran the guest: resuming here would run an older copy).
+        """
+        slot, vm = self._running(name, VmState.MIGRATED)
+        if (self._dir(name) / POSTCOPY_MARKER).exists():
+            raise StateError(f"VM {name}", "migrated in post-copy", "migrated in pre-copy")
+        async with slot.lock:
+            await resume_completed_source(vm.qmp)
+            slot.state = VmState.RUNNING
+            slot.outgoing = None
+        self.logger.warning("migration.source_resumed %s", name)
 
     async def handoff(self, name: str) -> None:
         """End the source QEMU after a completed migration; the guest lives elsewhere now.

@@ -45,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
     json_flag(up)
     json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
     json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
+    restart = lab_sub.add_parser(
+        "restart", help="start a host's agent again after it died (it adopts its VMs)"
+    )
+    restart.add_argument("host", metavar="HOST")
+    json_flag(restart)
     link = lab_sub.add_parser(
         "link", help="cut, restore or throttle a --netns host's link (fault tests)"
     )
@@ -131,6 +136,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     json_flag(migrate)
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="after a crash: finish or undo half-done migrations (one running copy per VM)",
+    )
+    reconcile.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long to wait for a migration still in flight (default 300)",
+    )
+    json_flag(reconcile)
     history = sub.add_parser("history", help="past migrations")
     history.add_argument("--vm", default=None)
     history.add_argument("--limit", type=int, default=50)
