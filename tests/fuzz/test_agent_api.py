@@ -37,6 +37,7 @@ ROUTES = [
     ("POST", "/v1/vms"),
     ("GET", "/v1/vms/{name}"),
     ("DELETE", "/v1/vms/{name}"),
+    ("GET", "/v1/vms/{name}/runstate"),
     ("POST", "/v1/vms/{name}/verify"),
     ("POST", "/v1/incoming"),
     ("POST", "/v1/vms/{name}/finish"),

@@ -174,6 +174,12 @@ class AgentClient:
             await self._call("GET", f"/vms/{name}", timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
         )
 
+    async def runstate(self, name: str, timeout_s: float = 10.0) -> str:
+        """QEMU's own run state of VM ``name`` (``gone``: no QEMU runs it)."""
+        return str(
+            (await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s))["runstate"]
+        )
+
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(
             "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S

@@ -364,6 +364,21 @@ class HostAgent:
         """Raises: NotFound."""
         return self._vm_info(self._slot(name))
 
+    async def runstate(self, name: str) -> str:
+        """What VM ``name``'s QEMU itself says about its guest (``query-status``: ``running``,
+        ``paused``, ``inmigrate``, ``postmigrate``, ``postcopy-paused``...), which can differ
+        from this agent's state (e.g. a destination that completed without a controller still
+        counts as ``incoming`` here but runs the guest); ``gone`` when no QEMU runs it.
+
+        Raises:
+            NotFound: no such VM.
+            QMPCommandError, QMPTimeout: QEMU did not answer.
+        """
+        slot = self._slot(name)
+        if slot.vm is None or not slot.vm.process.is_running:
+            return "gone"
+        return str((await slot.vm.qmp.execute("query-status"))["status"])
+
     def _running(self, name: str, want: VmState = VmState.RUNNING) -> tuple[Slot, RunningVm]:
         slot = self._slot(name)
         if slot.state != want or slot.vm is None:

@@ -189,6 +189,11 @@ async def _show(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).get(request.match_info["name"]).to_json())
 
 
+async def _runstate(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return web.json_response({"name": name, "runstate": await _agent(request).runstate(name)})
+
+
 async def _delete(request: web.Request) -> web.Response:
     await _agent(request).delete(request.match_info["name"])
     return web.Response(status=204)
@@ -370,6 +375,7 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms", _create)
     app.router.add_get(f"{p}/vms/{{name}}", _show)
     app.router.add_delete(f"{p}/vms/{{name}}", _delete)
+    app.router.add_get(f"{p}/vms/{{name}}/runstate", _runstate)
     app.router.add_post(f"{p}/vms/{{name}}/verify", _verify)
     app.router.add_post(f"{p}/incoming", _incoming)
     app.router.add_post(f"{p}/vms/{{name}}/finish", _finish)

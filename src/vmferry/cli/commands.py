@@ -138,13 +138,32 @@ async def _lab_restart(args: argparse.Namespace, err: Console, out: Console) -> 
 
 
 async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int:
-    from vmferry.lab.netns import set_link
+    from vmferry.lab.netns import set_link, set_link_rate
 
-    host = await set_link(validate_name(args.host, "host name"), args.state == "up")
-    if args.json:
-        _print_json(out, {"host": host.name, "veth": host.veth, "link": args.state})
+    name = validate_name(args.host, "host name")
+    rate_kbit: int | None = None
+    if args.state in ("down", "up"):
+        if args.kbps is not None:
+            raise ConfigError(f"`lab link HOST {args.state}` takes no rate")
+        host = await set_link(name, args.state == "up")
+        state = args.state
+    elif args.state == "throttle":
+        if args.kbps is None:
+            raise ConfigError("`lab link HOST throttle KBPS` needs a rate in kbit/s")
+        rate_kbit = args.kbps
+        host = await set_link_rate(name, rate_kbit)
+        state = f"throttled to {rate_kbit} kbit/s"
     else:
-        err.print(f"{host.name}: link {args.state} ({host.veth})")
+        link_mbps = Inventory.load().link_mbps
+        rate_kbit = None if link_mbps is None else link_mbps * 1000
+        host = await set_link_rate(name, rate_kbit)
+        state = "unshaped" if rate_kbit is None else f"shaped to {link_mbps} Mbit/s again"
+    if args.json:
+        _print_json(
+            out, {"host": host.name, "veth": host.veth, "link": args.state, "rate_kbit": rate_kbit}
+        )
+    else:
+        err.print(f"{host.name}: link {state} ({host.veth})")
     return EXIT_OK
 
 

@@ -50,9 +50,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     restart.add_argument("host", metavar="HOST")
     json_flag(restart)
-    link = lab_sub.add_parser("link", help="cut or restore a --netns host's link (fault test)")
+    link = lab_sub.add_parser(
+        "link", help="cut, restore or throttle a --netns host's link (fault tests)"
+    )
     link.add_argument("host", metavar="HOST")
-    link.add_argument("state", choices=("down", "up"))
+    link.add_argument(
+        "state",
+        choices=("down", "up", "throttle", "unthrottle"),
+        help="down/up: cut/restore; throttle KBPS: shape to KBPS kbit/s both ways; "
+        "unthrottle: back to the lab's --link-mbps (or unshaped)",
+    )
+    link.add_argument("kbps", nargs="?", type=int, default=None, metavar="KBPS")
     json_flag(link)
 
     vm = sub.add_parser("vm", help="create, list, show, delete VMs")
