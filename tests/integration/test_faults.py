@@ -8,8 +8,6 @@ outcome comes from ``/proc`` and QEMU, not from vmferry's own report.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from typing import Any
 
 import pytest
@@ -21,25 +19,6 @@ pytestmark = pytest.mark.qemu
 # pre-copy lasts seconds; a 64 MiB disk keeps the mirror short at that rate.
 CONFIG = CellConfig(
     netns=False, bandwidth_mbps=100, disk="64M", settle_timeout_s=40.0, cli_timeout_s=60.0
-)
-
-
-def _has_reconcile() -> bool:
-    result = subprocess.run(
-        [sys.executable, "-m", "vmferry.cli.main", "reconcile", "--help"],
-        capture_output=True,
-        check=False,
-    )
-    return result.returncode == 0
-
-
-# Measured before reconciliation existed (see README "Fault matrix"): a source agent killed in
-# pre-copy leaves its QEMU paused at the pre-switchover point (run state finish-migrate) with
-# the destination still inmigrate, and the restarted agent calls it "running": no copy runs.
-# A killed CLI leaves the half-done migration behind likewise. These must pass once
-# `vmferry reconcile` (and agents that reconcile on restart) exist.
-_NEEDS_RECONCILE = pytest.mark.xfail(
-    not _has_reconcile(), reason="no reconciliation yet (agent adoption, vmferry reconcile)"
 )
 
 
@@ -63,7 +42,6 @@ def test_destination_qemu_killed_during_precopy() -> None:
     assert record["report"]["running_on"] == "host-1"
 
 
-@_NEEDS_RECONCILE
 def test_source_agent_killed_during_precopy_and_restarted() -> None:
     record = run_cell(Cell("kill-src-agent", "precopy"), CONFIG)
     # Where it ends depends on whether QEMU finished the copy before anyone noticed; what
@@ -71,7 +49,6 @@ def test_source_agent_killed_during_precopy_and_restarted() -> None:
     assert record["outcome"] == "ok", _explain(record)
 
 
-@_NEEDS_RECONCILE
 def test_cli_killed_during_precopy() -> None:
     record = run_cell(Cell("kill-cli", "precopy"), CONFIG)
     assert record["outcome"] == "ok", _explain(record)
