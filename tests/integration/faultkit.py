@@ -44,6 +44,7 @@ from typing import Any
 from vmferry.agent.client import AgentClient
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import FerryError
+from vmferry.lab._reaper import cmdline
 from vmferry.lab.cluster import lab_down
 from vmferry.lab.netns import set_link, set_link_rate
 
@@ -205,14 +206,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
-
-
 def _cpu_ticks(pid: int) -> int | None:
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -233,7 +226,7 @@ def qemu_processes(lab_dir: Path, host: str) -> list[int]:
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = _cmdline(int(entry.name))
+        argv = cmdline(int(entry.name))
         if (
             argv
             and "qemu-system" in Path(argv[0]).name
@@ -295,7 +288,7 @@ def kill_agent(lab_dir: Path, host: str) -> KilledAgent:
     pid = agent_pid(lab_dir, host)
     if pid is None or not _alive(pid):
         raise RuntimeError(f"{host}'s agent is not running")
-    argv = _cmdline(pid)
+    argv = cmdline(pid)
     entry = Inventory.load(lab_dir).host(host)
     os.kill(pid, signal.SIGKILL)
     return KilledAgent(host, argv, entry.netns)

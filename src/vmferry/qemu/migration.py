@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from vmferry.core.errors import (
     FerryError,
     MigrationFailed,
@@ -122,6 +124,20 @@ async def query_stats(session: QmpSession) -> MigrationStats:
     return stats_from_reply(await session.execute("query-migrate"))
 
 
+async def _next_sample(
+    src: QmpSession,
+    listener: EventListener,
+    on_progress: Callable[[MigrationStats], None] | None,
+) -> MigrationStats:
+    """The next progress sample: after a status change, or the poll interval at the latest."""
+    with contextlib.suppress(QMPTimeout):
+        await src.next_event(listener, _POLL_S)
+    stats = await query_stats(src)
+    if on_progress is not None:
+        on_progress(stats)
+    return stats
+
+
 async def start_incoming(dst: QmpSession, listen_host: str, options: MigrationOptions) -> str:
     """Make the destination (started with ``-incoming defer``) listen; return the URI to use.
 
@@ -189,12 +205,7 @@ async def run_migration(
             previous = "setup"
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
-                    # No status change within the poll interval: sample progress anyway.
-                    with contextlib.suppress(QMPTimeout):
-                        await src.next_event(listener, _POLL_S)
-                    stats = await query_stats(src)
-                    if on_progress is not None:
-                        on_progress(stats)
+                    stats = await _next_sample(src, listener, on_progress)
                     if is_postcopy(stats.status) and deadline.when() is not None:
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
@@ -447,11 +458,7 @@ async def follow_postcopy(
     """
     with src.listener("MIGRATION") as listener:
         while True:
-            with contextlib.suppress(QMPTimeout):
-                await src.next_event(listener, _POLL_S)
-            stats = await query_stats(src)
-            if on_progress is not None:
-                on_progress(stats)
+            stats = await _next_sample(src, listener, on_progress)
             if stats.status == "completed":
                 return stats
             if stats.status in ("failed", "cancelled"):
