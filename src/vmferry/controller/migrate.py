@@ -255,7 +255,19 @@ async def migrate(
         return result
 
     notify(None)
-    uri, nbd = await destination.prepare_incoming(spec, options)
+    try:
+        uri, nbd = await destination.prepare_incoming(spec, options)
+    except ConfigError:
+        raise  # bad input, no room: refused, nothing changed
+    except FerryError as err:
+        # The destination failed to come up (its QEMU died, its agent went away): the guest
+        # never left the source. Whatever the destination kept is a leftover for reconcile.
+        logger.error("migration.destination_failed %s: %s", spec.name, err)
+        return report(
+            status="failed",
+            guest_alive=await _state_of(source, spec.name) != "stopped",
+            error=f"the destination on {request.destination} could not be prepared: {err}",
+        )
     try:
         await source.start_migration(spec.name, uri, options, nbd)
     except FerryError as err:
