@@ -750,7 +750,12 @@ def judge(cell: Cell, record: dict[str, Any]) -> None:
     if len(running) == 1:
         host = running[0][0]
         record["ended_on"] = host
-        if not verified:
+        if not verified and cell.loss_is_physical and report.get("guest_alive") is False:
+            # E.g. the source died during post-copy: the destination QEMU still "runs" a
+            # guest frozen on pages that are gone, and the report says the guest is lost.
+            outcome = "lost (unavoidable)"
+            notes.append(f"{host} keeps a partial guest; CLI said: {report.get('error')}"[:300])
+        elif not verified:
             outcome = "unverified"
         elif others:
             outcome = "ok+paused-copy"

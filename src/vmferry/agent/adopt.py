@@ -75,7 +75,7 @@ async def settle(qmp: QmpSession, directory: Path, why: str = RESTARTED) -> Adop
     """
     status = str((await qmp.execute("query-status"))["status"])
     migration = await migration_status(qmp)
-    if (directory / INCOMING_MARKER).exists():
+    if (directory / INCOMING_MARKER).exists() or status == "inmigrate":
         return Adopted("incoming", None)
     if is_postcopy(migration):
         mark(directory, POSTCOPY_MARKER)

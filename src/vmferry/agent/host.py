@@ -14,7 +14,9 @@ import contextlib
 import enum
 import json
 import logging
+import os
 import shutil
+import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -218,8 +220,28 @@ class HostAgent:
         """Adopt the VMs an earlier agent left running; ``tasks`` owns background work."""
         self._tasks = tasks
         self.vms_dir.mkdir(parents=True, exist_ok=True)
-        for spec_file in sorted(self.vms_dir.glob("*/spec.json")):
-            await self._adopt(spec_file)
+        for directory in sorted(p for p in self.vms_dir.iterdir() if p.is_dir()):
+            if (directory / "spec.json").exists():
+                await self._adopt(directory / "spec.json")
+            else:
+                await self._end_orphan(directory)
+
+    async def _end_orphan(self, directory: Path) -> None:
+        """End a QEMU whose start the previous agent never completed (it died between
+        starting QEMU and recording the VM): no guest was created or received there yet."""
+        try:
+            pid = int((directory / "qemu.pid").read_text().strip())
+        except (OSError, ValueError):
+            pid = 0
+        if pid and is_qemu_pid(pid):
+            self.logger.warning("agent.orphan %s: ending QEMU pid %d", directory.name, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            for _ in range(100):
+                if not is_qemu_pid(pid):
+                    break
+                await asyncio.sleep(0.05)
+        shutil.rmtree(directory, ignore_errors=True)
 
     async def _adopt(self, spec_file: Path) -> None:
         directory = spec_file.parent
@@ -591,6 +613,7 @@ class HostAgent:
         local = spec.disk is not None and spec.disk.storage == "local"
         slot = await self._launch(spec, incoming=True, new_disk=local)
         assert slot.vm is not None
+        mark(self._dir(spec.name), INCOMING_MARKER)  # a restarted agent keeps it incoming
         try:
             uri = await start_incoming(slot.vm.qmp, self.config.migration_address, options)
             nbd = await export_disk(slot.vm.qmp, self.config.migration_address) if local else None
@@ -598,7 +621,6 @@ class HostAgent:
             await slot.vm.stop()
             self._forget(spec.name, self._owned_disk(spec))
             raise
-        mark(self._dir(spec.name), INCOMING_MARKER)  # a restarted agent keeps it incoming
         self.logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
         return uri, nbd
 

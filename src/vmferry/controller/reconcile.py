@@ -126,6 +126,15 @@ async def _carry_out(cluster: Cluster, decision: Decision, result: Reconciled) -
                 # source takes the guest back.
                 await _take_back(cluster, source, step, decision.vm, result, err)
                 return
+            if step.kind is StepKind.FINISH:
+                # Its source is gone too: what the destination holds is all there is.
+                result.verdict = "lost"
+                result.error = (
+                    f"{step}: {err} — the source is gone and the copy on {step.host} did "
+                    "not come up intact: the guest is lost (that QEMU is kept for inspection)"
+                )
+                logger.error("reconcile.lost %s: %s", decision.vm, result.error)
+                return
             result.verdict = "lost" if step.kind is StepKind.RESUME else "failed"
             result.error = f"{step}: {err}"
             logger.error("reconcile.step_failed %s %s: %s", decision.vm, step, err)
