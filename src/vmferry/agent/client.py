@@ -180,6 +180,11 @@ class AgentClient:
             (await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s))["runstate"]
         )
 
+    async def qemu_migration(self, name: str, timeout_s: float = 10.0) -> str:
+        """QEMU's own migration status for VM ``name`` here (``gone``: no QEMU runs it)."""
+        data = await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s)
+        return str(data["migration"])
+
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(
             "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S

@@ -72,6 +72,7 @@ from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
     follow_postcopy,
+    migration_status,
     pause_postcopy,
     recover_incoming,
     resume_completed_source,
@@ -385,6 +386,15 @@ class HostAgent:
     def get(self, name: str) -> VmInfo:
         """Raises: NotFound."""
         return self._vm_info(self._slot(name))
+
+    async def qemu_state(self, name: str) -> tuple[str, str]:
+        """:meth:`runstate` and QEMU's migration status (``none``/``gone`` when none)."""
+        runstate = await self.runstate(name)
+        if runstate == "gone":
+            return runstate, "gone"
+        vm = self._slot(name).vm
+        assert vm is not None
+        return runstate, await migration_status(vm.qmp)
 
     async def runstate(self, name: str) -> str:
         """What VM ``name``'s QEMU itself says about its guest (``query-status``: ``running``,

@@ -191,7 +191,8 @@ async def _show(request: web.Request) -> web.Response:
 
 async def _runstate(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    return web.json_response({"name": name, "runstate": await _agent(request).runstate(name)})
+    runstate, migration = await _agent(request).qemu_state(name)
+    return web.json_response({"name": name, "runstate": runstate, "migration": migration})
 
 
 async def _delete(request: web.Request) -> web.Response:

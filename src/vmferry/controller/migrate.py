@@ -313,6 +313,18 @@ async def migrate(
             since = 0
             samples = []
             if postcopy:
+                # Broken link, or only the source's agent gone? The destination's QEMU knows
+                # whether the post-copy itself still runs.
+                incoming = await _incoming_status(destination, spec.name)
+                if incoming == "completed":
+                    logger.warning("migration.completed_without_source_agent %s", spec.name)
+                    outcome = OutgoingResult("completed", None, last, None, None)
+                    continue
+                if incoming == "postcopy-active":
+                    logger.warning("migration.source_agent_away %s: post-copy runs", spec.name)
+                    progress_at = loop.time()
+                    await asyncio.sleep(1.0)
+                    continue
                 # The source is behind a broken link too: the stall check below starts a
                 # recovery, which keeps trying to reach it.
                 logger.warning("migration.source_unreachable %s: %s", spec.name, err)
@@ -560,7 +572,7 @@ async def migrate(
     try:
         await source.handoff(spec.name)
     except FerryError as err:
-        error = f"source QEMU not cleaned up: {err}"
+        error = f"source QEMU not cleaned up: {err} (`vmferry reconcile` removes it)"
     gap = None
     if outcome.last_heartbeat_ms is not None:
         gap = round(max(outcome.max_gap_ms or 0, first_ms - outcome.last_heartbeat_ms))
@@ -685,6 +697,14 @@ async def drop_unstarted(destination: AgentClient, name: str) -> bool:
         logger.warning("migration.destination_kept %s: %s", name, err)
         return False
     return True
+
+
+async def _incoming_status(destination: AgentClient, name: str) -> str | None:
+    """The destination QEMU's migration status; None if its agent does not answer."""
+    try:
+        return await destination.qemu_migration(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
+    except FerryError:
+        return None
 
 
 async def _state_of(agent: AgentClient, name: str) -> str | None:
