@@ -1,5 +1,5 @@
 # vmferry — the two commands a user needs are `make demo` and `make test`.
-.PHONY: setup demo test check lint typecheck layers bench soak clean
+.PHONY: setup demo test check lint typecheck layers bench soak faults clean
 
 UV ?= uv
 PYTEST_ARGS ?=
@@ -33,6 +33,11 @@ bench: setup
 SOAK_ARGS ?=
 soak: setup
 	$(UV) run python bench/soak.py $(SOAK_ARGS)
+
+# Faults injected at every phase of a migration (root: netns labs); FAULTS_ARGS="--only kill-cli"
+FAULTS_ARGS ?=
+faults: setup
+	$(UV) run python bench/faults.py $(FAULTS_ARGS)
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache .pytest_cache bench/results

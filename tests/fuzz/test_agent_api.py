@@ -37,6 +37,7 @@ ROUTES = [
     ("POST", "/v1/vms"),
     ("GET", "/v1/vms/{name}"),
     ("DELETE", "/v1/vms/{name}"),
+    ("GET", "/v1/vms/{name}/runstate"),
     ("POST", "/v1/vms/{name}/verify"),
     ("POST", "/v1/incoming"),
     ("POST", "/v1/vms/{name}/finish"),
@@ -51,6 +52,8 @@ ROUTES = [
     ("GET", "/v1/vms/{name}/migration"),
     ("POST", "/v1/vms/{name}/cancel"),
     ("POST", "/v1/vms/{name}/handoff"),
+    ("POST", "/v1/vms/{name}/resume-source"),
+    ("POST", "/v1/vms/{name}/forget"),
     ("PUT", "/v1/vms"),
     ("GET", "/v1/{name}"),
 ]

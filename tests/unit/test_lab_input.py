@@ -13,7 +13,7 @@ from vmferry.lab.cluster import (
     default_memory_per_host_bytes,
     validate_lab_request,
 )
-from vmferry.lab.netns import require_root, tbf_burst_bytes
+from vmferry.lab.netns import require_root, tbf_burst_bytes, tbf_burst_bytes_kbit
 
 VALID = [
     {"hosts": 1},
@@ -71,6 +71,17 @@ def test_default_memory_refuses_a_tiny_machine() -> None:
 )
 def test_tbf_burst_covers_a_timer_tick(mbps: int, burst: int) -> None:
     assert tbf_burst_bytes(mbps) == burst
+
+
+@pytest.mark.parametrize(
+    ("kbit", "burst"),
+    [(8, 4096), (1000, 4096), (100_000, 50_000), (200_000, 100_000)],
+)
+def test_throttled_links_keep_a_few_frames_of_burst(kbit: int, burst: int) -> None:
+    # A link throttled to 8 kbit/s still passes whole frames; Mbit rates agree with kbit ones.
+    assert tbf_burst_bytes_kbit(kbit) == burst
+    if kbit % 1000 == 0:
+        assert tbf_burst_bytes(kbit // 1000) == burst
 
 
 def test_netns_refused_clearly_when_not_root(monkeypatch: pytest.MonkeyPatch) -> None:

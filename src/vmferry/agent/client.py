@@ -170,8 +170,16 @@ class AgentClient:
     async def list_vms(self) -> list[VmInfo]:
         return [VmInfo.from_json(item) for item in await self._call("GET", "/vms")]
 
-    async def get_vm(self, name: str) -> VmInfo:
-        return VmInfo.from_json(await self._call("GET", f"/vms/{name}"))
+    async def get_vm(self, name: str, timeout_s: float | None = None) -> VmInfo:
+        return VmInfo.from_json(
+            await self._call("GET", f"/vms/{name}", timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
+        )
+
+    async def runstate(self, name: str, timeout_s: float = 10.0) -> str:
+        """QEMU's own run state of VM ``name`` (``gone``: no QEMU runs it)."""
+        return str(
+            (await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s))["runstate"]
+        )
 
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(
@@ -277,6 +285,14 @@ class AgentClient:
 
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")
+
+    async def forget(self, name: str) -> None:
+        """Drop the record of a VM whose QEMU died on this host."""
+        await self._call("POST", f"/vms/{name}/forget")
+
+    async def resume_source(self, name: str) -> None:
+        """Run the guest again on a source whose completed pre-copy lost its destination."""
+        await self._call("POST", f"/vms/{name}/resume-source")
 
     # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
 

@@ -15,9 +15,19 @@ import enum
 import json
 import logging
 import shutil
+from collections.abc import Coroutine
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
+from vmferry.agent.adopt import (
+    INCOMING_MARKER,
+    POSTCOPY_MARKER,
+    Adopted,
+    mark,
+    settle,
+    unmark,
+)
 from vmferry.agent.api import (
     CapacityError,
     GuestMeasurement,
@@ -29,7 +39,7 @@ from vmferry.agent.api import (
 from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
 from vmferry.agent.qemu_user import QemuArea, QemuUser
 from vmferry.agent.vm import RunningVm, launch, reattach
-from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, StateError
+from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, QMPTimeout, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import (
     DISK_PHASE,
@@ -42,6 +52,7 @@ from vmferry.core.model import (
     spec_from_json,
     spec_to_json,
 )
+from vmferry.core.recovery import is_postcopy
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
@@ -59,8 +70,10 @@ from vmferry.qemu.measure import measure_disk_writes, measure_guest
 from vmferry.qemu.migration import (
     cancel_migration,
     ensure_running,
+    follow_postcopy,
     pause_postcopy,
     recover_incoming,
+    resume_completed_source,
     resume_postcopy,
     run_migration,
     start_incoming,
@@ -84,7 +97,10 @@ _MIRROR_POLL_S = 0.2
 _MIRROR_STALL_S = 3.0
 # How long a source paused at the switchover waits for the controller's go-ahead before it
 # gives up, cancels and resumes the guest (a controller that died must not leave it paused).
-_HANDOVER_TIMEOUT_S = 30.0
+_HANDOVER_TIMEOUT_S = 10.0
+# How long a failed migration's source QEMU may stay silent (e.g. its main loop held while a
+# switchover crawls over a throttled link) before the agent stops waiting to judge it.
+_BUSY_QEMU_WAIT_S = 900.0
 
 
 async def _none() -> None:
@@ -231,18 +247,52 @@ class HostAgent:
             return
         try:
             vm = await reattach(spec, directory, role=self.config.host, pid=pid)
-            status = str((await vm.qmp.execute("query-status"))["status"])
         except FerryError as err:
             self.logger.error("agent.adopt: cannot reattach %s (pid %s): %s", spec.name, pid, err)
             self._slots[spec.name] = Slot(spec, VmState.STOPPED, None)
             return
-        state = {
-            "running": VmState.RUNNING,
-            "inmigrate": VmState.INCOMING,
-            "postmigrate": VmState.MIGRATED,
-        }.get(status, VmState.RUNNING)
-        self._slots[spec.name] = Slot(spec, state, vm)
-        self.logger.info("agent.adopted %s pid=%s state=%s", spec.name, pid, state.value)
+        try:
+            adopted = await settle(vm.qmp, directory)
+        except FerryError as err:
+            # Keep it attached (it may still be listed and deleted) but touch nothing more.
+            self.logger.error("agent.adopt: cannot settle %s (pid %s): %s", spec.name, pid, err)
+            adopted = Adopted("running", None)
+        slot = Slot(spec, VmState(adopted.state), vm)
+        self._slots[spec.name] = slot
+        if adopted.outcome is not None or adopted.follow:
+            slot.outgoing = Outgoing()
+        if adopted.outcome is not None:
+            assert slot.outgoing is not None
+            slot.outgoing.finish(adopted.outcome)
+        if adopted.follow:
+            self._background_task(self._follow_postcopy(slot, vm), f"follow-{spec.name}")
+        self.logger.info("agent.adopted %s pid=%s state=%s", spec.name, pid, slot.state.value)
+
+    def _background_task(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._tasks is None:
+            raise StateError("agent", "not started", "started")
+        task = self._tasks.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _follow_postcopy(self, slot: Slot, vm: RunningVm) -> None:
+        """Follow a post-copy an earlier agent started, to its end (see :mod:`.adopt`)."""
+        outgoing = slot.outgoing
+        assert outgoing is not None
+        try:
+            final = await follow_postcopy(vm.qmp, outgoing.push)
+        except FerryError as err:
+            # Never resumed here: the destination ran the guest.
+            slot.state = VmState.MIGRATED
+            last = outgoing.samples[-1] if outgoing.samples else None
+            outgoing.finish(OutgoingResult("failed", str(err), last, None, None))
+            return
+        slot.state = VmState.MIGRATED
+        try:
+            used_tls = await migration_tls_creds(vm.qmp) is not None
+        except FerryError:
+            used_tls = False  # the report then understates it; the move itself completed
+        outgoing.finish(OutgoingResult("completed", None, final, None, None, tls=used_tls))
 
     def cancel_background(self) -> None:
         """Cancel in-flight migrations (each cancels its QEMU migration; guests stay here)."""
@@ -331,6 +381,21 @@ class HostAgent:
     def get(self, name: str) -> VmInfo:
         """Raises: NotFound."""
         return self._vm_info(self._slot(name))
+
+    async def runstate(self, name: str) -> str:
+        """What VM ``name``'s QEMU itself says about its guest (``query-status``: ``running``,
+        ``paused``, ``inmigrate``, ``postmigrate``, ``postcopy-paused``...), which can differ
+        from this agent's state (e.g. a destination that completed without a controller still
+        counts as ``incoming`` here but runs the guest); ``gone`` when no QEMU runs it.
+
+        Raises:
+            NotFound: no such VM.
+            QMPCommandError, QMPTimeout: QEMU did not answer.
+        """
+        slot = self._slot(name)
+        if slot.vm is None or not slot.vm.process.is_running:
+            return "gone"
+        return str((await slot.vm.qmp.execute("query-status"))["status"])
 
     def _running(self, name: str, want: VmState = VmState.RUNNING) -> tuple[Slot, RunningVm]:
         slot = self._slot(name)
@@ -579,6 +644,7 @@ class HostAgent:
             await slot.vm.stop()
             self._forget(spec.name, self._owned_disk(spec))
             raise
+        mark(self._dir(spec.name), INCOMING_MARKER)  # a restarted agent keeps it incoming
         self.logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
         return uri, nbd
 
@@ -610,6 +676,7 @@ class HostAgent:
             first_ms = vm.channel.heartbeats.first_arrival_ms
             assert first_ms is not None
             slot.state = VmState.RUNNING
+            unmark(self._dir(name), INCOMING_MARKER)
             integrity = await vm.verify()
         self.logger.info("migration.arrived %s ok=%s", name, integrity.ok)
         return first_ms, integrity
@@ -620,8 +687,14 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: it is not an unfinished incoming VM.
+            StateError: it is not an unfinished incoming VM, or its QEMU has received the
+                guest already (left QEMU's ``inmigrate``): that copy is never ended here.
         """
+        slot = self._slot(name)
+        if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
+            status = str((await slot.vm.qmp.execute("query-status"))["status"])
+            if status != "inmigrate":
+                raise StateError(f"incoming VM {name}", f"{status} (received)", "inmigrate")
         await self._retire(name, VmState.INCOMING)
         self.logger.info("migration.incoming_aborted %s", name)
 
@@ -651,11 +724,10 @@ class HostAgent:
         slot.state = VmState.MIGRATING
         slot.outgoing = Outgoing()
         slot.recovery_attempt = 0
-        task = self._tasks.create_task(
-            self._run_outgoing(slot, vm, uri, options, nbd, tls_dir), name=f"migrate-{name}"
+        unmark(self._dir(name), POSTCOPY_MARKER)
+        self._background_task(
+            self._run_outgoing(slot, vm, uri, options, nbd, tls_dir), f"migrate-{name}"
         )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
 
     async def _run_outgoing(
         self,
@@ -702,6 +774,8 @@ class HostAgent:
                     await self._hand_over_disk(slot, vm)
 
             def push(stats: MigrationStats) -> None:
+                if is_postcopy(stats.status):
+                    mark(vm.paths.directory, POSTCOPY_MARKER)  # never resume this source
                 outgoing.push(
                     replace(
                         stats,
@@ -721,13 +795,20 @@ class HostAgent:
         except Exception as err:  # the task's boundary: whatever failed, put the guest back
             if not isinstance(err, FerryError | OSError):
                 self.logger.exception("migration.crashed %s", vm.label)
-            if mirrored:
-                with contextlib.suppress(FerryError):
-                    await abort_mirror(vm.qmp)
             heartbeats.close_window()
-            slot.state = await self._resume_source(vm)
             last = outgoing.samples[-1] if outgoing.samples else None
-            outgoing.finish(OutgoingResult("failed", str(err), last, None, None))
+            # Judged from QEMU's own state, once it answers again: a QMP timeout at the
+            # switchover (QEMU holds its main loop while it sends the device state over a
+            # slow link) does not mean the migration failed — it may complete meanwhile.
+            settled = await self._settle(vm, str(err))
+            slot.state = VmState(settled.state)
+            result = settled.outcome or OutgoingResult("failed", str(err), last, None, None)
+            if result.status == "failed" and result.stats is None:
+                result = replace(result, stats=last)
+            if settled.follow:
+                self._background_task(self._follow_postcopy(slot, vm), f"follow-{vm.label}")
+            else:
+                outgoing.finish(result)
             return
         except BaseException:
             # Agent shutting down mid-migration: leave the guest running here.
@@ -848,13 +929,31 @@ class HostAgent:
                 self.logger.info("disk.mirror_stalled %s: write-blocking now", vm.label)
             await asyncio.sleep(_MIRROR_POLL_S)
 
-    async def _resume_source(self, vm: RunningVm) -> VmState:
-        try:
-            status = await ensure_running(vm.qmp)
-        except FerryError as err:
-            self.logger.error("migration.rollback %s: %s", vm.label, err)
-            return VmState.STOPPED if not vm.process.is_running else VmState.RUNNING
-        return VmState.RUNNING if status == "running" else VmState.MIGRATED
+    async def _settle(self, vm: RunningVm, why: str) -> Adopted:
+        """Settle a source whose migration task failed (see :func:`.adopt.settle`), waiting
+        as long as its QEMU lives but does not answer."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + _BUSY_QEMU_WAIT_S
+        while True:
+            try:
+                return await settle(vm.qmp, vm.paths.directory, why)
+            except QMPTimeout as err:
+                if not vm.process.is_running or loop.time() > give_up:
+                    self.logger.error("migration.unsettled %s: %s", vm.label, err)
+                    break
+                self.logger.warning("migration.qemu_busy %s: %s; waiting", vm.label, err)
+                await asyncio.sleep(1.0)
+            except FerryError as err:
+                self.logger.error("migration.unsettled %s: %s", vm.label, err)
+                break
+        if not vm.process.is_running:
+            return Adopted(
+                "stopped", OutgoingResult("failed", f"{why}; QEMU died", None, None, None)
+            )
+        # Alive but silent for many minutes: leave it to a human, claim nothing.
+        return Adopted(
+            "migrating", OutgoingResult("failed", f"{why}; QEMU does not answer", None, None, None)
+        )
 
     async def outgoing_progress(
         self, name: str, since: int, wait_s: float
@@ -967,6 +1066,42 @@ class HostAgent:
             slot.outgoing.cancel_requested = True  # seen by the disk phase and the handover
             slot.outgoing.handover.set()
         await vm.qmp.execute("migrate_cancel")
+
+    async def forget(self, name: str) -> None:
+        """Drop the record of VM ``name`` whose QEMU died here while the guest runs elsewhere
+        (or is lost), with this host's local image of it; a shared image is left alone.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: its QEMU still runs.
+        """
+        slot = self._slot(name)
+        if slot.vm is not None and slot.vm.process.is_running:
+            raise StateError(f"VM {name}", slot.state.value, "stopped (its QEMU dead)")
+        async with slot.lock:
+            if slot.vm is not None:
+                await slot.vm.stop()  # reaps it and closes our connections
+            self._forget(name, self._owned_disk(slot.spec))
+        self.logger.info("vm.forgotten %s", name)
+
+    async def resume_source(self, name: str) -> None:
+        """Run VM ``name`` here again after a completed pre-copy whose destination copy is
+        gone (its QEMU died before the guest ran there): this host's memory is the guest's
+        only current state. The caller must have made sure no destination QEMU is left.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it has not migrated, or its migration entered post-copy (the
+                destination ran the guest: resuming here would run an older copy).
+        """
+        slot, vm = self._running(name, VmState.MIGRATED)
+        if (self._dir(name) / POSTCOPY_MARKER).exists():
+            raise StateError(f"VM {name}", "migrated in post-copy", "migrated in pre-copy")
+        async with slot.lock:
+            await resume_completed_source(vm.qmp)
+            slot.state = VmState.RUNNING
+            slot.outgoing = None
+        self.logger.warning("migration.source_resumed %s", name)
 
     async def handoff(self, name: str) -> None:
         """End the source QEMU after a completed migration; the guest lives elsewhere now.

@@ -26,6 +26,8 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     GET    /vms/{name}/migration?since=N&wait=S                 -> {samples, result, next}
     POST   /vms/{name}/cancel                                   -> 202
     POST   /vms/{name}/handoff                                  -> 204
+    POST   /vms/{name}/resume-source                            -> 204 (completed, target gone)
+    POST   /vms/{name}/forget                                   -> 204 (its QEMU died)
     POST   /vms/{name}/postcopy/pause     {attempt}             -> {"status"} (either side)
     POST   /vms/{name}/postcopy/recover   {attempt}             -> {"uri"} (destination)
     POST   /vms/{name}/postcopy/resume    {uri, attempt}        -> {"status"} (source)
@@ -191,6 +193,11 @@ async def _show(request: web.Request) -> web.Response:
     return web.json_response(_agent(request).get(request.match_info["name"]).to_json())
 
 
+async def _runstate(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    return web.json_response({"name": name, "runstate": await _agent(request).runstate(name)})
+
+
 async def _delete(request: web.Request) -> web.Response:
     await _agent(request).delete(request.match_info["name"])
     return web.Response(status=204)
@@ -319,6 +326,16 @@ async def _handoff(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def _forget(request: web.Request) -> web.Response:
+    await _agent(request).forget(request.match_info["name"])
+    return web.Response(status=204)
+
+
+async def _resume_source(request: web.Request) -> web.Response:
+    await _agent(request).resume_source(request.match_info["name"])
+    return web.Response(status=204)
+
+
 def _attempt(body: dict[str, Any]) -> int:
     attempt = body.get("attempt", 0)
     if not isinstance(attempt, int) or isinstance(attempt, bool) or attempt < 0:
@@ -362,6 +379,7 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms", _create)
     app.router.add_get(f"{p}/vms/{{name}}", _show)
     app.router.add_delete(f"{p}/vms/{{name}}", _delete)
+    app.router.add_get(f"{p}/vms/{{name}}/runstate", _runstate)
     app.router.add_post(f"{p}/vms/{{name}}/verify", _verify)
     app.router.add_post(f"{p}/incoming", _incoming)
     app.router.add_post(f"{p}/vms/{{name}}/finish", _finish)
@@ -377,6 +395,8 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/release-disk", _release_disk)
     app.router.add_post(f"{p}/vms/{{name}}/switchover", _switchover)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
+    app.router.add_post(f"{p}/vms/{{name}}/resume-source", _resume_source)
+    app.router.add_post(f"{p}/vms/{{name}}/forget", _forget)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy/pause", _postcopy_pause)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy/recover", _postcopy_recover)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy/resume", _postcopy_resume)

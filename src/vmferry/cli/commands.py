@@ -20,6 +20,7 @@ from vmferry.cli.render import (
     history_table,
     hosts_table,
     plan_table,
+    reconcile_table,
     report_table,
     vm_table,
 )
@@ -123,14 +124,46 @@ async def _lab_down(args: argparse.Namespace, err: Console, out: Console) -> int
     return EXIT_OK
 
 
-async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int:
-    from vmferry.lab.netns import set_link
+async def _lab_restart(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.cluster import lab_restart
 
-    host = await set_link(validate_name(args.host, "host name"), args.state == "up")
+    name = validate_name(args.host, "host name")
+    with err.status(f"starting {name}'s agent…"):
+        entry = await lab_restart(name)
     if args.json:
-        _print_json(out, {"host": host.name, "veth": host.veth, "link": args.state})
+        _print_json(out, entry.to_json())
     else:
-        err.print(f"{host.name}: link {args.state} ({host.veth})")
+        err.print(f"{entry.name}: agent running again (pid {entry.pid}, {entry.url})")
+    return EXIT_OK
+
+
+async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.lab.netns import set_link, set_link_rate
+
+    name = validate_name(args.host, "host name")
+    rate_kbit: int | None = None
+    if args.state in ("down", "up"):
+        if args.kbps is not None:
+            raise ConfigError(f"`lab link HOST {args.state}` takes no rate")
+        host = await set_link(name, args.state == "up")
+        state = args.state
+    elif args.state == "throttle":
+        if args.kbps is None:
+            raise ConfigError("`lab link HOST throttle KBPS` needs a rate in kbit/s")
+        rate_kbit = args.kbps
+        host = await set_link_rate(name, rate_kbit)
+        state = f"throttled to {rate_kbit} kbit/s"
+    else:
+        link_mbps = Inventory.load().link_mbps
+        rate_kbit = None if link_mbps is None else link_mbps * 1000
+        host = await set_link_rate(name, rate_kbit)
+        state = "unshaped" if rate_kbit is None else f"shaped to {link_mbps} Mbit/s again"
+    if args.json:
+        _print_json(
+            out, {"host": host.name, "veth": host.veth, "link": args.state, "rate_kbit": rate_kbit}
+        )
+    else:
+        err.print(f"{host.name}: link {state} ({host.veth})")
     return EXIT_OK
 
 
@@ -287,6 +320,23 @@ async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
     return EXIT_OK if report.is_success else EXIT_FAILED
 
 
+async def _reconcile(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.controller.reconcile import reconcile
+
+    if not 0 < args.wait <= 86_400:
+        raise ConfigError("--wait must be in (0, 86400] seconds")
+    inventory = Inventory.load()
+    async with Cluster(inventory) as cluster:
+        with err.status("looking at every host…"):
+            results = await reconcile(cluster, wait_s=args.wait)
+    if args.json:
+        _print_json(out, [r.to_json() for r in results])
+    else:
+        out.print(reconcile_table(results))
+    bad = [r for r in results if r.verdict in ("lost", "conflict", "failed", "in-flight")]
+    return EXIT_FAILED if bad else EXIT_OK
+
+
 async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
     if args.vm is not None:
         validate_name(args.vm)
@@ -418,6 +468,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("lab", "up"): _lab_up,
     ("lab", "status"): _lab_status,
     ("lab", "down"): _lab_down,
+    ("lab", "restart"): _lab_restart,
     ("lab", "link"): _lab_link,
     ("vm", "create"): _vm_create,
     ("vm", "list"): _vm_list,
@@ -426,6 +477,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("verify", None): _verify,
     ("plan", None): _plan,
     ("migrate", None): _migrate,
+    ("reconcile", None): _reconcile,
     ("history", None): _history,
     ("demo", None): _demo,
     ("image", "build"): _image_build,

@@ -45,9 +45,22 @@ def _parser() -> argparse.ArgumentParser:
     json_flag(up)
     json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
     json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
-    link = lab_sub.add_parser("link", help="cut or restore a --netns host's link (fault test)")
+    restart = lab_sub.add_parser(
+        "restart", help="start a host's agent again after it died (it adopts its VMs)"
+    )
+    restart.add_argument("host", metavar="HOST")
+    json_flag(restart)
+    link = lab_sub.add_parser(
+        "link", help="cut, restore or throttle a --netns host's link (fault tests)"
+    )
     link.add_argument("host", metavar="HOST")
-    link.add_argument("state", choices=("down", "up"))
+    link.add_argument(
+        "state",
+        choices=("down", "up", "throttle", "unthrottle"),
+        help="down/up: cut/restore; throttle KBPS: shape to KBPS kbit/s both ways; "
+        "unthrottle: back to the lab's --link-mbps (or unshaped)",
+    )
+    link.add_argument("kbps", nargs="?", type=int, default=None, metavar="KBPS")
     json_flag(link)
 
     vm = sub.add_parser("vm", help="create, list, show, delete VMs")
@@ -135,6 +148,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     json_flag(migrate)
 
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="after a crash: finish or undo half-done migrations (one running copy per VM)",
+    )
+    reconcile.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long to wait for a migration still in flight (default 300)",
+    )
+    json_flag(reconcile)
     history = sub.add_parser("history", help="past migrations")
     history.add_argument("--vm", default=None)
     history.add_argument("--limit", type=int, default=50)

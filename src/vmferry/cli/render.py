@@ -12,6 +12,7 @@ from rich.text import Text
 from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
+from vmferry.controller.reconcile import Reconciled
 from vmferry.core.model import DISK_PHASE, MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.recovery import POSTCOPY_RECOVERING
@@ -89,6 +90,29 @@ class ProgressLine:
                 + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
             )
         self._live.update(line)
+
+
+def reconcile_table(results: Sequence[Reconciled]) -> Table:
+    """One row per VM: what reconciling found and did."""
+    table = Table(title="vmferry reconcile")
+    table.add_column("VM")
+    table.add_column("verdict")
+    table.add_column("runs on")
+    table.add_column("done / why")
+    for result in results:
+        done = "; ".join(result.done) or "nothing to do"
+        why = result.error or result.reason
+        bad = result.verdict in ("lost", "conflict", "failed", "in-flight")
+        if result.integrity is not None:
+            done += f" (verified: {'ok' if result.integrity.ok else 'BAD'})"
+        table.add_row(
+            result.vm,
+            result.verdict,
+            result.running_on or "-",
+            f"{done} — {why}",
+            style="red" if bad else None,
+        )
+    return table
 
 
 def report_table(reports: Sequence[MigrationReport]) -> Table:

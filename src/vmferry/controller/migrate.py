@@ -38,7 +38,15 @@ from vmferry.core.predict import StrategyPrediction
 from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_postcopy, is_stalled
 from vmferry.core.strategy import Action, Goal, Progress, replan
 
-__all__ = ["STRATEGIES", "GoalUnreachable", "MigrationRequest", "ProgressCallback", "migrate"]
+__all__ = [
+    "STRATEGIES",
+    "GoalUnreachable",
+    "MigrationRequest",
+    "ProgressCallback",
+    "drop_unstarted",
+    "migrate",
+    "recover_postcopy",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,13 @@ POSTCOPY_STALL_S = 1.0
 _RECOVERY_GRACE_S = 1.0
 # Calls to a destination behind a broken link fail fast, so the next attempt comes sooner.
 _RECOVERY_CALL_TIMEOUT_S = 3.0
+# A pre-copy (or disk copy) that sent nothing for this long is cancelled (the guest runs on
+# at the source); statuses in which that is checked:
+PRECOPY_STALL_S = 30.0
+_STALLABLE = frozenset({"setup", "active", "device", DISK_PHASE})
+# How long an agent may be unreachable (e.g. being restarted) before the controller gives up
+# on following the migration and leaves it to `vmferry reconcile`.
+AGENT_RETURN_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,9 +271,35 @@ async def migrate(
         return result
 
     notify(None)
-    uri, nbd = await destination.prepare_incoming(spec, options)
+    try:
+        uri, nbd = await destination.prepare_incoming(spec, options)
+    except ConfigError:
+        raise  # bad input, no room: refused, nothing changed
+    except FerryError as err:
+        # The destination failed to come up (its QEMU died, its agent went away): the guest
+        # never left the source. Whatever the destination kept is a leftover for reconcile.
+        logger.error("migration.destination_failed %s: %s", spec.name, err)
+        return report(
+            status="failed",
+            guest_alive=await _state_of(source, spec.name) != "stopped",
+            error=f"the destination on {request.destination} could not be prepared: {err}",
+        )
     try:
         await source.start_migration(spec.name, uri, options, nbd)
+    except FerryError as err:
+        with contextlib.suppress(FerryError):
+            await destination.abort_incoming(spec.name)
+        alive = await _state_of(source, spec.name) != "stopped"
+        logger.error("migration.not_started %s: %s", spec.name, err)
+        phase = Phase.FAILED
+        return report(
+            status="failed",
+            guest_alive=alive,
+            error=f"could not start the migration on {source_host}: {err}"
+            if alive
+            else f"the source QEMU on {source_host} died ({err}): the guest is lost; no copy "
+            f"runs (the destination on {request.destination} was removed)",
+        )
     except BaseException:
         await asyncio.shield(destination.abort_incoming(spec.name))
         raise
@@ -272,8 +313,9 @@ async def migrate(
     handed_over = False
     replan_error: str | None = None
     postcopy = False  # once True the destination owns the guest: never abort it
-    sent_bytes, progress_at = -1, loop.time()
+    sent_bytes, disk_sent_bytes, progress_at = -1, -1, loop.time()
     grace_until = 0.0
+    lost_since: float | None = None
     while outcome is None:
         try:
             samples, since, outcome = await source.migration_progress(
@@ -283,12 +325,31 @@ async def migrate(
                 timeout_s=_POLL_WAIT_S + _RECOVERY_CALL_TIMEOUT_S if postcopy else None,
             )
         except AgentUnreachable as err:
-            if not postcopy:
-                raise
-            # The source is behind a broken link too: the stall check below starts a
-            # recovery, which keeps trying to reach it.
-            logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            # The next answer may come from a restarted agent, which numbers samples anew.
+            since = 0
             samples = []
+            if postcopy:
+                # The source is behind a broken link too: the stall check below starts a
+                # recovery, which keeps trying to reach it.
+                logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+            else:
+                # QEMU goes on without its agent; a restarted agent settles the migration
+                # (see agent.adopt) and answers with its outcome. Wait for it a while.
+                lost_since = lost_since if lost_since is not None else loop.time()
+                if loop.time() - lost_since > AGENT_RETURN_S:
+                    phase = Phase.FAILED
+                    notify(last)
+                    return report(
+                        status="failed",
+                        error=(
+                            f"{source_host}'s agent did not answer for {AGENT_RETURN_S:g} s "
+                            f"({err}): the migration's outcome is unknown. Restart the agent "
+                            "and run `vmferry reconcile`."
+                        ),
+                    )
+                logger.warning("migration.source_unreachable %s: %s", spec.name, err)
+                await asyncio.sleep(1.0)
+                continue
         except asyncio.CancelledError:
             # Interrupted: cancel, then keep following (shielded) so we know where the guest is.
             if not cancel_sent:
@@ -302,11 +363,14 @@ async def migrate(
             else:
                 await asyncio.shield(_switch(source, destination, spec.name))
             raise
+        lost_since = None
         for stats in samples:
             last = stats
             if stats.status == DISK_PHASE:
                 # The disk copy precedes QEMU's migration: progress to show, nothing to re-plan.
                 disk_ms = stats.total_ms
+                if stats.disk_copied_bytes != disk_sent_bytes:
+                    disk_sent_bytes, progress_at = stats.disk_copied_bytes, loop.time()
                 notify(stats)
                 continue
             if stats.status == DISK_SYNCED:
@@ -346,7 +410,20 @@ async def migrate(
             broke = last.status if last.status in POSTCOPY_RECOVERING else "stalled"
             logger.warning("migration.postcopy_broken %s: %s", spec.name, broke)
             notify(replace(last, status="postcopy-paused"))
-            recovered_in_s = await _recover(source, destination, spec.name, policy, attempts)
+            try:
+                recovered_in_s = await recover_postcopy(
+                    source, destination, spec.name, policy, attempts
+                )
+            except PostcopyLost as lost:
+                phase = Phase.FAILED
+                notify(last)
+                logger.error("migration.postcopy_lost %s: %s", spec.name, lost)
+                return report(
+                    status="failed",
+                    running_on=request.destination,
+                    guest_alive=False,
+                    error=_postcopy_loss(lost.dead_host, source_host, request.destination),
+                )
             if recovered_in_s is None:
                 phase = Phase.FAILED
                 notify(last)
@@ -376,6 +453,24 @@ async def migrate(
         if (
             outcome is None
             and not postcopy
+            and not cancel_sent
+            and last is not None
+            and last.status in _STALLABLE
+            and now - progress_at > PRECOPY_STALL_S
+        ):
+            # Nothing moved for long (a dead link, a destination that stopped reading): give
+            # up while the guest still runs here rather than wait for TCP's timeout.
+            cancel_sent = True
+            replan_error = (
+                f"nothing sent for {PRECOPY_STALL_S:g} s (link down?): cancelled; the guest "
+                f"stays on {source_host}"
+            )
+            logger.warning("migration.stalled %s: cancelling", spec.name)
+            with contextlib.suppress(FerryError):
+                await source.cancel_migration(spec.name)
+        if (
+            outcome is None
+            and not postcopy
             and prediction is not None
             and last is not None
             and last.status not in (DISK_PHASE, DISK_SYNCED)
@@ -385,12 +480,14 @@ async def migrate(
                 if not switched:
                     switched = True
                     logger.info("migration.replan %s: %s", spec.name, decision.reason)
-                    await source.start_postcopy(spec.name)
+                    with contextlib.suppress(FerryError):
+                        await source.start_postcopy(spec.name)
             elif decision.action is Action.CANCEL and not cancel_sent:
                 cancel_sent = True
                 logger.warning("migration.replan %s: %s", spec.name, decision.reason)
                 replan_error = decision.reason
-                await source.cancel_migration(spec.name)
+                with contextlib.suppress(FerryError):
+                    await source.cancel_migration(spec.name)
         if (
             not switched
             and outcome is None
@@ -400,7 +497,8 @@ async def migrate(
             and last.iterations >= _HYBRID_SWITCH_ITERATION
         ):
             switched = True
-            await source.start_postcopy(spec.name)
+            with contextlib.suppress(FerryError):
+                await source.start_postcopy(spec.name)
 
     if outcome.status != "completed" and postcopy:
         # QEMU failed a post-copy: the guest's state is split between both hosts. Keep both
@@ -408,12 +506,14 @@ async def migrate(
         phase = Phase.FAILED
         notify(last)
         logger.error("migration.failed %s in post-copy: %s", spec.name, outcome.error)
+        dead = await _dead_side(source, destination, spec.name)
+        split = f"post-copy failed ({outcome.error or outcome.status}); the guest's memory "
+        split += f"is split between {source_host} and {request.destination}"
         return report(
             status="failed",
             running_on=request.destination,
             guest_alive=False,
-            error=f"post-copy failed ({outcome.error or outcome.status}); the guest's memory "
-            f"is split between {source_host} and {request.destination}",
+            error=split if dead is None else _postcopy_loss(dead, source_host, request.destination),
         )
     if outcome.status != "completed":
         phase = Phase.FAILED
@@ -421,10 +521,15 @@ async def migrate(
         with contextlib.suppress(FerryError):
             await destination.abort_incoming(spec.name)
         logger.error("migration.failed %s: %s", spec.name, outcome.error)
-        return report(
-            status="failed",
-            error=replan_error or outcome.error or outcome.status,
-        )
+        reason = replan_error or outcome.error or outcome.status
+        alive = await _state_of(source, spec.name) != "stopped"
+        if not alive:
+            reason = (
+                f"the source QEMU on {source_host} died before the switchover ({reason}): "
+                "the guest is lost; no copy runs (nothing was started on "
+                f"{request.destination})"
+            )
+        return report(status="failed", error=reason, guest_alive=alive)
 
     final = outcome.stats or last
     last = final
@@ -434,13 +539,31 @@ async def migrate(
     # Past completion the destination holds the only current copy of the guest.
     integrity: IntegrityReport | None = None
     try:
-        first_ms, integrity = await destination.finish_incoming(spec.name)
+        first_ms, integrity = await _finish(destination, spec.name)
     except FerryError as err:
         logger.error("migration.arrival_failed %s: %s", spec.name, err)
+        if not postcopy and await drop_unstarted(destination, spec.name):
+            # The destination QEMU died, or never received the whole guest, before the guest
+            # ran there (the agent refuses to drop a copy that did); the source still holds
+            # the complete, current guest: take it back.
+            try:
+                await source.resume_source(spec.name)
+                integrity = await source.verify(spec.name)
+            except FerryError as resume_err:
+                err = FerryError(f"{err}; taking the guest back failed: {resume_err}")
+            else:
+                return report(
+                    status="failed",
+                    error=f"the guest did not start on {request.destination} ({err}); it "
+                    f"runs on {source_host} again",
+                    integrity=integrity,
+                    downtime_ms=_downtime_ms(strategy, final, disk_ms),
+                )
         return report(
             status="completed",
             running_on=request.destination,
-            error=f"guest did not come up on {request.destination}: {err}",
+            error=f"guest did not come up on {request.destination}: {err} "
+            "(see `vmferry reconcile`)",
             guest_alive=False,
             downtime_ms=_downtime_ms(strategy, final, disk_ms),
         )
@@ -479,7 +602,7 @@ def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int
     return final.downtime_ms
 
 
-async def _recover(
+async def recover_postcopy(
     source: AgentClient,
     destination: AgentClient,
     name: str,
@@ -508,6 +631,9 @@ async def _recover(
                 return loop.time() - started
         except FerryError as err:
             logger.info("migration.recover_attempt %s #%d: %s", name, attempt, err)
+        dead = await _dead_side(source, destination, name)
+        if dead is not None:
+            raise PostcopyLost(dead)
         failed += 1
         wait_s = policy.next_wait_s(failed, loop.time() - started)
         if wait_s is None:
@@ -532,6 +658,73 @@ async def _recover_once(
     status = await source.resume_postcopy(name, uri, attempt)
     logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
     return status in ("postcopy-active", "completed")
+
+
+class PostcopyLost(FerryError):
+    """A QEMU of a post-copy died: the pages only it held are gone; nothing can recover it."""
+
+    def __init__(self, dead_host: str) -> None:
+        super().__init__(f"the QEMU on {dead_host} died during post-copy")
+        self.dead_host = dead_host
+
+
+def _postcopy_loss(dead_host: str, source_host: str, destination_host: str) -> str:
+    if dead_host == source_host:
+        return (
+            f"the source QEMU on {source_host} died during post-copy: the guest's pages that "
+            f"were still there are lost. The guest on {destination_host} cannot go on (it "
+            "waits for them, paused); its QEMU is kept for inspection. No copy runs."
+        )
+    return (
+        f"the destination QEMU on {destination_host} died during post-copy, while it ran the "
+        f"guest: the guest is lost. The source copy on {source_host} is older than what the "
+        "guest had done and is never resumed; it is kept for inspection. No copy runs."
+    )
+
+
+async def _dead_side(source: AgentClient, destination: AgentClient, name: str) -> str | None:
+    """The host whose QEMU died (its agent reports the VM stopped), if one did."""
+    for agent in (source, destination):
+        if await _state_of(agent, name) == "stopped":
+            return agent.name
+    return None
+
+
+async def drop_unstarted(destination: AgentClient, name: str) -> bool:
+    """Remove a destination copy that never ran the guest: its QEMU died, or is still waiting
+    for the state (the agent refuses one that received it). True when it is gone."""
+    try:
+        if await _state_of(destination, name) == "stopped":
+            await destination.forget(name)
+        else:
+            await destination.abort_incoming(name)
+    except FerryError as err:
+        logger.warning("migration.destination_kept %s: %s", name, err)
+        return False
+    return True
+
+
+async def _state_of(agent: AgentClient, name: str) -> str | None:
+    """VM ``name``'s state on ``agent`` (``stopped``: its QEMU died); None if unknown."""
+    try:
+        return (await agent.get_vm(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)).state
+    except FerryError:
+        return None
+
+
+async def _finish(destination: AgentClient, name: str) -> tuple[float, IntegrityReport]:
+    """``finish_incoming``, tolerating a destination agent that is being restarted (the
+    guest runs there meanwhile; a restarted agent keeps the VM incoming)."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + AGENT_RETURN_S
+    while True:
+        try:
+            return await destination.finish_incoming(name)
+        except AgentUnreachable as err:
+            if loop.time() > give_up:
+                raise
+            logger.warning("migration.destination_unreachable %s: %s", name, err)
+            await asyncio.sleep(1.0)
 
 
 async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:

@@ -31,7 +31,7 @@ import os
 import secrets
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import aiohttp
@@ -60,6 +60,7 @@ __all__ = [
     "HostStatus",
     "default_memory_per_host_bytes",
     "lab_down",
+    "lab_restart",
     "lab_status",
     "lab_up",
     "validate_lab_request",
@@ -80,6 +81,7 @@ _LOG_TAIL_LINES = 20
 _NETWORK_FILE = "network.json"
 _HOSTS_DIR = "hosts"
 _TLS_DIR = "tls"
+_ARGV_FILE = "agent.argv.json"
 # Seen by every host at the same path: the lab's "shared storage" for VM disk images.
 SHARED_DIR = "shared"
 
@@ -307,6 +309,7 @@ async def _start(
             argv += ["--disk", str(disk_bytes)]
         if ns:
             argv = ["ip", "netns", "exec", ns.netns, *argv]
+        (state_dir / _ARGV_FILE).write_text(json.dumps(argv) + "\n")  # for `lab restart`
         procs.append((name, state_dir, await _spawn(argv, state_dir)))
 
     entries: list[HostEntry] = []
@@ -407,6 +410,44 @@ async def _wait_ready(
             )
         # No file-appeared event without inotify; the agent's exit is polled alongside.
         await asyncio.sleep(0.05)
+
+
+async def lab_restart(name: str, lab_dir: Path | None = None) -> HostEntry:
+    """Start host ``name``'s agent again after it died (or was killed), with the arguments
+    and the port it had, so controllers still holding its URL reach it again. The new agent
+    adopts the VMs its predecessor left running and settles half-done migrations.
+
+    Raises:
+        ConfigError: no lab, unknown host, or its agent still runs.
+        AgentStartError: it exited or was not ready in time.
+    """
+    directory = lab_dir or default_lab_dir()
+    inventory = Inventory.load(directory)
+    entry = inventory.host(name)
+    if entry.pid is not None and is_agent(entry.pid):
+        raise ConfigError(f"{name}'s agent is running (pid {entry.pid}): nothing to restart")
+    state_dir = Path(entry.state_dir)
+    try:
+        argv = [str(arg) for arg in json.loads((state_dir / _ARGV_FILE).read_text())]
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"{name} was not started by this lab ({err})") from None
+    port = entry.url.rsplit(":", 1)[1]
+    listen = argv.index("--listen") + 1
+    argv[listen] = f"{argv[listen].rsplit(':', 1)[0]}:{port}"
+    (state_dir / "ready.json").unlink(missing_ok=True)
+    proc = await _spawn(argv, state_dir)
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            url, pid = await _wait_ready(name, state_dir, proc)
+    except TimeoutError:
+        raise AgentStartError(
+            name, f"was not ready within {READY_TIMEOUT_S:g} s", None, _log_tail(state_dir)
+        ) from None
+    restarted = replace(entry, url=url, pid=pid)
+    hosts = tuple(restarted if h.name == name else h for h in inventory.hosts)
+    replace(inventory, hosts=hosts).save()
+    logger.info("lab.restart %s pid=%d url=%s", name, pid, url)
+    return restarted
 
 
 def _log_tail(state_dir: Path) -> str:

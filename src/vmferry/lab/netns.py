@@ -41,6 +41,7 @@ __all__ = [
     "network_owner",
     "require_root",
     "set_link",
+    "set_link_rate",
     "setup",
     "tbf_burst_bytes",
     "teardown",
@@ -114,7 +115,25 @@ def require_root() -> None:
 
 def tbf_burst_bytes(link_mbps: int) -> int:
     """The tbf bucket size for a rate: one timer tick's worth of bytes, at least a few frames."""
-    return max(TBF_MIN_BURST_BYTES, link_mbps * 1_000_000 // 8 // 250)
+    return tbf_burst_bytes_kbit(link_mbps * 1000)
+
+
+def tbf_burst_bytes_kbit(rate_kbit: int) -> int:
+    """:func:`tbf_burst_bytes` for a rate in kbit/s (throttled links go below 1 Mbit/s)."""
+    return max(TBF_MIN_BURST_BYTES, rate_kbit * 1000 // 8 // 250)
+
+
+def _tbf(rate_kbit: int) -> list[str]:
+    return [
+        "root",
+        "tbf",
+        "rate",
+        f"{rate_kbit}kbit",
+        "burst",
+        str(tbf_burst_bytes_kbit(rate_kbit)),
+        "latency",
+        TBF_LATENCY,
+    ]
 
 
 def host_for(index: int, subnet: str) -> NetnsHost:
@@ -328,16 +347,7 @@ async def _build(network: LabNetwork, owner: str) -> None:
         await _run([*ns_ip, "addr", "add", f"{host.address}/{PREFIX_LEN}", "dev", "eth0"])
         await _run([*ns_ip, "link", "set", "eth0", "up"])
         if network.link_mbps is not None:
-            tbf = [
-                "root",
-                "tbf",
-                "rate",
-                f"{network.link_mbps}mbit",
-                "burst",
-                str(tbf_burst_bytes(network.link_mbps)),
-                "latency",
-                TBF_LATENCY,
-            ]
+            tbf = _tbf(network.link_mbps * 1000)
             await _run(["tc", "qdisc", "replace", "dev", host.veth, *tbf])
             await _run(["tc", "-n", host.netns, "qdisc", "replace", "dev", "eth0", *tbf])
 
@@ -374,6 +384,48 @@ async def teardown() -> int:
     return len(namespaces)
 
 
+def _lab_host(host: str | int) -> NetnsHost:
+    """Raises: ConfigError (not root, malformed name, no such lab namespace)."""
+    require_root()
+    text = str(host).removeprefix("host-")
+    if not text.isdigit() or int(text) < 1:
+        raise ConfigError(f"no lab host {host!r}: use host-N or N")
+    target = host_for(int(text), subnet="")
+    if target.netns not in existing_namespaces():
+        raise ConfigError(f"{target.name} has no network namespace (is a --netns lab up?)")
+    return target
+
+
+async def set_link_rate(host: str | int, rate_kbit: int | None) -> NetnsHost:
+    """Shape a lab host's link to ``rate_kbit`` in both directions (a degraded link, e.g. 8 kbit/s
+    for a link that all but stops), or remove the shaping (``None``).
+
+    To restore a lab made with ``--link-mbps``, pass that rate again (in kbit/s).
+
+    Raises:
+        ConfigError: not root, a malformed name, no such lab namespace, a rate below 1 kbit/s.
+        NetworkCommandError: ``tc`` failed.
+    """
+    target = _lab_host(host)
+    ends = (["tc"], target.veth), (["tc", "-n", target.netns], "eth0")
+    if rate_kbit is None:
+        for tc, dev in ends:
+            try:
+                await _run([*tc, "qdisc", "del", "dev", dev, "root"])
+            except NetworkCommandError as err:
+                # No root qdisc to remove (the link was never shaped) is what we wanted.
+                if "No such file" not in err.stderr and "Cannot delete" not in err.stderr:
+                    raise
+        logger.info("lab.link %s unshaped", target.name)
+        return target
+    if isinstance(rate_kbit, bool) or rate_kbit < 1:
+        raise ConfigError(f"a link rate must be at least 1 kbit/s, not {rate_kbit}")
+    for tc, dev in ends:
+        await _run([*tc, "qdisc", "replace", "dev", dev, *_tbf(rate_kbit)])
+    logger.info("lab.link %s shaped to %d kbit/s", target.name, rate_kbit)
+    return target
+
+
 async def set_link(host: str | int, up: bool) -> NetnsHost:
     """Cut (``up=False``) or restore a lab host's link, as a network fault would: the
     root-side veth end goes down, so nothing crosses it either way (its tbf shaping stays).
@@ -389,13 +441,7 @@ async def set_link(host: str | int, up: bool) -> NetnsHost:
         ConfigError: not root, a malformed name, or no such lab namespace.
         NetworkCommandError: ``ip`` failed.
     """
-    require_root()
-    text = str(host).removeprefix("host-")
-    if not text.isdigit() or int(text) < 1:
-        raise ConfigError(f"no lab host {host!r}: use host-N or N")
-    target = host_for(int(text), subnet="")
-    if target.netns not in existing_namespaces():
-        raise ConfigError(f"{target.name} has no network namespace (is a --netns lab up?)")
+    target = _lab_host(host)
     await _run(["ip", "link", "set", target.veth, "up" if up else "down"])
     logger.info("lab.link %s %s", target.name, "up" if up else "down")
     return target

@@ -13,6 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
+from qemu.qmp import EventListener
+
 from vmferry.core.errors import (
     FerryError,
     MigrationFailed,
@@ -26,14 +28,17 @@ from vmferry.qemu.session import QmpSession
 from vmferry.qemu.tls import migration_tls_parameters, tls_hostname
 
 __all__ = [
+    "PRECOPY_IN_FLIGHT",
     "MigrationOptions",
     "cancel_migration",
     "capabilities_for",
     "ensure_running",
-    "incoming_status",
+    "follow_postcopy",
+    "migration_status",
     "pause_postcopy",
     "query_stats",
     "recover_incoming",
+    "resume_completed_source",
     "resume_postcopy",
     "run_migration",
     "source_parameters_for",
@@ -118,6 +123,20 @@ def stats_from_reply(reply: Mapping[str, Any]) -> MigrationStats:
 async def query_stats(session: QmpSession) -> MigrationStats:
     """One ``query-migrate`` sample."""
     return stats_from_reply(await session.execute("query-migrate"))
+
+
+async def _next_sample(
+    src: QmpSession,
+    listener: EventListener,
+    on_progress: Callable[[MigrationStats], None] | None,
+) -> MigrationStats:
+    """The next progress sample: after a status change, or the poll interval at the latest."""
+    with contextlib.suppress(QMPTimeout):
+        await src.next_event(listener, _POLL_S)
+    stats = await query_stats(src)
+    if on_progress is not None:
+        on_progress(stats)
+    return stats
 
 
 async def start_incoming(
@@ -209,12 +228,7 @@ async def run_migration(
             switched_over = False
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
-                    # No status change within the poll interval: sample progress anyway.
-                    with contextlib.suppress(QMPTimeout):
-                        await src.next_event(listener, _POLL_S)
-                    stats = await query_stats(src)
-                    if on_progress is not None:
-                        on_progress(stats)
+                    stats = await _next_sample(src, listener, on_progress)
                     if is_postcopy(stats.status) and deadline.when() is not None:
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
@@ -330,9 +344,9 @@ async def ensure_running(session: QmpSession) -> str:
 _PAUSE_TIMEOUT_S = 10.0
 
 
-async def incoming_status(dst: QmpSession, timeout_s: float = 5.0) -> str:
-    """The incoming migration's status on a destination (``none`` when there is none)."""
-    reply = await dst.execute("query-migrate", timeout_s=timeout_s)
+async def migration_status(session: QmpSession, timeout_s: float = 5.0) -> str:
+    """This QEMU's (outgoing or incoming) migration status (``none`` when there is none)."""
+    reply = await session.execute("query-migrate", timeout_s=timeout_s)
     return str(reply.get("status", "none"))
 
 
@@ -350,7 +364,7 @@ async def pause_postcopy(session: QmpSession, timeout_s: float = _PAUSE_TIMEOUT_
         StateError: not in post-copy (nothing to pause), or it did not pause in time.
         QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
     """
-    status = await incoming_status(session, timeout_s)
+    status = await migration_status(session, timeout_s)
     if status not in ("postcopy-active", "postcopy-paused", "completed", *POSTCOPY_RECOVERING):
         raise StateError(f"migration of {session.name}", status, "post-copy")
     if status != "postcopy-paused" and status != "completed":
@@ -365,7 +379,7 @@ async def pause_postcopy(session: QmpSession, timeout_s: float = _PAUSE_TIMEOUT_
         async with asyncio.timeout(timeout_s):
             while status not in ("postcopy-paused", "completed"):
                 await asyncio.sleep(_POLL_S)
-                status = await incoming_status(session, timeout_s)
+                status = await migration_status(session, timeout_s)
     except TimeoutError:
         raise StateError(f"migration of {session.name}", status, "postcopy-paused") from None
     return status
@@ -397,7 +411,7 @@ async def recover_incoming(dst: QmpSession, listen_host: str, timeout_s: float =
             "migrate-recover", {"uri": f"tcp:{listen_host}:0"}, oob=True, timeout_s=timeout_s
         )
     except QMPCommandError as err:
-        status = await incoming_status(dst, timeout_s)
+        status = await migration_status(dst, timeout_s)
         raise StateError(
             f"incoming migration of {dst.name} ({err.desc})", status, "postcopy-paused"
         ) from err
@@ -448,3 +462,51 @@ async def resume_postcopy(src: QmpSession, uri: str, timeout_s: float = 10.0) ->
                     elif left_paused:
                         return status  # fell back: this attempt failed
     return status
+
+
+# -- a migration found in flight by a restarted agent ---------------------------------------------
+
+# Pre-copy statuses in which the source still owns the guest and the migration can be cancelled.
+PRECOPY_IN_FLIGHT = frozenset(
+    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+)
+
+
+async def follow_postcopy(
+    src: QmpSession, on_progress: Callable[[MigrationStats], None] | None = None
+) -> MigrationStats:
+    """Follow an outgoing post-copy that is already under way (found by a restarted agent) to
+    its end, without time limit: the destination owns the guest, only completion ends it.
+
+    Raises:
+        MigrationFailed: QEMU reported failure or cancellation.
+    """
+    with src.listener("MIGRATION") as listener:
+        while True:
+            stats = await _next_sample(src, listener, on_progress)
+            if stats.status == "completed":
+                return stats
+            if stats.status in ("failed", "cancelled"):
+                reply = await src.execute("query-migrate")
+                raise MigrationFailed(src.name, stats.status, str(reply.get("error-desc", "-")))
+
+
+async def resume_completed_source(src: QmpSession) -> str:
+    """Run the guest again on a source whose pre-copy migration completed but whose
+    destination copy is gone (its QEMU died before the guest ran there). The caller must know
+    that post-copy never started and that no destination QEMU exists any more: the source's
+    memory is then the guest's only and current state.
+
+    Returns:
+        The run state reached (``running``).
+
+    Raises:
+        StateError: the source is not in ``postmigrate`` after a completed migration.
+    """
+    migration = await migration_status(src)
+    status = str((await src.execute("query-status"))["status"])
+    if migration != "completed" or status != "postmigrate":
+        raise StateError(f"VM {src.name}", f"{status}/{migration}", "postmigrate/completed")
+    await src.execute("cont")
+    logger.warning("migration.source_resumed %s: destination copy gone", src.name)
+    return str((await src.execute("query-status"))["status"])

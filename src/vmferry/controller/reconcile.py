@@ -1,0 +1,227 @@
+"""`vmferry reconcile`: bring every VM back to exactly one running copy after a crash.
+
+Asks every agent what it holds, lets :func:`vmferry.core.reconcile.decide` say what to do
+with each VM, and carries the steps out. Migrations still in flight are waited for (a broken
+post-copy is recovered on the way); afterwards the VM is looked at again. Nothing is done
+while a host does not answer: a copy there could make any decision wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from vmferry.agent.api import OutgoingResult
+from vmferry.agent.client import AgentClient
+from vmferry.controller.cluster import Cluster
+from vmferry.controller.migrate import drop_unstarted, recover_postcopy
+from vmferry.core.errors import FerryError, StateError
+from vmferry.core.model import IntegrityReport
+from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
+from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_stalled
+
+__all__ = ["Reconciled", "reconcile"]
+
+logger = logging.getLogger(__name__)
+
+_ROUNDS = 3  # decide, act, look again (a wait is followed by a second decision)
+_POLL_WAIT_S = 0.5
+_STALL_S = 2.0
+
+
+@dataclass(slots=True)
+class Reconciled:
+    """What reconciling one VM found and did."""
+
+    vm: str
+    verdict: str  # ok | settled | lost | conflict | failed | in-flight
+    reason: str
+    done: list[str] = field(default_factory=list)
+    running_on: str | None = None
+    integrity: IntegrityReport | None = None
+    error: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "vm": self.vm,
+            "verdict": self.verdict,
+            "reason": self.reason,
+            "done": list(self.done),
+            "running_on": self.running_on,
+            "integrity": None if self.integrity is None else self.integrity.to_json(),
+            "error": self.error,
+        }
+
+
+async def reconcile(
+    cluster: Cluster,
+    *,
+    wait_s: float = 300.0,
+    recovery: RecoveryPolicy | None = None,
+) -> list[Reconciled]:
+    """Reconcile every VM of ``cluster``.
+
+    Args:
+        wait_s: how long to wait for one migration still in flight.
+        recovery: how long to keep recovering a broken post-copy met on the way.
+
+    Raises:
+        FerryError: a host does not answer (nothing was changed).
+    """
+    policy = recovery or RecoveryPolicy()
+    results: dict[str, Reconciled] = {}
+    pending: set[str] | None = None
+    for _ in range(_ROUNDS):
+        copies = await _copies(cluster)
+        names = sorted(copies) if pending is None else sorted(pending & set(copies))
+        pending = set()
+        for name in names:
+            decision = decide(name, copies[name])
+            result = results.setdefault(name, Reconciled(name, "ok", decision.reason))
+            if decision.verdict is Verdict.IN_FLIGHT:
+                await _wait(cluster, decision, result, wait_s, policy)
+                pending.add(name)
+                continue
+            await _carry_out(cluster, decision, result)
+        if not pending:
+            break
+    for name in pending or ():
+        results[name].verdict = "in-flight"
+    return [results[name] for name in sorted(results)]
+
+
+async def _copies(cluster: Cluster) -> dict[str, list[Copy]]:
+    listing = await cluster.list_vms()
+    if listing.unreachable:
+        raise FerryError(
+            f"cannot reconcile: {', '.join(listing.unreachable)} did not answer (nothing changed)"
+        )
+    copies: dict[str, list[Copy]] = {}
+    for vm in listing.vms:
+        copies.setdefault(vm.name, []).append(Copy(vm.host, vm.state))
+    return copies
+
+
+async def _carry_out(cluster: Cluster, decision: Decision, result: Reconciled) -> None:
+    result.reason = decision.reason
+    result.running_on = decision.running_on
+    if decision.verdict is Verdict.OK:
+        return
+    if decision.verdict in (Verdict.LOST, Verdict.CONFLICT):
+        result.verdict = decision.verdict.value
+        logger.error("reconcile.%s %s: %s", decision.verdict.value, decision.vm, decision.reason)
+        return
+    for step in decision.steps:
+        client = cluster.client(step.host)
+        try:
+            await _step(client, step, decision.vm, result)
+        except FerryError as err:
+            source = next((s.host for s in decision.steps if s.kind is StepKind.HANDOFF), None)
+            if step.kind is StepKind.FINISH and source is not None:
+                # A completed source whose destination never started the guest: if that
+                # copy can be dropped (its agent refuses once it received the guest), the
+                # source takes the guest back.
+                await _take_back(cluster, source, step, decision.vm, result, err)
+                return
+            result.verdict = "lost" if step.kind is StepKind.RESUME else "failed"
+            result.error = f"{step}: {err}"
+            logger.error("reconcile.step_failed %s %s: %s", decision.vm, step, err)
+            return
+        result.done.append(str(step))
+        logger.info("reconcile.done %s: %s", decision.vm, step)
+    result.verdict = "settled"
+
+
+async def _take_back(
+    cluster: Cluster, source: str, failed: Step, name: str, result: Reconciled, err: FerryError
+) -> None:
+    result.error = f"{failed}: {err}"
+    if not await drop_unstarted(cluster.client(failed.host), name):
+        result.verdict = "failed"
+        return
+    result.done.append(f"dropped the unstarted copy on {failed.host}")
+    try:
+        await _step(cluster.client(source), Step(StepKind.RESUME, source), name, result)
+    except FerryError as resume_err:
+        result.verdict = "lost"
+        result.error += f"; taking the guest back on {source} failed: {resume_err}"
+        return
+    result.done.append(f"resume on {source}")
+    result.verdict = "settled"
+
+
+async def _step(client: AgentClient, step: Step, name: str, result: Reconciled) -> None:
+    match step.kind:
+        case StepKind.FINISH:
+            _, result.integrity = await client.finish_incoming(name)
+            result.running_on = step.host
+        case StepKind.HANDOFF:
+            await client.handoff(name)
+        case StepKind.ABORT:
+            await client.abort_incoming(name)
+        case StepKind.RESUME:
+            try:
+                await client.resume_source(name)
+            except StateError as err:
+                raise StateError(f"VM {name}", "handed over in post-copy", "resumable") from err
+            result.running_on = step.host
+            result.integrity = await client.verify(name)
+        case StepKind.FORGET:
+            await client.forget(name)
+        case StepKind.WAIT:
+            raise AssertionError("waits are not steps to carry out")
+
+
+async def _wait(
+    cluster: Cluster, decision: Decision, result: Reconciled, wait_s: float, policy: RecoveryPolicy
+) -> None:
+    """Follow the migration in flight to its outcome, recovering a broken post-copy."""
+    source_host = decision.steps[0].host
+    source = cluster.client(source_host)
+    listing = await cluster.list_vms()
+    destinations = [
+        vm.host for vm in listing.vms if vm.name == decision.vm and vm.state == "incoming"
+    ]
+    result.done.append(f"waited for the migration from {source_host}")
+    try:
+        await _follow(cluster, source, destinations, decision.vm, result, wait_s, policy)
+    except TimeoutError:
+        result.reason = f"the migration from {source_host} did not end within {wait_s:g} s"
+        return
+
+
+async def _follow(
+    cluster: Cluster,
+    source: AgentClient,
+    destinations: list[str],
+    name: str,
+    result: Reconciled,
+    wait_s: float,
+    policy: RecoveryPolicy,
+) -> None:
+    loop = asyncio.get_running_loop()
+    attempts = itertools.count(10_000)  # above any attempt number the original controller used
+    since, sent, progress_at = 0, -1, loop.time()
+    outcome: OutgoingResult | None = None
+    async with asyncio.timeout(wait_s):
+        while outcome is None:
+            samples, since, outcome = await source.migration_progress(name, since, _POLL_WAIT_S)
+            now = loop.time()
+            for stats in samples:
+                if stats.transferred_bytes != sent:
+                    sent, progress_at = stats.transferred_bytes, now
+            last = samples[-1].status if samples else None
+            broken = last in POSTCOPY_RECOVERING or (
+                last is not None and is_stalled(last, progress_at, now, _STALL_S)
+            )
+            if outcome is None and broken and destinations:
+                destination = cluster.client(destinations[0])
+                with contextlib.suppress(FerryError):
+                    took = await recover_postcopy(source, destination, name, policy, attempts)
+                    if took is not None:
+                        result.done.append("recovered the post-copy")
+                progress_at = loop.time()
+    logger.info("reconcile.waited %s: %s", name, outcome.status)
