@@ -12,7 +12,12 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from vmferry.agent.qemu_user import QemuArea, QemuUser, resolve_qemu_user
+from vmferry.agent.qemu_user import (
+    QemuArea,
+    QemuUser,
+    can_use_userfaultfd,
+    resolve_qemu_user,
+)
 from vmferry.agent.server import options_from_json
 from vmferry.controller.migrate import MigrationRequest
 from vmferry.core.errors import ConfigError
@@ -168,3 +173,17 @@ def test_group_readable_credentials_and_staging(tmp_path: Path) -> None:
     (directory / "client-key.pem").unlink()
     with pytest.raises(ConfigError, match=r"client-key\.pem"):
         area.stage_tls(directory)
+
+
+def test_userfaultfd_access_by_sysctl_owner_or_group(tmp_path: Path) -> None:
+    user = QemuUser("q", os.getuid() + 1, os.getgid())
+    device, sysctl = tmp_path / "userfaultfd", tmp_path / "unprivileged_userfaultfd"
+    sysctl.write_text("0\n")
+    assert not can_use_userfaultfd(user, device, sysctl)  # no device at all
+    device.touch()
+    for mode, expected in ((0o600, False), (0o660, True), (0o640, False), (0o606, False)):
+        device.chmod(mode)
+        assert can_use_userfaultfd(user, device, sysctl) is expected, oct(mode)
+    device.chmod(0o600)
+    sysctl.write_text("1\n")
+    assert can_use_userfaultfd(user, device, sysctl)

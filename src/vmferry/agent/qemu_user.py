@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_QEMU_USER = "vmferry-qemu"
 _AREA_PARENT = "vmferry-qemu"
 _USERFAULTFD = Path("/dev/userfaultfd")
-_UNPRIVILEGED_UFFD = "/proc/sys/vm/unprivileged_userfaultfd"
+_UNPRIVILEGED_UFFD = Path("/proc/sys/vm/unprivileged_userfaultfd")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,20 +86,25 @@ def resolve_qemu_user(requested: str = "auto") -> QemuUser | None:
     if entry.pw_uid == 0:
         raise ConfigError(f"QEMU's user {name!r} is root: nothing would be dropped")
     user = QemuUser(name, entry.pw_uid, entry.pw_gid)
-    if requested == "auto" and not can_use_userfaultfd(user):
-        logger.warning(
-            "qemu_user.skipped %s cannot open /dev/userfaultfd (post-copy); QEMU runs as "
-            "root (run scripts/setup-host.sh)",
-            name,
-        )
-        return None
+    if not can_use_userfaultfd(user):
+        if requested == "auto":
+            logger.warning(
+                "qemu_user.skipped %s cannot open /dev/userfaultfd (post-copy); QEMU runs as "
+                "root (run scripts/setup-host.sh)",
+                name,
+            )
+            return None
+        logger.warning("qemu_user %s cannot open /dev/userfaultfd: post-copy will fail", name)
     return user
 
 
-def can_use_userfaultfd(user: QemuUser, device: Path = _USERFAULTFD) -> bool:
-    """Whether QEMU running as ``user`` can create a userfaultfd for post-copy."""
+def can_use_userfaultfd(
+    user: QemuUser, device: Path = _USERFAULTFD, sysctl: Path = _UNPRIVILEGED_UFFD
+) -> bool:
+    """Whether QEMU running as ``user`` can create a userfaultfd for post-copy: the sysctl
+    lets everyone, or ``device`` (``/dev/userfaultfd``) is open to the user or its group."""
     try:
-        if Path(_UNPRIVILEGED_UFFD).read_text().strip() == "1":
+        if sysctl.read_text().strip() == "1":
             return True
     except OSError:
         pass
