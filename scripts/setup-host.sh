@@ -3,6 +3,8 @@
 #   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
 #   - busybox-static, gcc + static libc (the lab guest image), iproute2
 #   - uv, then the project's locked Python environment
+#   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
+#     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
 set -euo pipefail
 
 need_root() {
@@ -56,6 +58,24 @@ if [ ${#missing[@]} -gt 0 ] || [ ${#backports[@]} -gt 0 ]; then
     fi
 fi
 qemu_ok || { echo "setup: QEMU >= 10 is required and could not be installed" >&2; exit 1; }
+
+# QEMU without root: agents started as root run QEMU as this user (`vmferry agent --qemu-user`).
+if [ "$(id -u)" -eq 0 ]; then
+    if ! getent passwd vmferry-qemu >/dev/null; then
+        echo "setup: adding system user vmferry-qemu"
+        useradd --system --no-create-home --shell /usr/sbin/nologin vmferry-qemu
+    fi
+    # Post-copy's userfaultfd: with vm.unprivileged_userfaultfd=0 an unprivileged QEMU needs
+    # /dev/userfaultfd. Grant it to QEMU's group only (not the whole host via the sysctl).
+    if [ -e /dev/userfaultfd ]; then
+        chgrp vmferry-qemu /dev/userfaultfd
+        chmod 0660 /dev/userfaultfd
+        if [ -d /etc/udev/rules.d ]; then
+            rule='KERNEL=="userfaultfd", GROUP="vmferry-qemu", MODE="0660"'
+            echo "$rule" >/etc/udev/rules.d/90-vmferry-userfaultfd.rules
+        fi
+    fi
+fi
 
 if ! command -v uv >/dev/null; then
     echo "setup: installing uv"

@@ -119,9 +119,11 @@ def test_report_schema_v1_keys() -> None:
         "integrity",
         "guest_alive",
         "recoveries",  # schema 1 extended: post-copy recoveries, 0 when none were needed
+        "tls",  # schema 1 extended: the stream ran over TLS (migrate --tls)
     ]
     assert data["schema"] == 1
     assert data["recoveries"] == 0
+    assert data["tls"] is False
     # Schema 1 extended (keys added, none renamed): disk blocks, 0 for a VM without a disk.
     assert data["integrity"] == {
         "ok": True,

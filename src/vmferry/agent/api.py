@@ -74,6 +74,10 @@ class HostInfo:
     cpu_models: tuple[str, ...]
     accel: str
     migration_address: str
+    # QEMU credentials for migration-stream TLS are configured (``--qemu-tls-dir``).
+    qemu_tls: bool = False
+    # The user QEMU runs as after start-up (None: as the agent runs).
+    qemu_user: str | None = None
 
     @property
     def memory_free_bytes(self) -> int:
@@ -90,6 +94,8 @@ class HostInfo:
             "cpu_models": list(self.cpu_models),
             "accel": self.accel,
             "migration_address": self.migration_address,
+            "qemu_tls": self.qemu_tls,
+            "qemu_user": self.qemu_user,
         }
 
     @classmethod
@@ -104,6 +110,8 @@ class HostInfo:
             cpu_models=tuple(data["cpu_models"]),
             accel=str(data["accel"]),
             migration_address=str(data["migration_address"]),
+            qemu_tls=data.get("qemu_tls") is True,
+            qemu_user=user if isinstance(user := data.get("qemu_user"), str) else None,
         )
 
 
@@ -121,9 +129,11 @@ class VmInfo:
     machine_type: str
     cpu_model: str
     disk: dict[str, object] | None = None  # DiskSpec.to_json() of its disk, if it has one
+    qemu_uid: int | None = None  # the uid its QEMU runs as (None: not running)
 
     def to_json(self) -> dict[str, object]:
         return {
+            "qemu_uid": self.qemu_uid,
             "disk": self.disk,
             "name": self.name,
             "host": self.host,
@@ -150,6 +160,7 @@ class VmInfo:
             machine_type=str(data["machine_type"]),
             cpu_model=str(data["cpu_model"]),
             disk=disk if isinstance(disk := data.get("disk"), dict) else None,
+            qemu_uid=uid if isinstance(uid := data.get("qemu_uid"), int) else None,
         )
 
 
@@ -212,6 +223,8 @@ class OutgoingResult:
     stats: MigrationStats | None
     last_heartbeat_ms: float | None
     max_gap_ms: int | None
+    # The source QEMU's migration ran with TLS credentials (query-migrate-parameters).
+    tls: bool = False
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -220,6 +233,7 @@ class OutgoingResult:
             "stats": None if self.stats is None else stats_to_json(self.stats),
             "last_heartbeat_ms": self.last_heartbeat_ms,
             "max_gap_ms": self.max_gap_ms,
+            "tls": self.tls,
         }
 
     @classmethod
@@ -231,6 +245,7 @@ class OutgoingResult:
             stats=None if stats is None else stats_from_json(stats),
             last_heartbeat_ms=data.get("last_heartbeat_ms"),
             max_gap_ms=data.get("max_gap_ms"),
+            tls=data.get("tls") is True,
         )
 
 

@@ -77,6 +77,7 @@ def options_to_json(options: MigrationOptions) -> dict[str, object]:
         "postcopy_ready": options.postcopy_ready,
         "multifd_channels": options.multifd_channels,
         "xbzrle_cache_bytes": options.xbzrle_cache_bytes,
+        "tls": options.tls,
     }
 
 

@@ -39,6 +39,7 @@ from vmferry.agent.api import (
     VmInfo,
 )
 from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
+from vmferry.agent.qemu_user import QemuArea, QemuUser
 from vmferry.agent.vm import RunningVm, launch, reattach
 from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, QMPTimeout, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
@@ -82,8 +83,9 @@ from vmferry.qemu.migration import (
     start_postcopy,
     wait_running,
 )
-from vmferry.qemu.process import is_qemu_pid
+from vmferry.qemu.process import is_qemu_pid, process_uid
 from vmferry.qemu.qcow2 import allocated_bytes, create_image, free_bytes, remove_image
+from vmferry.qemu.tls import add_creds, migration_tls_creds
 from vmferry.qemu.vcpu import vcpu_busy_fraction
 
 __all__ = ["AgentConfig", "HostAgent", "VmState"]
@@ -129,6 +131,11 @@ class AgentConfig:
     shared_dir: Path | None = None
     # Space for local disk images (sum of their virtual sizes); None: the filesystem's free space.
     disk_bytes: int | None = None
+    # QEMU's TLS credentials (ca-cert.pem, server-*.pem, client-*.pem) for migrations with
+    # ``tls``; None: this host refuses them.
+    qemu_tls_dir: Path | None = None
+    # The user QEMU drops to after start-up; None: QEMU runs as the agent does.
+    qemu_user: QemuUser | None = None
 
 
 @dataclass(slots=True)
@@ -180,6 +187,7 @@ class HostAgent:
         self._tasks: asyncio.TaskGroup | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._sinks: dict[int, BandwidthSink] = {}
+        self.area = QemuArea(config.state_dir, config.qemu_user)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -221,6 +229,7 @@ class HostAgent:
         """Adopt the VMs an earlier agent left running; ``tasks`` owns background work."""
         self._tasks = tasks
         self.vms_dir.mkdir(parents=True, exist_ok=True)
+        self.area.prepare()
         for directory in sorted(p for p in self.vms_dir.iterdir() if p.is_dir()):
             if (directory / "spec.json").exists():
                 await self._adopt(directory / "spec.json")
@@ -302,7 +311,11 @@ class HostAgent:
             outgoing.finish(OutgoingResult("failed", str(err), last, None, None))
             return
         slot.state = VmState.MIGRATED
-        outgoing.finish(OutgoingResult("completed", None, final, None, None))
+        try:
+            used_tls = await migration_tls_creds(vm.qmp) is not None
+        except FerryError:
+            used_tls = False  # the report then understates it; the move itself completed
+        outgoing.finish(OutgoingResult("completed", None, final, None, None, tls=used_tls))
 
     def cancel_background(self) -> None:
         """Cancel in-flight migrations (each cancels its QEMU migration; guests stay here)."""
@@ -317,6 +330,7 @@ class HostAgent:
         for slot in self._slots.values():
             if slot.vm is not None:
                 await slot.vm.detach()
+        self.area.remove()
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -331,6 +345,8 @@ class HostAgent:
             cpu_models=tuple(sorted(self.qemu.cpu_models)),
             accel=self.accel,
             migration_address=self.config.migration_address,
+            qemu_tls=self.config.qemu_tls_dir is not None,
+            qemu_user=None if self.config.qemu_user is None else self.config.qemu_user.name,
         )
 
     def _memory_used(self) -> int:
@@ -361,6 +377,7 @@ class HostAgent:
     def _vm_info(self, slot: Slot) -> VmInfo:
         alive = slot.vm is not None and slot.vm.process.is_running
         state = slot.state if alive or slot.state == VmState.STOPPED else VmState.STOPPED
+        pid = slot.vm.process.pid if slot.vm is not None and alive else None
         return VmInfo(
             name=slot.spec.name,
             host=self.config.host,
@@ -368,10 +385,11 @@ class HostAgent:
             memory_bytes=slot.spec.memory_bytes,
             vcpus=slot.spec.vcpus,
             workload=slot.spec.workload.to_spec(),
-            pid=slot.vm.process.pid if slot.vm is not None and alive else None,
+            pid=pid,
             machine_type=slot.spec.machine_type,
             cpu_model=slot.spec.cpu_model,
             disk=None if slot.spec.disk is None else slot.spec.disk.to_json(),
+            qemu_uid=None if pid is None else process_uid(pid),
         )
 
     def list_vms(self) -> list[VmInfo]:
@@ -488,6 +506,7 @@ class HostAgent:
                 heartbeats=HeartbeatGaps(),
                 incoming=incoming,
                 disk_image=disk,
+                run_as=None if self.config.qemu_user is None else self.config.qemu_user.name,
             )
             self._persist(spec)
         except BaseException:
@@ -552,7 +571,9 @@ class HostAgent:
             pid = vm.process.pid
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
             profile, busy, disk = await asyncio.gather(
-                measure_guest(vm.qmp, self._dir(name)), busy_task, self._measure_disk(slot.spec, vm)
+                measure_guest(vm.qmp, self._scratch_dir(name)),
+                busy_task,
+                self._measure_disk(slot.spec, vm),
             )
         allocated, write_bps = disk
         return GuestMeasurement(
@@ -566,6 +587,27 @@ class HostAgent:
             disk_write_bps=write_bps,
             disk_shared=slot.spec.disk is not None and slot.spec.disk.storage == "shared",
         )
+
+    def _scratch_dir(self, name: str) -> Path:
+        """Where QEMU may write memory samples: the VM's directory, unless QEMU dropped root
+        (then the area its group can write)."""
+        return self._dir(name) if self.config.qemu_user is None else self.area.scratch_dir
+
+    def _tls_dir(self, options: MigrationOptions) -> Path | None:
+        """The credentials QEMU loads for ``options`` (None: in clear).
+
+        Raises:
+            ConfigError: TLS asked for and this host has no QEMU credentials, or they are
+                incomplete.
+        """
+        if not options.tls:
+            return None
+        if self.config.qemu_tls_dir is None:
+            raise ConfigError(
+                f"{self.config.host} has no QEMU TLS credentials for a --tls migration "
+                "(start its agent with --qemu-tls-dir)"
+            )
+        return self.area.stage_tls(self.config.qemu_tls_dir)
 
     async def _measure_disk(self, spec: VmSpec, vm: RunningVm) -> tuple[int, int]:
         """Allocated bytes of the VM's image and its guest's write rate (0, 0 without a disk)."""
@@ -617,16 +659,20 @@ class HostAgent:
 
         Raises:
             ConfigError, CapacityError: as for :meth:`create`; a shared image this host cannot
-                see.
+                see; ``options.tls`` on a host without QEMU credentials (nothing started).
             QEMULaunchError: QEMU would not start.
+            QMPCommandError: QEMU refused the credentials or the listener (QEMU removed).
         """
         local = spec.disk is not None and spec.disk.storage == "local"
+        tls_dir = self._tls_dir(options)  # refused before anything starts
         slot = await self._launch(spec, incoming=True, new_disk=local)
         assert slot.vm is not None
         mark(self._dir(spec.name), INCOMING_MARKER)  # a restarted agent keeps it incoming
         try:
-            uri = await start_incoming(slot.vm.qmp, self.config.migration_address, options)
-            nbd = await export_disk(slot.vm.qmp, self.config.migration_address) if local else None
+            creds = None if tls_dir is None else await add_creds(slot.vm.qmp, tls_dir, "server")
+            address = self.config.migration_address
+            uri = await start_incoming(slot.vm.qmp, address, options, tls_creds=creds)
+            nbd = await export_disk(slot.vm.qmp, address, tls_creds=creds) if local else None
         except BaseException:
             await slot.vm.stop()
             self._forget(spec.name, self._owned_disk(spec))
@@ -695,11 +741,13 @@ class HostAgent:
         Raises:
             NotFound: no such VM.
             StateError: it is not running (e.g. already migrating: one migration per VM).
-            ConfigError: a local disk without an NBD target, or a target without a local disk.
+            ConfigError: a local disk without an NBD target, or a target without a local disk;
+                ``options.tls`` on a host without QEMU credentials.
         """
         slot, vm = self._running(name)
         if self._tasks is None:
             raise StateError("agent", "not started", "started")
+        tls_dir = self._tls_dir(options)
         local = self._owned_disk(slot.spec) is not None
         if local and nbd is None:
             raise ConfigError(f"{name}'s disk is on local storage: an NBD target is needed")
@@ -709,7 +757,9 @@ class HostAgent:
         slot.outgoing = Outgoing()
         slot.recovery_attempt = 0
         unmark(self._dir(name), POSTCOPY_MARKER)
-        self._background_task(self._run_outgoing(slot, vm, uri, options, nbd), f"migrate-{name}")
+        self._background_task(
+            self._run_outgoing(slot, vm, uri, options, nbd, tls_dir), f"migrate-{name}"
+        )
 
     async def _run_outgoing(
         self,
@@ -718,6 +768,7 @@ class HostAgent:
         uri: str,
         options: MigrationOptions,
         nbd: NbdTarget | None,
+        tls_dir: Path | None = None,
     ) -> None:
         assert slot.outgoing is not None
         outgoing = slot.outgoing
@@ -727,6 +778,7 @@ class HostAgent:
         deadline = loop.time() + options.timeout_s
         mirrored = False
         try:
+            creds = None if tls_dir is None else await add_creds(vm.qmp, tls_dir, "client")
             hook = None
             disk = MirrorStatus(0, 0, False, "none")
             if nbd is not None:
@@ -737,7 +789,9 @@ class HostAgent:
                 assert image is not None
                 assert slot.spec.disk is not None
                 allocated = await allocated_bytes(image)
-                await start_mirror(vm.qmp, nbd, speed_bps=options.max_bandwidth_bps)
+                await start_mirror(
+                    vm.qmp, nbd, speed_bps=options.max_bandwidth_bps, tls_creds=creds
+                )
                 synced = await self._mirror_until_ready(slot, vm, deadline)
                 # QEMU's progress counts the whole virtual disk, zero areas included (they
                 # travel as write-zeroes commands); what carried data is the allocation plus
@@ -763,7 +817,10 @@ class HostAgent:
                 )
 
             ram_options = replace(options, timeout_s=max(1.0, deadline - loop.time()))
-            final = await run_migration(vm.qmp, uri, ram_options, push, before_switchover=hook)
+            final = await run_migration(
+                vm.qmp, uri, ram_options, push, before_switchover=hook, tls_creds=creds
+            )
+            used_tls = await migration_tls_creds(vm.qmp) is not None
             final = replace(
                 final, disk_copied_bytes=disk.copied_bytes, disk_total_bytes=disk.total_bytes
             )
@@ -798,7 +855,9 @@ class HostAgent:
         max_gap = heartbeats.close_window()
         slot.state = VmState.MIGRATED
         outgoing.finish(
-            OutgoingResult("completed", None, final, heartbeats.last_arrival_ms, max_gap)
+            OutgoingResult(
+                "completed", None, final, heartbeats.last_arrival_ms, max_gap, tls=used_tls
+            )
         )
 
     async def _hand_over_disk(self, slot: Slot, vm: RunningVm) -> None:

@@ -136,6 +136,9 @@ def options_from_json(data: object) -> MigrationOptions:
     cache = data.get("xbzrle_cache_bytes", 64 << 20)
     if not isinstance(postcopy_ready, bool):
         raise ConfigError("postcopy_ready must be a boolean")
+    tls = data.get("tls", False)
+    if not isinstance(tls, bool):
+        raise ConfigError("tls must be a boolean")
     if not isinstance(channels, int) or not 1 <= channels <= 32:
         raise ConfigError("multifd_channels must be 1..32")
     if not isinstance(cache, int) or not 1 << 20 <= cache <= 16 << 30:
@@ -148,6 +151,7 @@ def options_from_json(data: object) -> MigrationOptions:
         postcopy_ready=postcopy_ready,
         multifd_channels=channels,
         xbzrle_cache_bytes=cache,
+        tls=tls,
     )
 
 

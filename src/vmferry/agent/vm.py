@@ -103,11 +103,13 @@ async def launch(
     heartbeats: HeartbeatGaps,
     incoming: bool = False,
     disk_image: Path | None = None,
+    run_as: str | None = None,
 ) -> RunningVm:
     """Start QEMU for ``spec`` in ``directory`` and connect QMP and the guest channel.
 
     With ``incoming`` QEMU waits (``-incoming defer``) for a migration; otherwise it boots the
-    guest and this returns once the guest's workload reports READY.
+    guest and this returns once the guest's workload reports READY. With ``run_as`` QEMU
+    drops root to that user once its files and sockets are open.
 
     Raises:
         QEMULaunchError: QEMU would not start.
@@ -120,7 +122,14 @@ async def launch(
             shutil.rmtree(path)
         path.mkdir(parents=True)
     argv = build_argv(
-        qemu, spec, boot, paths, accel=accel, incoming=incoming, disk_image=disk_image
+        qemu,
+        spec,
+        boot,
+        paths,
+        accel=accel,
+        incoming=incoming,
+        disk_image=disk_image,
+        run_as=run_as,
     )
     process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")

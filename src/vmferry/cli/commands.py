@@ -270,6 +270,8 @@ def _request(args: argparse.Namespace) -> MigrationRequest:
         force=getattr(args, "force", False),
         allow_postcopy=not args.no_postcopy,
         recovery_limit_s=getattr(args, "recovery_limit", 600.0),
+        tls=getattr(args, "tls", False),
+        plan=not getattr(args, "no_plan", False),
     )
     request.resolve()  # refuse bad options before touching anything
     return request
@@ -424,8 +426,10 @@ async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> 
 
 async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
     from vmferry.agent.host import AgentConfig
+    from vmferry.agent.qemu_user import resolve_qemu_user
     from vmferry.agent.server import run_agent
     from vmferry.agent.tls import server_context
+    from vmferry.qemu.tls import check_creds_dir
 
     host, _, port = args.listen.rpartition(":")
     if not host or not port.isdigit() or int(port) > 65535:
@@ -453,6 +457,8 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
         migration_address=args.migration_address,
         shared_dir=args.shared_dir,
         disk_bytes=None if args.disk is None else parse_size(args.disk),
+        qemu_tls_dir=None if args.qemu_tls_dir is None else check_creds_dir(args.qemu_tls_dir),
+        qemu_user=resolve_qemu_user(args.qemu_user),
     )
     await run_agent(config, host, int(port), token, args.ready_file, tls)
     return EXIT_OK

@@ -134,6 +134,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="keep recovering a post-copy broken by a network fault this long (default 600)",
     )
+    migrate.add_argument(
+        "--no-plan",
+        action="store_true",
+        help="skip the pre-flight measurement (an explicit --strategy only; the report then "
+        "has no prediction)",
+    )
+    migrate.add_argument(
+        "--tls",
+        action="store_true",
+        help="encrypt and authenticate the migration stream and disk mirror (mutual TLS; "
+        "both agents need --qemu-tls-dir)",
+    )
     json_flag(migrate)
 
     reconcile = sub.add_parser(
@@ -196,6 +208,21 @@ def _parser() -> argparse.ArgumentParser:
     )
     agent.add_argument(
         "--ready-file", type=Path, default=None, help="write {url, pid} here once listening"
+    )
+    agent.add_argument(
+        "--qemu-tls-dir",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="QEMU's TLS credentials (ca-cert.pem, server-cert.pem, server-key.pem, "
+        "client-cert.pem, client-key.pem) for `migrate --tls`; without it --tls is refused",
+    )
+    agent.add_argument(
+        "--qemu-user",
+        default="auto",
+        metavar="NAME",
+        help="user QEMU drops to after start-up: a name, 'none' (run as the agent), or "
+        "'auto' (default: vmferry-qemu if it exists and the agent runs as root)",
     )
     return parser
 

@@ -175,7 +175,9 @@ def vm_table(vms: Sequence[VmInfo]) -> Table:
             else f"{format_bytes(int(str(disk.get('size_bytes', 0))))} "
             f"{disk.get('bus')} {disk.get('storage')}",
             vm.workload,
-            "-" if vm.pid is None else str(vm.pid),
+            "-"
+            if vm.pid is None
+            else str(vm.pid) + ("" if vm.qemu_uid is None else f" (uid {vm.qemu_uid})"),
             style=None if vm.state == "running" else "yellow",
         )
     return table

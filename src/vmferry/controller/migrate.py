@@ -86,6 +86,8 @@ class MigrationRequest:
     plan: bool = True  # measure and predict first (the report then carries the prediction)
     # How long to keep trying to recover a post-copy broken by a network fault.
     recovery_limit_s: float = 600.0
+    # Encrypt and authenticate the migration stream and the disk mirror (mutual TLS).
+    tls: bool = False
 
     @property
     def recovery(self) -> RecoveryPolicy:
@@ -111,6 +113,8 @@ class MigrationRequest:
         """
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown strategy {self.strategy!r}: use {', '.join(STRATEGIES)}")
+        if not self.plan and self.strategy == "auto":
+            raise ConfigError("--no-plan needs an explicit --strategy (auto chooses by the plan)")
         strategy: Mechanism = next(
             (m for m in MECHANISMS if m == self.strategy), mechanism or "precopy"
         )
@@ -132,6 +136,7 @@ class MigrationRequest:
             postcopy_ready=self.strategy == "auto"
             and self.allow_postcopy
             and strategy not in ("cold", "multifd"),
+            tls=self.tls,
         )
 
 
@@ -155,7 +160,16 @@ async def _precheck(
         raise ConfigError(f"{request.destination} cannot build machine type {spec.machine_type}")
     if spec.cpu_model not in host.cpu_models:
         raise ConfigError(f"{request.destination} has no CPU model {spec.cpu_model}")
-    return info, cluster.client(info.host), destination
+    source = cluster.client(info.host)
+    if request.tls:
+        # Refused here, before anything starts (each agent would refuse it too).
+        for checked in (await source.host_info(), host):
+            if not checked.qemu_tls:
+                raise ConfigError(
+                    f"{checked.host} has no QEMU TLS credentials: --tls needs both agents "
+                    "started with --qemu-tls-dir"
+                )
+    return info, source, destination
 
 
 class GoalUnreachable(ConfigError):
@@ -247,6 +261,8 @@ async def migrate(
             "integrity": None,
             "guest_alive": True,
             "recoveries": recoveries,
+            # Attempted over TLS; a completed report says what QEMU really used.
+            "tls": options.tls,
         }
         values.update(fields)
         result = MigrationReport(**values)  # type: ignore[arg-type]
@@ -584,6 +600,7 @@ async def migrate(
         downtime_ms=_downtime_ms(strategy, final, disk_ms),
         guest_downtime_ms=gap,
         integrity=integrity,
+        tls=outcome.tls,
     )
 
 

@@ -334,7 +334,8 @@ class MigrationOptions:
     the vCPUs), ``postcopy`` (switch to the destination at once, pull pages on demand),
     ``hybrid`` (pre-copy, then post-copy) or ``cold`` (pause the guest, then copy).
     ``postcopy_ready`` enables post-copy on both sides so a pre-copy can be switched over
-    mid-flight if it stalls.
+    mid-flight if it stalls. ``tls`` runs the RAM stream and the NBD disk mirror over mutual
+    TLS (QEMU's ``tls-creds-x509``; both agents need QEMU credentials).
     """
 
     max_bandwidth_bps: int | None = None
@@ -344,6 +345,7 @@ class MigrationOptions:
     postcopy_ready: bool = False
     multifd_channels: int = 2
     xbzrle_cache_bytes: int = 64 << 20
+    tls: bool = False
 
     @property
     def uses_postcopy(self) -> bool:
@@ -412,6 +414,8 @@ class MigrationReport:
     guest_alive: bool
     # Post-copy recoveries after network faults (pause, re-listen, resume) that succeeded.
     recoveries: int = 0
+    # The migration stream (and disk mirror) ran over TLS, as QEMU reported at the end.
+    tls: bool = False
 
     @property
     def is_success(self) -> bool:
@@ -442,4 +446,5 @@ class MigrationReport:
             "integrity": None if self.integrity is None else self.integrity.to_json(),
             "guest_alive": self.guest_alive,
             "recoveries": self.recoveries,
+            "tls": self.tls,
         }

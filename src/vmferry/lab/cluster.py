@@ -11,6 +11,7 @@ Lab directory layout::
     <lab_dir>/lab.json  token  network.json (netns labs)
     <lab_dir>/tls/ca.pem ca.key host-i.pem host-i.key   (see vmferry.lab.pki; keys 0600)
     <lab_dir>/hosts/host-i/agent.pid  ready.json  agent.log  vms/<vm>/qemu.pid
+    <lab_dir>/hosts/host-i/qemu-tls/ca-cert.pem server-*.pem client-*.pem   (QEMU's TLS creds)
 
 Example:
     >>> inventory = await lab_up(2)                                   # doctest: +SKIP
@@ -300,6 +301,10 @@ async def _start(
         argv += ["--shared-dir", str(directory / SHARED_DIR)]
         cert = pki.issue_server_cert(ca, name, address)  # SAN = the address it listens on
         argv += ["--tls-cert", str(cert.cert_file), "--tls-key", str(cert.key_file)]
+        # QEMU's own credentials for `migrate --tls` (SAN = the migration address). Private
+        # to root here: an agent whose QEMU drops root copies them where QEMU's group reads.
+        qemu_tls = pki.issue_qemu_creds(ca, name, address, state_dir / "qemu-tls")
+        argv += ["--qemu-tls-dir", str(qemu_tls)]
         if disk_bytes is not None:
             argv += ["--disk", str(disk_bytes)]
         if ns:

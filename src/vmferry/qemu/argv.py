@@ -13,6 +13,7 @@ from vmferry.core.model import DISK_NODE, VmSpec
 
 __all__ = [
     "SANDBOX_OPTION",
+    "SANDBOX_OPTION_DROPPING_ROOT",
     "Accel",
     "BootFiles",
     "RuntimePaths",
@@ -24,6 +25,14 @@ __all__ = [
 # QEMU's seccomp filter: no obsolete syscalls, no setuid/setgid, no fork/exec, no CPU affinity or
 # priority changes. (QEMU has no "obtain" key; ``obsolete`` is the one that exists.)
 SANDBOX_OPTION = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# With ``-run-with user=``: QEMU installs its filter while parsing options, long before it
+# drops root (os_setup_post), so ``elevateprivileges=deny`` (and ``children``) kill it with
+# SIGSYS on its own setgid() (measured: audit "syscall=106", exit 159). Only that key is
+# relaxed; after the drop QEMU has no capabilities left, so set*id can only pick its own ids,
+# and spawn=deny still forbids executing anything (no setuid binaries).
+SANDBOX_OPTION_DROPPING_ROOT = (
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+)
 
 Accel = Literal["kvm", "tcg"]
 
@@ -129,11 +138,15 @@ def build_argv(
     accel: Accel = "tcg",
     incoming: bool = False,
     disk_image: Path | None = None,
+    run_as: str | None = None,
 ) -> list[str]:
     """Build the argv of one QEMU instance of ``spec``.
 
     QEMU always runs under its seccomp filter (``-sandbox``, see ``SANDBOX_OPTION``): no
     fork/exec, no privilege or scheduler changes; ``find_qemu`` refuses a QEMU without it.
+    With ``run_as`` (a user name) QEMU started as root opens its files and sockets, then
+    becomes that user (``-run-with user=``) before it runs the guest; its filter then allows
+    the set*id calls of that one drop (``SANDBOX_OPTION_DROPPING_ROOT``).
 
     Source and destination must get identical device models, so everything that shapes the
     guest comes from ``spec``; only sockets, logs, the disk image path and ``-incoming`` differ.
@@ -163,7 +176,7 @@ def build_argv(
         "none",
         "-no-reboot",
         "-sandbox",
-        SANDBOX_OPTION,
+        SANDBOX_OPTION if run_as is None else SANDBOX_OPTION_DROPPING_ROOT,
         "-kernel",
         str(boot.kernel),
         "-initrd",
@@ -185,6 +198,10 @@ def build_argv(
     ]
     if disk_image is not None:
         argv += disk_args(spec, disk_image)
+    if run_as is not None:
+        if not run_as or "," in run_as or "=" in run_as:
+            raise ConfigError(f"bad user name for QEMU: {run_as!r}")
+        argv += ["-run-with", f"user={run_as}"]
     if incoming:
         argv += ["-incoming", "defer"]
     return argv

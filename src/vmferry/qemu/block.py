@@ -93,11 +93,15 @@ def _parse_job(job: Mapping[str, Any]) -> MirrorStatus:
     )
 
 
-async def export_disk(dst: QmpSession, listen_host: str) -> NbdTarget:
+async def export_disk(
+    dst: QmpSession, listen_host: str, *, tls_creds: str | None = None
+) -> NbdTarget:
     """Export the destination's disk node over NBD on ``listen_host`` (writable).
 
     The listening socket is bound here (port 0: the kernel picks a free port) and handed to
-    QEMU as a file descriptor, so no port is ever guessed.
+    QEMU as a file descriptor, so no port is ever guessed. With ``tls_creds`` (an
+    endpoint=server ``tls-creds-x509`` object) the NBD server speaks only TLS and, as the
+    object verifies peers, only to clients with a certificate of its CA.
 
     Raises:
         QMPCommandError, QMPTimeout, QMPConnectError: QEMU refused or did not answer.
@@ -111,7 +115,10 @@ async def export_disk(dst: QmpSession, listen_host: str) -> NbdTarget:
         port = int(listener.getsockname()[1])
         await dst.pass_fd(_NBD_FD_NAME, listener.fileno())
     # QEMU holds its own copy of the socket now; ours is closed by the with-block.
-    await dst.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": _NBD_FD_NAME}}})
+    server: dict[str, object] = {"addr": {"type": "fd", "data": {"str": _NBD_FD_NAME}}}
+    if tls_creds is not None:
+        server["tls-creds"] = tls_creds
+    await dst.execute("nbd-server-start", server)
     try:
         await dst.execute(
             "block-export-add",
@@ -141,29 +148,33 @@ async def unexport_disk(dst: QmpSession) -> None:
     dst.logger.info("disk.unexported %s", DISK_NODE)
 
 
-async def start_mirror(src: QmpSession, target: NbdTarget, *, speed_bps: int | None) -> None:
+async def start_mirror(
+    src: QmpSession, target: NbdTarget, *, speed_bps: int | None, tls_creds: str | None = None
+) -> None:
     """Attach the destination's export and start mirroring the disk into it (background copy).
 
     Args:
         src: the source VM's session.
         target: the destination's export.
         speed_bps: bandwidth cap for the copy (None: as fast as the link goes).
+        tls_creds: an endpoint=client ``tls-creds-x509`` object: the NBD connection runs over
+            TLS and the export's certificate must name ``target.host``. None: in clear.
 
     Raises:
         QMPCommandError: the export cannot be reached or the job cannot start (nothing is left
             attached then).
         QMPTimeout, QMPConnectError: QEMU did not answer.
     """
-    await src.execute(
-        "blockdev-add",
-        {
-            "driver": "nbd",
-            "node-name": _TARGET_NODE,
-            "server": {"type": "inet", "host": target.host, "port": str(target.port)},
-            "export": target.export,
-        },
-        timeout_s=30.0,
-    )
+    node: dict[str, object] = {
+        "driver": "nbd",
+        "node-name": _TARGET_NODE,
+        "server": {"type": "inet", "host": target.host, "port": str(target.port)},
+        "export": target.export,
+    }
+    if tls_creds is not None:
+        node["tls-creds"] = tls_creds
+        node["tls-hostname"] = target.host
+    await src.execute("blockdev-add", node, timeout_s=30.0)
     arguments: dict[str, object] = {
         "job-id": MIRROR_JOB,
         "device": DISK_NODE,

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -255,7 +257,9 @@ async def sample_memory(
 
     QEMU writes each chunk with ``pmemsave`` into a private directory under ``scratch_dir``
     (which QEMU must be able to write: same host and mount namespace); the files are read back
-    and removed. Only RAM below 2 GiB is sampled (see :func:`chunk_addresses`).
+    and removed. Only RAM below 2 GiB is sampled (see :func:`chunk_addresses`). A
+    group-writable ``scratch_dir`` (QEMU running as another user, in that group) makes the
+    private directory writable by that group too.
 
     Args:
         session: the guest's QMP session.
@@ -275,6 +279,10 @@ async def sample_memory(
     addresses = chunk_addresses(ram_bytes, chunks, chunk_bytes)
     try:
         directory = Path(tempfile.mkdtemp(prefix="pmem-", dir=scratch_dir.absolute()))
+        scratch = scratch_dir.stat()
+        if scratch.st_mode & stat.S_IWGRP:
+            os.chown(directory, -1, scratch.st_gid)
+            os.chmod(directory, 0o770)
     except OSError as err:
         raise MeasurementError(f"cannot use scratch directory {scratch_dir}: {err}") from err
     totals = [0, 0, 0, 0]

@@ -25,6 +25,7 @@ from vmferry.core.errors import (
 from vmferry.core.model import MigrationOptions, MigrationStats
 from vmferry.core.recovery import POSTCOPY_RECOVERING, is_postcopy
 from vmferry.qemu.session import QmpSession
+from vmferry.qemu.tls import migration_tls_parameters, tls_hostname
 
 __all__ = [
     "PRECOPY_IN_FLIGHT",
@@ -138,18 +139,27 @@ async def _next_sample(
     return stats
 
 
-async def start_incoming(dst: QmpSession, listen_host: str, options: MigrationOptions) -> str:
+async def start_incoming(
+    dst: QmpSession,
+    listen_host: str,
+    options: MigrationOptions,
+    *,
+    tls_creds: str | None = None,
+) -> str:
     """Make the destination (started with ``-incoming defer``) listen; return the URI to use.
 
     The port is chosen by the kernel (port 0) and read back from ``query-migrate``, so there is
-    no race for a free port.
+    no race for a free port. With ``tls_creds`` (an endpoint=server ``tls-creds-x509`` object)
+    the destination accepts only TLS connections from a source with a certificate its CA
+    signed — also for a post-copy recovery's new connection.
     """
     await dst.execute(
         "migrate-set-capabilities", {"capabilities": _caps_arg(capabilities_for(options))}
     )
-    shared = _shared_parameters(options)
-    if shared:
-        await dst.execute("migrate-set-parameters", shared)
+    await dst.execute(
+        "migrate-set-parameters",
+        {**_shared_parameters(options), **migration_tls_parameters(tls_creds, None)},
+    )
     await dst.execute("migrate-incoming", {"uri": f"tcp:{listen_host}:0"})
     reply = await dst.execute("query-migrate")
     for address in reply.get("socket-address", []):
@@ -165,6 +175,7 @@ async def run_migration(
     on_progress: Callable[[MigrationStats], None] | None = None,
     *,
     before_switchover: Callable[[], Awaitable[None]] | None = None,
+    tls_creds: str | None = None,
 ) -> MigrationStats:
     """Start the migration on the source and follow it to the end.
 
@@ -176,6 +187,9 @@ async def run_migration(
         before_switchover: run with the guest paused just before its device state is sent
             (QEMU's ``pause-before-switchover``), e.g. to complete a disk mirror; the
             migration continues when it returns and is cancelled when it raises.
+        tls_creds: an endpoint=client ``tls-creds-x509`` object: the stream (every channel,
+            multifd and post-copy preempt included) runs over TLS, and the destination's
+            certificate must name the URI's host. None: in clear.
 
     Returns:
         The final statistics (status ``completed``; ``downtime_ms`` set).
@@ -193,7 +207,13 @@ async def run_migration(
     capabilities = capabilities_for(options)
     capabilities["pause-before-switchover"] = before_switchover is not None
     await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(capabilities)})
-    await src.execute("migrate-set-parameters", source_parameters_for(options))
+    await src.execute(
+        "migrate-set-parameters",
+        {
+            **source_parameters_for(options),
+            **migration_tls_parameters(tls_creds, tls_hostname(uri) if tls_creds else None),
+        },
+    )
     if options.mechanism == "cold":
         await src.execute("stop")
     with src.listener("MIGRATION") as listener:
@@ -203,6 +223,9 @@ async def run_migration(
             await start_postcopy(src)
         try:
             previous = "setup"
+            # QEMU may still say pre-switchover for a moment after migrate-continue (seen
+            # with multifd over TLS): the hook runs once per migration, never twice.
+            switched_over = False
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
                     stats = await _next_sample(src, listener, on_progress)
@@ -220,7 +243,9 @@ async def run_migration(
                         )
                     previous = stats.status
                     if stats.status == "pre-switchover" and before_switchover is not None:
-                        await _switch_over(src, before_switchover)
+                        if not switched_over:
+                            switched_over = True
+                            await _switch_over(src, before_switchover)
                         continue
                     if stats.status == "completed":
                         logger.info(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from vmferry.core.errors import QEMULaunchError
 
-__all__ = ["QemuProcess", "is_qemu_pid", "tail_lines"]
+__all__ = ["QemuProcess", "is_qemu_pid", "process_uid", "tail_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,18 @@ def _pid_alive(pid: int) -> bool:
         return False
     # The state letter follows the parenthesised command name.
     return stat[stat.rindex(")") + 2] != "Z"
+
+
+def process_uid(pid: int) -> int | None:
+    """The real uid process ``pid`` runs as (``/proc/PID/status``), None if it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    return None
 
 
 def is_qemu_pid(pid: int) -> bool:
