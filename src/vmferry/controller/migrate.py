@@ -473,9 +473,10 @@ async def migrate(
             # Nothing moved for long (a dead link, a destination that stopped reading): give
             # up while the guest still runs here rather than wait for TCP's timeout.
             cancel_sent = True
+            what = "the disk copy" if last.status == DISK_PHASE else "the migration"
             replan_error = (
-                f"nothing sent for {PRECOPY_STALL_S:g} s (link down?): cancelled; the guest "
-                f"stays on {source_host}"
+                f"{what} sent nothing for {PRECOPY_STALL_S:g} s (link down? destination "
+                f"gone?): cancelled; the guest stays on {source_host}"
             )
             logger.warning("migration.stalled %s: cancelling", spec.name)
             with contextlib.suppress(FerryError):
