@@ -978,6 +978,10 @@ class HostAgent:
             except FerryError as err:
                 self.logger.error("migration.unsettled %s: %s", vm.label, err)
                 break
+        for _ in range(40):  # a QMP connection lost with its QEMU: let the exit be reaped
+            if not vm.process.is_running:
+                break
+            await asyncio.sleep(0.05)
         if not vm.process.is_running:
             return Adopted(
                 "stopped", OutgoingResult("failed", f"{why}; QEMU died", None, None, None)
