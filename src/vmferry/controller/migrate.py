@@ -42,9 +42,11 @@ __all__ = [
     "STRATEGIES",
     "GoalUnreachable",
     "MigrationRequest",
+    "PostcopyLost",
     "ProgressCallback",
     "drop_unstarted",
     "migrate",
+    "postcopy_loss",
     "recover_postcopy",
 ]
 
@@ -434,7 +436,7 @@ async def migrate(
                     status="failed",
                     running_on=request.destination,
                     guest_alive=False,
-                    error=_postcopy_loss(lost.dead_host, source_host, request.destination),
+                    error=postcopy_loss(lost.dead_host, source_host, request.destination),
                 )
             if recovered_in_s is None:
                 phase = Phase.FAILED
@@ -526,7 +528,7 @@ async def migrate(
             status="failed",
             running_on=request.destination,
             guest_alive=False,
-            error=split if dead is None else _postcopy_loss(dead, source_host, request.destination),
+            error=split if dead is None else postcopy_loss(dead, source_host, request.destination),
         )
     if outcome.status != "completed":
         phase = Phase.FAILED
@@ -681,7 +683,7 @@ class PostcopyLost(FerryError):
         self.dead_host = dead_host
 
 
-def _postcopy_loss(dead_host: str, source_host: str, destination_host: str) -> str:
+def postcopy_loss(dead_host: str, source_host: str, destination_host: str) -> str:
     if dead_host == source_host:
         return (
             f"the source QEMU on {source_host} died during post-copy: the guest's pages that "

@@ -9,7 +9,6 @@ while a host does not answer: a copy there could make any decision wrong.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 from dataclasses import dataclass, field
@@ -17,7 +16,12 @@ from dataclasses import dataclass, field
 from vmferry.agent.api import OutgoingResult
 from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster
-from vmferry.controller.migrate import drop_unstarted, recover_postcopy
+from vmferry.controller.migrate import (
+    PostcopyLost,
+    drop_unstarted,
+    postcopy_loss,
+    recover_postcopy,
+)
 from vmferry.core.errors import FerryError, StateError
 from vmferry.core.model import IntegrityReport
 from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
@@ -83,7 +87,8 @@ async def reconcile(
             result = results.setdefault(name, Reconciled(name, "ok", decision.reason))
             if decision.verdict is Verdict.IN_FLIGHT:
                 await _wait(cluster, decision, result, wait_s, policy)
-                pending.add(name)
+                if result.verdict != "lost":
+                    pending.add(name)  # look again once it ended
                 continue
             await _carry_out(cluster, decision, result)
         if not pending:
@@ -197,6 +202,10 @@ async def _wait(
     result.done.append(f"waited for the migration from {source_host}")
     try:
         await _follow(cluster, source, destinations, decision.vm, result, wait_s, policy)
+    except PostcopyLost as lost:
+        result.verdict = "lost"
+        result.error = postcopy_loss(lost.dead_host, source_host, destinations[0])
+        logger.error("reconcile.lost %s: %s", decision.vm, result.error)
     except TimeoutError:
         result.reason = f"the migration from {source_host} did not end within {wait_s:g} s"
         return
@@ -228,8 +237,13 @@ async def _follow(
             )
             if outcome is None and broken and destinations:
                 destination = cluster.client(destinations[0])
-                with contextlib.suppress(FerryError):
+                try:
                     took = await recover_postcopy(source, destination, name, policy, attempts)
+                except PostcopyLost:
+                    raise  # nothing to wait for: a side of the post-copy is gone
+                except FerryError as err:
+                    logger.info("reconcile.recover %s: %s", name, err)
+                else:
                     if took is not None:
                         result.done.append("recovered the post-copy")
                 progress_at = loop.time()
