@@ -196,15 +196,19 @@ async def _wait(
     source_host = decision.steps[0].host
     source = cluster.client(source_host)
     listing = await cluster.list_vms()
+    # Its destination: incoming, or a record of a QEMU that died (a post-copy is then lost).
     destinations = [
-        vm.host for vm in listing.vms if vm.name == decision.vm and vm.state == "incoming"
+        vm.host
+        for vm in listing.vms
+        if vm.name == decision.vm and vm.state in ("incoming", "stopped")
     ]
     result.done.append(f"waited for the migration from {source_host}")
     try:
         await _follow(cluster, source, destinations, decision.vm, result, wait_s, policy)
     except PostcopyLost as lost:
         result.verdict = "lost"
-        result.error = postcopy_loss(lost.dead_host, source_host, destinations[0])
+        dest_host = destinations[0] if destinations else "its destination"
+        result.error = postcopy_loss(lost.dead_host, source_host, dest_host)
         logger.error("reconcile.lost %s: %s", decision.vm, result.error)
     except TimeoutError:
         result.reason = f"the migration from {source_host} did not end within {wait_s:g} s"
@@ -235,6 +239,8 @@ async def _follow(
             broken = last in POSTCOPY_RECOVERING or (
                 last is not None and is_stalled(last, progress_at, now, _STALL_S)
             )
+            if outcome is None and broken and not destinations:
+                raise PostcopyLost("its destination (no copy left there)")
             if outcome is None and broken and destinations:
                 destination = cluster.client(destinations[0])
                 try:
