@@ -70,9 +70,18 @@ async def _cli_runs(
     return runs
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
+def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    """The median of ``key`` over the runs that have it (None: none has)."""
     values = [r[key] for r in runs if r.get(key) is not None]
     return statistics.median(values) if values else None
+
+
+def write_results(out: Path, results: dict[str, Any], summary: dict[str, Any]) -> None:
+    """Write a bench's JSON results and print its summary."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    print(f"wrote {out}")
 
 
 async def main() -> None:
@@ -95,20 +104,20 @@ async def main() -> None:
     if not args.no_netns and os.geteuid() == 0:
         shaped = await _cli_runs(args.memory, SHAPED, args.repeat, netns=True, link_mbps=200)
 
-    raw_wall = _median(raw_runs, "wall_ms")
+    raw_wall = median_of(raw_runs, "wall_ms")
     summary = {
         "raw_wall_ms": raw_wall,
-        "cli_total_ms": _median(cli_runs, "total_ms"),
-        "cli_process_wall_ms": _median(cli_runs, "cli_wall_ms"),
+        "cli_total_ms": median_of(cli_runs, "total_ms"),
+        "cli_process_wall_ms": median_of(cli_runs, "cli_wall_ms"),
         "ratio_cli_total_over_raw": (
-            round(_median(cli_runs, "total_ms") / raw_wall, 3) if raw_wall else None  # type: ignore[operator]
+            round(median_of(cli_runs, "total_ms") / raw_wall, 3) if raw_wall else None  # type: ignore[operator]
         ),
         "ratio_cli_process_over_raw": (
-            round(_median(cli_runs, "cli_wall_ms") / raw_wall, 3) if raw_wall else None  # type: ignore[operator]
+            round(median_of(cli_runs, "cli_wall_ms") / raw_wall, 3) if raw_wall else None  # type: ignore[operator]
         ),
-        "shaped_200mbit_total_ms": _median(shaped, "total_ms"),
-        "shaped_200mbit_downtime_ms": _median(shaped, "downtime_ms"),
-        "shaped_200mbit_guest_downtime_ms": _median(shaped, "guest_downtime_ms"),
+        "shaped_200mbit_total_ms": median_of(shaped, "total_ms"),
+        "shaped_200mbit_downtime_ms": median_of(shaped, "downtime_ms"),
+        "shaped_200mbit_guest_downtime_ms": median_of(shaped, "guest_downtime_ms"),
     }
     results = {
         "benchmark": "cluster_cli",
@@ -121,10 +130,7 @@ async def main() -> None:
         "cli_netns_200mbit": shaped,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results, summary)
 
 
 if __name__ == "__main__":

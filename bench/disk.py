@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from cluster_cli import run_cli
+from cluster_cli import median_of, run_cli, write_results
 from raw_vs_vmferry import DOWNTIME_LIMIT_MS, Heartbeats, connect_qmp
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
@@ -182,14 +180,9 @@ async def cli_runs(
     return runs
 
 
-def _median(runs: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in runs if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {
-        key: _median(runs, key)
+        key: median_of(runs, key)
         for key in ("total_ms", "downtime_ms", "guest_downtime_ms", "transferred_bytes")
     } | {"ok": all(r.get("status") == "completed" and r.get("integrity", {}).get("ok", True)
                    for r in runs)}  # fmt: skip
@@ -219,7 +212,7 @@ async def main() -> None:
     if not args.no_netns and os.geteuid() == 0:
         shaped = await cli_runs(args.disk, "local", args.repeat, netns=True, link_mbps=200)
 
-    raw_total, local_total = _median(raw, "total_ms"), _median(local, "total_ms")
+    raw_total, local_total = median_of(raw, "total_ms"), median_of(local, "total_ms")
     summary = {
         "raw_loopback": _summary(raw),
         "vmferry_loopback_local": _summary(local),
@@ -242,10 +235,7 @@ async def main() -> None:
         "vmferry_netns_200mbit": shaped,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results, summary)
 
 
 if __name__ == "__main__":

@@ -20,16 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import statistics
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from cluster_cli import run_cli
+from cluster_cli import median_of, run_cli, write_results
 from vmferry.guest.image import build_image
 from vmferry.lab.cluster import lab_down, lab_up
 
@@ -141,14 +139,9 @@ async def runs(repeat: int) -> list[dict[str, Any]]:
     return results
 
 
-def _median(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return statistics.median(values) if values else None
-
-
 def _summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
     keys = ("total_ms", "downtime_ms", "guest_downtime_ms", "transferred_bytes")
-    return {key: _median(rows, key) for key in (*keys, "throughput_mbps", "qemu_cpu_s")} | {
+    return {key: median_of(rows, key) for key in (*keys, "throughput_mbps", "qemu_cpu_s")} | {
         "runs": len(rows),
         "ok": all(r["status"] == "completed" and r["integrity"]["ok"] for r in rows),
         "tls_reported": sorted({bool(r["tls"]) for r in rows}),
@@ -187,10 +180,7 @@ async def main() -> None:
         "runs": rows,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results, summary)
 
 
 if __name__ == "__main__":
