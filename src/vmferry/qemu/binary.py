@@ -34,23 +34,35 @@ class QemuBinary:
         return ".".join(str(part) for part in self.version)
 
 
-async def _output(argv: list[str]) -> str:
+async def _run(argv: list[str], stdin: bytes | None = None) -> tuple[int | None, str]:
+    """Run ``argv`` (fed ``stdin``, if any) within the probe deadline.
+
+    Returns:
+        Its exit status and output (stdout and stderr together).
+
+    Raises:
+        QEMUNotFound: it did not end in time (it is killed).
+    """
     proc = await asyncio.create_subprocess_exec(
         *argv,
-        stdin=asyncio.subprocess.DEVNULL,
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with asyncio.timeout(_PROBE_TIMEOUT_S):
-            out, _ = await proc.communicate()
+            out, _ = await proc.communicate(stdin)
     except TimeoutError:
         proc.kill()
         await proc.wait()
         raise QEMUNotFound(
             f"{argv[0]} did not answer {argv[1:]} within {_PROBE_TIMEOUT_S:g} s"
         ) from None
-    return out.decode(errors="replace")
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def _output(argv: list[str]) -> str:
+    return (await _run(argv))[1]
 
 
 async def find_qemu(path: str | None = None) -> QemuBinary:
@@ -99,21 +111,9 @@ async def _probe_sandbox(found: str) -> None:
     """
     argv = [found, "-sandbox", SANDBOX_OPTION, "-machine", "none", "-nodefaults"]
     argv += ["-display", "none", "-S", "-monitor", "stdio"]
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    try:
-        async with asyncio.timeout(_PROBE_TIMEOUT_S):
-            out, _ = await proc.communicate(b"quit\n")
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        out = b"no answer"
-    if proc.returncode != 0:
+    returncode, out = await _run(argv, b"quit\n")
+    if returncode != 0:
         raise QEMUNotFound(
             f"{found} cannot run with -sandbox {SANDBOX_OPTION} (is it built with seccomp? "
-            f"Debian's qemu-system-x86 is): {out.decode(errors='replace').strip()[-300:]}"
+            f"Debian's qemu-system-x86 is): {out.strip()[-300:]}"
         )
