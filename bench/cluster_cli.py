@@ -35,17 +35,31 @@ BUSY = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
 SHAPED = "dirty:rate=4M,size=256M,pattern=random,mode=paced"
 
 
-def run_cli(lab_dir: Path, *args: str) -> tuple[float, dict[str, Any]]:
+def vmferry_json(
+    lab_dir: Path, *args: str, timeout_s: float = 900
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run ``python -m vmferry.cli.main ARGS --json`` against the lab in ``lab_dir``.
+
+    Returns:
+        The finished process and its wall time (ms).
+
+    Raises:
+        subprocess.TimeoutExpired: it ran longer than ``timeout_s`` (it is killed).
+    """
     started = time.monotonic()
     result = subprocess.run(
         [sys.executable, "-m", "vmferry.cli.main", *args, "--json"],
         capture_output=True,
         text=True,
         check=False,
-        timeout=900,
+        timeout=timeout_s,
         env={**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)},
     )
-    wall_ms = (time.monotonic() - started) * 1000
+    return result, (time.monotonic() - started) * 1000
+
+
+def run_cli(lab_dir: Path, *args: str) -> tuple[float, dict[str, Any]]:
+    result, wall_ms = vmferry_json(lab_dir, *args)
     if result.returncode not in (0, 1):
         raise RuntimeError(f"vmferry {args}: {result.stderr}")
     return wall_ms, json.loads(result.stdout)

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cluster_cli import vmferry_json
 from vmferry.core.workload import parse_size
 
 STRATEGIES = ("precopy", "multifd", "xbzrle", "auto-converge", "postcopy", "hybrid", "cold", "auto")
@@ -148,19 +149,12 @@ def cli(lab_dir: Path, *args: str, timeout_s: float = 300) -> CliOutcome:
     """Run ``python -m vmferry.cli.main ARGS --json`` against the lab in ``lab_dir``."""
     started = time.monotonic()
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "vmferry.cli.main", *args, "--json"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=timeout_s,
-            env={**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)},
-        )
+        result, wall = vmferry_json(lab_dir, *args, timeout_s=timeout_s)
     except subprocess.TimeoutExpired as err:
         stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else ""
         wall_ms = round((time.monotonic() - started) * 1000)
         return CliOutcome(None, wall_ms, None, f"bench timeout after {timeout_s:.0f} s; {stderr}")
-    wall_ms = round((time.monotonic() - started) * 1000)
+    wall_ms = round(wall)
     try:
         data = json.loads(result.stdout) if result.stdout.strip() else None
     except json.JSONDecodeError:

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from cluster_cli import vmferry_json
 
 STRATEGIES = ("precopy", "postcopy", "multifd")
 WORKLOAD = "dirty:rate=20M,size=128M,pattern=random,mode=paced"
@@ -32,16 +32,7 @@ _MAX_FAILURES_IN_A_ROW = 3
 
 def _cli(lab_dir: Path, *args: str, timeout_s: float = 900) -> tuple[int, float, dict[str, Any]]:
     """Run ``vmferry ARGS --json``; returns exit status, wall time (ms) and the JSON printed."""
-    started = time.monotonic()
-    result = subprocess.run(
-        [sys.executable, "-m", "vmferry.cli.main", *args, "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=timeout_s,
-        env={**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)},
-    )
-    wall_ms = (time.monotonic() - started) * 1000
+    result, wall_ms = vmferry_json(lab_dir, *args, timeout_s=timeout_s)
     try:
         data = json.loads(result.stdout) if result.stdout.strip() else {}
     except ValueError:
