@@ -684,7 +684,7 @@ async def observe(lab_dir: Path) -> dict[str, Any]:
                     if info.name == VM:
                         agent_state[info.pid or 0] = info.state
                         if info.pid:
-                            qemu_says = await agent.runstate(VM)
+                            qemu_says, _ = await agent.qemu_state(VM)
         except FerryError as err:
             agent_error = str(err)
         before = {pid: _cpu_ticks(pid) for pid in pids}

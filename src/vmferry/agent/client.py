@@ -175,16 +175,11 @@ class AgentClient:
             await self._call("GET", f"/vms/{name}", timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
         )
 
-    async def runstate(self, name: str, timeout_s: float = 10.0) -> str:
-        """QEMU's own run state of VM ``name`` (``gone``: no QEMU runs it)."""
-        return str(
-            (await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s))["runstate"]
-        )
-
-    async def qemu_migration(self, name: str, timeout_s: float = 10.0) -> str:
-        """QEMU's own migration status for VM ``name`` here (``gone``: no QEMU runs it)."""
+    async def qemu_state(self, name: str, timeout_s: float = 10.0) -> tuple[str, str]:
+        """QEMU's own run state and migration status of VM ``name`` here (``gone``: no QEMU
+        runs it)."""
         data = await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s)
-        return str(data["migration"])
+        return str(data["runstate"]), str(data["migration"])
 
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(

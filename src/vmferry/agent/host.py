@@ -406,19 +406,11 @@ class HostAgent:
         return self._vm_info(self._slot(name))
 
     async def qemu_state(self, name: str) -> tuple[str, str]:
-        """:meth:`runstate` and QEMU's migration status (``none``/``gone`` when none)."""
-        runstate = await self.runstate(name)
-        if runstate == "gone":
-            return runstate, "gone"
-        vm = self._slot(name).vm
-        assert vm is not None
-        return runstate, await migration_status(vm.qmp)
-
-    async def runstate(self, name: str) -> str:
-        """What VM ``name``'s QEMU itself says about its guest (``query-status``: ``running``,
-        ``paused``, ``inmigrate``, ``postmigrate``, ``postcopy-paused``...), which can differ
-        from this agent's state (e.g. a destination that completed without a controller still
-        counts as ``incoming`` here but runs the guest); ``gone`` when no QEMU runs it.
+        """What VM ``name``'s QEMU itself says: its run state (``query-status``: ``running``,
+        ``paused``, ``inmigrate``, ``postmigrate``...) and its migration status
+        (``query-migrate``; ``none`` when none), which can differ from this agent's state
+        (e.g. a destination that completed without a controller still counts as ``incoming``
+        here but runs the guest); ``("gone", "gone")`` when no QEMU runs it.
 
         Raises:
             NotFound: no such VM.
@@ -426,8 +418,9 @@ class HostAgent:
         """
         slot = self._slot(name)
         if slot.vm is None or not slot.vm.process.is_running:
-            return "gone"
-        return str((await slot.vm.qmp.execute("query-status"))["status"])
+            return "gone", "gone"
+        runstate = str((await slot.vm.qmp.execute("query-status"))["status"])
+        return runstate, await migration_status(slot.vm.qmp)
 
     def _running(self, name: str, want: VmState = VmState.RUNNING) -> tuple[Slot, RunningVm]:
         slot = self._slot(name)

@@ -722,7 +722,8 @@ async def drop_unstarted(destination: AgentClient, name: str) -> bool:
 async def _incoming_status(destination: AgentClient, name: str) -> str | None:
     """The destination QEMU's migration status; None if its agent does not answer."""
     try:
-        return await destination.qemu_migration(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
+        _, migration = await destination.qemu_state(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
+        return migration
     except FerryError:
         return None
 

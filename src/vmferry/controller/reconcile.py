@@ -86,7 +86,7 @@ async def reconcile(
             decision = decide(name, copies[name])
             result = results.setdefault(name, Reconciled(name, "ok", decision.reason))
             if decision.verdict is Verdict.IN_FLIGHT:
-                await _wait(cluster, decision, result, wait_s, policy)
+                await _wait(cluster, decision, copies[name], result, wait_s, policy)
                 if result.verdict != "lost":
                     pending.add(name)  # look again once it ended
                 continue
@@ -190,18 +190,18 @@ async def _step(client: AgentClient, step: Step, name: str, result: Reconciled) 
 
 
 async def _wait(
-    cluster: Cluster, decision: Decision, result: Reconciled, wait_s: float, policy: RecoveryPolicy
+    cluster: Cluster,
+    decision: Decision,
+    copies: list[Copy],
+    result: Reconciled,
+    wait_s: float,
+    policy: RecoveryPolicy,
 ) -> None:
     """Follow the migration in flight to its outcome, recovering a broken post-copy."""
     source_host = decision.steps[0].host
     source = cluster.client(source_host)
-    listing = await cluster.list_vms()
     # Its destination: incoming, or a record of a QEMU that died (a post-copy is then lost).
-    destinations = [
-        vm.host
-        for vm in listing.vms
-        if vm.name == decision.vm and vm.state in ("incoming", "stopped")
-    ]
+    destinations = [c.host for c in copies if c.state in ("incoming", "stopped")]
     result.done.append(f"waited for the migration from {source_host}")
     try:
         await _follow(cluster, source, destinations, decision.vm, result, wait_s, policy)
