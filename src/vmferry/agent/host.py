@@ -827,7 +827,7 @@ class HostAgent:
             # slow link) does not mean the migration failed — it may complete meanwhile.
             settled = await self._settle(vm, str(err))
             slot.state = VmState(settled.state)
-            result = settled.outcome or OutgoingResult("failed", str(err), last, None, None)
+            result = settled.outcome or OutgoingResult("failed", str(err), None, None, None)
             if result.status == "failed" and result.stats is None:
                 result = replace(result, stats=last)
             if settled.follow:

@@ -293,7 +293,6 @@ async def migrate(
             await destination.abort_incoming(spec.name)
         alive = await _state_of(source, spec.name) != "stopped"
         logger.error("migration.not_started %s: %s", spec.name, err)
-        phase = Phase.FAILED
         return report(
             status="failed",
             guest_alive=alive,
