@@ -9,30 +9,25 @@ while a host does not answer: a copy there could make any decision wrong.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from dataclasses import dataclass, field
 
-from vmferry.agent.api import OutgoingResult
 from vmferry.agent.client import AgentClient
 from vmferry.controller.cluster import Cluster
-from vmferry.controller.migrate import (
-    PostcopyLost,
-    drop_unstarted,
-    postcopy_loss,
-    recover_postcopy,
-)
+from vmferry.controller.migrate import follow
+from vmferry.controller.sides import drop_unstarted
 from vmferry.core.errors import FerryError, StateError
+from vmferry.core.migration import Mode, Move, Timing
 from vmferry.core.model import IntegrityReport
 from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
-from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_stalled
+from vmferry.core.recovery import RecoveryPolicy
+from vmferry.core.strategy import Goal
 
 __all__ = ["Reconciled", "reconcile"]
 
 logger = logging.getLogger(__name__)
 
 _ROUNDS = 3  # decide, act, look again (a wait is followed by a second decision)
-_POLL_WAIT_S = 0.5
 _STALL_S = 2.0
 
 
@@ -197,60 +192,36 @@ async def _wait(
     wait_s: float,
     policy: RecoveryPolicy,
 ) -> None:
-    """Follow the migration in flight to its outcome, recovering a broken post-copy."""
+    """Follow the migration in flight to its outcome (the migration engine in follow mode),
+    recovering a broken post-copy."""
     source_host = decision.steps[0].host
-    source = cluster.client(source_host)
     # Its destination: incoming, or a record of a QEMU that died (a post-copy is then lost).
     destinations = [c.host for c in copies if c.state in ("incoming", "stopped")]
+    destination_host = destinations[0] if destinations else "its destination"
     result.done.append(f"waited for the migration from {source_host}")
+    move = Move(
+        vm=decision.vm,
+        source=source_host,
+        destination=destination_host,
+        strategy="precopy",  # not known here; the report only says how it ended
+        goal=Goal(max_downtime_ms=600_000),
+        recovery=policy,
+        mode=Mode.FOLLOW,
+        timing=Timing(postcopy_stall_s=_STALL_S),
+        first_attempt=10_000,  # above any attempt number the original controller used
+    )
+    destination = cluster.client(destinations[0]) if destinations else None
     try:
-        await _follow(cluster, source, destinations, decision.vm, result, wait_s, policy)
-    except PostcopyLost as lost:
-        result.verdict = "lost"
-        dest_host = destinations[0] if destinations else "its destination"
-        result.error = postcopy_loss(lost.dead_host, source_host, dest_host)
-        logger.error("reconcile.lost %s: %s", decision.vm, result.error)
+        async with asyncio.timeout(wait_s):
+            report, lost_host = await follow(cluster.client(source_host), destination, move)
     except TimeoutError:
         result.reason = f"the migration from {source_host} did not end within {wait_s:g} s"
         return
-
-
-async def _follow(
-    cluster: Cluster,
-    source: AgentClient,
-    destinations: list[str],
-    name: str,
-    result: Reconciled,
-    wait_s: float,
-    policy: RecoveryPolicy,
-) -> None:
-    loop = asyncio.get_running_loop()
-    attempts = itertools.count(10_000)  # above any attempt number the original controller used
-    since, sent, progress_at = 0, -1, loop.time()
-    outcome: OutgoingResult | None = None
-    async with asyncio.timeout(wait_s):
-        while outcome is None:
-            samples, since, outcome = await source.migration_progress(name, since, _POLL_WAIT_S)
-            now = loop.time()
-            for stats in samples:
-                if stats.transferred_bytes != sent:
-                    sent, progress_at = stats.transferred_bytes, now
-            last = samples[-1].status if samples else None
-            broken = last in POSTCOPY_RECOVERING or (
-                last is not None and is_stalled(last, progress_at, now, _STALL_S)
-            )
-            if outcome is None and broken and not destinations:
-                raise PostcopyLost("its destination (no copy left there)")
-            if outcome is None and broken and destinations:
-                destination = cluster.client(destinations[0])
-                try:
-                    took = await recover_postcopy(source, destination, name, policy, attempts)
-                except PostcopyLost:
-                    raise  # nothing to wait for: a side of the post-copy is gone
-                except FerryError as err:
-                    logger.info("reconcile.recover %s: %s", name, err)
-                else:
-                    if took is not None:
-                        result.done.append("recovered the post-copy")
-                progress_at = loop.time()
-    logger.info("reconcile.waited %s: %s", name, outcome.status)
+    if lost_host is not None:
+        result.verdict = "lost"
+        result.error = report.error
+        logger.error("reconcile.lost %s: %s", decision.vm, result.error)
+        return
+    if report.recoveries:
+        result.done.append("recovered the post-copy")
+    logger.info("reconcile.waited %s: %s", decision.vm, report.status)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal, NewType
 
 from vmferry.core.errors import ConfigError
+from vmferry.core.status import MigrationStatus, Stage
 from vmferry.core.workload import WorkloadSpec, parse_size, parse_workload
 
 __all__ = [
@@ -281,9 +282,10 @@ def spec_from_json(data: object) -> VmSpec:
 
 @dataclass(frozen=True, slots=True)
 class MigrationStats:
-    """One progress sample of a migration, as the source QEMU reports it."""
+    """One progress sample of a migration, as the source QEMU reports it (``stage``: what
+    vmferry does around QEMU's migration, e.g. copying a local disk before RAM moves)."""
 
-    status: str
+    status: MigrationStatus
     total_ms: int
     transferred_bytes: int
     remaining_bytes: int
@@ -299,6 +301,7 @@ class MigrationStats:
     # (its size) and ``throughput_bps`` is the mirror's rate.
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
+    stage: Stage = Stage.MIGRATION
 
     @property
     def disk_remaining_bytes(self) -> int:

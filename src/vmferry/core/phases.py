@@ -1,4 +1,5 @@
-"""Migration lifecycle: phases, the events that move between them, and ``transition``.
+"""Migration lifecycle as shown to users: phases, the events that move between them, and
+``transition`` (the state machine's own states are in :mod:`vmferry.core.migration_state`).
 
 QEMU's own migration status strings are translated into :class:`QemuStatus` events at the QEMU
 boundary; everything else (destination ready, guest verified, failures) comes from vmferry.

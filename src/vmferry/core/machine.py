@@ -1,0 +1,603 @@
+"""The migration as a pure state machine: events in, actions out (vocabulary in
+:mod:`vmferry.core.migration`).
+
+Every decision of a move lives here: when to hand the disk over, when a copy stalled, when to
+re-plan, switch to post-copy or cancel, when a post-copy broke and how recovery retries, how long
+an unreachable agent is waited for, and how each ending is reported (roll back to the source,
+keep both halves of a split post-copy, take the guest back from a destination that never ran it).
+The rule behind every branch: at every moment exactly one intact copy of the guest runs. The
+source is handed off only after QEMU completed *and* the destination runs the guest; before
+post-copy starts, any failure removes the destination and leaves the guest on the source; once
+post-copy started, the destination holds the guest and is never removed.
+
+Each state carries its own data. States and the events that move them::
+
+    Preparing --DestinationPrepared--> Starting --SourceStarted--> Precopy
+    Precopy --Progressed(postcopy status)--> Postcopy --broken--> Recovering --ok--> Postcopy
+    Precopy --stall / re-plan cancel / handover failed--> Cancelling
+    Precopy|Postcopy|Cancelling --outcome completed--> Arriving --Arrived--> HandingOff --> Done
+    ... --outcome failed/cancelled--> Concluding --SidesChecked--> Done
+    Arriving --ArrivalFailed--> Dropping --> Resuming --> Done
+    any copying state --Interrupted--> Winding (no new decisions; ends as above)
+
+Example:
+    >>> from vmferry.core.strategy import Goal
+    >>> m = MigrationMachine(Move("vm1", "host-1", "host-2", "precopy", Goal(300)))
+    >>> m.start(Instant(0.0, 0.0))
+    [Notify(phase=<Phase.PREPARING: 'preparing'>, stats=None), PrepareDestination()]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import replace
+
+from vmferry.core.errors import StateError
+from vmferry.core.migration import (
+    AbortDestination,
+    Action,
+    AgentLost,
+    ArrivalFailed,
+    Arrived,
+    CancelSource,
+    CheckSides,
+    Conclude,
+    DestinationDropped,
+    DestinationFailed,
+    DestinationPrepared,
+    DropDestination,
+    Event,
+    FinishDestination,
+    HandedOff,
+    Handoff,
+    HandOverDisk,
+    HandoverDone,
+    HandoverFailed,
+    IncomingStatus,
+    Instant,
+    Interrupted,
+    Mode,
+    Move,
+    Notify,
+    Poll,
+    PrepareDestination,
+    Progressed,
+    QueryIncoming,
+    RecoverPostcopy,
+    RecoveryTried,
+    ResumeSource,
+    SidesChecked,
+    SourceOutcome,
+    SourceResumed,
+    SourceResumeFailed,
+    SourceStarted,
+    SourceStartFailed,
+    StartPostcopy,
+    StartSource,
+    Tick,
+    Wait,
+)
+from vmferry.core.migration_state import (
+    Arriving,
+    Cancelling,
+    Concluding,
+    Done,
+    Dropping,
+    Flow,
+    HandingOff,
+    Postcopy,
+    Precopy,
+    Preparing,
+    Recovering,
+    Resuming,
+    Starting,
+    State,
+    Winding,
+)
+from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.phases import Phase, QemuStatus, transition
+from vmferry.core.report import (
+    Reporter,
+    arrival_failed,
+    lost_in_postcopy,
+    rolled_back,
+    split_postcopy,
+)
+from vmferry.core.status import MigrationStatus, Stage
+from vmferry.core.strategy import Action as ReplanAction
+from vmferry.core.strategy import Progress, replan
+
+__all__ = ["MigrationMachine"]
+
+Step = tuple[State, list[Action]]
+
+logger = logging.getLogger(__name__)
+
+# QEMU statuses (and vmferry's disk copy) in which a copy that sends nothing is cancelled.
+_STALLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE})
+
+
+class MigrationMachine:
+    """One migration's state machine. Feed it the answers to its requests; it never blocks.
+
+    Raises (from ``handle``):
+        StateError: an event that is no answer to the request outstanding (a runner bug).
+    """
+
+    def __init__(self, move: Move) -> None:
+        self.move = move
+        self.state: State = Preparing()
+        self._report = Reporter(move)
+        # The host whose QEMU died during post-copy (the guest is then lost), if one did.
+        self.lost_host: str | None = None
+
+    @property
+    def is_done(self) -> bool:
+        return isinstance(self.state, Done)
+
+    @property
+    def report(self) -> MigrationReport | None:
+        return self.state.report if isinstance(self.state, Done) else None
+
+    def start(self, now: Instant) -> list[Action]:
+        """The first actions: prepare the destination (or, following, poll the source)."""
+        self._report.started = now
+        flow = Flow(Phase.PREPARING, now.mono_s, self.move.first_attempt)
+        if self.move.mode is Mode.FOLLOW:
+            self.state = Precopy(replace(flow, phase=Phase.SETUP))
+            return [self._poll(flow, postcopy=False)]
+        return [Notify(Phase.PREPARING, None), PrepareDestination()]
+
+    def handle(self, event: Event, now: Instant) -> list[Action]:
+        """The actions that follow ``event`` (effects first, then exactly one request)."""
+        self.state, actions = self._step(self.state, event, now)
+        if isinstance(self.state, Done):
+            actions.append(Conclude(self.state.report))
+        return actions
+
+    # -- dispatch ---------------------------------------------------------------------------
+
+    def _step(self, state: State, event: Event, now: Instant) -> Step:
+        match state, event:
+            case Done(), _:
+                raise StateError("migration", "done", "a migration in progress")
+            case ((Preparing() | Starting()), _):
+                return self._setup(state, event, now)
+            case ((Precopy() | Cancelling() | Postcopy() | Winding()), Progressed()):
+                return self._progressed(state, event, now)
+            case ((Precopy() | Cancelling() | Postcopy() | Winding()), _):
+                return self._copying(state, event, now)
+            case Recovering(), _:
+                return self._recovering(state, event, now)
+            case _:
+                return self._ending(state, event, now)
+
+    def _unexpected(self, state: State, event: Event) -> StateError:
+        return StateError("migration", type(state).__name__, f"no {type(event).__name__}")
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def _setup(self, state: State, event: Event, now: Instant) -> Step:
+        flow = Flow(Phase.SETUP, now.mono_s, self.move.first_attempt)
+        match state, event:
+            case Preparing(), DestinationPrepared():
+                return Starting(), [StartSource()]
+            case Preparing(), DestinationFailed(error=error):
+                # The guest never left the source; what the destination kept is a leftover
+                # for reconcile.
+                logger.error("migration.destination_failed %s: %s", self.move.vm, error)
+                why = f"the destination on {self.move.destination} could not be prepared: {error}"
+                return Concluding(flow, SourceOutcome("failed", error), False, why), [self._check()]
+            case Starting(), SourceStarted():
+                return Precopy(flow), [Notify(Phase.SETUP, None), self._poll(flow, False)]
+            case Starting(), SourceStartFailed(error=error):
+                logger.error("migration.not_started %s: %s", self.move.vm, error)
+                why = f"could not start the migration on {self.move.source}: {error}"
+                state = Concluding(flow, SourceOutcome("failed", error), False, why)
+                return state, [AbortDestination(), self._check()]
+            case ((Preparing() | Starting()), Interrupted()):
+                report = self._report.build(flow, now, status="cancelled", error="interrupted")
+                return Done(report), [AbortDestination()]
+        raise self._unexpected(state, event)
+
+    # -- copying: progress ----------------------------------------------------------------------
+
+    def _progressed(
+        self, state: Precopy | Cancelling | Postcopy | Winding, event: Progressed, now: Instant
+    ) -> Step:
+        flow = replace(state.flow, since=event.next_since)
+        effects: list[Action] = []
+        synced = False
+        for stats in event.samples:
+            flow = self._absorb(flow, stats, now)
+            synced = synced or stats.stage is Stage.DISK_SYNCED
+            effects.append(Notify(flow.phase, stats))
+        seen_postcopy = any(stats.status.is_postcopy for stats in event.samples)
+        if isinstance(state, Precopy | Cancelling) and seen_postcopy:
+            state = Postcopy(flow)  # the destination owns the guest from now on
+        elif isinstance(state, Winding):
+            state = replace(state, flow=flow, postcopy=state.postcopy or seen_postcopy)
+        elif isinstance(state, Precopy | Cancelling):
+            state = replace(state, flow=flow, away_since_s=None)
+        else:
+            state = replace(state, flow=flow)
+        if event.outcome is not None:
+            new_state, actions = self._outcome(state, event.outcome, now)
+            return new_state, effects + actions
+        if isinstance(state, Precopy) and synced and not state.handed_over:
+            state = replace(state, handed_over=True, handing_over=True)
+            return state, [*effects, HandOverDisk()]
+        new_state, actions = self._decide(state, now)
+        return new_state, effects + actions
+
+    def _absorb(self, flow: Flow, stats: MigrationStats, now: Instant) -> Flow:
+        """One sample into the flow: progress marks, the phase shown, the re-plan history."""
+        flow = replace(flow, last=stats)
+        if stats.stage is Stage.DISK_COPY:
+            flow = replace(flow, disk_ms=stats.total_ms)
+            if stats.disk_copied_bytes != flow.disk_sent_bytes:
+                flow = replace(
+                    flow, disk_sent_bytes=stats.disk_copied_bytes, progress_at_s=now.mono_s
+                )
+            return flow
+        if stats.stage is Stage.DISK_SYNCED:
+            return flow
+        if stats.transferred_bytes != flow.sent_bytes:
+            flow = replace(flow, sent_bytes=stats.transferred_bytes, progress_at_s=now.mono_s)
+        phase = flow.phase
+        if stats.status not in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
+            # QEMU may repeat an older status once; the phase shown never goes back.
+            with contextlib.suppress(StateError):
+                phase = transition(phase, QemuStatus(stats.status))
+        # The re-plan's deadline counts from before the disk copy, QEMU's clock from after.
+        sample = Progress.from_stats(replace(stats, total_ms=stats.total_ms + flow.disk_ms))
+        return replace(flow, phase=phase, progress=(*flow.progress, sample))
+
+    # -- copying: decisions after the samples ---------------------------------------------------
+
+    def _decide(self, state: Precopy | Cancelling | Postcopy | Winding, now: Instant) -> Step:
+        flow = state.flow
+        match state:
+            case Postcopy() if self._postcopy_broken(state, now):
+                return self._begin_recovery(flow, now)
+            case Winding(postcopy=True) if _broken_status(flow) or self._stalled(flow, now):
+                why = "interrupted while the post-copy was broken: run `vmferry reconcile`"
+                return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
+            case Precopy() if self.move.mode is Mode.MIGRATE and self._precopy_stalled(flow, now):
+                last = flow.last
+                what = (
+                    "the disk copy" if last and last.stage is Stage.DISK_COPY else "the migration"
+                )
+                why = (
+                    f"{what} sent nothing for {self.move.timing.precopy_stall_s:g} s (link down? "
+                    f"destination gone?): cancelled; the guest stays on {self.move.source}"
+                )
+                logger.warning("migration.stalled %s: cancelling", self.move.vm)
+                return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+            case Precopy():
+                return self._replan(state, now)
+        return state, [self._poll(flow, isinstance(state, Postcopy))]
+
+    def _replan(self, state: Precopy, now: Instant) -> Step:
+        """Re-plan against the goal (switch to post-copy, or cancel) and hybrid's switch."""
+        move, flow, last = self.move, state.flow, state.flow.last
+        effects: list[Action] = []
+        in_ram = last is not None and last.stage is Stage.MIGRATION
+        if move.prediction is not None and move.mode is Mode.MIGRATE and in_ram:
+            decision = replan(move.strategy, flow.progress, move.prediction, move.goal)
+            if decision.action is ReplanAction.CANCEL:
+                logger.warning("migration.replan %s: %s", move.vm, decision.reason)
+                return Cancelling(flow, decision.reason), [CancelSource(), self._poll(flow, False)]
+            switch = decision.action is ReplanAction.SWITCH_TO_POSTCOPY and move.uses_postcopy
+            if switch and not state.switch_requested:
+                logger.info("migration.replan %s: %s", move.vm, decision.reason)
+                state = replace(state, switch_requested=True)
+                effects.append(StartPostcopy())
+        hybrid_due = (
+            move.strategy == "hybrid"
+            and last is not None
+            and last.status == MigrationStatus.ACTIVE
+            and last.iterations >= move.timing.hybrid_switch_iteration
+        )
+        if hybrid_due and not state.switch_requested:
+            state = replace(state, switch_requested=True)
+            effects.append(StartPostcopy())
+        return state, [*effects, self._poll(flow, False)]
+
+    def _postcopy_broken(self, state: Postcopy, now: Instant) -> bool:
+        if now.mono_s < state.grace_until_s:
+            return False
+        return _broken_status(state.flow) or self._stalled(state.flow, now)
+
+    def _stalled(self, flow: Flow, now: Instant) -> bool:
+        """An active post-copy that sent nothing for ``postcopy_stall_s`` lost its link."""
+        last = flow.last
+        quiet_s = now.mono_s - flow.progress_at_s
+        return (
+            last is not None
+            and last.status == MigrationStatus.POSTCOPY_ACTIVE
+            and quiet_s >= self.move.timing.postcopy_stall_s
+        )
+
+    def _precopy_stalled(self, flow: Flow, now: Instant) -> bool:
+        last = flow.last
+        if last is None:
+            return False
+        stallable = last.stage is Stage.DISK_COPY or (
+            last.stage is Stage.MIGRATION and last.status in _STALLABLE
+        )
+        return stallable and now.mono_s - flow.progress_at_s > self.move.timing.precopy_stall_s
+
+    # -- copying: other events ------------------------------------------------------------------
+
+    def _copying(
+        self, state: Precopy | Cancelling | Postcopy | Winding, event: Event, now: Instant
+    ) -> Step:
+        flow = state.flow
+        match state, event:
+            case _, AgentLost(side="source", error=error):
+                return self._source_lost(state, error, now)
+            case Postcopy(asking_destination=True), IncomingStatus(status=status):
+                return self._incoming_answer(state, status, now)
+            case Precopy(handing_over=True), HandoverDone():
+                state = replace(state, handing_over=False)
+                return state, [self._poll(flow, False)]
+            case Precopy(handing_over=True), HandoverFailed(error=error):
+                logger.error("migration.handover_failed %s: %s", self.move.vm, error)
+                why = f"disk handover failed: {error}"
+                return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+            case _, Tick():
+                return state, [self._poll(flow, isinstance(state, Postcopy))]
+            case Winding(), Interrupted():
+                return state, [self._poll(flow, state.postcopy)]
+            case ((Precopy() | Cancelling() | Postcopy()), Interrupted()):
+                return self._interrupt(state, now)
+        raise self._unexpected(state, event)
+
+    def _interrupt(self, state: Precopy | Cancelling | Postcopy, now: Instant) -> Step:
+        flow, postcopy = state.flow, isinstance(state, Postcopy)
+        if self.move.mode is Mode.FOLLOW:
+            return self._done_unknown(flow, "interrupted before the migration ended", now)
+        effects: list[Action] = []
+        if isinstance(state, Precopy):
+            effects.append(CancelSource())
+        return Winding(flow, postcopy), [*effects, self._poll(flow, postcopy)]
+
+    def _source_lost(
+        self, state: Precopy | Cancelling | Postcopy | Winding, error: str, now: Instant
+    ) -> Step:
+        # The next answer may come from a restarted agent, which numbers samples anew.
+        flow = replace(state.flow, since=0)
+        timing = self.move.timing
+        if isinstance(state, Postcopy):
+            # Broken link, or only the source's agent gone? The destination's QEMU knows.
+            state = replace(state, flow=flow, asking_destination=True)
+            return state, [QueryIncoming(timing.recovery_call_timeout_s)]
+        if isinstance(state, Winding):
+            why = f"interrupted, and {self.move.source}'s agent stopped answering ({error})"
+            return self._done_unknown(flow, why, now)
+        # QEMU goes on without its agent; a restarted agent settles the migration and answers
+        # with its outcome. Wait for it a while.
+        away = state.away_since_s if state.away_since_s is not None else now.mono_s
+        if now.mono_s - away > timing.agent_return_s:
+            why = (
+                f"{self.move.source}'s agent did not answer for {timing.agent_return_s:g} s "
+                f"({error}): the migration's outcome is unknown. Restart the agent and run "
+                "`vmferry reconcile`."
+            )
+            return self._done_unknown(flow, why, now)
+        logger.warning("migration.source_unreachable %s: %s", self.move.vm, error)
+        return replace(state, flow=flow, away_since_s=away), [Wait(timing.agent_retry_s)]
+
+    def _incoming_answer(
+        self, state: Postcopy, status: MigrationStatus | None, now: Instant
+    ) -> Step:
+        state = replace(state, asking_destination=False)
+        flow = state.flow
+        if status == MigrationStatus.COMPLETED:
+            logger.warning("migration.completed_without_source_agent %s", self.move.vm)
+            return self._outcome(state, SourceOutcome("completed", stats=flow.last), now)
+        if status == MigrationStatus.POSTCOPY_ACTIVE:
+            logger.warning("migration.source_agent_away %s: post-copy runs", self.move.vm)
+            flow = replace(flow, progress_at_s=now.mono_s)
+            return replace(state, flow=flow), [Wait(self.move.timing.agent_retry_s)]
+        # The source is behind a broken link too: the stall check starts a recovery.
+        return self._decide(state, now)
+
+    # -- post-copy recovery -----------------------------------------------------------------
+
+    def _begin_recovery(self, flow: Flow, now: Instant) -> Step:
+        last = flow.last
+        broke = last.status if last is not None and _broken_status(flow) else "stalled"
+        logger.warning("migration.postcopy_broken %s: %s", self.move.vm, broke)
+        shown = None if last is None else replace(last, status=MigrationStatus.POSTCOPY_PAUSED)
+        state = Recovering(flow, began_s=now.mono_s)
+        return state, [Notify(flow.phase, shown), self._attempt(state)]
+
+    def _attempt(self, state: Recovering) -> RecoverPostcopy:
+        return RecoverPostcopy(state.flow.attempt, self.move.timing.recovery_call_timeout_s)
+
+    def _recovering(self, state: Recovering, event: Event, now: Instant) -> Step:
+        flow = state.flow
+        match event:
+            case RecoveryTried(ok=True):
+                flow = replace(
+                    flow,
+                    attempt=flow.attempt + 1,
+                    recoveries=flow.recoveries + 1,
+                    progress_at_s=now.mono_s,
+                )
+                took_s = now.mono_s - state.began_s
+                logger.info(
+                    "migration.recovered %s in %.1f s (recovery %d)",
+                    self.move.vm,
+                    took_s,
+                    flow.recoveries,
+                )
+                grace = now.mono_s + self.move.timing.recovery_grace_s
+                return Postcopy(flow, grace_until_s=grace), [self._poll(flow, True)]
+            case RecoveryTried(error=error):
+                logger.info(
+                    "migration.recover_attempt %s #%d: %s", self.move.vm, flow.attempt, error
+                )
+                flow = replace(flow, attempt=flow.attempt + 1)
+                state = replace(state, flow=flow, checking=True)
+                return state, [self._check()]
+            case SidesChecked() if event.source_dead or event.destination_dead:
+                dead = self.move.source if event.source_dead else self.move.destination
+                self.lost_host = dead
+                logger.error("migration.postcopy_lost %s: %s died", self.move.vm, dead)
+                return self._done_failed(
+                    flow,
+                    lost_in_postcopy(self.move, dead),
+                    now,
+                    alive=False,
+                    running_on_destination=True,
+                )
+            case SidesChecked():
+                failed = state.failed + 1
+                wait_s = self.move.recovery.next_wait_s(failed, now.mono_s - state.began_s)
+                if wait_s is None:
+                    logger.error("migration.unrecovered %s", self.move.vm)
+                    why = self._report.unrecovered()
+                    return self._done_failed(
+                        flow, why, now, alive=False, running_on_destination=True
+                    )
+                return replace(state, failed=failed, checking=False), [Wait(wait_s)]
+            case Tick():
+                return state, [self._attempt(state)]
+            case Interrupted():
+                why = "interrupted while recovering the post-copy: run `vmferry reconcile`"
+                return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
+        raise self._unexpected(state, event)
+
+    # -- QEMU's outcome --------------------------------------------------------------------------
+
+    def _outcome(
+        self, state: Precopy | Cancelling | Postcopy | Winding, outcome: SourceOutcome, now: Instant
+    ) -> Step:
+        flow = state.flow
+        postcopy = _is_postcopy(state)
+        if self.move.mode is Mode.FOLLOW:
+            report = self._report.followed(flow, outcome, now)
+            return Done(report), []
+        if outcome.status != "completed":
+            reason = state.reason if isinstance(state, Cancelling) else None
+            shown = replace(flow, phase=Phase.FAILED)
+            effects: list[Action] = [Notify(Phase.FAILED, flow.last)]
+            if not postcopy:
+                # Before post-copy the destination never ran the guest: remove it.
+                effects.append(AbortDestination())
+            logger.error("migration.failed %s: %s", self.move.vm, outcome.error)
+            return Concluding(shown, outcome, postcopy, reason), [*effects, self._check()]
+        final = outcome.stats or flow.last
+        flow = replace(flow, phase=Phase.COMPLETED, last=final)
+        arriving = Arriving(flow, outcome, final, now.wall_ms, postcopy)
+        return arriving, [Notify(Phase.COMPLETED, final), FinishDestination()]
+
+    # -- endings --------------------------------------------------------------------------------
+
+    def _ending(self, state: State, event: Event, now: Instant) -> Step:
+        match state, event:
+            case Concluding(), SidesChecked():
+                return self._concluded(state, event, now)
+            case Arriving(), _:
+                return self._arriving(state, event, now)
+            case Dropping(arriving=a), DestinationDropped(ok=True):
+                return Resuming(a, state.error), [ResumeSource()]
+            case Dropping(arriving=a), DestinationDropped(ok=False):
+                return Done(arrival_failed(self._report, a, state.error, now)), []
+            case Resuming(arriving=a), SourceResumed(integrity=integrity):
+                return Done(self._report.taken_back(a, state.error, integrity, now)), []
+            case Resuming(arriving=a), SourceResumeFailed(error=error):
+                why = f"{state.error}; taking the guest back failed: {error}"
+                return Done(arrival_failed(self._report, a, why, now)), []
+            case HandingOff(), HandedOff(error=error):
+                return Done(self._report.completed(state.arriving, state.arrived, error)), []
+            case ((Concluding() | Dropping() | Resuming() | HandingOff()), Interrupted()):
+                return state, []  # nearly done: finish the ending (the runner shields it)
+        raise self._unexpected(state, event)
+
+    def _concluded(self, state: Concluding, event: SidesChecked, now: Instant) -> Step:
+        move, flow = self.move, state.flow
+        if state.postcopy:
+            # The guest's state is split between both hosts: keep both QEMUs for inspection.
+            dead = move.source if event.source_dead else None
+            dead = dead or (move.destination if event.destination_dead else None)
+            self.lost_host = dead
+            why = (
+                split_postcopy(move, state.outcome)
+                if dead is None
+                else lost_in_postcopy(move, dead)
+            )
+            return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
+        why = rolled_back(move, state, event.source_dead)
+        return self._done_failed(flow, why, now, alive=not event.source_dead)
+
+    def _arriving(self, state: Arriving, event: Event, now: Instant) -> Step:
+        timing = self.move.timing
+        match event:
+            case Arrived():
+                flow = replace(state.flow, phase=Phase.DONE)
+                arriving = replace(state, flow=flow)
+                return HandingOff(arriving, event), [Notify(Phase.DONE, state.final), Handoff()]
+            case AgentLost(side="destination", error=error):
+                # The guest runs there meanwhile; a restarted agent keeps the VM incoming.
+                away = state.away_since_s if state.away_since_s is not None else now.mono_s
+                if now.mono_s - away <= timing.agent_return_s:
+                    logger.warning("migration.destination_unreachable %s: %s", self.move.vm, error)
+                    return replace(state, away_since_s=away), [Wait(timing.agent_retry_s)]
+                return self._arrival_failed(state, error, now)
+            case ArrivalFailed(error=error):
+                return self._arrival_failed(state, error, now)
+            case Tick():
+                return state, [FinishDestination()]
+            case Interrupted():
+                return state, []
+        raise self._unexpected(state, event)
+
+    def _arrival_failed(self, state: Arriving, error: str, now: Instant) -> Step:
+        logger.error("migration.arrival_failed %s: %s", self.move.vm, error)
+        if state.postcopy:
+            return Done(arrival_failed(self._report, state, error, now)), []
+        # Before post-copy the source holds the complete, current guest: if the destination
+        # never ran it (the agent refuses to drop a copy that did), take the guest back.
+        return Dropping(state, error), [DropDestination()]
+
+    # -- small pieces ---------------------------------------------------------------------------
+
+    def _poll(self, flow: Flow, postcopy: bool) -> Poll:
+        timing = self.move.timing
+        # Behind a broken post-copy link a poll must fail fast so recovery starts soon.
+        timeout = timing.poll_wait_s + timing.recovery_call_timeout_s if postcopy else None
+        return Poll(flow.since, timing.poll_wait_s, timeout)
+
+    def _check(self) -> CheckSides:
+        return CheckSides(self.move.timing.recovery_call_timeout_s)
+
+    def _done_failed(
+        self,
+        flow: Flow,
+        why: str,
+        now: Instant,
+        *,
+        alive: bool,
+        running_on_destination: bool = False,
+    ) -> Step:
+        report = self._report.failed(flow, why, now, alive, running_on_destination)
+        return Done(report), [Notify(Phase.FAILED, flow.last)]
+
+    def _done_unknown(self, flow: Flow, why: str, now: Instant) -> Step:
+        logger.error("migration.unknown %s: %s", self.move.vm, why)
+        report = self._report.unknown(flow, why, now)
+        return Done(report), [Notify(Phase.FAILED, flow.last)]
+
+
+def _broken_status(flow: Flow) -> bool:
+    return flow.last is not None and flow.last.status.is_postcopy_broken
+
+
+def _is_postcopy(state: State) -> bool:
+    """Once any sample said post-copy, the destination owns the guest for good."""
+    return isinstance(state, Postcopy) or (isinstance(state, Winding) and state.postcopy)

@@ -1,0 +1,201 @@
+"""The migration state machine's states (:mod:`vmferry.core.machine`), each with its own data.
+
+A move is in exactly one of these; what it knows travels with it (no flags beside the state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmferry.core.migration import Arrived, SourceOutcome
+from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.phases import Phase
+from vmferry.core.strategy import Progress
+
+__all__ = [
+    "Arriving",
+    "Cancelling",
+    "Concluding",
+    "Copying",
+    "Done",
+    "Dropping",
+    "Flow",
+    "HandingOff",
+    "Postcopy",
+    "Precopy",
+    "Preparing",
+    "Recovering",
+    "Resuming",
+    "Starting",
+    "State",
+    "Winding",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Flow:
+    """What the machine knows while the migration runs (every copying state carries one).
+
+    Attributes:
+        since: the next progress poll's cursor.
+        progress: samples for re-planning (elapsed counted from before the disk copy).
+        disk_ms: how long the disk copy took (QEMU's clock starts after it).
+        progress_at_s: when the sent byte count (RAM or disk) last grew.
+        attempt: the number of the next post-copy recovery attempt.
+    """
+
+    phase: Phase
+    progress_at_s: float
+    attempt: int
+    since: int = 0
+    last: MigrationStats | None = None
+    progress: tuple[Progress, ...] = ()
+    disk_ms: int = 0
+    sent_bytes: int = -1
+    disk_sent_bytes: int = -1
+    recoveries: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Preparing:
+    """The destination is being started."""
+
+
+@dataclass(frozen=True, slots=True)
+class Starting:
+    """The source is being asked to start the migration."""
+
+
+@dataclass(frozen=True, slots=True)
+class Precopy:
+    """Before post-copy: the source owns the guest.
+
+    Attributes:
+        handed_over: the disk was handed over at the switchover (QEMU may still report the
+            synced pause once more afterwards).
+        switch_requested: post-copy was asked for (re-plan or hybrid); QEMU has not said so yet.
+        away_since_s: since when the source agent does not answer.
+        handing_over: a disk handover is in flight.
+    """
+
+    flow: Flow
+    handed_over: bool = False
+    switch_requested: bool = False
+    away_since_s: float | None = None
+    handing_over: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelling:
+    """Cancel sent (stall, re-plan, failed handover): waiting for QEMU's outcome."""
+
+    flow: Flow
+    reason: str
+    away_since_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Postcopy:
+    """The destination runs the guest and pulls what it lacks: never remove it.
+
+    Attributes:
+        grace_until_s: samples from before a recovery still say "paused": ignore until then.
+        asking_destination: the source agent is away; the destination's QEMU is being asked.
+    """
+
+    flow: Flow
+    grace_until_s: float = 0.0
+    asking_destination: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Recovering:
+    """A broken post-copy is being recovered: attempts with backoff until ``recovery.limit_s``.
+
+    Attributes:
+        began_s: when the post-copy was found broken.
+        failed: attempts that failed so far.
+        checking: the sides are being checked for a dead QEMU after a failed attempt.
+    """
+
+    flow: Flow
+    began_s: float
+    failed: int = 0
+    checking: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Winding:
+    """Interrupted: no new decisions; follow QEMU to its outcome, then end the move cleanly."""
+
+    flow: Flow
+    postcopy: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Concluding:
+    """QEMU's migration failed: the sides are checked before the report says what is left."""
+
+    flow: Flow
+    outcome: SourceOutcome
+    postcopy: bool
+    reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Arriving:
+    """QEMU completed: the guest is being started and checked on the destination."""
+
+    flow: Flow
+    outcome: SourceOutcome
+    final: MigrationStats | None
+    completed_wall_ms: float
+    postcopy: bool
+    away_since_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Dropping:
+    """The guest did not start on the destination: removing that copy (it never ran it)."""
+
+    arriving: Arriving
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class Resuming:
+    """Taking the guest back on the completed source."""
+
+    arriving: Arriving
+    error: str
+
+
+@dataclass(frozen=True, slots=True)
+class HandingOff:
+    """The guest runs on the destination; the source ends its QEMU."""
+
+    arriving: Arriving
+    arrived: Arrived
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    report: MigrationReport
+
+
+State = (
+    Preparing
+    | Starting
+    | Precopy
+    | Cancelling
+    | Postcopy
+    | Recovering
+    | Winding
+    | Concluding
+    | Arriving
+    | Dropping
+    | Resuming
+    | HandingOff
+    | Done
+)
+Copying = Precopy | Cancelling | Postcopy
