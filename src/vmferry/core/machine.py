@@ -94,6 +94,7 @@ from vmferry.core.migration_state import (
     Starting,
     State,
     Winding,
+    is_postcopy,
 )
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase, QemuStatus, transition
@@ -261,7 +262,7 @@ class MigrationMachine:
         match state:
             case Postcopy() if self._postcopy_broken(state, now):
                 return self._begin_recovery(flow, now)
-            case Winding(postcopy=True) if _broken_status(flow) or self._stalled(flow, now):
+            case Winding(postcopy=True) if flow.is_postcopy_broken or self._stalled(flow, now):
                 why = "interrupted while the post-copy was broken: run `vmferry reconcile`"
                 return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
             case Precopy() if self.move.mode is Mode.MIGRATE and self._precopy_stalled(flow, now):
@@ -308,7 +309,7 @@ class MigrationMachine:
     def _postcopy_broken(self, state: Postcopy, now: Instant) -> bool:
         if now.mono_s < state.grace_until_s:
             return False
-        return _broken_status(state.flow) or self._stalled(state.flow, now)
+        return state.flow.is_postcopy_broken or self._stalled(state.flow, now)
 
     def _stalled(self, flow: Flow, now: Instant) -> bool:
         """An active post-copy that sent nothing for ``postcopy_stall_s`` lost its link."""
@@ -409,7 +410,7 @@ class MigrationMachine:
 
     def _begin_recovery(self, flow: Flow, now: Instant) -> Step:
         last = flow.last
-        broke = last.status if last is not None and _broken_status(flow) else "stalled"
+        broke = last.status if last is not None and flow.is_postcopy_broken else "stalled"
         logger.warning("migration.postcopy_broken %s: %s", self.move.vm, broke)
         shown = None if last is None else replace(last, status=MigrationStatus.POSTCOPY_PAUSED)
         state = Recovering(flow, began_s=now.mono_s)
@@ -478,7 +479,7 @@ class MigrationMachine:
         self, state: Precopy | Cancelling | Postcopy | Winding, outcome: SourceOutcome, now: Instant
     ) -> Step:
         flow = state.flow
-        postcopy = _is_postcopy(state)
+        postcopy = is_postcopy(state)
         if self.move.mode is Mode.FOLLOW:
             report = self._report.followed(flow, outcome, now)
             return Done(report), []
@@ -592,12 +593,3 @@ class MigrationMachine:
         logger.error("migration.unknown %s: %s", self.move.vm, why)
         report = self._report.unknown(flow, why, now)
         return Done(report), [Notify(Phase.FAILED, flow.last)]
-
-
-def _broken_status(flow: Flow) -> bool:
-    return flow.last is not None and flow.last.status.is_postcopy_broken
-
-
-def _is_postcopy(state: State) -> bool:
-    """Once any sample said post-copy, the destination owns the guest for good."""
-    return isinstance(state, Postcopy) or (isinstance(state, Winding) and state.postcopy)

@@ -29,6 +29,7 @@ __all__ = [
     "Starting",
     "State",
     "Winding",
+    "is_postcopy",
 ]
 
 
@@ -54,6 +55,11 @@ class Flow:
     sent_bytes: int = -1
     disk_sent_bytes: int = -1
     recoveries: int = 0
+
+    @property
+    def is_postcopy_broken(self) -> bool:
+        """The last sample says a post-copy is paused by a fault (or being resumed)."""
+        return self.last is not None and self.last.status.is_postcopy_broken
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,3 +205,8 @@ State = (
     | Done
 )
 Copying = Precopy | Cancelling | Postcopy
+
+
+def is_postcopy(state: State) -> bool:
+    """Once any sample said post-copy, the destination owns the guest for good."""
+    return isinstance(state, Postcopy) or (isinstance(state, Winding) and state.postcopy)

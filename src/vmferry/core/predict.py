@@ -70,7 +70,9 @@ from dataclasses import dataclass, replace
 
 from vmferry.core.calibration import Calibration, CalibrationSample
 from vmferry.core.errors import ConfigError
+from vmferry.core.measurement import Measurement
 from vmferry.core.model import MECHANISMS, Mechanism, Prediction
+from vmferry.core.units import format_bytes, format_ms, format_rate
 
 __all__ = [
     "HEADROOM_CAP",
@@ -111,65 +113,6 @@ HEADROOM_CAP = 4.0
 _HEADROOM_STEPS = 12
 # While a write-blocking mirror runs, the RAM stream keeps at least this share of the link.
 _RAM_MIN_LINK_SHARE = 0.1
-
-
-@dataclass(frozen=True, slots=True)
-class Measurement:
-    """What a pre-flight measured (a few seconds, guest running).
-
-    Attributes:
-        ram_bytes: guest RAM size.
-        zero_fraction: share of guest pages that are entirely zero (0..1), from a sample.
-        compress_ratio: zstd ratio (raw / compressed, >= 1) of the sampled non-zero pages.
-        dirty_rate_bps: bytes per second the guest dirties (QEMU ``calc-dirty-rate``).
-        bandwidth_bps: achievable TCP throughput between the two hosts on the migration path.
-        dirty_set_bytes: bound on the distinct bytes being re-dirtied, if known (else all RAM).
-        dirty_is_cpu_bound: the dirtier needs CPU to dirty, so throttling vCPUs slows it. False
-            for a time-paced dirtier (it catches up after each throttle sleep) and by default.
-        disk_copy_bytes: allocated disk bytes a mirror must copy; 0 without a disk or on
-            shared storage (nothing of the disk moves).
-        disk_write_bps: bytes per second the guest writes to its disk (ignored when
-            ``disk_copy_bytes`` is 0).
-    """
-
-    ram_bytes: int
-    zero_fraction: float
-    compress_ratio: float
-    dirty_rate_bps: int
-    bandwidth_bps: int
-    dirty_set_bytes: int | None = None
-    dirty_is_cpu_bound: bool = False
-    disk_copy_bytes: int = 0
-    disk_write_bps: int = 0
-
-    def __post_init__(self) -> None:
-        if self.ram_bytes <= 0:
-            raise ConfigError(f"ram_bytes must be positive, got {self.ram_bytes}")
-        if not 0.0 <= self.zero_fraction <= 1.0:
-            raise ConfigError(f"zero_fraction must be 0..1, got {self.zero_fraction}")
-        if not self.compress_ratio >= 1.0:
-            raise ConfigError(f"compress_ratio must be >= 1, got {self.compress_ratio}")
-        if self.dirty_rate_bps < 0:
-            raise ConfigError(f"dirty_rate_bps must be >= 0, got {self.dirty_rate_bps}")
-        if self.bandwidth_bps <= 0:
-            raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
-        if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:
-            raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
-        if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
-            raise ConfigError(
-                f"disk_copy_bytes and disk_write_bps must be >= 0, got "
-                f"{self.disk_copy_bytes} and {self.disk_write_bps}"
-            )
-
-    @property
-    def nonzero_bytes(self) -> float:
-        """Guest memory that has to travel as data."""
-        return self.ram_bytes * (1.0 - self.zero_fraction)
-
-    @property
-    def zero_bytes(self) -> float:
-        """Guest memory that travels as a zero-page flag."""
-        return self.ram_bytes * self.zero_fraction
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,7 +209,7 @@ def predict(
             paused_bps=min(idle.first_bps * m.compress_ratio, zstd_bps),
         )
         run = _precopy(m, downtime_limit_ms, rates)
-        gain = f"zstd x{m.compress_ratio:.1f} moves {_rate(multifd_bps)} of guest memory"
+        gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(multifd_bps)} of guest memory"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
         headroom = _headroom(m, downtime_limit_ms, rates)
         return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
@@ -376,7 +319,7 @@ class _Disk:
         elif self.sent_bytes > self.copy_bytes:
             text += f" ({format_bytes(self.sent_bytes - self.copy_bytes)} re-copied)"
         if mirrors_writes and self.mirror_bps > 0.0:
-            text += f", then {_rate(self.mirror_bps)} of writes share the link"
+            text += f", then {format_rate(self.mirror_bps)} of writes share the link"
         return f"{text}; "
 
 
@@ -517,7 +460,7 @@ def _from_run(
 def _precopy_note(m: Measurement, run: _Run, rates: _Rates) -> str:
     if not run.converges:
         return (
-            f"dirties {_rate(m.dirty_rate_bps)} over a {_rate(rates.resend_bps)} link: "
+            f"dirties {format_rate(m.dirty_rate_bps)} over a {format_rate(rates.resend_bps)} link: "
             "never converges"
         )
     paused = format_bytes(run.remainder_bytes)
@@ -533,14 +476,14 @@ def _auto_converge(
     throttle = m.dirty_is_cpu_bound
     run = _precopy(m, downtime_limit_ms, rates, throttle=throttle)
     headroom = _headroom(m, downtime_limit_ms, rates, throttle=throttle)
-    link = _rate(rates.resend_bps)
+    link = format_rate(rates.resend_bps)
     if not run.converges:
         why = (
             f"even a {run.throttle_pct} % throttle does not catch up"
             if m.dirty_is_cpu_bound
             else "vCPU throttling does not slow a paced dirtier"
         )
-        note = f"dirties {_rate(m.dirty_rate_bps)} over a {link} link; {why}: never converges"
+        note = f"dirties {format_rate(m.dirty_rate_bps)} over a {link} link; {why}: never converges"
         return _from_run("auto-converge", run, cal, note, disk=disk, headroom=headroom)
     if run.throttle_pct == 0:
         note = f"no throttling needed; {_precopy_note(m, run, rates)}"
@@ -569,8 +512,8 @@ def _postcopy(m: Measurement, cal: Calibration, idle: _Rates, disk: _Disk) -> St
         risk=POSTCOPY_RISK,
         note=(
             f"{disk.note(mirrors_writes=False)}switches at once, then pulls "
-            f"{format_bytes(m.nonzero_bytes)} at {_rate(idle.first_bps)} while the guest runs "
-            "on the destination"
+            f"{format_bytes(m.nonzero_bytes)} at {format_rate(idle.first_bps)} while the guest "
+            "runs on the destination"
         ),
         disk_ms=disk.ms,
     )
@@ -631,27 +574,3 @@ def _cold(m: Measurement, cal: Calibration, idle: _Rates) -> StrategyPrediction:
         note=f"guest paused for the whole copy of {what}",
         disk_ms=disk.ms,
     )
-
-
-def format_bytes(n: float) -> str:
-    """Decimal units for humans: ``"420 MB"``, ``"1.2 GB"``, ``"900 kB"``."""
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= size:
-            value = n / size
-            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
-    return f"{n:.0f} B"
-
-
-def format_ms(ms: float) -> str:
-    """A duration for humans: ``"85 ms"``, ``"1.6 s"``, ``"19 s"``, ``"4.5 min"``."""
-    if ms < 1000:
-        return f"{ms:.0f} ms"
-    if ms < 10_000:
-        return f"{ms / 1000:.1f} s"
-    if ms < 120_000:
-        return f"{ms / 1000:.0f} s"
-    return f"{ms / 60_000:.1f} min"
-
-
-def _rate(bps: float) -> str:
-    return f"{format_bytes(bps)}/s"

@@ -1,0 +1,68 @@
+"""What a pre-flight measured about a guest and its path: the predictor's input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from vmferry.core.errors import ConfigError
+
+__all__ = ["Measurement"]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """What a pre-flight measured (a few seconds, guest running).
+
+    Attributes:
+        ram_bytes: guest RAM size.
+        zero_fraction: share of guest pages that are entirely zero (0..1), from a sample.
+        compress_ratio: zstd ratio (raw / compressed, >= 1) of the sampled non-zero pages.
+        dirty_rate_bps: bytes per second the guest dirties (QEMU ``calc-dirty-rate``).
+        bandwidth_bps: achievable TCP throughput between the two hosts on the migration path.
+        dirty_set_bytes: bound on the distinct bytes being re-dirtied, if known (else all RAM).
+        dirty_is_cpu_bound: the dirtier needs CPU to dirty, so throttling vCPUs slows it. False
+            for a time-paced dirtier (it catches up after each throttle sleep) and by default.
+        disk_copy_bytes: allocated disk bytes a mirror must copy; 0 without a disk or on
+            shared storage (nothing of the disk moves).
+        disk_write_bps: bytes per second the guest writes to its disk (ignored when
+            ``disk_copy_bytes`` is 0).
+    """
+
+    ram_bytes: int
+    zero_fraction: float
+    compress_ratio: float
+    dirty_rate_bps: int
+    bandwidth_bps: int
+    dirty_set_bytes: int | None = None
+    dirty_is_cpu_bound: bool = False
+    disk_copy_bytes: int = 0
+    disk_write_bps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ram_bytes <= 0:
+            raise ConfigError(f"ram_bytes must be positive, got {self.ram_bytes}")
+        if not 0.0 <= self.zero_fraction <= 1.0:
+            raise ConfigError(f"zero_fraction must be 0..1, got {self.zero_fraction}")
+        if not self.compress_ratio >= 1.0:
+            raise ConfigError(f"compress_ratio must be >= 1, got {self.compress_ratio}")
+        if self.dirty_rate_bps < 0:
+            raise ConfigError(f"dirty_rate_bps must be >= 0, got {self.dirty_rate_bps}")
+        if self.bandwidth_bps <= 0:
+            raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
+        if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:
+            raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
+        if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
+            raise ConfigError(
+                f"disk_copy_bytes and disk_write_bps must be >= 0, got "
+                f"{self.disk_copy_bytes} and {self.disk_write_bps}"
+            )
+
+    @property
+    def nonzero_bytes(self) -> float:
+        """Guest memory that has to travel as data."""
+        return self.ram_bytes * (1.0 - self.zero_fraction)
+
+    @property
+    def zero_bytes(self) -> float:
+        """Guest memory that travels as a zero-page flag."""
+        return self.ram_bytes * self.zero_fraction
