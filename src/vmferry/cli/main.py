@@ -2,229 +2,20 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from rich.console import Console
 from rich.text import Text
 
-from vmferry import __version__
 from vmferry.cli import commands
-from vmferry.cli.commands import DEMO_WORKLOAD, EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
-from vmferry.controller.migrate import STRATEGIES
+from vmferry.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from vmferry.cli.parser import build_parser
 from vmferry.core.errors import ConfigError, FerryError
 
 __all__ = ["main"]
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="vmferry", description="Live migration of QEMU virtual machines."
-    )
-    parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    def json_flag(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-
-    lab = sub.add_parser("lab", help="a cluster of hosts on this machine")
-    lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
-    up = lab_sub.add_parser("up", help="start host-1..host-N (one agent each)")
-    up.add_argument("--hosts", type=int, default=2)
-    up.add_argument("--netns", action="store_true", help="each host in its own network namespace")
-    up.add_argument("--link-mbps", type=int, default=None, help="shape each host link (--netns)")
-    up.add_argument("--memory-per-host", default=None, help="memory each host offers (e.g. 4G)")
-    up.add_argument(
-        "--disk-per-host", default=None, help="space for local disk images per host (e.g. 8G)"
-    )
-    json_flag(up)
-    json_flag(lab_sub.add_parser("status", help="is every host's agent up?"))
-    json_flag(lab_sub.add_parser("down", help="stop everything the lab started"))
-    restart = lab_sub.add_parser(
-        "restart", help="start a host's agent again after it died (it adopts its VMs)"
-    )
-    restart.add_argument("host", metavar="HOST")
-    json_flag(restart)
-    link = lab_sub.add_parser(
-        "link", help="cut, restore or throttle a --netns host's link (fault tests)"
-    )
-    link.add_argument("host", metavar="HOST")
-    link.add_argument(
-        "state",
-        choices=("down", "up", "throttle", "unthrottle"),
-        help="down/up: cut/restore; throttle KBPS: shape to KBPS kbit/s both ways; "
-        "unthrottle: back to the lab's --link-mbps (or unshaped)",
-    )
-    link.add_argument("kbps", nargs="?", type=int, default=None, metavar="KBPS")
-    json_flag(link)
-
-    vm = sub.add_parser("vm", help="create, list, show, delete VMs")
-    vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
-    create = vm_sub.add_parser("create", help="boot a new lab VM on a host")
-    create.add_argument("name")
-    create.add_argument("--host", required=True)
-    create.add_argument("--memory", default="512M")
-    create.add_argument("--vcpus", type=int, default=1)
-    create.add_argument("--disk", default=None, metavar="SIZE", help="a qcow2 disk, e.g. 1G")
-    create.add_argument(
-        "--disk-bus", default="virtio-blk", choices=("virtio-blk", "virtio-scsi"), help="disk bus"
-    )
-    create.add_argument(
-        "--storage",
-        default="local",
-        choices=("local", "shared"),
-        help="local: the image lives on the VM's host and moves with it; "
-        "shared: on storage every host sees (only RAM moves)",
-    )
-    create.add_argument("--workload", default="idle", help="e.g. " + DEMO_WORKLOAD)
-    json_flag(create)
-    json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
-    show = vm_sub.add_parser("show", help="one VM")
-    show.add_argument("name")
-    json_flag(show)
-    delete = vm_sub.add_parser("delete", help="stop and remove a VM")
-    delete.add_argument("name")
-    json_flag(delete)
-
-    verify = sub.add_parser("verify", help="ask the guest to check every page of its memory")
-    verify.add_argument("name")
-    json_flag(verify)
-
-    plan = sub.add_parser("plan", help="predict what each strategy would cost (changes nothing)")
-    plan.add_argument("name")
-    plan.add_argument("--to", required=True, metavar="HOST")
-    plan.add_argument("--max-downtime", type=int, default=300, metavar="MS")
-    plan.add_argument("--deadline", type=float, default=None, metavar="S")
-    plan.add_argument("--bandwidth", type=int, default=None, metavar="MBPS")
-    plan.add_argument("--no-postcopy", action="store_true", help="never choose post-copy")
-    json_flag(plan)
-
-    migrate = sub.add_parser("migrate", help="move a VM to another host")
-    migrate.add_argument("name")
-    migrate.add_argument("--to", required=True, metavar="HOST")
-    migrate.add_argument("--strategy", default="auto", choices=STRATEGIES)
-    migrate.add_argument("--max-downtime", type=int, default=300, metavar="MS")
-    migrate.add_argument("--deadline", type=float, default=None, metavar="S")
-    migrate.add_argument(
-        "--bandwidth",
-        type=int,
-        default=None,
-        metavar="MBPS",
-        help="cap the migration stream (megabits/s)",
-    )
-    migrate.add_argument(
-        "--force",
-        action="store_true",
-        help="with auto: go ahead with the best effort if the goal cannot be met",
-    )
-    migrate.add_argument(
-        "--no-postcopy",
-        action="store_true",
-        help="never use post-copy (auto will not switch over mid-flight either)",
-    )
-    migrate.add_argument(
-        "--recovery-limit",
-        type=float,
-        default=600.0,
-        metavar="S",
-        help="keep recovering a post-copy broken by a network fault this long (default 600)",
-    )
-    migrate.add_argument(
-        "--no-plan",
-        action="store_true",
-        help="skip the pre-flight measurement (an explicit --strategy only; the report then "
-        "has no prediction)",
-    )
-    migrate.add_argument(
-        "--tls",
-        action="store_true",
-        help="encrypt and authenticate the migration stream and disk mirror (mutual TLS; "
-        "both agents need --qemu-tls-dir)",
-    )
-    json_flag(migrate)
-
-    reconcile = sub.add_parser(
-        "reconcile",
-        help="after a crash: finish or undo half-done migrations (one running copy per VM)",
-    )
-    reconcile.add_argument(
-        "--wait",
-        type=float,
-        default=300.0,
-        metavar="S",
-        help="how long to wait for a migration still in flight (default 300)",
-    )
-    json_flag(reconcile)
-    history = sub.add_parser("history", help="past migrations")
-    history.add_argument("--vm", default=None)
-    history.add_argument("--limit", type=int, default=50)
-    json_flag(history)
-
-    demo = sub.add_parser(
-        "demo", help="lab of 2 hosts; a busy guest migrated host-1 → host-2 and back, verified"
-    )
-    demo.add_argument("--memory", default="1G", help="guest memory (default 1G)")
-    demo.add_argument("--workload", default=DEMO_WORKLOAD, help=f"default {DEMO_WORKLOAD}")
-    demo.add_argument(
-        "--disk", default="512M", help="the guest's disk on local storage, or 'none' (512M)"
-    )
-    demo.add_argument("--max-downtime", type=int, default=300, metavar="MS")
-    demo.add_argument("--bandwidth", type=int, default=None, metavar="MBPS")
-    demo.add_argument("--one-way", action="store_true", help="do not migrate back")
-    json_flag(demo)
-
-    image = sub.add_parser("image", help="the lab guest image")
-    image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
-    build = image_sub.add_parser("build", help="build (or reuse) the cached lab guest image")
-    build.add_argument("--force", action="store_true", help="rebuild even if cached")
-    json_flag(build)
-
-    agent = sub.add_parser("agent", help="run a host agent (normally started by `lab up`)")
-    agent.add_argument("--host", required=True, help="this host's name, e.g. host-1")
-    agent.add_argument("--listen", default="127.0.0.1:0", metavar="ADDR:PORT")
-    agent.add_argument("--state-dir", required=True, type=Path)
-    agent.add_argument("--token-file", required=True, type=Path)
-    agent.add_argument("--tls-cert", type=Path, default=None, help="HTTPS certificate (PEM)")
-    agent.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
-    agent.add_argument(
-        "--insecure-http",
-        action="store_true",
-        help="serve plain HTTP instead of HTTPS (debugging only: the token travels in clear)",
-    )
-    agent.add_argument("--memory", required=True, help="memory available to VMs (e.g. 8G)")
-    agent.add_argument(
-        "--migration-address", default="127.0.0.1", help="address incoming migrations listen on"
-    )
-    agent.add_argument(
-        "--shared-dir", type=Path, default=None, help="shared storage (same path on every host)"
-    )
-    agent.add_argument(
-        "--disk", default=None, help="space for local disk images (default: free space)"
-    )
-    agent.add_argument(
-        "--ready-file", type=Path, default=None, help="write {url, pid} here once listening"
-    )
-    agent.add_argument(
-        "--qemu-tls-dir",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="QEMU's TLS credentials (ca-cert.pem, server-cert.pem, server-key.pem, "
-        "client-cert.pem, client-key.pem) for `migrate --tls`; without it --tls is refused",
-    )
-    agent.add_argument(
-        "--qemu-user",
-        default="auto",
-        metavar="NAME",
-        help="user QEMU drops to after start-up: a name, 'none' (run as the agent), or "
-        "'auto' (default: vmferry-qemu if it exists and the agent runs as root)",
-    )
-    return parser
 
 
 def _configure_logging(verbosity: int, command: str) -> None:
@@ -238,7 +29,7 @@ def _configure_logging(verbosity: int, command: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vmferry`` console script."""
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.command)
     err = Console(stderr=True)
     try:
