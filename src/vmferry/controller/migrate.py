@@ -24,8 +24,6 @@ from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
-    DISK_PHASE,
-    DISK_SYNCED,
     MECHANISMS,
     IntegrityReport,
     Mechanism,
@@ -35,7 +33,8 @@ from vmferry.core.model import (
 )
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
 from vmferry.core.predict import StrategyPrediction
-from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_postcopy, is_stalled
+from vmferry.core.recovery import RecoveryPolicy, is_stalled
+from vmferry.core.status import MigrationStatus, Stage
 from vmferry.core.strategy import Action, Goal, Progress, replan
 
 __all__ = [
@@ -67,7 +66,7 @@ _RECOVERY_CALL_TIMEOUT_S = 3.0
 # A pre-copy (or disk copy) that sent nothing for this long is cancelled (the guest runs on
 # at the source); statuses in which that is checked:
 PRECOPY_STALL_S = 30.0
-_STALLABLE = frozenset({"setup", "active", "device", DISK_PHASE})
+_STALLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE})
 # How long an agent may be unreachable (e.g. being restarted) before the controller gives up
 # on following the migration and leaves it to `vmferry reconcile`.
 AGENT_RETURN_S = 60.0
@@ -379,14 +378,14 @@ async def migrate(
         lost_since = None
         for stats in samples:
             last = stats
-            if stats.status == DISK_PHASE:
+            if stats.stage is Stage.DISK_COPY:
                 # The disk copy precedes QEMU's migration: progress to show, nothing to re-plan.
                 disk_ms = stats.total_ms
                 if stats.disk_copied_bytes != disk_sent_bytes:
                     disk_sent_bytes, progress_at = stats.disk_copied_bytes, loop.time()
                 notify(stats)
                 continue
-            if stats.status == DISK_SYNCED:
+            if stats.stage is Stage.DISK_SYNCED:
                 # Paused at the switchover with the disk complete: the destination must drop
                 # its export before it can take the disk over; then the source goes on.
                 notify(stats)
@@ -401,7 +400,7 @@ async def migrate(
                         with contextlib.suppress(FerryError):
                             await source.cancel_migration(spec.name)
                 continue
-            postcopy = postcopy or is_postcopy(stats.status)
+            postcopy = postcopy or stats.status.is_postcopy
             if stats.transferred_bytes != sent_bytes:
                 sent_bytes, progress_at = stats.transferred_bytes, loop.time()
             if stats.status not in ("failed", "cancelled"):
@@ -416,13 +415,13 @@ async def migrate(
             and last is not None
             and now >= grace_until
             and (
-                last.status in POSTCOPY_RECOVERING
+                last.status.is_postcopy_broken
                 or is_stalled(last.status, progress_at, now, POSTCOPY_STALL_S)
             )
         ):
-            broke = last.status if last.status in POSTCOPY_RECOVERING else "stalled"
+            broke = last.status if last.status.is_postcopy_broken else "stalled"
             logger.warning("migration.postcopy_broken %s: %s", spec.name, broke)
-            notify(replace(last, status="postcopy-paused"))
+            notify(replace(last, status=MigrationStatus.POSTCOPY_PAUSED))
             try:
                 recovered_in_s = await recover_postcopy(
                     source, destination, spec.name, policy, attempts
@@ -468,13 +467,13 @@ async def migrate(
             and not postcopy
             and not cancel_sent
             and last is not None
-            and last.status in _STALLABLE
+            and (last.stage is Stage.DISK_COPY or last.status in _STALLABLE)
             and now - progress_at > PRECOPY_STALL_S
         ):
             # Nothing moved for long (a dead link, a destination that stopped reading): give
             # up while the guest still runs here rather than wait for TCP's timeout.
             cancel_sent = True
-            what = "the disk copy" if last.status == DISK_PHASE else "the migration"
+            what = "the disk copy" if last.stage is Stage.DISK_COPY else "the migration"
             replan_error = (
                 f"{what} sent nothing for {PRECOPY_STALL_S:g} s (link down? destination "
                 f"gone?): cancelled; the guest stays on {source_host}"
@@ -487,7 +486,7 @@ async def migrate(
             and not postcopy
             and prediction is not None
             and last is not None
-            and last.status not in (DISK_PHASE, DISK_SYNCED)
+            and last.stage is Stage.MIGRATION
         ):
             decision = replan(strategy, progress, prediction, goal)
             if decision.action is Action.SWITCH_TO_POSTCOPY and options.uses_postcopy:

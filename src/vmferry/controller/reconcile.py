@@ -25,7 +25,7 @@ from vmferry.controller.migrate import (
 from vmferry.core.errors import FerryError, StateError
 from vmferry.core.model import IntegrityReport
 from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
-from vmferry.core.recovery import POSTCOPY_RECOVERING, RecoveryPolicy, is_stalled
+from vmferry.core.recovery import RecoveryPolicy, is_stalled
 
 __all__ = ["Reconciled", "reconcile"]
 
@@ -236,7 +236,7 @@ async def _follow(
                 if stats.transferred_bytes != sent:
                     sent, progress_at = stats.transferred_bytes, now
             last = samples[-1].status if samples else None
-            broken = last in POSTCOPY_RECOVERING or (
+            broken = (last is not None and last.is_postcopy_broken) or (
                 last is not None and is_stalled(last, progress_at, now, _STALL_S)
             )
             if outcome is None and broken and not destinations:
