@@ -332,11 +332,11 @@ async def migrate(
                 # Broken link, or only the source's agent gone? The destination's QEMU knows
                 # whether the post-copy itself still runs.
                 incoming = await _incoming_status(destination, spec.name)
-                if incoming == "completed":
+                if incoming is MigrationStatus.COMPLETED:
                     logger.warning("migration.completed_without_source_agent %s", spec.name)
                     outcome = OutgoingResult("completed", None, last, None, None)
                     continue
-                if incoming == "postcopy-active":
+                if incoming is MigrationStatus.POSTCOPY_ACTIVE:
                     logger.warning("migration.source_agent_away %s: post-copy runs", spec.name)
                     progress_at = loop.time()
                     await asyncio.sleep(1.0)
@@ -403,7 +403,7 @@ async def migrate(
             postcopy = postcopy or stats.status.is_postcopy
             if stats.transferred_bytes != sent_bytes:
                 sent_bytes, progress_at = stats.transferred_bytes, loop.time()
-            if stats.status not in ("failed", "cancelled"):
+            if stats.status not in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
                 with contextlib.suppress(StateError):
                     phase = transition(phase, QemuStatus(stats.status))
             # The re-plan's deadline counts from before the disk copy, QEMU's clock from after.
@@ -506,7 +506,7 @@ async def migrate(
             and outcome is None
             and strategy == "hybrid"
             and last is not None
-            and last.status == "active"
+            and last.status is MigrationStatus.ACTIVE
             and last.iterations >= _HYBRID_SWITCH_ITERATION
         ):
             switched = True
@@ -547,7 +547,7 @@ async def migrate(
     final = outcome.stats or last
     last = final
     completed_wall_ms = time.time() * 1000
-    phase = transition(phase, QemuStatus("completed"))
+    phase = transition(phase, QemuStatus(MigrationStatus.COMPLETED))
     notify(final)
     # Past completion the destination holds the only current copy of the guest.
     integrity: IntegrityReport | None = None
@@ -664,13 +664,14 @@ async def _recover_once(
             paused yet, ...): the caller retries.
     """
     timeout_s = _RECOVERY_CALL_TIMEOUT_S
-    if await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2) == "completed":
+    paused = await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2)
+    if paused is MigrationStatus.COMPLETED:
         return True
     await destination.pause_postcopy(name, attempt, timeout_s=timeout_s)
     uri = await destination.recover_postcopy(name, attempt, timeout_s=timeout_s)
     status = await source.resume_postcopy(name, uri, attempt)
     logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
-    return status in ("postcopy-active", "completed")
+    return status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED)
 
 
 class PostcopyLost(FerryError):
@@ -717,7 +718,7 @@ async def drop_unstarted(destination: AgentClient, name: str) -> bool:
     return True
 
 
-async def _incoming_status(destination: AgentClient, name: str) -> str | None:
+async def _incoming_status(destination: AgentClient, name: str) -> MigrationStatus | None:
     """The destination QEMU's migration status; None if its agent does not answer."""
     try:
         _, migration = await destination.qemu_state(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
