@@ -20,7 +20,7 @@ from vmferry.agent.client import AgentClient
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import FerryError
 from vmferry.lab.cluster import lab_down
-from vmferry.lab.netns import existing_namespaces, set_link
+from vmferry.lab.netns import NETNS_PREFIX, existing_namespaces, set_link
 
 pytestmark = [
     pytest.mark.qemu,
@@ -146,3 +146,81 @@ def test_postcopy_survives_link_cuts(lab_dir: Path) -> None:
     states = {(v["host"], v["state"]) for v in lab.vms()}
     assert states == {("host-1", "migrating"), ("host-2", "incoming")}, states
     assert len(existing_namespaces()) == 2
+
+
+async def _abort_connections(lab: Lab, inside: str, peer: str) -> str:
+    """Destroy every TCP connection in lab host ``inside``'s namespace whose peer is lab host
+    ``peer``'s migration address with ``ss -K`` (the kernel aborts them: both QEMUs see the
+    connections reset while the link stays up); returns what ``ss`` listed."""
+    inventory = Inventory.load(lab.directory)
+    netns = NETNS_PREFIX + inside.removeprefix("host-")
+    address = inventory.host(peer).address
+    process = await asyncio.create_subprocess_exec(
+        "ip", "netns", "exec", netns, "ss", "-tnK", "dst", address,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode()
+
+
+async def _migrate_with_abort(
+    lab: Lab, vm: str, source: str, destination: str, inside: str
+) -> tuple[int, dict[str, Any], str, str]:
+    """Run ``vmferry migrate`` (post-copy) and abort its connections from ``inside``'s
+    namespace once post-copy is under way; returns the exit status, report, log and what
+    ``ss`` killed."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
+        "--strategy", "postcopy", "--recovery-limit", "60", "--json",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "VMFERRY_LAB_DIR": str(lab.directory)},
+    )  # fmt: skip
+    communicate = asyncio.ensure_future(process.communicate())
+    try:
+        await _wait_postcopy(Inventory.load(lab.directory), source, vm, 16 << 20, communicate)
+        peer = destination if inside == source else source
+        killed = await _abort_connections(lab, inside, peer)
+        async with asyncio.timeout(180):
+            stdout, stderr = await communicate
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        communicate.cancel()
+    log = stderr.decode(errors="replace")
+    assert stdout, log[-3000:]
+    return process.returncode or 0, json.loads(stdout), log, killed
+
+
+def test_postcopy_survives_aborted_connections(lab_dir: Path) -> None:
+    """Connections reset by ``ss -K`` (not a cut link): the destination QEMU may then hold its
+    main loop on a missing page, so recovery must reach it with OOB commands only."""
+    asyncio.run(lab_down(Path(tempfile.mkdtemp(prefix="vmf-"))))
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2", "--netns", "--link-mbps", LINK_MBPS)
+    lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", WORKLOAD)
+
+    # From the source's side, then from the destination's, there and back.
+    for source, destination, inside in (
+        ("host-1", "host-2", "host-1"),
+        ("host-2", "host-1", "host-1"),
+        ("host-1", "host-2", "host-2"),
+    ):
+        code, report, log, killed = asyncio.run(
+            _migrate_with_abort(lab, "vm1", source, destination, inside)
+        )
+        print(
+            f"{source}->{destination}, aborted in {inside}: {killed.count('ESTAB')} "
+            f"connections, recoveries={report['recoveries']}, total {report['total_ms']} ms"
+        )
+        assert "ESTAB" in killed, killed
+        assert code == 0, log[-3000:]
+        assert report["status"] == "completed", report["error"]
+        assert report["recoveries"] >= 1, log[-3000:]
+        assert report["integrity"]["ok"] is True
+        assert report["integrity"]["bad_pages"] == 0
+        assert report["guest_alive"] is True
+        assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
+            ("vm1", destination, "running")
+        ]

@@ -8,13 +8,13 @@ import pytest
 
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import (
-    DISK_PHASE,
     IntegrityReport,
     MigrationReport,
     MigrationStats,
     VmSpec,
     validate_name,
 )
+from vmferry.core.status import MigrationStatus, Stage
 from vmferry.core.workload import parse_workload
 
 
@@ -51,7 +51,7 @@ def test_spec_vcpus_range() -> None:
 
 def _stats(**overrides: object) -> MigrationStats:
     values: dict[str, object] = {
-        "status": "active",
+        "status": MigrationStatus.ACTIVE,
         "total_ms": 1000,
         "transferred_bytes": 100 << 20,
         "remaining_bytes": 100 << 20,
@@ -71,15 +71,22 @@ def test_eta() -> None:
     assert _stats().eta_ms == 1000
     assert _stats(dirty_pages_rate=12800).eta_ms == 2000  # 50 MiB/s of 100 MiB/s eaten
     assert _stats(dirty_pages_rate=25600).eta_ms is None  # not converging
-    assert _stats(status="completed").eta_ms is None
+    assert _stats(status=MigrationStatus.COMPLETED).eta_ms is None
 
 
 def test_eta_while_the_disk_is_copied_counts_disk_then_ram() -> None:
     # 324 MiB of disk left plus 100 MiB of RAM to follow, at 100 MiB/s.
-    copying = _stats(status=DISK_PHASE, disk_copied_bytes=700 << 20, disk_total_bytes=1 << 30)
+    copying = _stats(
+        status=MigrationStatus.NONE,
+        stage=Stage.DISK_COPY,
+        disk_copied_bytes=700 << 20,
+        disk_total_bytes=1 << 30,
+    )
     assert copying.disk_remaining_bytes == 324 << 20
     assert copying.eta_ms == 4240
-    assert _stats(status=DISK_PHASE, throughput_bps=0).eta_ms is None
+    assert (
+        _stats(status=MigrationStatus.NONE, stage=Stage.DISK_COPY, throughput_bps=0).eta_ms is None
+    )
 
 
 def test_report_schema_v1_keys() -> None:

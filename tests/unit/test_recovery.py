@@ -10,12 +10,8 @@ from hypothesis import strategies as st
 
 from vmferry.controller.migrate import MigrationRequest
 from vmferry.core.errors import ConfigError
-from vmferry.core.recovery import (
-    POSTCOPY_RECOVERING,
-    RecoveryPolicy,
-    is_postcopy,
-    is_stalled,
-)
+from vmferry.core.recovery import RecoveryPolicy, is_stalled
+from vmferry.core.status import MigrationStatus
 
 
 @pytest.mark.parametrize(
@@ -33,8 +29,9 @@ from vmferry.core.recovery import (
     ],
 )
 def test_postcopy_statuses(status: str, expected: bool) -> None:
-    assert is_postcopy(status) is expected
-    assert (status in POSTCOPY_RECOVERING) is (expected and status != "postcopy-active")
+    parsed = MigrationStatus(status)
+    assert parsed.is_postcopy is expected
+    assert parsed.is_postcopy_broken is (expected and status != "postcopy-active")
 
 
 @pytest.mark.parametrize(
@@ -51,7 +48,8 @@ def test_postcopy_statuses(status: str, expected: bool) -> None:
 def test_stall_only_counts_for_an_active_postcopy(
     status: str, idle_s: float, expected: bool
 ) -> None:
-    assert is_stalled(status, last_progress_s=100.0, now_s=100.0 + idle_s, stall_s=1.0) is expected
+    parsed = MigrationStatus(status)
+    assert is_stalled(parsed, last_progress_s=100.0, now_s=100.0 + idle_s, stall_s=1.0) is expected
 
 
 def test_backoff_doubles_up_to_its_cap() -> None:

@@ -17,6 +17,7 @@ from vmferry.core.predict import (
     predict,
     predict_all,
 )
+from vmferry.core.status import MigrationStatus
 from vmferry.core.strategy import (
     MARGIN_CAP,
     Action,
@@ -352,7 +353,7 @@ def test_replan_without_samples_and_with_an_unknown_strategy() -> None:
 
 def test_progress_from_stats() -> None:
     stats = MigrationStats(
-        status="postcopy-active",
+        status=MigrationStatus.POSTCOPY_ACTIVE,
         total_ms=1234,
         transferred_bytes=10,
         remaining_bytes=20,

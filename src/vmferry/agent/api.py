@@ -19,6 +19,7 @@ from vmferry.core.errors import (
     StateError,
 )
 from vmferry.core.model import IntegrityReport, MigrationStats
+from vmferry.core.status import MigrationStatus, Stage
 
 __all__ = [
     "API_PREFIX",
@@ -251,7 +252,8 @@ class OutgoingResult:
 
 def stats_to_json(stats: MigrationStats) -> dict[str, object]:
     return {
-        "status": stats.status,
+        "status": stats.status.value,
+        "stage": stats.stage.value,
         "total_ms": stats.total_ms,
         "transferred_bytes": stats.transferred_bytes,
         "remaining_bytes": stats.remaining_bytes,
@@ -267,9 +269,19 @@ def stats_to_json(stats: MigrationStats) -> dict[str, object]:
     }
 
 
+# What agents before ``stage`` existed wrote into ``status`` for vmferry's own stages.
+_LEGACY_STAGES = {"disk-mirror": Stage.DISK_COPY, "disk-synced": Stage.DISK_SYNCED}
+
+
 def stats_from_json(data: dict[str, Any]) -> MigrationStats:
+    """Raises: ValueError, KeyError, TypeError: a malformed sample."""
+    status_text = str(data["status"])
+    stage = _LEGACY_STAGES.get(status_text) or Stage(data.get("stage", Stage.MIGRATION))
+    legacy = status_text in _LEGACY_STAGES
+    status = MigrationStatus.NONE if legacy else MigrationStatus(status_text)
     return MigrationStats(
-        status=str(data["status"]),
+        status=status,
+        stage=stage,
         total_ms=int(data["total_ms"]),
         transferred_bytes=int(data["transferred_bytes"]),
         remaining_bytes=int(data["remaining_bytes"]),

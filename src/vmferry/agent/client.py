@@ -38,6 +38,7 @@ from vmferry.core.model import (
     VmSpec,
     spec_to_json,
 )
+from vmferry.core.status import MigrationStatus, RunState
 
 __all__ = ["AgentClient", "AgentError", "AgentUnreachable", "agent_ssl", "options_to_json"]
 
@@ -98,6 +99,14 @@ def _raise_error(status: int, body: object, what: str) -> None:
     if cls is None or cls not in _REBUILDABLE:
         raise AgentError(f"{what}: {message}")
     raise cls(message)
+
+
+def _migration_status(data: dict[str, Any], key: str) -> MigrationStatus:
+    """Raises: AgentError: not a migration status."""
+    try:
+        return MigrationStatus(str(data[key]))
+    except (KeyError, ValueError) as err:
+        raise AgentError(f"malformed migration status in {data!r}") from err
 
 
 class AgentClient:
@@ -175,11 +184,17 @@ class AgentClient:
             await self._call("GET", f"/vms/{name}", timeout_s=timeout_s or DEFAULT_TIMEOUT_S)
         )
 
-    async def qemu_state(self, name: str, timeout_s: float = 10.0) -> tuple[str, str]:
-        """QEMU's own run state and migration status of VM ``name`` here (``gone``: no QEMU
-        runs it)."""
+    async def qemu_state(
+        self, name: str, timeout_s: float = 10.0
+    ) -> tuple[RunState, MigrationStatus]:
+        """QEMU's own run state and migration status of VM ``name`` here (``GONE``: no QEMU
+        runs it).
+
+        Raises:
+            AgentError: a malformed answer; as for every call.
+        """
         data = await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s)
-        return str(data["runstate"]), str(data["migration"])
+        return RunState.parse(str(data["runstate"])), _migration_status(data, "migration")
 
     async def create_vm(self, spec: VmSpec) -> VmInfo:
         data = await self._call(
@@ -296,14 +311,16 @@ class AgentClient:
 
     # -- post-copy recovery (short deadlines: the link may be down again) ------------------------
 
-    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = 15.0) -> str:
+    async def pause_postcopy(
+        self, name: str, attempt: int, timeout_s: float = 15.0
+    ) -> MigrationStatus:
         """Pause a broken post-copy on this agent's side; returns ``postcopy-paused`` (or
         ``completed`` if it finished meanwhile). ``attempt`` numbers the controller's recovery
         attempts: the agent refuses older ones (requests TCP delivered late)."""
         data = await self._call(
             "POST", f"/vms/{name}/postcopy/pause", {"attempt": attempt}, timeout_s=timeout_s
         )
-        return str(data["status"])
+        return _migration_status(data, "status")
 
     async def recover_postcopy(self, name: str, attempt: int, timeout_s: float = 10.0) -> str:
         """Have a destination whose post-copy is paused listen again; returns the URI."""
@@ -314,7 +331,7 @@ class AgentClient:
 
     async def resume_postcopy(
         self, name: str, uri: str, attempt: int, timeout_s: float = 20.0
-    ) -> str:
+    ) -> MigrationStatus:
         """Resume a source's paused post-copy to ``uri``; returns the status it reached."""
         data = await self._call(
             "POST",
@@ -322,4 +339,4 @@ class AgentClient:
             {"uri": uri, "attempt": attempt},
             timeout_s=timeout_s,
         )
-        return str(data["status"])
+        return _migration_status(data, "status")

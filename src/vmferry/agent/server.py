@@ -196,7 +196,9 @@ async def _show(request: web.Request) -> web.Response:
 async def _runstate(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     runstate, migration = await _agent(request).qemu_state(name)
-    return web.json_response({"name": name, "runstate": runstate, "migration": migration})
+    return web.json_response(
+        {"name": name, "runstate": runstate.value, "migration": migration.value}
+    )
 
 
 async def _delete(request: web.Request) -> web.Response:
@@ -347,7 +349,7 @@ def _attempt(body: dict[str, Any]) -> int:
 async def _postcopy_pause(request: web.Request) -> web.Response:
     attempt = _attempt(await _body(request))
     status = await _agent(request).pause_postcopy(request.match_info["name"], attempt)
-    return web.json_response({"status": status})
+    return web.json_response({"status": status.value})
 
 
 async def _postcopy_recover(request: web.Request) -> web.Response:
@@ -362,7 +364,7 @@ async def _postcopy_resume(request: web.Request) -> web.Response:
     if not isinstance(uri, str) or not uri.startswith("tcp:"):
         raise ConfigError("'uri' must be a tcp: migration URI")
     status = await _agent(request).resume_outgoing(request.match_info["name"], uri, _attempt(body))
-    return web.json_response({"status": status})
+    return web.json_response({"status": status.value})
 
 
 async def _not_found(request: web.Request) -> web.Response:

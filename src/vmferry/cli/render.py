@@ -13,9 +13,9 @@ from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
 from vmferry.controller.reconcile import Reconciled
-from vmferry.core.model import DISK_PHASE, MigrationReport, MigrationStats
+from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
-from vmferry.core.recovery import POSTCOPY_RECOVERING
+from vmferry.core.status import Stage
 from vmferry.lab.cluster import HostStatus
 
 __all__ = [
@@ -65,9 +65,9 @@ class ProgressLine:
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
         line = Text(f"{self.title} ", style="bold")
         line.append(phase.value, style="cyan")
-        if stats is not None and stats.status in POSTCOPY_RECOVERING:
+        if stats is not None and stats.status.is_postcopy_broken:
             line.append(f" {stats.status}: recovering", style="bold yellow")
-        if stats is not None and stats.status == DISK_PHASE:
+        if stats is not None and stats.stage is Stage.DISK_COPY:
             eta = stats.eta_ms
             line.append(
                 f" disk {format_bytes(stats.disk_copied_bytes)}"

@@ -15,8 +15,6 @@ __all__ = [
     "DEFAULT_MACHINE_TYPE",
     "DISK_BUSES",
     "DISK_NODE",
-    "DISK_PHASE",
-    "DISK_SYNCED",
     "MECHANISMS",
     "REPORT_SCHEMA",
     "STORAGE_MODES",
@@ -65,11 +63,6 @@ DISK_BUSES: tuple[DiskBus, ...] = ("virtio-blk", "virtio-scsi")
 # shared: every host sees the same image path, only RAM moves.
 StorageMode = Literal["local", "shared"]
 STORAGE_MODES: tuple[StorageMode, ...] = ("local", "shared")
-# MigrationStats.status while a local disk is mirrored, before QEMU's RAM migration starts.
-DISK_PHASE = "disk-mirror"
-# MigrationStats.status once the guest is paused at the switchover and its disk copy is complete:
-# the source waits for the controller to release the destination's export, then goes on.
-DISK_SYNCED = "disk-synced"
 # The block node name of a VM's disk, the same on every host (mirror and NBD export use it).
 DISK_NODE = "disk0"
 
@@ -282,8 +275,12 @@ def spec_from_json(data: object) -> VmSpec:
 
 @dataclass(frozen=True, slots=True)
 class MigrationStats:
-    """One progress sample of a migration, as the source QEMU reports it (``stage``: what
-    vmferry does around QEMU's migration, e.g. copying a local disk before RAM moves)."""
+    """One progress sample of a migration, as the source QEMU reports it.
+
+    ``status`` is QEMU's own; ``stage`` is what vmferry does around it: while a local disk is
+    copied (``DISK_COPY``, before RAM moves) ``status`` is ``NONE``; at the switchover pause
+    with the disk complete (``DISK_SYNCED``) it is QEMU's real status (``pre-switchover``).
+    """
 
     status: MigrationStatus
     total_ms: int
@@ -297,8 +294,8 @@ class MigrationStats:
     expected_downtime_ms: int | None
     downtime_ms: int | None
     # The disk mirror of a VM on local storage (0 without one). While the disk is copied,
-    # before RAM moves, ``status`` is DISK_PHASE, the RAM figures are the RAM still to send
-    # (its size) and ``throughput_bps`` is the mirror's rate.
+    # before RAM moves (stage DISK_COPY), the RAM figures are the RAM still to send (its
+    # size) and ``throughput_bps`` is the mirror's rate.
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
     stage: Stage = Stage.MIGRATION
@@ -315,7 +312,7 @@ class MigrationStats:
     @property
     def eta_ms(self) -> int | None:
         """Naive time-to-finish: remaining over net progress rate; None when not converging."""
-        if self.status == DISK_PHASE:
+        if self.stage is Stage.DISK_COPY:
             # Disk and RAM share the link: what is left of the disk, then all of RAM (an upper
             # bound: zero pages cost next to nothing).
             if self.throughput_bps <= 0:
@@ -323,7 +320,7 @@ class MigrationStats:
             left = self.disk_remaining_bytes + self.remaining_bytes
             return int(left * 1000 / self.throughput_bps)
         net_bps = self.throughput_bps - self.dirty_rate_bps
-        if self.status != "active" or net_bps <= 0 or self.throughput_bps <= 0:
+        if self.status is not MigrationStatus.ACTIVE or net_bps <= 0 or self.throughput_bps <= 0:
             return None
         return int(self.remaining_bytes * 1000 / net_bps)
 

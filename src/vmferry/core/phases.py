@@ -17,6 +17,7 @@ import enum
 from dataclasses import dataclass
 
 from vmferry.core.errors import StateError
+from vmferry.core.status import MigrationStatus
 
 __all__ = [
     "TERMINAL",
@@ -79,20 +80,20 @@ class Failed:
 MigrationEvent = DestinationReady | QemuStatus | Verified | Cancelled | Failed
 
 _QEMU_STATUS: dict[str, Phase] = {
-    "none": Phase.SETUP,
-    "setup": Phase.SETUP,
-    "wait-unplug": Phase.SETUP,
-    "active": Phase.ACTIVE,
-    "pre-switchover": Phase.SWITCHOVER,
-    "device": Phase.SWITCHOVER,
-    "postcopy-active": Phase.POSTCOPY,
-    "postcopy-paused": Phase.POSTCOPY,
-    "postcopy-recover-setup": Phase.POSTCOPY,
-    "postcopy-recover": Phase.POSTCOPY,
-    "completed": Phase.COMPLETED,
-    "failed": Phase.FAILED,
-    "cancelling": Phase.CANCELLING,
-    "cancelled": Phase.CANCELLED,
+    MigrationStatus.NONE: Phase.SETUP,
+    MigrationStatus.SETUP: Phase.SETUP,
+    MigrationStatus.WAIT_UNPLUG: Phase.SETUP,
+    MigrationStatus.ACTIVE: Phase.ACTIVE,
+    MigrationStatus.PRE_SWITCHOVER: Phase.SWITCHOVER,
+    MigrationStatus.DEVICE: Phase.SWITCHOVER,
+    MigrationStatus.POSTCOPY_ACTIVE: Phase.POSTCOPY,
+    MigrationStatus.POSTCOPY_PAUSED: Phase.POSTCOPY,
+    MigrationStatus.POSTCOPY_RECOVER_SETUP: Phase.POSTCOPY,
+    MigrationStatus.POSTCOPY_RECOVER: Phase.POSTCOPY,
+    MigrationStatus.COMPLETED: Phase.COMPLETED,
+    MigrationStatus.FAILED: Phase.FAILED,
+    MigrationStatus.CANCELLING: Phase.CANCELLING,
+    MigrationStatus.CANCELLED: Phase.CANCELLED,
 }
 
 # Where each phase may go next on a QEMU status (order of the pipeline; no going back).

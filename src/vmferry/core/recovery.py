@@ -14,27 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from vmferry.core.errors import ConfigError
+from vmferry.core.status import MigrationStatus
 
-__all__ = [
-    "POSTCOPY_RECOVERING",
-    "POSTCOPY_STATES",
-    "RecoveryPolicy",
-    "is_postcopy",
-    "is_stalled",
-]
+__all__ = ["RecoveryPolicy", "is_stalled"]
 
-# QEMU's MigrationStatus values of a post-copy that is paused or being resumed.
-POSTCOPY_RECOVERING = frozenset({"postcopy-paused", "postcopy-recover-setup", "postcopy-recover"})
-# Every status in which the destination owns the guest: the source must never run it again.
-POSTCOPY_STATES = frozenset({"postcopy-active", *POSTCOPY_RECOVERING})
+# Which statuses mean post-copy (the destination owns the guest) or a broken post-copy are
+# properties of :class:`MigrationStatus` (``is_postcopy``, ``is_postcopy_broken``).
 
 
-def is_postcopy(status: str) -> bool:
-    """Whether QEMU status ``status`` means the guest already runs on the destination."""
-    return status in POSTCOPY_STATES
-
-
-def is_stalled(status: str, last_progress_s: float, now_s: float, stall_s: float) -> bool:
+def is_stalled(
+    status: MigrationStatus, last_progress_s: float, now_s: float, stall_s: float
+) -> bool:
     """Whether an active post-copy has sent nothing for ``stall_s`` seconds.
 
     A healthy post-copy sends continuously (the background copy plus faulted pages) until it
@@ -46,7 +36,7 @@ def is_stalled(status: str, last_progress_s: float, now_s: float, stall_s: float
         now_s: now, on the same clock.
         stall_s: how long without progress counts as broken.
     """
-    return status == "postcopy-active" and now_s - last_progress_s >= stall_s
+    return status is MigrationStatus.POSTCOPY_ACTIVE and now_s - last_progress_s >= stall_s
 
 
 @dataclass(frozen=True, slots=True)

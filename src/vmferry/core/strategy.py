@@ -273,7 +273,7 @@ class Progress:
             throughput_bps=stats.throughput_bps,
             iterations=stats.iterations,
             expected_downtime_ms=stats.expected_downtime_ms,
-            is_postcopy=stats.status.startswith("postcopy"),
+            is_postcopy=stats.status.is_postcopy,
         )
 
 

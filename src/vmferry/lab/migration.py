@@ -24,6 +24,7 @@ from vmferry.core.model import (
     ReportStatus,
 )
 from vmferry.core.phases import DestinationReady, Phase, QemuStatus, Verified, transition
+from vmferry.core.status import MigrationStatus
 from vmferry.guest.channel import now_ms
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.migration import (
@@ -80,7 +81,7 @@ async def migrate_between(
     def follow(stats: MigrationStats) -> None:
         nonlocal phase, last
         last = stats
-        if stats.status not in ("failed", "cancelled"):
+        if stats.status not in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
             phase = transition(phase, QemuStatus(stats.status))
         notify(stats)
 
@@ -179,7 +180,7 @@ async def _roll_back(
     try:
         if source.process.is_running:
             final = await cancel_migration(source.qmp)
-            if final.status == "completed" and destination is not None:
+            if final.status is MigrationStatus.COMPLETED and destination is not None:
                 # The switchover won the race against our cancel: the guest lives there now.
                 await source.stop()
                 return await _completed_late(source, destination, final, started_s)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -23,24 +24,25 @@ from vmferry.core.errors import (
     StateError,
 )
 from vmferry.core.model import MigrationOptions, MigrationStats
-from vmferry.core.recovery import POSTCOPY_RECOVERING, is_postcopy
-from vmferry.qemu.session import QmpSession
+from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.session import DEFAULT_TIMEOUT_S, QmpSession
 from vmferry.qemu.tls import migration_tls_parameters, tls_hostname
 
 __all__ = [
-    "PRECOPY_IN_FLIGHT",
     "MigrationOptions",
     "cancel_migration",
     "capabilities_for",
     "ensure_running",
     "follow_postcopy",
     "migration_status",
+    "parse_migration_status",
     "pause_postcopy",
     "query_stats",
     "recover_incoming",
     "resume_completed_source",
     "resume_postcopy",
     "run_migration",
+    "run_state",
     "source_parameters_for",
     "start_incoming",
     "start_postcopy",
@@ -100,11 +102,27 @@ def _caps_arg(capabilities: Mapping[str, bool]) -> list[dict[str, object]]:
     return [{"capability": name, "state": state} for name, state in capabilities.items()]
 
 
+def parse_migration_status(value: object) -> MigrationStatus:
+    """QEMU's migration status string as a :class:`MigrationStatus`.
+
+    Raises:
+        FerryError: a value this QEMU should not send.
+    """
+    try:
+        return MigrationStatus(str(value))
+    except ValueError:
+        raise FerryError(f"QEMU reported an unknown migration status {value!r}") from None
+
+
 def stats_from_reply(reply: Mapping[str, Any]) -> MigrationStats:
-    """Validate a ``query-migrate`` reply into :class:`MigrationStats`."""
+    """Validate a ``query-migrate`` reply into :class:`MigrationStats`.
+
+    Raises:
+        FerryError: an unknown status.
+    """
     ram = reply.get("ram") or {}
     return MigrationStats(
-        status=str(reply.get("status", "none")),
+        status=parse_migration_status(reply.get("status", "none")),
         total_ms=int(reply.get("total-time", 0)),
         transferred_bytes=int(ram.get("transferred", 0)),
         remaining_bytes=int(ram.get("remaining", 0)),
@@ -204,16 +222,7 @@ async def run_migration(
             passed before post-copy started (the migration is then cancelled first).
         FerryError: whatever ``before_switchover`` raised (the migration is cancelled first).
     """
-    capabilities = capabilities_for(options)
-    capabilities["pause-before-switchover"] = before_switchover is not None
-    await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(capabilities)})
-    await src.execute(
-        "migrate-set-parameters",
-        {
-            **source_parameters_for(options),
-            **migration_tls_parameters(tls_creds, tls_hostname(uri) if tls_creds else None),
-        },
-    )
+    await _configure_source(src, uri, options, before_switchover is not None, tls_creds)
     if options.mechanism == "cold":
         await src.execute("stop")
     with src.listener("MIGRATION") as listener:
@@ -222,50 +231,67 @@ async def run_migration(
         if options.mechanism == "postcopy":
             await start_postcopy(src)
         try:
-            previous = "setup"
+            previous = MigrationStatus.SETUP
             # QEMU may still say pre-switchover for a moment after migrate-continue (seen
             # with multifd over TLS): the hook runs once per migration, never twice.
             switched_over = False
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
                     stats = await _next_sample(src, listener, on_progress)
-                    if is_postcopy(stats.status) and deadline.when() is not None:
+                    if stats.status.is_postcopy and deadline.when() is not None:
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
                         deadline.reschedule(None)
-                    if stats.status != previous and stats.status in POSTCOPY_RECOVERING:
-                        reply = await src.execute("query-migrate")
-                        logger.warning(
-                            "migration.%s %s: %s",
-                            stats.status,
-                            src.name,
-                            reply.get("error-desc", "-"),
-                        )
+                    if stats.status != previous and stats.status.is_postcopy_broken:
+                        await _log_broken(src, stats.status)
                     previous = stats.status
-                    if stats.status == "pre-switchover" and before_switchover is not None:
+                    if (
+                        stats.status is MigrationStatus.PRE_SWITCHOVER
+                        and before_switchover is not None
+                    ):
                         if not switched_over:
                             switched_over = True
                             await _switch_over(src, before_switchover)
                         continue
-                    if stats.status == "completed":
-                        logger.info(
-                            "migration.complete %s total=%dms downtime=%sms",
-                            src.name,
-                            stats.total_ms,
-                            stats.downtime_ms,
-                        )
+                    if stats.status is MigrationStatus.COMPLETED:
+                        logger.info("migration.complete %s %s", src.name, _summary(stats))
                         return stats
-                    if stats.status in ("failed", "cancelled"):
+                    if stats.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
                         reply = await src.execute("query-migrate")
                         reason = str(reply.get("error-desc", stats.status))
                         raise MigrationFailed(src.name, stats.status, reason)
         except TimeoutError:
             final = await cancel_migration(src)
-            if final.status == "completed":
+            if final.status is MigrationStatus.COMPLETED:
                 return final
             raise MigrationFailed(
                 src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
             ) from None
+
+
+async def _configure_source(
+    src: QmpSession, uri: str, options: MigrationOptions, pause: bool, tls_creds: str | None
+) -> None:
+    """Set the source's capabilities (``pause``: pause before the switchover) and parameters."""
+    capabilities = capabilities_for(options)
+    capabilities["pause-before-switchover"] = pause
+    await src.execute("migrate-set-capabilities", {"capabilities": _caps_arg(capabilities)})
+    await src.execute(
+        "migrate-set-parameters",
+        {
+            **source_parameters_for(options),
+            **migration_tls_parameters(tls_creds, tls_hostname(uri) if tls_creds else None),
+        },
+    )
+
+
+async def _log_broken(src: QmpSession, status: MigrationStatus) -> None:
+    reply = await src.execute("query-migrate")
+    logger.warning("migration.%s %s: %s", status, src.name, reply.get("error-desc", "-"))
+
+
+def _summary(stats: MigrationStats) -> str:
+    return f"total={stats.total_ms}ms downtime={stats.downtime_ms}ms"
 
 
 async def _switch_over(src: QmpSession, hook: Callable[[], Awaitable[None]]) -> None:
@@ -296,9 +322,15 @@ async def cancel_migration(src: QmpSession, timeout_s: float = 30.0) -> Migratio
     async with asyncio.timeout(timeout_s):
         while True:
             stats = await query_stats(src)
-            if stats.status in ("cancelled", "failed", "completed", "none"):
+            if stats.status.is_terminal or stats.status is MigrationStatus.NONE:
                 return stats
             await asyncio.sleep(_POLL_S)
+
+
+async def run_state(session: QmpSession, timeout_s: float = DEFAULT_TIMEOUT_S) -> RunState:
+    """QEMU's run state (``query-status``)."""
+    reply = await session.execute("query-status", timeout_s=timeout_s)
+    return RunState.parse(str(reply["status"]))
 
 
 async def wait_running(session: QmpSession, timeout_s: float) -> None:
@@ -307,139 +339,176 @@ async def wait_running(session: QmpSession, timeout_s: float) -> None:
     Raises:
         StateError: if it does not reach ``running`` in time.
     """
-    status = "unknown"
+    status = RunState.OTHER
     try:
         async with asyncio.timeout(timeout_s):
             while True:
-                reply = await session.execute("query-status")
-                status = str(reply["status"])
-                if status == "running":
+                status = await run_state(session)
+                if status is RunState.RUNNING:
                     return
                 await asyncio.sleep(_POLL_S / 5)
     except TimeoutError:
-        raise StateError(f"VM {session.name}", status, "running") from None
+        raise StateError(f"VM {session.name}", status, RunState.RUNNING) from None
 
 
-async def ensure_running(session: QmpSession) -> str:
+async def ensure_running(session: QmpSession) -> RunState:
     """Resume a source left paused by a failed switchover; return its final run state.
 
     Only for a migration known to have failed or been cancelled. A source in ``postmigrate``
     has handed the guest over and is never resumed: that would run the guest twice. Nor is a
     source whose migration entered post-copy (even paused): the destination runs the guest.
     """
-    migration = str((await session.execute("query-migrate")).get("status", "none"))
-    if is_postcopy(migration):
+    migration = await migration_status(session)
+    if migration.is_postcopy:
         logger.warning("migration.no_resume %s: post-copy %s", session.name, migration)
-        return str((await session.execute("query-status"))["status"])
-    reply = await session.execute("query-status")
-    status = str(reply["status"])
-    if status == "paused":
+        return await run_state(session)
+    status = await run_state(session)
+    if status is RunState.PAUSED:
         await session.execute("cont")
-        status = str((await session.execute("query-status"))["status"])
+        status = await run_state(session)
     return status
 
 
 # -- post-copy recovery ---------------------------------------------------------------------------
+#
+# A destination in post-copy whose link broke may have its main loop held by a thread waiting
+# for a page that will not come (device emulation touching guest memory). Commands other than
+# OOB ones then queue behind it unanswered, and a handful of those fill QEMU's request queue,
+# which stops the monitor reading at all, OOB commands included. So until the post-copy is
+# paused and the destination listens again, recovery sends only OOB commands (``migrate-pause``,
+# ``migrate-recover``), each with a deadline, and learns the status from MIGRATION events.
 
 _PAUSE_TIMEOUT_S = 10.0
+_PAUSED_OR_DONE = frozenset({MigrationStatus.POSTCOPY_PAUSED, MigrationStatus.COMPLETED})
 
 
-async def migration_status(session: QmpSession, timeout_s: float = 5.0) -> str:
-    """This QEMU's (outgoing or incoming) migration status (``none`` when there is none)."""
+async def migration_status(session: QmpSession, timeout_s: float = 5.0) -> MigrationStatus:
+    """This QEMU's (outgoing or incoming) migration status (``NONE`` when there is none).
+
+    Not OOB: never for a destination whose post-copy may be broken (see above).
+    """
     reply = await session.execute("query-migrate", timeout_s=timeout_s)
-    return str(reply.get("status", "none"))
+    return parse_migration_status(reply.get("status", "none"))
 
 
-async def pause_postcopy(session: QmpSession, timeout_s: float = _PAUSE_TIMEOUT_S) -> str:
-    """Pause a broken post-copy on either side (OOB ``migrate-pause``: it runs even when the
-    main loop is stuck on a missing page), and wait until QEMU reports ``postcopy-paused``.
+def _event_status(session: QmpSession) -> MigrationStatus | None:
+    """The status of the last MIGRATION event on ``session`` (None: none, or unknown)."""
+    try:
+        return MigrationStatus(session.last_migration_event or "")
+    except ValueError:
+        return None
 
-    Tolerant: a migration QEMU already paused itself, or that is being recovered, is left
-    alone; one that completed meanwhile is reported as such.
+
+async def pause_postcopy(
+    session: QmpSession, timeout_s: float = _PAUSE_TIMEOUT_S, *, may_query: bool = True
+) -> MigrationStatus:
+    """Pause a broken post-copy on either side and wait until it is ``postcopy-paused``.
+
+    Sends only the OOB ``migrate-pause`` (it runs even when the main loop is held by a missing
+    page) and follows MIGRATION events; no other command reaches QEMU before the pause.
+    Tolerant: a migration QEMU already paused itself is left alone; one that completed
+    meanwhile is reported as such.
+
+    Args:
+        session: either side's QMP session.
+        timeout_s: deadline of the command and of the wait for the pause.
+        may_query: when QEMU refuses the pause and no event told its status, ask it with
+            ``query-migrate`` (a source: its main loop never waits for pages). False (a
+            destination): take it as paused; ``migrate-recover`` refuses if it was not.
 
     Returns:
-        The status reached: ``postcopy-paused``, or ``completed``.
+        The status reached: ``POSTCOPY_PAUSED``, or ``COMPLETED``.
 
     Raises:
         StateError: not in post-copy (nothing to pause), or it did not pause in time.
         QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
     """
-    status = await migration_status(session, timeout_s)
-    if status not in ("postcopy-active", "postcopy-paused", "completed", *POSTCOPY_RECOVERING):
-        raise StateError(f"migration of {session.name}", status, "post-copy")
-    if status != "postcopy-paused" and status != "completed":
-        # Also a recovery stuck connecting over a link that went down again.
+    with session.listener("MIGRATION") as listener:
         try:
             await session.execute("migrate-pause", oob=True, timeout_s=timeout_s)
         except QMPCommandError as err:
-            # QEMU paused it itself between our query and the command.
+            # Neither postcopy-active nor postcopy-recover: paused already (QEMU does that
+            # itself once a socket errors), completed, in recovery setup, or no post-copy.
             logger.debug("migrate-pause %s: %s", session.name, err)
-        logger.info("migration.pause %s (was %s)", session.name, status)
-    try:
-        async with asyncio.timeout(timeout_s):
-            while status not in ("postcopy-paused", "completed"):
-                await asyncio.sleep(_POLL_S)
-                status = await migration_status(session, timeout_s)
-    except TimeoutError:
-        raise StateError(f"migration of {session.name}", status, "postcopy-paused") from None
-    return status
+            return await _unpausable(session, timeout_s, may_query)
+        logger.info("migration.pause %s", session.name)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout_s
+        status = "pausing"  # only events after the command count
+        while (left_s := until - loop.time()) > 0:
+            try:
+                event = await session.next_event(listener, left_s)
+            except QMPTimeout:
+                break
+            status = parse_migration_status(event.get("data", {}).get("status"))
+            if status in _PAUSED_OR_DONE:
+                return status
+        raise StateError(f"migration of {session.name}", status, "postcopy-paused")
 
 
-def _inet_ports(reply: Mapping[str, Any]) -> list[int]:
-    return [
-        int(address["port"])
-        for address in reply.get("socket-address", [])
-        if address.get("type") == "inet" and "port" in address
-    ]
+async def _unpausable(session: QmpSession, timeout_s: float, may_query: bool) -> MigrationStatus:
+    """The status of a migration QEMU refused to pause (see :func:`pause_postcopy`)."""
+    status = _event_status(session)
+    if status is None and may_query:
+        status = await migration_status(session, timeout_s)
+    if status is None:
+        # No event seen on this connection (an agent restarted since the post-copy began).
+        logger.warning("migration.pause %s: status unknown, taking it as paused", session.name)
+        return MigrationStatus.POSTCOPY_PAUSED
+    if status in _PAUSED_OR_DONE:
+        return status
+    raise StateError(f"migration of {session.name}", status, "post-copy")
+
+
+def _free_port(host: str) -> int:
+    """A TCP port free on ``host`` now (the kernel's choice for port 0)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
 
 
 async def recover_incoming(dst: QmpSession, listen_host: str, timeout_s: float = 5.0) -> str:
     """Make a destination whose post-copy is paused listen for the source again
     (``migrate-recover``, OOB); return the URI the source resumes to.
 
-    The port is chosen by the kernel (``tcp:<host>:0``) and read back from ``query-migrate``'s
-    ``socket-address``, as for the first connection: the new listener is the one whose port
-    was not there before (QEMU drops the old listeners first in current versions).
+    The port is picked here (free a moment ago) rather than read back from ``query-migrate``,
+    which is not OOB and may wait forever behind a held main loop (see above). Should another
+    process take it meanwhile, QEMU refuses and the caller's next attempt picks another.
 
     Raises:
-        StateError: the incoming post-copy is not paused (QEMU refused), or no new port shows.
-        QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
+        StateError: QEMU refused (the incoming post-copy is not paused, or the port was taken).
+        QMPTimeout, QMPConnectError: QMP failed.
     """
-    before = set(_inet_ports(await dst.execute("query-migrate", timeout_s=timeout_s)))
+    uri = f"tcp:{listen_host}:{_free_port(listen_host)}"
     try:
-        await dst.execute(
-            "migrate-recover", {"uri": f"tcp:{listen_host}:0"}, oob=True, timeout_s=timeout_s
-        )
+        await dst.execute("migrate-recover", {"uri": uri}, oob=True, timeout_s=timeout_s)
     except QMPCommandError as err:
-        status = await migration_status(dst, timeout_s)
+        status = dst.last_migration_event or "unknown"
         raise StateError(
             f"incoming migration of {dst.name} ({err.desc})", status, "postcopy-paused"
         ) from err
-    ports = _inet_ports(await dst.execute("query-migrate", timeout_s=timeout_s))
-    fresh = [port for port in ports if port not in before] or ports
-    if not fresh:
-        raise StateError(f"recovery listener of {dst.name}", "no socket-address", "listening")
-    uri = f"tcp:{listen_host}:{fresh[0]}"
     logger.info("migration.recover_listen %s at %s", dst.name, uri)
     return uri
 
 
-async def resume_postcopy(src: QmpSession, uri: str, timeout_s: float = 10.0) -> str:
+async def resume_postcopy(src: QmpSession, uri: str, timeout_s: float = 10.0) -> MigrationStatus:
     """Resume a paused outgoing post-copy towards ``uri`` (``migrate`` with ``resume``) and
     wait until it is running again or paused again.
 
     Returns:
-        ``postcopy-active`` or ``completed`` (recovered), ``postcopy-paused`` (the attempt
-        failed; retry), or a ``postcopy-recover*`` status still in progress when
+        ``POSTCOPY_ACTIVE`` or ``COMPLETED`` (recovered), ``POSTCOPY_PAUSED`` (the attempt
+        failed; retry), or a ``POSTCOPY_RECOVER*`` status still in progress when
         ``timeout_s`` passed.
 
     Raises:
         StateError: the migration is not paused in post-copy.
         QMPCommandError, QMPTimeout, QMPConnectError: QMP failed.
     """
+    paused = MigrationStatus.POSTCOPY_PAUSED
     status = (await query_stats(src)).status
-    if status != "postcopy-paused":
-        raise StateError(f"migration of {src.name}", status, "postcopy-paused")
+    if status is not paused:
+        raise StateError(f"migration of {src.name}", status, paused)
     with src.listener("MIGRATION") as listener:
         await src.execute("migrate", {"uri": uri, "resume": True})
         logger.info("migration.resume %s -> %s", src.name, uri)
@@ -450,26 +519,26 @@ async def resume_postcopy(src: QmpSession, uri: str, timeout_s: float = 10.0) ->
                     # Events catch a quick recover-setup -> paused round trip polling misses.
                     with contextlib.suppress(QMPTimeout):
                         event = await src.next_event(listener, _POLL_S)
-                        if str(event.get("data", {}).get("status")) != "postcopy-paused":
+                        if str(event.get("data", {}).get("status")) != paused:
                             left_paused = True
                         elif left_paused:
-                            return "postcopy-paused"
+                            return paused
                     status = (await query_stats(src)).status
-                    if status in ("postcopy-active", "completed", "failed"):
+                    if status in _RESUMED:
                         return status
-                    if status != "postcopy-paused":
+                    if status is not paused:
                         left_paused = True
                     elif left_paused:
                         return status  # fell back: this attempt failed
     return status
 
 
-# -- a migration found in flight by a restarted agent ---------------------------------------------
-
-# Pre-copy statuses in which the source still owns the guest and the migration can be cancelled.
-PRECOPY_IN_FLIGHT = frozenset(
-    {"setup", "active", "pre-switchover", "device", "wait-unplug", "cancelling"}
+_RESUMED = frozenset(
+    {MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED, MigrationStatus.FAILED}
 )
+
+
+# -- a migration found in flight by a restarted agent ---------------------------------------------
 
 
 async def follow_postcopy(
@@ -484,29 +553,29 @@ async def follow_postcopy(
     with src.listener("MIGRATION") as listener:
         while True:
             stats = await _next_sample(src, listener, on_progress)
-            if stats.status == "completed":
+            if stats.status is MigrationStatus.COMPLETED:
                 return stats
-            if stats.status in ("failed", "cancelled"):
+            if stats.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
                 reply = await src.execute("query-migrate")
                 raise MigrationFailed(src.name, stats.status, str(reply.get("error-desc", "-")))
 
 
-async def resume_completed_source(src: QmpSession) -> str:
+async def resume_completed_source(src: QmpSession) -> RunState:
     """Run the guest again on a source whose pre-copy migration completed but whose
     destination copy is gone (its QEMU died before the guest ran there). The caller must know
     that post-copy never started and that no destination QEMU exists any more: the source's
     memory is then the guest's only and current state.
 
     Returns:
-        The run state reached (``running``).
+        The run state reached (``RUNNING``).
 
     Raises:
         StateError: the source is not in ``postmigrate`` after a completed migration.
     """
     migration = await migration_status(src)
-    status = str((await src.execute("query-status"))["status"])
-    if migration != "completed" or status != "postmigrate":
+    status = await run_state(src)
+    if migration is not MigrationStatus.COMPLETED or status is not RunState.POSTMIGRATE:
         raise StateError(f"VM {src.name}", f"{status}/{migration}", "postmigrate/completed")
     await src.execute("cont")
     logger.warning("migration.source_resumed %s: destination copy gone", src.name)
-    return str((await src.execute("query-status"))["status"])
+    return await run_state(src)

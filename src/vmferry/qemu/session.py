@@ -20,7 +20,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, Message, QMPClient, QMPError
 
 from vmferry.core.errors import QMPCommandError, QMPConnectError, QMPTimeout
 
@@ -32,6 +32,20 @@ DEFAULT_TIMEOUT_S = 10.0
 _CONNECT_RETRY_S = 0.02
 
 
+class _MigrationWatch(EventListener):
+    """Remembers the status of the last ``MIGRATION`` event instead of queueing events."""
+
+    def __init__(self) -> None:
+        super().__init__("MIGRATION")
+        self.status: str | None = None
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            data = event.get("data")
+            if isinstance(data, Mapping) and "status" in data:
+                self.status = str(data["status"])
+
+
 class QmpSession:
     """An owned QMP connection to one QEMU."""
 
@@ -39,6 +53,15 @@ class QmpSession:
         self.name = name
         self._client = QMPClient(name)
         self.logger = logger.getChild(name)
+        self._migration = _MigrationWatch()
+        self._client.register_listener(self._migration)
+
+    @property
+    def last_migration_event(self) -> str | None:
+        """The status in the last ``MIGRATION`` event QEMU sent on this connection (None:
+        none yet). Known without a command, so also while QEMU's main loop is held (e.g. by a
+        post-copy destination waiting for a page) and commands other than OOB ones wait."""
+        return self._migration.status
 
     async def connect(self, socket_path: Path, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         """Connect and negotiate capabilities (QMP OOB is enabled when QEMU offers it).

@@ -1,0 +1,96 @@
+"""This host as a migration's destination: an empty QEMU waiting for the guest, the disk
+export a source mirrors into, and the end of it (the guest runs here, or the copy is dropped)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vmferry.agent.launch import Launcher
+from vmferry.agent.slots import Slots, VmState
+from vmferry.agent.store import Marker, VmStore
+from vmferry.core.errors import StateError
+from vmferry.core.model import IntegrityReport, MigrationOptions, NbdTarget, VmSpec
+from vmferry.core.status import RunState
+from vmferry.qemu.block import export_disk, unexport_disk
+from vmferry.qemu.migration import run_state, start_incoming, wait_running
+from vmferry.qemu.tls import add_creds
+
+__all__ = ["Incoming"]
+
+logger = logging.getLogger(__name__)
+
+_INCOMING_DONE_TIMEOUT_S = 60.0
+_HEARTBEAT_TIMEOUT_S = 30.0
+
+
+class Incoming:
+    """Incoming migrations of this host."""
+
+    def __init__(self, slots: Slots, store: VmStore, launcher: Launcher) -> None:
+        self.slots = slots
+        self.store = store
+        self.launcher = launcher
+        self.address = launcher.config.migration_address
+
+    async def prepare(
+        self, spec: VmSpec, options: MigrationOptions
+    ) -> tuple[str, NbdTarget | None]:
+        """See :meth:`HostAgent.prepare_incoming`."""
+        local = spec.disk is not None and spec.disk.storage == "local"
+        tls_dir = self.launcher.tls_dir(options)  # refused before anything starts
+        slot = await self.launcher.launch(spec, incoming=True, new_disk=local)
+        assert slot.vm is not None
+        directory = self.store.directory(spec.name)
+        self.store.mark(directory, Marker.INCOMING)  # a restarted agent keeps it incoming
+        try:
+            creds = None if tls_dir is None else await add_creds(slot.vm.qmp, tls_dir, "server")
+            uri = await start_incoming(slot.vm.qmp, self.address, options, tls_creds=creds)
+            nbd = await export_disk(slot.vm.qmp, self.address, tls_creds=creds) if local else None
+        except BaseException:
+            await slot.vm.stop()
+            self.launcher.drop(spec.name, self.store.owned_disk(spec))
+            raise
+        logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
+        return uri, nbd
+
+    async def finish(self, name: str) -> tuple[float, IntegrityReport]:
+        """See :meth:`HostAgent.finish_incoming`."""
+        slot, vm = self.slots.running(name, VmState.INCOMING)
+        async with slot.lock:
+            # A local disk's export is gone already: the switchover waited for release_disk.
+            async with asyncio.timeout(_INCOMING_DONE_TIMEOUT_S):
+                while True:
+                    status = await run_state(vm.qmp)
+                    if status is not RunState.INMIGRATE:
+                        break
+                    await asyncio.sleep(0.02)
+            if status is RunState.PAUSED:
+                # A cold move: the source was stopped before sending, so QEMU does not
+                # autostart here. The source is in 'postmigrate' and will never run again.
+                await vm.qmp.execute("cont")
+            await wait_running(vm.qmp, _HEARTBEAT_TIMEOUT_S)
+            await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
+            first_ms = vm.channel.heartbeats.first_arrival_ms
+            assert first_ms is not None
+            slot.base = VmState.RUNNING
+            self.store.unmark(self.store.directory(name), Marker.INCOMING)
+            integrity = await vm.verify()
+        logger.info("migration.arrived %s ok=%s", name, integrity.ok)
+        return first_ms, integrity
+
+    async def abort(self, name: str) -> None:
+        """See :meth:`HostAgent.abort_incoming`."""
+        slot = self.slots.get(name)
+        if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
+            status = await run_state(slot.vm.qmp)
+            if status is not RunState.INMIGRATE:
+                raise StateError(f"incoming VM {name}", f"{status} (received)", RunState.INMIGRATE)
+        await self.launcher.retire(name, VmState.INCOMING)
+        logger.info("migration.incoming_aborted %s", name)
+
+    async def release_disk(self, name: str) -> None:
+        """See :meth:`HostAgent.release_disk`."""
+        slot, vm = self.slots.running(name, VmState.INCOMING)
+        if self.store.owned_disk(slot.spec) is not None:
+            await unexport_disk(vm.qmp)

@@ -1,0 +1,103 @@
+"""Pre-flight measurements a controller asks for before it plans a move: the guest's profile
+(memory, dirty rate, vCPU load, disk) and the link's bandwidth (a sink here, a probe there)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from vmferry.agent.api import GuestMeasurement, NotFound
+from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
+from vmferry.agent.slots import Slots
+from vmferry.agent.store import VmStore
+from vmferry.agent.vm import RunningVm
+from vmferry.core.model import VmSpec
+from vmferry.qemu.measure import measure_disk_writes, measure_guest
+from vmferry.qemu.qcow2 import allocated_bytes
+from vmferry.qemu.vcpu import vcpu_busy_fraction
+
+__all__ = ["Preflight"]
+
+
+async def _none() -> None:
+    return None
+
+
+class Preflight:
+    """Measurements of this host's guests and links."""
+
+    def __init__(self, slots: Slots, store: VmStore, scratch_dir: Path | None) -> None:
+        """``scratch_dir``: where QEMU may write memory samples when it dropped root (None:
+        each VM's own directory)."""
+        self.slots = slots
+        self.store = store
+        self.scratch_dir = scratch_dir
+        self._sinks: dict[int, BandwidthSink] = {}
+
+    async def measure(self, name: str) -> GuestMeasurement:
+        """Profile VM ``name`` for a migration plan (about a second; the guest keeps running).
+
+        Raises:
+            NotFound, StateError: no running VM of that name.
+            MeasurementError: QEMU's answers could not be used.
+        """
+        slot, vm = self.slots.running(name)
+        async with slot.lock:
+            pid = vm.process.pid
+            busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
+            scratch = self.scratch_dir or self.store.directory(name)
+            profile, busy, disk = await asyncio.gather(
+                measure_guest(vm.qmp, scratch), busy_task, self._measure_disk(slot.spec, vm)
+            )
+        allocated, write_bps = disk
+        return GuestMeasurement(
+            ram_bytes=profile.ram_bytes,
+            dirty_rate_bps=profile.dirty_rate_bps,
+            zero_fraction=profile.memory.zero_fraction,
+            compress_ratio=profile.memory.compress_ratio,
+            vcpu_busy=busy,
+            elapsed_ms=profile.elapsed_ms,
+            disk_allocated_bytes=allocated,
+            disk_write_bps=write_bps,
+            disk_shared=slot.spec.disk is not None and slot.spec.disk.storage == "shared",
+        )
+
+    async def _measure_disk(self, spec: VmSpec, vm: RunningVm) -> tuple[int, int]:
+        """Allocated bytes of the VM's image and its guest's write rate (0, 0 without a disk)."""
+        disk = self.store.disk_path(spec)
+        if disk is None:
+            return 0, 0
+        write_bps = await measure_disk_writes(vm.qmp, window_s=1.0)
+        return await allocated_bytes(disk), write_bps
+
+    async def open_sink(self, address: str) -> int:
+        """Listen for a bandwidth probe on ``address``; returns the port."""
+        sink = BandwidthSink(address)
+        port = await sink.start()
+        self._sinks[port] = sink
+        return port
+
+    async def sink_result(self, port: int, timeout_s: float) -> SinkResult:
+        """What the sink on ``port`` received (then it is closed).
+
+        Raises:
+            NotFound: no such sink.
+            BandwidthProbeError: no complete probe arrived.
+        """
+        sink = self._sinks.pop(port, None)
+        if sink is None:
+            raise NotFound(f"no bandwidth sink on port {port}")
+        try:
+            return await sink.result(timeout_s)
+        finally:
+            await sink.close()
+
+    @staticmethod
+    async def probe(address: str, port: int, duration_ms: int) -> ProbeResult:
+        """Stream incompressible bytes to another host's sink (from this host's network)."""
+        return await send_probe(address, port, duration_ms=duration_ms)
+
+    async def close(self) -> None:
+        for sink in self._sinks.values():
+            await sink.close()
+        self._sinks.clear()
