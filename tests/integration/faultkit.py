@@ -15,8 +15,8 @@ destination's disk filesystem filled up (a small ext4 loop filesystem holds the 
 ``disks/`` directory, and a filler file takes all its free space).
 
 Phases: ``setup`` (the destination QEMU has just been started, or, for a full disk, before the
-command), ``precopy`` (RAM status ``active``, or ``disk-mirror`` for the disk-full fault),
-``switchover`` (``pre-switchover``/``disk-synced``: the source paused with the disk handover
+command), ``precopy`` (RAM status ``active``, or stage ``disk-copy`` for the disk-full fault),
+``switchover`` (``pre-switchover``, stage ``disk-synced``: the source paused with the disk handover
 pending) and ``postcopy`` (``postcopy-active``, ``--strategy postcopy``).
 
 Everything the harness starts is ended by it: the lab (``vmferry lab down``, which also ends
@@ -44,6 +44,7 @@ from typing import Any
 from vmferry.agent.client import AgentClient
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import FerryError
+from vmferry.core.status import Stage
 from vmferry.lab._reaper import cmdline
 from vmferry.lab.cluster import lab_down
 from vmferry.lab.netns import set_link, set_link_rate
@@ -444,15 +445,16 @@ async def _watch_progress(
                 continue
             trace.since = since
             for stats in samples:
-                trace.status(stats.status)
+                in_ram = stats.stage is Stage.MIGRATION
+                trace.status(stats.status if in_ram else stats.stage)
                 if cell.phase == "precopy":
                     if cell.fault == "disk-full":
                         # At once: the image must still grow when the filesystem is full.
-                        hit = stats.status == "disk-mirror"
+                        hit = stats.stage is Stage.DISK_COPY
                     else:
                         hit = stats.status == "active" and stats.transferred_bytes >= 16 << 20
                 elif cell.phase == "switchover":
-                    hit = stats.status in ("pre-switchover", "disk-synced")
+                    hit = stats.status == "pre-switchover" or stats.stage is Stage.DISK_SYNCED
                 elif cell.phase == "postcopy":
                     if stats.status == "postcopy-active" and postcopy_from is None:
                         postcopy_from = stats.transferred_bytes
