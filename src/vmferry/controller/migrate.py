@@ -18,7 +18,8 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from vmferry.agent.api import OutgoingResult, VmInfo
-from vmferry.agent.client import AgentClient, AgentUnreachable
+from vmferry.agent.client import AgentUnreachable
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
@@ -144,7 +145,7 @@ class MigrationRequest:
 
 async def _precheck(
     cluster: Cluster, request: MigrationRequest
-) -> tuple[VmInfo, AgentClient, AgentClient]:
+) -> tuple[VmInfo, AgentPort, AgentPort]:
     destination = cluster.client(request.destination)
     info = await cluster.locate(request.vm)
     if info.host == request.destination:
@@ -617,8 +618,8 @@ def _downtime_ms(strategy: Mechanism, final: MigrationStats | None, disk_ms: int
 
 
 async def recover_postcopy(
-    source: AgentClient,
-    destination: AgentClient,
+    source: AgentPort,
+    destination: AgentPort,
     name: str,
     policy: RecoveryPolicy,
     attempts: Iterator[int],
@@ -655,9 +656,7 @@ async def recover_postcopy(
         await asyncio.sleep(wait_s)
 
 
-async def _recover_once(
-    source: AgentClient, destination: AgentClient, name: str, attempt: int
-) -> bool:
+async def _recover_once(source: AgentPort, destination: AgentPort, name: str, attempt: int) -> bool:
     """One recovery attempt; True when the post-copy runs (or completed) again.
 
     Raises:
@@ -696,7 +695,7 @@ def postcopy_loss(dead_host: str, source_host: str, destination_host: str) -> st
     )
 
 
-async def _dead_side(source: AgentClient, destination: AgentClient, name: str) -> str | None:
+async def _dead_side(source: AgentPort, destination: AgentPort, name: str) -> str | None:
     """The host whose QEMU died (its agent reports the VM stopped), if one did."""
     for agent in (source, destination):
         if await _state_of(agent, name) == "stopped":
@@ -704,7 +703,7 @@ async def _dead_side(source: AgentClient, destination: AgentClient, name: str) -
     return None
 
 
-async def drop_unstarted(destination: AgentClient, name: str) -> bool:
+async def drop_unstarted(destination: AgentPort, name: str) -> bool:
     """Remove a destination copy that never ran the guest: its QEMU died, or is still waiting
     for the state (the agent refuses one that received it). True when it is gone."""
     try:
@@ -718,7 +717,7 @@ async def drop_unstarted(destination: AgentClient, name: str) -> bool:
     return True
 
 
-async def _incoming_status(destination: AgentClient, name: str) -> str | None:
+async def _incoming_status(destination: AgentPort, name: str) -> str | None:
     """The destination QEMU's migration status; None if its agent does not answer."""
     try:
         _, migration = await destination.qemu_state(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)
@@ -727,7 +726,7 @@ async def _incoming_status(destination: AgentClient, name: str) -> str | None:
         return None
 
 
-async def _state_of(agent: AgentClient, name: str) -> str | None:
+async def _state_of(agent: AgentPort, name: str) -> str | None:
     """VM ``name``'s state on ``agent`` (``stopped``: its QEMU died); None if unknown."""
     try:
         return (await agent.get_vm(name, timeout_s=_RECOVERY_CALL_TIMEOUT_S)).state
@@ -735,7 +734,7 @@ async def _state_of(agent: AgentClient, name: str) -> str | None:
         return None
 
 
-async def _finish(destination: AgentClient, name: str) -> tuple[float, IntegrityReport]:
+async def _finish(destination: AgentPort, name: str) -> tuple[float, IntegrityReport]:
     """``finish_incoming``, tolerating a destination agent that is being restarted (the
     guest runs there meanwhile; a restarted agent keeps the VM incoming)."""
     loop = asyncio.get_running_loop()
@@ -750,14 +749,14 @@ async def _finish(destination: AgentClient, name: str) -> tuple[float, Integrity
             await asyncio.sleep(1.0)
 
 
-async def _wait_outcome(source: AgentClient, name: str, since: int) -> OutgoingResult:
+async def _wait_outcome(source: AgentPort, name: str, since: int) -> OutgoingResult:
     while True:
         _, since, outcome = await source.migration_progress(name, since, _POLL_WAIT_S)
         if outcome is not None:
             return outcome
 
 
-async def _switch(source: AgentClient, destination: AgentClient, name: str) -> None:
+async def _switch(source: AgentPort, destination: AgentPort, name: str) -> None:
     with contextlib.suppress(FerryError):
         await destination.finish_incoming(name)
         await source.handoff(name)

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass, field
 
 from vmferry.agent.api import OutgoingResult
-from vmferry.agent.client import AgentClient
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.migrate import (
     PostcopyLost,
@@ -167,7 +167,7 @@ async def _take_back(
     result.verdict = "settled"
 
 
-async def _step(client: AgentClient, step: Step, name: str, result: Reconciled) -> None:
+async def _step(client: AgentPort, step: Step, name: str, result: Reconciled) -> None:
     match step.kind:
         case StepKind.FINISH:
             _, result.integrity = await client.finish_incoming(name)
@@ -217,7 +217,7 @@ async def _wait(
 
 async def _follow(
     cluster: Cluster,
-    source: AgentClient,
+    source: AgentPort,
     destinations: list[str],
     name: str,
     result: Reconciled,
