@@ -1,10 +1,14 @@
-"""Real guests, real pre-copy migrations over TCP loopback, memory verified by the guest."""
+"""Real guests, real pre-copy migrations over TCP loopback, memory verified by the guest.
+
+The lab's hosts are agents in this process; its migrations run the engine ``vmferry migrate``
+runs (``controller.migrate``), here as plain pre-copy without a pre-flight plan.
+"""
 
 from __future__ import annotations
 
 import pytest
 
-from vmferry.core.model import MigrationOptions, VmSpec
+from vmferry.core.model import VmSpec
 from vmferry.core.phases import Phase
 from vmferry.core.workload import parse_workload
 from vmferry.lab.local import LocalLab
@@ -20,7 +24,11 @@ async def test_idle_guest_migrates(lab: LocalLab) -> None:
     phases: list[Phase] = []
 
     report = await lab.migrate(
-        "idle-vm", "host-2", on_progress=lambda phase, _stats: phases.append(phase)
+        "idle-vm",
+        "host-2",
+        strategy="precopy",
+        plan=False,
+        on_progress=lambda phase, _stats: phases.append(phase),
     )
 
     assert report.status == "completed", report.error
@@ -49,8 +57,10 @@ async def test_dirtying_guest_migrates_intact_and_back(lab: LocalLab) -> None:
     def progress(phase: Phase, _stats: object) -> None:
         dirtied.setdefault(phase, heartbeats.dirtied_pages)
 
-    there = await lab.migrate("busy-vm", "host-2", on_progress=progress)
-    back = await lab.migrate("busy-vm", "host-1")
+    there = await lab.migrate(
+        "busy-vm", "host-2", strategy="precopy", plan=False, on_progress=progress
+    )
+    back = await lab.migrate("busy-vm", "host-1", strategy="precopy", plan=False)
 
     for report in (there, back):
         assert report.status == "completed", report.error
@@ -75,7 +85,7 @@ async def test_corrupted_page_is_detected_after_migration(lab: LocalLab) -> None
     assert before.bad_pages == 0
 
     await vm.corrupt(1234)
-    report = await lab.migrate("hurt-vm", "host-2")
+    report = await lab.migrate("hurt-vm", "host-2", strategy="precopy", plan=False)
 
     assert report.status == "completed"
     assert report.integrity is not None
@@ -87,12 +97,14 @@ async def test_corrupted_page_is_detected_after_migration(lab: LocalLab) -> None
 async def test_migration_that_cannot_finish_leaves_the_guest_on_the_source(
     lab: LocalLab,
 ) -> None:
-    # Dirtying far faster than a 2 MB/s link can carry: never converges; give up after 3 s.
+    # Dirtying far faster than a 2 MB/s (16 Mbit/s) link can carry: never converges; give up
+    # after 3 s.
     spec = VmSpec.build("stuck-vm", memory="512M", workload=parse_workload(DIRTY))
     source = await lab.boot(spec, "host-1")
-    options = MigrationOptions(max_bandwidth_bps=2_000_000, timeout_s=3.0)
 
-    report = await lab.migrate("stuck-vm", "host-2", options=options)
+    report = await lab.migrate(
+        "stuck-vm", "host-2", strategy="precopy", plan=False, bandwidth_mbps=16, deadline_s=3.0
+    )
 
     assert report.status == "failed"
     assert report.error

@@ -28,6 +28,7 @@ from vmferry.agent.api import (
     integrity_from_json,
     stats_from_json,
 )
+from vmferry.agent.port import AgentPort
 from vmferry.agent.tls import client_context
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
 from vmferry.core.model import (
@@ -40,12 +41,23 @@ from vmferry.core.model import (
 )
 from vmferry.core.status import MigrationStatus, RunState
 
-__all__ = ["AgentClient", "AgentError", "AgentUnreachable", "agent_ssl", "options_to_json"]
+__all__ = [
+    "AgentClient",
+    "AgentError",
+    "AgentUnreachable",
+    "agent_ssl",
+    "error_from_agent",
+    "options_to_json",
+]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 180.0  # creating a VM boots it under TCG
+INCOMING_TIMEOUT_S = 60.0  # starting a destination QEMU
+MEASURE_TIMEOUT_S = 60.0  # profiling a guest (dirty rate, memory sample, disk writes)
+SINK_SLACK_S = 10.0  # on top of a sink's wait
+PROBE_SLACK_S = 30.0  # on top of a probe's duration
 
 
 class AgentUnreachable(FerryError):
@@ -88,6 +100,16 @@ _REBUILDABLE: frozenset[type[FerryError]] = frozenset(
 )
 
 
+def error_from_agent(type_name: str, message: str, what: str) -> FerryError:
+    """The error a caller of an agent gets for the agent's error ``type_name`` (its class
+    name) saying ``message``: the same class where it can be rebuilt from a message, else
+    :class:`AgentError`. Every :class:`~vmferry.agent.port.AgentPort` maps errors this way."""
+    cls = ERRORS_BY_NAME.get(type_name)
+    if cls is None or cls not in _REBUILDABLE:
+        return AgentError(f"{what}: {message}")
+    return cls(message)
+
+
 def _raise_error(status: int, body: object, what: str) -> None:
     error = body.get("error") if isinstance(body, dict) else None
     if not isinstance(error, dict):
@@ -95,10 +117,7 @@ def _raise_error(status: int, body: object, what: str) -> None:
     name, message = str(error.get("type")), str(error.get("message"))
     if status == 401:
         raise ConfigError(f"{what}: the agent refused our token ({message})")
-    cls = ERRORS_BY_NAME.get(name)
-    if cls is None or cls not in _REBUILDABLE:
-        raise AgentError(f"{what}: {message}")
-    raise cls(message)
+    raise error_from_agent(name, message, what)
 
 
 def _migration_status(data: dict[str, Any], key: str) -> MigrationStatus:
@@ -218,7 +237,7 @@ class AgentClient:
             "POST",
             "/incoming",
             {"spec": spec_to_json(spec), "options": options_to_json(options)},
-            timeout_s=60.0,
+            timeout_s=INCOMING_TIMEOUT_S,
         )
         nbd = data.get("nbd")
         return str(data["uri"]), None if nbd is None else NbdTarget.from_json(nbd)
@@ -261,7 +280,7 @@ class AgentClient:
 
     async def measure(self, name: str) -> GuestMeasurement:
         return GuestMeasurement.from_json(
-            await self._call("POST", f"/vms/{name}/measure", timeout_s=60.0)
+            await self._call("POST", f"/vms/{name}/measure", timeout_s=MEASURE_TIMEOUT_S)
         )
 
     async def open_sink(self) -> int:
@@ -270,7 +289,10 @@ class AgentClient:
     async def sink_result(self, port: int, wait_s: float = 10.0) -> float:
         """Bytes/s the sink measured."""
         data = await self._call(
-            "GET", f"/bandwidth/sinks/{port}", params={"wait": str(wait_s)}, timeout_s=wait_s + 10
+            "GET",
+            f"/bandwidth/sinks/{port}",
+            params={"wait": str(wait_s)},
+            timeout_s=wait_s + SINK_SLACK_S,
         )
         return float(data["bandwidth_bps"])
 
@@ -280,7 +302,7 @@ class AgentClient:
             "POST",
             "/bandwidth/probe",
             {"address": address, "port": port, "duration_ms": duration_ms},
-            timeout_s=duration_ms / 1000 + 30,
+            timeout_s=duration_ms / 1000 + PROBE_SLACK_S,
         )
         return float(data["bandwidth_bps"])
 
@@ -340,3 +362,7 @@ class AgentClient:
             timeout_s=timeout_s,
         )
         return _migration_status(data, "status")
+
+
+def _speaks_port(client: AgentClient) -> AgentPort:
+    return client  # mypy checks here that AgentClient satisfies AgentPort

@@ -1,14 +1,21 @@
-"""The cluster as the controller sees it: the inventory plus one agent client per host."""
+"""The cluster as the controller sees it: the inventory plus one agent per host.
+
+Each agent is an :class:`~vmferry.agent.port.AgentPort`: an HTTP client of the inventory's
+agent (``vmferry`` commands), or an agent running in this process (the one-machine lab,
+:mod:`vmferry.lab.local`). The controller cannot tell them apart.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
 
 from vmferry.agent.api import NotFound, VmInfo
 from vmferry.agent.client import AgentClient, AgentUnreachable
+from vmferry.agent.port import AgentPort
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import DEFAULT_CPU_MODEL, VmSpec, spec_from_json, validate_name
@@ -40,14 +47,29 @@ def spec_of(info: VmInfo) -> VmSpec:
 
 
 class Cluster:
-    """Open clients to every agent of ``inventory``; use as an async context manager."""
+    """One agent per host of ``inventory``; use as an async context manager.
 
-    def __init__(self, inventory: Inventory) -> None:
+    Args:
+        inventory: the hosts (names, migration addresses) and how to reach their agents.
+        agents: the hosts' agents when they run in this process, by host name; None (the
+            default): open an HTTP client to each host's agent on entry.
+
+    Raises:
+        ConfigError: ``agents`` and the inventory's hosts differ.
+    """
+
+    def __init__(self, inventory: Inventory, agents: Mapping[str, AgentPort] | None = None) -> None:
         self.inventory = inventory
-        self._clients: dict[str, AgentClient] = {}
+        self._given = None if agents is None else dict(agents)
+        if self._given is not None and set(self._given) != {h.name for h in inventory.hosts}:
+            raise ConfigError("the in-process agents must be those of the inventory's hosts")
+        self._clients: dict[str, AgentPort] = {}
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> Cluster:
+        if self._given is not None:
+            self._clients = dict(self._given)
+            return self
         for host in self.inventory.hosts:
             client = AgentClient(host.name, host.url, self.inventory.token, self.inventory.ca_file)
             self._clients[host.name] = await self._stack.enter_async_context(client)
@@ -61,8 +83,8 @@ class Cluster:
     ) -> None:
         await self._stack.aclose()
 
-    def client(self, host: str) -> AgentClient:
-        """The client of ``host``.
+    def client(self, host: str) -> AgentPort:
+        """The agent of ``host``.
 
         Raises:
             ConfigError: no such host.

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Protocol
 
-from vmferry.agent.client import AgentClient
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.request import STRATEGIES, MigrationRequest, planned, precheck
@@ -116,8 +116,8 @@ async def migrate(
 
 
 async def follow(
-    source: AgentClient,
-    destination: AgentClient | None,
+    source: AgentPort,
+    destination: AgentPort | None,
     move: Move,
     clock: Clock | None = None,
 ) -> tuple[MigrationReport, str | None]:

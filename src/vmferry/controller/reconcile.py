@@ -12,7 +12,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from vmferry.agent.client import AgentClient
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.migrate import follow
 from vmferry.controller.sides import drop_unstarted
@@ -162,7 +162,7 @@ async def _take_back(
     result.verdict = "settled"
 
 
-async def _step(client: AgentClient, step: Step, name: str, result: Reconciled) -> None:
+async def _step(client: AgentPort, step: Step, name: str, result: Reconciled) -> None:
     match step.kind:
         case StepKind.FINISH:
             _, result.integrity = await client.finish_incoming(name)

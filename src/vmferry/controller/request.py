@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from vmferry.agent.api import VmInfo
-from vmferry.agent.client import AgentClient
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
@@ -99,7 +99,7 @@ class MigrationRequest:
 
 async def precheck(
     cluster: Cluster, request: MigrationRequest
-) -> tuple[VmInfo, AgentClient, AgentClient]:
+) -> tuple[VmInfo, AgentPort, AgentPort]:
     destination = cluster.client(request.destination)
     info = await cluster.locate(request.vm)
     if info.host == request.destination:

@@ -12,7 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from vmferry.agent.api import OutgoingResult
-from vmferry.agent.client import AgentClient, AgentUnreachable
+from vmferry.agent.client import AgentUnreachable
+from vmferry.agent.port import AgentPort
 from vmferry.core import migration as m
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
@@ -30,8 +31,8 @@ class Sides:
 
     def __init__(
         self,
-        source: AgentClient,
-        destination: AgentClient | None,
+        source: AgentPort,
+        destination: AgentPort | None,
         spec: VmSpec | None = None,
         options: MigrationOptions | None = None,
     ) -> None:
@@ -69,9 +70,7 @@ class Sides:
         except FerryError as err:
             return _failure(request, err)
 
-    async def _answer_both(
-        self, request: m.Request, name: str, destination: AgentClient
-    ) -> m.Event:
+    async def _answer_both(self, request: m.Request, name: str, destination: AgentPort) -> m.Event:
         source = self.source
         match request:
             case m.PrepareDestination():
@@ -178,7 +177,7 @@ def _outcome(result: OutgoingResult | None) -> m.SourceOutcome | None:
     )
 
 
-async def is_dead(agent: AgentClient, name: str, timeout_s: float) -> bool:
+async def is_dead(agent: AgentPort, name: str, timeout_s: float) -> bool:
     """Whether VM ``name``'s QEMU died on ``agent`` (it reports the VM stopped)."""
     try:
         return (await agent.get_vm(name, timeout_s=timeout_s)).state == "stopped"
@@ -187,7 +186,7 @@ async def is_dead(agent: AgentClient, name: str, timeout_s: float) -> bool:
 
 
 async def incoming_status(
-    destination: AgentClient, name: str, timeout_s: float
+    destination: AgentPort, name: str, timeout_s: float
 ) -> MigrationStatus | None:
     """The destination QEMU's migration status; None if its agent does not answer."""
     try:
@@ -197,7 +196,7 @@ async def incoming_status(
         return None
 
 
-async def drop_unstarted(destination: AgentClient, name: str) -> bool:
+async def drop_unstarted(destination: AgentPort, name: str) -> bool:
     """Remove a destination copy that never ran the guest: its QEMU died, or is still waiting
     for the state (the agent refuses one that received it). True when it is gone."""
     try:

@@ -63,6 +63,7 @@ __all__ = [
     "lab_restart",
     "lab_status",
     "lab_up",
+    "mem_total_bytes",
     "validate_lab_request",
 ]
 
@@ -176,7 +177,12 @@ def default_memory_per_host_bytes(hosts: int, mem_total_bytes: int) -> int:
     return min(MAX_MEMORY_PER_HOST_BYTES, share)
 
 
-def _mem_total_bytes() -> int:
+def mem_total_bytes() -> int:
+    """This machine's memory (MemTotal).
+
+    Raises:
+        ConfigError: /proc/meminfo does not say.
+    """
     with open("/proc/meminfo") as handle:
         for line in handle:
             if line.startswith("MemTotal:"):
@@ -232,7 +238,7 @@ async def lab_up(
     if netns:
         lab_netns.require_root()
     directory = lab_dir or default_lab_dir()
-    memory = memory_per_host_bytes or default_memory_per_host_bytes(hosts, _mem_total_bytes())
+    memory = memory_per_host_bytes or default_memory_per_host_bytes(hosts, mem_total_bytes())
     if (directory / "lab.json").exists():
         raise ConfigError(f"a lab is already up at {directory}: run `vmferry lab down` first")
     subnet = None

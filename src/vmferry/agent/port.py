@@ -1,0 +1,126 @@
+"""The one vocabulary for talking to a host agent: what the controller may ask of it.
+
+Two implementations speak it: :class:`vmferry.agent.client.AgentClient` (HTTP, the agent runs
+elsewhere) and :class:`vmferry.agent.inproc.InProcessAgent` (the agent runs in this process,
+as in the one-machine lab). Both raise the same errors for the same failure: ``NotFound``,
+``CapacityError``, ``ConfigError``, ``StateError``, ``GuestError``, ``QEMUNotFound`` come back
+as themselves, any other agent-side error as ``AgentError``, and an agent that did not answer
+in time as ``AgentUnreachable`` (see :mod:`vmferry.agent.client`).
+
+mypy checks that both satisfy :class:`AgentPort` (see the end of each module).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vmferry.agent.api import GuestMeasurement, HostInfo, OutgoingResult, VmInfo
+from vmferry.core.model import (
+    IntegrityReport,
+    MigrationOptions,
+    MigrationStats,
+    NbdTarget,
+    VmSpec,
+)
+
+__all__ = ["AgentPort"]
+
+
+class AgentPort(Protocol):
+    """One host's agent, as the controller uses it. Every call has a deadline.
+
+    Raises (every method):
+        AgentUnreachable: no answer within the call's deadline.
+        AgentError: the agent failed in a way the caller cannot act on specifically.
+        NotFound, CapacityError, ConfigError, StateError, GuestError: as the agent reported.
+    """
+
+    @property
+    def name(self) -> str:
+        """The host this agent runs."""
+        ...
+
+    # -- host and VMs --------------------------------------------------------------------------
+
+    async def host_info(self, timeout_s: float = ...) -> HostInfo: ...
+
+    async def list_vms(self) -> list[VmInfo]: ...
+
+    async def get_vm(self, name: str, timeout_s: float | None = ...) -> VmInfo: ...
+
+    async def qemu_state(self, name: str, timeout_s: float = ...) -> tuple[str, str]:
+        """QEMU's own run state and migration status of VM ``name`` (``gone``: no QEMU)."""
+        ...
+
+    async def create_vm(self, spec: VmSpec) -> VmInfo: ...
+
+    async def delete_vm(self, name: str) -> None: ...
+
+    async def verify(self, name: str) -> IntegrityReport: ...
+
+    # -- pre-flight ----------------------------------------------------------------------------
+
+    async def measure(self, name: str) -> GuestMeasurement: ...
+
+    async def open_sink(self) -> int:
+        """Open a bandwidth sink; returns its TCP port."""
+        ...
+
+    async def sink_result(self, port: int, wait_s: float = ...) -> float:
+        """Bytes/s the sink measured."""
+        ...
+
+    async def probe(self, address: str, port: int, duration_ms: int = ...) -> float:
+        """Bytes/s the sender saw."""
+        ...
+
+    # -- destination side ----------------------------------------------------------------------
+
+    async def prepare_incoming(
+        self, spec: VmSpec, options: MigrationOptions
+    ) -> tuple[str, NbdTarget | None]:
+        """The RAM URI and, for a disk on local storage, the NBD export to mirror to."""
+        ...
+
+    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+        """The guest's first heartbeat here (wall clock, ms) and its integrity."""
+        ...
+
+    async def abort_incoming(self, name: str) -> None: ...
+
+    async def release_disk(self, name: str) -> None: ...
+
+    # -- source side ---------------------------------------------------------------------------
+
+    async def start_migration(
+        self, name: str, uri: str, options: MigrationOptions, nbd: NbdTarget | None = ...
+    ) -> None: ...
+
+    async def migration_progress(
+        self, name: str, since: int, wait_s: float = ..., *, timeout_s: float | None = ...
+    ) -> tuple[list[MigrationStats], int, OutgoingResult | None]:
+        """Samples from number ``since`` on, the number of the next one, and the outcome
+        once there is one; waits up to ``wait_s`` for something new."""
+        ...
+
+    async def start_postcopy(self, name: str) -> None: ...
+
+    async def cancel_migration(self, name: str) -> None: ...
+
+    async def continue_switchover(self, name: str) -> None: ...
+
+    async def handoff(self, name: str) -> None: ...
+
+    async def forget(self, name: str) -> None: ...
+
+    async def resume_source(self, name: str) -> None: ...
+
+    # -- post-copy recovery --------------------------------------------------------------------
+
+    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = ...) -> str: ...
+
+    async def recover_postcopy(self, name: str, attempt: int, timeout_s: float = ...) -> str: ...
+
+    async def resume_postcopy(
+        self, name: str, uri: str, attempt: int, timeout_s: float = ...
+    ) -> str: ...
