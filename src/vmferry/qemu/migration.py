@@ -257,9 +257,7 @@ async def run_migration(
                         logger.info("migration.complete %s %s", src.name, _summary(stats))
                         return stats
                     if stats.status in (MigrationStatus.FAILED, MigrationStatus.CANCELLED):
-                        reply = await src.execute("query-migrate")
-                        reason = str(reply.get("error-desc", stats.status))
-                        raise MigrationFailed(src.name, stats.status, reason)
+                        raise await _failure(src, stats.status)
         except TimeoutError:
             final = await cancel_migration(src)
             if final.status is MigrationStatus.COMPLETED:
@@ -267,6 +265,12 @@ async def run_migration(
             raise MigrationFailed(
                 src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
             ) from None
+
+
+async def _failure(src: QmpSession, status: MigrationStatus) -> MigrationFailed:
+    """QEMU's reason for a failed or cancelled migration."""
+    reply = await src.execute("query-migrate")
+    return MigrationFailed(src.name, status, str(reply.get("error-desc", status)))
 
 
 async def _configure_source(
