@@ -31,6 +31,10 @@ from vmferry.guest.image import build_image
 from vmferry.lab import netns
 from vmferry.lab.cluster import lab_down, lab_status, lab_up
 
+# Namespaces are machine-wide (vmf-host-N) and the fixture checks that none appear that it did
+# not make: one xdist worker runs every test that makes them, one after the other.
+pytestmark = pytest.mark.xdist_group("netns")
+
 GIB = 1024**3
 is_root = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not is_root, reason="network namespaces need root")
