@@ -7,7 +7,9 @@ its exit status returned as a :class:`subprocess.CompletedProcess`, exactly what
 process would have given. Commands a test kills, or that run while the test does other things,
 stay processes (the tests start those themselves).
 
-Agents and QEMUs that a command starts are processes either way (``lab up`` detaches them).
+``lab up`` and ``lab restart`` stay processes too: they leave agents running after they exit,
+and the agents' parent must be a process that ends with the command (asyncio would otherwise
+hold on to the agents of a closed event loop in this one).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ __all__ = ["vmferry"]
 
 # stdout, stderr and the environment are the process's: one in-process command at a time.
 _ONE_AT_A_TIME = threading.Lock()
+# Commands that leave processes behind (detached agents).
+_SPAWNING = (("lab", "up"), ("lab", "restart"))
 
 
 @contextlib.contextmanager
@@ -76,12 +80,13 @@ def vmferry(
         args: the command line after ``vmferry``.
         lab_dir: the lab directory (default: this process's ``$VMFERRY_LAB_DIR``).
         timeout_s: for a child process only (pytest's own timeout bounds an in-process run).
-        in_process: call the entry point here (default) instead of starting ``vmferry``.
+        in_process: call the entry point here (default) instead of starting ``vmferry``,
+            except for the commands that leave agents behind.
 
     Raises:
         subprocess.TimeoutExpired: the child process outlived ``timeout_s``.
     """
-    if in_process:
+    if in_process and (tuple(args[:2]) not in _SPAWNING or "--help" in args):
         return _in_process(args, lab_dir)
     env = dict(os.environ)
     if lab_dir is not None:

@@ -9,12 +9,14 @@ first, then the fuzz and unit tests. Without xdist only the order changes.
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
 from labcli import lab_dir
 
+from vmferry.guest.image import GuestImage, build_image, default_cache_dir
 from vmferry.lab.local import LocalLab
 
 __all__ = ["lab_dir"]  # the CLI tests' lab fixture, registered here for every module
@@ -46,8 +48,37 @@ def _rank(item: pytest.Item) -> tuple[int, int]:
     return (3, 0)  # fuzz and unit tests: seconds in all
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, which tags the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     items.sort(key=_rank)  # stable: within a rank, the collection order stays
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        lost = [
+            i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+        ]
+        if lost:
+            # Grouped tests spread over workers would collide on machine-wide namespaces.
+            raise pytest.UsageError(f"xdist did not group {lost[:3]}… (pytest-xdist#1386)")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The lab guest, built (or found in the cache) before anything boots it.
+
+    One build per run: xdist workers take turns on a lock beside the cache, so the second finds
+    the first one's image instead of building its own beside it.
+    """
+    cache = default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_image()
+
+
+@pytest.fixture(autouse=True)
+def _image_first(request: pytest.FixtureRequest) -> None:
+    """Every QEMU test gets the image from :func:`guest_image`, not from a parallel build."""
+    if request.node.get_closest_marker("qemu") is not None:
+        request.getfixturevalue("guest_image")
 
 
 @pytest_asyncio.fixture
