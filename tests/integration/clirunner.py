@@ -58,7 +58,7 @@ def _in_process(args: Sequence[str], lab_dir: Path | None) -> subprocess.Complet
         contextlib.redirect_stderr(err),
     ):
         try:
-            code = main(list(args))
+            code = main(list(args), stdout=out, stderr=err)
         except SystemExit as exit_:  # argparse's usage errors, --help
             code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
     return subprocess.CompletedProcess(
