@@ -1,8 +1,10 @@
 # vmferry — the two commands a user needs are `make demo` and `make test`.
-.PHONY: setup demo test check lint typecheck layers bench soak faults clean
+.PHONY: setup demo test test-quick check lint typecheck layers bench soak faults clean
 
 UV ?= uv
 PYTEST_ARGS ?=
+# Two workers (this machine kind has 2 cores); tests marked xdist_group("netns") share one.
+PYTEST_XDIST ?= -n 2 --dist loadgroup
 
 setup:
 	@bash scripts/setup-host.sh
@@ -10,8 +12,13 @@ setup:
 demo: setup
 	$(UV) run vmferry demo
 
+# Everything, real QEMU included (a missing QEMU fails here, never skips); tests/DURATIONS.md
 test: setup
-	$(UV) run pytest $(PYTEST_ARGS)
+	$(UV) run pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
+
+# The pure tests: unit and fuzz (no guest is booted), in seconds
+test-quick: setup
+	$(UV) run pytest -q tests/unit tests/fuzz $(PYTEST_ARGS)
 
 check: setup lint typecheck layers
 

@@ -1,15 +1,84 @@
-"""Fixtures that boot real QEMU guests. Every QEMU a test starts is ended by its fixture."""
+"""Fixtures that boot real QEMU guests (every QEMU a test starts is ended by its fixture), and
+the suite's order for parallel runs (``pytest -n 2 --dist loadgroup``, as ``make test``).
+
+xdist hands tests to its workers in collection order, so the longest work goes first and the
+short tests fill the gaps at the end: the ``netns`` group (every test that makes network
+namespaces; one worker runs them one after the other), then the integration modules, heaviest
+first, then the fuzz and unit tests. Without xdist only the order changes.
+"""
 
 from __future__ import annotations
 
+import fcntl
 from collections.abc import AsyncIterator
 
+import pytest
 import pytest_asyncio
 from labcli import lab_dir
 
+from vmferry.guest.image import GuestImage, build_image, default_cache_dir
 from vmferry.lab.local import LocalLab
 
 __all__ = ["lab_dir"]  # the CLI tests' lab fixture, registered here for every module
+
+# Heaviest first (tests/DURATIONS.md); modules not named here come after these.
+_MODULE_ORDER = (
+    "test_faults.py",
+    "test_disk_migration.py",
+    "test_reconcile.py",
+    "test_cluster_cli.py",
+    "test_migration_tls.py",
+    "test_cli.py",
+    "test_agent_tls.py",
+    "test_migration.py",
+    "test_guest_disk.py",
+    "test_measure.py",
+    "test_guest_boot.py",
+)
+
+
+def _rank(item: pytest.Item) -> tuple[int, int]:
+    if item.get_closest_marker("xdist_group") is not None:
+        return (0, 0)
+    name = item.path.name
+    if name in _MODULE_ORDER:
+        return (1, _MODULE_ORDER.index(name))
+    if "integration" in item.path.parts:
+        return (2, 0)
+    return (3, 0)  # fuzz and unit tests: seconds in all
+
+
+@pytest.hookimpl(trylast=True)  # after xdist's own hook, which tags the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=_rank)  # stable: within a rank, the collection order stays
+    if getattr(config.option, "loadgroup", False):  # an xdist worker under --dist loadgroup
+        lost = [
+            i.nodeid for i in items if i.get_closest_marker("xdist_group") and "@" not in i.nodeid
+        ]
+        if lost:
+            # Grouped tests spread over workers would collide on machine-wide namespaces.
+            raise pytest.UsageError(f"xdist did not group {lost[:3]}… (pytest-xdist#1386)")
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    """The lab guest, built (or found in the cache) before anything boots it.
+
+    One build per run: xdist workers take turns on a lock beside the cache, so the second finds
+    the first one's image instead of building its own beside it.
+    """
+    cache = default_cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".build.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return build_image()
+
+
+@pytest.fixture(autouse=True)
+def _image_first(request: pytest.FixtureRequest) -> None:
+    """Every QEMU test gets the image from :func:`guest_image`, not from a parallel build."""
+    if request.node.get_closest_marker("qemu") is not None:
+        request.getfixturevalue("guest_image")
 
 
 @pytest_asyncio.fixture

@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clirunner import vmferry
+
 from vmferry.agent.client import AgentClient
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import FerryError
@@ -156,6 +158,11 @@ class CellConfig:
     cli_timeout_s: float = 150.0  # after the fault, before the harness calls the CLI hung
     settle_timeout_s: float = 45.0  # for agents' own timeouts (the 30 s handover wait)
     phase_timeout_s: float = 120.0
+    # The harness's own commands (lab up, vm list, verify, reconcile…) in this process instead of
+    # a ``vmferry`` process each (``clirunner``); the migration is a process either way.
+    in_process_cli: bool = False
+    # The migration's pre-flight measurement (``--no-plan`` when off: no prediction, ~2 s less).
+    plan: bool = True
 
 
 # -------------------------------------------------------------------------------- helpers
@@ -165,17 +172,12 @@ def _env(lab_dir: Path) -> dict[str, str]:
     return {**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)}
 
 
-def _cli(lab_dir: Path, *args: str, timeout_s: float = 300) -> tuple[int, Any, str]:
+def _cli(
+    lab_dir: Path, *args: str, timeout_s: float = 300, in_process: bool = False
+) -> tuple[int, Any, str]:
     """Run ``vmferry ARGS``; returns exit status, parsed JSON stdout (or None), stderr."""
     try:
-        result = subprocess.run(
-            [sys.executable, "-m", "vmferry.cli.main", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            env=_env(lab_dir),
-        )
+        result = vmferry(args, lab_dir, timeout_s=timeout_s, in_process=in_process)
     except subprocess.TimeoutExpired as err:
         return -1, None, f"timed out after {timeout_s:g} s: {err.stderr!r}"
     data: Any = None
@@ -184,8 +186,8 @@ def _cli(lab_dir: Path, *args: str, timeout_s: float = 300) -> tuple[int, Any, s
     return result.returncode, data, result.stderr
 
 
-def _must(lab_dir: Path, *args: str) -> Any:
-    code, data, err = _cli(lab_dir, *args, "--json")
+def _must(lab_dir: Path, *args: str, in_process: bool = False) -> Any:
+    code, data, err = _cli(lab_dir, *args, "--json", in_process=in_process)
     if code != 0:
         raise RuntimeError(f"vmferry {' '.join(args)} failed ({code}): {err.strip()[-1500:]}")
     return data
@@ -295,13 +297,17 @@ def kill_agent(lab_dir: Path, host: str) -> KilledAgent:
     return KilledAgent(host, argv, entry.netns)
 
 
-def restart_agent(lab_dir: Path, killed: KilledAgent, timeout_s: float = 60.0) -> str:
+def restart_agent(
+    lab_dir: Path, killed: KilledAgent, timeout_s: float = 60.0, in_process: bool = False
+) -> str:
     """Start a killed agent again: ``vmferry lab restart`` if this build has it, else the same
     command line, in the same namespace, on the same port (so the inventory stays right);
     recorded in its ``agent.pid`` so ``lab down`` ends it. Returns how it was restarted."""
-    code, _, err = _cli(lab_dir, "lab", "restart", "--help", timeout_s=30)
+    code, _, err = _cli(lab_dir, "lab", "restart", "--help", timeout_s=30, in_process=in_process)
     if code == 0:
-        code, _, err = _cli(lab_dir, "lab", "restart", killed.host, timeout_s=timeout_s + 30)
+        code, _, err = _cli(
+            lab_dir, "lab", "restart", killed.host, timeout_s=timeout_s + 30, in_process=in_process
+        )
         if code != 0:
             raise RuntimeError(f"vmferry lab restart {killed.host} failed ({code}): {err[-800:]}")
         return "vmferry lab restart"
@@ -522,7 +528,9 @@ async def _inject(
         killed = kill_agent(lab_dir, host)
         trace.note(f"killed {host} agent")
         await asyncio.sleep(config.restart_agent_after_s)
-        how = await asyncio.to_thread(restart_agent, lab_dir, killed)
+        how = await asyncio.to_thread(
+            restart_agent, lab_dir, killed, in_process=config.in_process_cli
+        )
         record["agent_restarted_by"] = how
         trace.note(f"restarted {host} agent ({how})")
     elif fault == "kill-cli":
@@ -571,6 +579,8 @@ async def _migrate_process(
     ]  # fmt: skip
     if config.bandwidth_mbps is not None:
         argv += ["--bandwidth", str(config.bandwidth_mbps)]
+    if not config.plan:
+        argv.append("--no-plan")
     return await asyncio.create_subprocess_exec(
         *argv,
         stdout=asyncio.subprocess.PIPE,
@@ -649,7 +659,9 @@ async def _settle(lab_dir: Path, config: CellConfig, record: dict[str, Any]) -> 
     waiting for a handover that never comes), up to ``settle_timeout_s``."""
     started = time.monotonic()
     while time.monotonic() - started < config.settle_timeout_s:
-        code, data, _ = await asyncio.to_thread(_cli, lab_dir, "vm", "list", "--json")
+        code, data, _ = await asyncio.to_thread(
+            _cli, lab_dir, "vm", "list", "--json", in_process=config.in_process_cli
+        )
         states = (
             [v["state"] for v in data.get("vms", []) if v.get("name") == VM]
             if isinstance(data, dict)
@@ -661,12 +673,12 @@ async def _settle(lab_dir: Path, config: CellConfig, record: dict[str, Any]) -> 
     record["settled_s"] = round(time.monotonic() - started, 1)
 
 
-def _reconcile(lab_dir: Path, record: dict[str, Any]) -> None:
-    code, _, _ = _cli(lab_dir, "reconcile", "--help", timeout_s=30)
+def _reconcile(lab_dir: Path, record: dict[str, Any], in_process: bool = False) -> None:
+    code, _, _ = _cli(lab_dir, "reconcile", "--help", timeout_s=30, in_process=in_process)
     if code != 0:
         record["reconcile"] = "no reconcile yet"
         return
-    code, data, err = _cli(lab_dir, "reconcile", "--json", timeout_s=180)
+    code, data, err = _cli(lab_dir, "reconcile", "--json", timeout_s=180, in_process=in_process)
     record["reconcile"] = {"exit": code, "output": data, "stderr": err.strip()[-800:]}
 
 
@@ -783,22 +795,27 @@ async def _run(lab_dir: Path, cell: Cell, config: CellConfig, record: dict[str, 
     up = ["lab", "up", "--hosts", "2", "--memory-per-host", "2G"]
     if config.netns:
         up += ["--netns", "--link-mbps", str(config.link_mbps)]
-    await asyncio.to_thread(_must, lab_dir, *up)
+    here = config.in_process_cli
+    await asyncio.to_thread(_must, lab_dir, *up, in_process=here)
     if cell.fault == "disk-full":
         record["_fill"] = FillFs.create(lab_dir, DESTINATION, FILL_FS_BYTES)
         record["fill_fs"] = record["_fill"].mount.as_posix()
     create = ["vm", "create", VM, "--host", SOURCE, "--memory", config.memory]
     create += ["--disk", config.disk, "--workload", config.workload]
-    await asyncio.to_thread(_must, lab_dir, *create)
+    await asyncio.to_thread(_must, lab_dir, *create, in_process=here)
     fill = record.get("_fill")
     try:
         await _drive(lab_dir, cell, config, record)
         await _settle(lab_dir, config, record)
-        await asyncio.to_thread(_reconcile, lab_dir, record)
+        await asyncio.to_thread(_reconcile, lab_dir, record, here)
         record["hosts"] = await observe(lab_dir)
-        code, data, err = await asyncio.to_thread(_cli, lab_dir, "verify", VM, "--json")
+        code, data, err = await asyncio.to_thread(
+            _cli, lab_dir, "verify", VM, "--json", in_process=here
+        )
         record["verify"] = {"exit": code, "output": data, "stderr": err.strip()[-300:]}
-        code, data, _ = await asyncio.to_thread(_cli, lab_dir, "vm", "list", "--json")
+        code, data, _ = await asyncio.to_thread(
+            _cli, lab_dir, "vm", "list", "--json", in_process=here
+        )
         record["vm_list"] = data
     finally:
         record["_fill"] = fill

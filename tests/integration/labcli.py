@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clirunner import vmferry
 
 from vmferry.lab.cluster import lab_down
 
@@ -28,15 +27,9 @@ class Lab:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
-    def run(self, *args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "vmferry.cli.main", *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-            check=False,
-            env={**os.environ, "VMFERRY_LAB_DIR": str(self.directory)},
-        )
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """``vmferry ARGS`` in this process (see :mod:`clirunner`)."""
+        return vmferry(args, self.directory)
 
     def ok(self, *args: str) -> Any:
         """Run with --json, expect exit 0, return the parsed output."""

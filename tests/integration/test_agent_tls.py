@@ -18,7 +18,6 @@ from vmferry.agent.tls import client_context
 from vmferry.cli.main import main
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import ConfigError
-from vmferry.guest.image import build_image
 from vmferry.lab.cluster import lab_down, lab_up
 from vmferry.lab.pki import make_ca
 
@@ -34,11 +33,6 @@ ROUTES = [
     ("POST", "/v1/bandwidth/sinks"),
     ("GET", "/v1/nowhere"),
 ]
-
-
-@pytest.fixture(scope="module")
-def guest_image() -> None:
-    build_image()
 
 
 @pytest_asyncio.fixture

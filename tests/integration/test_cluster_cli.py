@@ -56,7 +56,7 @@ def test_live_and_cold_migrations_through_the_cli(lab_dir: Path) -> None:
     assert live["guest_downtime_ms"] is not None
     assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [("vm1", "host-2", "running")]
 
-    cold = lab.ok("migrate", "vm1", "--to", "host-1", "--strategy", "cold")
+    cold = lab.ok("migrate", "vm1", "--to", "host-1", "--strategy", "cold", "--no-plan")
     assert cold["status"] == "completed", cold["error"]
     assert cold["strategy"] == "cold"
     assert cold["integrity"]["ok"] is True
@@ -170,7 +170,9 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
     for index, strategy in enumerate(["multifd", "xbzrle", "auto-converge", "postcopy", "hybrid"]):
         destination = hosts[index % 2]
-        report = lab.ok("migrate", "vm1", "--to", destination, "--strategy", strategy)
+        # Hybrid switches to post-copy on the plan's prediction; the others need none.
+        plan = [] if strategy == "hybrid" else ["--no-plan"]
+        report = lab.ok("migrate", "vm1", "--to", destination, "--strategy", strategy, *plan)
 
         assert report["status"] == "completed", (strategy, report["error"])
         assert report["strategy"] == strategy
@@ -181,6 +183,7 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
+@pytest.mark.xdist_group("netns")  # namespaces are machine-wide: one netns lab at a time
 def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab (a no-op when
     # none are, and it never touches a network whose lab still runs).

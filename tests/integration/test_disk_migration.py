@@ -76,7 +76,7 @@ def test_local_disk_moves_live_and_cold_with_every_block_verified(lab_dir: Path)
     assert source_image.is_file()
     assert lab.ok("verify", "d1")["blocks_checked"] == REGION_BLOCKS
 
-    live = lab.ok("migrate", "d1", "--to", "host-2", "--strategy", "precopy")
+    live = lab.ok("migrate", "d1", "--to", "host-2", "--strategy", "precopy", "--no-plan")
     _assert_disk_ok(live)
     assert live["running_on"] == "host-2"
     moved = _disk(lab_dir, "host-2", "d1")
@@ -92,7 +92,7 @@ def test_local_disk_moves_live_and_cold_with_every_block_verified(lab_dir: Path)
 
     # Back with post-copy: the mirror completes at the pre-switchover pause, before the
     # destination runs the guest.
-    back = lab.ok("migrate", "d1", "--to", "host-1", "--strategy", "postcopy")
+    back = lab.ok("migrate", "d1", "--to", "host-1", "--strategy", "postcopy", "--no-plan")
     _assert_disk_ok(back)
     assert not moved.exists()
     # The export was gone before post-copy started the guest on host-1, so QEMU activated the
@@ -100,7 +100,7 @@ def test_local_disk_moves_live_and_cold_with_every_block_verified(lab_dir: Path)
     log = (lab_dir / "hosts" / "host-1" / "vms" / "d1" / "qemu.log").read_text()
     assert "Permission conflict" not in log, log
 
-    cold = lab.ok("migrate", "d1", "--to", "host-2", "--strategy", "cold")
+    cold = lab.ok("migrate", "d1", "--to", "host-2", "--strategy", "cold", "--no-plan")
     _assert_disk_ok(cold)
     # A cold move copies the disk with the guest paused: it is downtime.
     assert cold["downtime_ms"] >= cold["total_ms"] * 0.3
@@ -148,7 +148,7 @@ def test_shared_disk_moves_only_ram_and_one_qemu_holds_the_image(lab_dir: Path) 
     assert locked.returncode != 0
     assert "lock" in locked.stderr
 
-    back = lab.ok("migrate", "s1", "--to", "host-1", "--strategy", "postcopy")
+    back = lab.ok("migrate", "s1", "--to", "host-1", "--strategy", "postcopy", "--no-plan")
     _assert_disk_ok(back)
     assert image.is_file()
 
@@ -183,6 +183,7 @@ def test_interrupted_disk_mirror_leaves_exactly_one_intact_vm(lab_dir: Path) -> 
             "--bandwidth",
             "2",
             "--json",
+            "--no-plan",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -18,8 +18,16 @@ pytestmark = pytest.mark.qemu
 
 # Loopback: the migration stream (and the disk mirror) is capped instead of a shaped link, so
 # pre-copy lasts seconds; a 64 MiB disk keeps the mirror short at that rate.
+# The harness's own commands run in this process; the migration (killed or not) is a process.
+# No test here asserts a prediction: the migration skips the pre-flight (--no-plan).
 CONFIG = CellConfig(
-    netns=False, bandwidth_mbps=100, disk="64M", settle_timeout_s=40.0, cli_timeout_s=60.0
+    netns=False,
+    bandwidth_mbps=100,
+    disk="64M",
+    settle_timeout_s=40.0,
+    cli_timeout_s=60.0,
+    in_process_cli=True,
+    plan=False,
 )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from vmferry.core.workload import parse_workload
-from vmferry.guest.image import KERNEL_BASE_ARGS, GuestImage, build_image
+from vmferry.guest.image import KERNEL_BASE_ARGS, GuestImage
 from vmferry.guest.protocol import (
     Ack,
     Corrupted,
@@ -98,11 +98,6 @@ class Channel:
             except TimeoutError:
                 break
         return self.heartbeats[start:]
-
-
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return build_image()
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import DISK_NODE, VmSpec
 from vmferry.core.workload import parse_workload
 from vmferry.guest.channel import GuestChannel, now_ms
-from vmferry.guest.image import GuestImage, build_image
+from vmferry.guest.image import GuestImage
 from vmferry.guest.protocol import (
     Ack,
     CorruptedBlock,
@@ -61,11 +61,6 @@ class DiskGuest:
     heartbeats: HeartbeatGaps
     ready: Ready
     boot_s: float
-
-
-@pytest.fixture(scope="module")
-def guest_image() -> GuestImage:
-    return build_image()
 
 
 @asynccontextmanager

@@ -27,9 +27,12 @@ from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
-from vmferry.guest.image import build_image
 from vmferry.lab import netns
 from vmferry.lab.cluster import lab_down, lab_status, lab_up
+
+# Namespaces are machine-wide (vmf-host-N) and the fixture checks that none appear that it did
+# not make: one xdist worker runs every test that makes them, one after the other.
+pytestmark = pytest.mark.xdist_group("netns")
 
 GIB = 1024**3
 is_root = os.geteuid() == 0
@@ -78,12 +81,6 @@ def _lab_pids(lab_dir: Path) -> set[int]:
         with contextlib.suppress(OSError, ValueError):
             pids.add(int(json.loads((host / "ready.json").read_text())["pid"]))
     return pids
-
-
-@pytest.fixture(scope="session")
-def guest_image() -> None:
-    """The guest image, built once before agents start (each would build it otherwise)."""
-    build_image()
 
 
 @pytest_asyncio.fixture

@@ -25,6 +25,7 @@ from vmferry.lab.netns import NETNS_PREFIX, existing_namespaces, set_link
 pytestmark = [
     pytest.mark.qemu,
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.xdist_group("netns"),  # namespaces are machine-wide: one netns lab at a time
 ]
 
 # About 100 MiB of random pages to pull over a 100 Mbit/s link: post-copy lasts ~10 s.
@@ -72,7 +73,7 @@ async def _migrate_with_cut(
     restoration to the end of the migration."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
-        "--strategy", "postcopy", "--recovery-limit", str(limit_s), "--json",
+        "--strategy", "postcopy", "--recovery-limit", str(limit_s), "--json", "--no-plan",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "VMFERRY_LAB_DIR": str(lab.directory)},
     )  # fmt: skip

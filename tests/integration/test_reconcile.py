@@ -67,7 +67,9 @@ def test_reconcile_finishes_a_migration_whose_controller_was_killed(lab_dir: Pat
     lab = Lab(lab_dir)
     lab.ok("lab", "up", "--hosts", "2")
     lab.ok("vm", "create", "m1", "--host", "host-1", "--memory", "256M", "--workload", DIRTY)
-    migrating = _migrate_in_background(lab_dir, "--strategy", "precopy", "--bandwidth", "200")
+    migrating = _migrate_in_background(
+        lab_dir, "--strategy", "precopy", "--bandwidth", "200", "--no-plan"
+    )
     try:
         _wait_for(lambda: ("m1", "host-1", "migrating") in _placement(lab), 60, "pre-copy")
         migrating.kill()  # SIGKILL: no clean-up of any kind
@@ -95,7 +97,7 @@ def test_destination_agent_restarted_mid_migration_does_not_stop_it(lab_dir: Pat
     lab.ok("lab", "up", "--hosts", "2")
     lab.ok("vm", "create", "m1", "--host", "host-1", "--memory", "256M", "--workload", DIRTY)
     migrating = _migrate_in_background(
-        lab_dir, "--strategy", "precopy", "--bandwidth", "100", "--json"
+        lab_dir, "--strategy", "precopy", "--bandwidth", "100", "--json", "--no-plan"
     )
     try:
         _wait_for(lambda: ("m1", "host-1", "migrating") in _placement(lab), 60, "pre-copy")

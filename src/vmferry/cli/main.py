@@ -6,6 +6,7 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from typing import TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -27,13 +28,21 @@ def _configure_logging(verbosity: int, command: str) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``vmferry`` console script."""
+def main(
+    argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
+) -> int:
+    """Entry point of the ``vmferry`` console script; returns the exit status.
+
+    Args:
+        argv: the arguments (default: the process's).
+        stdout, stderr: where the command's output and messages go (default: the process's;
+            tests run commands in-process with their own). Usage errors go to ``sys.stderr``.
+    """
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose, args.command)
-    err = Console(stderr=True)
+    err = Console(file=stderr, stderr=stderr is None)
     try:
-        return asyncio.run(commands.run(args, err, Console(soft_wrap=True)))
+        return asyncio.run(commands.run(args, err, Console(file=stdout, soft_wrap=True)))
     except FerryError as error:
         err.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
