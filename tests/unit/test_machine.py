@@ -398,9 +398,20 @@ def test_interrupt_during_recovery_reports_and_touches_nothing() -> None:
 def test_interrupt_at_arrival_finishes_the_arrival() -> None:
     d = Driver().started()
     d.outcome()
-    assert d.feed(m.Interrupted()) == []
+    assert d.feed(m.Interrupted()) == [m.FinishDestination()]  # asked again, shielded
     d.feed(m.Arrived(1.0, INTACT))
     assert d.kinds() == [m.Handoff]
+    assert d.feed(m.Interrupted()) == [m.Handoff()]
+    d.feed(m.HandedOff())
+    assert d.report.status == "completed"
+
+
+def test_interrupt_while_concluding_checks_the_sides_again() -> None:
+    d = Driver().started()
+    d.outcome("failed", error="boom")
+    assert d.feed(m.Interrupted())[-1] == m.CheckSides(3.0)
+    d.feed(m.SidesChecked(False, False))
+    assert d.report.running_on == "host-1"
 
 
 def test_follow_mode_ends_at_qemus_outcome() -> None:

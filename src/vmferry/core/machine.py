@@ -1,14 +1,9 @@
 """The migration as a pure state machine: events in, actions out (vocabulary in
 :mod:`vmferry.core.migration`).
 
-Every decision of a move lives here: when to hand the disk over, when a copy stalled, when to
-re-plan, switch to post-copy or cancel, when a post-copy broke and how recovery retries, how long
-an unreachable agent is waited for, and how each ending is reported (roll back to the source,
-keep both halves of a split post-copy, take the guest back from a destination that never ran it).
-The rule behind every branch: at every moment exactly one intact copy of the guest runs. The
-source is handed off only after QEMU completed *and* the destination runs the guest; before
-post-copy starts, any failure removes the destination and leaves the guest on the source; once
-post-copy started, the destination holds the guest and is never removed.
+Every decision of a move lives here (stall, re-plan, hybrid switch, post-copy recovery and its
+backoff, agent-lost grace, rollback, what each ending reports), under one rule: at every moment
+exactly one intact copy of the guest runs (README, "Architecture: one migration engine").
 
 Each state carries its own data. States and the events that move them::
 
@@ -517,7 +512,9 @@ class MigrationMachine:
             case HandingOff(), HandedOff(error=error):
                 return Done(self._report.completed(state.arriving, state.arrived, error)), []
             case ((Concluding() | Dropping() | Resuming() | HandingOff()), Interrupted()):
-                return state, []  # nearly done: finish the ending (the runner shields it)
+                # Nearly done: the interrupted request is asked again and the ending finished
+                # (the runner shields it).
+                return state, [_again(state, self._check())]
         raise self._unexpected(state, event)
 
     def _concluded(self, state: Concluding, event: SidesChecked, now: Instant) -> Step:
@@ -552,10 +549,8 @@ class MigrationMachine:
                 return self._arrival_failed(state, error, now)
             case ArrivalFailed(error=error):
                 return self._arrival_failed(state, error, now)
-            case Tick():
-                return state, [FinishDestination()]
-            case Interrupted():
-                return state, []
+            case Tick() | Interrupted():
+                return state, [FinishDestination()]  # (interrupted: asked again, shielded)
         raise self._unexpected(state, event)
 
     def _arrival_failed(self, state: Arriving, error: str, now: Instant) -> Step:
@@ -593,3 +588,16 @@ class MigrationMachine:
         logger.error("migration.unknown %s: %s", self.move.vm, why)
         report = self._report.unknown(flow, why, now)
         return Done(report), [Notify(Phase.FAILED, flow.last)]
+
+
+def _again(state: Concluding | Dropping | Resuming | HandingOff, check: CheckSides) -> Action:
+    """The request an ending state waits for (asked again after an interrupt)."""
+    match state:
+        case Concluding():
+            return check
+        case Dropping():
+            return DropDestination()
+        case Resuming():
+            return ResumeSource()
+        case HandingOff():
+            return Handoff()
