@@ -152,8 +152,6 @@ class MigrationMachine:
             actions.append(Conclude(self.state.report))
         return actions
 
-    # -- dispatch ---------------------------------------------------------------------------
-
     def _step(self, state: State, event: Event, now: Instant) -> Step:
         match state, event:
             case Done(), _:
@@ -180,8 +178,7 @@ class MigrationMachine:
             case Preparing(), DestinationPrepared():
                 return Starting(), [StartSource()]
             case Preparing(), DestinationFailed(error=error):
-                # The guest never left the source; what the destination kept is a leftover
-                # for reconcile.
+                # The guest never left the source; the destination's leftovers are reconcile's.
                 logger.error("migration.destination_failed %s: %s", self.move.vm, error)
                 why = f"the destination on {self.move.destination} could not be prepared: {error}"
                 return Concluding(flow, SourceOutcome("failed", error), False, why), [self._check()]
@@ -561,8 +558,6 @@ class MigrationMachine:
         # never ran it (the agent refuses to drop a copy that did), take the guest back.
         return Dropping(state, error), [DropDestination()]
 
-    # -- small pieces ---------------------------------------------------------------------------
-
     def _poll(self, flow: Flow, postcopy: bool) -> Poll:
         timing = self.move.timing
         # Behind a broken post-copy link a poll must fail fast so recovery starts soon.
@@ -592,12 +587,11 @@ class MigrationMachine:
 
 def _again(state: Concluding | Dropping | Resuming | HandingOff, check: CheckSides) -> Action:
     """The request an ending state waits for (asked again after an interrupt)."""
-    match state:
-        case Concluding():
-            return check
-        case Dropping():
-            return DropDestination()
-        case Resuming():
-            return ResumeSource()
-        case HandingOff():
-            return Handoff()
+    if isinstance(state, Concluding):
+        return check
+    again: dict[type, Action] = {
+        Dropping: DropDestination(),
+        Resuming: ResumeSource(),
+        HandingOff: Handoff(),
+    }
+    return again[type(state)]
