@@ -1,16 +1,18 @@
 """Fixtures that boot real QEMU guests (every QEMU a test starts is ended by its fixture), and
 the suite's order for parallel runs (``pytest -n 2 --dist loadgroup``, as ``make test``).
 
-xdist hands tests to its workers in collection order, so the longest work goes first and the
-short tests fill the gaps at the end: the ``netns`` group (every test that makes network
+xdist hands tests to its workers in collection order: first the ``solo`` tests (timing-sensitive:
+they run while no other test does, see :class:`_SoloLock`) while the other worker runs the unit
+and fuzz tests (seconds in all), then the ``netns`` group (every test that makes network
 namespaces; one worker runs them one after the other), then the integration modules, heaviest
-first, then the fuzz and unit tests. Without xdist only the order changes.
+first. Without xdist only the order changes.
 """
 
 from __future__ import annotations
 
 import fcntl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
+from pathlib import Path
 
 import pytest
 import pytest_asyncio
@@ -38,14 +40,46 @@ _MODULE_ORDER = (
 
 
 def _rank(item: pytest.Item) -> tuple[int, int]:
+    if item.get_closest_marker("solo") is not None:
+        return (0, 0)  # first: the other worker waits on short tests, not on a long one
+    if "integration" not in item.path.parts:
+        return (1, 0)  # fuzz and unit tests: seconds in all
     if item.get_closest_marker("xdist_group") is not None:
-        return (0, 0)
+        return (2, 0)
     name = item.path.name
     if name in _MODULE_ORDER:
-        return (1, _MODULE_ORDER.index(name))
-    if "integration" in item.path.parts:
-        return (2, 0)
-    return (3, 0)  # fuzz and unit tests: seconds in all
+        return (3, _MODULE_ORDER.index(name))
+    return (4, 0)
+
+
+class _SoloLock:
+    """Under xdist, a ``solo`` test runs while no other test does (on any worker).
+
+    Every test holds a lock shared by the run's workers; a ``solo`` test holds it alone. A gate
+    in front of the lock stops tests from slipping in while a ``solo`` test waits for the
+    running ones to end. Registered as a plugin, so it wraps every test of the run, also those
+    outside this directory.
+    """
+
+    def __init__(self, base: Path) -> None:
+        self.gate = base.with_suffix(".gate")
+        self.lock = base.with_suffix(".lock")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_protocol(self, item: pytest.Item) -> Generator[None, object, object]:
+        solo = item.get_closest_marker("solo") is not None
+        with self.gate.open("a") as gate, self.lock.open("a") as lock:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_EX if solo else fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            return (yield)  # closing the file releases the lock
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") and not config.pluginmanager.has_plugin("vmferry-solo"):
+        # The workers' temporary directories share a parent for the run (pytest prunes old ones).
+        base = Path(config.option.basetemp).parent / "vmferry-solo"
+        config.pluginmanager.register(_SoloLock(base), "vmferry-solo")
 
 
 @pytest.hookimpl(trylast=True)  # after xdist's own hook, which tags the groups
