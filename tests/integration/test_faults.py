@@ -8,6 +8,7 @@ outcome comes from ``/proc`` and QEMU, not from vmferry's own report.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -28,6 +29,15 @@ CONFIG = CellConfig(
     cli_timeout_s=60.0,
     in_process_cli=True,
     plan=False,
+)
+
+
+# The harness fills the destination's filesystem as soon as it sees the disk copy; a 48 MiB disk
+# region keeps that copy ~4 s long at 100 Mbit/s, so the fill lands mid-copy (a 16 MiB region
+# could be copied before the filesystem was full: the move then completed, one run in many).
+DISK_FULL_CONFIG = dataclasses.replace(
+    CONFIG,
+    workload="dirty:rate=4M,size=64M,pattern=random,mode=paced,disk-rate=1M,disk-size=48M",
 )
 
 
@@ -57,7 +67,7 @@ def test_cli_killed_during_precopy() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="a loop filesystem needs root")
 def test_destination_disk_fills_during_the_mirror() -> None:
-    record = run_cell(Cell("disk-full", "precopy"), CONFIG)
+    record = run_cell(Cell("disk-full", "precopy"), DISK_FULL_CONFIG)
     _assert_one_intact_copy(record, "host-1")
     assert record["exit"] == 1
     assert "disk" in (record["report"]["error"] or ""), _explain(record)
