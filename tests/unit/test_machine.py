@@ -128,8 +128,14 @@ def test_phases_shown_only_move_forward() -> None:
 def test_precopy_stall_cancels_and_keeps_guest_on_source() -> None:
     d = Driver().started()
     d.samples(stats(sent=100))
-    d.samples(stats(sent=100), after_s=29.0)
+    d.samples(stats(sent=100), after_s=4.0)
     assert d.kinds() == [m.Poll]
+    d.samples(stats(sent=100), after_s=1.0)
+    assert d.kinds() == [m.CheckSides]  # quiet 5 s: is a QEMU dead?
+    d.feed(m.SidesChecked(source_dead=False, destination_dead=False))
+    assert d.kinds() == [m.Poll]
+    d.samples(stats(sent=100), after_s=24.0)
+    assert d.kinds() == [m.Poll]  # one check per quiet spell
     d.samples(stats(sent=100), after_s=2.0)
     assert d.kinds() == [m.CancelSource, m.Poll]
     d.outcome("cancelled")
@@ -139,6 +145,37 @@ def test_precopy_stall_cancels_and_keeps_guest_on_source() -> None:
     assert (report.status, report.running_on, report.guest_alive) == ("failed", "host-1", True)
     assert report.error is not None
     assert "sent nothing for 30 s" in report.error
+
+
+def test_quiet_copy_with_a_dead_destination_is_cancelled_at_once() -> None:
+    d = Driver().started()
+    d.samples(stats(S.NONE, stage=Stage.DISK_COPY, disk_copied=1 << 19))
+    d.samples(stats(S.NONE, stage=Stage.DISK_COPY, disk_copied=1 << 19), after_s=5.0)
+    assert d.kinds() == [m.CheckSides]
+    d.feed(m.SidesChecked(source_dead=False, destination_dead=True))
+    assert d.kinds() == [m.CancelSource, m.Poll]
+    d.outcome("cancelled")
+    d.feed(m.SidesChecked(False, True))
+    report = d.report
+    assert (report.status, report.running_on, report.guest_alive) == ("failed", "host-1", True)
+    assert "destination QEMU on host-2 died" in (report.error or "")
+
+
+def test_quiet_check_again_after_progress() -> None:
+    d = Driver().started()
+    d.samples(stats(sent=100))
+    d.samples(stats(sent=100), after_s=5.0)
+    d.feed(m.SidesChecked(False, False))
+    d.samples(stats(sent=200), after_s=1.0)  # moved again
+    d.samples(stats(sent=200), after_s=5.0)
+    assert d.kinds() == [m.CheckSides]
+
+
+def test_silence_outside_a_copy_is_not_checked() -> None:
+    d = Driver().started()
+    d.samples(stats(S.PRE_SWITCHOVER, 10))
+    d.samples(stats(S.PRE_SWITCHOVER, 10), after_s=40.0)
+    assert d.kinds() == [m.Poll]
 
 
 def test_failed_precopy_with_dead_source_says_the_guest_is_lost() -> None:

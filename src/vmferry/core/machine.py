@@ -110,9 +110,6 @@ Step = tuple[State, list[Action]]
 
 logger = logging.getLogger(__name__)
 
-# QEMU statuses (and vmferry's disk copy) in which a copy that sends nothing is cancelled.
-_STALLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE})
-
 
 class MigrationMachine:
     """One migration's state machine. Feed it the answers to its requests; it never blocks.
@@ -252,12 +249,14 @@ class MigrationMachine:
     def _decide(self, state: Precopy | Cancelling | Postcopy | Winding, now: Instant) -> Step:
         flow = state.flow
         match state:
-            case Postcopy() if self._postcopy_broken(state, now):
+            case Postcopy() if state.is_broken(now.mono_s, self.move.timing):
                 return self._begin_recovery(flow, now)
-            case Winding(postcopy=True) if flow.is_postcopy_broken or self._stalled(flow, now):
+            case Winding(postcopy=True) if flow.is_broken(now.mono_s, self.move.timing):
                 why = "interrupted while the post-copy was broken: run `vmferry reconcile`"
                 return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
-            case Precopy() if self.move.mode is Mode.MIGRATE and self._precopy_stalled(flow, now):
+            case Precopy() if self.move.mode is Mode.MIGRATE and flow.quiet_s(now.mono_s) > (
+                self.move.timing.precopy_stall_s
+            ):
                 last = flow.last
                 what = (
                     "the disk copy" if last and last.stage is Stage.DISK_COPY else "the migration"
@@ -268,9 +267,32 @@ class MigrationMachine:
                 )
                 logger.warning("migration.stalled %s: cancelling", self.move.vm)
                 return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+            case Precopy() if self._should_check(state, now):
+                # Quiet for a while: a dead destination QEMU is noticed now, not at the stall.
+                state = replace(state, checking=True, checked_at_s=flow.progress_at_s)
+                return state, [self._check()]
             case Precopy():
                 return self._replan(state, now)
         return state, [self._poll(flow, isinstance(state, Postcopy))]
+
+    def _should_check(self, state: Precopy, now: Instant) -> bool:
+        quiet_s = state.flow.quiet_s(now.mono_s)
+        return (
+            self.move.mode is Mode.MIGRATE
+            and quiet_s >= self.move.timing.quiet_check_s
+            and state.checked_at_s != state.flow.progress_at_s  # once per quiet spell
+        )
+
+    def _checked(self, state: Precopy, event: SidesChecked) -> Step:
+        flow = replace(state, checking=False).flow
+        if not event.destination_dead:
+            return replace(state, checking=False), [self._poll(flow, False)]
+        why = (
+            f"the destination QEMU on {self.move.destination} died: cancelled; the guest stays "
+            f"on {self.move.source}"
+        )
+        logger.warning("migration.destination_died %s: cancelling", self.move.vm)
+        return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
 
     def _replan(self, state: Precopy, now: Instant) -> Step:
         """Re-plan against the goal (switch to post-copy, or cancel) and hybrid's switch."""
@@ -298,30 +320,6 @@ class MigrationMachine:
             effects.append(StartPostcopy())
         return state, [*effects, self._poll(flow, False)]
 
-    def _postcopy_broken(self, state: Postcopy, now: Instant) -> bool:
-        if now.mono_s < state.grace_until_s:
-            return False
-        return state.flow.is_postcopy_broken or self._stalled(state.flow, now)
-
-    def _stalled(self, flow: Flow, now: Instant) -> bool:
-        """An active post-copy that sent nothing for ``postcopy_stall_s`` lost its link."""
-        last = flow.last
-        quiet_s = now.mono_s - flow.progress_at_s
-        return (
-            last is not None
-            and last.status == MigrationStatus.POSTCOPY_ACTIVE
-            and quiet_s >= self.move.timing.postcopy_stall_s
-        )
-
-    def _precopy_stalled(self, flow: Flow, now: Instant) -> bool:
-        last = flow.last
-        if last is None:
-            return False
-        stallable = last.stage is Stage.DISK_COPY or (
-            last.stage is Stage.MIGRATION and last.status in _STALLABLE
-        )
-        return stallable and now.mono_s - flow.progress_at_s > self.move.timing.precopy_stall_s
-
     # -- copying: other events ------------------------------------------------------------------
 
     def _copying(
@@ -333,6 +331,8 @@ class MigrationMachine:
                 return self._source_lost(state, error, now)
             case Postcopy(asking_destination=True), IncomingStatus(status=status):
                 return self._incoming_answer(state, status, now)
+            case Precopy(checking=True), SidesChecked():
+                return self._checked(state, event)
             case Precopy(handing_over=True), HandoverDone():
                 state = replace(state, handing_over=False)
                 return state, [self._poll(flow, False)]

@@ -107,6 +107,8 @@ class Timing:
         recovery_grace_s: after a recovery, samples still saying "paused" are ignored this long.
         recovery_call_timeout_s: deadline of a call behind a possibly broken link.
         precopy_stall_s: a pre-copy or disk copy that sent nothing this long is cancelled.
+        quiet_check_s: one that sent nothing this long has its sides checked (a dead
+            destination QEMU cancels it at once).
         agent_return_s: how long an unreachable agent (being restarted) is waited for.
         agent_retry_s: the pause between calls to an unreachable agent.
         hybrid_switch_iteration: hybrid switches to post-copy after this many dirty syncs.
@@ -117,6 +119,7 @@ class Timing:
     recovery_grace_s: float = 1.0
     recovery_call_timeout_s: float = 3.0
     precopy_stall_s: float = 30.0
+    quiet_check_s: float = 5.0
     agent_return_s: float = 60.0
     agent_retry_s: float = 1.0
     hybrid_switch_iteration: int = 2

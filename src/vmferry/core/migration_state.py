@@ -7,10 +7,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from vmferry.core.migration import Arrived, SourceOutcome
+from vmferry.core.migration import Arrived, SourceOutcome, Timing
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
+from vmferry.core.status import MigrationStatus, Stage
 from vmferry.core.strategy import Progress
+
+# QEMU statuses in which a copy that sends nothing is checked on, then cancelled.
+_STALLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.DEVICE})
 
 __all__ = [
     "Arriving",
@@ -56,6 +60,26 @@ class Flow:
     disk_sent_bytes: int = -1
     recoveries: int = 0
 
+    def quiet_s(self, now_s: float) -> float:
+        """How long a pre-copy or disk copy has sent nothing (0 where silence is normal)."""
+        last = self.last
+        if last is None:
+            return 0.0
+        copying = last.stage is Stage.DISK_COPY or (
+            last.stage is Stage.MIGRATION and last.status in _STALLABLE
+        )
+        return now_s - self.progress_at_s if copying else 0.0
+
+    def is_broken(self, now_s: float, timing: Timing) -> bool:
+        """A post-copy paused by a fault, or an active one that sent nothing for
+        ``postcopy_stall_s`` (it lost its link)."""
+        stalled = (
+            self.last is not None
+            and self.last.status == MigrationStatus.POSTCOPY_ACTIVE
+            and now_s - self.progress_at_s >= timing.postcopy_stall_s
+        )
+        return stalled or self.is_postcopy_broken
+
     @property
     def is_postcopy_broken(self) -> bool:
         """The last sample says a post-copy is paused by a fault (or being resumed)."""
@@ -82,6 +106,8 @@ class Precopy:
         switch_requested: post-copy was asked for (re-plan or hybrid); QEMU has not said so yet.
         away_since_s: since when the source agent does not answer.
         handing_over: a disk handover is in flight.
+        checking: the sides are being checked for a dead QEMU (the copy went quiet).
+        checked_at_s: the progress mark of the last such check (one check per quiet spell).
     """
 
     flow: Flow
@@ -89,6 +115,8 @@ class Precopy:
     switch_requested: bool = False
     away_since_s: float | None = None
     handing_over: bool = False
+    checking: bool = False
+    checked_at_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +140,9 @@ class Postcopy:
     flow: Flow
     grace_until_s: float = 0.0
     asking_destination: bool = False
+
+    def is_broken(self, now_s: float, timing: Timing) -> bool:
+        return now_s >= self.grace_until_s and self.flow.is_broken(now_s, timing)
 
 
 @dataclass(frozen=True, slots=True)
