@@ -158,7 +158,7 @@ def test_quiet_copy_with_a_dead_destination_is_cancelled_at_once() -> None:
     d.feed(m.SidesChecked(False, True))
     report = d.report
     assert (report.status, report.running_on, report.guest_alive) == ("failed", "host-1", True)
-    assert "destination QEMU on host-2 died" in (report.error or "")
+    assert "destination QEMU on host-2 died during the disk copy" in (report.error or "")
 
 
 def test_quiet_check_again_after_progress() -> None:

@@ -257,12 +257,8 @@ class MigrationMachine:
             case Precopy() if self.move.mode is Mode.MIGRATE and flow.quiet_s(now.mono_s) > (
                 self.move.timing.precopy_stall_s
             ):
-                last = flow.last
-                what = (
-                    "the disk copy" if last and last.stage is Stage.DISK_COPY else "the migration"
-                )
                 why = (
-                    f"{what} sent nothing for {self.move.timing.precopy_stall_s:g} s (link down? "
+                    f"{_what(flow)} sent nothing for {self.move.timing.precopy_stall_s:g} s (link down? "
                     f"destination gone?): cancelled; the guest stays on {self.move.source}"
                 )
                 logger.warning("migration.stalled %s: cancelling", self.move.vm)
@@ -288,8 +284,8 @@ class MigrationMachine:
         if not event.destination_dead:
             return replace(state, checking=False), [self._poll(flow, False)]
         why = (
-            f"the destination QEMU on {self.move.destination} died: cancelled; the guest stays "
-            f"on {self.move.source}"
+            f"the destination QEMU on {self.move.destination} died during {_what(flow)}: "
+            f"cancelled; the guest stays on {self.move.source}"
         )
         logger.warning("migration.destination_died %s: cancelling", self.move.vm)
         return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
@@ -595,3 +591,8 @@ def _again(state: Concluding | Dropping | Resuming | HandingOff, check: CheckSid
         HandingOff: Handoff(),
     }
     return again[type(state)]
+
+
+def _what(flow: Flow) -> str:
+    last = flow.last
+    return "the disk copy" if last and last.stage is Stage.DISK_COPY else "the migration"
