@@ -258,8 +258,8 @@ class MigrationMachine:
                 self.move.timing.precopy_stall_s
             ):
                 why = (
-                    f"{_what(flow)} sent nothing for {self.move.timing.precopy_stall_s:g} s (link down? "
-                    f"destination gone?): cancelled; the guest stays on {self.move.source}"
+                    f"{_what(flow)} sent nothing for {self.move.timing.precopy_stall_s:g} s (link "
+                    f"down? destination gone?): cancelled; the guest stays on {self.move.source}"
                 )
                 logger.warning("migration.stalled %s: cancelling", self.move.vm)
                 return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
