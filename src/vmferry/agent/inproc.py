@@ -46,6 +46,7 @@ from vmferry.core.model import (
     NbdTarget,
     VmSpec,
 )
+from vmferry.core.status import MigrationStatus, RunState
 
 __all__ = ["InProcessAgent"]
 
@@ -107,7 +108,9 @@ class InProcessAgent:
         with _as_reported(f"{self.name}: vm {name}"):
             return self.host_agent.get(name)
 
-    async def qemu_state(self, name: str, timeout_s: float = 10.0) -> tuple[str, str]:
+    async def qemu_state(
+        self, name: str, timeout_s: float = 10.0
+    ) -> tuple[RunState, MigrationStatus]:
         return await self._call(f"runstate {name}", self.host_agent.qemu_state(name), timeout_s)
 
     async def create_vm(self, spec: VmSpec) -> VmInfo:
@@ -211,7 +214,9 @@ class InProcessAgent:
 
     # -- post-copy recovery --------------------------------------------------------------------
 
-    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = 15.0) -> str:
+    async def pause_postcopy(
+        self, name: str, attempt: int, timeout_s: float = 15.0
+    ) -> MigrationStatus:
         return await self._call(
             f"pause postcopy {name}", self.host_agent.pause_postcopy(name, attempt), timeout_s
         )
@@ -223,7 +228,7 @@ class InProcessAgent:
 
     async def resume_postcopy(
         self, name: str, uri: str, attempt: int, timeout_s: float = 20.0
-    ) -> str:
+    ) -> MigrationStatus:
         return await self._call(
             f"resume postcopy {name}",
             self.host_agent.resume_outgoing(name, uri, attempt),

@@ -22,6 +22,7 @@ from vmferry.core.model import (
     NbdTarget,
     VmSpec,
 )
+from vmferry.core.status import MigrationStatus, RunState
 
 __all__ = ["AgentPort"]
 
@@ -48,7 +49,9 @@ class AgentPort(Protocol):
 
     async def get_vm(self, name: str, timeout_s: float | None = ...) -> VmInfo: ...
 
-    async def qemu_state(self, name: str, timeout_s: float = ...) -> tuple[str, str]:
+    async def qemu_state(
+        self, name: str, timeout_s: float = ...
+    ) -> tuple[RunState, MigrationStatus]:
         """QEMU's own run state and migration status of VM ``name`` (``gone``: no QEMU)."""
         ...
 
@@ -117,10 +120,12 @@ class AgentPort(Protocol):
 
     # -- post-copy recovery --------------------------------------------------------------------
 
-    async def pause_postcopy(self, name: str, attempt: int, timeout_s: float = ...) -> str: ...
+    async def pause_postcopy(
+        self, name: str, attempt: int, timeout_s: float = ...
+    ) -> MigrationStatus: ...
 
     async def recover_postcopy(self, name: str, attempt: int, timeout_s: float = ...) -> str: ...
 
     async def resume_postcopy(
         self, name: str, uri: str, attempt: int, timeout_s: float = ...
-    ) -> str: ...
+    ) -> MigrationStatus: ...

@@ -116,7 +116,8 @@ class Sides:
         """
         source, destination = self.source, self.destination
         assert destination is not None
-        if await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2) == "completed":
+        paused = await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2)
+        if paused is MigrationStatus.COMPLETED:
             return True
         await destination.pause_postcopy(name, attempt, timeout_s=timeout_s)
         uri = await destination.recover_postcopy(name, attempt, timeout_s=timeout_s)
@@ -191,9 +192,9 @@ async def incoming_status(
     """The destination QEMU's migration status; None if its agent does not answer."""
     try:
         _, migration = await destination.qemu_state(name, timeout_s=timeout_s)
-        return MigrationStatus(migration)
-    except (FerryError, ValueError):
+    except FerryError:
         return None
+    return migration
 
 
 async def drop_unstarted(destination: AgentPort, name: str) -> bool:
