@@ -23,6 +23,8 @@ from vmferry.core.status import MigrationStatus, Stage
 
 __all__ = [
     "API_PREFIX",
+    "PROGRESS_WAIT_MAX_S",
+    "SINK_WAIT_MAX_S",
     "STATUS_BY_ERROR",
     "CapacityError",
     "GuestMeasurement",
@@ -36,6 +38,10 @@ __all__ = [
 ]
 
 API_PREFIX = "/v1"
+# The longest a long-poll may wait: progress samples, and a bandwidth sink's result (longer
+# requested waits are capped, over HTTP and in-process alike).
+PROGRESS_WAIT_MAX_S = 10.0
+SINK_WAIT_MAX_S = 60.0
 
 
 class NotFound(ConfigError):

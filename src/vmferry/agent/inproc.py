@@ -24,7 +24,14 @@ import logging
 from collections.abc import Awaitable, Iterator
 from typing import TypeVar
 
-from vmferry.agent.api import GuestMeasurement, HostInfo, OutgoingResult, VmInfo
+from vmferry.agent.api import (
+    PROGRESS_WAIT_MAX_S,
+    SINK_WAIT_MAX_S,
+    GuestMeasurement,
+    HostInfo,
+    OutgoingResult,
+    VmInfo,
+)
 from vmferry.agent.client import (
     BOOT_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
@@ -53,10 +60,6 @@ __all__ = ["InProcessAgent"]
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-# The longest waits the HTTP routes grant (agent/server.py caps ``wait`` to these).
-_PROGRESS_WAIT_MAX_S = 10.0
-_SINK_WAIT_MAX_S = 60.0
 
 
 @contextlib.contextmanager
@@ -133,7 +136,7 @@ class InProcessAgent:
     async def sink_result(self, port: int, wait_s: float = 10.0) -> float:
         result = await self._call(
             f"sink {port}",
-            self.host_agent.sink_result(port, min(wait_s, _SINK_WAIT_MAX_S)),
+            self.host_agent.sink_result(port, min(wait_s, SINK_WAIT_MAX_S)),
             wait_s + SINK_SLACK_S,
         )
         return result.bandwidth_bps
@@ -184,7 +187,7 @@ class InProcessAgent:
         since = max(since, 0)
         samples, result = await self._call(
             f"progress {name}",
-            self.host_agent.outgoing_progress(name, since, min(wait_s, _PROGRESS_WAIT_MAX_S)),
+            self.host_agent.outgoing_progress(name, since, min(wait_s, PROGRESS_WAIT_MAX_S)),
             wait_s + DEFAULT_TIMEOUT_S if timeout_s is None else timeout_s,
         )
         return samples, since + len(samples), result

@@ -50,7 +50,14 @@ from typing import Any
 from aiohttp import web
 
 from vmferry.agent.accel import probe_accel
-from vmferry.agent.api import API_PREFIX, STATUS_BY_ERROR, NotFound, stats_to_json
+from vmferry.agent.api import (
+    API_PREFIX,
+    PROGRESS_WAIT_MAX_S,
+    SINK_WAIT_MAX_S,
+    STATUS_BY_ERROR,
+    NotFound,
+    stats_to_json,
+)
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.core.model import MECHANISMS, MigrationOptions, NbdTarget, spec_from_json
@@ -248,7 +255,7 @@ async def _progress(request: web.Request) -> web.Response:
         since = int(request.query.get("since", "0"))
     except ValueError as err:
         raise ConfigError(f"bad query: {err}") from err
-    wait_s = _wait_s(request, 1.0, 10.0)
+    wait_s = _wait_s(request, 1.0, PROGRESS_WAIT_MAX_S)
     samples, result = await _agent(request).outgoing_progress(
         request.match_info["name"], max(since, 0), wait_s
     )
@@ -275,7 +282,7 @@ async def _sink_result(request: web.Request) -> web.Response:
         port = int(request.match_info["port"])
     except ValueError as err:
         raise ConfigError(f"bad sink port: {err}") from err
-    wait_s = _wait_s(request, 10.0, 60.0)
+    wait_s = _wait_s(request, 10.0, SINK_WAIT_MAX_S)
     result = await _agent(request).sink_result(port, wait_s)
     return web.json_response(
         {
