@@ -167,8 +167,6 @@ class MigrationMachine:
     def _unexpected(self, state: State, event: Event) -> StateError:
         return StateError("migration", type(state).__name__, f"no {type(event).__name__}")
 
-    # -- setup --------------------------------------------------------------------------------
-
     def _setup(self, state: State, event: Event, now: Instant) -> Step:
         flow = Flow(Phase.SETUP, now.mono_s, self.move.first_attempt)
         match state, event:
@@ -190,8 +188,6 @@ class MigrationMachine:
                 report = self._report.build(flow, now, status="cancelled", error="interrupted")
                 return Done(report), [AbortDestination()]
         raise self._unexpected(state, event)
-
-    # -- copying: progress ----------------------------------------------------------------------
 
     def _progressed(
         self, state: Precopy | Cancelling | Postcopy | Winding, event: Progressed, now: Instant
@@ -244,8 +240,6 @@ class MigrationMachine:
         sample = Progress.from_stats(replace(stats, total_ms=stats.total_ms + flow.disk_ms))
         return replace(flow, phase=phase, progress=(*flow.progress, sample))
 
-    # -- copying: decisions after the samples ---------------------------------------------------
-
     def _decide(self, state: Precopy | Cancelling | Postcopy | Winding, now: Instant) -> Step:
         flow = state.flow
         match state:
@@ -262,7 +256,7 @@ class MigrationMachine:
                     f"down? destination gone?): cancelled; the guest stays on {self.move.source}"
                 )
                 logger.warning("migration.stalled %s: cancelling", self.move.vm)
-                return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+                return self._cancel(flow, why)
             case Precopy() if self._should_check(state, now):
                 # Quiet for a while: a dead destination QEMU is noticed now, not at the stall.
                 state = replace(state, checking=True, checked_at_s=flow.progress_at_s)
@@ -280,7 +274,7 @@ class MigrationMachine:
         )
 
     def _checked(self, state: Precopy, event: SidesChecked) -> Step:
-        flow = replace(state, checking=False).flow
+        flow = state.flow
         if not event.destination_dead:
             return replace(state, checking=False), [self._poll(flow, False)]
         why = (
@@ -288,7 +282,7 @@ class MigrationMachine:
             f"cancelled; the guest stays on {self.move.source}"
         )
         logger.warning("migration.destination_died %s: cancelling", self.move.vm)
-        return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+        return self._cancel(flow, why)
 
     def _replan(self, state: Precopy, now: Instant) -> Step:
         """Re-plan against the goal (switch to post-copy, or cancel) and hybrid's switch."""
@@ -299,7 +293,7 @@ class MigrationMachine:
             decision = replan(move.strategy, flow.progress, move.prediction, move.goal)
             if decision.action is ReplanAction.CANCEL:
                 logger.warning("migration.replan %s: %s", move.vm, decision.reason)
-                return Cancelling(flow, decision.reason), [CancelSource(), self._poll(flow, False)]
+                return self._cancel(flow, decision.reason)
             switch = decision.action is ReplanAction.SWITCH_TO_POSTCOPY and move.uses_postcopy
             if switch and not state.switch_requested:
                 logger.info("migration.replan %s: %s", move.vm, decision.reason)
@@ -315,8 +309,6 @@ class MigrationMachine:
             state = replace(state, switch_requested=True)
             effects.append(StartPostcopy())
         return state, [*effects, self._poll(flow, False)]
-
-    # -- copying: other events ------------------------------------------------------------------
 
     def _copying(
         self, state: Precopy | Cancelling | Postcopy | Winding, event: Event, now: Instant
@@ -334,8 +326,7 @@ class MigrationMachine:
                 return state, [self._poll(flow, False)]
             case Precopy(handing_over=True), HandoverFailed(error=error):
                 logger.error("migration.handover_failed %s: %s", self.move.vm, error)
-                why = f"disk handover failed: {error}"
-                return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+                return self._cancel(flow, f"disk handover failed: {error}")
             case _, Tick():
                 return state, [self._poll(flow, isinstance(state, Postcopy))]
             case Winding(), Interrupted():
@@ -394,8 +385,6 @@ class MigrationMachine:
         # The source is behind a broken link too: the stall check starts a recovery.
         return self._decide(state, now)
 
-    # -- post-copy recovery -----------------------------------------------------------------
-
     def _begin_recovery(self, flow: Flow, now: Instant) -> Step:
         last = flow.last
         broke = last.status if last is not None and flow.is_postcopy_broken else "stalled"
@@ -433,9 +422,7 @@ class MigrationMachine:
                 flow = replace(flow, attempt=flow.attempt + 1)
                 state = replace(state, flow=flow, checking=True)
                 return state, [self._check()]
-            case SidesChecked() if event.source_dead or event.destination_dead:
-                dead = self.move.source if event.source_dead else self.move.destination
-                self.lost_host = dead
+            case SidesChecked() if (dead := self._note_dead(event)) is not None:
                 logger.error("migration.postcopy_lost %s: %s died", self.move.vm, dead)
                 return self._done_failed(
                     flow,
@@ -461,8 +448,6 @@ class MigrationMachine:
                 return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
         raise self._unexpected(state, event)
 
-    # -- QEMU's outcome --------------------------------------------------------------------------
-
     def _outcome(
         self, state: Precopy | Cancelling | Postcopy | Winding, outcome: SourceOutcome, now: Instant
     ) -> Step:
@@ -484,8 +469,6 @@ class MigrationMachine:
         flow = replace(flow, phase=Phase.COMPLETED, last=final)
         arriving = Arriving(flow, outcome, final, now.wall_ms, postcopy)
         return arriving, [Notify(Phase.COMPLETED, final), FinishDestination()]
-
-    # -- endings --------------------------------------------------------------------------------
 
     def _ending(self, state: State, event: Event, now: Instant) -> Step:
         match state, event:
@@ -514,9 +497,7 @@ class MigrationMachine:
         move, flow = self.move, state.flow
         if state.postcopy:
             # The guest's state is split between both hosts: keep both QEMUs for inspection.
-            dead = move.source if event.source_dead else None
-            dead = dead or (move.destination if event.destination_dead else None)
-            self.lost_host = dead
+            dead = self._note_dead(event)
             why = (
                 split_postcopy(move, state.outcome)
                 if dead is None
@@ -576,9 +557,21 @@ class MigrationMachine:
         return Done(report), [Notify(Phase.FAILED, flow.last)]
 
     def _done_unknown(self, flow: Flow, why: str, now: Instant) -> Step:
+        """The outcome is not known (an agent away too long): the report says so."""
         logger.error("migration.unknown %s: %s", self.move.vm, why)
-        report = self._report.unknown(flow, why, now)
-        return Done(report), [Notify(Phase.FAILED, flow.last)]
+        return self._done_failed(flow, why, now, alive=True)
+
+    def _cancel(self, flow: Flow, why: str) -> Step:
+        """Cancel a pre-copy (or disk copy) while the guest still runs on the source."""
+        return Cancelling(flow, why), [CancelSource(), self._poll(flow, False)]
+
+    def _note_dead(self, event: SidesChecked) -> str | None:
+        """The host whose QEMU died, if one did; kept as ``lost_host`` (in post-copy the guest
+        is lost with it)."""
+        dead = self.move.source if event.source_dead else None
+        dead = dead or (self.move.destination if event.destination_dead else None)
+        self.lost_host = self.lost_host or dead
+        return dead
 
 
 def _again(state: Concluding | Dropping | Resuming | HandingOff, check: CheckSides) -> Action:

@@ -77,10 +77,6 @@ class Reporter:
             running_on_destination=running_on_destination,
         )
 
-    def unknown(self, flow: Flow, why: str, now: Instant) -> MigrationReport:
-        """The outcome is not known (an agent away too long): the report says so."""
-        return self.build(flow, now, status="failed", error=why)
-
     def followed(self, flow: Flow, outcome: SourceOutcome, now: Instant) -> MigrationReport:
         """A followed migration's end, as QEMU reported it (reconcile settles the rest)."""
         return self.build(
