@@ -143,33 +143,29 @@ async def run(
     on_progress: ProgressCallback | None = None,
 ) -> MigrationReport:
     """Run ``machine`` to its report, carrying out its actions on ``sides``."""
-    actions = machine.start(clock.now())
-    while True:
-        try:
-            event = await _carry_out(actions, machine.move.vm, sides, clock, on_progress)
-        except asyncio.CancelledError:
-            # Wind the move down (shielded), then let the interrupt go on.
-            actions = machine.handle(Interrupted(), clock.now())
-            await asyncio.shield(_wind(machine, actions, sides, clock, on_progress))
-            raise
-        if event is None:
-            assert machine.report is not None
-            return machine.report
-        actions = machine.handle(event, clock.now())
+    try:
+        await _drive(machine, machine.start(clock.now()), sides, clock, on_progress)
+    except asyncio.CancelledError:
+        # Wind the move down (shielded), then let the interrupt go on.
+        actions = machine.handle(Interrupted(), clock.now())
+        await asyncio.shield(_drive(machine, actions, sides, clock, on_progress))
+        logger.warning("migration.interrupted %s: %s", machine.move.vm, machine.report)
+        raise
+    assert machine.report is not None
+    return machine.report
 
 
-async def _wind(
+async def _drive(
     machine: MigrationMachine,
     actions: list[Action],
     sides: Sides,
     clock: Clock,
     on_progress: ProgressCallback | None,
 ) -> None:
-    while (
-        event := await _carry_out(actions, machine.move.vm, sides, clock, on_progress)
-    ) is not None:
+    """Carry out actions and feed back answers until the machine concludes."""
+    name = machine.move.vm
+    while (event := await _carry_out(actions, name, sides, clock, on_progress)) is not None:
         actions = machine.handle(event, clock.now())
-    logger.warning("migration.interrupted %s: %s", machine.move.vm, machine.report)
 
 
 async def _carry_out(
