@@ -19,8 +19,10 @@ import aiohttp
 from vmferry.agent.api import (
     API_PREFIX,
     ERRORS_BY_NAME,
+    Arrival,
     CapacityError,
     GuestMeasurement,
+    HandoffDigests,
     HostInfo,
     NotFound,
     OutgoingResult,
@@ -31,6 +33,7 @@ from vmferry.agent.api import (
 from vmferry.agent.port import AgentPort
 from vmferry.agent.tls import client_context
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
@@ -54,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 180.0  # creating a VM boots it under TCG
+CREATE_TIMEOUT_S = 3600.0  # creating a VM from a user's image copies the image first
 INCOMING_TIMEOUT_S = 60.0  # starting a destination QEMU
 MEASURE_TIMEOUT_S = 60.0  # profiling a guest (dirty rate, memory sample, disk writes)
 SINK_SLACK_S = 10.0  # on top of a sink's wait
@@ -88,6 +92,7 @@ def options_to_json(options: MigrationOptions) -> dict[str, object]:
         "timeout_s": options.timeout_s,
         "mechanism": options.mechanism,
         "postcopy_ready": options.postcopy_ready,
+        "hold": options.hold,
         "multifd_channels": options.multifd_channels,
         "xbzrle_cache_bytes": options.xbzrle_cache_bytes,
         "tls": options.tls,
@@ -215,10 +220,10 @@ class AgentClient:
         data = await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s)
         return RunState.parse(str(data["runstate"])), _migration_status(data, "migration")
 
-    async def create_vm(self, spec: VmSpec) -> VmInfo:
-        data = await self._call(
-            "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S
-        )
+    async def create_vm(self, spec: VmSpec, image: Path | None = None) -> VmInfo:
+        body: dict[str, object] = {"spec": spec_to_json(spec)}
+        body["image"] = None if image is None else str(image)
+        data = await self._call("POST", "/vms", body, timeout_s=CREATE_TIMEOUT_S)
         return VmInfo.from_json(data)
 
     async def delete_vm(self, name: str) -> None:
@@ -242,9 +247,9 @@ class AgentClient:
         nbd = data.get("nbd")
         return str(data["uri"]), None if nbd is None else NbdTarget.from_json(nbd)
 
-    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+    async def finish_incoming(self, name: str) -> Arrival:
         data = await self._call("POST", f"/vms/{name}/finish", timeout_s=BOOT_TIMEOUT_S)
-        return float(data["first_heartbeat_ms"]), integrity_from_json(data["integrity"])
+        return Arrival.from_json(data)
 
     async def abort_incoming(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/abort")
@@ -319,6 +324,18 @@ class AgentClient:
     async def continue_switchover(self, name: str) -> None:
         """Let a source whose disk is synced (status DISK_SYNCED) finish the switchover."""
         await self._call("POST", f"/vms/{name}/switchover")
+
+    async def handoff_digests(
+        self, name: str, mode: VerifyMode, seed: int, timeout_s: float
+    ) -> HandoffDigests:
+        body: dict[str, object] = {"mode": str(mode), "seed": seed, "timeout_s": timeout_s}
+        data = await self._call(
+            "POST", f"/vms/{name}/digests", body, timeout_s=timeout_s + DEFAULT_TIMEOUT_S
+        )
+        return HandoffDigests.from_json(data)
+
+    async def release_hold(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/release-hold")
 
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")

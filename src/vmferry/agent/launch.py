@@ -14,13 +14,16 @@ from vmferry.agent.vm import launch
 from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import MigrationOptions, VmSpec
-from vmferry.qemu.argv import Accel, BootFiles
+from vmferry.qemu.argv import OVMF_PATHS, Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
-from vmferry.qemu.qcow2 import create_image
+from vmferry.qemu.qcow2 import ImageInfo, copy_image, create_image
 
 __all__ = ["Launcher"]
 
 logger = logging.getLogger(__name__)
+
+# Copying a user's image (qemu-img convert, sparse): generous for large images on slow disks.
+_COPY_TIMEOUT_S = 3600.0
 
 
 class Launcher:
@@ -44,10 +47,19 @@ class Launcher:
         self.store = store
         self.area = area
 
-    async def launch(self, spec: VmSpec, *, incoming: bool, new_disk: bool) -> Slot:
-        """Check room, reserve the name, create the disk image if ``new_disk``, start QEMU and
-        persist the definition at once (so a successor agent, or `lab down`, finds it).
-        Leaves nothing behind on failure (an image it did not create is never removed).
+    async def launch(
+        self,
+        spec: VmSpec,
+        *,
+        incoming: bool,
+        new_disk: bool,
+        image: ImageInfo | None = None,
+        hold: bool = False,
+    ) -> Slot:
+        """Check room, reserve the name, create the disk image if ``new_disk`` (a copy of
+        ``image``, the user's own, if given), start QEMU and persist the definition at once
+        (so a successor agent, or `lab down`, finds it). Leaves nothing behind on failure (an
+        image it did not create is never removed).
 
         Raises:
             ConfigError, CapacityError: no room, or a disk image this host cannot see.
@@ -64,8 +76,11 @@ class Launcher:
         created = None
         try:
             if new_disk and disk is not None and spec.disk is not None:
-                await create_image(disk, spec.disk.size_bytes)
                 created = disk
+                if image is None:
+                    await create_image(disk, spec.disk.size_bytes)
+                else:
+                    await copy_image(image, disk, _COPY_TIMEOUT_S)
             slot.vm = await launch(
                 self.qemu.path,
                 spec,
@@ -77,6 +92,8 @@ class Launcher:
                 incoming=incoming,
                 disk_image=disk,
                 run_as=None if self.config.qemu_user is None else self.config.qemu_user.name,
+                hold=hold,
+                firmware=next((path for path in OVMF_PATHS if path.exists()), None),
             )
             self.store.persist(spec)
         except BaseException:

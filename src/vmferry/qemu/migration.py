@@ -70,6 +70,9 @@ def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
         "postcopy-ram": options.uses_postcopy,
         # Pages the guest faults on travel on their own channel, not behind the bulk copy.
         "postcopy-preempt": options.uses_postcopy,
+        # A held destination leaves its disks inactive until it runs: if the copies differ,
+        # the source takes the guest back and reopens them (only an incoming QEMU reads it).
+        "late-block-activate": options.hold,
     }
 
 
