@@ -17,6 +17,7 @@ from vmferry.controller.libvirt_xml import (
     ImportedDomain,
     parse_domain,
 )
+from vmferry.core.boot import GuestBoot
 from vmferry.core.errors import ConfigError
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "libvirt"
@@ -47,7 +48,7 @@ ACCEPTED: dict[str, ImportedDomain] = {
         nic=True,
         adjusted=(
             CPU_PASSTHROUGH,
-            "the interface on network 'default' is attached to vmferry's lab bridge instead",
+            "the interface on network 'default' becomes QEMU user networking (outbound only)",
         ),
         ignored=(
             *Q35_CONTROLLERS,
@@ -83,10 +84,7 @@ ACCEPTED: dict[str, ImportedDomain] = {
         cmdline="root=/dev/vda console=ttyS0",
         disk=ImportedDisk(Path("/srv/vm/debian12-root.raw"), "raw", "virtio-blk"),
         nic=True,
-        adjusted=(
-            CPU_PASSTHROUGH,
-            "the interface on user networking is attached to vmferry's lab bridge instead",
-        ),
+        adjusted=(CPU_PASSTHROUGH,),
         ignored=(
             *Q35_CONTROLLERS,
             "console pty",
@@ -115,7 +113,7 @@ ACCEPTED: dict[str, ImportedDomain] = {
             "the balloon target (<currentMemory> 2048 MiB) is dropped: the guest gets all of "
             "its <memory>, 4096 MiB",
             CPU_HOST_MODEL,
-            "the interface on bridge 'br0' is attached to vmferry's lab bridge instead",
+            "the interface on bridge 'br0' becomes QEMU user networking (outbound only)",
         ),
         ignored=(
             *Q35_CONTROLLERS,
@@ -231,6 +229,17 @@ def test_refused_example_lists_every_reason(filename: str) -> None:
     with pytest.raises(DomainImportError) as caught:
         parse_domain((DATA / filename).read_bytes())
     assert caught.value.reasons == REFUSED[filename]
+
+
+def test_guest_boot_is_the_spec_form_of_the_boot_fields() -> None:
+    imported = parse_domain((DATA / "direct-kernel.xml").read_bytes())
+    assert imported.guest_boot() == GuestBoot(
+        "bios",
+        Path("/srv/vm/vmlinuz-6.1.0-18-cloud-amd64"),
+        Path("/srv/vm/initrd.img-6.1.0-18-cloud-amd64"),
+        "root=/dev/vda console=ttyS0",
+        nic=True,
+    )
 
 
 def test_text_and_bytes_parse_alike() -> None:
@@ -386,14 +395,14 @@ def test_decimal_units_round_up_to_whole_mib() -> None:
             True,
             (
                 "network card e1000 becomes virtio-net (the guest needs its driver)",
-                "the interface on network 'lab' is attached to vmferry's lab bridge instead",
+                "the interface on network 'lab' becomes QEMU user networking (outbound only)",
             ),
         ),
         (
-            {"devices": "", "os": "<type>hvm</type><kernel>/boot/vmlinuz</kernel>"},
-            "disk",
+            {"os": "<type machine='q35'>hvm</type><cmdline>quiet</cmdline>"},
+            "cmdline",
             None,
-            ("no machine type given: vmferry uses 'pc', as libvirt does on x86_64",),
+            ("<cmdline> without <kernel> is not used",),
         ),
         (
             {
@@ -449,8 +458,11 @@ def test_empty_cdrom_and_no_balloon_are_dropped_quietly() -> None:
     assert imported.ignored == ("empty cdrom hdc",)
 
 
+NO_DISK = "the domain has no disk: a vmferry VM runs from one disk image"
 NAME_RULE = "use 1-63 letters, digits, '-' or '_', starting with a letter or digit"
-NIC_RULE = "vmferry attaches a VM's one NIC to its lab bridge (from a network, bridge or user one)"
+NIC_RULE = (
+    "a vmferry VM's one NIC is virtio on QEMU user networking (from a network, bridge or user one)"
+)
 
 
 @pytest.mark.parametrize(
@@ -525,15 +537,19 @@ NIC_RULE = "vmferry attaches a VM's one NIC to its lab bridge (from a network, b
         ),
         (
             domain(devices="", os="<type machine='q35'>hvm</type><initrd>boot/initrd</initrd>"),
-            ("<initrd> 'boot/initrd' is not an absolute path",),
+            ("<initrd> 'boot/initrd' is not an absolute path", NO_DISK),
         ),
         (
-            domain(devices="", os="<type machine='q35'>hvm</type><initrd>/boot/initrd</initrd>"),
+            domain(os="<type machine='q35'>hvm</type><initrd>/boot/initrd</initrd>"),
             ("<initrd> without <kernel>",),
         ),
         (
+            domain(os="<type machine='q35'>hvm</type><kernel>/boot/vmlinuz,if=pflash</kernel>"),
+            ("kernel path must not contain ',' or a newline: /boot/vmlinuz,if=pflash",),
+        ),
+        (
             domain(devices=""),
-            ("nothing to boot: the domain has neither a disk nor a <kernel>",),
+            (NO_DISK,),
         ),
         (
             domain(

@@ -72,6 +72,7 @@ def judge_devices(
 ) -> tuple[ImportedDisk | None, bool, str | None]:
     """The one disk, whether there is a NIC (and its MAC); every other device judged."""
     if devices is None:
+        found.refuse(_NO_DISK)
         return None, False, None
     disks, interfaces = devices.findall("disk"), devices.findall("interface")
     scsi_models = {
@@ -82,6 +83,8 @@ def judge_devices(
             _judge_device(child, found)
     imported = [_disk(d, scsi_models, found) for d in disks]
     real = [d for d in disks if d.get("device", "disk") in ("disk", "lun")]
+    if not real:
+        found.refuse(_NO_DISK)
     if len(real) > 1:
         targets = ", ".join(_target(d) for d in real)
         found.refuse(f"{len(real)} disks ({targets}): vmferry moves one disk per VM")
@@ -91,6 +94,9 @@ def judge_devices(
     nics = [_interface(i, found) for i in interfaces]
     mac = interfaces[0].find("mac") if interfaces else None
     return disk, any(nics), None if mac is None else mac.get("address")
+
+
+_NO_DISK = "the domain has no disk: a vmferry VM runs from one disk image"
 
 
 def _target(disk: Element) -> str:
@@ -235,8 +241,9 @@ def _interface(el: Element, found: Findings) -> bool:
         found.adjust(f"network card {model} becomes virtio-net (the guest needs its driver)")
     source = el.find("source")
     where = "" if source is None else attrs(source).get(kind, "")
-    on = f"{kind} {where!r}" if where else f"{kind} networking"
-    found.adjust(f"the interface on {on} is attached to vmferry's lab bridge instead")
+    if kind != "user":
+        on = f"{kind} {where!r}" if where else kind
+        found.adjust(f"the interface on {on} becomes QEMU user networking (outbound only)")
     extras = [
         t for t in ("filterref", "bandwidth", "vlan", "virtualport") if el.find(t) is not None
     ]
@@ -245,7 +252,9 @@ def _interface(el: Element, found: Findings) -> bool:
     return True
 
 
-_NIC_WHY = "vmferry attaches a VM's one NIC to its lab bridge (from a network, bridge or user one)"
+_NIC_WHY = (
+    "a vmferry VM's one NIC is virtio on QEMU user networking (from a network, bridge or user one)"
+)
 _NIC_REFUSALS = {
     "vhostuser": (
         "vhost-user interface",

@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from lxml import etree
 
@@ -34,12 +33,11 @@ from vmferry.controller.libvirt_devices import (
     judge_devices,
     tag_name,
 )
+from vmferry.core.boot import Firmware, GuestBoot
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import DEFAULT_CPU_MODEL, VmName, VmSpec, validate_name
 
 __all__ = ["DomainImportError", "ImportedDisk", "ImportedDomain", "parse_domain"]
-
-Firmware = Literal["bios", "uefi"]
 
 
 class DomainImportError(ConfigError):
@@ -82,6 +80,10 @@ class ImportedDomain:
     nvram: Path | None = None
     mac_address: str | None = None
 
+    def guest_boot(self) -> GuestBoot:
+        """How the VM boots, as a vmferry spec holds it (checked by :func:`parse_domain`)."""
+        return GuestBoot(self.firmware, self.kernel, self.initrd, self.cmdline, self.nic)
+
 
 def parse_domain(xml_text: str | bytes, *, name: str | None = None) -> ImportedDomain:
     """Map a libvirt domain XML onto a vmferry VM.
@@ -109,8 +111,7 @@ def parse_domain(xml_text: str | bytes, *, name: str | None = None) -> ImportedD
     boot = _os(root.find("os"), found)
     cpu_model = _cpu(root.find("cpu"), found)
     disk, nic, mac = judge_devices(root.find("devices"), found)
-    if disk is None and boot.kernel is None and not found.refused:
-        found.refuse("nothing to boot: the domain has neither a disk nor a <kernel>")
+    _check_boot(boot, nic, found)
     if found.refused:
         raise DomainImportError(found.refused)
     return ImportedDomain(
@@ -328,6 +329,14 @@ def _check_fits(memory_bytes: int | None, vcpus: int, found: Findings) -> None:
             found.refuse(str(err))
 
 
+def _check_boot(boot: _Boot, nic: bool, found: Findings) -> None:
+    """Refuse what GuestBoot refuses (paths QEMU cannot take, a multi-line command line)."""
+    try:
+        GuestBoot(boot.firmware, boot.kernel, boot.initrd, boot.cmdline, nic)
+    except ConfigError as err:
+        found.refuse(str(err))
+
+
 _PINNING = ("vcpupin", "emulatorpin", "iothreadpin")
 
 
@@ -404,6 +413,7 @@ def _os(os_el: Element | None, found: Findings) -> _Boot:
     cmdline = os_el.findtext("cmdline")
     if kernel is None and initrd is not None:
         found.refuse("<initrd> without <kernel>")
+        initrd = None
     if kernel is None and cmdline is not None:
         found.adjust("<cmdline> without <kernel> is not used")
         cmdline = None
