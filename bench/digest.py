@@ -5,7 +5,8 @@
   pages), found through ``/proc/self/fd`` as the agent finds QEMU's, digested with
   ``digest_ram``: full plans over a range of chunk sizes and 1..N threads, sample plans over a
   range of chunk sizes and byte budgets, and the defaults of ``vmferry.core.handoff``. The memfd's
-  allocation is checked before and after (a digest must not allocate guest pages).
+  allocation is checked before and after (a digest must not allocate guest pages). Last, every
+  page is written and the default full plan timed again (``ram-dense``: nothing to skip).
 * **Disk**: a sparse raw image of 2 GiB with ~30 % written in runs of 64 KiB..8 MiB, converted to
   qcow2 (``qemu-img convert``), digested with ``digest_image`` (full and sample); the raw and
   qcow2 digests must be equal.
@@ -13,22 +14,27 @@
 Numbers are warm (guest RAM is always in memory; a just-mirrored image is in the page cache).
 Each cell is timed ``--repeat`` times; the table shows the median and the best.
 
-    uv run python bench/digest.py [--ram 1G] [--disk 2G] [--repeat 5] [--out bench/results/digest.json]
+    uv run python bench/digest.py [--ram 1G] [--disk 2G] [--repeat 5] [--workers 1,2,4]
+        [--out bench/results/digest.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import random
 import statistics
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from vmferry.agent.digest import DEFAULT_WORKERS, digest_image, digest_ram, find_ram_fd
 from vmferry.core.handoff import ChunkPlan, Digests, VerifyMode, compare, plan_chunks
@@ -148,27 +154,78 @@ async def bench_ram(size: int, repeat: int, worker_counts: list[int]) -> dict[st
         for chunk in (MIB, 2 * MIB, 4 * MIB, 8 * MIB, 16 * MIB):
             for workers in worker_counts:
                 await cell(plan_chunks(VerifyMode.FULL, size, 0, chunk_bytes=chunk), workers)
-        for chunk in (4 * KIB, 16 * KIB, 64 * KIB, 256 * KIB):
+        for chunk in (16 * KIB, 32 * KIB, 64 * KIB, 256 * KIB):
             for budget in (4 * MIB, 16 * MIB, 64 * MIB):
-                for workers in worker_counts:
-                    plan = plan_chunks(
-                        VerifyMode.SAMPLE, size, 7, chunk_bytes=chunk, budget_bytes=budget
-                    )
-                    await cell(plan, workers)
+                plan = plan_chunks(
+                    VerifyMode.SAMPLE, size, 7, chunk_bytes=chunk, budget_bytes=budget
+                )
+                await cell(plan, DEFAULT_WORKERS)  # small plans run on one thread anyway
         defaults = {}
         for mode in (VerifyMode.FULL, VerifyMode.SAMPLE):
             await cell(plan_chunks(mode, size, 7), DEFAULT_WORKERS)
             defaults[str(mode)] = rows[-1]
+        allocated_after = os.fstat(fd).st_blocks * 512
+        # The worst case: a guest that has written every page (nothing to skip).
+        for offset in range(0, size, 64 * MIB):
+            os.pwrite(fd, os.urandom(min(64 * MIB, size - offset)), offset)
+        await cell(plan_chunks(VerifyMode.FULL, size, 7), DEFAULT_WORKERS)
+        rows[-1]["region"] = "ram-dense"
+        defaults["full-dense"] = rows[-1]
         return {
             "size_bytes": size,
             "pages": counts,
             "allocated_bytes_before": allocated_before,
-            "allocated_bytes_after": os.fstat(fd).st_blocks * 512,
+            "allocated_bytes_after": allocated_after,
             "rows": rows,
             "defaults": defaults,
         }
     finally:
         os.close(fd)
+
+
+def gil_probe() -> list[dict[str, Any]]:
+    """Does a call release the GIL? Two threads hashing in-cache buffers against one.
+
+    sha256 (hashlib releases the GIL above 2 KiB) is the control: if it does not scale either,
+    the second core was busy and the run says nothing about the GIL.
+    """
+    cases: list[tuple[str, Any, int]] = [
+        ("xxh3_128 1 MiB", xxhash.xxh3_128_digest, MIB),
+        ("xxh3_128 64 KiB", xxhash.xxh3_128_digest, 64 * KIB),
+        ("sha256 1 MiB (control)", lambda b: hashlib.sha256(b).digest(), MIB),
+    ]
+    rows = []
+    for name, fn, size in cases:
+        buffer = os.urandom(size)
+        calls = max(1, (4 * GIB if "xxh3" in name else 256 * MIB) // size)
+        rates = []
+        for threads in (1, 2):
+
+            def loop(fn: Any = fn, buffer: bytes = buffer, calls: int = calls) -> None:
+                for _ in range(calls):
+                    fn(buffer)
+
+            workers = [threading.Thread(target=loop) for _ in range(threads)]
+            started = time.perf_counter()
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            rates.append(threads * calls * size / (time.perf_counter() - started) / 1e9)
+        rows.append(
+            {
+                "case": name,
+                "gbps_1_thread": round(rates[0], 2),
+                "gbps_2_threads": round(rates[1], 2),
+                "scaling": round(rates[1] / rates[0], 2),
+            }
+        )
+        print(
+            f"gil {name:24} 1 thread {rates[0]:6.2f} GB/s  2 threads {rates[1]:6.2f} GB/s  "
+            f"x{rates[1] / rates[0]:.2f}",
+            flush=True,
+        )
+    return rows
 
 
 async def bench_disk(size: int, share: float, repeat: int) -> dict[str, Any]:
@@ -182,7 +239,9 @@ async def bench_disk(size: int, share: float, repeat: int) -> dict[str, Any]:
             results = {}
             for fmt, path in (("qcow2", qcow2), ("raw", raw)):
                 times, results[fmt] = await timed(
-                    lambda p=path, f=fmt: digest_image(p, plan, fmt=f, timeout_s=TIMEOUT_S),  # type: ignore[misc]
+                    lambda p=path, f=fmt, plan=plan: digest_image(
+                        p, plan, fmt=f, timeout_s=TIMEOUT_S
+                    ),
                     repeat,
                 )
                 rows.append(row(f"disk-{fmt}", plan, DEFAULT_WORKERS, times))
@@ -210,9 +269,12 @@ def print_row(r: dict[str, Any]) -> None:
 
 def summary(ram: dict[str, Any], disk: dict[str, Any]) -> dict[str, Any]:
     full, sample = ram["defaults"]["full"], ram["defaults"]["sample"]
+    dense = ram["defaults"]["full-dense"]
     return {
         "ram_full_gbps": full["region_gbps_median"],
         "ram_full_ms": full["median_ms"],
+        "ram_dense_full_gbps": dense["region_gbps_median"],
+        "ram_dense_full_ms": dense["median_ms"],
         "ram_sample_ms": sample["median_ms"],
         "disk_full_gbps": disk["defaults"]["full"]["region_gbps_median"],
         "disk_full_ms": disk["defaults"]["full"]["median_ms"],
@@ -239,12 +301,14 @@ async def main() -> None:
     args = parser.parse_args()
     load_before = os.getloadavg()
     worker_counts = [int(w) for w in args.workers.split(",")]
+    gil = gil_probe()
     ram = await bench_ram(args.ram, args.repeat, worker_counts)
     disk = await bench_disk(args.disk, args.allocated, args.repeat)
     results = {
         "config": {**vars(args), "out": str(args.out), "cpus": os.cpu_count()},
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
+        "gil": gil,
         "ram": ram,
         "disk": disk,
         "summary": summary(ram, disk),

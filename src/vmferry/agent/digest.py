@@ -35,7 +35,7 @@ import xxhash
 
 from vmferry.core.errors import FerryError
 from vmferry.core.handoff import ChunkPlan, DigestKind, Digests
-from vmferry.qemu.image_map import Extent, ImageMap, map_image
+from vmferry.qemu.image_map import Extent, ImageLayer, ImageMap, map_image
 
 __all__ = [
     "DEFAULT_WORKERS",
@@ -294,17 +294,7 @@ def _open_layers(image: ImageMap) -> dict[int, int]:
             raise ImageNotReadable(image.path, f"no file offset for byte {extent.start_bytes}")
     for depth in depths:
         layer = image.layers[depth]
-        problem = (
-            f"format {layer.format} (only {' and '.join(_READABLE_FORMATS)})"
-            if layer.format not in _READABLE_FORMATS
-            else "encrypted"
-            if layer.encrypted
-            else f"data in an external data file {layer.data_file}"
-            if layer.data_file is not None
-            else f"not a plain file: {layer.filename}"
-            if not layer.is_plain_file
-            else None
-        )
+        problem = _layer_problem(layer)
         if problem is not None:
             where = "" if depth == 0 else f" (backing file {layer.filename})"
             raise ImageNotReadable(image.path, problem + where)
@@ -317,6 +307,19 @@ def _open_layers(image: ImageMap) -> dict[int, int]:
             os.close(fd)
         raise DigestError(f"cannot open {err.filename}: {err.strerror}") from err
     return fds
+
+
+def _layer_problem(layer: ImageLayer) -> str | None:
+    """Why data stored in ``layer`` cannot be read at its offset, None when it can."""
+    if layer.format not in _READABLE_FORMATS:
+        return f"format {layer.format} (only {' and '.join(_READABLE_FORMATS)})"
+    if layer.encrypted:
+        return "encrypted"
+    if layer.data_file is not None:
+        return f"data in an external data file {layer.data_file}"
+    if not layer.is_plain_file:
+        return f"not a plain file: {layer.filename}"
+    return None
 
 
 class _ImageChunks:

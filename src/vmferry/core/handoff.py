@@ -52,7 +52,7 @@ ALGORITHM = "xxh3_128"
 DIGEST_BYTES = 16
 
 # Chosen with bench/digest.py on this machine kind (2 cores): see bench/README.md.
-FULL_CHUNK_BYTES = 4 << 20
+FULL_CHUNK_BYTES = 2 << 20
 SAMPLE_CHUNK_BYTES = 64 << 10
 SAMPLE_BUDGET_BYTES = 16 << 20
 
