@@ -6,6 +6,7 @@ an HTTP status chosen by :data:`STATUS_BY_ERROR`.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from vmferry.core.errors import (
 from vmferry.core.handoff import Digests
 from vmferry.core.model import GuestAgentCheck, IntegrityReport, MigrationStats
 from vmferry.core.status import MigrationStatus, Stage
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = [
     "API_PREFIX",
@@ -373,3 +375,26 @@ class HandoffDigests:
         return cls(
             Digests.from_json(data.get("ram")), None if disk is None else Digests.from_json(disk)
         )
+
+
+def exec_to_json(result: ExecResult) -> dict[str, object]:
+    """A guest command's end as JSON (its output base64, it may be binary)."""
+    return {
+        "exit_code": result.exit_code,
+        "signal": result.signal,
+        "stdout": base64.b64encode(result.stdout).decode("ascii"),
+        "stderr": base64.b64encode(result.stderr).decode("ascii"),
+        "truncated": result.truncated,
+    }
+
+
+def exec_from_json(data: dict[str, Any]) -> ExecResult:
+    """Raises: ValueError, KeyError: malformed (the client maps them)."""
+    code, signal = data.get("exit_code"), data.get("signal")
+    return ExecResult(
+        exit_code=code if isinstance(code, int) else None,
+        signal=signal if isinstance(signal, int) else None,
+        stdout=base64.b64decode(str(data["stdout"])),
+        stderr=base64.b64decode(str(data["stderr"])),
+        truncated=data.get("truncated") is True,
+    )

@@ -8,6 +8,7 @@ class it reported (``NotFound``, ``CapacityError``, ``StateError`` …); a dead 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 from pathlib import Path
@@ -27,6 +28,7 @@ from vmferry.agent.api import (
     NotFound,
     OutgoingResult,
     VmInfo,
+    exec_from_json,
     integrity_from_json,
     stats_from_json,
 )
@@ -43,6 +45,7 @@ from vmferry.core.model import (
     spec_to_json,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = [
     "AgentClient",
@@ -333,6 +336,20 @@ class AgentClient:
             "POST", f"/vms/{name}/digests", body, timeout_s=timeout_s + DEFAULT_TIMEOUT_S
         )
         return HandoffDigests.from_json(data)
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        body: dict[str, object] = {"argv": argv, "timeout_s": timeout_s}
+        if input_bytes is not None:
+            body["input"] = base64.b64encode(input_bytes).decode("ascii")
+        data = await self._call(
+            "POST", f"/vms/{name}/exec", body, timeout_s=timeout_s + DEFAULT_TIMEOUT_S
+        )
+        try:
+            return exec_from_json(data)
+        except (KeyError, ValueError) as err:
+            raise AgentError(f"malformed exec answer from {self.name}: {err}") from err
 
     async def release_hold(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/release-hold")

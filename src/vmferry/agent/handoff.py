@@ -17,7 +17,7 @@ from vmferry.agent.store import VmStore
 from vmferry.core.errors import StateError
 from vmferry.core.handoff import VerifyMode, plan_chunks
 from vmferry.core.status import RunState
-from vmferry.qemu.migration import run_state
+from vmferry.qemu.migration import run_state, wait_arrived
 
 __all__ = ["RAM_MEMFD_NAME", "handoff_digests", "release_hold"]
 
@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 RAM_MEMFD_NAME = "memory-backend-memfd"
 # Which QEMU run state each side must be in for its copy to be a stopped, final one.
 _STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
+_ARRIVAL_S = 30.0
 
 
 async def handoff_digests(
@@ -44,7 +45,8 @@ async def handoff_digests(
     wanted = _STOPPED.get(slot.state)
     if vm is None or vm.process.pid is None or wanted is None:
         raise StateError(f"VM {spec.name}", slot.state.value, "migrated or incoming")
-    status = await run_state(vm.qmp)
+    # A destination may still be loading the last of the guest when the source completed.
+    status = await wait_arrived(vm.qmp, _ARRIVAL_S)
     if status is not wanted:
         raise StateError(f"VM {spec.name}'s QEMU", str(status), str(wanted))
     ram_plan = plan_chunks(mode, spec.memory_bytes, seed)

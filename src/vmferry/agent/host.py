@@ -50,6 +50,7 @@ from vmferry.core.model import (
 from vmferry.core.status import MigrationStatus, RunState
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
+from vmferry.qemu.guest_agent import ExecResult
 from vmferry.qemu.migration import migration_status, run_state
 from vmferry.qemu.qcow2 import probe_image
 
@@ -375,6 +376,19 @@ class HostAgent:
         slot = self.slots.get(name)
         async with slot.lock:
             return await handoff_digests(slot, self.store, mode, seed, timeout_s)
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        """Run ``argv`` in VM ``name``'s guest through its guest agent and wait for its end.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it does not run here.
+            GuestAgentError: no agent answers in the guest, or it refused the command.
+        """
+        _, vm = self.slots.running(name, VmState.RUNNING)
+        return await vm.guest_agent.exec(argv, timeout_s=timeout_s, input_bytes=input_bytes)
 
     async def release_hold(self, name: str) -> None:
         """Let held incoming VM ``name`` run as soon as it arrives (a post-copy is starting).

@@ -3,7 +3,6 @@ export a source mirrors into, and the end of it (the guest runs here, or the cop
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from vmferry.agent.api import Arrival
@@ -15,7 +14,7 @@ from vmferry.core.errors import StateError
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import RunState
 from vmferry.qemu.block import export_disk, unexport_disk
-from vmferry.qemu.migration import run_state, start_incoming, wait_running
+from vmferry.qemu.migration import run_state, start_incoming, wait_arrived, wait_running
 from vmferry.qemu.tls import add_creds
 
 __all__ = ["Incoming"]
@@ -62,12 +61,7 @@ class Incoming:
         slot, vm = self.slots.running(name, VmState.INCOMING)
         async with slot.lock:
             # A local disk's export is gone already: the switchover waited for release_disk.
-            async with asyncio.timeout(_INCOMING_DONE_TIMEOUT_S):
-                while True:
-                    status = await run_state(vm.qmp)
-                    if status is not RunState.INMIGRATE:
-                        break
-                    await asyncio.sleep(0.02)
+            status = await wait_arrived(vm.qmp, _INCOMING_DONE_TIMEOUT_S)
             if status is RunState.PAUSED:
                 # Held for the comparison of both copies, or a cold move (the source was
                 # stopped before sending, so QEMU does not autostart). The source is in

@@ -59,6 +59,7 @@ from vmferry.core.model import (
     VmSpec,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = ["InProcessAgent"]
 
@@ -217,6 +218,15 @@ class InProcessAgent:
         return await self._call(
             f"digests {name}",
             self.host_agent.handoff_digests(name, mode, seed, timeout_s),
+            timeout_s + DEFAULT_TIMEOUT_S,
+        )
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        return await self._call(
+            f"exec in {name}",
+            self.host_agent.guest_exec(name, argv, timeout_s, input_bytes),
             timeout_s + DEFAULT_TIMEOUT_S,
         )
 

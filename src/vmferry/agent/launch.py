@@ -66,6 +66,7 @@ class Launcher:
             QEMULaunchError, GuestError: QEMU did not start.
         """
         self.slots.check_room(spec)
+        self._check_boot_files(spec)
         disk = self.store.disk_path(spec)
         if new_disk:
             self.slots.check_disk_room(spec)
@@ -102,6 +103,13 @@ class Launcher:
             self.drop(spec.name, created)
             raise
         return slot
+
+    def _check_boot_files(self, spec: VmSpec) -> None:
+        """Raises: ConfigError: a kernel or initrd of a user's guest this host cannot see."""
+        boot = spec.boot
+        for path in () if boot is None else (boot.kernel, boot.initrd):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{self.config.host} cannot see {spec.name}'s boot file {path}")
 
     async def retire(self, name: str, required: VmState) -> None:
         """End and forget VM ``name``'s QEMU, which must be in state ``required``, and remove

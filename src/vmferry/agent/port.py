@@ -32,6 +32,7 @@ from vmferry.core.model import (
     VmSpec,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = ["AgentPort"]
 
@@ -128,6 +129,12 @@ class AgentPort(Protocol):
         self, name: str, mode: VerifyMode, seed: int, timeout_s: float
     ) -> HandoffDigests:
         """Digests of this side's stopped copy (see :mod:`vmferry.agent.handoff`)."""
+        ...
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = ...
+    ) -> ExecResult:
+        """Run a command in the guest through its guest agent; its exit and output."""
         ...
 
     async def release_hold(self, name: str) -> None:

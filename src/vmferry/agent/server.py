@@ -36,6 +36,7 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -56,6 +57,7 @@ from vmferry.agent.api import (
     SINK_WAIT_MAX_S,
     STATUS_BY_ERROR,
     NotFound,
+    exec_to_json,
     stats_to_json,
 )
 from vmferry.agent.host import AgentConfig, HostAgent
@@ -351,6 +353,24 @@ async def _digests(request: web.Request) -> web.Response:
     return web.json_response(digests.to_json())
 
 
+async def _exec(request: web.Request) -> web.Response:
+    body = await _body(request)
+    argv, timeout, data = body.get("argv"), body.get("timeout_s", 30.0), body.get("input")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError("argv must be a non-empty list of strings")
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ConfigError("timeout_s must be a number in (0, 3600]")
+    if data is not None and not isinstance(data, str):
+        raise ConfigError("input must be base64 text")
+    try:
+        input_bytes = None if data is None else base64.b64decode(data, validate=True)
+    except ValueError as err:
+        raise ConfigError(f"input is not base64: {err}") from err
+    name = request.match_info["name"]
+    result = await _agent(request).guest_exec(name, argv, float(timeout), input_bytes)
+    return web.json_response(exec_to_json(result))
+
+
 async def _release_hold(request: web.Request) -> web.Response:
     await _agent(request).release_hold(request.match_info["name"])
     return web.Response(status=204)
@@ -432,6 +452,7 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
     app.router.add_post(f"{p}/vms/{{name}}/digests", _digests)
     app.router.add_post(f"{p}/vms/{{name}}/release-hold", _release_hold)
+    app.router.add_post(f"{p}/vms/{{name}}/exec", _exec)
     app.router.add_post(f"{p}/vms/{{name}}/resume-source", _resume_source)
     app.router.add_post(f"{p}/vms/{{name}}/forget", _forget)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy/pause", _postcopy_pause)

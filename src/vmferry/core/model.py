@@ -276,7 +276,8 @@ def spec_from_json(data: object) -> VmSpec:
         raise ConfigError("'vcpus' must be an integer")
     if not isinstance(workload, str) or not isinstance(machine, str) or not isinstance(cpu, str):
         raise ConfigError("'workload', 'machine_type' and 'cpu_model' must be strings")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,40}", machine + cpu):
+    # QEMU's names: machine types are lower case; CPU models may not be (Skylake-Client).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", machine + cpu):
         raise ConfigError(f"bad machine type or CPU model: {machine!r} {cpu!r}")
     return VmSpec(
         name=VmName(validate_name(name)),

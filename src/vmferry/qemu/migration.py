@@ -358,6 +358,21 @@ async def wait_running(session: QmpSession, timeout_s: float) -> None:
         raise StateError(f"VM {session.name}", status, RunState.RUNNING) from None
 
 
+async def wait_arrived(session: QmpSession, timeout_s: float) -> RunState:
+    """Wait until a destination has loaded the whole guest (the source may report completion
+    a moment before); return the run state it then has.
+
+    Raises:
+        TimeoutError: still ``inmigrate`` after ``timeout_s``.
+    """
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await run_state(session)
+            if status is not RunState.INMIGRATE:
+                return status
+            await asyncio.sleep(0.02)
+
+
 async def ensure_running(session: QmpSession) -> RunState:
     """Resume a source left paused by a failed switchover; return its final run state.
 
