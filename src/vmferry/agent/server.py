@@ -79,8 +79,10 @@ _MAX_BODY_BYTES = 64 * 1024
 
 
 def _error_response(error: FerryError) -> web.Response:
-    status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
-    body = {"error": {"type": type(error).__name__, "message": str(error)}}
+    # The wire names the table's class (a subclass such as UnusableImage travels as the
+    # ConfigError it is), so every client knows what it may do about it.
+    kind, status = next((cls, code) for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
+    body = {"error": {"type": kind.__name__, "message": str(error)}}
     return web.json_response(body, status=status)
 
 
