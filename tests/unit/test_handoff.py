@@ -81,7 +81,10 @@ def test_sample_plan_is_a_function_of_its_seed() -> None:
     assert a == plan_chunks(VerifyMode.SAMPLE, GIB, seed=1)
     assert a.indexes != plan_chunks(VerifyMode.SAMPLE, GIB, seed=2).indexes
     # Pinned: two hosts (any Python) must draw the same chunks from the same seed.
-    assert plan_chunks(VerifyMode.SAMPLE, 64 * MIB, seed=1, budget_bytes=8 * 64 * KIB).indexes == (
+    pinned = plan_chunks(
+        VerifyMode.SAMPLE, 64 * MIB, seed=1, chunk_bytes=64 * KIB, budget_bytes=8 * 64 * KIB
+    )
+    assert pinned.indexes == (
         0, 201, 350, 466, 569, 691, 805, 1023
     )  # fmt: skip
 

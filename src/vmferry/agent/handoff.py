@@ -8,6 +8,7 @@ completed, the destination ``paused`` (held, see ``MigrationOptions.hold``) befo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from vmferry.agent.api import HandoffDigests
@@ -17,7 +18,8 @@ from vmferry.agent.store import VmStore
 from vmferry.core.errors import StateError
 from vmferry.core.handoff import VerifyMode, plan_chunks
 from vmferry.core.status import RunState
-from vmferry.qemu.migration import run_state, wait_arrived
+from vmferry.qemu.migration import run_state
+from vmferry.qemu.session import QmpSession
 
 __all__ = ["RAM_MEMFD_NAME", "handoff_digests", "release_hold"]
 
@@ -28,6 +30,7 @@ RAM_MEMFD_NAME = "memory-backend-memfd"
 # Which QEMU run state each side must be in for its copy to be a stopped, final one.
 _STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
 _ARRIVAL_S = 30.0
+_ON_THE_WAY = frozenset({RunState.INMIGRATE, RunState.FINISH_MIGRATE})
 
 
 async def handoff_digests(
@@ -45,10 +48,7 @@ async def handoff_digests(
     wanted = _STOPPED.get(slot.state)
     if vm is None or vm.process.pid is None or wanted is None:
         raise StateError(f"VM {spec.name}", slot.state.value, "migrated or incoming")
-    # A destination may still be loading the last of the guest when the source completed.
-    status = await wait_arrived(vm.qmp, _ARRIVAL_S)
-    if status is not wanted:
-        raise StateError(f"VM {spec.name}'s QEMU", str(status), str(wanted))
+    await _wait_stopped(vm.qmp, spec.name, wanted)
     ram_plan = plan_chunks(mode, spec.memory_bytes, seed)
     ram = await digest_ram(
         find_ram_fd(vm.process.pid, RAM_MEMFD_NAME), ram_plan, timeout_s=timeout_s
@@ -67,6 +67,27 @@ async def handoff_digests(
         "-" if disk is None else f"{disk.elapsed_ms:.0f} ms",
     )
     return HandoffDigests(ram, disk)
+
+
+async def _wait_stopped(qmp: QmpSession, name: str, wanted: RunState) -> None:
+    """Until QEMU is in ``wanted``: a destination may still be loading the last of the guest
+    when the source reports completion, and a source may not have left ``finish-migrate``.
+
+    Raises:
+        StateError: it is in another state, or still on its way after a while.
+    """
+    status = RunState.OTHER
+    try:
+        async with asyncio.timeout(_ARRIVAL_S):
+            while True:
+                status = await run_state(qmp)
+                if status not in _ON_THE_WAY:
+                    break
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        pass
+    if status is not wanted:
+        raise StateError(f"VM {name}'s QEMU", str(status), str(wanted))
 
 
 async def release_hold(slot: Slot) -> None:
