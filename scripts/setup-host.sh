@@ -2,6 +2,8 @@
 # Install what vmferry needs on this host, only what is missing (idempotent).
 #   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
 #   - busybox-static, gcc + static libc (the lab guest image), iproute2
+#   - mmdebstrap, e2fsprogs, grub-pc-bin, Debian's archive keyring (the Debian guest image)
+#   - qemu-guest-agent (its qemu-ga binary serves tests of the guest-agent client)
 #   - uv, then the project's locked Python environment
 #   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
 #     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
@@ -30,6 +32,12 @@ command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v ip >/dev/null || missing+=(iproute2)
+# The Debian guest image (vmferry.guest.debian); /usr/sbin tools may be off a user's PATH.
+command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+dpkg -s e2fsprogs >/dev/null 2>&1 || missing+=(e2fsprogs)
+[ -e /usr/lib/grub/i386-pc/boot.img ] || missing+=(grub-pc-bin)
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+[ -x /usr/sbin/qemu-ga ] || missing+=(qemu-guest-agent)
 
 backports=()
 if ! qemu_ok; then
