@@ -2,8 +2,10 @@
 # Install what vmferry needs on this host, only what is missing (idempotent).
 #   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
 #   - busybox-static, gcc + static libc (the lab guest image), iproute2
-#   - qemu-guest-agent (the guest agent client's tests run qemu-ga on the host; its service
+#   - mmdebstrap, e2fsprogs, grub-pc-bin, Debian's archive keyring (the Debian guest image)
+#   - qemu-guest-agent (its qemu-ga binary serves tests of the guest-agent client; its service
 #     starts only inside a VM, bound to the virtio port org.qemu.guest_agent.0)
+#   - ovmf (UEFI firmware for guests of your own that boot with --firmware uefi)
 #   - uv, then the project's locked Python environment
 #   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
 #     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
@@ -32,7 +34,13 @@ command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v ip >/dev/null || missing+=(iproute2)
-dpkg -s qemu-guest-agent >/dev/null 2>&1 || missing+=(qemu-guest-agent)
+# The Debian guest image (vmferry.guest.debian); /usr/sbin tools may be off a user's PATH.
+command -v mmdebstrap >/dev/null || missing+=(mmdebstrap)
+dpkg -s e2fsprogs >/dev/null 2>&1 || missing+=(e2fsprogs)
+[ -e /usr/lib/grub/i386-pc/boot.img ] || missing+=(grub-pc-bin)
+[ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
+[ -x /usr/sbin/qemu-ga ] || missing+=(qemu-guest-agent)
+[ -e /usr/share/ovmf/OVMF.fd ] || missing+=(ovmf)
 
 backports=()
 if ! qemu_ok; then
