@@ -30,6 +30,7 @@ from vmferry.lab.local import LocalLab
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
 AGENT_TIMEOUT_S = 150.0
+FULL = VerifyMode.FULL
 _CORRUPT_AT = 300 << 20
 
 
@@ -100,11 +101,12 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     assert b'VERSION_ID="12"' in release.stdout
     failing = await host1.guest_exec("deb-local", ["sh", "-c", "echo no >&2; exit 3"], 20.0)
     assert (failing.exit_code, failing.stderr) == (3, b"no\n")
-    marker = await host1.guest_exec("deb-local", ["sh", "-c", "head -c 4M /dev/urandom | tee /root/m | sha256sum"], 20.0)  # fmt: skip
+    write = "head -c 4M /dev/urandom | tee /root/m | sha256sum"
+    marker = await host1.guest_exec("deb-local", ["sh", "-c", write], 20.0)
     assert marker.exit_code == 0
 
     # Live with local storage: RAM and the disk's guest-visible content compared in full.
-    moved = await lab.migrate("deb-local", "host-2", strategy="precopy", plan=False, verify=VerifyMode.FULL)  # fmt: skip
+    moved = await lab.migrate("deb-local", "host-2", strategy="precopy", plan=False, verify=FULL)
     _verified(moved, disk=True)
     assert moved.running_on == "host-2"
     assert await _clock_skew_s(lab, "deb-local") < 1.0
@@ -119,7 +121,7 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
 
     # A damaged destination: caught before it runs; the source keeps the guest, intact.
     monkeypatch.setattr(host1, "handoff_digests", _corrupting(host1, _CORRUPT_AT))
-    damaged = await lab.migrate("deb-local", "host-1", strategy="precopy", plan=False, verify=VerifyMode.FULL)  # fmt: skip
+    damaged = await lab.migrate("deb-local", "host-1", strategy="precopy", plan=False, verify=FULL)
     assert damaged.status == "failed"
     assert damaged.running_on == "host-2"
     assert damaged.handoff is not None
