@@ -39,6 +39,7 @@ from vmferry.qemu.image_map import Extent, ImageLayer, ImageMap, map_image
 
 __all__ = [
     "DEFAULT_WORKERS",
+    "QEMU_MEMFD_NAME",
     "DigestError",
     "DigestTimeout",
     "GuestRamNotFound",
@@ -51,6 +52,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+QEMU_MEMFD_NAME = "memory-backend-memfd"
 
 _READABLE_FORMATS = ("raw", "qcow2")
 _BYTES_PER_THREAD = 64 << 20
@@ -65,7 +68,7 @@ class GuestRamNotFound(DigestError):
 
     Attributes:
         pid: QEMU's process id.
-        name: the memory backend's id (the memfd's name).
+        name: the memfd's name.
     """
 
     def __init__(self, pid: int, name: str, reason: str) -> None:
@@ -96,11 +99,21 @@ class DigestTimeout(DigestError):
         self.timeout_s = timeout_s
 
 
-def find_ram_fd(pid: int, name: str = "ram0") -> Path:
-    """The ``/proc/<pid>/fd/<n>`` link to QEMU's guest RAM memfd (backend id ``name``).
+def find_ram_fd(pid: int, size_bytes: int, name: str = QEMU_MEMFD_NAME) -> Path:
+    """The ``/proc/<pid>/fd/<n>`` link to QEMU's guest RAM memfd.
+
+    QEMU names every ``memory-backend-memfd``'s memfd after the object type, not its id (the link
+    reads ``/memfd:memory-backend-memfd (deleted)``, QEMU 10), so the guest RAM is the one memfd
+    of that name whose size is the VM's memory.
+
+    Args:
+        pid: QEMU's process id.
+        size_bytes: the VM's memory size.
+        name: the memfd's name.
 
     Raises:
-        GuestRamNotFound: no such process, no permission to look, or no memfd of that name.
+        GuestRamNotFound: no such process, no permission to look, no such memfd of that size, or
+            several.
     """
     fd_dir = Path(f"/proc/{pid}/fd")
     wanted = f"/memfd:{name}"
@@ -112,19 +125,30 @@ def find_ram_fd(pid: int, name: str = "ram0") -> Path:
         raise GuestRamNotFound(
             pid, name, "permission denied (run the agent as root or as QEMU's user)"
         ) from err
+    found: list[Path] = []
     memfds: list[str] = []
-    for entry in entries:
+    for entry in sorted(entries, key=int):
         try:
             link = os.readlink(fd_dir / entry)
+            size = os.stat(fd_dir / entry).st_size if link.startswith("/memfd:") else -1
         except OSError:
             continue  # closed since listdir
-        if link in (wanted, f"{wanted} (deleted)"):
-            return fd_dir / entry
-        if link.startswith("/memfd:"):
-            memfds.append(link)
-    seen = ", ".join(sorted(memfds)) or "none"
+        if link in (wanted, f"{wanted} (deleted)") and size == size_bytes:
+            found.append(fd_dir / entry)
+        elif size >= 0:
+            memfds.append(f"{link.removesuffix(' (deleted)')} of {size} bytes")
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise GuestRamNotFound(
+            pid, name, f"{len(found)} memfds of {size_bytes} bytes ({', '.join(map(str, found))})"
+        )
+    seen = ", ".join(memfds) or "none"
     raise GuestRamNotFound(
-        pid, name, f"no memfd of that name (memfds open: {seen}); is RAM a memory-backend-memfd?"
+        pid,
+        name,
+        f"no memfd of {size_bytes} bytes by that name (memfds open: {seen}); "
+        "is guest RAM a memory-backend-memfd?",
     )
 
 
