@@ -160,7 +160,7 @@ async def digest_ram(
     The VM must be stopped, or the digest describes no single moment.
 
     Raises:
-        DigestError: cannot open it, its size is not the plan's, or a read came up short.
+        DigestError: cannot open it, its size is not the plan's, or a read failed.
         DigestTimeout: not done within ``timeout_s``.
     """
     started = time.perf_counter()
@@ -203,9 +203,9 @@ async def digest_image(
 
     Raises:
         ImageNotReadable: compressed, encrypted or externally stored data, an unsupported format.
-        ImageMapError: qemu-img failed on it (missing, not an image).
-        DigestError: its virtual size is not the plan's, or a read came up short.
-        DigestTimeout: not done within ``timeout_s``.
+        ImageMapError: qemu-img failed on it (missing, not an image) or ran past ``timeout_s``.
+        DigestError: its virtual size is not the plan's, or a read failed or came up short.
+        DigestTimeout: hashing not done within what ``timeout_s`` left.
     """
     started = time.perf_counter()
     image = await map_image(path, fmt=fmt, timeout_s=timeout_s)
@@ -270,8 +270,13 @@ def _hash_all(
         work(0)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="digest") as pool:
-            for future in [pool.submit(work, k) for k in range(workers)]:
-                future.result()
+            futures = [pool.submit(work, k) for k in range(workers)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()  # the other threads stop at their next chunk
+                raise
     if stop.is_set():
         raise DigestError("digest stopped")
     return tuple(values)
@@ -287,9 +292,8 @@ def _ram_chunk(fd: int, plan: ChunkPlan, index: int, buffer: bytearray) -> bytes
     try:
         data_at = os.lseek(fd, chunk.start_bytes, os.SEEK_DATA)
     except OSError as err:
-        if err.errno != errno.ENXIO:  # ENXIO: no data from here to the end
-            raise DigestError(f"cannot seek guest RAM: {err.strerror}") from err
-        data_at = plan.size_bytes
+        # ENXIO: no data from here to the end. Anything else: read the chunk to be sure.
+        data_at = plan.size_bytes if err.errno == errno.ENXIO else chunk.start_bytes
     if data_at >= chunk.end_bytes:
         return _zero_digest(chunk.length_bytes)
     view = memoryview(buffer)[: chunk.length_bytes]
@@ -300,7 +304,10 @@ def _ram_chunk(fd: int, plan: ChunkPlan, index: int, buffer: bytearray) -> bytes
 def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        count = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise DigestError(f"read at byte {offset + done} failed: {err.strerror}") from err
         if count == 0:
             raise DigestError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
         done += count
