@@ -2,6 +2,8 @@
 # Install what vmferry needs on this host, only what is missing (idempotent).
 #   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
 #   - busybox-static, gcc + static libc (the lab guest image), iproute2
+#   - qemu-guest-agent (the guest agent client's tests run qemu-ga on the host; its service
+#     starts only inside a VM, bound to the virtio port org.qemu.guest_agent.0)
 #   - uv, then the project's locked Python environment
 #   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
 #     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
@@ -30,6 +32,7 @@ command -v gcc >/dev/null || missing+=(gcc)
 [ -e /usr/lib/x86_64-linux-gnu/libc.a ] || missing+=(libc6-dev)
 command -v qemu-img >/dev/null || missing+=(qemu-utils)
 command -v ip >/dev/null || missing+=(iproute2)
+dpkg -s qemu-guest-agent >/dev/null 2>&1 || missing+=(qemu-guest-agent)
 
 backports=()
 if ! qemu_ok; then

@@ -35,6 +35,7 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.controller.migrate import MigrationRequest, ProgressCallback, migrate
 from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec
 from vmferry.guest.image import GuestImage, build_image
 from vmferry.lab.cluster import MAX_HOSTS, SHARED_DIR, default_memory_per_host_bytes
@@ -261,6 +262,7 @@ class LocalLab:
         plan: bool = True,
         force: bool = False,
         allow_postcopy: bool = True,
+        verify: VerifyMode = VerifyMode.SAMPLE,
         on_progress: ProgressCallback | None = None,
     ) -> MigrationReport:
         """Live-migrate VM ``name`` to host ``to`` and verify it there, as
@@ -284,6 +286,7 @@ class LocalLab:
             force=force,
             allow_postcopy=allow_postcopy,
             plan=plan,
+            verify=verify,
         )
         return await migrate(self.cluster, request, on_progress=on_progress)
 
