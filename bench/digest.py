@@ -1,8 +1,8 @@
 """Benchmark: how fast the agent digests guest RAM and a disk image (verified handoff).
 
-* **RAM**: a 1 GiB memfd named ``ram0`` shaped like a booted guest's RAM (the top 40 % never
-  touched; below it scattered never-touched pages, zero-filled pages, random pages and repeated
-  pages), found through ``/proc/self/fd`` as the agent finds QEMU's, digested with
+* **RAM**: a 1 GiB memfd named as QEMU names it, shaped like a booted guest's RAM (the top 40 %
+  never touched; below it scattered never-touched, zero-filled, random and repeated pages),
+  found through ``/proc/self/fd`` as the agent finds QEMU's, digested with
   ``digest_ram``: full plans over a range of chunk sizes and 1..N threads, sample plans over a
   range of chunk sizes and byte budgets, and the defaults of ``vmferry.core.handoff``. The memfd's
   allocation is checked before and after (a digest must not allocate guest pages). Last, every
@@ -36,7 +36,13 @@ from typing import Any
 
 import xxhash
 
-from vmferry.agent.digest import DEFAULT_WORKERS, digest_image, digest_ram, find_ram_fd
+from vmferry.agent.digest import (
+    DEFAULT_WORKERS,
+    QEMU_MEMFD_NAME,
+    digest_image,
+    digest_ram,
+    find_ram_fd,
+)
 from vmferry.core.handoff import ChunkPlan, Digests, VerifyMode, compare, plan_chunks
 
 PAGE = 4096
@@ -136,11 +142,11 @@ def row(region: str, plan: ChunkPlan, workers: int, times: list[float]) -> dict[
 
 
 async def bench_ram(size: int, repeat: int, worker_counts: list[int]) -> dict[str, Any]:
-    fd = os.memfd_create("ram0", os.MFD_CLOEXEC)
+    fd = os.memfd_create(QEMU_MEMFD_NAME, os.MFD_CLOEXEC)
     try:
         os.ftruncate(fd, size)
         counts = fill_guest_ram(fd, size, seed=1)
-        path = find_ram_fd(os.getpid(), "ram0")
+        path = find_ram_fd(os.getpid(), size)
         allocated_before = os.fstat(fd).st_blocks * 512
         rows: list[dict[str, Any]] = []
 

@@ -1,6 +1,6 @@
 """Digests of guest RAM (a real memfd) and of disk images (real qemu-img), as the agent makes them.
 
-No VM is booted: a memfd named ``ram0`` stands for QEMU's guest RAM (found through this
+No VM is booted: a memfd named as QEMU names it stands for QEMU's guest RAM (found through this
 process's ``/proc/<pid>/fd`` as the agent finds QEMU's), and images are made with ``qemu-img`` and
 ``qemu-io``. Every digest is checked against xxh3_128 of the bytes, computed here independently.
 """
@@ -16,6 +16,7 @@ import pytest
 import xxhash
 
 from vmferry.agent.digest import (
+    QEMU_MEMFD_NAME,
     DigestError,
     DigestTimeout,
     GuestRamNotFound,
@@ -33,7 +34,7 @@ TIMEOUT_S = 60.0
 
 @pytest.fixture
 def memfd() -> Iterator[int]:
-    fd = os.memfd_create("ram0", os.MFD_CLOEXEC)
+    fd = os.memfd_create(QEMU_MEMFD_NAME, os.MFD_CLOEXEC)
     os.ftruncate(fd, 64 * MIB)
     yield fd
     os.close(fd)
@@ -58,13 +59,23 @@ def expected(read: Path, plan: ChunkPlan) -> tuple[bytes, ...]:
         return tuple(out)
 
 
-def test_find_ram_fd_names_what_it_found_instead(memfd: int) -> None:
-    path = find_ram_fd(os.getpid())
-    assert os.readlink(path) == "/memfd:ram0 (deleted)"
-    with pytest.raises(GuestRamNotFound, match=r"memfds open: .*/memfd:ram0"):
-        find_ram_fd(os.getpid(), "pc.ram")
+def test_find_ram_fd_picks_the_memfd_of_the_vms_size(memfd: int) -> None:
+    other = os.memfd_create(QEMU_MEMFD_NAME, os.MFD_CLOEXEC)  # e.g. a second backend
+    try:
+        os.ftruncate(other, 2 * MIB)
+        path = find_ram_fd(os.getpid(), 64 * MIB)
+        assert path.name == str(memfd)
+        assert os.readlink(path) == f"/memfd:{QEMU_MEMFD_NAME} (deleted)"
+        assert find_ram_fd(os.getpid(), 2 * MIB).name == str(other)
+        with pytest.raises(GuestRamNotFound, match=r"memfds open: .* of 2097152 bytes"):
+            find_ram_fd(os.getpid(), GIB)
+        os.ftruncate(other, 64 * MIB)
+        with pytest.raises(GuestRamNotFound, match="2 memfds of 67108864 bytes"):
+            find_ram_fd(os.getpid(), 64 * MIB)
+    finally:
+        os.close(other)
     with pytest.raises(GuestRamNotFound, match="no such process"):
-        find_ram_fd(2**22 + 1)
+        find_ram_fd(2**22 + 1, 64 * MIB)
 
 
 @pytest.mark.asyncio
@@ -74,7 +85,7 @@ async def test_ram_digest_is_the_hash_of_the_bytes_and_allocates_nothing(
 ) -> None:
     fill(memfd, WRITES)
     allocated = os.fstat(memfd).st_blocks
-    path = find_ram_fd(os.getpid())
+    path = find_ram_fd(os.getpid(), 64 * MIB)
     plan = plan_chunks(
         mode, 64 * MIB, seed=11, chunk_bytes=MIB if mode is VerifyMode.FULL else None
     )
@@ -87,7 +98,7 @@ async def test_ram_digest_is_the_hash_of_the_bytes_and_allocates_nothing(
 @pytest.mark.asyncio
 async def test_ram_written_zeros_equal_holes_and_one_flipped_byte_is_found(memfd: int) -> None:
     fill(memfd, WRITES)
-    other = os.memfd_create("ram0", os.MFD_CLOEXEC)
+    other = os.memfd_create(QEMU_MEMFD_NAME, os.MFD_CLOEXEC)
     try:
         os.ftruncate(other, 64 * MIB)
         fill(other, {**WRITES, 40 * MIB: bytes(8 * MIB)})  # zeros written where memfd has a hole
@@ -110,7 +121,7 @@ async def test_ram_written_zeros_equal_holes_and_one_flipped_byte_is_found(memfd
 
 @pytest.mark.asyncio
 async def test_ram_digest_refuses_a_wrong_size_and_keeps_its_deadline(memfd: int) -> None:
-    path = find_ram_fd(os.getpid())
+    path = find_ram_fd(os.getpid(), 64 * MIB)
     with pytest.raises(DigestError, match="the plan"):
         await digest_ram(path, plan_chunks(VerifyMode.FULL, GIB, 0), timeout_s=TIMEOUT_S)
     fill(memfd, {0: os.urandom(64 * MIB)})

@@ -11,7 +11,6 @@ from collections.abc import Callable
 import pytest
 
 from vmferry.agent.digest import find_ram_fd
-from vmferry.agent.handoff import RAM_MEMFD_NAME
 from vmferry.agent.port import AgentPort
 from vmferry.core.handoff import HandoffStatus, VerifyMode
 from vmferry.core.model import VmSpec
@@ -24,7 +23,7 @@ DIRTY = "dirty:rate=20M,size=128M,pattern=random,mode=paced"
 _CORRUPT_AT = 200 << 20  # a byte of guest RAM, 200 MiB in
 
 
-def _corrupting(agent: AgentPort, at: int) -> Callable[..., object]:
+def _corrupting(agent: AgentPort, at: int, memory_bytes: int) -> Callable[..., object]:
     """``agent.handoff_digests`` that first flips a byte of its copy of the guest's RAM (a
     damaged destination, written behind QEMU's back), then hashes it for real."""
     original = agent.handoff_digests
@@ -32,7 +31,7 @@ def _corrupting(agent: AgentPort, at: int) -> Callable[..., object]:
     async def digests(name: str, mode: VerifyMode, seed: int, timeout_s: float) -> object:
         pid = (await agent.get_vm(name)).pid
         assert pid is not None
-        fd = os.open(find_ram_fd(pid, RAM_MEMFD_NAME), os.O_RDWR)
+        fd = os.open(find_ram_fd(pid, memory_bytes), os.O_RDWR)
         try:
             byte = os.pread(fd, 1, at)
             os.pwrite(fd, bytes([byte[0] ^ 0xFF]), at)
@@ -65,7 +64,9 @@ async def test_a_damaged_destination_is_dropped_and_the_source_keeps_the_guest(
     spec = VmSpec.build("hv2", memory="512M", workload=parse_workload(DIRTY))
     await lab.boot(spec, "host-1")
     destination = lab.cluster.client("host-2")
-    monkeypatch.setattr(destination, "handoff_digests", _corrupting(destination, _CORRUPT_AT))
+    monkeypatch.setattr(
+        destination, "handoff_digests", _corrupting(destination, _CORRUPT_AT, spec.memory_bytes)
+    )
 
     report = await lab.migrate(
         "hv2", "host-2", strategy="precopy", plan=False, verify=VerifyMode.FULL

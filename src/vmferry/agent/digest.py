@@ -39,6 +39,7 @@ from vmferry.qemu.image_map import Extent, ImageLayer, ImageMap, map_image
 
 __all__ = [
     "DEFAULT_WORKERS",
+    "QEMU_MEMFD_NAME",
     "DigestError",
     "DigestTimeout",
     "GuestRamNotFound",
@@ -51,6 +52,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
+
+QEMU_MEMFD_NAME = "memory-backend-memfd"
 
 _READABLE_FORMATS = ("raw", "qcow2")
 _BYTES_PER_THREAD = 64 << 20
@@ -65,7 +68,7 @@ class GuestRamNotFound(DigestError):
 
     Attributes:
         pid: QEMU's process id.
-        name: the memory backend's id (the memfd's name).
+        name: the memfd's name.
     """
 
     def __init__(self, pid: int, name: str, reason: str) -> None:
@@ -96,11 +99,21 @@ class DigestTimeout(DigestError):
         self.timeout_s = timeout_s
 
 
-def find_ram_fd(pid: int, name: str = "ram0") -> Path:
-    """The ``/proc/<pid>/fd/<n>`` link to QEMU's guest RAM memfd (backend id ``name``).
+def find_ram_fd(pid: int, size_bytes: int, name: str = QEMU_MEMFD_NAME) -> Path:
+    """The ``/proc/<pid>/fd/<n>`` link to QEMU's guest RAM memfd.
+
+    QEMU names every ``memory-backend-memfd``'s memfd after the object type, not its id (the link
+    reads ``/memfd:memory-backend-memfd (deleted)``, QEMU 10), so the guest RAM is the one memfd
+    of that name whose size is the VM's memory.
+
+    Args:
+        pid: QEMU's process id.
+        size_bytes: the VM's memory size.
+        name: the memfd's name.
 
     Raises:
-        GuestRamNotFound: no such process, no permission to look, or no memfd of that name.
+        GuestRamNotFound: no such process, no permission to look, no such memfd of that size, or
+            several.
     """
     fd_dir = Path(f"/proc/{pid}/fd")
     wanted = f"/memfd:{name}"
@@ -112,19 +125,30 @@ def find_ram_fd(pid: int, name: str = "ram0") -> Path:
         raise GuestRamNotFound(
             pid, name, "permission denied (run the agent as root or as QEMU's user)"
         ) from err
+    found: list[Path] = []
     memfds: list[str] = []
-    for entry in entries:
+    for entry in sorted(entries, key=int):
         try:
             link = os.readlink(fd_dir / entry)
+            size = os.stat(fd_dir / entry).st_size if link.startswith("/memfd:") else -1
         except OSError:
             continue  # closed since listdir
-        if link in (wanted, f"{wanted} (deleted)"):
-            return fd_dir / entry
-        if link.startswith("/memfd:"):
-            memfds.append(link)
-    seen = ", ".join(sorted(memfds)) or "none"
+        if link in (wanted, f"{wanted} (deleted)") and size == size_bytes:
+            found.append(fd_dir / entry)
+        elif size >= 0:
+            memfds.append(f"{link.removesuffix(' (deleted)')} of {size} bytes")
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise GuestRamNotFound(
+            pid, name, f"{len(found)} memfds of {size_bytes} bytes ({', '.join(map(str, found))})"
+        )
+    seen = ", ".join(memfds) or "none"
     raise GuestRamNotFound(
-        pid, name, f"no memfd of that name (memfds open: {seen}); is RAM a memory-backend-memfd?"
+        pid,
+        name,
+        f"no memfd of {size_bytes} bytes by that name (memfds open: {seen}); "
+        "is guest RAM a memory-backend-memfd?",
     )
 
 
@@ -136,7 +160,7 @@ async def digest_ram(
     The VM must be stopped, or the digest describes no single moment.
 
     Raises:
-        DigestError: cannot open it, its size is not the plan's, or a read came up short.
+        DigestError: cannot open it, its size is not the plan's, or a read failed.
         DigestTimeout: not done within ``timeout_s``.
     """
     started = time.perf_counter()
@@ -179,9 +203,9 @@ async def digest_image(
 
     Raises:
         ImageNotReadable: compressed, encrypted or externally stored data, an unsupported format.
-        ImageMapError: qemu-img failed on it (missing, not an image).
-        DigestError: its virtual size is not the plan's, or a read came up short.
-        DigestTimeout: not done within ``timeout_s``.
+        ImageMapError: qemu-img failed on it (missing, not an image) or ran past ``timeout_s``.
+        DigestError: its virtual size is not the plan's, or a read failed or came up short.
+        DigestTimeout: hashing not done within what ``timeout_s`` left.
     """
     started = time.perf_counter()
     image = await map_image(path, fmt=fmt, timeout_s=timeout_s)
@@ -246,8 +270,13 @@ def _hash_all(
         work(0)
     else:
         with ThreadPoolExecutor(workers, thread_name_prefix="digest") as pool:
-            for future in [pool.submit(work, k) for k in range(workers)]:
-                future.result()
+            futures = [pool.submit(work, k) for k in range(workers)]
+            try:
+                for future in futures:
+                    future.result()
+            except BaseException:
+                stop.set()  # the other threads stop at their next chunk
+                raise
     if stop.is_set():
         raise DigestError("digest stopped")
     return tuple(values)
@@ -263,9 +292,8 @@ def _ram_chunk(fd: int, plan: ChunkPlan, index: int, buffer: bytearray) -> bytes
     try:
         data_at = os.lseek(fd, chunk.start_bytes, os.SEEK_DATA)
     except OSError as err:
-        if err.errno != errno.ENXIO:  # ENXIO: no data from here to the end
-            raise DigestError(f"cannot seek guest RAM: {err.strerror}") from err
-        data_at = plan.size_bytes
+        # ENXIO: no data from here to the end. Anything else: read the chunk to be sure.
+        data_at = plan.size_bytes if err.errno == errno.ENXIO else chunk.start_bytes
     if data_at >= chunk.end_bytes:
         return _zero_digest(chunk.length_bytes)
     view = memoryview(buffer)[: chunk.length_bytes]
@@ -276,7 +304,10 @@ def _ram_chunk(fd: int, plan: ChunkPlan, index: int, buffer: bytearray) -> bytes
 def _read_exactly(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        count = os.preadv(fd, [view[done:]], offset + done)
+        try:
+            count = os.preadv(fd, [view[done:]], offset + done)
+        except OSError as err:
+            raise DigestError(f"read at byte {offset + done} failed: {err.strerror}") from err
         if count == 0:
             raise DigestError(f"file ends at byte {offset + done}, {len(view) - done} bytes short")
         done += count

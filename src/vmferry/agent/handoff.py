@@ -21,12 +21,10 @@ from vmferry.core.status import RunState
 from vmferry.qemu.migration import run_state
 from vmferry.qemu.session import QmpSession
 
-__all__ = ["RAM_MEMFD_NAME", "handoff_digests", "release_hold"]
+__all__ = ["handoff_digests", "release_hold"]
 
 logger = logging.getLogger(__name__)
 
-# QEMU names the memfd of every memory-backend-memfd after the backend's type.
-RAM_MEMFD_NAME = "memory-backend-memfd"
 # Which QEMU run state each side must be in for its copy to be a stopped, final one.
 _STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
 _ARRIVAL_S = 30.0
@@ -50,9 +48,9 @@ async def handoff_digests(
         raise StateError(f"VM {spec.name}", slot.state.value, "migrated or incoming")
     await _wait_stopped(vm.qmp, spec.name, wanted)
     ram_plan = plan_chunks(mode, spec.memory_bytes, seed)
-    ram = await digest_ram(
-        find_ram_fd(vm.process.pid, RAM_MEMFD_NAME), ram_plan, timeout_s=timeout_s
-    )
+    # Every memfd backend's memfd has the same name: the guest RAM is the one of its size.
+    ram_fd = find_ram_fd(vm.process.pid, spec.memory_bytes)
+    ram = await digest_ram(ram_fd, ram_plan, timeout_s=timeout_s)
     disk = None
     image = store.owned_disk(spec)
     if image is not None and spec.disk is not None:
