@@ -11,16 +11,12 @@ by side (xdist would split a module's tests over workers, each booting its own g
 from __future__ import annotations
 
 import asyncio
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from damage import corrupting
 
-from vmferry.agent.digest import find_ram_fd
-from vmferry.agent.handoff import RAM_MEMFD_NAME
-from vmferry.agent.port import AgentPort
 from vmferry.core.boot import GuestBoot
 from vmferry.core.handoff import HandoffStatus, VerifyMode
 from vmferry.core.model import DiskSpec, MigrationReport, StorageMode, VmName, VmSpec
@@ -31,6 +27,7 @@ pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
 AGENT_TIMEOUT_S = 150.0
 FULL = VerifyMode.FULL
+MEMORY_BYTES = 768 << 20
 _CORRUPT_AT = 300 << 20
 
 
@@ -38,28 +35,11 @@ def _spec(name: str, storage: StorageMode) -> VmSpec:
     # The disk's size is the image's (the agent sizes it from the image it copies).
     return VmSpec(
         name=VmName(name),
-        memory_bytes=768 << 20,
+        memory_bytes=MEMORY_BYTES,
         vcpus=2,
         disk=DiskSpec(1 << 30, storage=storage),
         boot=GuestBoot(firmware="bios"),
     )
-
-
-def _corrupting(agent: AgentPort, at: int) -> Callable[..., object]:
-    """``agent.handoff_digests`` that first flips a byte of its stopped copy's RAM."""
-    original = agent.handoff_digests
-
-    async def digests(name: str, mode: VerifyMode, seed: int, timeout_s: float) -> object:
-        pid = (await agent.get_vm(name)).pid
-        assert pid is not None
-        fd = os.open(find_ram_fd(pid, RAM_MEMFD_NAME), os.O_RDWR)
-        try:
-            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0xFF]), at)
-        finally:
-            os.close(fd)
-        return await original(name, mode, seed, timeout_s)
-
-    return digests
 
 
 async def _clock_skew_s(lab: LocalLab, name: str) -> float:
@@ -120,7 +100,7 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     assert await _clock_skew_s(lab, "deb-shared") < 1.0
 
     # A damaged destination: caught before it runs; the source keeps the guest, intact.
-    monkeypatch.setattr(host1, "handoff_digests", _corrupting(host1, _CORRUPT_AT))
+    monkeypatch.setattr(host1, "handoff_digests", corrupting(host1, _CORRUPT_AT, MEMORY_BYTES))
     damaged = await lab.migrate("deb-local", "host-1", strategy="precopy", plan=False, verify=FULL)
     assert damaged.status == "failed"
     assert damaged.running_on == "host-2"

@@ -5,13 +5,9 @@ source keeps the guest.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-
 import pytest
+from damage import corrupting
 
-from vmferry.agent.digest import find_ram_fd
-from vmferry.agent.port import AgentPort
 from vmferry.core.handoff import HandoffStatus, VerifyMode
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
@@ -21,25 +17,6 @@ pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
 DIRTY = "dirty:rate=20M,size=128M,pattern=random,mode=paced"
 _CORRUPT_AT = 200 << 20  # a byte of guest RAM, 200 MiB in
-
-
-def _corrupting(agent: AgentPort, at: int, memory_bytes: int) -> Callable[..., object]:
-    """``agent.handoff_digests`` that first flips a byte of its copy of the guest's RAM (a
-    damaged destination, written behind QEMU's back), then hashes it for real."""
-    original = agent.handoff_digests
-
-    async def digests(name: str, mode: VerifyMode, seed: int, timeout_s: float) -> object:
-        pid = (await agent.get_vm(name)).pid
-        assert pid is not None
-        fd = os.open(find_ram_fd(pid, memory_bytes), os.O_RDWR)
-        try:
-            byte = os.pread(fd, 1, at)
-            os.pwrite(fd, bytes([byte[0] ^ 0xFF]), at)
-        finally:
-            os.close(fd)
-        return await original(name, mode, seed, timeout_s)
-
-    return digests
 
 
 async def test_full_handoff_compares_every_byte_and_the_move_completes(lab: LocalLab) -> None:
@@ -65,7 +42,7 @@ async def test_a_damaged_destination_is_dropped_and_the_source_keeps_the_guest(
     await lab.boot(spec, "host-1")
     destination = lab.cluster.client("host-2")
     monkeypatch.setattr(
-        destination, "handoff_digests", _corrupting(destination, _CORRUPT_AT, spec.memory_bytes)
+        destination, "handoff_digests", corrupting(destination, _CORRUPT_AT, spec.memory_bytes)
     )
 
     report = await lab.migrate(
