@@ -1,8 +1,8 @@
 """A real distribution as a user's own VM: Debian 12 built from Debian's packages, booted from
-its disk image through SeaBIOS, moved live with local storage and back on shared storage, each
-handoff verified by digests of both stopped copies (RAM and disk), its guest agent answering
-after every move with the guest clock set from the host's; a damaged destination is caught and
-the source keeps the guest.
+its disk image through SeaBIOS (a second one by direct kernel boot), moved live with local
+storage and back on shared storage, each handoff verified by digests of both stopped copies
+(RAM and disk), its guest agent answering after every move with the guest clock set from the
+host's; a damaged destination is caught and the source keeps the guest.
 
 The Debian boot under TCG takes ~12 s: one test runs the whole story on two guests booted side
 by side (xdist would split a module's tests over workers, each booting its own guests).
@@ -31,14 +31,14 @@ MEMORY_BYTES = 768 << 20
 _CORRUPT_AT = 300 << 20
 
 
-def _spec(name: str, storage: StorageMode) -> VmSpec:
+def _spec(name: str, storage: StorageMode, boot: GuestBoot) -> VmSpec:
     # The disk's size is the image's (the agent sizes it from the image it copies).
     return VmSpec(
         name=VmName(name),
         memory_bytes=MEMORY_BYTES,
         vcpus=2,
         disk=DiskSpec(1 << 30, storage=storage),
-        boot=GuestBoot(firmware="bios"),
+        boot=boot,
     )
 
 
@@ -67,9 +67,11 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     lab: LocalLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = await asyncio.to_thread(debian_image)
+    direct = GuestBoot(kernel=image.kernel, initrd=image.initrd, append=image.root_append)
     await asyncio.gather(
-        lab.boot(_spec("deb-local", "local"), "host-1", image=image.disk),
-        lab.boot(_spec("deb-shared", "shared"), "host-2", image=image.disk),
+        # Through the firmware (SeaBIOS, GRUB in the image), and by direct kernel boot.
+        lab.boot(_spec("deb-local", "local", GuestBoot()), "host-1", image=image.disk),
+        lab.boot(_spec("deb-shared", "shared", direct), "host-2", image=image.disk),
     )
     await asyncio.gather(
         lab.wait_guest_agent("deb-local", AGENT_TIMEOUT_S),
