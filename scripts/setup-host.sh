@@ -3,7 +3,9 @@
 #   - QEMU >= 10 (on Debian 12 from bookworm-backports), qemu-utils
 #   - busybox-static, gcc + static libc (the lab guest image), iproute2
 #   - mmdebstrap, e2fsprogs, grub-pc-bin, Debian's archive keyring (the Debian guest image)
-#   - qemu-guest-agent (its qemu-ga binary serves tests of the guest-agent client)
+#   - qemu-guest-agent (its qemu-ga binary serves tests of the guest-agent client; its service
+#     starts only inside a VM, bound to the virtio port org.qemu.guest_agent.0)
+#   - ovmf (UEFI firmware for guests of your own that boot with --firmware uefi)
 #   - uv, then the project's locked Python environment
 #   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
 #     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
@@ -38,6 +40,7 @@ dpkg -s e2fsprogs >/dev/null 2>&1 || missing+=(e2fsprogs)
 [ -e /usr/lib/grub/i386-pc/boot.img ] || missing+=(grub-pc-bin)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 [ -x /usr/sbin/qemu-ga ] || missing+=(qemu-guest-agent)
+[ -e /usr/share/ovmf/OVMF.fd ] || missing+=(ovmf)
 
 backports=()
 if ! qemu_ok; then

@@ -25,7 +25,7 @@ MIB = 1 << 20
 async def _boot_and_measure(lab: LocalLab, name: str, workload: str) -> GuestProfile:
     spec = VmSpec.build(name, memory="512M", workload=parse_workload(workload))
     vm = await lab.boot(spec, "host-1")
-    heartbeats = vm.channel.heartbeats
+    heartbeats = vm.heartbeats
     heartbeats.open_window(now_ms())
     started = time.monotonic()
 

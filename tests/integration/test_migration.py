@@ -51,7 +51,7 @@ async def test_idle_guest_migrates(lab: LocalLab) -> None:
 async def test_dirtying_guest_migrates_intact_and_back(lab: LocalLab) -> None:
     spec = VmSpec.build("busy-vm", memory="512M", workload=parse_workload(DIRTY))
     vm = await lab.boot(spec, "host-1")
-    heartbeats = vm.channel.heartbeats
+    heartbeats = vm.heartbeats
     dirtied: dict[Phase, int] = {}
 
     def progress(phase: Phase, _stats: object) -> None:

@@ -26,7 +26,7 @@ def test_same_device_model_on_both_sides() -> None:
     assert destination[-2:] == ["-incoming", "defer"]
     strip = [arg.replace("/run/b", "/run/a") for arg in destination[:-2]]
     assert strip == source
-    assert source[source.index("-machine") + 1] == "pc-q35-10.0"
+    assert source[source.index("-machine") + 1] == "pc-q35-10.0,memory-backend=ram0"
     assert source[source.index("-cpu") + 1] == "qemu64"
     assert source[source.index("-m") + 1] == "1024M"
 

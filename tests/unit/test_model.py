@@ -127,6 +127,8 @@ def test_report_schema_v1_keys() -> None:
         "guest_alive",
         "recoveries",  # schema 1 extended: post-copy recoveries, 0 when none were needed
         "tls",  # schema 1 extended: the stream ran over TLS (migrate --tls)
+        "guest_agent",  # schema 1 extended: a user's guest's agent after the move
+        "handoff",  # schema 1 extended: both stopped copies compared (migrate --verify)
     ]
     assert data["schema"] == 1
     assert data["recoveries"] == 0

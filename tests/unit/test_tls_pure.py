@@ -69,7 +69,10 @@ def test_options_carry_tls_over_the_wire() -> None:
         options_from_json({"tls": "yes"})
     request = MigrationRequest("vm1", "host-2", strategy="multifd", tls=True)
     assert request.resolve()[1] == MigrationOptions(
-        downtime_limit_ms=request.resolve()[1].downtime_limit_ms, mechanism="multifd", tls=True
+        downtime_limit_ms=request.resolve()[1].downtime_limit_ms,
+        mechanism="multifd",
+        tls=True,
+        hold=True,  # held for the default handoff comparison (--verify sample)
     )
 
 

@@ -6,6 +6,7 @@ an HTTP status chosen by :data:`STATUS_BY_ERROR`.
 
 from __future__ import annotations
 
+import base64
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +19,10 @@ from vmferry.core.errors import (
     QEMUNotFound,
     StateError,
 )
-from vmferry.core.model import IntegrityReport, MigrationStats
+from vmferry.core.handoff import Digests
+from vmferry.core.model import GuestAgentCheck, IntegrityReport, MigrationStats
 from vmferry.core.status import MigrationStatus, Stage
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = [
     "API_PREFIX",
@@ -137,11 +140,13 @@ class VmInfo:
     cpu_model: str
     disk: dict[str, object] | None = None  # DiskSpec.to_json() of its disk, if it has one
     qemu_uid: int | None = None  # the uid its QEMU runs as (None: not running)
+    boot: dict[str, object] | None = None  # GuestBoot.to_json() of a user's guest (None: lab)
 
     def to_json(self) -> dict[str, object]:
         return {
             "qemu_uid": self.qemu_uid,
             "disk": self.disk,
+            "boot": self.boot,
             "name": self.name,
             "host": self.host,
             "state": self.state,
@@ -168,6 +173,7 @@ class VmInfo:
             cpu_model=str(data["cpu_model"]),
             disk=disk if isinstance(disk := data.get("disk"), dict) else None,
             qemu_uid=uid if isinstance(uid := data.get("qemu_uid"), int) else None,
+            boot=boot if isinstance(boot := data.get("boot"), dict) else None,
         )
 
 
@@ -310,4 +316,85 @@ def integrity_from_json(data: dict[str, Any]) -> IntegrityReport:
         bad_pages=int(data["bad_pages"]),
         blocks_checked=int(data.get("blocks_checked", 0)),
         bad_blocks=int(data.get("bad_blocks", 0)),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """The guest runs on the destination: what the destination saw of it.
+
+    Attributes:
+        first_heartbeat_ms: the lab guest's first heartbeat there (wall clock; None: a user's
+            guest, which sends none).
+        integrity: the lab guest's own page check (None: a user's guest).
+        guest_agent: what the guest agent said (None: not asked, the lab guest runs none).
+    """
+
+    first_heartbeat_ms: float | None
+    integrity: IntegrityReport | None
+    guest_agent: GuestAgentCheck | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "first_heartbeat_ms": self.first_heartbeat_ms,
+            "integrity": None if self.integrity is None else self.integrity.to_json(),
+            "guest_agent": None if self.guest_agent is None else self.guest_agent.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Arrival:
+        first, integrity, agent = (
+            data.get("first_heartbeat_ms"),
+            data.get("integrity"),
+            data.get("guest_agent"),
+        )
+        return cls(
+            first_heartbeat_ms=float(first) if isinstance(first, int | float) else None,
+            integrity=integrity_from_json(integrity) if isinstance(integrity, dict) else None,
+            guest_agent=None if agent is None else GuestAgentCheck.from_json(agent),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HandoffDigests:
+    """One side's digests of its stopped copy: guest RAM, and a local disk (None: none)."""
+
+    ram: Digests
+    disk: Digests | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "ram": self.ram.to_json(),
+            "disk": None if self.disk is None else self.disk.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> HandoffDigests:
+        """Raises: ConfigError on malformed digests."""
+        disk = data.get("disk")
+        return cls(
+            Digests.from_json(data.get("ram")), None if disk is None else Digests.from_json(disk)
+        )
+
+
+def exec_to_json(result: ExecResult) -> dict[str, object]:
+    """A guest command's end as JSON (its output base64, it may be binary)."""
+    return {
+        "exit_code": result.exit_code,
+        "signal": result.signal,
+        "stdout": base64.b64encode(result.stdout).decode("ascii"),
+        "stderr": base64.b64encode(result.stderr).decode("ascii"),
+        "truncated": result.truncated,
+    }
+
+
+def exec_from_json(data: dict[str, Any]) -> ExecResult:
+    """Raises: ValueError, KeyError: malformed (the client maps them)."""
+    code, signal = data.get("exit_code"), data.get("signal")
+    return ExecResult(
+        exit_code=code if isinstance(code, int) else None,
+        signal=signal if isinstance(signal, int) else None,
+        stdout=base64.b64decode(str(data["stdout"])),
+        stderr=base64.b64decode(str(data["stderr"])),
+        truncated=data.get("truncated") is True,
     )

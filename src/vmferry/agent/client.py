@@ -8,6 +8,7 @@ class it reported (``NotFound``, ``CapacityError``, ``StateError`` …); a dead 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import ssl
 from pathlib import Path
@@ -19,18 +20,22 @@ import aiohttp
 from vmferry.agent.api import (
     API_PREFIX,
     ERRORS_BY_NAME,
+    Arrival,
     CapacityError,
     GuestMeasurement,
+    HandoffDigests,
     HostInfo,
     NotFound,
     OutgoingResult,
     VmInfo,
+    exec_from_json,
     integrity_from_json,
     stats_from_json,
 )
 from vmferry.agent.port import AgentPort
 from vmferry.agent.tls import client_context
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
@@ -40,6 +45,7 @@ from vmferry.core.model import (
     spec_to_json,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = [
     "AgentClient",
@@ -54,6 +60,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 30.0
 BOOT_TIMEOUT_S = 180.0  # creating a VM boots it under TCG
+CREATE_TIMEOUT_S = 3600.0  # creating a VM from a user's image copies the image first
 INCOMING_TIMEOUT_S = 60.0  # starting a destination QEMU
 MEASURE_TIMEOUT_S = 60.0  # profiling a guest (dirty rate, memory sample, disk writes)
 SINK_SLACK_S = 10.0  # on top of a sink's wait
@@ -88,6 +95,7 @@ def options_to_json(options: MigrationOptions) -> dict[str, object]:
         "timeout_s": options.timeout_s,
         "mechanism": options.mechanism,
         "postcopy_ready": options.postcopy_ready,
+        "hold": options.hold,
         "multifd_channels": options.multifd_channels,
         "xbzrle_cache_bytes": options.xbzrle_cache_bytes,
         "tls": options.tls,
@@ -215,10 +223,10 @@ class AgentClient:
         data = await self._call("GET", f"/vms/{name}/runstate", timeout_s=timeout_s)
         return RunState.parse(str(data["runstate"])), _migration_status(data, "migration")
 
-    async def create_vm(self, spec: VmSpec) -> VmInfo:
-        data = await self._call(
-            "POST", "/vms", {"spec": spec_to_json(spec)}, timeout_s=BOOT_TIMEOUT_S
-        )
+    async def create_vm(self, spec: VmSpec, image: Path | None = None) -> VmInfo:
+        body: dict[str, object] = {"spec": spec_to_json(spec)}
+        body["image"] = None if image is None else str(image)
+        data = await self._call("POST", "/vms", body, timeout_s=CREATE_TIMEOUT_S)
         return VmInfo.from_json(data)
 
     async def delete_vm(self, name: str) -> None:
@@ -242,9 +250,9 @@ class AgentClient:
         nbd = data.get("nbd")
         return str(data["uri"]), None if nbd is None else NbdTarget.from_json(nbd)
 
-    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+    async def finish_incoming(self, name: str) -> Arrival:
         data = await self._call("POST", f"/vms/{name}/finish", timeout_s=BOOT_TIMEOUT_S)
-        return float(data["first_heartbeat_ms"]), integrity_from_json(data["integrity"])
+        return Arrival.from_json(data)
 
     async def abort_incoming(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/abort")
@@ -319,6 +327,32 @@ class AgentClient:
     async def continue_switchover(self, name: str) -> None:
         """Let a source whose disk is synced (status DISK_SYNCED) finish the switchover."""
         await self._call("POST", f"/vms/{name}/switchover")
+
+    async def handoff_digests(
+        self, name: str, mode: VerifyMode, seed: int, timeout_s: float
+    ) -> HandoffDigests:
+        body: dict[str, object] = {"mode": str(mode), "seed": seed, "timeout_s": timeout_s}
+        data = await self._call(
+            "POST", f"/vms/{name}/digests", body, timeout_s=timeout_s + DEFAULT_TIMEOUT_S
+        )
+        return HandoffDigests.from_json(data)
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        body: dict[str, object] = {"argv": argv, "timeout_s": timeout_s}
+        if input_bytes is not None:
+            body["input"] = base64.b64encode(input_bytes).decode("ascii")
+        data = await self._call(
+            "POST", f"/vms/{name}/exec", body, timeout_s=timeout_s + DEFAULT_TIMEOUT_S
+        )
+        try:
+            return exec_from_json(data)
+        except (KeyError, ValueError) as err:
+            raise AgentError(f"malformed exec answer from {self.name}: {err}") from err
+
+    async def release_hold(self, name: str) -> None:
+        await self._call("POST", f"/vms/{name}/release-hold")
 
     async def handoff(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/handoff")

@@ -14,12 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Coroutine
+from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from vmferry.agent.adopt import adopt, end_orphan
-from vmferry.agent.api import GuestMeasurement, HostInfo, OutgoingResult, VmInfo
+from vmferry.agent.api import (
+    Arrival,
+    GuestMeasurement,
+    HandoffDigests,
+    HostInfo,
+    OutgoingResult,
+    VmInfo,
+)
 from vmferry.agent.bandwidth import ProbeResult, SinkResult
 from vmferry.agent.config import AgentConfig
+from vmferry.agent.handoff import handoff_digests, release_hold
 from vmferry.agent.incoming import Incoming
 from vmferry.agent.launch import Launcher
 from vmferry.agent.outgoing import Outgoings
@@ -28,7 +38,8 @@ from vmferry.agent.qemu_user import QemuArea
 from vmferry.agent.recovery import Recovery
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import VmStore
-from vmferry.core.errors import StateError
+from vmferry.core.errors import ConfigError, StateError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
@@ -39,7 +50,9 @@ from vmferry.core.model import (
 from vmferry.core.status import MigrationStatus, RunState
 from vmferry.qemu.argv import Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
+from vmferry.qemu.guest_agent import ExecResult
 from vmferry.qemu.migration import migration_status, run_state
+from vmferry.qemu.qcow2 import probe_image
 
 __all__ = ["AgentConfig", "HostAgent", "VmState"]
 
@@ -131,16 +144,25 @@ class HostAgent:
 
     # -- VM lifecycle --------------------------------------------------------------------------
 
-    async def create(self, spec: VmSpec) -> VmInfo:
-        """Boot a new VM on this host.
+    async def create(self, spec: VmSpec, image: Path | None = None) -> VmInfo:
+        """Boot a new VM on this host. With ``image`` (a user's qcow2 or raw image on this
+        host) the VM's disk is a copy of it, of the image's size; the image is only read.
 
         Raises:
             ConfigError: duplicate name, unknown machine type/CPU model, a shared disk on a
                 host without shared storage, an image of that name exists already.
+            UnusableImage: ``image`` is missing, unreadable, not a disk image, of another
+                format, or in use by another QEMU.
             CapacityError: not enough memory or disk space left on the host.
             QEMULaunchError, GuestError: it did not boot (nothing is left behind).
         """
-        slot = await self._launcher.launch(spec, incoming=False, new_disk=True)
+        info = None
+        if image is not None:
+            if spec.disk is None:
+                raise ConfigError(f"VM {spec.name}: an image needs a disk in the spec")
+            info = await probe_image(image)
+            spec = replace(spec, disk=replace(spec.disk, size_bytes=info.virtual_size_bytes))
+        slot = await self._launcher.launch(spec, incoming=False, new_disk=True, image=info)
         slot.base = VmState.RUNNING
         self.logger.info("vm.created %s", spec.name)
         return self.slots.vm_info(slot)
@@ -239,11 +261,12 @@ class HostAgent:
         """
         return await self._incoming.prepare(spec, options)
 
-    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+    async def finish_incoming(self, name: str) -> Arrival:
         """After the source reported completion: make sure the guest runs here and is intact.
 
         Returns:
-            Wall-clock time (ms) of the first heartbeat seen from here, and the verify result.
+            For the lab guest its first heartbeat seen from here (wall clock, ms) and its page
+            check; for a user's guest what its guest agent said.
 
         Raises:
             StateError: not an incoming VM, or it did not start running.
@@ -337,6 +360,46 @@ class HostAgent:
                 destination ran the guest: resuming here would run an older copy).
         """
         await self._outgoing.resume_source(name)
+
+    async def handoff_digests(
+        self, name: str, mode: VerifyMode, seed: int, timeout_s: float
+    ) -> HandoffDigests:
+        """Digests of this host's stopped copy of VM ``name`` (a completed source, or a held
+        destination that has received the whole guest), over the plan ``mode`` and ``seed``
+        give. See :mod:`vmferry.agent.handoff`.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: its copy is not stopped.
+            DigestError: its RAM or disk could not be read in time.
+        """
+        slot = self.slots.get(name)
+        async with slot.lock:
+            return await handoff_digests(slot, self.store, mode, seed, timeout_s)
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        """Run ``argv`` in VM ``name``'s guest through its guest agent and wait for its end.
+
+        Raises:
+            NotFound: no such VM.
+            StateError: it does not run here.
+            GuestAgentError: no agent answers in the guest, or it refused the command.
+        """
+        _, vm = self.slots.running(name, VmState.RUNNING)
+        return await vm.guest_agent.exec(argv, timeout_s=timeout_s, input_bytes=input_bytes)
+
+    async def release_hold(self, name: str) -> None:
+        """Let held incoming VM ``name`` run as soon as it arrives (a post-copy is starting).
+
+        Raises:
+            NotFound: no such VM.
+            StateError: not an incoming VM still receiving.
+        """
+        slot = self.slots.get(name)
+        async with slot.lock:
+            await release_hold(slot)
 
     async def handoff(self, name: str) -> None:
         """End the source QEMU after a completed migration; the guest lives elsewhere now.

@@ -3,17 +3,18 @@ export a source mirrors into, and the end of it (the guest runs here, or the cop
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
+from vmferry.agent.api import Arrival
 from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import Marker, VmStore
+from vmferry.agent.vm import RunningVm, check_guest_agent
 from vmferry.core.errors import StateError
-from vmferry.core.model import IntegrityReport, MigrationOptions, NbdTarget, VmSpec
+from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import RunState
 from vmferry.qemu.block import export_disk, unexport_disk
-from vmferry.qemu.migration import run_state, start_incoming, wait_running
+from vmferry.qemu.migration import run_state, start_incoming, wait_arrived, wait_running
 from vmferry.qemu.tls import add_creds
 
 __all__ = ["Incoming"]
@@ -39,8 +40,9 @@ class Incoming:
         """See :meth:`HostAgent.prepare_incoming`."""
         local = spec.disk is not None and spec.disk.storage == "local"
         tls_dir = self.launcher.tls_dir(options)  # refused before anything starts
-        slot = await self.launcher.launch(spec, incoming=True, new_disk=local)
+        slot = await self.launcher.launch(spec, incoming=True, new_disk=local, hold=options.hold)
         assert slot.vm is not None
+        slot.held = options.hold
         directory = self.store.directory(spec.name)
         self.store.mark(directory, Marker.INCOMING)  # a restarted agent keeps it incoming
         try:
@@ -54,37 +56,42 @@ class Incoming:
         logger.info("migration.incoming %s at %s (disk %s)", spec.name, uri, nbd)
         return uri, nbd
 
-    async def finish(self, name: str) -> tuple[float, IntegrityReport]:
+    async def finish(self, name: str) -> Arrival:
         """See :meth:`HostAgent.finish_incoming`."""
         slot, vm = self.slots.running(name, VmState.INCOMING)
         async with slot.lock:
             # A local disk's export is gone already: the switchover waited for release_disk.
-            async with asyncio.timeout(_INCOMING_DONE_TIMEOUT_S):
-                while True:
-                    status = await run_state(vm.qmp)
-                    if status is not RunState.INMIGRATE:
-                        break
-                    await asyncio.sleep(0.02)
+            status = await wait_arrived(vm.qmp, _INCOMING_DONE_TIMEOUT_S)
             if status is RunState.PAUSED:
-                # A cold move: the source was stopped before sending, so QEMU does not
-                # autostart here. The source is in 'postmigrate' and will never run again.
+                # Held for the comparison of both copies, or a cold move (the source was
+                # stopped before sending, so QEMU does not autostart). The source is in
+                # 'postmigrate' and will never run again.
                 await vm.qmp.execute("cont")
+            slot.held = False
             await wait_running(vm.qmp, _HEARTBEAT_TIMEOUT_S)
-            await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
-            first_ms = vm.channel.heartbeats.first_arrival_ms
-            assert first_ms is not None
             slot.base = VmState.RUNNING
             self.store.unmark(self.store.directory(name), Marker.INCOMING)
-            integrity = await vm.verify()
-        logger.info("migration.arrived %s ok=%s", name, integrity.ok)
-        return first_ms, integrity
+            arrival = await self._arrived(vm)
+        logger.info("migration.arrived %s %s", name, arrival)
+        return arrival
+
+    async def _arrived(self, vm: RunningVm) -> Arrival:
+        """The lab guest's first heartbeat and page check; a user's guest's agent."""
+        if vm.channel is None:
+            return Arrival(None, None, await check_guest_agent(vm))
+        await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
+        first_ms = vm.heartbeats.first_arrival_ms
+        assert first_ms is not None
+        return Arrival(first_ms, await vm.verify(), None)
 
     async def abort(self, name: str) -> None:
         """See :meth:`HostAgent.abort_incoming`."""
         slot = self.slots.get(name)
         if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
             status = await run_state(slot.vm.qmp)
-            if status is not RunState.INMIGRATE:
+            # A held copy that arrived is paused and never ran: it may go too.
+            unstarted = status is RunState.INMIGRATE or (slot.held and status is RunState.PAUSED)
+            if not unstarted:
                 raise StateError(f"incoming VM {name}", f"{status} (received)", RunState.INMIGRATE)
         await self.launcher.retire(name, VmState.INCOMING)
         logger.info("migration.incoming_aborted %s", name)

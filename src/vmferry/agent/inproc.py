@@ -22,18 +22,22 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Iterator
+from pathlib import Path
 from typing import TypeVar
 
 from vmferry.agent.api import (
     PROGRESS_WAIT_MAX_S,
     SINK_WAIT_MAX_S,
+    Arrival,
     GuestMeasurement,
+    HandoffDigests,
     HostInfo,
     OutgoingResult,
     VmInfo,
 )
 from vmferry.agent.client import (
     BOOT_TIMEOUT_S,
+    CREATE_TIMEOUT_S,
     DEFAULT_TIMEOUT_S,
     INCOMING_TIMEOUT_S,
     MEASURE_TIMEOUT_S,
@@ -46,6 +50,7 @@ from vmferry.agent.client import (
 from vmferry.agent.host import HostAgent
 from vmferry.agent.port import AgentPort
 from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
@@ -54,6 +59,7 @@ from vmferry.core.model import (
     VmSpec,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = ["InProcessAgent"]
 
@@ -116,8 +122,10 @@ class InProcessAgent:
     ) -> tuple[RunState, MigrationStatus]:
         return await self._call(f"runstate {name}", self.host_agent.qemu_state(name), timeout_s)
 
-    async def create_vm(self, spec: VmSpec) -> VmInfo:
-        return await self._call(f"create {spec.name}", self.host_agent.create(spec), BOOT_TIMEOUT_S)
+    async def create_vm(self, spec: VmSpec, image: Path | None = None) -> VmInfo:
+        return await self._call(
+            f"create {spec.name}", self.host_agent.create(spec, image), CREATE_TIMEOUT_S
+        )
 
     async def delete_vm(self, name: str) -> None:
         await self._call(f"delete {name}", self.host_agent.delete(name), DEFAULT_TIMEOUT_S)
@@ -160,7 +168,7 @@ class InProcessAgent:
             INCOMING_TIMEOUT_S,
         )
 
-    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
+    async def finish_incoming(self, name: str) -> Arrival:
         return await self._call(
             f"finish {name}", self.host_agent.finish_incoming(name), BOOT_TIMEOUT_S
         )
@@ -203,6 +211,29 @@ class InProcessAgent:
     async def continue_switchover(self, name: str) -> None:
         with _as_reported(f"{self.name}: switchover {name}"):
             self.host_agent.continue_outgoing(name)
+
+    async def handoff_digests(
+        self, name: str, mode: VerifyMode, seed: int, timeout_s: float
+    ) -> HandoffDigests:
+        return await self._call(
+            f"digests {name}",
+            self.host_agent.handoff_digests(name, mode, seed, timeout_s),
+            timeout_s + DEFAULT_TIMEOUT_S,
+        )
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = None
+    ) -> ExecResult:
+        return await self._call(
+            f"exec in {name}",
+            self.host_agent.guest_exec(name, argv, timeout_s, input_bytes),
+            timeout_s + DEFAULT_TIMEOUT_S,
+        )
+
+    async def release_hold(self, name: str) -> None:
+        await self._call(
+            f"release hold {name}", self.host_agent.release_hold(name), DEFAULT_TIMEOUT_S
+        )
 
     async def handoff(self, name: str) -> None:
         await self._call(f"handoff {name}", self.host_agent.handoff(name), DEFAULT_TIMEOUT_S)

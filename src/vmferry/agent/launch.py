@@ -14,13 +14,16 @@ from vmferry.agent.vm import launch
 from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import MigrationOptions, VmSpec
-from vmferry.qemu.argv import Accel, BootFiles
+from vmferry.qemu.argv import OVMF_PATHS, Accel, BootFiles
 from vmferry.qemu.binary import QemuBinary
-from vmferry.qemu.qcow2 import create_image
+from vmferry.qemu.qcow2 import ImageInfo, copy_image, create_image
 
 __all__ = ["Launcher"]
 
 logger = logging.getLogger(__name__)
+
+# Copying a user's image (qemu-img convert, sparse): generous for large images on slow disks.
+_COPY_TIMEOUT_S = 3600.0
 
 
 class Launcher:
@@ -44,16 +47,26 @@ class Launcher:
         self.store = store
         self.area = area
 
-    async def launch(self, spec: VmSpec, *, incoming: bool, new_disk: bool) -> Slot:
-        """Check room, reserve the name, create the disk image if ``new_disk``, start QEMU and
-        persist the definition at once (so a successor agent, or `lab down`, finds it).
-        Leaves nothing behind on failure (an image it did not create is never removed).
+    async def launch(
+        self,
+        spec: VmSpec,
+        *,
+        incoming: bool,
+        new_disk: bool,
+        image: ImageInfo | None = None,
+        hold: bool = False,
+    ) -> Slot:
+        """Check room, reserve the name, create the disk image if ``new_disk`` (a copy of
+        ``image``, the user's own, if given), start QEMU and persist the definition at once
+        (so a successor agent, or `lab down`, finds it). Leaves nothing behind on failure (an
+        image it did not create is never removed).
 
         Raises:
             ConfigError, CapacityError: no room, or a disk image this host cannot see.
             QEMULaunchError, GuestError: QEMU did not start.
         """
         self.slots.check_room(spec)
+        self._check_boot_files(spec)
         disk = self.store.disk_path(spec)
         if new_disk:
             self.slots.check_disk_room(spec)
@@ -64,8 +77,11 @@ class Launcher:
         created = None
         try:
             if new_disk and disk is not None and spec.disk is not None:
-                await create_image(disk, spec.disk.size_bytes)
                 created = disk
+                if image is None:
+                    await create_image(disk, spec.disk.size_bytes)
+                else:
+                    await copy_image(image, disk, _COPY_TIMEOUT_S)
             slot.vm = await launch(
                 self.qemu.path,
                 spec,
@@ -77,6 +93,8 @@ class Launcher:
                 incoming=incoming,
                 disk_image=disk,
                 run_as=None if self.config.qemu_user is None else self.config.qemu_user.name,
+                hold=hold,
+                firmware=next((path for path in OVMF_PATHS if path.exists()), None),
             )
             self.store.persist(spec)
         except BaseException:
@@ -85,6 +103,13 @@ class Launcher:
             self.drop(spec.name, created)
             raise
         return slot
+
+    def _check_boot_files(self, spec: VmSpec) -> None:
+        """Raises: ConfigError: a kernel or initrd of a user's guest this host cannot see."""
+        boot = spec.boot
+        for path in () if boot is None else (boot.kernel, boot.initrd):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{self.config.host} cannot see {spec.name}'s boot file {path}")
 
     async def retire(self, name: str, required: VmState) -> None:
         """End and forget VM ``name``'s QEMU, which must be in state ``required``, and remove

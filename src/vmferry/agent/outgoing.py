@@ -94,7 +94,7 @@ class Outgoings:
     ) -> None:
         outgoing = slot.outgoing
         assert outgoing is not None
-        heartbeats = vm.channel.heartbeats
+        heartbeats = vm.heartbeats
         heartbeats.open_window(now_ms())
         try:
             final, used_tls = await self._migrate(slot, vm, uri, options, nbd, tls_dir)

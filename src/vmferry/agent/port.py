@@ -12,9 +12,18 @@ mypy checks that both satisfy :class:`AgentPort` (see the end of each module).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol
 
-from vmferry.agent.api import GuestMeasurement, HostInfo, OutgoingResult, VmInfo
+from vmferry.agent.api import (
+    Arrival,
+    GuestMeasurement,
+    HandoffDigests,
+    HostInfo,
+    OutgoingResult,
+    VmInfo,
+)
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
     IntegrityReport,
     MigrationOptions,
@@ -23,6 +32,7 @@ from vmferry.core.model import (
     VmSpec,
 )
 from vmferry.core.status import MigrationStatus, RunState
+from vmferry.qemu.guest_agent import ExecResult
 
 __all__ = ["AgentPort"]
 
@@ -55,7 +65,10 @@ class AgentPort(Protocol):
         """QEMU's own run state and migration status of VM ``name`` (``gone``: no QEMU)."""
         ...
 
-    async def create_vm(self, spec: VmSpec) -> VmInfo: ...
+    async def create_vm(self, spec: VmSpec, image: Path | None = ...) -> VmInfo:
+        """Boot a new VM; with ``image`` its disk is a copy of that image (a path on the
+        agent's host), and the disk's size is the image's."""
+        ...
 
     async def delete_vm(self, name: str) -> None: ...
 
@@ -85,8 +98,8 @@ class AgentPort(Protocol):
         """The RAM URI and, for a disk on local storage, the NBD export to mirror to."""
         ...
 
-    async def finish_incoming(self, name: str) -> tuple[float, IntegrityReport]:
-        """The guest's first heartbeat here (wall clock, ms) and its integrity."""
+    async def finish_incoming(self, name: str) -> Arrival:
+        """The guest runs here: its first heartbeat, its page check, its guest agent."""
         ...
 
     async def abort_incoming(self, name: str) -> None: ...
@@ -111,6 +124,22 @@ class AgentPort(Protocol):
     async def cancel_migration(self, name: str) -> None: ...
 
     async def continue_switchover(self, name: str) -> None: ...
+
+    async def handoff_digests(
+        self, name: str, mode: VerifyMode, seed: int, timeout_s: float
+    ) -> HandoffDigests:
+        """Digests of this side's stopped copy (see :mod:`vmferry.agent.handoff`)."""
+        ...
+
+    async def guest_exec(
+        self, name: str, argv: list[str], timeout_s: float, input_bytes: bytes | None = ...
+    ) -> ExecResult:
+        """Run a command in the guest through its guest agent; its exit and output."""
+        ...
+
+    async def release_hold(self, name: str) -> None:
+        """A held destination runs the guest as soon as it arrives (post-copy starts)."""
+        ...
 
     async def handoff(self, name: str) -> None: ...
 

@@ -36,6 +36,7 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -56,10 +57,12 @@ from vmferry.agent.api import (
     SINK_WAIT_MAX_S,
     STATUS_BY_ERROR,
     NotFound,
+    exec_to_json,
     stats_to_json,
 )
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MECHANISMS, MigrationOptions, NbdTarget, spec_from_json
 from vmferry.guest.image import build_image
 from vmferry.qemu.argv import BootFiles
@@ -76,8 +79,10 @@ _MAX_BODY_BYTES = 64 * 1024
 
 
 def _error_response(error: FerryError) -> web.Response:
-    status = next(code for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
-    body = {"error": {"type": type(error).__name__, "message": str(error)}}
+    # The wire names the table's class (a subclass such as UnusableImage travels as the
+    # ConfigError it is), so every client knows what it may do about it.
+    kind, status = next((cls, code) for cls, code in STATUS_BY_ERROR if isinstance(error, cls))
+    body = {"error": {"type": kind.__name__, "message": str(error)}}
     return web.json_response(body, status=status)
 
 
@@ -143,9 +148,9 @@ def options_from_json(data: object) -> MigrationOptions:
     cache = data.get("xbzrle_cache_bytes", 64 << 20)
     if not isinstance(postcopy_ready, bool):
         raise ConfigError("postcopy_ready must be a boolean")
-    tls = data.get("tls", False)
-    if not isinstance(tls, bool):
-        raise ConfigError("tls must be a boolean")
+    tls, hold = data.get("tls", False), data.get("hold", False)
+    if not isinstance(tls, bool) or not isinstance(hold, bool):
+        raise ConfigError("tls and hold must be booleans")
     if not isinstance(channels, int) or not 1 <= channels <= 32:
         raise ConfigError("multifd_channels must be 1..32")
     if not isinstance(cache, int) or not 1 << 20 <= cache <= 16 << 30:
@@ -159,6 +164,7 @@ def options_from_json(data: object) -> MigrationOptions:
         multifd_channels=channels,
         xbzrle_cache_bytes=cache,
         tls=tls,
+        hold=hold,
     )
 
 
@@ -191,8 +197,11 @@ async def _list(request: web.Request) -> web.Response:
 
 
 async def _create(request: web.Request) -> web.Response:
-    spec = spec_from_json((await _body(request)).get("spec"))
-    info = await _agent(request).create(spec)
+    body = await _body(request)
+    spec, image = spec_from_json(body.get("spec")), body.get("image")
+    if image is not None and not isinstance(image, str):
+        raise ConfigError("'image' must be a path string or null")
+    info = await _agent(request).create(spec, None if image is None else Path(image))
     return web.json_response(info.to_json(), status=201)
 
 
@@ -226,8 +235,8 @@ async def _incoming(request: web.Request) -> web.Response:
 
 
 async def _finish(request: web.Request) -> web.Response:
-    first_ms, integrity = await _agent(request).finish_incoming(request.match_info["name"])
-    return web.json_response({"first_heartbeat_ms": first_ms, "integrity": integrity.to_json()})
+    arrival = await _agent(request).finish_incoming(request.match_info["name"])
+    return web.json_response(arrival.to_json())
 
 
 async def _abort(request: web.Request) -> web.Response:
@@ -331,6 +340,44 @@ async def _cancel(request: web.Request) -> web.Response:
     return web.json_response({"cancelling": True}, status=202)
 
 
+async def _digests(request: web.Request) -> web.Response:
+    body = await _body(request)
+    mode, seed, timeout = body.get("mode"), body.get("seed"), body.get("timeout_s", 120.0)
+    modes = {m.value: m for m in VerifyMode if m is not VerifyMode.OFF}
+    if mode not in modes:
+        raise ConfigError(f"mode must be one of {', '.join(modes)}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 64:
+        raise ConfigError("seed must be an integer 0..2**64-1")
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ConfigError("timeout_s must be a number in (0, 3600]")
+    name = request.match_info["name"]
+    digests = await _agent(request).handoff_digests(name, modes[mode], seed, float(timeout))
+    return web.json_response(digests.to_json())
+
+
+async def _exec(request: web.Request) -> web.Response:
+    body = await _body(request)
+    argv, timeout, data = body.get("argv"), body.get("timeout_s", 30.0), body.get("input")
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError("argv must be a non-empty list of strings")
+    if not isinstance(timeout, int | float) or not 0 < timeout <= 3600:
+        raise ConfigError("timeout_s must be a number in (0, 3600]")
+    if data is not None and not isinstance(data, str):
+        raise ConfigError("input must be base64 text")
+    try:
+        input_bytes = None if data is None else base64.b64decode(data, validate=True)
+    except ValueError as err:
+        raise ConfigError(f"input is not base64: {err}") from err
+    name = request.match_info["name"]
+    result = await _agent(request).guest_exec(name, argv, float(timeout), input_bytes)
+    return web.json_response(exec_to_json(result))
+
+
+async def _release_hold(request: web.Request) -> web.Response:
+    await _agent(request).release_hold(request.match_info["name"])
+    return web.Response(status=204)
+
+
 async def _handoff(request: web.Request) -> web.Response:
     await _agent(request).handoff(request.match_info["name"])
     return web.Response(status=204)
@@ -405,6 +452,9 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/release-disk", _release_disk)
     app.router.add_post(f"{p}/vms/{{name}}/switchover", _switchover)
     app.router.add_post(f"{p}/vms/{{name}}/handoff", _handoff)
+    app.router.add_post(f"{p}/vms/{{name}}/digests", _digests)
+    app.router.add_post(f"{p}/vms/{{name}}/release-hold", _release_hold)
+    app.router.add_post(f"{p}/vms/{{name}}/exec", _exec)
     app.router.add_post(f"{p}/vms/{{name}}/resume-source", _resume_source)
     app.router.add_post(f"{p}/vms/{{name}}/forget", _forget)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy/pause", _postcopy_pause)

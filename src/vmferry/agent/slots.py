@@ -83,6 +83,9 @@ class Slot:
     # Highest post-copy recovery attempt a controller sent for the current migration: requests
     # of older attempts, delivered late by TCP once a cut link is back, are refused.
     recovery_attempt: int = 0
+    # An incoming copy held paused once it arrives (never run until told): it can be dropped
+    # after it arrived, if the copies differ.
+    held: bool = False
 
     @property
     def state(self) -> VmState:
@@ -188,6 +191,7 @@ class Slots:
             machine_type=slot.spec.machine_type,
             cpu_model=slot.spec.cpu_model,
             disk=None if slot.spec.disk is None else slot.spec.disk.to_json(),
+            boot=None if slot.spec.boot is None else slot.spec.boot.to_json(),
             qemu_uid=None if pid is None else process_uid(pid),
         )
 

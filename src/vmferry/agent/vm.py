@@ -1,4 +1,5 @@
-"""A running lab VM on this machine: its QEMU process, QMP session and guest channel.
+"""A running VM on this machine: its QEMU process, QMP session and, for the lab guest, the
+lab channel.
 
 :func:`launch` starts one QEMU instance (a fresh guest, or an empty destination waiting for an
 incoming migration) and returns a :class:`RunningVm` that must be closed with
@@ -9,19 +10,21 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmferry.core.errors import GuestError
+from vmferry.core.errors import ConfigError, FerryError, GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
-from vmferry.core.model import IntegrityReport, VmSpec
+from vmferry.core.model import GuestAgentCheck, IntegrityReport, VmSpec
 from vmferry.guest.channel import GuestChannel
 from vmferry.guest.protocol import Corrupted, corrupt_command
 from vmferry.qemu.argv import Accel, BootFiles, RuntimePaths, build_argv
+from vmferry.qemu.guest_agent import GuestAgent
 from vmferry.qemu.process import QemuProcess, tail_lines
 from vmferry.qemu.session import QmpSession
 
-__all__ = ["BOOT_TIMEOUT_S", "RunningVm", "launch", "reattach"]
+__all__ = ["BOOT_TIMEOUT_S", "RunningVm", "check_guest_agent", "launch", "reattach"]
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +32,9 @@ logger = logging.getLogger(__name__)
 # 2-core machine.
 BOOT_TIMEOUT_S = 90.0
 _START_TIMEOUT_S = 15.0
+# After a move a guest agent that ran before answers at once; one that never ran costs this.
+_GUEST_AGENT_PING_S = 2.0
+_GUEST_AGENT_CALL_S = 5.0
 
 
 def _verify_timeout_s(spec: VmSpec) -> float:
@@ -40,18 +46,36 @@ def _verify_timeout_s(spec: VmSpec) -> float:
 
 @dataclass(slots=True)
 class RunningVm:
-    """One QEMU instance of a lab guest and the connections vmferry holds to it."""
+    """One QEMU instance and the connections vmferry holds to it. Only the lab guest has a
+    lab channel (heartbeats, page checks); a user's guest is reached through its guest
+    agent, if it runs one."""
 
     spec: VmSpec
     role: str
     paths: RuntimePaths
     process: QemuProcess
     qmp: QmpSession
-    channel: GuestChannel
+    channel: GuestChannel | None
+    heartbeats: HeartbeatGaps
 
     @property
     def label(self) -> str:
         return f"{self.spec.name}@{self.role}"
+
+    @property
+    def guest_agent(self) -> GuestAgent:
+        """The guest's qemu-guest-agent port (it answers only if the guest runs one)."""
+        return GuestAgent(self.paths.guest_agent_socket, self.label)
+
+    @property
+    def lab_channel(self) -> GuestChannel:
+        """Raises: ConfigError: the VM runs a guest of its own (no lab channel)."""
+        if self.channel is None:
+            raise ConfigError(
+                f"VM {self.spec.name} runs its own guest: only the lab guest checks its pages "
+                "(its moves are verified by comparing digests of both copies)"
+            )
+        return self.channel
 
     async def verify(self) -> IntegrityReport:
         """Ask the guest to check every page of its working set and every block of its disk
@@ -60,7 +84,7 @@ class RunningVm:
         Raises:
             GuestError: the guest did not answer.
         """
-        result = await self.channel.verify(_verify_timeout_s(self.spec))
+        result = await self.lab_channel.verify(_verify_timeout_s(self.spec))
         disk_ok = self.spec.disk is None or (result.blocks_checked > 0 and result.bad_blocks == 0)
         return IntegrityReport(
             ok=result.bad_pages == 0 and result.pages_checked > 0 and disk_ok,
@@ -76,17 +100,19 @@ class RunningVm:
         Raises:
             GuestError: the guest did not confirm.
         """
-        await self.channel.request(corrupt_command(page), Corrupted, 10.0)
+        await self.lab_channel.request(corrupt_command(page), Corrupted, 10.0)
 
     async def detach(self) -> None:
         """Drop our connections and leave QEMU running (agent shutdown or restart)."""
-        await self.channel.close()
+        if self.channel is not None:
+            await self.channel.close()
         await self.qmp.close()
 
     async def stop(self) -> None:
         """Disconnect and end QEMU; always reaps the process."""
         try:
-            await self.channel.close()
+            if self.channel is not None:
+                await self.channel.close()
             await self.qmp.close()
         finally:
             await self.process.stop()
@@ -104,12 +130,15 @@ async def launch(
     incoming: bool = False,
     disk_image: Path | None = None,
     run_as: str | None = None,
+    hold: bool = False,
+    firmware: Path | None = None,
 ) -> RunningVm:
-    """Start QEMU for ``spec`` in ``directory`` and connect QMP and the guest channel.
+    """Start QEMU for ``spec`` in ``directory`` and connect QMP and the lab channel.
 
-    With ``incoming`` QEMU waits (``-incoming defer``) for a migration; otherwise it boots the
-    guest and this returns once the guest's workload reports READY. With ``run_as`` QEMU
-    drops root to that user once its files and sockets are open.
+    With ``incoming`` QEMU waits (``-incoming defer``) for a migration (``hold``: and keeps
+    the guest paused once it has arrived); otherwise it boots the guest and, for the lab
+    guest, returns once its workload reports READY (a user's guest boots on meanwhile). With
+    ``run_as`` QEMU drops root to that user once its files and sockets are open.
 
     Raises:
         QEMULaunchError: QEMU would not start.
@@ -130,19 +159,22 @@ async def launch(
         incoming=incoming,
         disk_image=disk_image,
         run_as=run_as,
+        hold=hold,
+        firmware=firmware,
     )
     process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
-    channel = GuestChannel(f"{spec.name}.{role}", heartbeats)
-    vm = RunningVm(spec, role, paths, process, qmp, channel)
+    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.is_lab_guest else None
+    vm = RunningVm(spec, role, paths, process, qmp, channel, heartbeats)
     await process.start()
     try:
         if process.pid is not None:
             (directory / "qemu.pid").write_text(f"{process.pid}\n")
         await process.wait_for_socket(paths.qmp_socket, _START_TIMEOUT_S)
         await qmp.connect(paths.qmp_socket)
-        await channel.connect(paths.channel_socket)
-        if not incoming:
+        if channel is not None:
+            await channel.connect(paths.channel_socket)
+        if channel is not None and not incoming:
             try:
                 await channel.wait_ready(BOOT_TIMEOUT_S)
             except GuestError as err:
@@ -169,15 +201,36 @@ async def reattach(spec: VmSpec, directory: Path, *, role: str, pid: int) -> Run
     paths = RuntimePaths(directory)
     process = QemuProcess.adopt(pid, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
-    channel = GuestChannel(f"{spec.name}.{role}", HeartbeatGaps())
-    vm = RunningVm(spec, role, paths, process, qmp, channel)
+    heartbeats = HeartbeatGaps()
+    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.is_lab_guest else None
+    vm = RunningVm(spec, role, paths, process, qmp, channel, heartbeats)
     try:
         await qmp.connect(paths.qmp_socket)
-        await channel.connect(paths.channel_socket, timeout_s=5.0)
+        if channel is not None:
+            await channel.connect(paths.channel_socket, timeout_s=5.0)
     except BaseException:
         # Only drop our connections: the guest itself must keep running.
-        await channel.close()
+        if channel is not None:
+            await channel.close()
         await qmp.close()
         raise
     logger.info("vm.reattached %s pid=%s", vm.label, pid)
     return vm
+
+
+async def check_guest_agent(vm: RunningVm) -> GuestAgentCheck:
+    """Ping the guest's agent and set its clock from the host's (the guest slept through the
+    switchover; OpenStack Nova does the same after a move). A guest without an agent answers
+    nothing: that is reported, not raised."""
+    agent = vm.guest_agent
+    if not await agent.ping(_GUEST_AGENT_PING_S):
+        logger.info("guest_agent.silent %s", vm.label)
+        return GuestAgentCheck(answered=False)
+    try:
+        await agent.sync_time(_GUEST_AGENT_CALL_S)
+        guest_ns = await agent.guest_time_ns(_GUEST_AGENT_CALL_S)
+    except FerryError as err:
+        logger.warning("guest_agent.time_failed %s: %s", vm.label, err)
+        return GuestAgentCheck(answered=True)
+    offset_ms = round((guest_ns - time.time_ns()) / 1e6)
+    return GuestAgentCheck(answered=True, clock_synced=True, clock_offset_ms=offset_ms)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from rich.console import Console
 
+from vmferry.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from vmferry.cli.guests import vm_create, vm_exec, vm_import
 from vmferry.cli.render import (
     ProgressLine,
     format_bytes,
@@ -30,6 +32,7 @@ from vmferry.controller.inventory import Inventory
 from vmferry.controller.migrate import MigrationRequest, migrate
 from vmferry.controller.plan import make_plan
 from vmferry.core.errors import ConfigError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
 from vmferry.guest.image import build_image
@@ -38,11 +41,6 @@ __all__ = ["DEMO_WORKLOAD", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_
 
 DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced,disk-rate=4M"
 
-# Exit statuses scripts can rely on.
-EXIT_OK = 0
-EXIT_FAILED = 1  # it ran and failed (migration failed, guest not verified intact, agent down)
-EXIT_USAGE = 2  # bad input or refused by a pre-check: nothing was changed
-EXIT_INTERRUPTED = 130
 
 Command = Callable[[argparse.Namespace, Console, Console], Awaitable[int]]
 
@@ -170,29 +168,6 @@ async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int
 # -- VMs ----------------------------------------------------------------------------------------
 
 
-async def _vm_create(args: argparse.Namespace, err: Console, out: Console) -> int:
-    spec = VmSpec.build(
-        args.name,
-        memory=args.memory,
-        vcpus=args.vcpus,
-        workload=parse_workload(args.workload),
-        disk=args.disk,
-        disk_bus=args.disk_bus,
-        storage=args.storage,
-    )
-    validate_name(args.host, "host name")
-    async with Cluster(Inventory.load()) as cluster:
-        client = cluster.client(args.host)
-        await cluster.check_new_name(spec.name)
-        with err.status(f"booting {spec.name} on {args.host} ({spec.workload.describe()})…"):
-            info = await client.create_vm(spec)
-    if args.json:
-        _print_json(out, info.to_json())
-    else:
-        err.print(f"{info.name} running on {info.host} (pid {info.pid})")
-    return EXIT_OK
-
-
 async def _vm_list(args: argparse.Namespace, err: Console, out: Console) -> int:
     async with Cluster(Inventory.load()) as cluster:
         listing = await cluster.list_vms()
@@ -272,6 +247,7 @@ def _request(args: argparse.Namespace) -> MigrationRequest:
         recovery_limit_s=getattr(args, "recovery_limit", 600.0),
         tls=getattr(args, "tls", False),
         plan=not getattr(args, "no_plan", False),
+        verify=VerifyMode(getattr(args, "verify", "sample")),
     )
     request.resolve()  # refuse bad options before touching anything
     return request
@@ -470,7 +446,9 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("lab", "down"): _lab_down,
     ("lab", "restart"): _lab_restart,
     ("lab", "link"): _lab_link,
-    ("vm", "create"): _vm_create,
+    ("vm", "create"): vm_create,
+    ("vm", "import"): vm_import,
+    ("vm", "exec"): vm_exec,
     ("vm", "list"): _vm_list,
     ("vm", "show"): _vm_show,
     ("vm", "delete"): _vm_delete,

@@ -69,12 +69,54 @@ def _add_vm(sub: Subparsers) -> None:
     """vm create|list|show|delete"""
     vm = sub.add_parser("vm", help="create, list, show, delete VMs")
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
-    create = vm_sub.add_parser("create", help="boot a new lab VM on a host")
+    create = vm_sub.add_parser(
+        "create", help="boot a new VM on a host: the lab guest, or your own --image"
+    )
     create.add_argument("name")
     create.add_argument("--host", required=True)
     create.add_argument("--memory", default="512M")
     create.add_argument("--vcpus", type=int, default=1)
     create.add_argument("--disk", default=None, metavar="SIZE", help="a qcow2 disk, e.g. 1G")
+    _disk_options(create)
+    create.add_argument("--workload", default="idle", help="e.g. " + DEMO_WORKLOAD)
+    own = create.add_argument_group("your own guest")
+    own.add_argument(
+        "--image",
+        default=None,
+        metavar="FILE",
+        help="boot this qcow2 or raw image (format probed; vmferry runs a copy of it)",
+    )
+    own.add_argument("--kernel", default=None, metavar="FILE", help="direct kernel boot")
+    own.add_argument("--initrd", default=None, metavar="FILE", help="with --kernel")
+    own.add_argument("--append", default=None, metavar="ARGS", help="kernel command line")
+    own.add_argument("--firmware", default="bios", choices=("bios", "uefi"))
+    own.add_argument("--nic", action="store_true", help="a virtio NIC (user networking)")
+    json_flag(create)
+    imported = vm_sub.add_parser("import", help="run a libvirt domain (its XML) as a vmferry VM")
+    imported.add_argument("--libvirt-xml", required=True, metavar="FILE")
+    imported.add_argument("--host", required=True)
+    imported.add_argument("--name", default=None, help="another name than the domain's")
+    imported.add_argument(
+        "--storage", default="local", choices=("local", "shared"), help="as for create"
+    )
+    json_flag(imported)
+    run = vm_sub.add_parser(
+        "exec", help="run a command in the guest through qemu-guest-agent (exits with its status)"
+    )
+    run.add_argument("name")
+    run.add_argument("--timeout", type=float, default=30.0, metavar="S")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    json_flag(run)
+    json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
+    show = vm_sub.add_parser("show", help="one VM")
+    show.add_argument("name")
+    json_flag(show)
+    delete = vm_sub.add_parser("delete", help="stop and remove a VM")
+    delete.add_argument("name")
+    json_flag(delete)
+
+
+def _disk_options(create: argparse.ArgumentParser) -> None:
     create.add_argument(
         "--disk-bus", default="virtio-blk", choices=("virtio-blk", "virtio-scsi"), help="disk bus"
     )
@@ -85,15 +127,6 @@ def _add_vm(sub: Subparsers) -> None:
         help="local: the image lives on the VM's host and moves with it; "
         "shared: on storage every host sees (only RAM moves)",
     )
-    create.add_argument("--workload", default="idle", help="e.g. " + DEMO_WORKLOAD)
-    json_flag(create)
-    json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
-    show = vm_sub.add_parser("show", help="one VM")
-    show.add_argument("name")
-    json_flag(show)
-    delete = vm_sub.add_parser("delete", help="stop and remove a VM")
-    delete.add_argument("name")
-    json_flag(delete)
 
 
 def _add_checks(sub: Subparsers) -> None:
@@ -155,6 +188,13 @@ def _add_migrate(sub: Subparsers) -> None:
         action="store_true",
         help="encrypt and authenticate the migration stream and disk mirror (mutual TLS; "
         "both agents need --qemu-tls-dir)",
+    )
+    migrate.add_argument(
+        "--verify",
+        default="sample",
+        choices=("full", "sample", "off"),
+        help="compare both stopped copies before the destination runs: every byte of RAM "
+        "and local disk (full), a seeded sample (sample, default: a few ms), or not at all",
     )
     json_flag(migrate)
 

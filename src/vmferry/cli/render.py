@@ -125,20 +125,9 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
     table.add_column("downtime\nQEMU/guest", justify="right")
     table.add_column("sent", justify="right")
     table.add_column("passes", justify="right")
-    table.add_column("memory check")
+    table.add_column("checks")
     for report in reports:
-        integrity = report.integrity
-        verdict = (
-            "not checked"
-            if integrity is None
-            else f"{'ok' if integrity.ok else 'BAD'} {integrity.bad_pages} bad"
-            f" / {integrity.pages_checked} pages"
-            + (
-                f", {integrity.bad_blocks} bad / {integrity.blocks_checked} blocks"
-                if integrity.blocks_checked
-                else ""
-            )
-        )
+        verdict = check_text(report)
         result = f"{report.status} ({report.strategy})"
         if report.recoveries:
             result += f", post-copy recovered {report.recoveries}x"
@@ -155,6 +144,42 @@ def report_table(reports: Sequence[MigrationReport]) -> Table:
             style=None if report.is_success else "red",
         )
     return table
+
+
+def check_text(report: MigrationReport) -> str:
+    """What vouched for the guest after a move: the lab guest's page check, the comparison
+    of both copies at the handoff, the guest agent."""
+    parts = []
+    integrity = report.integrity
+    if integrity is not None:
+        blocks = (
+            f", {integrity.bad_blocks} bad / {integrity.blocks_checked} blocks"
+            if integrity.blocks_checked
+            else ""
+        )
+        parts.append(
+            f"pages {'ok' if integrity.ok else 'BAD'} {integrity.bad_pages} bad"
+            f" / {integrity.pages_checked}{blocks}"
+        )
+    handoff = report.handoff
+    if handoff is not None and handoff.ram is not None:
+        compared = [c for c in (handoff.ram, handoff.disk) if c is not None]
+        what = " + ".join(
+            f"{c.kind} {format_bytes(c.bytes_compared)}"
+            + ("" if c.ok else f" ({c.differing_chunks} chunks DIFFER)")
+            for c in compared
+        )
+        parts.append(f"handoff {handoff.status} ({handoff.mode}: {what})")
+    elif handoff is not None:
+        parts.append("handoff not compared")
+    agent = report.guest_agent
+    if agent is not None:
+        parts.append(
+            "guest agent answered" + (", clock set" if agent.clock_synced else "")
+            if agent.answered
+            else "guest agent silent"
+        )
+    return "; ".join(parts) or "not checked"
 
 
 def vm_table(vms: Sequence[VmInfo]) -> Table:
@@ -174,7 +199,7 @@ def vm_table(vms: Sequence[VmInfo]) -> Table:
             if not disk
             else f"{format_bytes(int(str(disk.get('size_bytes', 0))))} "
             f"{disk.get('bus')} {disk.get('storage')}",
-            vm.workload,
+            vm.workload if vm.boot is None else "(own guest)",
             "-"
             if vm.pid is None
             else str(vm.pid) + ("" if vm.qemu_uid is None else f" (uid {vm.qemu_uid})"),

@@ -42,6 +42,7 @@ def spec_of(info: VmInfo) -> VmSpec:
             "machine_type": info.machine_type,
             "cpu_model": info.cpu_model or DEFAULT_CPU_MODEL,
             "disk": info.disk,
+            "boot": info.boot,
         }
     )
 

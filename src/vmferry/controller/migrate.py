@@ -106,6 +106,8 @@ async def migrate(
         uses_postcopy=options.uses_postcopy,
         prediction=prediction,
         tls=options.tls,
+        verify=request.verify,
+        held=options.hold,
     )
     started_at = datetime.now(UTC)
     sides = Sides(source, destination, spec_of(info), options)

@@ -165,7 +165,7 @@ async def _take_back(
 async def _step(client: AgentPort, step: Step, name: str, result: Reconciled) -> None:
     match step.kind:
         case StepKind.FINISH:
-            _, result.integrity = await client.finish_incoming(name)
+            result.integrity = (await client.finish_incoming(name)).integrity
             result.running_on = step.host
         case StepKind.HANDOFF:
             await client.handoff(name)

@@ -16,6 +16,7 @@ from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
 from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MECHANISMS, Mechanism, MigrationOptions
 from vmferry.core.predict import StrategyPrediction
 from vmferry.core.recovery import RecoveryPolicy
@@ -45,6 +46,9 @@ class MigrationRequest:
     recovery_limit_s: float = 600.0
     # Encrypt and authenticate the migration stream and the disk mirror (mutual TLS).
     tls: bool = False
+    # Compare both stopped copies before the destination runs (see core/handoff.py). The
+    # default hashes a seeded sample: a few ms of the guest's pause (bench/verify.py).
+    verify: VerifyMode = VerifyMode.SAMPLE
 
     @property
     def recovery(self) -> RecoveryPolicy:
@@ -94,6 +98,9 @@ class MigrationRequest:
             and self.allow_postcopy
             and strategy not in ("cold", "multifd"),
             tls=self.tls,
+            # Held for the comparison unless the move is post-copy from the start (then the
+            # guest must run on the destination the moment it switches over).
+            hold=self.verify is not VerifyMode.OFF and strategy not in ("postcopy", "hybrid"),
         )
 
 

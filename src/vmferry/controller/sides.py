@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 from vmferry.agent.api import OutgoingResult
@@ -16,6 +17,7 @@ from vmferry.agent.client import AgentUnreachable
 from vmferry.agent.port import AgentPort
 from vmferry.core import migration as m
 from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.handoff import VerifyMode, compare, handoff_verdict
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import MigrationStatus
 
@@ -46,6 +48,8 @@ class Sides:
         with contextlib.suppress(FerryError):
             match effect:
                 case m.StartPostcopy():
+                    if self.destination is not None and self.options and self.options.hold:
+                        await self._release_hold(self.destination, name)
                     await self.source.start_postcopy(name)
                 case m.CancelSource():
                     await self.source.cancel_migration(name)
@@ -95,18 +99,31 @@ class Sides:
                 return m.SidesChecked(*dead)
             case m.QueryIncoming(timeout_s=timeout_s):
                 return m.IncomingStatus(await incoming_status(destination, name, timeout_s))
+            case m.CompareCopies(mode=mode, timeout_s=timeout_s):
+                return await compare_copies(source, destination, name, mode, timeout_s)
             case m.FinishDestination():
-                first_ms, integrity = await destination.finish_incoming(name)
-                return m.Arrived(first_ms, integrity)
+                arrival = await destination.finish_incoming(name)
+                return m.Arrived(arrival.first_heartbeat_ms, arrival.integrity, arrival.guest_agent)
             case m.DropDestination():
                 return m.DestinationDropped(await drop_unstarted(destination, name))
             case m.ResumeSource():
                 await source.resume_source(name)
-                return m.SourceResumed(await source.verify(name))
+                lab = self.spec is None or self.spec.is_lab_guest
+                return m.SourceResumed(await source.verify(name) if lab else None)
             case m.Handoff():
                 await source.handoff(name)
                 return m.HandedOff()
         raise AssertionError(f"not a request the agents carry out: {request}")
+
+    @staticmethod
+    async def _release_hold(destination: AgentPort, name: str) -> None:
+        """Before post-copy starts: a held destination must run the guest once it switches
+        over. If it cannot be told, the post-copy still completes (the guest waits, paused
+        there, until it is started at the end): slower, never lost."""
+        try:
+            await destination.release_hold(name)
+        except FerryError as err:
+            logger.warning("migration.hold_kept %s: %s", name, err)
 
     async def _recover_once(self, name: str, attempt: int, timeout_s: float) -> bool:
         """One post-copy recovery attempt; True when the post-copy runs (or completed) again.
@@ -159,6 +176,8 @@ def _failure(request: m.Request, err: FerryError) -> m.Event:
             return m.ArrivalFailed(text)
         case m.ResumeSource():
             return m.SourceResumeFailed(text)
+        case m.CompareCopies():
+            return m.CompareFailed(text)
         case m.Handoff():
             return m.HandedOff(text)
     raise err
@@ -176,6 +195,35 @@ def _outcome(result: OutgoingResult | None) -> m.SourceOutcome | None:
         result.max_gap_ms,
         result.tls,
     )
+
+
+async def compare_copies(
+    source: AgentPort, destination: AgentPort, name: str, mode: VerifyMode, timeout_s: float
+) -> m.Event:
+    """Hash both stopped copies at once over one seeded plan and compare them.
+
+    Raises:
+        FerryError: an agent could not hash its copy (answered as CompareFailed).
+    """
+    seed = secrets.randbits(64)  # unknown to both sides until now
+    # Both calls are awaited to their end (each has its deadline), then the first error wins.
+    answers = await asyncio.gather(
+        source.handoff_digests(name, mode, seed, timeout_s),
+        destination.handoff_digests(name, mode, seed, timeout_s),
+        return_exceptions=True,
+    )
+    for answer in answers:
+        if isinstance(answer, BaseException):
+            raise answer
+    src, dst = answers
+    assert not isinstance(src, BaseException)
+    assert not isinstance(dst, BaseException)
+    if (src.disk is None) != (dst.disk is None):
+        return m.CompareFailed("only one side hashed a disk")
+    disk = None if src.disk is None or dst.disk is None else compare(src.disk, dst.disk)
+    verdict = handoff_verdict(mode, ram=compare(src.ram, dst.ram), disk=disk)
+    logger.info("migration.handoff %s: %s", name, verdict.status)
+    return m.CopiesCompared(verdict)
 
 
 async def is_dead(agent: AgentPort, name: str, timeout_s: float) -> bool:

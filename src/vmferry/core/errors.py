@@ -5,6 +5,9 @@ from __future__ import annotations
 __all__ = [
     "ConfigError",
     "FerryError",
+    "GuestAgentCommandError",
+    "GuestAgentError",
+    "GuestAgentTimeout",
     "GuestError",
     "MigrationFailed",
     "ProcessStartError",
@@ -120,6 +123,55 @@ class QMPTimeout(FerryError):
 
 class GuestError(FerryError):
     """The guest's workload channel misbehaved (no reply, bad reply, closed)."""
+
+
+class GuestAgentError(FerryError):
+    """The guest agent (qemu-guest-agent) of a VM could not be reached, broke its protocol, or
+    the connection dropped.
+
+    Attributes:
+        vm: the VM (or label) whose agent it is.
+        reason: what went wrong.
+    """
+
+    def __init__(self, vm: str, reason: str) -> None:
+        super().__init__(vm, reason)
+        self.vm = vm
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"guest agent of {self.vm}: {self.reason}"
+
+
+class GuestAgentTimeout(GuestAgentError):
+    """Nothing answered in time: often no agent runs in the guest (QEMU's end of the channel
+    accepts connections and writes whether or not one does).
+
+    Attributes:
+        what: the step that got no answer (a command name).
+        timeout_s: the deadline.
+    """
+
+    def __init__(self, vm: str, what: str, timeout_s: float) -> None:
+        super().__init__(vm, f"no answer to {what} within {timeout_s:g} s")
+        self.what = what
+        self.timeout_s = timeout_s
+
+
+class GuestAgentCommandError(GuestAgentError):
+    """The guest agent answered a command with an error.
+
+    Attributes:
+        command: the command name (e.g. ``guest-exec``).
+        error_class: the agent's error class (e.g. ``GenericError``, ``CommandNotFound``).
+        desc: the agent's description.
+    """
+
+    def __init__(self, vm: str, command: str, error_class: str, desc: str) -> None:
+        super().__init__(vm, f"{command} failed: {error_class}: {desc}")
+        self.command = command
+        self.error_class = error_class
+        self.desc = desc
 
 
 class MigrationFailed(FerryError):

@@ -13,6 +13,7 @@ Each state carries its own data. States and the events that move them::
     Precopy|Postcopy|Cancelling --outcome completed--> Arriving --Arrived--> HandingOff --> Done
     ... --outcome failed/cancelled--> Concluding --SidesChecked--> Done
     Arriving --ArrivalFailed--> Dropping --> Resuming --> Done
+    (a held pre-copy is compared first: Comparing --equal--> Arriving; see core/arrival.py)
     any copying state --Interrupted--> Winding (no new decisions; ends as above)
 
 Example:
@@ -28,24 +29,18 @@ import contextlib
 import logging
 from dataclasses import replace
 
+from vmferry.core.arrival import ArrivalSteps
 from vmferry.core.errors import StateError
 from vmferry.core.migration import (
     AbortDestination,
     Action,
     AgentLost,
-    ArrivalFailed,
-    Arrived,
     CancelSource,
     CheckSides,
     Conclude,
-    DestinationDropped,
     DestinationFailed,
     DestinationPrepared,
-    DropDestination,
     Event,
-    FinishDestination,
-    HandedOff,
-    Handoff,
     HandOverDisk,
     HandoverDone,
     HandoverFailed,
@@ -61,11 +56,8 @@ from vmferry.core.migration import (
     QueryIncoming,
     RecoverPostcopy,
     RecoveryTried,
-    ResumeSource,
     SidesChecked,
     SourceOutcome,
-    SourceResumed,
-    SourceResumeFailed,
     SourceStarted,
     SourceStartFailed,
     StartPostcopy,
@@ -76,6 +68,7 @@ from vmferry.core.migration import (
 from vmferry.core.migration_state import (
     Arriving,
     Cancelling,
+    Comparing,
     Concluding,
     Done,
     Dropping,
@@ -95,7 +88,6 @@ from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase, QemuStatus, transition
 from vmferry.core.report import (
     Reporter,
-    arrival_failed,
     lost_in_postcopy,
     rolled_back,
     split_postcopy,
@@ -122,6 +114,7 @@ class MigrationMachine:
         self.move = move
         self.state: State = Preparing()
         self._report = Reporter(move)
+        self._arrival = ArrivalSteps(move, self._report)
         # The host whose QEMU died during post-copy (the guest is then lost), if one did.
         self.lost_host: str | None = None
 
@@ -467,30 +460,17 @@ class MigrationMachine:
             return Concluding(shown, outcome, postcopy, reason), [*effects, self._check()]
         final = outcome.stats or flow.last
         flow = replace(flow, phase=Phase.COMPLETED, last=final)
-        arriving = Arriving(flow, outcome, final, now.wall_ms, postcopy)
-        return arriving, [Notify(Phase.COMPLETED, final), FinishDestination()]
+        return self._arrival.begin(Arriving(flow, outcome, final, now.wall_ms, postcopy))
 
     def _ending(self, state: State, event: Event, now: Instant) -> Step:
         match state, event:
             case Concluding(), SidesChecked():
                 return self._concluded(state, event, now)
-            case Arriving(), _:
-                return self._arriving(state, event, now)
-            case Dropping(arriving=a), DestinationDropped(ok=True):
-                return Resuming(a, state.error), [ResumeSource()]
-            case Dropping(arriving=a), DestinationDropped(ok=False):
-                return Done(arrival_failed(self._report, a, state.error, now)), []
-            case Resuming(arriving=a), SourceResumed(integrity=integrity):
-                return Done(self._report.taken_back(a, state.error, integrity, now)), []
-            case Resuming(arriving=a), SourceResumeFailed(error=error):
-                why = f"{state.error}; taking the guest back failed: {error}"
-                return Done(arrival_failed(self._report, a, why, now)), []
-            case HandingOff(), HandedOff(error=error):
-                return Done(self._report.completed(state.arriving, state.arrived, error)), []
-            case ((Concluding() | Dropping() | Resuming() | HandingOff()), Interrupted()):
-                # Nearly done: the interrupted request is asked again and the ending finished
-                # (the runner shields it).
-                return state, [_again(state, self._check())]
+            case Concluding(), Interrupted():
+                # Nearly done: the check is asked again and the ending finished (shielded).
+                return state, [self._check()]
+            case ((Comparing() | Arriving() | Dropping() | Resuming() | HandingOff()), _):
+                return self._arrival.step(state, event, now)
         raise self._unexpected(state, event)
 
     def _concluded(self, state: Concluding, event: SidesChecked, now: Instant) -> Step:
@@ -506,34 +486,6 @@ class MigrationMachine:
             return self._done_failed(flow, why, now, alive=False, running_on_destination=True)
         why = rolled_back(move, state, event.source_dead)
         return self._done_failed(flow, why, now, alive=not event.source_dead)
-
-    def _arriving(self, state: Arriving, event: Event, now: Instant) -> Step:
-        timing = self.move.timing
-        match event:
-            case Arrived():
-                flow = replace(state.flow, phase=Phase.DONE)
-                arriving = replace(state, flow=flow)
-                return HandingOff(arriving, event), [Notify(Phase.DONE, state.final), Handoff()]
-            case AgentLost(side="destination", error=error):
-                # The guest runs there meanwhile; a restarted agent keeps the VM incoming.
-                away = state.away_since_s if state.away_since_s is not None else now.mono_s
-                if now.mono_s - away <= timing.agent_return_s:
-                    logger.warning("migration.destination_unreachable %s: %s", self.move.vm, error)
-                    return replace(state, away_since_s=away), [Wait(timing.agent_retry_s)]
-                return self._arrival_failed(state, error, now)
-            case ArrivalFailed(error=error):
-                return self._arrival_failed(state, error, now)
-            case Tick() | Interrupted():
-                return state, [FinishDestination()]  # (interrupted: asked again, shielded)
-        raise self._unexpected(state, event)
-
-    def _arrival_failed(self, state: Arriving, error: str, now: Instant) -> Step:
-        logger.error("migration.arrival_failed %s: %s", self.move.vm, error)
-        if state.postcopy:
-            return Done(arrival_failed(self._report, state, error, now)), []
-        # Before post-copy the source holds the complete, current guest: if the destination
-        # never ran it (the agent refuses to drop a copy that did), take the guest back.
-        return Dropping(state, error), [DropDestination()]
 
     def _poll(self, flow: Flow, postcopy: bool) -> Poll:
         timing = self.move.timing
@@ -572,18 +524,6 @@ class MigrationMachine:
         dead = dead or (self.move.destination if event.destination_dead else None)
         self.lost_host = self.lost_host or dead
         return dead
-
-
-def _again(state: Concluding | Dropping | Resuming | HandingOff, check: CheckSides) -> Action:
-    """The request an ending state waits for (asked again after an interrupt)."""
-    if isinstance(state, Concluding):
-        return check
-    again: dict[type, Action] = {
-        Dropping: DropDestination(),
-        Resuming: ResumeSource(),
-        HandingOff: Handoff(),
-    }
-    return again[type(state)]
 
 
 def _what(flow: Flow) -> str:

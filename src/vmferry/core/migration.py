@@ -20,7 +20,14 @@ import enum
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vmferry.core.model import IntegrityReport, Mechanism, MigrationReport, MigrationStats
+from vmferry.core.handoff import HandoffVerdict, VerifyMode
+from vmferry.core.model import (
+    GuestAgentCheck,
+    IntegrityReport,
+    Mechanism,
+    MigrationReport,
+    MigrationStats,
+)
 from vmferry.core.phases import Phase
 from vmferry.core.predict import StrategyPrediction
 from vmferry.core.recovery import RecoveryPolicy
@@ -112,6 +119,7 @@ class Timing:
         agent_return_s: how long an unreachable agent (being restarted) is waited for.
         agent_retry_s: the pause between calls to an unreachable agent.
         hybrid_switch_iteration: hybrid switches to post-copy after this many dirty syncs.
+        compare_s: deadline of hashing and comparing both copies at a handoff.
     """
 
     poll_wait_s: float = 0.5
@@ -123,6 +131,7 @@ class Timing:
     agent_return_s: float = 60.0
     agent_retry_s: float = 1.0
     hybrid_switch_iteration: int = 2
+    compare_s: float = 120.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +144,9 @@ class Move:
         tls: the move was asked for over TLS (the report says what QEMU really used).
         first_attempt: post-copy recovery attempts are numbered from here (agents refuse older
             numbers; a follower starts above any number the original controller used).
+        verify: how much of both copies to compare before the destination runs; only a
+            destination prepared ``held`` (``MigrationOptions.hold``) can be compared, and only
+            when the move ends without post-copy.
     """
 
     vm: str
@@ -149,6 +161,13 @@ class Move:
     mode: Mode = Mode.MIGRATE
     timing: Timing = field(default_factory=Timing)
     first_attempt: int = 1
+    verify: VerifyMode = VerifyMode.OFF
+    held: bool = False
+
+    @property
+    def compares(self) -> bool:
+        """Both copies are compared at the handoff (unless post-copy ran)."""
+        return self.held and self.verify is not VerifyMode.OFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,10 +266,12 @@ class SidesChecked:
 
 @dataclass(frozen=True, slots=True)
 class Arrived:
-    """The guest runs on the destination: its first heartbeat there (wall ms) and its check."""
+    """The guest runs on the destination: the lab guest's first heartbeat there (wall ms) and
+    its page check; a user's guest's agent answer."""
 
-    first_heartbeat_ms: float
-    integrity: IntegrityReport
+    first_heartbeat_ms: float | None
+    integrity: IntegrityReport | None
+    guest_agent: GuestAgentCheck | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,9 +288,9 @@ class DestinationDropped:
 
 @dataclass(frozen=True, slots=True)
 class SourceResumed:
-    """The source runs the guest again, checked."""
+    """The source runs the guest again, checked (the lab guest by its own page check)."""
 
-    integrity: IntegrityReport
+    integrity: IntegrityReport | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +303,20 @@ class HandedOff:
     """The source ended its QEMU (``error`` when it could not)."""
 
     error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CopiesCompared:
+    """Both stopped copies were hashed and compared."""
+
+    verdict: HandoffVerdict
+
+
+@dataclass(frozen=True, slots=True)
+class CompareFailed:
+    """The copies could not be compared (an agent could not read its copy, or was away)."""
+
+    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +347,8 @@ Event = (
     | SourceResumed
     | SourceResumeFailed
     | HandedOff
+    | CopiesCompared
+    | CompareFailed
     | Tick
     | Interrupted
 )
@@ -405,6 +442,15 @@ class QueryIncoming:
 
 
 @dataclass(frozen=True, slots=True)
+class CompareCopies:
+    """Hash both stopped copies (RAM, and a local disk) and compare them. -> CopiesCompared |
+    CompareFailed."""
+
+    mode: VerifyMode
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class FinishDestination:
     """Start the guest on the destination and check it. -> Arrived | ArrivalFailed |
     AgentLost("destination")."""
@@ -442,6 +488,7 @@ Request = (
     | RecoverPostcopy
     | CheckSides
     | QueryIncoming
+    | CompareCopies
     | FinishDestination
     | DropDestination
     | ResumeSource

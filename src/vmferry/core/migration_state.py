@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from vmferry.core.handoff import HandoffVerdict
 from vmferry.core.migration import Arrived, SourceOutcome, Timing
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
@@ -19,6 +20,7 @@ _STALLABLE = frozenset({MigrationStatus.SETUP, MigrationStatus.ACTIVE, Migration
 __all__ = [
     "Arriving",
     "Cancelling",
+    "Comparing",
     "Concluding",
     "Copying",
     "Done",
@@ -189,6 +191,16 @@ class Arriving:
     completed_wall_ms: float
     postcopy: bool
     away_since_s: float | None = None
+    # What comparing both copies found (None: the move did not compare them).
+    handoff: HandoffVerdict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Comparing:
+    """QEMU completed a pre-copy; both copies are stopped and being compared before the
+    destination's runs."""
+
+    arriving: Arriving
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +234,7 @@ class Done:
 
 State = (
     Preparing
+    | Comparing
     | Starting
     | Precopy
     | Cancelling

@@ -6,7 +6,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal, NewType
 
+from vmferry.core.boot import GuestBoot
 from vmferry.core.errors import ConfigError
+from vmferry.core.handoff import HandoffVerdict, VerifyMode
 from vmferry.core.status import MigrationStatus, Stage
 from vmferry.core.workload import WorkloadSpec, parse_size, parse_workload
 
@@ -20,6 +22,7 @@ __all__ = [
     "STORAGE_MODES",
     "DiskBus",
     "DiskSpec",
+    "GuestAgentCheck",
     "HostName",
     "IntegrityReport",
     "Mechanism",
@@ -102,8 +105,9 @@ class DiskSpec:
                 f"disk size {self.size_bytes} bytes out of range "
                 f"({_MIN_DISK_BYTES >> 20} MiB .. {_MAX_DISK_BYTES >> 40} TiB)"
             )
-        if self.size_bytes % (1 << 20):
-            raise ConfigError("disk size must be a whole number of MiB")
+        # A user's image may have any size QEMU accepts (sectors); sizes we create are MiB.
+        if self.size_bytes % 512:
+            raise ConfigError("disk size must be a whole number of 512-byte sectors")
         if self.bus not in DISK_BUSES:
             raise ConfigError(f"unknown disk bus {self.bus!r}: use {' or '.join(DISK_BUSES)}")
         if self.storage not in STORAGE_MODES:
@@ -179,9 +183,20 @@ class VmSpec:
     machine_type: str = DEFAULT_MACHINE_TYPE
     cpu_model: str = DEFAULT_CPU_MODEL
     disk: DiskSpec | None = None
+    # None: the lab guest (vmferry's kernel, initramfs and workload); else the user's own.
+    boot: GuestBoot | None = None
+
+    @property
+    def is_lab_guest(self) -> bool:
+        """The guest is vmferry's own lab guest (it answers on the lab channel)."""
+        return self.boot is None
 
     def __post_init__(self) -> None:
         validate_name(self.name)
+        if self.boot is not None and self.disk is None:
+            raise ConfigError(f"VM {self.name}: a guest of your own boots from a disk image")
+        if self.boot is not None and self.workload != parse_workload("idle"):
+            raise ConfigError("--workload applies to the lab guest only (not to --image guests)")
         if not _MIN_MEMORY_BYTES <= self.memory_bytes <= _MAX_MEMORY_BYTES:
             raise ConfigError(
                 f"memory {self.memory_bytes} bytes out of range "
@@ -237,6 +252,7 @@ def spec_to_json(spec: VmSpec) -> dict[str, object]:
         "machine_type": spec.machine_type,
         "cpu_model": spec.cpu_model,
         "disk": None if spec.disk is None else spec.disk.to_json(),
+        "boot": None if spec.boot is None else spec.boot.to_json(),
     }
 
 
@@ -260,7 +276,8 @@ def spec_from_json(data: object) -> VmSpec:
         raise ConfigError("'vcpus' must be an integer")
     if not isinstance(workload, str) or not isinstance(machine, str) or not isinstance(cpu, str):
         raise ConfigError("'workload', 'machine_type' and 'cpu_model' must be strings")
-    if not re.fullmatch(r"[a-z0-9][a-z0-9._-]{0,40}", machine + cpu):
+    # QEMU's names: machine types are lower case; CPU models may not be (Skylake-Client).
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,80}", machine + cpu):
         raise ConfigError(f"bad machine type or CPU model: {machine!r} {cpu!r}")
     return VmSpec(
         name=VmName(validate_name(name)),
@@ -270,6 +287,7 @@ def spec_from_json(data: object) -> VmSpec:
         machine_type=machine,
         cpu_model=cpu,
         disk=None if data.get("disk") is None else DiskSpec.from_json(data["disk"]),
+        boot=None if data.get("boot") is None else GuestBoot.from_json(data["boot"]),
     )
 
 
@@ -334,8 +352,10 @@ class MigrationOptions:
     the vCPUs), ``postcopy`` (switch to the destination at once, pull pages on demand),
     ``hybrid`` (pre-copy, then post-copy) or ``cold`` (pause the guest, then copy).
     ``postcopy_ready`` enables post-copy on both sides so a pre-copy can be switched over
-    mid-flight if it stalls. ``tls`` runs the RAM stream and the NBD disk mirror over mutual
-    TLS (QEMU's ``tls-creds-x509``; both agents need QEMU credentials).
+    mid-flight if it stalls. ``hold`` keeps the guest paused on the destination once it has
+    arrived (QEMU's autostart off, block devices left inactive) until the two copies have been
+    compared (see :mod:`vmferry.core.handoff`). ``tls`` runs the RAM stream and the NBD disk
+    mirror over mutual TLS (QEMU's ``tls-creds-x509``; both agents need QEMU credentials).
     """
 
     max_bandwidth_bps: int | None = None
@@ -346,6 +366,7 @@ class MigrationOptions:
     multifd_channels: int = 2
     xbzrle_cache_bytes: int = 64 << 20
     tls: bool = False
+    hold: bool = False
 
     @property
     def uses_postcopy(self) -> bool:
@@ -372,6 +393,36 @@ class IntegrityReport:
             "blocks_checked": self.blocks_checked,
             "bad_blocks": self.bad_blocks,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class GuestAgentCheck:
+    """What the guest's own agent (qemu-guest-agent) said after a move: whether it answered,
+    and the guest clock set from the host's (as OpenStack Nova's ``sync_guest_time`` does)."""
+
+    answered: bool
+    clock_synced: bool = False
+    # The guest's clock minus the host's, read back after the sync (ms).
+    clock_offset_ms: int | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "answered": self.answered,
+            "clock_synced": self.clock_synced,
+            "clock_offset_ms": self.clock_offset_ms,
+        }
+
+    @classmethod
+    def from_json(cls, data: object) -> GuestAgentCheck:
+        """Raises: ConfigError on malformed data."""
+        if not isinstance(data, dict) or not isinstance(data.get("answered"), bool):
+            raise ConfigError(f"bad guest agent check {data!r}")
+        offset = data.get("clock_offset_ms")
+        return cls(
+            answered=data["answered"],
+            clock_synced=data.get("clock_synced") is True,
+            clock_offset_ms=offset if isinstance(offset, int) else None,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -416,16 +467,24 @@ class MigrationReport:
     recoveries: int = 0
     # The migration stream (and disk mirror) ran over TLS, as QEMU reported at the end.
     tls: bool = False
+    # A user's guest: what its guest agent said on the destination (None: not asked).
+    guest_agent: GuestAgentCheck | None = None
+    # Both stopped copies compared before the destination ran (None: the move never got there).
+    handoff: HandoffVerdict | None = None
 
     @property
     def is_success(self) -> bool:
-        """Completed, guest alive and its memory verified intact."""
-        return (
-            self.status == "completed"
-            and self.guest_alive
-            and self.integrity is not None
-            and self.integrity.ok
-        )
+        """Completed, guest alive, and verified: the lab guest by its own page check, a user's
+        guest by the comparison of both copies (or, where none could run, by its agent)."""
+        if self.status != "completed" or not self.guest_alive:
+            return False
+        if self.handoff is not None and not self.handoff.ok:
+            return False
+        if self.guest_agent is None:  # the lab guest
+            return self.integrity is not None and self.integrity.ok
+        compared = self.handoff is not None and self.handoff.ram is not None
+        skipped_on_purpose = self.handoff is not None and self.handoff.mode is VerifyMode.OFF
+        return compared or skipped_on_purpose or self.guest_agent.answered
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -447,4 +506,6 @@ class MigrationReport:
             "guest_alive": self.guest_alive,
             "recoveries": self.recoveries,
             "tls": self.tls,
+            "guest_agent": None if self.guest_agent is None else self.guest_agent.to_json(),
+            "handoff": None if self.handoff is None else self.handoff.to_json(),
         }

@@ -103,10 +103,11 @@ class Reporter:
         outcome = arriving.outcome
         # From the first request to the guest running on the destination with all its memory
         # there (post-copy keeps pulling pages after the guest already runs).
-        end_ms = max(arrived.first_heartbeat_ms, arriving.completed_wall_ms)
+        first_ms = arrived.first_heartbeat_ms
+        end_ms = max(first_ms or 0.0, arriving.completed_wall_ms)
         gap = None
-        if outcome.last_heartbeat_ms is not None:
-            felt_ms = arrived.first_heartbeat_ms - outcome.last_heartbeat_ms
+        if outcome.last_heartbeat_ms is not None and first_ms is not None:
+            felt_ms = first_ms - outcome.last_heartbeat_ms
             gap = round(max(outcome.max_gap_ms or 0, felt_ms))
         report = self.build(
             arriving.flow,
@@ -120,13 +121,20 @@ class Reporter:
             integrity=arrived.integrity,
         )
         total_ms = round(end_ms - self.started.wall_ms)
-        return replace(report, total_ms=total_ms, guest_downtime_ms=gap, tls=outcome.tls)
+        return replace(
+            report,
+            total_ms=total_ms,
+            guest_downtime_ms=gap,
+            tls=outcome.tls,
+            guest_agent=arrived.guest_agent,
+            handoff=arriving.handoff,
+        )
 
     def taken_back(
-        self, arriving: Arriving, error: str, integrity: IntegrityReport, now: Instant
+        self, arriving: Arriving, error: str, integrity: IntegrityReport | None, now: Instant
     ) -> MigrationReport:
         """The guest did not start on the destination and runs on the source again."""
-        return self.build(
+        report = self.build(
             arriving.flow,
             now,
             status="failed",
@@ -135,6 +143,7 @@ class Reporter:
             integrity=integrity,
             downtime_ms=downtime_ms(self.move, arriving.final, arriving.flow.disk_ms),
         )
+        return replace(report, handoff=arriving.handoff)
 
 
 def downtime_ms(move: Move, final: MigrationStats | None, disk_ms: int) -> int | None:

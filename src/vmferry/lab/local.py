@@ -34,7 +34,8 @@ from vmferry.agent.vm import RunningVm
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.controller.migrate import MigrationRequest, ProgressCallback, migrate
-from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.errors import ConfigError, FerryError, GuestAgentTimeout
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec
 from vmferry.guest.image import GuestImage, build_image
 from vmferry.lab.cluster import MAX_HOSTS, SHARED_DIR, default_memory_per_host_bytes
@@ -215,18 +216,34 @@ class LocalLab:
                 return vm
         return None
 
-    async def boot(self, spec: VmSpec, host: str = "host-1") -> RunningVm:
-        """Boot a new lab guest on ``host`` (through its agent) and wait until its workload is
-        ready.
+    async def boot(
+        self, spec: VmSpec, host: str = "host-1", image: Path | None = None
+    ) -> RunningVm:
+        """Boot a new VM on ``host`` (through its agent): the lab guest, which this waits for
+        until its workload is ready, or with ``image`` a guest of your own (a copy of it),
+        which boots on meanwhile (see :meth:`wait_guest_agent`).
 
         Raises:
-            ConfigError: the name is taken, no such host, no room there.
+            ConfigError: the name is taken, no such host, no room there, a bad image.
             FerryError: it did not boot (as the agent reports it).
         """
         agent = self.cluster.client(host)
         await self.cluster.check_new_name(spec.name)
-        await agent.create_vm(spec)
+        await agent.create_vm(spec, image)
         return self.get(spec.name)
+
+    async def wait_guest_agent(self, name: str, timeout_s: float) -> float:
+        """Wait until VM ``name``'s guest agent answers; the seconds it took.
+
+        Raises:
+            GuestAgentTimeout: it did not answer within ``timeout_s``.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while loop.time() - started < timeout_s:
+            if await self.get(name).guest_agent.ping(min(2.0, timeout_s)):
+                return loop.time() - started
+        raise GuestAgentTimeout(name, "guest-ping", timeout_s)
 
     def get(self, name: str) -> RunningVm:
         """The QEMU instance that holds VM ``name``'s guest.
@@ -261,6 +278,7 @@ class LocalLab:
         plan: bool = True,
         force: bool = False,
         allow_postcopy: bool = True,
+        verify: VerifyMode = VerifyMode.SAMPLE,
         on_progress: ProgressCallback | None = None,
     ) -> MigrationReport:
         """Live-migrate VM ``name`` to host ``to`` and verify it there, as
@@ -284,6 +302,7 @@ class LocalLab:
             force=force,
             allow_postcopy=allow_postcopy,
             plan=plan,
+            verify=verify,
         )
         return await migrate(self.cluster, request, on_progress=on_progress)
 

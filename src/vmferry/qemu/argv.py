@@ -12,6 +12,9 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.model import DISK_NODE, VmSpec
 
 __all__ = [
+    "GUEST_AGENT_PORT",
+    "OVMF_PATHS",
+    "RAM_BACKEND",
     "SANDBOX_OPTION",
     "SANDBOX_OPTION_DROPPING_ROOT",
     "Accel",
@@ -35,6 +38,15 @@ SANDBOX_OPTION_DROPPING_ROOT = (
 )
 
 Accel = Literal["kvm", "tcg"]
+
+# Guest RAM lives in a shared memfd (QEMU names it after the backend type): the host agent
+# reads it through /proc/<pid>/fd to digest both copies at a handoff. share=on makes QEMU's
+# mapping the memfd's own pages (a private mapping would leave the memfd all zeros).
+RAM_BACKEND = "ram0"
+# The virtio-serial port qemu-guest-agent opens inside the guest.
+GUEST_AGENT_PORT = "org.qemu.guest_agent.0"
+# Debian's ovmf package: the combined code+vars image (vars are not kept across a reboot).
+OVMF_PATHS = (Path("/usr/share/ovmf/OVMF.fd"), Path("/usr/share/qemu/OVMF.fd"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +86,10 @@ class RuntimePaths:
     @property
     def channel_socket(self) -> Path:
         return self.socket_dir / "channel.sock"
+
+    @property
+    def guest_agent_socket(self) -> Path:
+        return self.socket_dir / "qga.sock"
 
     @property
     def console_log(self) -> Path:
@@ -139,6 +155,8 @@ def build_argv(
     incoming: bool = False,
     disk_image: Path | None = None,
     run_as: str | None = None,
+    hold: bool = False,
+    firmware: Path | None = None,
 ) -> list[str]:
     """Build the argv of one QEMU instance of ``spec``.
 
@@ -150,6 +168,8 @@ def build_argv(
 
     Source and destination must get identical device models, so everything that shapes the
     guest comes from ``spec``; only sockets, logs, the disk image path and ``-incoming`` differ.
+    With ``hold`` an incoming QEMU keeps the guest paused once it has arrived (``-S``).
+    ``firmware`` is OVMF's image, for UEFI guests.
 
     Raises:
         ConfigError: the spec has a disk but no ``disk_image`` was given (or a bad path).
@@ -161,11 +181,13 @@ def build_argv(
         "-name",
         f"{spec.name},debug-threads=on",
         "-machine",
-        spec.machine_type,
+        f"{spec.machine_type},memory-backend={RAM_BACKEND}",
         "-accel",
         accel,
         "-cpu",
         spec.cpu_model,
+        "-object",
+        f"memory-backend-memfd,id={RAM_BACKEND},size={spec.memory_bytes >> 20}M,share=on",
         "-m",
         f"{spec.memory_bytes >> 20}M",
         "-smp",
@@ -174,15 +196,11 @@ def build_argv(
         "-no-user-config",
         "-display",
         "none",
-        "-no-reboot",
+        # The lab guest panics on purpose to end (panic=-1); a user's guest may reboot.
+        *(["-no-reboot"] if spec.is_lab_guest else []),
         "-sandbox",
         SANDBOX_OPTION if run_as is None else SANDBOX_OPTION_DROPPING_ROOT,
-        "-kernel",
-        str(boot.kernel),
-        "-initrd",
-        str(boot.initrd),
-        "-append",
-        kernel_cmdline(spec),
+        *boot_args(spec, boot, firmware),
         "-chardev",
         f"socket,id=qmp,path={paths.qmp_socket},server=on,wait=off",
         "-mon",
@@ -191,10 +209,7 @@ def build_argv(
         f"file,id=console,path={paths.console_log}",
         "-serial",
         "chardev:console",
-        "-chardev",
-        f"socket,id=channel,path={paths.channel_socket},server=on,wait=off",
-        "-serial",
-        "chardev:channel",
+        *_channel_args(spec, paths),
     ]
     if disk_image is not None:
         argv += disk_args(spec, disk_image)
@@ -203,5 +218,57 @@ def build_argv(
             raise ConfigError(f"bad user name for QEMU: {run_as!r}")
         argv += ["-run-with", f"user={run_as}"]
     if incoming:
-        argv += ["-incoming", "defer"]
+        # Held: the guest stays paused once it has arrived (QEMU's autostart off), so both
+        # copies can be compared before it runs; a ``cont`` during the migration undoes it.
+        argv += ["-S", "-incoming", "defer"] if hold else ["-incoming", "defer"]
     return argv
+
+
+def boot_args(spec: VmSpec, boot: BootFiles, firmware: Path | None) -> list[str]:
+    """How the guest boots: the lab's kernel and initramfs, or the user's own guest through
+    the firmware (``firmware``: OVMF's image for UEFI) or a kernel given directly.
+
+    Raises:
+        ConfigError: a UEFI guest without a firmware image.
+    """
+    own = spec.boot
+    if own is None:
+        return [
+            *("-kernel", str(boot.kernel), "-initrd", str(boot.initrd)),
+            *("-append", kernel_cmdline(spec)),
+        ]
+    args: list[str] = []
+    if own.firmware == "uefi":
+        if firmware is None:
+            raise ConfigError(f"VM {spec.name} boots with UEFI: install OVMF (apt install ovmf)")
+        args += ["-bios", str(firmware)]
+    if own.kernel is not None:
+        args += ["-kernel", str(own.kernel)]
+        if own.initrd is not None:
+            args += ["-initrd", str(own.initrd)]
+        if own.append is not None:
+            args += ["-append", own.append]
+    if own.nic:
+        args += ["-netdev", "user,id=net0", "-device", "virtio-net-pci,netdev=net0,id=net0-dev"]
+    return args
+
+
+def _channel_args(spec: VmSpec, paths: RuntimePaths) -> list[str]:
+    """The lab guest's serial channel (lab guests) and the guest agent's port (every VM)."""
+    args: list[str] = []
+    if spec.is_lab_guest:
+        args += [
+            "-chardev",
+            f"socket,id=channel,path={paths.channel_socket},server=on,wait=off",
+            "-serial",
+            "chardev:channel",
+        ]
+    return [
+        *args,
+        "-chardev",
+        f"socket,id=qga0,path={paths.guest_agent_socket},server=on,wait=off",
+        "-device",
+        "virtio-serial-pci,id=vserial0",
+        "-device",
+        f"virtserialport,chardev=qga0,name={GUEST_AGENT_PORT},id=qga0-port",
+    ]

@@ -70,6 +70,9 @@ def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
         "postcopy-ram": options.uses_postcopy,
         # Pages the guest faults on travel on their own channel, not behind the bulk copy.
         "postcopy-preempt": options.uses_postcopy,
+        # A held destination leaves its disks inactive until it runs: if the copies differ,
+        # the source takes the guest back and reopens them (only an incoming QEMU reads it).
+        "late-block-activate": options.hold,
     }
 
 
@@ -353,6 +356,21 @@ async def wait_running(session: QmpSession, timeout_s: float) -> None:
                 await asyncio.sleep(_POLL_S / 5)
     except TimeoutError:
         raise StateError(f"VM {session.name}", status, RunState.RUNNING) from None
+
+
+async def wait_arrived(session: QmpSession, timeout_s: float) -> RunState:
+    """Wait until a destination has loaded the whole guest (the source may report completion
+    a moment before); return the run state it then has.
+
+    Raises:
+        TimeoutError: still ``inmigrate`` after ``timeout_s``.
+    """
+    async with asyncio.timeout(timeout_s):
+        while True:
+            status = await run_state(session)
+            if status is not RunState.INMIGRATE:
+                return status
+            await asyncio.sleep(0.02)
 
 
 async def ensure_running(session: QmpSession) -> RunState:

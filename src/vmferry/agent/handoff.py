@@ -1,0 +1,106 @@
+"""This host's side of a verified handoff: digests of a stopped copy of a guest (its RAM read
+straight from QEMU's memfd, its local disk's guest-visible content), and the release of a
+held destination when a move turns to post-copy.
+
+Both copies are stopped while they are hashed: the source in ``postmigrate`` after QEMU
+completed, the destination ``paused`` (held, see ``MigrationOptions.hold``) before it ever ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from vmferry.agent.api import HandoffDigests
+from vmferry.agent.digest import digest_image, digest_ram, find_ram_fd
+from vmferry.agent.slots import Slot, VmState
+from vmferry.agent.store import VmStore
+from vmferry.core.errors import StateError
+from vmferry.core.handoff import VerifyMode, plan_chunks
+from vmferry.core.status import RunState
+from vmferry.qemu.migration import run_state
+from vmferry.qemu.session import QmpSession
+
+__all__ = ["handoff_digests", "release_hold"]
+
+logger = logging.getLogger(__name__)
+
+# Which QEMU run state each side must be in for its copy to be a stopped, final one.
+_STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
+_ARRIVAL_S = 30.0
+_ON_THE_WAY = frozenset({RunState.INMIGRATE, RunState.FINISH_MIGRATE})
+
+
+async def handoff_digests(
+    slot: Slot, store: VmStore, mode: VerifyMode, seed: int, timeout_s: float
+) -> HandoffDigests:
+    """Digests of this host's stopped copy of ``slot``'s guest, over the plan ``mode`` and
+    ``seed`` give (both sides derive the same plan from them).
+
+    Raises:
+        StateError: the copy is not stopped (not a completed source, nor a held destination
+            that has received the whole guest).
+        DigestError: guest RAM or the disk image could not be read.
+    """
+    vm, spec = slot.vm, slot.spec
+    wanted = _STOPPED.get(slot.state)
+    if vm is None or vm.process.pid is None or wanted is None:
+        raise StateError(f"VM {spec.name}", slot.state.value, "migrated or incoming")
+    await _wait_stopped(vm.qmp, spec.name, wanted)
+    ram_plan = plan_chunks(mode, spec.memory_bytes, seed)
+    # Every memfd backend's memfd has the same name: the guest RAM is the one of its size.
+    ram_fd = find_ram_fd(vm.process.pid, spec.memory_bytes)
+    ram = await digest_ram(ram_fd, ram_plan, timeout_s=timeout_s)
+    disk = None
+    image = store.owned_disk(spec)
+    if image is not None and spec.disk is not None:
+        disk_plan = plan_chunks(mode, spec.disk.size_bytes, seed)
+        disk = await digest_image(image, disk_plan, timeout_s=timeout_s, fmt="qcow2")
+    logger.info(
+        "handoff.digests %s@%s %s: RAM %.0f ms, disk %s",
+        spec.name,
+        vm.role,
+        mode,
+        ram.elapsed_ms,
+        "-" if disk is None else f"{disk.elapsed_ms:.0f} ms",
+    )
+    return HandoffDigests(ram, disk)
+
+
+async def _wait_stopped(qmp: QmpSession, name: str, wanted: RunState) -> None:
+    """Until QEMU is in ``wanted``: a destination may still be loading the last of the guest
+    when the source reports completion, and a source may not have left ``finish-migrate``.
+
+    Raises:
+        StateError: it is in another state, or still on its way after a while.
+    """
+    status = RunState.OTHER
+    try:
+        async with asyncio.timeout(_ARRIVAL_S):
+            while True:
+                status = await run_state(qmp)
+                if status not in _ON_THE_WAY:
+                    break
+                await asyncio.sleep(0.002)
+    except TimeoutError:
+        pass
+    if status is not wanted:
+        raise StateError(f"VM {name}'s QEMU", str(status), str(wanted))
+
+
+async def release_hold(slot: Slot) -> None:
+    """Let a held destination run the guest as soon as it arrives (QEMU's ``cont`` during an
+    incoming migration turns autostart back on): a post-copy runs the guest there at once.
+
+    Raises:
+        StateError: not an incoming VM still receiving.
+    """
+    vm = slot.vm
+    if slot.state is not VmState.INCOMING or vm is None:
+        raise StateError(f"VM {slot.spec.name}", slot.state.value, VmState.INCOMING.value)
+    status = await run_state(vm.qmp)
+    if status is not RunState.INMIGRATE:
+        raise StateError(f"VM {slot.spec.name}'s QEMU", str(status), str(RunState.INMIGRATE))
+    await vm.qmp.execute("cont")
+    slot.held = False
+    logger.info("handoff.released %s@%s: it runs once it arrives", slot.spec.name, vm.role)
