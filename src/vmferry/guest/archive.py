@@ -73,6 +73,8 @@ def _write_apt_config(apt_dir: Path) -> Path:
         'APT::Architecture "amd64";\nAPT::Architectures { "amd64"; };\n'
         'Acquire::Languages "none";\nAcquire::GzipIndexes "true";\n'
         'APT::Install-Recommends "false";\nAPT::Sandbox::User "root";\n'
+        # No binary caches (~70 MB): apt reads these lists only when they change.
+        'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n'
     )
     return config
 

@@ -4,8 +4,10 @@ the tool's last lines of output."""
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import signal
 import subprocess
 import threading
 from collections.abc import Callable, Sequence
@@ -20,6 +22,8 @@ logger.addHandler(logging.NullHandler())
 TOOL_TIMEOUT_S = 600.0
 LONG_TOOL_TIMEOUT_S = 1800.0
 _PROGRESS_PREFIXES = ("I: ", "W: ", "E: ")
+_STOP_TIMEOUT_S = 30.0
+_PR_SET_PDEATHSIG = 1
 
 
 def run_tool(argv: Sequence[str], *, what: str, env: dict[str, str] | None = None) -> str:
@@ -55,17 +59,22 @@ def run_logged(argv: Sequence[str], *, what: str, say: Callable[[str], None]) ->
 
     Raises:
         ImageBuildError: the tool is missing, fails, or runs longer than
-            ``LONG_TOOL_TIMEOUT_S`` (it is killed then).
+            ``LONG_TOOL_TIMEOUT_S`` (it is stopped then, as when the caller is interrupted).
     """
     logger.debug("running %s", argv)
     env = {**os.environ, "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
     try:
         proc = subprocess.Popen(
-            list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env
+            list(argv),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            preexec_fn=_terminate_with_parent,
         )
     except FileNotFoundError as err:
         raise ImageBuildError(f"{what}: {argv[0]} not found") from err
-    watchdog = threading.Timer(LONG_TOOL_TIMEOUT_S, proc.kill)
+    watchdog = threading.Timer(LONG_TOOL_TIMEOUT_S, proc.terminate)
     watchdog.start()
     tail: list[str] = []
     try:
@@ -77,8 +86,28 @@ def run_logged(argv: Sequence[str], *, what: str, say: Callable[[str], None]) ->
         status = proc.wait()
     finally:
         watchdog.cancel()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
     if status != 0:
         raise ImageBuildError(f"{what}: {argv[0]} failed with status {status}\n" + "\n".join(tail))
+
+
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM it if the thread that started it dies.
+
+    A killed builder would otherwise leave mmdebstrap building on, into a directory the next
+    build removes; mmdebstrap stops its own children on SIGTERM.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    """End a tool still running: SIGTERM (mmdebstrap then stops its children), then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
