@@ -62,7 +62,8 @@ def test_imported_debian_domain_runs_commands_and_moves_verified(
     assert release.returncode == 0, release.stderr
     assert 'VERSION_ID="12"' in release.stdout
     assert lab.run("vm", "exec", "debian12", "--", "sh", "-c", "exit 3").returncode == 3
-    shown = lab.ok("vm", "exec", "debian12", "--", "sh", "-c", "echo out; echo err >&2")
+    both = lab.run("vm", "exec", "debian12", "--json", "--", "sh", "-c", "echo out; echo err >&2")
+    shown = json.loads(both.stdout)
     assert (shown["exit_code"], shown["stdout"], shown["stderr"]) == (0, "out\n", "err\n")
 
     report = lab.ok("migrate", "debian12", "--to", "host-2")

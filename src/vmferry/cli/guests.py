@@ -173,7 +173,7 @@ async def vm_import(args: argparse.Namespace, err: Console, out: Console) -> int
 async def vm_exec(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``vm exec NAME -- CMD...``: run a command in the guest through its guest agent; exit
     with its exit status (128 + signal when a signal ended it)."""
-    argv = list(args.argv[1:] if args.argv[:1] == ["--"] else args.argv)
+    argv = list(args.argv)
     if not argv:
         raise ConfigError("give the command after `--`, e.g. `vmferry vm exec vm1 -- uname -a`")
     if not 0 < args.timeout <= 3600:

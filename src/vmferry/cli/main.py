@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import sys
@@ -28,6 +29,21 @@ def _configure_logging(verbosity: int, command: str) -> None:
     )
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; for ``vm exec`` everything after ``--`` is the guest's command, options
+    included (argparse alone would take them for vmferry's)."""
+    parser = build_parser()
+    before, tail = argv, None
+    if "--" in argv:
+        at = argv.index("--")
+        if argv[:at].count("vm") and "exec" in argv[:at]:
+            before, tail = argv[:at], argv[at + 1 :]
+    args = parser.parse_args(before)
+    if tail is not None:
+        args.argv = [*args.argv, *tail]
+    return args
+
+
 def main(
     argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
@@ -38,7 +54,7 @@ def main(
         stdout, stderr: where the command's output and messages go (default: the process's;
             tests run commands in-process with their own). Usage errors go to ``sys.stderr``.
     """
-    args = build_parser().parse_args(argv)
+    args = _parse(list(sys.argv[1:] if argv is None else argv))
     _configure_logging(args.verbose, args.command)
     err = Console(file=stderr, stderr=stderr is None)
     try:

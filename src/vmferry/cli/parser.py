@@ -105,7 +105,7 @@ def _add_vm(sub: Subparsers) -> None:
     )
     run.add_argument("name")
     run.add_argument("--timeout", type=float, default=30.0, metavar="S")
-    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    run.add_argument("argv", nargs="*", metavar="-- CMD ...")
     json_flag(run)
     json_flag(vm_sub.add_parser("list", help="every VM of the cluster"))
     show = vm_sub.add_parser("show", help="one VM")
