@@ -1,11 +1,9 @@
 """A real distribution as a user's own VM: Debian 12 built from Debian's packages, booted from
-its disk image through SeaBIOS (a second one by direct kernel boot), moved live with local
-storage and back on shared storage, each handoff verified by digests of both stopped copies
-(RAM and disk), its guest agent answering after every move with the guest clock set from the
-host's; a damaged destination is caught and the source keeps the guest.
-
-The Debian boot under TCG takes ~12 s: one test runs the whole story on two guests booted side
-by side (xdist would split a module's tests over workers, each booting its own guests).
+its disk image by direct kernel boot, moved live with its disk on local storage, the handoff
+verified by digests of both stopped copies (all of RAM and of the disk's content), its guest
+agent answering with the guest clock set from the host's; then a damaged destination is caught
+before it runs and the source keeps the guest, intact. (Firmware boot, shared storage and the
+CLI: test_own_guest_cli.py. The Debian boot under TCG takes ~10 s: one test tells the story.)
 """
 
 from __future__ import annotations
@@ -68,15 +66,8 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
 ) -> None:
     image = await asyncio.to_thread(debian_image)
     direct = GuestBoot(kernel=image.kernel, initrd=image.initrd, append=image.root_append)
-    await asyncio.gather(
-        # Through the firmware (SeaBIOS, GRUB in the image), and by direct kernel boot.
-        lab.boot(_spec("deb-local", "local", GuestBoot()), "host-1", image=image.disk),
-        lab.boot(_spec("deb-shared", "shared", direct), "host-2", image=image.disk),
-    )
-    await asyncio.gather(
-        lab.wait_guest_agent("deb-local", AGENT_TIMEOUT_S),
-        lab.wait_guest_agent("deb-shared", AGENT_TIMEOUT_S),
-    )
+    await lab.boot(_spec("deb-local", "local", direct), "host-1", image=image.disk)
+    await lab.wait_guest_agent("deb-local", AGENT_TIMEOUT_S)
     host1, host2 = lab.cluster.client("host-1"), lab.cluster.client("host-2")
     release = await host1.guest_exec("deb-local", ["cat", "/etc/os-release"], 20.0)
     assert release.exit_code == 0
@@ -93,14 +84,6 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     assert moved.running_on == "host-2"
     assert await _clock_skew_s(lab, "deb-local") < 1.0
 
-    # Back on shared storage, planned and chosen by `auto` from what QEMU measured of a guest
-    # it knows nothing about (the default sample is compared: RAM only, one shared image).
-    back = await lab.migrate("deb-shared", "host-1", verify=VerifyMode.SAMPLE)
-    _verified(back, disk=False)
-    assert back.predicted is not None
-    assert back.running_on == "host-1"
-    assert await _clock_skew_s(lab, "deb-shared") < 1.0
-
     # A damaged destination: caught before it runs; the source keeps the guest, intact.
     monkeypatch.setattr(host1, "handoff_digests", corrupting(host1, _CORRUPT_AT, MEMORY_BYTES))
     damaged = await lab.migrate("deb-local", "host-1", strategy="precopy", plan=False, verify=FULL)
@@ -111,7 +94,7 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     assert damaged.handoff.ram is not None
     (where,) = damaged.handoff.ram.differing_ranges
     assert where.start_bytes <= _CORRUPT_AT < where.end_bytes
-    assert [vm.name for vm in await host1.list_vms()] == ["deb-shared"]
+    assert [vm.name for vm in await host1.list_vms()] == []
     assert lab.get("deb-local").role == "host-2"
     again = await host2.guest_exec("deb-local", ["sha256sum", "/root/m"], 20.0)
     assert again.stdout.split()[0] == marker.stdout.split()[0]

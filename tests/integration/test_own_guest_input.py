@@ -82,3 +82,31 @@ def test_bad_images_and_domains_are_refused_and_create_nothing(
     for host in ("host-1", "host-2"):
         disks = lab_dir / "hosts" / host / "disks"
         assert not disks.exists() or list(disks.iterdir()) == []
+
+
+def test_a_uefi_guest_without_an_os_moves_with_its_copies_compared(
+    lab_dir: Path, tmp_path: Path
+) -> None:
+    # OVMF finds nothing to boot on a blank disk and waits in its shell: a guest vmferry knows
+    # nothing about, with no guest agent. Its move is still verified, by its copies' digests.
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2")
+    blank = _image(tmp_path / "blank.qcow2", "qcow2")
+    created = lab.ok(
+        "vm", "create", "efi", "--host", "host-1", "--image", str(blank), "--firmware", "uefi"
+    )
+    assert created["boot"]["firmware"] == "uefi"
+    assert created["disk"]["size_bytes"] == 64 << 20  # the image's size
+
+    report = lab.ok("migrate", "efi", "--to", "host-2", "--strategy", "precopy", "--no-plan")
+    assert report["status"] == "completed", report["error"]
+    assert report["handoff"]["status"] == "verified"
+    assert report["handoff"]["disk"]["bytes_compared"] > 0
+    assert report["guest_agent"] == {
+        "answered": False,
+        "clock_synced": False,
+        "clock_offset_ms": None,
+    }
+    assert [(v["name"], v["host"]) for v in lab.vms()] == [("efi", "host-2")]
+    lab.ok("vm", "delete", "efi")
+    assert lab.vms() == []
