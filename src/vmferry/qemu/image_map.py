@@ -15,14 +15,13 @@ The raw JSON never leaves this module.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import shutil
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmferry.qemu.qcow2 import DiskImageError
+from vmferry.qemu.qcow2 import DiskImageError, qemu_img
 
 __all__ = ["Extent", "ImageLayer", "ImageMap", "ImageMapError", "map_image"]
 
@@ -136,27 +135,11 @@ async def map_image(path: Path, *, fmt: str | None = None, timeout_s: float = 60
 
 
 async def _qemu_img(*args: str) -> object:
-    tool = shutil.which("qemu-img")
-    if tool is None:
-        raise ImageMapError("qemu-img not found: install qemu-utils")
-    logger.debug("running qemu-img %s", args)
-    process = await asyncio.create_subprocess_exec(
-        tool,
-        *args,
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    """``qemu-img ARGS`` (its deadline is the caller's), its JSON output parsed."""
     try:
-        out, err = await process.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        await asyncio.shield(process.wait())
-        raise
-    if process.returncode != 0:
-        said = err.decode(errors="replace").strip()
-        raise ImageMapError(f"qemu-img {args[0]} failed ({process.returncode}): {said}")
+        out = await qemu_img(*args, timeout_s=math.inf)
+    except DiskImageError as error:
+        raise ImageMapError(str(error)) from error
     try:
         return json.loads(out)
     except ValueError as error:

@@ -28,6 +28,7 @@ __all__ = [
     "create_image",
     "free_bytes",
     "probe_image",
+    "qemu_img",
     "remove_image",
 ]
 
@@ -68,7 +69,12 @@ class ImageInfo:
     backing_file: str | None
 
 
-async def _qemu_img(*args: str, timeout_s: float = _TIMEOUT_S) -> str:
+async def qemu_img(*args: str, timeout_s: float = _TIMEOUT_S) -> str:
+    """Run ``qemu-img ARGS`` (an argv, never a shell string); its standard output.
+
+    Raises:
+        DiskImageError: qemu-img is missing, failed, or took longer than ``timeout_s``.
+    """
     tool = shutil.which("qemu-img")
     if tool is None:
         raise DiskImageError("qemu-img not found: install qemu-utils")
@@ -83,6 +89,10 @@ async def _qemu_img(*args: str, timeout_s: float = _TIMEOUT_S) -> str:
     try:
         async with asyncio.timeout(timeout_s):
             out, err = await process.communicate()
+    except TimeoutError as error:
+        process.kill()
+        await process.wait()
+        raise DiskImageError(f"qemu-img {args[0]} took longer than {timeout_s:g} s") from error
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             process.kill()
@@ -104,7 +114,7 @@ async def create_image(path: Path, size_bytes: int) -> None:
     if path.exists():
         raise DiskImageError(f"disk image {path} exists already; refusing to overwrite it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    await _qemu_img("create", "-q", "-f", "qcow2", str(path), str(size_bytes))
+    await qemu_img("create", "-q", "-f", "qcow2", str(path), str(size_bytes))
     logger.info("disk.created %s (%d bytes virtual)", path, size_bytes)
 
 
@@ -116,7 +126,7 @@ async def allocated_bytes(path: Path) -> int:
     Raises:
         DiskImageError: no such image, or qemu-img failed.
     """
-    info = json.loads(await _qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(path)))
+    info = json.loads(await qemu_img("info", "-U", "--output=json", "-f", "qcow2", str(path)))
     return int(info.get("actual-size", 0))
 
 
@@ -152,7 +162,7 @@ async def probe_image(path: Path) -> ImageInfo:
     if "," in str(path):
         raise UnusableImage(f"image path must not contain ',': {path}")
     try:
-        info = json.loads(await _qemu_img("info", "--output=json", str(path)))
+        info = json.loads(await qemu_img("info", "--output=json", str(path)))
     except DiskImageError as err:
         if "lock" in str(err):
             raise UnusableImage(
@@ -194,7 +204,7 @@ async def copy_image(image: ImageInfo, target: Path, timeout_s: float) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     args = ["convert", "-q", "-f", image.format, "-O", "qcow2", str(image.path), str(target)]
     try:
-        await _qemu_img(*args, timeout_s=timeout_s)
+        await qemu_img(*args, timeout_s=timeout_s)
     except BaseException:
         remove_image(target)
         raise
