@@ -4,7 +4,10 @@ alike), and the result gives medians and ratios against ``off``: total time, QEM
 the downtime the guest felt (its longest heartbeat gap), and the digest throughput per side.
 
 The handoff's comparison runs while both copies are stopped, so its cost shows in the guest's
-downtime (QEMU's counter ends before it).
+downtime (QEMU's counter ends before it). Cases: the lab guest idle and dirtying (its heartbeats
+give the downtime it felt), and the Debian 12 guest with its disk on local storage (RAM and disk
+digests; it sends no heartbeats, so only QEMU's downtime; its boot time to the guest agent is
+recorded too).
 
     uv run python bench/verify.py [--memory 1G] [--repeat 5] [--out bench/results/verify.json]
 """
