@@ -14,7 +14,7 @@ import logging
 from vmferry.agent.api import HandoffDigests
 from vmferry.agent.digest import digest_image, digest_ram, find_ram_fd
 from vmferry.agent.slots import Slot, VmState
-from vmferry.agent.store import VmStore
+from vmferry.agent.store import Marker, VmStore
 from vmferry.core.errors import StateError
 from vmferry.core.handoff import VerifyMode, plan_chunks
 from vmferry.core.status import RunState
@@ -88,7 +88,7 @@ async def _wait_stopped(qmp: QmpSession, name: str, wanted: RunState) -> None:
         raise StateError(f"VM {name}'s QEMU", str(status), str(wanted))
 
 
-async def release_hold(slot: Slot) -> None:
+async def release_hold(slot: Slot, store: VmStore) -> None:
     """Let a held destination run the guest as soon as it arrives (QEMU's ``cont`` during an
     incoming migration turns autostart back on): a post-copy runs the guest there at once.
 
@@ -103,4 +103,5 @@ async def release_hold(slot: Slot) -> None:
         raise StateError(f"VM {slot.spec.name}'s QEMU", str(status), str(RunState.INMIGRATE))
     await vm.qmp.execute("cont")
     slot.held = False
+    store.unmark(store.directory(slot.spec.name), Marker.HELD)
     logger.info("handoff.released %s@%s: it runs once it arrives", slot.spec.name, vm.role)

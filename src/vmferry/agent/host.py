@@ -399,7 +399,7 @@ class HostAgent:
         """
         slot = self.slots.get(name)
         async with slot.lock:
-            await release_hold(slot)
+            await release_hold(slot, self.store)
 
     async def handoff(self, name: str) -> None:
         """End the source QEMU after a completed migration; the guest lives elsewhere now.

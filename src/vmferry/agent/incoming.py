@@ -45,6 +45,8 @@ class Incoming:
         slot.held = options.hold
         directory = self.store.directory(spec.name)
         self.store.mark(directory, Marker.INCOMING)  # a restarted agent keeps it incoming
+        if options.hold:
+            self.store.mark(directory, Marker.HELD)
         try:
             creds = None if tls_dir is None else await add_creds(slot.vm.qmp, tls_dir, "server")
             uri = await start_incoming(slot.vm.qmp, self.address, options, tls_creds=creds)
@@ -68,6 +70,7 @@ class Incoming:
                 # 'postmigrate' and will never run again.
                 await vm.qmp.execute("cont")
             slot.held = False
+            self.store.unmark(self.store.directory(name), Marker.HELD)
             await wait_running(vm.qmp, _HEARTBEAT_TIMEOUT_S)
             slot.base = VmState.RUNNING
             self.store.unmark(self.store.directory(name), Marker.INCOMING)

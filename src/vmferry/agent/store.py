@@ -5,7 +5,9 @@ where disk images live.
 VMs that kept running; the markers record what an agent restart must not forget:
 
 - ``incoming``: this host is the destination of an unfinished migration;
-- ``postcopy``: this source's migration entered post-copy: never resume it here.
+- ``postcopy``: this source's migration entered post-copy: never resume it here;
+- ``held``: this destination keeps the guest paused once it arrives and has never run it
+  (it may be dropped after it arrived, if the copies differ).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class Marker(enum.Enum):
 
     INCOMING = "incoming"
     POSTCOPY = "postcopy"
+    HELD = "held"
 
 
 class VmStore:
