@@ -84,7 +84,12 @@ def test_reconcile_finishes_a_migration_whose_controller_was_killed(lab_dir: Pat
     assert result["verdict"] == "settled", result
     assert result["running_on"] == "host-2"
     assert result["integrity"]["ok"] is True
-    assert result["done"] == ["finish on host-2", "handoff on host-1"]
+    # The destination was held unrun for the handoff: its copy is compared before it runs.
+    assert result["done"] == [
+        "compared the copies: verified",
+        "finish on host-2",
+        "handoff on host-1",
+    ]
     assert _placement(lab) == [("m1", "host-2", "running")]
     assert lab.ok("verify", "m1")["ok"] is True
     assert lab.ok("reconcile")[0]["verdict"] == "ok"

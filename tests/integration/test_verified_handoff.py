@@ -6,10 +6,11 @@ source keeps the guest.
 from __future__ import annotations
 
 import pytest
-from damage import corrupting
+from damage import corrupting, damage_ram
 
+from vmferry.controller.reconcile import reconcile
 from vmferry.core.handoff import HandoffStatus, VerifyMode
-from vmferry.core.model import VmSpec
+from vmferry.core.model import MigrationOptions, VmSpec
 from vmferry.core.workload import parse_workload
 from vmferry.lab.local import LocalLab
 
@@ -73,3 +74,33 @@ async def test_a_damaged_destination_is_dropped_and_the_source_keeps_the_guest(
     assert again.is_success, again.error
     assert again.handoff is not None
     assert again.handoff.status is HandoffStatus.VERIFIED
+
+
+async def test_reconcile_compares_a_held_copy_its_controller_never_compared(
+    lab: LocalLab,
+) -> None:
+    """The controller died after QEMU completed and before the handoff's comparison: the source
+    is stopped in postmigrate, the destination held unrun, and its copy was damaged meanwhile.
+    `reconcile` compares them as the move would have, drops that copy and resumes the source."""
+    spec = VmSpec.build("hv3", memory="512M", workload=parse_workload(DIRTY))
+    await lab.boot(spec, "host-1")
+    source, destination = lab.cluster.client("host-1"), lab.cluster.client("host-2")
+    options = MigrationOptions(hold=True)
+    uri, _ = await destination.prepare_incoming(spec, options)
+    await source.start_migration("hv3", uri, options)
+    since, result = 0, None
+    while result is None:  # what the dead controller would have watched
+        _, since, result = await source.migration_progress("hv3", since, 1.0)
+    assert result.status == "completed"
+    await damage_ram(destination, "hv3", 0, spec.memory_bytes)  # the sample always checks 0
+
+    [settled] = await reconcile(lab.cluster)
+
+    assert settled.verdict == "settled", settled
+    assert settled.running_on == "host-1"
+    assert settled.done[0] == "compared the copies: differs"
+    assert "resume on host-1" in settled.done
+    assert settled.integrity is not None
+    assert settled.integrity.ok
+    assert [vm.name for vm in await destination.list_vms()] == []
+    assert lab.get("hv3").role == "host-1"

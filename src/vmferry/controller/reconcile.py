@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.migrate import follow
-from vmferry.controller.sides import drop_unstarted
+from vmferry.controller.sides import compare_copies, drop_unstarted
+from vmferry.core.arrival import describe_difference
 from vmferry.core.errors import FerryError, StateError
-from vmferry.core.migration import Mode, Move, Timing
+from vmferry.core.handoff import VerifyMode
+from vmferry.core.migration import CopiesCompared, Mode, Move, Timing
 from vmferry.core.model import IntegrityReport
 from vmferry.core.reconcile import Copy, Decision, Step, StepKind, Verdict, decide
 from vmferry.core.recovery import RecoveryPolicy
@@ -114,12 +116,14 @@ async def _carry_out(cluster: Cluster, decision: Decision, result: Reconciled) -
         result.verdict = decision.verdict.value
         logger.error("reconcile.%s %s: %s", decision.verdict.value, decision.vm, decision.reason)
         return
+    source = next((s.host for s in decision.steps if s.kind is StepKind.HANDOFF), None)
     for step in decision.steps:
         client = cluster.client(step.host)
         try:
+            if step.kind is StepKind.FINISH and source is not None:
+                await _compare_first(cluster, source, step.host, decision.vm, result)
             await _step(client, step, decision.vm, result)
         except FerryError as err:
-            source = next((s.host for s in decision.steps if s.kind is StepKind.HANDOFF), None)
             if step.kind is StepKind.FINISH and source is not None:
                 # A completed source whose destination never started the guest: if that
                 # copy can be dropped (its agent refuses once it received the guest), the
@@ -142,6 +146,34 @@ async def _carry_out(cluster: Cluster, decision: Decision, result: Reconciled) -
         result.done.append(str(step))
         logger.info("reconcile.done %s: %s", decision.vm, step)
     result.verdict = "settled"
+
+
+class _CopiesDiffer(FerryError):
+    """Both stopped copies were compared and differ: the destination must not run."""
+
+
+async def _compare_first(
+    cluster: Cluster, source: str, destination: str, name: str, result: Reconciled
+) -> None:
+    """A completed source and a destination held before it ran (its controller died before the
+    handoff's comparison): compare them now, as the move would have.
+
+    Raises:
+        _CopiesDiffer: they differ (the caller drops the destination, the source takes back).
+    """
+    try:
+        event = await compare_copies(
+            cluster.client(source), cluster.client(destination), name, VerifyMode.SAMPLE, 120.0
+        )
+    except StateError:
+        return  # not held (it ran the guest already, e.g. post-copy): nothing to compare
+    except FerryError as err:
+        logger.warning("reconcile.uncompared %s: %s", name, err)
+        return
+    if isinstance(event, CopiesCompared):
+        result.done.append(f"compared the copies: {event.verdict.status}")
+        if not event.verdict.ok:
+            raise _CopiesDiffer(describe_difference(event.verdict))
 
 
 async def _take_back(
