@@ -23,7 +23,7 @@ AGENT_TIMEOUT_S = 150.0
 
 
 def _domain_xml(image: Path, out: Path) -> Path:
-    """virt-install's Debian 12 domain, its disk pointed at ``image``, 1 GiB of memory."""
+    """virt-install's Debian 12 domain, its disk pointed at ``image``, 512 MiB and one vCPU."""
     tree = etree.parse(str(DATA / "debian12-q35-bios.xml"))
     source = tree.find("devices/disk/source")
     assert source is not None
@@ -31,7 +31,10 @@ def _domain_xml(image: Path, out: Path) -> Path:
     for tag in ("memory", "currentMemory"):
         element = tree.find(tag)
         assert element is not None
-        element.text = str(1 << 20)  # KiB
+        element.text = str(512 << 10)  # KiB
+    vcpu = tree.find("vcpu")
+    assert vcpu is not None
+    vcpu.text = "1"  # leaves the other test worker a core (TCG runs one thread per vCPU)
     tree.write(str(out))
     return out
 
