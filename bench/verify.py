@@ -34,8 +34,10 @@ DEBIAN = "debian12"  # the Debian guest, idle after boot, with a local disk (RAM
 CASES = {
     "idle": "idle",
     "dirty-20M-random": "dirty:rate=20M,size=256M,pattern=random,mode=paced",
+    "idle-local-disk": "idle",  # with a 1 GiB disk on local storage (RAM and disk digests)
     "debian12-local-disk": DEBIAN,
 }
+DISK_CASES = {"idle-local-disk": "1G"}
 MODES = (VerifyMode.OFF, VerifyMode.SAMPLE, VerifyMode.FULL)
 
 
@@ -111,7 +113,8 @@ async def _case(lab: LocalLab, name: str, workload: str, memory: str, repeat: in
     if workload == DEBIAN:
         boot_s = await _boot_debian(lab, name, memory)
     else:
-        spec = VmSpec.build(name, memory=memory, workload=parse_workload(workload))
+        disk = DISK_CASES.get(name.removeprefix("v-"))
+        spec = VmSpec.build(name, memory=memory, workload=parse_workload(workload), disk=disk)
         await lab.boot(spec, "host-1")
     rows: dict[str, list[dict[str, Any]]] = {m.value: [] for m in MODES}
     here = "host-1"
@@ -141,13 +144,15 @@ async def main() -> None:
     parser.add_argument("--memory", default="1G")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("bench/results/verify.json"))
+    parser.add_argument("--only", default=None, help="comma-separated case names")
     args = parser.parse_args()
+    cases = {k: v for k, v in CASES.items() if args.only is None or k in args.only.split(",")}
     results: dict[str, Any] = {"memory": args.memory, "machine": platform.node(), "cases": {}}
     lab = await LocalLab.open()
     try:
         results["qemu"] = lab.qemu.version_text
         results["accel"] = lab.accel
-        for case, workload in CASES.items():
+        for case, workload in cases.items():
             results["cases"][case] = await _case(
                 lab, f"v-{case}", workload, args.memory, args.repeat
             )

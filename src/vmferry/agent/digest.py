@@ -188,6 +188,7 @@ async def digest_image(
     timeout_s: float,
     fmt: str | None = None,
     workers: int = DEFAULT_WORKERS,
+    image_map: ImageMap | None = None,
 ) -> Digests:
     """Hash the guest-visible content of the disk image at ``path`` over ``plan``.
 
@@ -200,6 +201,7 @@ async def digest_image(
         timeout_s: deadline for mapping and hashing together.
         fmt: the image's format when known (probed otherwise).
         workers: hashing threads.
+        image_map: its map, taken already (while nothing has written to it since).
 
     Raises:
         ImageNotReadable: compressed, encrypted or externally stored data, an unsupported format.
@@ -208,7 +210,7 @@ async def digest_image(
         DigestTimeout: hashing not done within what ``timeout_s`` left.
     """
     started = time.perf_counter()
-    image = await map_image(path, fmt=fmt, timeout_s=timeout_s)
+    image = image_map or await map_image(path, fmt=fmt, timeout_s=timeout_s)
     if image.virtual_size_bytes != plan.size_bytes:
         raise DigestError(
             f"disk image {path} is {image.virtual_size_bytes} bytes, the plan {plan.size_bytes}"

@@ -11,23 +11,26 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from vmferry.agent.adopt import Spawn
 from vmferry.agent.api import HandoffDigests
-from vmferry.agent.digest import digest_image, digest_ram, find_ram_fd
+from vmferry.agent.digest import DigestError, digest_image, digest_ram, find_ram_fd
 from vmferry.agent.slots import Slot, VmState
 from vmferry.agent.store import Marker, VmStore
-from vmferry.core.errors import StateError
+from vmferry.core.errors import FerryError, StateError
 from vmferry.core.handoff import VerifyMode, plan_chunks
 from vmferry.core.status import RunState
+from vmferry.qemu.image_map import ImageMap, map_image
 from vmferry.qemu.migration import run_state
 from vmferry.qemu.session import QmpSession
 
-__all__ = ["handoff_digests", "release_hold"]
+__all__ = ["handoff_digests", "premap_disk", "release_hold"]
 
 logger = logging.getLogger(__name__)
 
 # Which QEMU run state each side must be in for its copy to be a stopped, final one.
 _STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
 _ARRIVAL_S = 30.0
+_MAP_S = 60.0
 _ON_THE_WAY = frozenset({RunState.INMIGRATE, RunState.FINISH_MIGRATE})
 
 
@@ -55,7 +58,10 @@ async def handoff_digests(
     image = store.owned_disk(spec)
     if image is not None and spec.disk is not None:
         disk_plan = plan_chunks(mode, spec.disk.size_bytes, seed)
-        disk = await digest_image(image, disk_plan, timeout_s=timeout_s, fmt="qcow2")
+        taken = await _premapped(slot)
+        disk = await digest_image(
+            image, disk_plan, timeout_s=timeout_s, fmt="qcow2", image_map=taken
+        )
     logger.info(
         "handoff.digests %s@%s %s: RAM %.0f ms, disk %s",
         spec.name,
@@ -65,6 +71,42 @@ async def handoff_digests(
         "-" if disk is None else f"{disk.elapsed_ms:.0f} ms",
     )
     return HandoffDigests(ram, disk)
+
+
+def premap_disk(slot: Slot, store: VmStore, spawn: Spawn) -> None:
+    """Start mapping ``slot``'s local disk in the background now that it is final — a source
+    at the switchover pause once its mirror completed, a destination once that mirror's last
+    write was flushed to it and its export is gone — so the comparison at the handoff finds
+    the map (~15-30 ms of qemu-img) taken while QEMU still sends the last of the guest."""
+    image = store.owned_disk(slot.spec)
+    if image is None:
+        return
+    taken: asyncio.Future[ImageMap] = asyncio.get_running_loop().create_future()
+    taken.add_done_callback(lambda done: done.cancelled() or done.exception())  # (retrieved)
+    slot.disk_map = taken
+
+    async def take() -> None:
+        try:
+            taken.set_result(await map_image(image, fmt="qcow2", timeout_s=_MAP_S))
+        except FerryError as err:
+            taken.set_exception(err)
+        finally:
+            if not taken.done():
+                taken.set_exception(DigestError(f"the map of {image} was interrupted"))
+
+    spawn(take(), f"premap-{slot.spec.name}")
+
+
+async def _premapped(slot: Slot) -> ImageMap | None:
+    """The map :func:`premap_disk` took (None: none, or it failed: map it afresh)."""
+    taken, slot.disk_map = slot.disk_map, None
+    if taken is None:
+        return None
+    try:
+        return await asyncio.wait_for(asyncio.shield(taken), _MAP_S)
+    except (FerryError, TimeoutError) as err:
+        logger.warning("handoff.premap_failed %s: %s", slot.spec.name, err)
+        return None
 
 
 async def _wait_stopped(qmp: QmpSession, name: str, wanted: RunState) -> None:

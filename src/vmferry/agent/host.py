@@ -78,7 +78,7 @@ class HostAgent:
         self._launcher = Launcher(config, qemu, boot, accel, self.slots, self.store, self.area)
         scratch = None if config.qemu_user is None else self.area.scratch_dir
         self._preflight = Preflight(self.slots, self.store, scratch)
-        self._incoming = Incoming(self.slots, self.store, self._launcher)
+        self._incoming = Incoming(self.slots, self.store, self._launcher, self._spawn)
         self._outgoing = Outgoings(self.slots, self.store, self._launcher, self._spawn)
         self._recovery = Recovery(self.slots, config.migration_address)
 

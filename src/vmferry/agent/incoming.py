@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import logging
 
+from vmferry.agent.adopt import Spawn
 from vmferry.agent.api import Arrival
+from vmferry.agent.handoff import premap_disk
 from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import Marker, VmStore
@@ -28,7 +30,8 @@ _HEARTBEAT_TIMEOUT_S = 30.0
 class Incoming:
     """Incoming migrations of this host."""
 
-    def __init__(self, slots: Slots, store: VmStore, launcher: Launcher) -> None:
+    def __init__(self, slots: Slots, store: VmStore, launcher: Launcher, spawn: Spawn) -> None:
+        self.spawn = spawn
         self.slots = slots
         self.store = store
         self.launcher = launcher
@@ -104,3 +107,5 @@ class Incoming:
         slot, vm = self.slots.running(name, VmState.INCOMING)
         if self.store.owned_disk(slot.spec) is not None:
             await unexport_disk(vm.qmp)
+            # The source's mirror completed (its last write flushed here): the disk is final.
+            premap_disk(slot, self.store, self.spawn)

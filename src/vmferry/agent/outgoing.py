@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vmferry.agent.adopt import Spawn, follow, settle_failed
 from vmferry.agent.api import OutgoingResult
+from vmferry.agent.handoff import premap_disk
 from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Outgoing, Slot, Slots, VmState
 from vmferry.agent.store import Marker, VmStore
@@ -81,6 +82,7 @@ class Outgoings:
         first = OutgoingState.RAM if nbd is None else OutgoingState.DISK_COPY
         slot.outgoing = Outgoing(first)
         slot.recovery_attempt = 0
+        slot.disk_map = None
         self.spawn(self._run(slot, vm, uri, options, nbd, tls_dir), f"migrate-{name}")
 
     async def _run(
@@ -227,6 +229,7 @@ class Outgoings:
         outgoing = slot.outgoing
         assert outgoing is not None
         await finish_mirror(vm.qmp)
+        premap_disk(slot, self.store, self.spawn)  # final now: the handoff compares it
         outgoing.move(OutgoingState.SYNCED)
         if outgoing.last is not None:
             outgoing.push(replace(outgoing.last, stage=Stage.DISK_SYNCED))

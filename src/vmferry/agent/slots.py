@@ -16,6 +16,7 @@ from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.model import MigrationStats, VmSpec
 from vmferry.core.outgoing import OutgoingState, advance
 from vmferry.qemu.binary import QemuBinary
+from vmferry.qemu.image_map import ImageMap
 from vmferry.qemu.process import process_uid
 from vmferry.qemu.qcow2 import free_bytes
 
@@ -86,6 +87,9 @@ class Slot:
     # An incoming copy held paused once it arrives (never run until told): it can be dropped
     # after it arrived, if the copies differ.
     held: bool = False
+    # The local disk's map, taken in the background once the disk is final at the switchover
+    # (see agent/handoff.py: premap_disk); the handoff's comparison then finds it ready.
+    disk_map: asyncio.Future[ImageMap] | None = None
 
     @property
     def state(self) -> VmState:
