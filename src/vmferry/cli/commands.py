@@ -224,11 +224,10 @@ async def _verify(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _migrate_one(
-    cluster: Cluster, history: History, request: MigrationRequest, err: Console, live: bool
+    cluster: Cluster, history: History, request: MigrationRequest, err: Console
 ) -> MigrationReport:
+    """One move with its progress line (live on a terminal, whole lines in a log)."""
     title = f"{request.vm} → {request.destination}"
-    if not live:
-        return await migrate(cluster, request, history=history)
     with ProgressLine(err, title) as line:
         return await migrate(cluster, request, history=history, on_progress=line.update)
 
@@ -284,11 +283,9 @@ async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
     request = _request(args)
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
-        if err.is_terminal:
+        if request.plan:
             err.print(f"measuring {request.vm} and the path to {request.destination}…")
-        report = await _migrate_one(
-            cluster, History(inventory.history_db), request, err, live=err.is_terminal
-        )
+        report = await _migrate_one(cluster, History(inventory.history_db), request, err)
     if args.json:
         _print_json(out, report.to_json())
     else:
@@ -365,7 +362,7 @@ async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
                 await cluster.client("host-1").create_vm(spec)
             history = History(inventory.history_db)
             for request in requests:
-                report = await _migrate_one(cluster, history, request, err, live=True)
+                report = await _migrate_one(cluster, history, request, err)
                 reports.append(report)
                 if not report.is_success:
                     break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -19,6 +20,9 @@ from vmferry.core.errors import ConfigError, FerryError
 
 __all__ = ["main"]
 
+# Columns of output that goes to a pipe or a log (no terminal to fit).
+_LOG_WIDTH = 160
+
 
 def _configure_logging(verbosity: int, command: str) -> None:
     # An agent is a service: it logs its operations by default.
@@ -26,6 +30,16 @@ def _configure_logging(verbosity: int, command: str) -> None:
     level = logging.WARNING - 10 * min(verbosity + extra, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _console(console: Console) -> Console:
+    """``console`` as is on a terminal; in a pipe or a log, wide (Rich would lay tables out
+    in 80 columns there) unless ``COLUMNS`` says otherwise."""
+    if console.is_terminal or "COLUMNS" in os.environ:
+        return console
+    return Console(
+        file=console.file, stderr=console.stderr, soft_wrap=console.soft_wrap, width=_LOG_WIDTH
     )
 
 
@@ -56,9 +70,10 @@ def main(
     """
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     _configure_logging(args.verbose, args.command)
-    err = Console(file=stderr, stderr=stderr is None)
+    err = _console(Console(file=stderr, stderr=stderr is None))
+    out = _console(Console(file=stdout, soft_wrap=True))
     try:
-        return asyncio.run(commands.run(args, err, Console(file=stdout, soft_wrap=True)))
+        return asyncio.run(commands.run(args, err, out))
     except FerryError as error:
         err.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.live import Live
@@ -48,21 +49,60 @@ def _ms(value: int | None) -> str:
 
 
 class ProgressLine:
-    """One live status line per migration: phase, transferred, remaining, dirty rate, ETA."""
+    """One status line per migration: phase, transferred, remaining, dirty rate, ETA.
 
-    def __init__(self, console: Console, title: str) -> None:
+    On a terminal the line is live (redrawn in place). In a pipe or a log it is printed as
+    whole lines ending with a newline: at every change of phase, at most every ``every_s``
+    in between, and the last state at the end.
+    """
+
+    def __init__(
+        self,
+        console: Console,
+        title: str,
+        *,
+        every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console
         self.title = title
-        self._live = Live(Text(f"{title}: preparing"), console=console, transient=False)
+        self._live = (
+            Live(Text(f"{title}: preparing"), console=console, transient=False)
+            if console.is_terminal
+            else None
+        )
+        self._every_s, self._clock = every_s, clock
+        self._shown: tuple[Phase, float] | None = None
+        self._unshown: Text | None = None
 
     def __enter__(self) -> ProgressLine:
-        self._live.__enter__()
+        if self._live is not None:
+            self._live.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._live.__exit__(None, None, None)
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+        elif self._unshown is not None:
+            self.console.print(self._unshown)
 
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
+        line = self._line(phase, stats)
+        if self._live is not None:
+            self._live.update(line)
+            return
+        now = self._clock()
+        if (
+            self._shown is None
+            or self._shown[0] is not phase
+            or now - self._shown[1] >= self._every_s
+        ):
+            self.console.print(line)
+            self._shown, self._unshown = (phase, now), None
+        else:
+            self._unshown = line
+
+    def _line(self, phase: Phase, stats: MigrationStats | None) -> Text:
         line = Text(f"{self.title} ", style="bold")
         line.append(phase.value, style="cyan")
         if stats is not None and stats.status.is_postcopy_broken:
@@ -89,7 +129,7 @@ class ProgressLine:
                 f", {stats.total_ms / 1000:.1f} s"
                 + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
             )
-        self._live.update(line)
+        return line
 
 
 def reconcile_table(results: Sequence[Reconciled]) -> Table:
