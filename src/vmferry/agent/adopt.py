@@ -220,7 +220,7 @@ async def adopt(store: VmStore, slots: Slots, directory: Path, host: str, spawn:
         logger.error("agent.adopt: cannot settle %s (pid %s): %s", spec.name, pid, err)
         adopted = Adopted(Decision(Settle.KEEP, None))
     base = VmState.INCOMING if adopted.decision.step is Settle.INCOMING else VmState.RUNNING
-    slot = Slot(spec, base, vm, held=VmStore.is_marked(directory, Marker.HELD))
+    slot = Slot(spec, base, vm)
     slots.add(slot)
     if adopted.decision.outgoing is not None:
         slot.outgoing = Outgoing(adopted.decision.outgoing, result=adopted.outcome)

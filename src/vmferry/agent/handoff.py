@@ -20,7 +20,7 @@ from vmferry.core.errors import FerryError, StateError
 from vmferry.core.handoff import VerifyMode, plan_chunks
 from vmferry.core.status import RunState
 from vmferry.qemu.image_map import ImageMap, map_image
-from vmferry.qemu.migration import run_state
+from vmferry.qemu.migration import run_state, wait_arrived
 from vmferry.qemu.session import QmpSession
 
 __all__ = ["handoff_digests", "premap_disk", "release_hold"]
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 _STOPPED = {VmState.MIGRATED: RunState.POSTMIGRATE, VmState.INCOMING: RunState.PAUSED}
 _ARRIVAL_S = 30.0
 _MAP_S = 60.0
-_ON_THE_WAY = frozenset({RunState.INMIGRATE, RunState.FINISH_MIGRATE})
 
 
 async def handoff_digests(
@@ -110,22 +109,15 @@ async def _premapped(slot: Slot) -> ImageMap | None:
 
 
 async def _wait_stopped(qmp: QmpSession, name: str, wanted: RunState) -> None:
-    """Until QEMU is in ``wanted``: a destination may still be loading the last of the guest
-    when the source reports completion, and a source may not have left ``finish-migrate``.
+    """Until QEMU has settled in ``wanted`` (see :func:`wait_arrived`).
 
     Raises:
         StateError: it is in another state, or still on its way after a while.
     """
-    status = RunState.OTHER
     try:
-        async with asyncio.timeout(_ARRIVAL_S):
-            while True:
-                status = await run_state(qmp)
-                if status not in _ON_THE_WAY:
-                    break
-                await asyncio.sleep(0.002)
+        status = await wait_arrived(qmp, _ARRIVAL_S)
     except TimeoutError:
-        pass
+        status = await run_state(qmp)
     if status is not wanted:
         raise StateError(f"VM {name}'s QEMU", str(status), str(wanted))
 
@@ -144,6 +136,5 @@ async def release_hold(slot: Slot, store: VmStore) -> None:
     if status is not RunState.INMIGRATE:
         raise StateError(f"VM {slot.spec.name}'s QEMU", str(status), str(RunState.INMIGRATE))
     await vm.qmp.execute("cont")
-    slot.held = False
     store.unmark(store.directory(slot.spec.name), Marker.HELD)
     logger.info("handoff.released %s@%s: it runs once it arrives", slot.spec.name, vm.role)

@@ -45,7 +45,6 @@ class Incoming:
         tls_dir = self.launcher.tls_dir(options)  # refused before anything starts
         slot = await self.launcher.launch(spec, incoming=True, new_disk=local, hold=options.hold)
         assert slot.vm is not None
-        slot.held = options.hold
         directory = self.store.directory(spec.name)
         self.store.mark(directory, Marker.INCOMING)  # a restarted agent keeps it incoming
         if options.hold:
@@ -72,7 +71,6 @@ class Incoming:
                 # stopped before sending, so QEMU does not autostart). The source is in
                 # 'postmigrate' and will never run again.
                 await vm.qmp.execute("cont")
-            slot.held = False
             self.store.unmark(self.store.directory(name), Marker.HELD)
             await wait_running(vm.qmp, _HEARTBEAT_TIMEOUT_S)
             slot.base = VmState.RUNNING
@@ -96,7 +94,8 @@ class Incoming:
         if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
             status = await run_state(slot.vm.qmp)
             # A held copy that arrived is paused and never ran: it may go too.
-            unstarted = status is RunState.INMIGRATE or (slot.held and status is RunState.PAUSED)
+            held = self.store.is_marked(self.store.directory(name), Marker.HELD)
+            unstarted = status is RunState.INMIGRATE or (held and status is RunState.PAUSED)
             if not unstarted:
                 raise StateError(f"incoming VM {name}", f"{status} (received)", RunState.INMIGRATE)
         await self.launcher.retire(name, VmState.INCOMING)

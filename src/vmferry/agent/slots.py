@@ -84,9 +84,6 @@ class Slot:
     # Highest post-copy recovery attempt a controller sent for the current migration: requests
     # of older attempts, delivered late by TCP once a cut link is back, are refused.
     recovery_attempt: int = 0
-    # An incoming copy held paused once it arrives (never run until told): it can be dropped
-    # after it arrived, if the copies differ.
-    held: bool = False
     # The local disk's map, taken in the background once the disk is final at the switchover
     # (see agent/handoff.py: premap_disk); the handoff's comparison then finds it ready.
     disk_map: asyncio.Future[ImageMap] | None = None

@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 # want the link to be the limit. 0 is not "unlimited" in QMP, so use a very large figure.
 UNLIMITED_BPS = 100 * 1000**3
 _POLL_S = 0.1
+_ON_THE_WAY = frozenset({RunState.INMIGRATE, RunState.FINISH_MIGRATE})
 
 
 def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
@@ -70,8 +71,7 @@ def capabilities_for(options: MigrationOptions) -> dict[str, bool]:
         "postcopy-ram": options.uses_postcopy,
         # Pages the guest faults on travel on their own channel, not behind the bulk copy.
         "postcopy-preempt": options.uses_postcopy,
-        # A held destination leaves its disks inactive until it runs: if the copies differ,
-        # the source takes the guest back and reopens them (only an incoming QEMU reads it).
+        # Held: disks stay inactive until it runs (the source may take the guest back).
         "late-block-activate": options.hold,
     }
 
@@ -359,18 +359,15 @@ async def wait_running(session: QmpSession, timeout_s: float) -> None:
 
 
 async def wait_arrived(session: QmpSession, timeout_s: float) -> RunState:
-    """Wait until a destination has loaded the whole guest (the source may report completion
-    a moment before); return the run state it then has.
-
-    Raises:
-        TimeoutError: still ``inmigrate`` after ``timeout_s``.
-    """
+    """The run state a migration's QEMU settles in: a destination done loading the guest (a
+    source reports completion a moment before), a source out of ``finish-migrate``. Raises
+    TimeoutError when still on its way after ``timeout_s``."""
     async with asyncio.timeout(timeout_s):
         while True:
             status = await run_state(session)
-            if status is not RunState.INMIGRATE:
+            if status not in _ON_THE_WAY:
                 return status
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.002)
 
 
 async def ensure_running(session: QmpSession) -> RunState:
