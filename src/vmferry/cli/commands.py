@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from vmferry.cli.render import (
     history_table,
     hosts_table,
     plan_table,
+    print_json,
     reconcile_table,
     report_table,
     vm_table,
@@ -45,10 +45,6 @@ DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced,disk-rate=4M
 Command = Callable[[argparse.Namespace, Console, Console], Awaitable[int]]
 
 
-def _print_json(out: Console, data: object) -> None:
-    out.print_json(json.dumps(data))
-
-
 # -- lab ----------------------------------------------------------------------------------------
 
 
@@ -68,7 +64,7 @@ async def _lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
             disk_per_host_bytes=disk,
         )
     if args.json:
-        _print_json(out, {**inventory.to_json(), "directory": str(inventory.directory)})
+        print_json(out, {**inventory.to_json(), "directory": str(inventory.directory)})
     else:
         for host in inventory.hosts:
             err.print(f"{host.name}  {host.url}  migration address {host.address}")
@@ -81,7 +77,7 @@ async def _lab_status(args: argparse.Namespace, err: Console, out: Console) -> i
 
     statuses = await lab_status()
     if args.json:
-        _print_json(
+        print_json(
             out,
             [
                 {
@@ -111,7 +107,7 @@ async def _lab_down(args: argparse.Namespace, err: Console, out: Console) -> int
         "namespaces_removed": report.namespaces_removed,
     }
     if args.json:
-        _print_json(out, data)
+        print_json(out, data)
     elif report.nothing_to_do:
         err.print("no lab running: nothing to do")
     else:
@@ -129,7 +125,7 @@ async def _lab_restart(args: argparse.Namespace, err: Console, out: Console) -> 
     with err.status(f"starting {name}'s agent…"):
         entry = await lab_restart(name)
     if args.json:
-        _print_json(out, entry.to_json())
+        print_json(out, entry.to_json())
     else:
         err.print(f"{entry.name}: agent running again (pid {entry.pid}, {entry.url})")
     return EXIT_OK
@@ -157,7 +153,7 @@ async def _lab_link(args: argparse.Namespace, err: Console, out: Console) -> int
         host = await set_link_rate(name, rate_kbit)
         state = "unshaped" if rate_kbit is None else f"shaped to {link_mbps} Mbit/s again"
     if args.json:
-        _print_json(
+        print_json(
             out, {"host": host.name, "veth": host.veth, "link": args.state, "rate_kbit": rate_kbit}
         )
     else:
@@ -172,7 +168,7 @@ async def _vm_list(args: argparse.Namespace, err: Console, out: Console) -> int:
     async with Cluster(Inventory.load()) as cluster:
         listing = await cluster.list_vms()
     if args.json:
-        _print_json(
+        print_json(
             out,
             {"vms": [v.to_json() for v in listing.vms], "unreachable": list(listing.unreachable)},
         )
@@ -187,7 +183,7 @@ async def _vm_show(args: argparse.Namespace, err: Console, out: Console) -> int:
     async with Cluster(Inventory.load()) as cluster:
         info = await cluster.locate(args.name)
     if args.json:
-        _print_json(out, info.to_json())
+        print_json(out, info.to_json())
     else:
         out.print(vm_table([info]))
     return EXIT_OK
@@ -198,7 +194,7 @@ async def _vm_delete(args: argparse.Namespace, err: Console, out: Console) -> in
         info = await cluster.locate(args.name)
         await cluster.client(info.host).delete_vm(info.name)
     if args.json:
-        _print_json(out, {"deleted": info.name, "host": info.host})
+        print_json(out, {"deleted": info.name, "host": info.host})
     else:
         err.print(f"deleted {info.name} from {info.host}")
     return EXIT_OK
@@ -210,7 +206,7 @@ async def _verify(args: argparse.Namespace, err: Console, out: Console) -> int:
         with err.status(f"verifying {info.name} on {info.host}…"):
             integrity = await cluster.client(info.host).verify(info.name)
     if args.json:
-        _print_json(out, {"vm": info.name, "host": info.host, **integrity.to_json()})
+        print_json(out, {"vm": info.name, "host": info.host, **integrity.to_json()})
     else:
         verdict = "intact" if integrity.ok else "DAMAGED"
         err.print(
@@ -271,7 +267,7 @@ async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
                 history=History(inventory.history_db),
             )
     if args.json:
-        _print_json(out, plan.to_json())
+        print_json(out, plan.to_json())
     else:
         out.print(plan_table(plan))
         style = "green" if plan.choice.meets_goal else "yellow"
@@ -287,7 +283,7 @@ async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
             err.print(f"measuring {request.vm} and the path to {request.destination}…")
         report = await _migrate_one(cluster, History(inventory.history_db), request, err)
     if args.json:
-        _print_json(out, report.to_json())
+        print_json(out, report.to_json())
     else:
         out.print(report_table([report]))
     return EXIT_OK if report.is_success else EXIT_FAILED
@@ -303,7 +299,7 @@ async def _reconcile(args: argparse.Namespace, err: Console, out: Console) -> in
         with err.status("looking at every host…"):
             results = await reconcile(cluster, wait_s=args.wait)
     if args.json:
-        _print_json(out, [r.to_json() for r in results])
+        print_json(out, [r.to_json() for r in results])
     else:
         out.print(reconcile_table(results))
     bad = [r for r in results if r.verdict in ("lost", "conflict", "failed", "in-flight")]
@@ -318,7 +314,7 @@ async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
     inventory = Inventory.load()
     entries = History(inventory.history_db).entries(vm=args.vm, limit=args.limit)
     if args.json:
-        _print_json(out, [e.to_json() for e in entries])
+        print_json(out, [e.to_json() for e in entries])
     else:
         out.print(history_table(entries))
     return EXIT_OK
@@ -370,7 +366,7 @@ async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
         with err.status("stopping the lab…"):
             await asyncio.shield(lab_down(lab_dir))
     if args.json:
-        _print_json(out, [r.to_json() for r in reports])
+        print_json(out, [r.to_json() for r in reports])
     else:
         out.print(report_table(reports))
         if reports:
@@ -383,7 +379,7 @@ async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> 
     with err.status("building the lab guest image…"):
         image = await asyncio.to_thread(build_image, force=args.force)
     if args.json:
-        _print_json(
+        print_json(
             out,
             {
                 "kernel": str(image.kernel_path),

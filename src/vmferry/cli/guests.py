@@ -9,13 +9,13 @@ stdout (``out``).
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from rich.console import Console
 
 from vmferry.agent.api import VmInfo
 from vmferry.cli.exits import EXIT_OK
+from vmferry.cli.render import print_json
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.libvirt_xml import ImportedDomain, parse_domain
@@ -29,10 +29,6 @@ __all__ = ["vm_create", "vm_exec", "vm_import"]
 # The agent sizes an image VM's disk from the image itself; the spec carries a stand-in.
 _IMAGE_DISK_STANDIN_BYTES = 1 << 30
 _OWN_GUEST_ONLY = ("kernel", "initrd", "append", "nic")
-
-
-def _print_json(out: Console, data: object) -> None:
-    out.print_json(json.dumps(data))
 
 
 def _existing_file(path: str | None, what: str) -> Path | None:
@@ -64,12 +60,10 @@ def _own_spec(args: argparse.Namespace) -> tuple[VmSpec, Path]:
     boot = GuestBoot(
         firmware=args.firmware,
         kernel=_existing_file(args.kernel, "kernel"),
-        initrd=_existing_file(args.initrd, "initrd") if args.kernel else None,
+        initrd=_existing_file(args.initrd, "initrd"),
         append=args.append,
         nic=args.nic,
     )
-    if args.initrd is not None and args.kernel is None:
-        raise ConfigError("--initrd needs --kernel (direct kernel boot)")
     disk = DiskSpec(_IMAGE_DISK_STANDIN_BYTES, bus=args.disk_bus, storage=args.storage)
     spec = VmSpec(
         name=VmName(validate_name(args.name)),
@@ -118,7 +112,7 @@ async def _create(
 
 def _created(info: VmInfo, err: Console, out: Console, as_json: bool) -> None:
     if as_json:
-        _print_json(out, info.to_json())
+        print_json(out, info.to_json())
     elif info.boot is None:
         err.print(f"{info.name} running on {info.host} (pid {info.pid})")
     else:
@@ -183,7 +177,7 @@ async def vm_exec(args: argparse.Namespace, err: Console, out: Console) -> int:
         result = await cluster.client(info.host).guest_exec(info.name, argv, args.timeout)
     status = result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
     if args.json:
-        _print_json(
+        print_json(
             out,
             {
                 "vm": info.name,

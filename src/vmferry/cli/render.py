@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,9 +26,15 @@ __all__ = [
     "history_table",
     "hosts_table",
     "plan_table",
+    "print_json",
     "report_table",
     "vm_table",
 ]
+
+
+def print_json(out: Console, data: object) -> None:
+    """``--json`` output: ``data`` as JSON on ``out``."""
+    out.print_json(json.dumps(data))
 
 
 def format_bytes(value: int | None) -> str:
