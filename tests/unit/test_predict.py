@@ -212,8 +212,9 @@ def test_predict_all_covers_every_strategy_in_order() -> None:
 def test_to_prediction() -> None:
     p = _p("precopy", SHAPED)
     assert p.to_prediction() == Prediction(
-        p.total_ms or 0, p.downtime_ms or 0, p.transferred_bytes or 0
+        p.total_ms or 0, p.downtime_ms or 0, p.transferred_bytes or 0, p.guest_downtime_ms
     )
+    assert p.guest_downtime_ms == (p.downtime_ms or 0) + CAL.resume_felt_ms
     assert _p("precopy", OVERRUN).to_prediction() is None
 
 

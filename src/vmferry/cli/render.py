@@ -281,7 +281,8 @@ def hosts_table(statuses: Sequence[HostStatus]) -> Table:
 def history_table(entries: Sequence[HistoryEntry]) -> Table:
     """Past migrations, oldest first."""
     table = Table(title="migration history")
-    for column in ("#", "when", "VM", "move", "strategy", "status", "total", "downtime", "check"):
+    columns = ("#", "when", "VM", "move", "strategy", "status", "total", "downtime QEMU/guest")
+    for column in (*columns, "check"):
         table.add_column(column)
     for entry in entries:
         r = entry.report
@@ -289,7 +290,7 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
         check = "-"
         if isinstance(integrity, dict):
             check = "ok" if integrity.get("ok") else f"BAD ({integrity.get('bad_pages')})"
-        total, downtime = r.get("total_ms"), r.get("downtime_ms")
+        total, downtime, felt = r.get("total_ms"), r.get("downtime_ms"), r.get("guest_downtime_ms")
         table.add_row(
             str(entry.id),
             entry.started_at,
@@ -298,7 +299,8 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
             str(r.get("strategy")),
             str(r.get("status")),
             _ms(total if isinstance(total, int) else None),
-            _ms(downtime if isinstance(downtime, int) else None),
+            f"{_ms(downtime if isinstance(downtime, int) else None)} / "
+            f"{_ms(felt if isinstance(felt, int) else None)}",
             check,
         )
     return table
@@ -320,7 +322,7 @@ def plan_table(plan: Plan) -> Table:
         )
     )
     table = Table(title=title)
-    for column in ("strategy", "total", "downtime", "sent", "note"):
+    for column in ("strategy", "total", "downtime\nQEMU/guest", "sent", "note"):
         table.add_column(column)
     for p in plan.predictions:
         chosen = p.strategy == plan.choice.strategy
@@ -328,7 +330,7 @@ def plan_table(plan: Plan) -> Table:
             p.strategy + (" ◀" if chosen else ""),
             (_ms(p.total_ms) if p.converges else "never")
             + (f"\n(disk {_ms(p.disk_ms)})" if p.disk_ms else ""),
-            _ms(p.downtime_ms),
+            f"{_ms(p.downtime_ms)} / {_ms(p.guest_downtime_ms)}",
             format_bytes(p.transferred_bytes),
             p.note + (f" Risk: {p.risk}" if p.risk else ""),
             style="bold" if chosen else (None if p.converges else "dim"),

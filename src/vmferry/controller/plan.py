@@ -27,6 +27,7 @@ from vmferry.core.strategy import Choice, Goal, choose
 __all__ = [
     "CPU_BOUND_BUSY",
     "DOWNTIME_HEADROOM",
+    "RESUME_ALLOWANCE_MS",
     "Plan",
     "calibration_from",
     "make_plan",
@@ -41,11 +42,14 @@ CPU_BOUND_BUSY = 0.8
 # QEMU's downtime limit is a target it overshoots (the last pass, device state): ask QEMU for
 # this share of the user's maximum so the result stays under it.
 DOWNTIME_HEADROOM = 0.7
+# The user's maximum is what the guest feels: QEMU's pause plus resuming on the destination.
+RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
 
 
 def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
-    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum."""
-    return max(1, int(max_downtime_ms * DOWNTIME_HEADROOM))
+    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum of what
+    the guest feels: the resume is taken off first, then QEMU's overshoot."""
+    return max(1, int((max_downtime_ms - RESUME_ALLOWANCE_MS) * DOWNTIME_HEADROOM))
 
 
 _PROBE_MS = 1000
@@ -97,6 +101,8 @@ class Plan:
                     "converges": p.converges,
                     "total_ms": p.total_ms,
                     "downtime_ms": p.downtime_ms,
+                    "guest_downtime_ms": p.guest_downtime_ms,
+                    "switch_felt_ms": p.switch_felt_ms,
                     "transferred_bytes": p.transferred_bytes,
                     "iterations": p.iterations,
                     "disk_ms": p.disk_ms,
@@ -128,6 +134,8 @@ async def measure_path(
         await source.probe(address, port, _PROBE_MS)
     finally:
         bandwidth_bps = await target.sink_result(port)
+    # Under a cap QEMU paces its own streams below the link: no queue builds for a fault's page.
+    paced = cap_bps is not None and cap_bps < bandwidth_bps
     if cap_bps is not None:
         bandwidth_bps = min(bandwidth_bps, cap_bps)
     measurement = Measurement(
@@ -143,6 +151,7 @@ async def measure_path(
         # On shared storage nothing of the disk moves: no mirror, so no copy and no write cost.
         disk_copy_bytes=0 if guest.disk_shared else guest.disk_allocated_bytes,
         disk_write_bps=guest.disk_write_bps,
+        link_queue_ms=0.0 if paced else None,
     )
     logger.info("plan.measured %s %s->%s %s", info.name, info.host, destination, measurement)
     return guest, measurement
@@ -165,6 +174,7 @@ def calibration_from(history: History | None) -> Calibration:
         strategy = report.get("strategy")
         total = report.get("total_ms")
         downtime = report.get("downtime_ms")
+        felt = report.get("guest_downtime_ms")
         if (
             report.get("status") != "completed"
             or not isinstance(predicted, dict)
@@ -179,12 +189,18 @@ def calibration_from(history: History | None) -> Calibration:
                     int(predicted["total_ms"]),
                     int(predicted["downtime_ms"]),
                     int(predicted["transferred_bytes"]),
+                    _int_or_none(predicted.get("guest_downtime_ms")),
                 ),
                 actual_total_ms=total,
-                actual_downtime_ms=downtime if isinstance(downtime, int) else None,
+                actual_downtime_ms=_int_or_none(downtime),
+                actual_guest_downtime_ms=_int_or_none(felt),
             )
         )
     return base.refined(samples) if samples else base
+
+
+def _int_or_none(value: object) -> int | None:
+    return value if isinstance(value, int) else None
 
 
 async def make_plan(

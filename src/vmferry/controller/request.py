@@ -61,6 +61,7 @@ class MigrationRequest:
             max_downtime_ms=self.max_downtime_ms,
             deadline_ms=None if self.deadline_s is None else round(self.deadline_s * 1000),
             allow_postcopy=self.allow_postcopy,
+            best_effort=self.force,
         )
 
     def resolve(self, mechanism: Mechanism | None = None) -> tuple[Mechanism, MigrationOptions]:

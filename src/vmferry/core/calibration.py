@@ -13,6 +13,9 @@ from vmferry.core.model import Mechanism, Prediction
 
 __all__ = ["Calibration", "CalibrationSample"]
 
+# A single sample moves a ratio by at most this factor either way.
+_MAX_RATIO = 5.0
+
 
 @dataclass(frozen=True, slots=True)
 class CalibrationSample:
@@ -24,12 +27,14 @@ class CalibrationSample:
         predicted: the prediction made before it started.
         actual_total_ms: the measured total (same scope as the prediction).
         actual_downtime_ms: QEMU's downtime, None if unknown.
+        actual_guest_downtime_ms: the longest stall the guest felt, None if unknown.
     """
 
     strategy: Mechanism
     predicted: Prediction
     actual_total_ms: int
     actual_downtime_ms: int | None
+    actual_guest_downtime_ms: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +61,19 @@ class Calibration:
             (headers, cache misses, pages whose delta overflows and go whole).
         time_scale: factor on every predicted transfer time, learnt from history by
             ``refined`` (1.0 = the reference machine).
+        resume_felt_ms: what the guest feels beyond QEMU's pause when it runs again on the
+            destination (comparison of the held copy, ``cont``, the first tick there).
+        fault_service_ms: one post-copy page fault on an idle link (both QEMUs' handling).
+        link_queue_ms: the queue a fault's page waits in behind post-copy's bulk copy on a
+            link slower than QEMU, when the path's own was not measured (a switch port's
+            buffer; the lab's shaped links hold 50 ms).
+        fault_chain: sequential faults a guest takes to run again after a switch to post-copy
+            (its hot set: kernel paths, timers, stacks).
+        hybrid_hot_share: the share of that chain still missing after hybrid's first pass.
+        writer_chain: extra sequential faults a CPU-bound writer adds (its missing pages).
+        postcopy_pace_share: the share of the link post-copy's bulk copy may use (1: all of
+            it, and faults queue behind it).
+        (See :mod:`vmferry.core.felt`.)
     """
 
     qemu_throughput_bps: int = 450_000_000
@@ -68,6 +86,13 @@ class Calibration:
     postcopy_fault_overhead: float = 1.05
     xbzrle_overhead: float = 0.05
     time_scale: float = 1.0
+    resume_felt_ms: int = 30
+    fault_service_ms: float = 1.0
+    link_queue_ms: float = 50.0
+    fault_chain: float = 20.0
+    hybrid_hot_share: float = 0.5
+    writer_chain: float = 10.0
+    postcopy_pace_share: float = 1.0
 
     def __post_init__(self) -> None:
         rates = (
@@ -84,6 +109,12 @@ class Calibration:
             raise ConfigError("postcopy_fault_overhead must be >= 1 and xbzrle_overhead >= 0")
         if not self.time_scale > 0.0:
             raise ConfigError("time_scale must be positive")
+        felt = (self.resume_felt_ms, self.fault_service_ms, self.link_queue_ms)
+        chains = (self.fault_chain, self.hybrid_hot_share, self.writer_chain)
+        if min(*felt, *chains) < 0.0 or not 0.0 < self.postcopy_pace_share <= 1.0:
+            raise ConfigError(
+                "felt-downtime constants must be >= 0 and postcopy_pace_share in (0, 1]"
+            )
 
     @classmethod
     def default(cls) -> Calibration:
@@ -95,7 +126,9 @@ class Calibration:
 
         Transfer times scale by the geometric mean of actual / predicted (setup excluded);
         post-copy samples move ``postcopy_fault_overhead`` instead. Switchover times shift by
-        the median downtime error. Each adjustment is shrunk towards no change by
+        the median downtime error. What the guest felt beyond QEMU's pause after a pre-copy
+        shifts ``resume_felt_ms``; post-copy's and hybrid's felt stalls scale ``fault_chain``
+        (see :meth:`_refined_felt`). Each adjustment is shrunk towards no change by
         ``n / (n + 2)`` for ``n`` samples, so one odd run does not swing the model, and each
         ratio is clamped to 0.2..5.
 
@@ -132,13 +165,37 @@ class Calibration:
             / time_scale
         )
         return replace(
-            self,
+            self._refined_felt(samples),
             time_scale=time_scale,
             postcopy_fault_overhead=max(1.0, overhead),
             switchover_ms=max(1, round(self.switchover_ms + _shrunk_shift(downtime_errors))),
             postcopy_switchover_ms=max(
                 0, round(self.postcopy_switchover_ms + _shrunk_shift(switch_errors))
             ),
+        )
+
+    def _refined_felt(self, samples: Sequence[CalibrationSample]) -> Calibration:
+        """The guest-felt constants: pre-copy samples shift the resume by the median of
+        (felt - QEMU's downtime - resume); post-copy and hybrid samples scale the fault chain
+        by actual / predicted stall beyond the switch and the resume."""
+        resume_errors: list[float] = []
+        chain_ratios: list[float] = []
+        for sample in samples:
+            felt_ms, qemu_ms = sample.actual_guest_downtime_ms, sample.actual_downtime_ms
+            if felt_ms is None or qemu_ms is None or sample.strategy == "cold":
+                continue
+            if sample.strategy not in ("postcopy", "hybrid"):
+                resume_errors.append(float(felt_ms - qemu_ms - self.resume_felt_ms))
+                continue
+            base_ms = self.postcopy_switchover_ms + self.resume_felt_ms
+            predicted_ms = sample.predicted.guest_downtime_ms
+            if predicted_ms is not None and predicted_ms > base_ms and felt_ms > base_ms:
+                ratio = (felt_ms - base_ms) / (predicted_ms - base_ms)
+                chain_ratios.append(min(_MAX_RATIO, max(1.0 / _MAX_RATIO, ratio)))
+        return replace(
+            self,
+            resume_felt_ms=max(0, round(self.resume_felt_ms + _shrunk_shift(resume_errors))),
+            fault_chain=self.fault_chain * _shrunk_ratio(chain_ratios),
         )
 
 

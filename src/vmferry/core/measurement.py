@@ -26,6 +26,8 @@ class Measurement:
             shared storage (nothing of the disk moves).
         disk_write_bps: bytes per second the guest writes to its disk (ignored when
             ``disk_copy_bytes`` is 0).
+        link_queue_ms: the delay a small packet sees behind a bulk transfer on this path (the
+            link's queue), None when not measured (the calibration's guess is used).
     """
 
     ram_bytes: int
@@ -37,6 +39,7 @@ class Measurement:
     dirty_is_cpu_bound: bool = False
     disk_copy_bytes: int = 0
     disk_write_bps: int = 0
+    link_queue_ms: float | None = None
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -51,6 +54,8 @@ class Measurement:
             raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
         if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:
             raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
+        if self.link_queue_ms is not None and not self.link_queue_ms >= 0.0:
+            raise ConfigError(f"link_queue_ms must be >= 0, got {self.link_queue_ms}")
         if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
             raise ConfigError(
                 f"disk_copy_bytes and disk_write_bps must be >= 0, got "

@@ -427,16 +427,19 @@ class GuestAgentCheck:
 
 @dataclass(frozen=True, slots=True)
 class Prediction:
-    """What a migration was predicted to cost."""
+    """What a migration was predicted to cost: QEMU's downtime and the longest stall the guest
+    feels (``guest_downtime_ms``, None in records from before it was predicted)."""
 
     total_ms: int
     downtime_ms: int
     transferred_bytes: int
+    guest_downtime_ms: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
+            "guest_downtime_ms": self.guest_downtime_ms,
             "transferred_bytes": self.transferred_bytes,
         }
 

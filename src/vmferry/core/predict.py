@@ -70,8 +70,10 @@ from dataclasses import dataclass, replace
 
 from vmferry.core.calibration import Calibration, CalibrationSample
 from vmferry.core.errors import ConfigError
+from vmferry.core.felt import postcopy_felt_ms, precopy_felt_ms
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import MECHANISMS, Mechanism, Prediction
+from vmferry.core.transfer import DiskPhase, Rates
 from vmferry.core.units import format_bytes, format_ms, format_rate
 
 __all__ = [
@@ -111,8 +113,6 @@ _BURST_S = 0.050
 # Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
 HEADROOM_CAP = 4.0
 _HEADROOM_STEPS = 12
-# While a write-blocking mirror runs, the RAM stream keeps at least this share of the link.
-_RAM_MIN_LINK_SHARE = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +135,10 @@ class StrategyPrediction:
             stop the migration (post-copy, hybrid, cold).
         disk_ms: the disk mirror's phase before RAM moves (guest paused for cold), included in
             ``total_ms``; 0 without a disk to move. Predicted even when RAM does not converge.
+        guest_downtime_ms: the longest stall the guest feels (:mod:`vmferry.core.felt`): the
+            pause and the resume, and post-copy's page faults; None when it does not converge.
+        switch_felt_ms: for a pre-copy-like strategy, the stall the guest would feel if it
+            were switched to post-copy after its first pass (re-planning weighs it); else None.
     """
 
     strategy: Mechanism
@@ -147,12 +151,21 @@ class StrategyPrediction:
     note: str
     dirty_headroom: float | None = None
     disk_ms: int = 0
+    guest_downtime_ms: int | None = None
+    switch_felt_ms: int | None = None
+
+    @property
+    def felt_ms(self) -> int | None:
+        """The downtime that counts against a goal: the guest's, else QEMU's."""
+        return self.downtime_ms if self.guest_downtime_ms is None else self.guest_downtime_ms
 
     def to_prediction(self) -> Prediction | None:
         """The figures a migration report keeps, None when it does not converge."""
         if self.total_ms is None or self.downtime_ms is None or self.transferred_bytes is None:
             return None
-        return Prediction(self.total_ms, self.downtime_ms, self.transferred_bytes)
+        return Prediction(
+            self.total_ms, self.downtime_ms, self.transferred_bytes, self.guest_downtime_ms
+        )
 
 
 def check_strategy(name: str) -> Mechanism:
@@ -188,11 +201,34 @@ def predict(
     name = check_strategy(strategy)
     if downtime_limit_ms <= 0:
         raise ConfigError(f"downtime limit must be positive, got {downtime_limit_ms} ms")
-    idle = _Rates.plain(m, cal)  # the whole link: guest paused, or after the switch
+    idle = Rates.plain(m, cal)  # the whole link: guest paused, or after the switch
     if name == "cold":
         return _cold(m, cal, idle)
-    disk = _Disk.live(m, idle)
-    plain = _Rates.plain(m, cal, mirror_bps=disk.mirror_bps)  # guest running, RAM phase
+    disk = DiskPhase.live(m, idle)
+    plain = Rates.plain(m, cal, mirror_bps=disk.mirror_bps)  # guest running, RAM phase
+    if name == "postcopy":
+        return _postcopy(m, cal, idle, disk)
+    if name == "hybrid":
+        return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
+    # Re-planning may switch any of these to post-copy after its first pass.
+    switch_felt = postcopy_felt_ms(m, cal, missing_share=_first_pass_dirtied(m, plain)[1])
+    return replace(
+        _live_precopy(name, m, downtime_limit_ms, cal, (plain, idle), disk),
+        switch_felt_ms=switch_felt,
+    )
+
+
+def _live_precopy(
+    name: Mechanism,
+    m: Measurement,
+    downtime_limit_ms: int,
+    cal: Calibration,
+    links: tuple[Rates, Rates],
+    disk: DiskPhase,
+) -> StrategyPrediction:
+    """Pre-copy and its variants (multifd, xbzrle, auto-converge); ``links`` are the running
+    rates (the mirror takes its share) and the idle ones (the whole link)."""
+    plain, idle = links
     if name == "precopy":
         run = _precopy(m, downtime_limit_ms, plain)
         headroom = _headroom(m, downtime_limit_ms, plain)
@@ -223,11 +259,7 @@ def predict(
         note = f"{gain}; {_precopy_note(m, run, rates)}"
         headroom = _headroom(m, downtime_limit_ms, rates)
         return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
-    if name == "auto-converge":
-        return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
-    if name == "postcopy":
-        return _postcopy(m, cal, idle, disk)
-    return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
+    return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
 
 
 def predict_all(
@@ -241,86 +273,6 @@ def predict_all(
     return tuple(
         predict(name, m, downtime_limit_ms=downtime_limit_ms, cal=cal) for name in STRATEGY_NAMES
     )
-
-
-@dataclass(frozen=True, slots=True)
-class _Rates:
-    """Guest-memory rates of one strategy (bytes of guest RAM per second, time-scaled)."""
-
-    first_bps: float  # round 0
-    resend_bps: float  # later rounds, guest running
-    paused_bps: float  # the switchover copy, guest paused
-    zero_scan_bps: float
-    scale: float
-
-    @classmethod
-    def plain(cls, m: Measurement, cal: Calibration, *, mirror_bps: float = 0.0) -> _Rates:
-        """Plain pre-copy rates; ``mirror_bps`` of the link carries mirrored disk writes while
-        the guest runs (not while it is paused)."""
-        running = min(m.bandwidth_bps - mirror_bps, cal.qemu_throughput_bps) / cal.time_scale
-        paused = min(m.bandwidth_bps, max(cal.paused_throughput_bps, cal.qemu_throughput_bps))
-        return cls(
-            first_bps=running,
-            resend_bps=running,
-            paused_bps=paused / cal.time_scale,
-            zero_scan_bps=cal.zero_scan_bps / cal.time_scale,
-            scale=cal.time_scale,
-        )
-
-    def first_pass_s(self, m: Measurement) -> float:
-        """Round 0: every non-zero page as data, every zero page as a flag."""
-        return m.nonzero_bytes / self.first_bps + m.zero_bytes / self.zero_scan_bps
-
-
-@dataclass(frozen=True, slots=True)
-class _Disk:
-    """The disk mirror's part of a migration (see the module docs)."""
-
-    copy_bytes: float  # what the mirror must copy
-    copy_s: float  # the disk phase, before RAM moves
-    sent_bytes: float  # the copy and the re-copied blocks
-    mirror_bps: float  # guest writes mirrored synchronously, taken from the link, until the switch
-    is_blocking_early: bool = False  # write-blocking from the start: guest writes throttled
-
-    @classmethod
-    def live(cls, m: Measurement, idle: _Rates) -> _Disk:
-        """The disk phase of a live strategy; ``idle`` has the whole link."""
-        copy = float(m.disk_copy_bytes)
-        if copy == 0.0:
-            return cls(0.0, 0.0, 0.0, 0.0)
-        link_bps, write_bps = idle.first_bps, float(m.disk_write_bps)
-        mirror_bps = min(write_bps, (1.0 - _RAM_MIN_LINK_SHARE) * m.bandwidth_bps)
-        if write_bps >= link_bps:
-            return cls(copy, copy / link_bps, copy, mirror_bps, is_blocking_early=True)
-        recopy = min(copy * write_bps / (link_bps - write_bps), copy)
-        return cls(copy, (copy + recopy) / link_bps, copy + recopy, mirror_bps)
-
-    @classmethod
-    def paused(cls, m: Measurement, idle: _Rates) -> _Disk:
-        """The disk phase of a cold migration: nothing writes, the paused rate."""
-        copy = float(m.disk_copy_bytes)
-        return cls(copy, copy / idle.paused_bps, copy, 0.0)
-
-    @property
-    def ms(self) -> int:
-        return round(self.copy_s * 1000.0)
-
-    def sent_with(self, running_s: float) -> float:
-        """Disk bytes sent, with the writes mirrored during ``running_s`` of the RAM phase."""
-        return self.sent_bytes + self.mirror_bps * running_s
-
-    def note(self, *, mirrors_writes: bool = True) -> str:
-        """The note's prefix ("" without a disk to move)."""
-        if self.copy_bytes == 0.0:
-            return ""
-        text = f"mirrors {format_bytes(self.copy_bytes)} of disk first in {format_ms(self.ms)}"
-        if self.is_blocking_early:
-            text += " (guest writes throttled to the link)"
-        elif self.sent_bytes > self.copy_bytes:
-            text += f" ({format_bytes(self.sent_bytes - self.copy_bytes)} re-copied)"
-        if mirrors_writes and self.mirror_bps > 0.0:
-            text += f", then {format_rate(self.mirror_bps)} of writes share the link"
-        return f"{text}; "
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +303,18 @@ def _dirty_set(m: Measurement) -> float:
     return float(m.ram_bytes if m.dirty_set_bytes is None else min(m.dirty_set_bytes, m.ram_bytes))
 
 
+def _first_pass_dirtied(m: Measurement, rates: Rates) -> tuple[float, float]:
+    """Bytes dirtied during round 0, and their share of the dirty set (what a switch to
+    post-copy right after it leaves on the source)."""
+    dirty_set = _dirty_set(m)
+    dirtied = _pending_after(0.0, float(m.dirty_rate_bps), rates.first_pass_s(m), dirty_set)
+    return dirtied, (dirtied / dirty_set if dirty_set > 0.0 else 0.0)
+
+
 def _precopy(
     m: Measurement,
     downtime_limit_ms: int,
-    rates: _Rates,
+    rates: Rates,
     *,
     throttle: bool = False,
     rate_scale: float = 1.0,
@@ -405,7 +365,7 @@ def _precopy(
 
 
 def _headroom(
-    m: Measurement, downtime_limit_ms: int, rates: _Rates, *, throttle: bool = False
+    m: Measurement, downtime_limit_ms: int, rates: Rates, *, throttle: bool = False
 ) -> float:
     """How many times the measured dirty rate a pre-copy tolerates and still converges.
 
@@ -434,7 +394,7 @@ def _from_run(
     note: str,
     risk: str | None = None,
     *,
-    disk: _Disk,
+    disk: DiskPhase,
     headroom: float | None = None,
 ) -> StrategyPrediction:
     note = disk.note() + note
@@ -454,10 +414,11 @@ def _from_run(
         note=note,
         dirty_headroom=headroom,
         disk_ms=disk.ms,
+        guest_downtime_ms=precopy_felt_ms(downtime_ms=downtime_ms, cal=cal),
     )
 
 
-def _precopy_note(m: Measurement, run: _Run, rates: _Rates) -> str:
+def _precopy_note(m: Measurement, run: _Run, rates: Rates) -> str:
     if not run.converges:
         return (
             f"dirties {format_rate(m.dirty_rate_bps)} over a {format_rate(rates.resend_bps)} link: "
@@ -471,7 +432,7 @@ def _precopy_note(m: Measurement, run: _Run, rates: _Rates) -> str:
 
 
 def _auto_converge(
-    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: _Rates, disk: _Disk
+    m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: Rates, disk: DiskPhase
 ) -> StrategyPrediction:
     throttle = m.dirty_is_cpu_bound
     run = _precopy(m, downtime_limit_ms, rates, throttle=throttle)
@@ -499,7 +460,7 @@ def _auto_converge(
     )
 
 
-def _postcopy(m: Measurement, cal: Calibration, idle: _Rates, disk: _Disk) -> StrategyPrediction:
+def _postcopy(m: Measurement, cal: Calibration, idle: Rates, disk: DiskPhase) -> StrategyPrediction:
     # It switches right after the disk phase; the mirror ends there, so the pull has the link.
     copy_s = idle.first_pass_s(m) * cal.postcopy_fault_overhead
     return StrategyPrediction(
@@ -513,9 +474,10 @@ def _postcopy(m: Measurement, cal: Calibration, idle: _Rates, disk: _Disk) -> St
         note=(
             f"{disk.note(mirrors_writes=False)}switches at once, then pulls "
             f"{format_bytes(m.nonzero_bytes)} at {format_rate(idle.first_bps)} while the guest "
-            "runs on the destination"
+            "runs on the destination, stalling on page faults"
         ),
         disk_ms=disk.ms,
+        guest_downtime_ms=postcopy_felt_ms(m, cal, missing_share=1.0),
     )
 
 
@@ -523,12 +485,12 @@ def _hybrid(
     m: Measurement,
     downtime_limit_ms: int,
     cal: Calibration,
-    rates: _Rates,
-    idle: _Rates,
-    disk: _Disk,
+    rates: Rates,
+    idle: Rates,
+    disk: DiskPhase,
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
-    dirtied = _pending_after(0.0, float(m.dirty_rate_bps), first_s, _dirty_set(m))
+    dirtied, missing_share = _first_pass_dirtied(m, rates)
     if dirtied <= rates.resend_bps * downtime_limit_ms / 1000.0:
         # The first sync already fits the threshold: QEMU completes as a pre-copy before the
         # controller gets to switch.
@@ -552,12 +514,13 @@ def _hybrid(
             f"the {format_bytes(dirtied)} dirtied meanwhile"
         ),
         disk_ms=disk.ms,
+        guest_downtime_ms=postcopy_felt_ms(m, cal, missing_share=missing_share),
     )
 
 
-def _cold(m: Measurement, cal: Calibration, idle: _Rates) -> StrategyPrediction:
+def _cold(m: Measurement, cal: Calibration, idle: Rates) -> StrategyPrediction:
     # The guest is paused first, so the copies run at the paused rate and nothing is re-sent.
-    disk = _Disk.paused(m, idle)
+    disk = DiskPhase.paused(m, idle)
     copy_s = m.nonzero_bytes / idle.paused_bps + m.zero_bytes / idle.zero_scan_bps
     total_ms = round(cal.setup_ms + (disk.copy_s + copy_s) * 1000.0 + cal.switchover_ms)
     what = format_bytes(m.nonzero_bytes)
@@ -573,4 +536,5 @@ def _cold(m: Measurement, cal: Calibration, idle: _Rates) -> StrategyPrediction:
         risk=None,
         note=f"guest paused for the whole copy of {what}",
         disk_ms=disk.ms,
+        guest_downtime_ms=precopy_felt_ms(downtime_ms=total_ms, cal=cal),
     )

@@ -80,11 +80,15 @@ class Goal:
         max_downtime_ms: the longest pause the guest may see.
         deadline_ms: time from start to done, None for no deadline.
         allow_postcopy: False forbids post-copy (and hybrid) and their failure mode.
+        best_effort: the user asked to go ahead when the goal cannot be met (``--force``):
+            a stalled pre-copy is switched to post-copy even when its faults would stall the
+            guest longer than the goal.
     """
 
     max_downtime_ms: int
     deadline_ms: int | None = None
     allow_postcopy: bool = True
+    best_effort: bool = False
 
     def __post_init__(self) -> None:
         if self.max_downtime_ms <= 0:
@@ -120,10 +124,12 @@ class Choice:
 
 
 def meets(p: StrategyPrediction, goal: Goal) -> bool:
-    """Whether a prediction converges within the goal's downtime and deadline."""
-    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+    """Whether a prediction converges within the goal's downtime (what the guest feels: see
+    ``StrategyPrediction.felt_ms``) and deadline."""
+    felt_ms = p.felt_ms
+    if not p.converges or felt_ms is None or p.total_ms is None:
         return False
-    if p.downtime_ms > goal.max_downtime_ms:
+    if felt_ms > goal.max_downtime_ms:
         return False
     return goal.deadline_ms is None or p.total_ms <= goal.deadline_ms
 
@@ -132,16 +138,17 @@ def margin_of(p: StrategyPrediction, goal: Goal) -> float:
     """How comfortably a prediction meets the goal: the smallest of its safety factors.
 
     * deadline / predicted total, when there is a deadline;
-    * downtime limit / predicted downtime for post-copy, hybrid and cold;
+    * downtime limit / predicted guest-felt downtime for post-copy, hybrid and cold;
     * for pre-copy-like strategies, whose downtime QEMU itself holds to the limit, the factor by
       which the guest's dirty rate may grow before they stop converging
       (``StrategyPrediction.dirty_headroom``), or the downtime factor if it is the smaller.
 
     Capped at ``MARGIN_CAP``; at least 1 when the goal is met; 0 when it does not converge.
     """
-    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+    felt_ms = p.felt_ms
+    if not p.converges or felt_ms is None or p.total_ms is None:
         return 0.0
-    downtime_factor = goal.max_downtime_ms / max(1, p.downtime_ms)
+    downtime_factor = goal.max_downtime_ms / max(1, felt_ms)
     factors = [downtime_factor]
     if p.dirty_headroom is not None and downtime_factor >= 1.0:
         factors = [p.dirty_headroom]
@@ -188,9 +195,9 @@ def choose(predictions: Sequence[StrategyPrediction], goal: Goal) -> Choice:
         pick = min(similar, key=lambda p: (_rank(p), p.total_ms or 0))
         margin = margin_of(pick, goal)
         reason = (
-            f"{pick.strategy}: ~{format_ms(pick.downtime_ms or 0)} downtime, "
-            f"~{format_ms(pick.total_ms or 0)} total, meets {goal.describe()} "
-            f"with {margin:.1f}x margin"
+            f"{pick.strategy}: ~{format_ms(pick.felt_ms or 0)} felt by the guest "
+            f"(QEMU ~{format_ms(pick.downtime_ms or 0)}), ~{format_ms(pick.total_ms or 0)} total, "
+            f"meets {goal.describe()} with {margin:.1f}x margin"
         )
         riskier = [p.strategy for p in meeting if margin_of(p, goal) > margin and p is not pick]
         if riskier:
@@ -199,7 +206,9 @@ def choose(predictions: Sequence[StrategyPrediction], goal: Goal) -> Choice:
 
     # The downtime is what the guest feels: missing only the deadline is the lesser miss.
     pick = min(allowed, key=lambda p: (not _downtime_ok(p, goal), _shortfall(p, goal), _rank(p)))
-    return Choice(pick.strategy, pick, False, margin_of(pick, goal), _miss_reason(pick, goal))
+    return Choice(
+        pick.strategy, pick, False, margin_of(pick, goal), _miss_reason(pick, allowed, goal)
+    )
 
 
 def _rank(p: StrategyPrediction) -> int:
@@ -207,35 +216,66 @@ def _rank(p: StrategyPrediction) -> int:
 
 
 def _downtime_ok(p: StrategyPrediction, goal: Goal) -> bool:
-    return p.converges and p.downtime_ms is not None and p.downtime_ms <= goal.max_downtime_ms
+    return p.converges and p.felt_ms is not None and p.felt_ms <= goal.max_downtime_ms
 
 
 def _shortfall(p: StrategyPrediction, goal: Goal) -> float:
     """By what factor a prediction misses the goal (1 = just meets it, inf = never finishes)."""
-    if not p.converges or p.downtime_ms is None or p.total_ms is None:
+    felt_ms = p.felt_ms
+    if not p.converges or felt_ms is None or p.total_ms is None:
         return math.inf
-    factors = [p.downtime_ms / goal.max_downtime_ms]
+    factors = [felt_ms / goal.max_downtime_ms]
     if goal.deadline_ms is not None:
         factors.append(p.total_ms / goal.deadline_ms)
     return max(factors)
 
 
-def _miss_reason(p: StrategyPrediction, goal: Goal) -> str:
-    head = f"cannot meet {goal.describe()}"
-    if not p.converges or p.downtime_ms is None or p.total_ms is None:
-        forbidden = "" if goal.allow_postcopy else "; post-copy is not allowed"
-        return f"{head}: no allowed strategy finishes ({p.strategy}: {p.note}){forbidden}"
-    misses = []
-    if p.downtime_ms > goal.max_downtime_ms:
-        misses.append(
-            f"downtime {format_ms(goal.max_downtime_ms)} < predicted {format_ms(p.downtime_ms)}"
-        )
-    if goal.deadline_ms is not None and p.total_ms > goal.deadline_ms:
-        misses.append(f"deadline {format_ms(goal.deadline_ms)} < predicted {format_ms(p.total_ms)}")
-    return (
-        f"{head}: best is {p.strategy} at ~{format_ms(p.downtime_ms)} downtime "
-        f"but {' and '.join(misses)}"
+def _miss_reason(
+    pick: StrategyPrediction, allowed: Sequence[StrategyPrediction], goal: Goal
+) -> str:
+    """One sentence: why no strategy meets the goal (pre-copy's side, post-copy's side), and
+    the best that can be had."""
+    why = [_precopy_why(allowed, goal), _postcopy_why(allowed, goal)]
+    head = f"cannot meet {goal.describe()}: {'; '.join(w for w in why if w)}"
+    felt_ms = pick.felt_ms
+    if not pick.converges or felt_ms is None or pick.total_ms is None:
+        return f"{head}; no allowed strategy finishes"
+    best = (
+        f"best is {pick.strategy} at ~{format_ms(felt_ms)} felt by the guest "
+        f"(QEMU ~{format_ms(pick.downtime_ms or 0)})"
     )
+    if goal.deadline_ms is not None and pick.total_ms > goal.deadline_ms:
+        best += f" and ~{format_ms(pick.total_ms)} in all, past the deadline"
+    return f"{head}; {best}"
+
+
+def _precopy_why(allowed: Sequence[StrategyPrediction], goal: Goal) -> str:
+    live = [p for p in allowed if p.strategy in _PRECOPY_LIKE and p.strategy != "hybrid"]
+    finishing = [p for p in live if p.converges and p.felt_ms is not None]
+    if not live:
+        return ""
+    if not finishing:
+        plain = next((p for p in live if p.strategy == "precopy"), live[0])
+        detail = plain.note.rsplit("; ", 1)[-1].removesuffix(": never converges")
+        return f"pre-copy never converges (the guest {detail})"
+    best = min(finishing, key=lambda p: (p.felt_ms or 0, p.total_ms or 0))
+    if (best.felt_ms or 0) > goal.max_downtime_ms:
+        return f"{best.strategy}'s pause would be felt for ~{format_ms(best.felt_ms or 0)}"
+    return f"{best.strategy} needs ~{format_ms(best.total_ms or 0)}"
+
+
+def _postcopy_why(allowed: Sequence[StrategyPrediction], goal: Goal) -> str:
+    if not goal.allow_postcopy:
+        return "post-copy is not allowed"
+    pulled = [p for p in allowed if p.strategy in _POSTCOPY_LIKE and p.felt_ms is not None]
+    if not pulled:
+        return ""
+    best = min(pulled, key=lambda p: (p.felt_ms or 0, p.total_ms or 0))
+    if (best.felt_ms or 0) > goal.max_downtime_ms:
+        return (
+            f"{best.strategy}'s page faults would stall the guest ~{format_ms(best.felt_ms or 0)}"
+        )
+    return f"{best.strategy} needs ~{format_ms(best.total_ms or 0)}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,7 +347,9 @@ def replan(
     while QEMU still expected more downtime than the goal. It *misses the deadline* when the time
     left at the current net rate (sent minus dirtied) does not fit before it, or when the deadline
     has passed. Either way: switch to post-copy when the goal allows it (the switch itself pauses
-    the guest only for the device state), otherwise cancel now, while the guest runs on the source.
+    the guest only for the device state, then its page faults stall it) when the goal allows it
+    and the predicted stall (``StrategyPrediction.switch_felt_ms``) fits the goal or the user
+    asked for a best effort; otherwise cancel now, while the guest runs on the source.
     Nothing here raises the downtime limit: QEMU keeps holding pre-copy to it.
 
     Args:
@@ -336,8 +378,18 @@ def replan(
     trouble = _stall(name, history, prediction, goal) or _deadline_miss(last, goal)
     if trouble is None:
         return Replan(Action.CONTINUE, _on_track(last, prediction))
-    if goal.allow_postcopy:
+    stall_ms = prediction.switch_felt_ms
+    if goal.allow_postcopy and (
+        stall_ms is None or stall_ms <= goal.max_downtime_ms or goal.best_effort
+    ):
         return Replan(Action.SWITCH_TO_POSTCOPY, f"{trouble}: switching to post-copy")
+    if goal.allow_postcopy:
+        return Replan(
+            Action.CANCEL,
+            f"{trouble}; post-copy's page faults would stall the guest ~{format_ms(stall_ms or 0)}"
+            f", over the {format_ms(goal.max_downtime_ms)} goal: cancelling, the guest keeps "
+            "running on the source (--force switches anyway)",
+        )
     return Replan(
         Action.CANCEL,
         f"{trouble}; post-copy is not allowed: cancelling, the guest keeps running on the source",

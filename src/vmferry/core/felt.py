@@ -1,0 +1,80 @@
+"""Guest-felt downtime: the longest stall a guest's applications see during a move.
+
+QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, and
+:mod:`vmferry.core.predict` adds it to every prediction as ``guest_downtime_ms``:
+
+* **pre-copy-like** (and cold): the pause, plus resuming on the destination (the held copy's
+  comparison, ``cont``, the first timer tick there): ``Calibration.resume_felt_ms``.
+* **post-copy and hybrid**: the switch (device state only), the same resume, then page faults.
+  Every page the guest touches that is still on the source is fetched by one request over the
+  link; the page comes back on the preempt channel, behind whatever the bulk copy queued on the
+  link. One fault costs ``fault latency = service + page on the wire + queue`` (see
+  :func:`fault_latency_ms`). A vCPU that faults stops until its page is there; with one vCPU the
+  whole guest stops. Right after the switch the guest's hot set (kernel paths, timers, the
+  application's stacks) is missing, so running again takes a chain of sequential faults:
+  ``Calibration.fault_chain`` of them for post-copy, the re-dirtied share of it for hybrid
+  (``Calibration.hybrid_hot_share``: hot pages are the ones re-dirtied during the pass). A guest
+  that keeps writing to pages still missing adds one fault per write it cannot do without, so a
+  CPU-bound writer lengthens the chain by ``Calibration.writer_chain`` (scaled by how much of its
+  dirty set is still missing).
+
+So the longest stall is ``switch + resume + chain x fault latency``. The chain and the queue are
+learnt from history (:meth:`vmferry.core.calibration.Calibration.refined`); the link's queue can
+also be measured (``Measurement.link_queue_ms``: the delay a small packet sees behind a bulk
+transfer on this path).
+
+Example:
+    >>> from vmferry.core.calibration import Calibration
+    >>> from vmferry.core.measurement import Measurement
+    >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.8, compress_ratio=1.0,
+    ...                 dirty_rate_bps=0, bandwidth_bps=25_000_000, link_queue_ms=50.0)
+    >>> cal = Calibration.default()
+    >>> precopy_felt_ms(downtime_ms=20, cal=cal)
+    50
+    >>> postcopy_felt_ms(m, cal, missing_share=1.0) > 500
+    True
+"""
+
+from __future__ import annotations
+
+from vmferry.core.calibration import Calibration
+from vmferry.core.measurement import Measurement
+
+__all__ = ["PAGE_BYTES", "fault_latency_ms", "postcopy_felt_ms", "precopy_felt_ms"]
+
+PAGE_BYTES = 4096
+
+
+def precopy_felt_ms(*, downtime_ms: float, cal: Calibration) -> int:
+    """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``."""
+    return round(downtime_ms + cal.resume_felt_ms)
+
+
+def fault_latency_ms(m: Measurement, cal: Calibration) -> float:
+    """One post-copy page fault: serviced by both QEMUs, a page on the wire, and the queue the
+    bulk copy keeps on the link (none when the bulk copy is paced below the link)."""
+    page_ms = PAGE_BYTES * 1000.0 / m.bandwidth_bps
+    if cal.postcopy_pace_share < 1.0 or m.bandwidth_bps >= cal.qemu_throughput_bps:
+        # Paced below the link, or a link faster than QEMU pushes: no standing queue.
+        queue_ms = 0.0
+    elif m.link_queue_ms is not None:
+        queue_ms = m.link_queue_ms
+    else:
+        queue_ms = cal.link_queue_ms
+    return cal.fault_service_ms + page_ms + queue_ms
+
+
+def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) -> int:
+    """The longest stall of a post-copy (``missing_share`` = 1) or hybrid switch.
+
+    Args:
+        m: the measurement (link rate and queue, the writer).
+        cal: the constants (chain lengths, resume, fault service time).
+        missing_share: share of the guest's dirty set still on the source at the switch (1 for
+            post-copy; what the pass left dirty for hybrid).
+    """
+    share = min(1.0, max(0.0, missing_share))
+    hot = cal.fault_chain * (1.0 if share >= 1.0 else cal.hybrid_hot_share)
+    writer = cal.writer_chain * share if m.dirty_is_cpu_bound and m.dirty_rate_bps > 0 else 0.0
+    stall_ms = (hot + writer) * fault_latency_ms(m, cal)
+    return round(cal.postcopy_switchover_ms + cal.resume_felt_ms + stall_ms)
