@@ -12,7 +12,7 @@ from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import Marker, VmStore
 from vmferry.agent.vm import RunningVm, check_guest_agent
-from vmferry.core.errors import StateError
+from vmferry.core.errors import GuestError, StateError
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import RunState
 from vmferry.qemu.block import export_disk, unexport_disk
@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 _INCOMING_DONE_TIMEOUT_S = 60.0
 _HEARTBEAT_TIMEOUT_S = 30.0
+# An own guest that asked for heartbeats may not run the program (yet): wait less for it.
+_OWN_HEARTBEAT_TIMEOUT_S = 10.0
 
 
 class Incoming:
@@ -80,9 +82,18 @@ class Incoming:
         return arrival
 
     async def _arrived(self, vm: RunningVm) -> Arrival:
-        """The lab guest's first heartbeat and page check; a user's guest's agent."""
-        if vm.channel is None:
-            return Arrival(None, None, await check_guest_agent(vm))
+        """The lab guest's first heartbeat and page check; a user's guest's first heartbeat
+        (if it sends them) and its agent."""
+        if not vm.spec.is_lab_guest:
+            first_ms = None
+            if vm.channel is not None:
+                try:
+                    await vm.channel.wait_heartbeat_after(0.0, _OWN_HEARTBEAT_TIMEOUT_S)
+                    first_ms = vm.heartbeats.first_arrival_ms
+                except GuestError as err:
+                    logger.warning("migration.no_heartbeat %s: %s", vm.spec.name, err)
+            return Arrival(first_ms, None, await check_guest_agent(vm))
+        assert vm.channel is not None
         await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
         first_ms = vm.heartbeats.first_arrival_ms
         assert first_ms is not None
