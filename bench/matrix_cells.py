@@ -184,6 +184,13 @@ def make_design(
     size = QUICK_HALF_CELLS if quick else half_cells
     fit_rows = sample_half(levels, size, random.Random(seed), set())
     held_rows = sample_half(levels, size, random.Random(seed + 1), set(fit_rows))
+    for rows in (fit_rows, held_rows):
+        for index, dim in enumerate(DIMENSIONS):
+            missing = set(levels[dim]) - {row[index] for row in rows}
+            if missing:  # too few cells per half for this dimension's levels
+                raise ValueError(
+                    f"a half of {size} cells leaves {dim} {sorted(map(str, missing))} out"
+                )
     cells = []
     for half, rows in (("fit", fit_rows), ("held-out", held_rows)):
         for index, row in enumerate(rows, start=1):
