@@ -10,9 +10,11 @@ held-out move is ever fit on, not even an earlier held-out one.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sqlite3
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,16 +141,24 @@ def _create_debian(lab_dir: Path, vm: str, cell: Cell, debian: DebianBoot) -> Cl
         return created
     deadline = time.monotonic() + DEBIAN_READY_TIMEOUT_S
     while time.monotonic() < deadline:
-        active = cli(
-            lab_dir, "vm", "exec", vm, "--timeout", "10", "--",
-            "systemctl", "is-active", "--quiet", WORKLOAD_UNIT,
-        )  # fmt: skip
-        if active.exit_code == 0:
+        if _workload_active(lab_dir, vm):
             return CliOutcome(0, created.wall_ms, created.data, "")
         time.sleep(3.0)
     return CliOutcome(
         1, created.wall_ms, None, f"{WORKLOAD_UNIT} not active in {DEBIAN_READY_TIMEOUT_S:g} s"
     )
+
+
+def _workload_active(lab_dir: Path, vm: str) -> bool:
+    """``vm exec`` (no ``--json``: it would end up in the guest's command line)."""
+    argv = [sys.executable, "-m", "vmferry.cli.main", "vm", "exec", vm, "--timeout", "10"]
+    argv += ["--", "systemctl", "is-active", "--quiet", WORKLOAD_UNIT]
+    env = {**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)}
+    try:
+        done = subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
+    except subprocess.TimeoutExpired:
+        return False
+    return done.returncode == 0
 
 
 def make_record(
