@@ -27,7 +27,9 @@ def classify(record: dict[str, Any], goal_ms: int, deadline_s: float) -> str:
     """One of OUTCOMES for a run record (by the guest's clock)."""
     status = record.get("status")
     if status is None:
-        return "refused" if record.get("exit_code") == 2 else "error"
+        # Exit 2 is a refusal by a pre-check; only auto's (the goal) is a verdict on the cell.
+        refused = record.get("exit_code") == 2 and record.get("strategy") == "auto"
+        return "refused" if refused else "error"
     integrity = record.get("integrity")
     if not record.get("guest_alive", True) or (integrity is not None and not integrity["ok"]):
         return "damaged"

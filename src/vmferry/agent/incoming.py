@@ -12,7 +12,7 @@ from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import Marker, VmStore
 from vmferry.agent.vm import RunningVm, check_guest_agent
-from vmferry.core.errors import GuestError, StateError
+from vmferry.core.errors import GuestError, QMPConnectError, StateError
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import RunState
 from vmferry.qemu.block import export_disk, unexport_disk
@@ -27,6 +27,7 @@ _INCOMING_DONE_TIMEOUT_S = 60.0
 _HEARTBEAT_TIMEOUT_S = 30.0
 # An own guest that asked for heartbeats may not run the program (yet): wait less for it.
 _OWN_HEARTBEAT_TIMEOUT_S = 10.0
+_QUIT_WAIT_S = 5.0
 
 
 class Incoming:
@@ -103,10 +104,17 @@ class Incoming:
         """See :meth:`HostAgent.abort_incoming`."""
         slot = self.slots.get(name)
         if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
-            status = await run_state(slot.vm.qmp)
+            try:
+                status: RunState | None = await run_state(slot.vm.qmp)
+            except QMPConnectError:
+                # QEMU quits when its incoming stream breaks (the source cancelled) and may
+                # be on its way out: once gone it holds nothing to keep.
+                if await slot.vm.process.wait(_QUIT_WAIT_S) is None:
+                    raise
+                status = None
             # A held copy that arrived is paused and never ran: it may go too.
             held = self.store.is_marked(self.store.directory(name), Marker.HELD)
-            unstarted = status is RunState.INMIGRATE or (held and status is RunState.PAUSED)
+            unstarted = status in (None, RunState.INMIGRATE) or (held and status is RunState.PAUSED)
             if not unstarted:
                 raise StateError(f"incoming VM {name}", f"{status} (received)", RunState.INMIGRATE)
         await self.launcher.retire(name, VmState.INCOMING)
