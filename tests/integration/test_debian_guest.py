@@ -1,7 +1,8 @@
 """A real distribution as a user's own VM: Debian 12 built from Debian's packages, booted from
 its disk image by direct kernel boot, moved live with its disk on local storage, the handoff
 verified by digests of both stopped copies (all of RAM and of the disk's content), its guest
-agent answering with the guest clock set from the host's; then a damaged destination is caught
+agent answering with the guest clock set from the host's, its heartbeats (vmferry's workload
+program, in the image) giving the downtime it felt; then a damaged destination is caught
 before it runs and the source keeps the guest, intact. (Firmware boot, shared storage and the
 CLI: test_own_guest_cli.py. The Debian boot under TCG takes ~10 s: one test tells the story.)
 """
@@ -65,10 +66,14 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     lab: LocalLab, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = await asyncio.to_thread(debian_image)
-    direct = GuestBoot(kernel=image.kernel, initrd=image.initrd, append=image.root_append)
+    # The image's workload program, idle, sends heartbeats on the port --heartbeat wires.
+    append = f"{image.root_append} vmferry.mode=idle vmferry.ws={16 << 20}"
+    direct = GuestBoot(kernel=image.kernel, initrd=image.initrd, append=append, heartbeat=True)
     await lab.boot(_spec("deb-local", "local", direct), "host-1", image=image.disk)
     await lab.wait_guest_agent("deb-local", AGENT_TIMEOUT_S)
     host1, host2 = lab.cluster.client("host-1"), lab.cluster.client("host-2")
+    started = ["sh", "-c", "until systemctl -q is-active vmferry-workload; do sleep 1; done"]
+    assert (await host1.guest_exec("deb-local", started, 60.0)).exit_code == 0
     release = await host1.guest_exec("deb-local", ["cat", "/etc/os-release"], 20.0)
     assert release.exit_code == 0
     assert b'VERSION_ID="12"' in release.stdout
@@ -82,6 +87,8 @@ async def test_debian_guest_boots_moves_verified_and_a_damaged_copy_is_caught(
     moved = await lab.migrate("deb-local", "host-2", strategy="precopy", plan=False, verify=FULL)
     _verified(moved, disk=True)
     assert moved.running_on == "host-2"
+    assert moved.guest_downtime_ms is not None, "no heartbeats from the Debian guest"
+    assert moved.guest_downtime_ms > 0
     assert await _clock_skew_s(lab, "deb-local") < 1.0
 
     # A damaged destination: caught before it runs; the source keeps the guest, intact.

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from vmferry.core.boot import GuestBoot
 from vmferry.core.errors import ConfigError
-from vmferry.core.model import VmSpec, spec_from_json, spec_to_json
+from vmferry.core.model import DiskSpec, VmName, VmSpec, spec_from_json, spec_to_json
 from vmferry.core.workload import parse_workload
 from vmferry.qemu.argv import SANDBOX_OPTION, BootFiles, RuntimePaths, build_argv
 from vmferry.qemu.migration import stats_from_reply
@@ -129,3 +130,32 @@ def test_qemu_always_runs_under_its_seccomp_sandbox() -> None:
         "spawn=deny",
         "resourcecontrol=deny",
     }
+
+
+def _own_guest(heartbeat: bool) -> VmSpec:
+    return VmSpec(
+        name=VmName("deb"),
+        memory_bytes=1 << 30,
+        disk=DiskSpec(1 << 30, storage="shared"),
+        boot=GuestBoot(kernel=Path("/img/k"), append="root=/dev/vda", heartbeat=heartbeat),
+    )
+
+
+@pytest.mark.parametrize("heartbeat", [False, True])
+def test_an_own_guest_gets_the_heartbeat_port_only_when_it_asks(heartbeat: bool) -> None:
+    spec = _own_guest(heartbeat)
+    argv = build_argv("qemu", spec, BOOT, RuntimePaths(Path("/run/a")), disk_image=Path("/d"))
+    serials = [argv[i + 1] for i, arg in enumerate(argv) if arg == "-serial"]
+    # ttyS0 the console, ttyS1 the channel: the same order as the lab guest's.
+    assert serials == (["chardev:console", "chardev:channel"] if heartbeat else ["chardev:console"])
+    assert spec.has_heartbeats is heartbeat
+    assert not spec.is_lab_guest
+    assert spec_from_json(spec_to_json(spec)) == spec
+
+
+def test_an_old_spec_without_the_heartbeat_field_still_loads() -> None:
+    data = spec_to_json(_own_guest(False))
+    boot = data["boot"]
+    assert isinstance(boot, dict)
+    del boot["heartbeat"]
+    assert spec_from_json(data).has_heartbeats is False

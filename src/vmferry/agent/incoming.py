@@ -12,7 +12,7 @@ from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.store import Marker, VmStore
 from vmferry.agent.vm import RunningVm, check_guest_agent
-from vmferry.core.errors import StateError
+from vmferry.core.errors import GuestError, QMPConnectError, StateError
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
 from vmferry.core.status import RunState
 from vmferry.qemu.block import export_disk, unexport_disk
@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 _INCOMING_DONE_TIMEOUT_S = 60.0
 _HEARTBEAT_TIMEOUT_S = 30.0
+# An own guest that asked for heartbeats may not run the program (yet): wait less for it.
+_OWN_HEARTBEAT_TIMEOUT_S = 10.0
+_QUIT_WAIT_S = 5.0
 
 
 class Incoming:
@@ -80,9 +83,18 @@ class Incoming:
         return arrival
 
     async def _arrived(self, vm: RunningVm) -> Arrival:
-        """The lab guest's first heartbeat and page check; a user's guest's agent."""
-        if vm.channel is None:
-            return Arrival(None, None, await check_guest_agent(vm))
+        """The lab guest's first heartbeat and page check; a user's guest's first heartbeat
+        (if it sends them) and its agent."""
+        if not vm.spec.is_lab_guest:
+            first_ms = None
+            if vm.channel is not None:
+                try:
+                    await vm.channel.wait_heartbeat_after(0.0, _OWN_HEARTBEAT_TIMEOUT_S)
+                    first_ms = vm.heartbeats.first_arrival_ms
+                except GuestError as err:
+                    logger.warning("migration.no_heartbeat %s: %s", vm.spec.name, err)
+            return Arrival(first_ms, None, await check_guest_agent(vm))
+        assert vm.channel is not None
         await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
         first_ms = vm.heartbeats.first_arrival_ms
         assert first_ms is not None
@@ -92,10 +104,17 @@ class Incoming:
         """See :meth:`HostAgent.abort_incoming`."""
         slot = self.slots.get(name)
         if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
-            status = await run_state(slot.vm.qmp)
+            try:
+                status: RunState | None = await run_state(slot.vm.qmp)
+            except QMPConnectError:
+                # QEMU quits when its incoming stream breaks (the source cancelled) and may
+                # be on its way out: once gone it holds nothing to keep.
+                if await slot.vm.process.wait(_QUIT_WAIT_S) is None:
+                    raise
+                status = None
             # A held copy that arrived is paused and never ran: it may go too.
             held = self.store.is_marked(self.store.directory(name), Marker.HELD)
-            unstarted = status is RunState.INMIGRATE or (held and status is RunState.PAUSED)
+            unstarted = status in (None, RunState.INMIGRATE) or (held and status is RunState.PAUSED)
             if not unstarted:
                 raise StateError(f"incoming VM {name}", f"{status} (received)", RunState.INMIGRATE)
         await self.launcher.retire(name, VmState.INCOMING)

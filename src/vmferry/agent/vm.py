@@ -46,9 +46,9 @@ def _verify_timeout_s(spec: VmSpec) -> float:
 
 @dataclass(slots=True)
 class RunningVm:
-    """One QEMU instance and the connections vmferry holds to it. Only the lab guest has a
-    lab channel (heartbeats, page checks); a user's guest is reached through its guest
-    agent, if it runs one."""
+    """One QEMU instance and the connections vmferry holds to it. The lab guest has a lab
+    channel (heartbeats, page checks); a user's guest is reached through its guest agent, if
+    it runs one, and has the channel for heartbeats only if it asked for one."""
 
     spec: VmSpec
     role: str
@@ -69,8 +69,8 @@ class RunningVm:
 
     @property
     def lab_channel(self) -> GuestChannel:
-        """Raises: ConfigError: the VM runs a guest of its own (no lab channel)."""
-        if self.channel is None:
+        """Raises: ConfigError: the VM runs a guest of its own (heartbeats at most)."""
+        if self.channel is None or not self.spec.is_lab_guest:
             raise ConfigError(
                 f"VM {self.spec.name} runs its own guest: only the lab guest checks its pages "
                 "(its moves are verified by comparing digests of both copies)"
@@ -164,7 +164,7 @@ async def launch(
     )
     process = QemuProcess(argv, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
-    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.is_lab_guest else None
+    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.has_heartbeats else None
     vm = RunningVm(spec, role, paths, process, qmp, channel, heartbeats)
     await process.start()
     try:
@@ -174,7 +174,8 @@ async def launch(
         await qmp.connect(paths.qmp_socket)
         if channel is not None:
             await channel.connect(paths.channel_socket)
-        if channel is not None and not incoming:
+        # An own guest that sends heartbeats boots on (its program starts late, if at all).
+        if channel is not None and not incoming and spec.is_lab_guest:
             try:
                 await channel.wait_ready(BOOT_TIMEOUT_S)
             except GuestError as err:
@@ -202,7 +203,7 @@ async def reattach(spec: VmSpec, directory: Path, *, role: str, pid: int) -> Run
     process = QemuProcess.adopt(pid, paths.qemu_log, f"{spec.name}.{role}")
     qmp = QmpSession(f"{spec.name}.{role}")
     heartbeats = HeartbeatGaps()
-    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.is_lab_guest else None
+    channel = GuestChannel(f"{spec.name}.{role}", heartbeats) if spec.has_heartbeats else None
     vm = RunningVm(spec, role, paths, process, qmp, channel, heartbeats)
     try:
         await qmp.connect(paths.qmp_socket)

@@ -28,7 +28,7 @@ __all__ = ["vm_create", "vm_exec", "vm_import"]
 
 # The agent sizes an image VM's disk from the image itself; the spec carries a stand-in.
 _IMAGE_DISK_STANDIN_BYTES = 1 << 30
-_OWN_GUEST_ONLY = ("kernel", "initrd", "append", "nic")
+_OWN_GUEST_ONLY = ("kernel", "initrd", "append", "nic", "heartbeat")
 
 
 def _existing_file(path: str | None, what: str) -> Path | None:
@@ -63,6 +63,7 @@ def _own_spec(args: argparse.Namespace) -> tuple[VmSpec, Path]:
         initrd=_existing_file(args.initrd, "initrd"),
         append=args.append,
         nic=args.nic,
+        heartbeat=args.heartbeat,
     )
     disk = DiskSpec(_IMAGE_DISK_STANDIN_BYTES, bus=args.disk_bus, storage=args.storage)
     spec = VmSpec(

@@ -91,6 +91,13 @@ def _add_vm(sub: Subparsers) -> None:
     own.add_argument("--append", default=None, metavar="ARGS", help="kernel command line")
     own.add_argument("--firmware", default="bios", choices=("bios", "uefi"))
     own.add_argument("--nic", action="store_true", help="a virtio NIC (user networking)")
+    own.add_argument(
+        "--heartbeat",
+        action="store_true",
+        help="a second serial port for vmferry's workload program in the guest, whose "
+        "heartbeats measure the downtime the guest feels (the Debian image runs it given "
+        "vmferry.mode=… in --append)",
+    )
     json_flag(create)
     imported = vm_sub.add_parser("import", help="run a libvirt domain (its XML) as a vmferry VM")
     imported.add_argument("--libvirt-xml", required=True, metavar="FILE")

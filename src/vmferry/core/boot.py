@@ -40,6 +40,11 @@ class GuestBoot:
         firmware: ``bios`` (SeaBIOS) or ``uefi`` (OVMF; needs Debian's ``ovmf`` package).
         kernel, initrd, append: direct kernel boot (initrd and append need the kernel).
         nic: one virtio NIC (QEMU user networking: outbound only, nothing to configure).
+        heartbeat: the guest runs vmferry's workload program on its second serial port
+            (``/dev/ttyS1``, wired to the agent as for the lab guest): its heartbeats give
+            the downtime the guest felt. Nothing else is asked of it (its moves are verified
+            as any own guest's are); the Debian image starts the program when the kernel
+            command line has ``vmferry.mode=``.
     """
 
     firmware: Firmware = "bios"
@@ -47,6 +52,7 @@ class GuestBoot:
     initrd: Path | None = None
     append: str | None = None
     nic: bool = False
+    heartbeat: bool = False
 
     def __post_init__(self) -> None:
         if self.firmware not in FIRMWARES:
@@ -69,6 +75,7 @@ class GuestBoot:
             "initrd": None if self.initrd is None else str(self.initrd),
             "append": self.append,
             "nic": self.nic,
+            "heartbeat": self.heartbeat,
         }
 
     @classmethod
@@ -86,8 +93,9 @@ class GuestBoot:
                 raise ConfigError(f"boot '{key}' must be a path string or null")
             paths.append(None if value is None else Path(value))
         append, nic = data.get("append"), data.get("nic", False)
+        heartbeat = data.get("heartbeat", False)
         if append is not None and not isinstance(append, str):
             raise ConfigError("boot 'append' must be a string or null")
-        if not isinstance(nic, bool):
-            raise ConfigError("boot 'nic' must be a boolean")
-        return cls(firmware, paths[0], paths[1], append, nic)
+        if not isinstance(nic, bool) or not isinstance(heartbeat, bool):
+            raise ConfigError("boot 'nic' and 'heartbeat' must be booleans")
+        return cls(firmware, paths[0], paths[1], append, nic, heartbeat)

@@ -191,6 +191,12 @@ class VmSpec:
         """The guest is vmferry's own lab guest (it answers on the lab channel)."""
         return self.boot is None
 
+    @property
+    def has_heartbeats(self) -> bool:
+        """The guest sends heartbeats on the lab channel (the lab guest; an own guest that
+        runs vmferry's workload program, ``GuestBoot.heartbeat``)."""
+        return self.boot is None or self.boot.heartbeat
+
     def __post_init__(self) -> None:
         validate_name(self.name)
         if self.boot is not None and self.disk is None:

@@ -6,7 +6,11 @@ with its initramfs), bootable two ways: through the firmware (SeaBIOS loads GRUB
 GRUB boots the kernel at once) and directly (``-kernel``/``-initrd``/``-append`` with the kernel
 and initramfs copied out of the image). The root filesystem is found by its label, so the disk
 may be a virtio-blk ``vda`` or a virtio-scsi ``sda``; the qemu-guest-agent starts as soon as the
-``org.qemu.guest_agent.0`` virtio-serial port appears.
+``org.qemu.guest_agent.0`` virtio-serial port appears. It also holds the lab guest's workload
+program (static, compiled from ``workload.c``) with a systemd unit that starts it when the
+kernel command line has ``vmferry.mode=`` (its settings are the lab guest's ``vmferry.*``
+arguments): booted with ``--heartbeat``, its heartbeats on ``/dev/ttyS1`` give the downtime
+the guest felt, as the lab guest's do.
 
 Nothing is mounted on the host: mmdebstrap builds the tree in its own mount namespace,
 ``mke2fs -d`` writes the tree into the partition at an offset inside the image file, and the
@@ -64,6 +68,7 @@ from vmferry.guest.bootdisk import (
     write_boot_sectors,
 )
 from vmferry.guest.hosttools import run_logged, run_tool
+from vmferry.guest.image import compile_workload, workload_source
 from vmferry.guest.modules import ImageBuildError
 
 __all__ = [
@@ -131,6 +136,21 @@ MKE2FS_OPTIONS = ("-t", "ext4", "-b", "4096", "-m", "0")
 # under TCG (measured); a guest's writes land uncompressed in its overlay or copy.
 QCOW2_OPTIONS = ("-c", "-o", "compat=1.1,compression_type=zstd")
 GRUB_DIR = Path("/usr/lib/grub/i386-pc")
+WORKLOAD_PATH = "/usr/local/sbin/vmferry-workload"
+WORKLOAD_UNIT_NAME = "vmferry-workload.service"
+# Started only when asked for on the kernel command line; the program reads its settings there.
+WORKLOAD_UNIT = f"""\
+[Unit]
+Description=vmferry workload (heartbeats on ttyS1, memory dirtying) from vmferry.* kernel args
+ConditionKernelCommandLine=vmferry.mode
+After=dev-ttyS1.device
+
+[Service]
+ExecStart={WORKLOAD_PATH}
+
+[Install]
+WantedBy=multi-user.target
+"""
 MERGED_USR_HOOKS = Path("/usr/share/mmdebstrap/hooks/merged-usr")
 
 ESSENTIAL_HOOK = f"""\
@@ -222,6 +242,8 @@ def _recipe() -> str:
         "qcow2": QCOW2_OPTIONS,
         "grub_modules": GRUB_MODULES,
         "grub_config": grub_embedded_config(ROOT_APPEND),
+        "workload_sha256": hashlib.sha256(workload_source()).hexdigest(),
+        "workload_unit": WORKLOAD_UNIT,
     }
     return "\n".join([json.dumps(settings, sort_keys=True), ESSENTIAL_HOOK, CUSTOMIZE_HOOK])
 
@@ -242,6 +264,7 @@ def _require_tools() -> None:
         "mke2fs": "e2fsprogs",
         "grub-mkimage": "grub-common",
         "qemu-img": "qemu-utils",
+        "gcc": "gcc libc6-dev",
     }
     missing = sorted({pkg for tool, pkg in needed.items() if shutil.which(tool) is None})
     for path, pkg in ((GRUB_DIR / "boot.img", "grub-pc-bin"), (KEYRING, "debian-archive-keyring")):
@@ -335,6 +358,21 @@ def _mmdebstrap(work: Path, apt_dir: Path, say: Callable[[str], None]) -> Path:
     return rootfs
 
 
+def _install_workload(work: Path, rootfs: Path, say: Callable[[str], None]) -> None:
+    """Put the static workload program and its (enabled) unit into ``rootfs``."""
+    say("compiling the workload program into the image")
+    binary = compile_workload(workload_source(), work)
+    target = rootfs / WORKLOAD_PATH.lstrip("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(binary, target)
+    target.chmod(0o755)
+    units = rootfs / "etc/systemd/system"
+    (units / WORKLOAD_UNIT_NAME).write_text(WORKLOAD_UNIT)
+    wants = units / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / WORKLOAD_UNIT_NAME).symlink_to(f"/etc/systemd/system/{WORKLOAD_UNIT_NAME}")
+
+
 def _inside(rootfs: Path, name: str) -> Path:
     """The file a symlink at the root of ``rootfs`` names, resolved inside ``rootfs``."""
     target = os.readlink(rootfs / name)
@@ -394,6 +432,7 @@ def _build_into(
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:12]}-work-", dir=staging.parent))
     try:
         rootfs = _mmdebstrap(work, apt_dir, say)
+        _install_workload(work, rootfs, say)
         kernel = _inside(rootfs, "vmlinuz")
         shutil.copyfile(kernel, staging / "vmlinuz")
         shutil.copyfile(_inside(rootfs, "initrd.img"), staging / "initrd.img")

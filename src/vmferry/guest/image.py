@@ -62,9 +62,11 @@ __all__ = [
     "ImageBuildError",
     "KernelModule",
     "build_image",
+    "compile_workload",
     "default_cache_dir",
     "module_load_order",
     "read_modinfo",
+    "workload_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -246,8 +248,27 @@ def _package_version(package: str) -> str:
     return match[1]
 
 
-def _workload_source() -> bytes:
+def workload_source() -> bytes:
+    """The workload program's C source, as shipped in this package."""
     return (importlib.resources.files("vmferry.guest") / "workload.c").read_bytes()
+
+
+def compile_workload(source: bytes, directory: Path) -> Path:
+    """Compile the workload program, static, into ``directory/workload``; return its path.
+
+    Raises:
+        ImageBuildError: gcc (or the static libc) is missing, or the source does not compile.
+    """
+    (directory / "workload.c").write_bytes(source)
+    _run(
+        [
+            *("gcc", "-static", "-pthread", "-O2", "-Wall", "-Wextra"),
+            *("-o", "workload", "workload.c"),
+        ],
+        cwd=directory,
+        what="compiling the guest workload (needs gcc and libc6-dev)",
+    )
+    return directory / "workload"
 
 
 def _sha256(data: bytes) -> str:
@@ -326,16 +347,7 @@ def _build_into(
             log(f"disk drivers for {name}: {' '.join(order)}")
 
         log("compiling workload.c")
-        (tmp / "workload.c").write_bytes(source)
-        _run(
-            [
-                *("gcc", "-static", "-pthread", "-O2", "-Wall", "-Wextra"),
-                *("-o", "workload", "workload.c"),
-            ],
-            cwd=tmp,
-            what="compiling the guest workload (needs gcc and libc6-dev)",
-        )
-        workload = (tmp / "workload").read_bytes()
+        workload = compile_workload(source, tmp).read_bytes()
 
     log("writing initramfs")
     archive = build_archive(_initramfs_entries(busybox, workload, drivers))
@@ -379,7 +391,7 @@ def build_image(
     _require_tools()
     busybox_path = _find_busybox()
     busybox = busybox_path.read_bytes()
-    source = _workload_source()
+    source = workload_source()
     package, version = _resolve_kernel_package()
     key = _cache_key(package, version, source, busybox)
 

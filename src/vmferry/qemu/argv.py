@@ -254,9 +254,10 @@ def boot_args(spec: VmSpec, boot: BootFiles, firmware: Path | None) -> list[str]
 
 
 def _channel_args(spec: VmSpec, paths: RuntimePaths) -> list[str]:
-    """The lab guest's serial channel (lab guests) and the guest agent's port (every VM)."""
+    """The lab channel, a second serial port (guests that send heartbeats), and the guest
+    agent's port (every VM)."""
     args: list[str] = []
-    if spec.is_lab_guest:
+    if spec.has_heartbeats:
         args += [
             "-chardev",
             f"socket,id=channel,path={paths.channel_socket},server=on,wait=off",
