@@ -276,6 +276,8 @@ def test_postcopy_link_cut_recovers() -> None:
     d = _in_postcopy()
     assert d.request() == m.Poll(1, 0.5, 3.5)  # fails fast behind a broken link
     d.samples(stats(S.POSTCOPY_ACTIVE, 100), after_s=1.0)
+    assert d.kinds() == [m.Poll]  # a second's silence is not yet a cut link
+    d.samples(stats(S.POSTCOPY_ACTIVE, 100), after_s=1.0)
     assert d.kinds() == [m.RecoverPostcopy]
     assert d.request() == m.RecoverPostcopy(1, 3.0)
     d.feed(m.RecoveryTried(False, "timeout"), after_s=3)
@@ -293,6 +295,20 @@ def test_postcopy_link_cut_recovers() -> None:
     d.feed(m.HandedOff())
     assert d.report.recoveries == 1
     assert d.report.status == "completed"
+
+
+def test_postcopy_with_every_page_sent_is_quiet_not_broken() -> None:
+    """The source sent every page and waits for the destination to finish: silence then is
+    normal (a loaded TCG host took seconds), not a cut link."""
+    d = _in_postcopy()
+    d.request()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 100, remaining=0), after_s=5.0)
+    assert d.kinds() == [m.Poll]
+    d.outcome()
+    d.feed(m.Arrived(1.0, INTACT))
+    d.feed(m.HandedOff())
+    assert d.report.status == "completed"
+    assert d.report.recoveries == 0
 
 
 def test_postcopy_unrecovered_gives_up_and_keeps_both() -> None:

@@ -46,6 +46,10 @@ class Recovery:
 
     async def pause(self, name: str, attempt: int) -> MigrationStatus:
         """See :meth:`HostAgent.pause_postcopy`."""
+        if self.slots.get(name).state is VmState.MIGRATED:
+            # The source's QEMU completed the post-copy (a slow link looked cut): the
+            # destination has every page, nothing is left to pause or recover.
+            return MigrationStatus.COMPLETED
         vm = self._recovering(name, attempt, VmState.MIGRATING, VmState.INCOMING)
         # A source's main loop never waits for pages: it may be asked its status; a
         # destination's may be held by a missing page, so it is only sent OOB commands.

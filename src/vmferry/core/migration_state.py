@@ -74,10 +74,12 @@ class Flow:
 
     def is_broken(self, now_s: float, timing: Timing) -> bool:
         """A post-copy paused by a fault, or an active one that sent nothing for
-        ``postcopy_stall_s`` (it lost its link)."""
+        ``postcopy_stall_s`` while pages were left to send (it lost its link; with every page
+        sent, the source only waits for the destination to finish)."""
         stalled = (
             self.last is not None
             and self.last.status == MigrationStatus.POSTCOPY_ACTIVE
+            and self.last.remaining_bytes > 0
             and now_s - self.progress_at_s >= timing.postcopy_stall_s
         )
         return stalled or self.is_postcopy_broken
