@@ -278,6 +278,8 @@ def stats_to_json(stats: MigrationStats) -> dict[str, object]:
         "downtime_ms": stats.downtime_ms,
         "disk_copied_bytes": stats.disk_copied_bytes,
         "disk_total_bytes": stats.disk_total_bytes,
+        "normal_pages": stats.normal_pages,
+        "zero_pages": stats.zero_pages,
     }
 
 
@@ -306,6 +308,8 @@ def stats_from_json(data: dict[str, Any]) -> MigrationStats:
         downtime_ms=data.get("downtime_ms"),
         disk_copied_bytes=int(data.get("disk_copied_bytes", 0)),
         disk_total_bytes=int(data.get("disk_total_bytes", 0)),
+        normal_pages=int(data.get("normal_pages", 0)),
+        zero_pages=int(data.get("zero_pages", 0)),
     )
 
 

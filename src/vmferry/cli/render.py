@@ -15,6 +15,7 @@ from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
 from vmferry.controller.reconcile import Reconciled
+from vmferry.core.eta import EtaEstimator, EtaHints
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.status import Stage
@@ -60,7 +61,8 @@ class ProgressLine:
 
     On a terminal the line is live (redrawn in place). In a pipe or a log it is printed as
     whole lines ending with a newline: at every change of phase, at most every ``every_s``
-    in between, and the last state at the end.
+    in between, and the last state at the end. The ETA is :class:`EtaEstimator`'s, fed every
+    sample (``hints``: what a measurement of the guest knows, if any).
     """
 
     def __init__(
@@ -70,8 +72,10 @@ class ProgressLine:
         *,
         every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        hints: EtaHints | None = None,
     ) -> None:
         self.console = console
+        self._eta = EtaEstimator(hints)
         self.title = title
         self._live = (
             Live(Text(f"{title}: preparing"), console=console, transient=False)
@@ -94,6 +98,8 @@ class ProgressLine:
             self.console.print(self._unshown)
 
     def update(self, phase: Phase, stats: MigrationStats | None) -> None:
+        if stats is not None:
+            self._eta.add(stats)
         line = self._line(phase, stats)
         if self._live is not None:
             self._live.update(line)
@@ -115,7 +121,7 @@ class ProgressLine:
         if stats is not None and stats.status.is_postcopy_broken:
             line.append(f" {stats.status}: recovering", style="bold yellow")
         if stats is not None and stats.stage is Stage.DISK_COPY:
-            eta = stats.eta_ms
+            eta = self._eta.eta_ms()
             line.append(
                 f" disk {format_bytes(stats.disk_copied_bytes)}"
                 f" of {format_bytes(stats.disk_total_bytes)}"
@@ -124,7 +130,7 @@ class ProgressLine:
                 + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
             )
         elif stats is not None:
-            eta = stats.eta_ms
+            eta = self._eta.eta_ms()
             if stats.disk_total_bytes:
                 line.append(f" disk {format_bytes(stats.disk_copied_bytes)} in sync,")
             line.append(

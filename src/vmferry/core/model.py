@@ -323,6 +323,10 @@ class MigrationStats:
     disk_copied_bytes: int = 0
     disk_total_bytes: int = 0
     stage: Stage = Stage.MIGRATION
+    # Pages sent so far as data (``normal``) and as a zero-page flag (``duplicate``): a zero
+    # page costs a few bytes on the wire, not a page (see :mod:`vmferry.core.eta`).
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     @property
     def disk_remaining_bytes(self) -> int:
@@ -332,21 +336,6 @@ class MigrationStats:
     def dirty_rate_bps(self) -> int:
         """Guest dirty rate in bytes per second, as QEMU measured it."""
         return self.dirty_pages_rate * self.page_size
-
-    @property
-    def eta_ms(self) -> int | None:
-        """Naive time-to-finish: remaining over net progress rate; None when not converging."""
-        if self.stage is Stage.DISK_COPY:
-            # Disk and RAM share the link: what is left of the disk, then all of RAM (an upper
-            # bound: zero pages cost next to nothing).
-            if self.throughput_bps <= 0:
-                return None
-            left = self.disk_remaining_bytes + self.remaining_bytes
-            return int(left * 1000 / self.throughput_bps)
-        net_bps = self.throughput_bps - self.dirty_rate_bps
-        if self.status is not MigrationStatus.ACTIVE or net_bps <= 0 or self.throughput_bps <= 0:
-            return None
-        return int(self.remaining_bytes * 1000 / net_bps)
 
 
 @dataclass(frozen=True, slots=True)

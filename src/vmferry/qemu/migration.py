@@ -138,6 +138,8 @@ def stats_from_reply(reply: Mapping[str, Any]) -> MigrationStats:
             int(reply["expected-downtime"]) if "expected-downtime" in reply else None
         ),
         downtime_ms=int(reply["downtime"]) if "downtime" in reply else None,
+        normal_pages=int(ram.get("normal", 0)),
+        zero_pages=int(ram.get("duplicate", 0)),
     )
 
 
