@@ -27,6 +27,7 @@ from vmferry.agent.api import (
     HostInfo,
     NotFound,
     OutgoingResult,
+    Profile,
     VmInfo,
     exec_from_json,
     integrity_from_json,
@@ -289,6 +290,15 @@ class AgentClient:
     async def measure(self, name: str) -> GuestMeasurement:
         return GuestMeasurement.from_json(
             await self._call("POST", f"/vms/{name}/measure", timeout_s=MEASURE_TIMEOUT_S)
+        )
+
+    async def profile(self, name: str, address: str | None = None) -> Profile:
+        params = None if address is None else {"address": address}
+        return Profile.from_json(await self._call("GET", f"/vms/{name}/profile", params=params))
+
+    async def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        await self._call(
+            "POST", "/paths/bandwidth", {"address": address, "bandwidth_bps": bandwidth_bps}
         )
 
     async def open_sink(self) -> int:
