@@ -13,7 +13,8 @@ One run, one loopback lab of two hosts (agents as processes, as users run them),
   with the age of the data it planned from.
 
     uv run python bench/cli_overhead.py [--memory 512M] [--moves 4] [--plans 10]
-        [--workload SPEC] [--settle 4] [--pause 4] [--label after] [--out bench/results/cli_overhead.json]
+        [--workload SPEC] [--settle 4] [--pause 4] [--label after]
+        [--out bench/results/cli_overhead.json]
 """
 
 from __future__ import annotations
