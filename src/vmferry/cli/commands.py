@@ -35,7 +35,6 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
-from vmferry.guest.image import build_image
 
 __all__ = ["DEMO_WORKLOAD", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "run"]
 
@@ -49,6 +48,7 @@ Command = Callable[[argparse.Namespace, Console, Console], Awaitable[int]]
 
 
 async def _lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
     from vmferry.lab.cluster import lab_up
 
     memory = None if args.memory_per_host is None else parse_size(args.memory_per_host)
@@ -331,6 +331,7 @@ async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
     from vmferry.lab.cluster import lab_down, lab_up
 
     spec = VmSpec.build(
@@ -386,6 +387,8 @@ async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
+
     with err.status("building the lab guest image…"):
         image = await asyncio.to_thread(build_image, force=args.force)
     if args.json:
