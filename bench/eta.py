@@ -122,7 +122,7 @@ def evaluate(run: dict[str, Any], limit_ms: int) -> dict[str, Any]:
 
 async def _move(lab: LocalLab, name: str, to: str, case: Case, bandwidth: int) -> dict[str, Any]:
     info = await lab.cluster.locate(name)
-    _, measured = await measure_path(lab.cluster, info, to, bandwidth * 125_000)
+    _, measured, _ = await measure_path(lab.cluster, info, to, bandwidth * 125_000)
     hints = {
         "zero_fraction": measured.zero_fraction,
         "dirty_rate_bps": measured.dirty_rate_bps,

@@ -20,6 +20,7 @@ from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.agent.inproc import InProcessAgent
 from vmferry.agent.port import AgentPort
 from vmferry.agent.server import build_app
+from vmferry.agent.slots import Slot, VmState
 from vmferry.core.errors import FerryError
 from vmferry.core.model import MigrationOptions, VmSpec
 from vmferry.core.workload import parse_workload
@@ -70,6 +71,7 @@ FAILING: dict[str, Callable[[AgentPort], Awaitable[object]]] = {
     "delete_vm": lambda a: a.delete_vm("ghost"),
     "verify": lambda a: a.verify("ghost"),
     "measure": lambda a: a.measure("ghost"),
+    "profile": lambda a: a.profile("ghost", "127.0.0.1"),
     "finish_incoming": lambda a: a.finish_incoming("ghost"),
     "abort_incoming": lambda a: a.abort_incoming("ghost"),
     "release_disk": lambda a: a.release_disk("ghost"),
@@ -88,6 +90,32 @@ FAILING: dict[str, Callable[[AgentPort], Awaitable[object]]] = {
     "prepare_incoming": lambda a: a.prepare_incoming(ODD_SPEC, MigrationOptions()),
     "create_vm": lambda a: a.create_vm(ODD_SPEC),
 }
+
+
+async def test_profiles_answer_alike(both: Both) -> None:
+    """A probe's figure recorded through either transport is what both then report, with its
+    age; a VM that was never measured has no guest profile."""
+    await both.http.record_bandwidth("10.0.0.2", 25e6)
+    await both.inproc.record_bandwidth("10.0.0.3", 50e6)
+    agent = both.inproc.host_agent
+    agent.slots.add(Slot(SPEC, VmState.STOPPED, None))
+    for port in (both.http, both.inproc):
+        two, three = (
+            await port.profile("ghost", "10.0.0.2"),
+            await port.profile("ghost", "10.0.0.3"),
+        )
+        assert two.guest is None
+        assert two.guest_age_s is None
+        assert two.path is not None
+        assert two.path.bandwidth_bps == 25e6
+        assert three.path is not None
+        assert three.path.bandwidth_bps == 50e6
+        assert three.path.source == "probe"
+        assert 0 <= three.path.age_s < 5
+        assert (await port.profile("ghost", "10.0.0.9")).path is None
+        assert (await port.profile("ghost")).path is None
+    with pytest.raises(FerryError, match="bandwidth_bps"):
+        await both.http._call("POST", "/paths/bandwidth", {"address": "x", "bandwidth_bps": -1})
 
 
 @pytest.mark.parametrize("call", sorted(FAILING))

@@ -34,6 +34,8 @@ __all__ = [
     "HostInfo",
     "NotFound",
     "OutgoingResult",
+    "PathSample",
+    "Profile",
     "VmInfo",
     "integrity_from_json",
     "stats_from_json",
@@ -220,6 +222,55 @@ class GuestMeasurement:
             disk_allocated_bytes=int(data.get("disk_allocated_bytes", 0)),
             disk_write_bps=int(data.get("disk_write_bps", 0)),
             disk_shared=bool(data.get("disk_shared", False)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PathSample:
+    """What an agent last saw of the path to one migration address.
+
+    Attributes:
+        bandwidth_bps: bytes/s a probe or a migration achieved on it.
+        age_s: how long ago.
+        source: ``probe`` (a bandwidth probe's sink figure) or ``migration`` (an outgoing
+            migration's throughput).
+    """
+
+    bandwidth_bps: float
+    age_s: float
+    source: str
+
+    def to_json(self) -> dict[str, object]:
+        return {"bandwidth_bps": self.bandwidth_bps, "age_s": self.age_s, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PathSample:
+        return cls(float(data["bandwidth_bps"]), float(data["age_s"]), str(data["source"]))
+
+
+@dataclass(frozen=True, slots=True)
+class Profile:
+    """What an agent knows of a VM and of a path without measuring anything now: its rolling
+    profile (see :mod:`vmferry.agent.profile`). None where it has nothing (yet)."""
+
+    guest: GuestMeasurement | None
+    guest_age_s: float | None
+    path: PathSample | None
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "guest": None if self.guest is None else self.guest.to_json(),
+            "guest_age_s": self.guest_age_s,
+            "path": None if self.path is None else self.path.to_json(),
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Profile:
+        guest, age, path = data.get("guest"), data.get("guest_age_s"), data.get("path")
+        return cls(
+            guest=GuestMeasurement.from_json(guest) if isinstance(guest, dict) else None,
+            guest_age_s=float(age) if isinstance(age, int | float) else None,
+            path=PathSample.from_json(path) if isinstance(path, dict) else None,
         )
 
 

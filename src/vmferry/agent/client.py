@@ -15,8 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import aiohttp
-
 from vmferry.agent.api import (
     API_PREFIX,
     ERRORS_BY_NAME,
@@ -27,6 +25,7 @@ from vmferry.agent.api import (
     HostInfo,
     NotFound,
     OutgoingResult,
+    Profile,
     VmInfo,
     exec_from_json,
     integrity_from_json,
@@ -34,6 +33,7 @@ from vmferry.agent.api import (
 )
 from vmferry.agent.port import AgentPort
 from vmferry.agent.tls import client_context
+from vmferry.agent.transport import ConnectionPool, TransportError
 from vmferry.core.errors import ConfigError, FerryError, GuestError, QEMUNotFound, StateError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import (
@@ -76,7 +76,7 @@ class AgentError(FerryError):
 
 
 def agent_ssl(url: str, ca_file: Path | None) -> ssl.SSLContext | bool:
-    """What aiohttp's ``ssl=`` gets for an agent at ``url``: the CA-pinned context for HTTPS.
+    """How to connect to an agent at ``url``: the CA-pinned context for HTTPS, False for HTTP.
 
     Raises:
         ConfigError: ``https://`` without a CA file, or the CA cannot be read.
@@ -150,12 +150,10 @@ class AgentClient:
         self.url = url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"}
         self._ssl = agent_ssl(self.url, ca_file)
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: ConnectionPool | None = None
 
     async def __aenter__(self) -> AgentClient:
-        self._session = aiohttp.ClientSession(
-            headers=self._headers, connector=aiohttp.TCPConnector(ssl=self._ssl)
-        )
+        self._pool = ConnectionPool(self.url, self._ssl)
         return self
 
     async def __aexit__(
@@ -164,9 +162,9 @@ class AgentClient:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            await self._pool.close()
+            self._pool = None
 
     async def _call(
         self,
@@ -177,27 +175,24 @@ class AgentClient:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         params: dict[str, str] | None = None,
     ) -> Any:
-        if self._session is None:
+        if self._pool is None:
             raise FerryError("AgentClient used outside 'async with'")
         what = f"{self.name}: {method} {path}"
         logger.debug("--> %s %s", what, body)
         try:
             async with asyncio.timeout(timeout_s):
-                async with self._session.request(
-                    method, f"{self.url}{API_PREFIX}{path}", json=body, params=params
-                ) as response:
-                    data: object = None
-                    if response.status != 204:
-                        data = await response.json(content_type=None)
+                status, data = await self._pool.request(
+                    method, f"{API_PREFIX}{path}", body, headers=self._headers, params=params
+                )
         except TimeoutError as err:
             raise AgentUnreachable(f"{what}: no answer within {timeout_s:g} s") from err
-        except aiohttp.ClientError as err:
+        except TransportError as err:
             raise AgentUnreachable(f"{what}: {err}") from err
         except ValueError as err:
             raise AgentError(f"{what}: malformed reply ({err})") from err
-        logger.debug("<-- %s %s %s", what, response.status, data)
-        if response.status >= 400:
-            _raise_error(response.status, data, what)
+        logger.debug("<-- %s %s %s", what, status, data)
+        if status >= 400:
+            _raise_error(status, data, what)
         return data
 
     async def host_info(self, timeout_s: float = 5.0) -> HostInfo:
@@ -289,6 +284,15 @@ class AgentClient:
     async def measure(self, name: str) -> GuestMeasurement:
         return GuestMeasurement.from_json(
             await self._call("POST", f"/vms/{name}/measure", timeout_s=MEASURE_TIMEOUT_S)
+        )
+
+    async def profile(self, name: str, address: str | None = None) -> Profile:
+        params = None if address is None else {"address": address}
+        return Profile.from_json(await self._call("GET", f"/vms/{name}/profile", params=params))
+
+    async def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        await self._call(
+            "POST", "/paths/bandwidth", {"address": address, "bandwidth_bps": bandwidth_bps}
         )
 
     async def open_sink(self) -> int:

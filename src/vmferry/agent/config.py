@@ -7,7 +7,11 @@ from pathlib import Path
 
 from vmferry.agent.qemu_user import QemuUser
 
-__all__ = ["AgentConfig"]
+__all__ = ["DEFAULT_PROFILE_INTERVAL_S", "AgentConfig"]
+
+# A guest measurement takes ~1 s (QEMU's dirty-rate window), mostly waiting: one every 10 s
+# costs the guest little (bench/profile_cost.py) and keeps a plan's data under ~12 s old.
+DEFAULT_PROFILE_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,3 +32,6 @@ class AgentConfig:
     qemu_tls_dir: Path | None = None
     # The user QEMU drops to after start-up; None: QEMU runs as the agent does.
     qemu_user: QemuUser | None = None
+    # Time between two background measurements of a running VM (its rolling profile, see
+    # agent/profile.py); None: no background profiling.
+    profile_interval_s: float | None = DEFAULT_PROFILE_INTERVAL_S

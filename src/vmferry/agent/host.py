@@ -25,6 +25,7 @@ from vmferry.agent.api import (
     HandoffDigests,
     HostInfo,
     OutgoingResult,
+    Profile,
     VmInfo,
 )
 from vmferry.agent.bandwidth import ProbeResult, SinkResult
@@ -34,6 +35,7 @@ from vmferry.agent.incoming import Incoming
 from vmferry.agent.launch import Launcher
 from vmferry.agent.outgoing import Outgoings
 from vmferry.agent.preflight import Preflight
+from vmferry.agent.profile import Profiler
 from vmferry.agent.qemu_user import QemuArea
 from vmferry.agent.recovery import Recovery
 from vmferry.agent.slots import Slots, VmState
@@ -78,8 +80,11 @@ class HostAgent:
         self._launcher = Launcher(config, qemu, boot, accel, self.slots, self.store, self.area)
         scratch = None if config.qemu_user is None else self.area.scratch_dir
         self._preflight = Preflight(self.slots, self.store, scratch)
+        self._profiler = Profiler(self._preflight, self.slots, config.profile_interval_s)
         self._incoming = Incoming(self.slots, self.store, self._launcher, self._spawn)
-        self._outgoing = Outgoings(self.slots, self.store, self._launcher, self._spawn)
+        self._outgoing = Outgoings(
+            self.slots, self.store, self._launcher, self._spawn, self._profiler.record_transfer
+        )
         self._recovery = Recovery(self.slots, config.migration_address)
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -88,6 +93,7 @@ class HostAgent:
         """Adopt the VMs an earlier agent left running; ``tasks`` owns background work."""
         self._tasks = tasks
         self.area.prepare()
+        self._spawn(self._profiler.run(), "profiler")
         for directory in self.store.directories():
             if self.store.has_spec(directory):
                 await adopt(self.store, self.slots, directory, self.config.host, self._spawn)
@@ -177,6 +183,7 @@ class HostAgent:
         slot = self.slots.get(name)
         if slot.state not in (VmState.RUNNING, VmState.STOPPED):
             raise StateError(f"VM {name}", slot.state.value, "running or stopped")
+        self._profiler.stop(name)
         async with slot.lock:
             if slot.vm is not None:
                 await slot.vm.stop()
@@ -205,6 +212,7 @@ class HostAgent:
         slot = self.slots.get(name)
         if slot.vm is not None and slot.vm.process.is_running:
             raise StateError(f"VM {name}", slot.state.value, "stopped (its QEMU dead)")
+        self._profiler.stop(name)
         async with slot.lock:
             if slot.vm is not None:
                 await slot.vm.stop()  # reaps it and closes our connections
@@ -214,13 +222,27 @@ class HostAgent:
     # -- pre-flight measurements ---------------------------------------------------------------
 
     async def measure(self, name: str) -> GuestMeasurement:
-        """Profile VM ``name`` for a migration plan (about a second; the guest keeps running).
+        """Profile VM ``name`` for a migration plan (about a second; the guest keeps running);
+        the result becomes its rolling profile.
 
         Raises:
             NotFound, StateError: no running VM of that name.
             MeasurementError: QEMU's answers could not be used.
         """
-        return await self._preflight.measure(name)
+        return await self._profiler.measure(name)
+
+    def profile(self, name: str, address: str | None) -> Profile:
+        """VM ``name``'s rolling profile and the path to migration address ``address``, as
+        last measured (nothing is measured now; see :mod:`vmferry.agent.profile`).
+
+        Raises:
+            NotFound: no such VM.
+        """
+        return self._profiler.profile(name, address)
+
+    def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        """Remember a probe's figure for the path from here to ``address``."""
+        self._profiler.paths.record_probe(address, bandwidth_bps)
 
     async def open_sink(self) -> int:
         """Listen for a bandwidth probe on the migration address; returns the port."""
@@ -311,6 +333,7 @@ class HostAgent:
         if self._tasks is None:
             raise StateError("agent", "not started", "started")
         self._outgoing.start(name, uri, options, nbd)
+        self._profiler.stop(name)  # it runs elsewhere soon; its profile goes with no QEMU here
 
     async def outgoing_progress(
         self, name: str, since: int, wait_s: float

@@ -33,6 +33,7 @@ from vmferry.agent.api import (
     HandoffDigests,
     HostInfo,
     OutgoingResult,
+    Profile,
     VmInfo,
 )
 from vmferry.agent.client import (
@@ -137,6 +138,14 @@ class InProcessAgent:
 
     async def measure(self, name: str) -> GuestMeasurement:
         return await self._call(f"measure {name}", self.host_agent.measure(name), MEASURE_TIMEOUT_S)
+
+    async def profile(self, name: str, address: str | None = None) -> Profile:
+        with _as_reported(f"{self.name}: profile {name}"):
+            return self.host_agent.profile(name, address)
+
+    async def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        with _as_reported(f"{self.name}: path {address}"):
+            self.host_agent.record_bandwidth(address, bandwidth_bps)
 
     async def open_sink(self) -> int:
         return await self._call("open sink", self.host_agent.open_sink(), DEFAULT_TIMEOUT_S)

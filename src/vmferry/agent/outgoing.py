@@ -50,6 +50,9 @@ __all__ = ["Outgoings"]
 
 logger = logging.getLogger(__name__)
 
+# (name, uri, capped, samples) of a completed outgoing migration.
+Completed = Callable[[str, str, bool, list[MigrationStats]], None]
+
 _MIRROR_POLL_S = 0.2
 # A background mirror whose remainder has not shrunk for this long is losing to the guest's
 # writes: switch it to write-blocking so it converges (guest writes then go at link speed).
@@ -63,11 +66,21 @@ _MIRROR_ENDED = ("gone", "concluded", "aborting", "null")
 class Outgoings:
     """Outgoing migrations of this host."""
 
-    def __init__(self, slots: Slots, store: VmStore, launcher: Launcher, spawn: Spawn) -> None:
+    def __init__(
+        self,
+        slots: Slots,
+        store: VmStore,
+        launcher: Launcher,
+        spawn: Spawn,
+        on_completed: Completed | None = None,
+    ) -> None:
+        """``on_completed(name, uri, capped, samples)``: a migration completed (the rolling
+        profile records its throughput for the path)."""
         self.slots = slots
         self.store = store
         self.launcher = launcher
         self.spawn = spawn
+        self.on_completed = on_completed
 
     def start(self, name: str, uri: str, options: MigrationOptions, nbd: NbdTarget | None) -> None:
         """See :meth:`HostAgent.start_outgoing`."""
@@ -121,6 +134,9 @@ class Outgoings:
             "completed", None, final, heartbeats.last_arrival_ms, max_gap, tls=used_tls
         )
         outgoing.finish(result, OutgoingState.COMPLETED)
+        if self.on_completed is not None:
+            capped = options.max_bandwidth_bps is not None
+            self.on_completed(vm.spec.name, uri, capped, outgoing.samples)
 
     async def _migrate(
         self,

@@ -21,6 +21,7 @@ from vmferry.agent.api import (
     HandoffDigests,
     HostInfo,
     OutgoingResult,
+    Profile,
     VmInfo,
 )
 from vmferry.core.handoff import VerifyMode
@@ -76,7 +77,18 @@ class AgentPort(Protocol):
 
     # -- pre-flight ----------------------------------------------------------------------------
 
-    async def measure(self, name: str) -> GuestMeasurement: ...
+    async def measure(self, name: str) -> GuestMeasurement:
+        """Measure VM ``name`` now (~1 s); it becomes its rolling profile."""
+        ...
+
+    async def profile(self, name: str, address: str | None = ...) -> Profile:
+        """VM ``name``'s rolling profile and the path from this host to migration address
+        ``address``, as last measured, with their ages (answers at once)."""
+        ...
+
+    async def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        """Remember a probe's figure for the path from this host to ``address``."""
+        ...
 
     async def open_sink(self) -> int:
         """Open a bandwidth sink; returns its TCP port."""

@@ -20,6 +20,8 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     POST   /vms/{name}/switchover                               -> 204 (disk synced: go on)
     POST   /vms/{name}/postcopy                                 -> 202 (switch to post-copy)
     POST   /vms/{name}/measure                                  -> GuestMeasurement
+    GET    /vms/{name}/profile?address=A                        -> Profile (rolling, no measuring)
+    POST   /paths/bandwidth           {address, bandwidth_bps}  -> 204 (a probe's figure)
     POST   /bandwidth/sinks                                     -> 201 {"port"}
     GET    /bandwidth/sinks/{port}?wait=S                       -> {received_bytes, bandwidth_bps}
     POST   /bandwidth/probe           {address, port, duration_ms} -> {sent_bytes, bandwidth_bps}
@@ -282,6 +284,25 @@ async def _measure(request: web.Request) -> web.Response:
     return web.json_response(measurement.to_json())
 
 
+async def _profile(request: web.Request) -> web.Response:
+    address = request.query.get("address")
+    return web.json_response(_agent(request).profile(request.match_info["name"], address).to_json())
+
+
+async def _record_bandwidth(request: web.Request) -> web.Response:
+    body = await _body(request)
+    address, bandwidth = body.get("address"), body.get("bandwidth_bps")
+    if (
+        not isinstance(address, str)
+        or not isinstance(bandwidth, int | float)
+        or not math.isfinite(bandwidth)
+        or bandwidth <= 0
+    ):
+        raise ConfigError("a path needs 'address' (string) and 'bandwidth_bps' (> 0)")
+    _agent(request).record_bandwidth(address, float(bandwidth))
+    return web.Response(status=204)
+
+
 async def _open_sink(request: web.Request) -> web.Response:
     return web.json_response({"port": await _agent(request).open_sink()}, status=201)
 
@@ -445,6 +466,8 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_get(f"{p}/vms/{{name}}/migration", _progress)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy", _postcopy)
     app.router.add_post(f"{p}/vms/{{name}}/measure", _measure)
+    app.router.add_get(f"{p}/vms/{{name}}/profile", _profile)
+    app.router.add_post(f"{p}/paths/bandwidth", _record_bandwidth)
     app.router.add_post(f"{p}/bandwidth/sinks", _open_sink)
     app.router.add_get(f"{p}/bandwidth/sinks/{{port}}", _sink_result)
     app.router.add_post(f"{p}/bandwidth/probe", _probe)

@@ -30,12 +30,11 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.migrate import MigrationRequest, migrate
-from vmferry.controller.plan import make_plan
+from vmferry.controller.plan import DataAge, make_plan
 from vmferry.core.errors import ConfigError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
-from vmferry.guest.image import build_image
 
 __all__ = ["DEMO_WORKLOAD", "EXIT_FAILED", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_USAGE", "run"]
 
@@ -49,6 +48,7 @@ Command = Callable[[argparse.Namespace, Console, Console], Awaitable[int]]
 
 
 async def _lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
     from vmferry.lab.cluster import lab_up
 
     memory = None if args.memory_per_host is None else parse_size(args.memory_per_host)
@@ -257,7 +257,7 @@ async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
         if info.host == request.destination:
             raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
         cap = None if request.bandwidth_mbps is None else request.bandwidth_mbps * 125_000
-        with err.status(f"measuring {info.name} and the path {info.host} → {request.destination}…"):
+        with err.status(f"planning {info.name}'s move {info.host} → {request.destination}…"):
             plan = await make_plan(
                 cluster,
                 info,
@@ -272,7 +272,17 @@ async def _plan(args: argparse.Namespace, err: Console, out: Console) -> int:
         out.print(plan_table(plan))
         style = "green" if plan.choice.meets_goal else "yellow"
         err.print(f"[{style}]recommended: {plan.choice.strategy}[/] — {plan.choice.reason}")
+        err.print(f"[dim]{_data_age(plan.data)}[/]")
     return EXIT_OK
+
+
+def _data_age(data: DataAge) -> str:
+    """How old a plan's inputs are, in words."""
+    if data.measured_now:
+        return "measured just now"
+    guest = "guest measured now" if data.guest_age_s == 0 else f"guest {data.guest_age_s:.0f} s"
+    bandwidth = f"bandwidth {data.bandwidth_age_s:.0f} s old ({data.bandwidth_source})"
+    return f"from profiles: {guest}, {bandwidth}"
 
 
 async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
@@ -280,7 +290,7 @@ async def _migrate(args: argparse.Namespace, err: Console, out: Console) -> int:
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
         if request.plan:
-            err.print(f"measuring {request.vm} and the path to {request.destination}…")
+            err.print(f"planning {request.vm}'s move to {request.destination}…")
         report = await _migrate_one(cluster, History(inventory.history_db), request, err)
     if args.json:
         print_json(out, report.to_json())
@@ -321,6 +331,7 @@ async def _history(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
     from vmferry.lab.cluster import lab_down, lab_up
 
     spec = VmSpec.build(
@@ -376,6 +387,8 @@ async def _demo(args: argparse.Namespace, err: Console, out: Console) -> int:
 
 
 async def _image_build(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.guest.image import build_image
+
     with err.status("building the lab guest image…"):
         image = await asyncio.to_thread(build_image, force=args.force)
     if args.json:
@@ -428,6 +441,7 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
         disk_bytes=None if args.disk is None else parse_size(args.disk),
         qemu_tls_dir=None if args.qemu_tls_dir is None else check_creds_dir(args.qemu_tls_dir),
         qemu_user=resolve_qemu_user(args.qemu_user),
+        profile_interval_s=args.profile_interval if args.profile_interval > 0 else None,
     )
     await run_agent(config, host, int(port), token, args.ready_file, tls)
     return EXIT_OK

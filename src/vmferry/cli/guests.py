@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 
@@ -18,11 +19,13 @@ from vmferry.cli.exits import EXIT_OK
 from vmferry.cli.render import print_json
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
-from vmferry.controller.libvirt_xml import ImportedDomain, parse_domain
 from vmferry.core.boot import GuestBoot
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import DiskSpec, VmName, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
+
+if TYPE_CHECKING:  # the XML parser (lxml) is loaded by `vm import` alone
+    from vmferry.controller.libvirt_xml import ImportedDomain
 
 __all__ = ["vm_create", "vm_exec", "vm_import"]
 
@@ -157,6 +160,8 @@ async def vm_import(args: argparse.Namespace, err: Console, out: Console) -> int
         text = path.read_bytes()
     except OSError as error:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from error
+    from vmferry.controller.libvirt_xml import parse_domain
+
     domain = parse_domain(text, name=args.name)
     spec, image = _imported_spec(domain, args.storage)
     _existing_file(str(image), "disk image")

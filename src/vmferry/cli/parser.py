@@ -290,3 +290,11 @@ def _add_agent(sub: Subparsers) -> None:
         help="user QEMU drops to after start-up: a name, 'none' (run as the agent), or "
         "'auto' (default: vmferry-qemu if it exists and the agent runs as root)",
     )
+    agent.add_argument(
+        "--profile-interval",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="seconds between background measurements of each running VM, which let `plan` "
+        "answer without measuring (default 10; 0: off)",
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.live import Live
@@ -14,12 +15,14 @@ from rich.text import Text
 from vmferry.agent.api import VmInfo
 from vmferry.controller.history import HistoryEntry
 from vmferry.controller.plan import Plan
-from vmferry.controller.reconcile import Reconciled
 from vmferry.core.eta import EtaEstimator, EtaHints
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.status import Stage
-from vmferry.lab.cluster import HostStatus
+
+if TYPE_CHECKING:  # only for annotations: `vmferry migrate` need not import the lab or reconcile
+    from vmferry.controller.reconcile import Reconciled
+    from vmferry.lab.cluster import HostStatus
 
 __all__ = [
     "ProgressLine",

@@ -1,8 +1,13 @@
 """Pre-flight: measure the guest and the path, predict every strategy, choose one for a goal.
 
-A plan takes a few seconds and changes nothing: the source agent profiles the running guest
-(dirty rate, zero pages, compressibility, vCPU load), the destination agent opens a sink on its
-migration address and the source streams a probe to it over the very path QEMU will use.
+A plan changes nothing. Its inputs are the guest's profile (dirty rate, zero pages,
+compressibility, vCPU load, disk writes) and the path's bandwidth. Agents keep both as rolling
+profiles (:mod:`vmferry.agent.profile`): the source measures its running guests in the
+background and remembers what probes and migrations achieved per destination, so a plan from
+fresh profiles answers at once. What is missing or stale is measured now, as a pre-flight
+always did: the source agent profiles the guest (~1 s), the destination agent opens a sink on
+its migration address and the source streams a probe to it over the very path QEMU will use
+(~1 s). The plan says how old its data is.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import logging
 from dataclasses import dataclass
 
 from vmferry.agent.api import GuestMeasurement, VmInfo
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.core.errors import FerryError
@@ -27,7 +33,10 @@ from vmferry.core.strategy import Choice, Goal, choose
 __all__ = [
     "CPU_BOUND_BUSY",
     "DOWNTIME_HEADROOM",
+    "GUEST_FRESH_S",
+    "PATH_FRESH_S",
     "RESUME_ALLOWANCE_MS",
+    "DataAge",
     "Plan",
     "calibration_from",
     "make_plan",
@@ -53,6 +62,45 @@ def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
 
 
 _PROBE_MS = 1000
+# How old a rolling profile may be to plan from. A guest's profile is refreshed every ~10 s
+# while it runs (a workload that changes faster than this is planned from its last sample);
+# a path's bandwidth changes rarely, and every migration on it refreshes it.
+GUEST_FRESH_S = 30.0
+PATH_FRESH_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class DataAge:
+    """How old a plan's inputs are (0: measured for this plan).
+
+    Attributes:
+        guest_age_s: the guest's profile.
+        bandwidth_age_s: the path's bandwidth.
+        bandwidth_source: ``probe`` or ``migration`` (what measured the bandwidth).
+    """
+
+    guest_age_s: float
+    bandwidth_age_s: float
+    bandwidth_source: str
+
+    @property
+    def age_s(self) -> float:
+        """The age of the oldest input."""
+        return max(self.guest_age_s, self.bandwidth_age_s)
+
+    @property
+    def measured_now(self) -> bool:
+        """Nothing came from a profile: the plan measured everything itself."""
+        return self.guest_age_s == 0 and self.bandwidth_age_s == 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "age_s": round(self.age_s, 1),
+            "guest_age_s": round(self.guest_age_s, 1),
+            "bandwidth_age_s": round(self.bandwidth_age_s, 1),
+            "bandwidth_source": self.bandwidth_source,
+            "measured_now": self.measured_now,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +115,7 @@ class Plan:
     predictions: tuple[StrategyPrediction, ...]
     goal: Goal
     choice: Choice
+    data: DataAge = DataAge(0.0, 0.0, "probe")
 
     def prediction_for(self, strategy: str) -> StrategyPrediction | None:
         return next((p for p in self.predictions if p.strategy == strategy), None)
@@ -114,26 +163,32 @@ class Plan:
             "recommended": self.choice.strategy,
             "meets_goal": self.choice.meets_goal,
             "reason": self.choice.reason,
+            "profile": self.data.to_json(),
         }
 
 
 async def measure_path(
     cluster: Cluster, info: VmInfo, destination: str, cap_bps: int | None
-) -> tuple[GuestMeasurement, Measurement]:
-    """Profile the guest and the path from its host to ``destination``.
+) -> tuple[GuestMeasurement, Measurement, DataAge]:
+    """The guest's profile and the path's bandwidth from its host to ``destination``: from
+    the source agent's rolling profiles when fresh, measured now otherwise.
 
     Raises:
         FerryError: an agent failed to measure (the guest is untouched either way).
     """
     source = cluster.client(info.host)
-    target = cluster.client(destination)
-    guest = await source.measure(info.name)
-    port = await target.open_sink()
     address = cluster.inventory.host(destination).address
-    try:
-        await source.probe(address, port, _PROBE_MS)
-    finally:
-        bandwidth_bps = await target.sink_result(port)
+    profile = await source.profile(info.name, address)
+    if profile.guest is not None and (profile.guest_age_s or 0.0) <= GUEST_FRESH_S:
+        guest, guest_age_s = profile.guest, profile.guest_age_s or 0.0
+    else:
+        guest, guest_age_s = await source.measure(info.name), 0.0
+    path = profile.path
+    if path is not None and path.age_s <= PATH_FRESH_S:
+        bandwidth_bps, data = path.bandwidth_bps, DataAge(guest_age_s, path.age_s, path.source)
+    else:
+        bandwidth_bps = await _probe(source, cluster.client(destination), address)
+        data = DataAge(guest_age_s, 0.0, "probe")
     # Under a cap QEMU paces its own streams below the link: no queue builds for a fault's page.
     paced = cap_bps is not None and cap_bps < bandwidth_bps
     if cap_bps is not None:
@@ -153,8 +208,27 @@ async def measure_path(
         disk_write_bps=guest.disk_write_bps,
         link_queue_ms=0.0 if paced else None,
     )
-    logger.info("plan.measured %s %s->%s %s", info.name, info.host, destination, measurement)
-    return guest, measurement
+    logger.info(
+        "plan.measured %s %s->%s %s (data %.1f s old)",
+        info.name,
+        info.host,
+        destination,
+        measurement,
+        data.age_s,
+    )
+    return guest, measurement, data
+
+
+async def _probe(source: AgentPort, target: AgentPort, address: str) -> float:
+    """Stream a probe from ``source`` to a sink on ``target`` (at ``address``); the sink's
+    figure, which the source also keeps for its next plans."""
+    port = await target.open_sink()
+    try:
+        await source.probe(address, port, _PROBE_MS)
+    finally:
+        bandwidth_bps = await target.sink_result(port)
+    await source.record_bandwidth(address, bandwidth_bps)
+    return bandwidth_bps
 
 
 def calibration_from(history: History | None) -> Calibration:
@@ -217,7 +291,7 @@ async def make_plan(
     Raises:
         FerryError: measuring failed.
     """
-    guest, measurement = await measure_path(cluster, info, destination, cap_bps)
+    guest, measurement, data = await measure_path(cluster, info, destination, cap_bps)
     predictions = predict_all(
         measurement,
         downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms),
@@ -232,4 +306,5 @@ async def make_plan(
         predictions=predictions,
         goal=goal,
         choice=choose(predictions, goal),
+        data=data,
     )

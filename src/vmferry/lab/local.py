@@ -116,10 +116,16 @@ class LocalLab:
 
     @classmethod
     async def open(
-        cls, workdir: Path | None = None, accel: Accel | None = None, hosts: int = 2
+        cls,
+        workdir: Path | None = None,
+        accel: Accel | None = None,
+        hosts: int = 2,
+        profile_interval_s: float | None = None,
     ) -> LocalLab:
         """Check QEMU, build (or reuse) the guest image, pick the accelerator, start the agents
-        of ``hosts`` hosts (``host-1`` …).
+        of ``hosts`` hosts (``host-1`` …). Unlike ``vmferry agent``, these agents keep no
+        rolling profiles unless ``profile_interval_s`` is given: the lab's callers drive
+        QEMU themselves (a background ``calc-dirty-rate`` would collide with theirs).
 
         Raises:
             ConfigError: ``hosts`` out of range, or too little memory to share.
@@ -146,6 +152,7 @@ class LocalLab:
                     memory_bytes=memory_bytes,
                     migration_address=_LOOPBACK,
                     shared_dir=workdir / SHARED_DIR,
+                    profile_interval_s=profile_interval_s,
                 ),
                 qemu,
                 boot,
