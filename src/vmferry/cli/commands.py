@@ -30,8 +30,9 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.migrate import MigrationRequest, migrate
-from vmferry.controller.plan import DataAge, make_plan
+from vmferry.controller.plan import DataAge, Plan, make_plan
 from vmferry.core.errors import ConfigError
+from vmferry.core.eta import EtaHints
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationReport, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
@@ -225,7 +226,14 @@ async def _migrate_one(
     """One move with its progress line (live on a terminal, whole lines in a log)."""
     title = f"{request.vm} → {request.destination}"
     with ProgressLine(err, title) as line:
-        return await migrate(cluster, request, history=history, on_progress=line.update)
+
+        def measured(plan: Plan) -> None:
+            m = plan.measurement
+            line.hint(EtaHints(m.zero_fraction, m.dirty_rate_bps, m.dirty_set_bytes))
+
+        return await migrate(
+            cluster, request, history=history, on_progress=line.update, on_plan=measured
+        )
 
 
 def _request(args: argparse.Namespace) -> MigrationRequest:

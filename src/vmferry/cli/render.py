@@ -89,6 +89,10 @@ class ProgressLine:
         self._shown: tuple[Phase, float] | None = None
         self._unshown: Text | None = None
 
+    def hint(self, hints: EtaHints) -> None:
+        """What a measurement of the guest knows, learnt before its first sample."""
+        self._eta = EtaEstimator(hints)
+
     def __enter__(self) -> ProgressLine:
         if self._live is not None:
             self._live.__enter__()

@@ -22,6 +22,7 @@ from typing import Protocol
 from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
+from vmferry.controller.plan import Plan
 from vmferry.controller.request import STRATEGIES, MigrationRequest, planned, precheck
 from vmferry.controller.sides import Sides, drop_unstarted
 from vmferry.core.machine import MigrationMachine
@@ -81,9 +82,11 @@ async def migrate(
     *,
     history: History | None = None,
     on_progress: ProgressCallback | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
     clock: Clock | None = None,
 ) -> MigrationReport:
-    """Migrate a VM between two hosts of ``cluster`` and verify it on arrival.
+    """Migrate a VM between two hosts of ``cluster`` and verify it on arrival (``on_plan``
+    sees the pre-flight's plan, if one was made).
 
     Returns the report (also recorded in ``history``); a failed migration is a report with
     status ``failed``, not an exception.
@@ -95,7 +98,7 @@ async def migrate(
     """
     request.resolve()  # bad options are refused before anything is measured
     info, source, destination = await precheck(cluster, request)
-    strategy, options, prediction = await planned(cluster, request, info, history)
+    strategy, options, prediction = await planned(cluster, request, info, history, on_plan)
     move = Move(
         vm=info.name,
         source=info.host,

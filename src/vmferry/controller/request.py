@@ -8,13 +8,14 @@ strategy (choosing one for ``auto`` from the plan) and finds its prediction.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vmferry.agent.api import VmInfo
 from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
-from vmferry.controller.plan import make_plan, qemu_downtime_limit_ms
+from vmferry.controller.plan import Plan, make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MECHANISMS, Mechanism, MigrationOptions
@@ -142,9 +143,14 @@ class GoalUnreachable(ConfigError):
 
 
 async def planned(
-    cluster: Cluster, request: MigrationRequest, info: VmInfo, history: History | None
+    cluster: Cluster,
+    request: MigrationRequest,
+    info: VmInfo,
+    history: History | None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> tuple[Mechanism, MigrationOptions, StrategyPrediction | None]:
-    """Resolve the strategy (choosing one for 'auto') and find its prediction."""
+    """Resolve the strategy (choosing one for 'auto') and find its prediction; ``on_plan``
+    sees the plan, when one was made (the progress line's ETA learns the guest from it)."""
     if not request.plan and request.strategy != "auto":
         mechanism, options = request.resolve()
         return mechanism, options, None
@@ -159,6 +165,8 @@ async def planned(
         logger.warning("plan.failed %s: %s; migrating without a prediction", info.name, err)
         mechanism, options = request.resolve()
         return mechanism, options, None
+    if on_plan is not None:
+        on_plan(plan)
     if request.strategy == "auto":
         if not plan.choice.meets_goal and not request.force:
             raise GoalUnreachable(f"{plan.choice.reason} (--force tries the best effort)")
