@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from vmferry.agent.digest import find_ram_fd
 from vmferry.agent.vm import RunningVm
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
@@ -76,3 +77,28 @@ async def test_idle_compressible_guest(lab: LocalLab) -> None:
 
     assert profile.dirty_rate_bps < 5 * MIB
     assert profile.memory.compress_ratio > 2
+
+
+async def test_memory_sampled_through_the_memfd_agrees_without_qemu(lab: LocalLab) -> None:
+    """The agent reads the guest's RAM memfd itself: the same picture as QEMU's pmemsave
+    dumps, with no QEMU command (and no dump file) involved."""
+    spec = VmSpec.build(
+        "memfd-vm", memory="512M", workload=parse_workload("idle:size=128M,pattern=random")
+    )
+    vm = await lab.boot(spec, "host-1")
+    assert vm.process.pid is not None
+    via_qemu = await measure_guest(vm.qmp, lab.workdir)
+    heartbeats = vm.heartbeats
+    heartbeats.open_window(now_ms())
+    ram_file = find_ram_fd(vm.process.pid, spec.memory_bytes)
+    direct = await measure_guest(vm.qmp, lab.workdir, ram_file=ram_file)
+    gap_ms = heartbeats.close_window()
+    print(
+        f"\nmemfd: zero {direct.memory.zero_fraction:.3f} (QEMU's dumps "
+        f"{via_qemu.memory.zero_fraction:.3f}), ratio {direct.memory.compress_ratio:.2f}, "
+        f"heartbeat gap {gap_ms} ms"
+    )
+    assert direct.memory.pages_sampled == 512 * 8
+    assert abs(direct.memory.zero_fraction - via_qemu.memory.zero_fraction) < 0.1
+    assert direct.memory.compress_ratio < 2.0  # random pages dominate the non-zero ones
+    await _assert_still_running(vm, gap_ms)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 from vmferry.agent.api import GuestMeasurement, NotFound
 from vmferry.agent.bandwidth import BandwidthSink, ProbeResult, SinkResult, send_probe
+from vmferry.agent.digest import GuestRamNotFound, find_ram_fd
 from vmferry.agent.slots import Slots
 from vmferry.agent.store import VmStore
 from vmferry.agent.vm import RunningVm
@@ -18,9 +20,23 @@ from vmferry.qemu.vcpu import vcpu_busy_fraction
 
 __all__ = ["Preflight"]
 
+logger = logging.getLogger(__name__)
+
 
 async def _none() -> None:
     return None
+
+
+def _ram_file(pid: int | None, memory_bytes: int) -> Path | None:
+    """The guest's RAM memfd, read directly (no QEMU command stalls the guest); None where it
+    cannot be found (then QEMU dumps the sample with ``pmemsave``)."""
+    if pid is None:
+        return None
+    try:
+        return find_ram_fd(pid, memory_bytes)
+    except GuestRamNotFound as err:
+        logger.info("measure.ram_file %s: %s; sampling through QEMU", pid, err)
+        return None
 
 
 class Preflight:
@@ -46,8 +62,11 @@ class Preflight:
             pid = vm.process.pid
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
             scratch = self.scratch_dir or self.store.directory(name)
+            ram_file = _ram_file(pid, slot.spec.memory_bytes)
             profile, busy, disk = await asyncio.gather(
-                measure_guest(vm.qmp, scratch), busy_task, self._measure_disk(slot.spec, vm)
+                measure_guest(vm.qmp, scratch, ram_file=ram_file),
+                busy_task,
+                self._measure_disk(slot.spec, vm),
             )
         allocated, write_bps = disk
         return GuestMeasurement(

@@ -10,6 +10,10 @@ finishes in a second or two.
   size. It works under TCG; ``dirty-bitmap`` mode reports 0 there and ``dirty-ring`` needs KVM.
 * :func:`sample_memory` has QEMU ``pmemsave`` a few chunks of guest-physical RAM into files and
   inspects them here: all-zero 4 KiB pages are counted, the others are compressed with zstd.
+  Where the guest's RAM is a shared memfd the agent can open (``ram_file``),
+  :func:`sample_ram_file` reads many small chunks spread over all of it with ``pread``
+  instead: no QEMU command, nothing that holds QEMU's lock while the guest runs (each
+  ``pmemsave`` stalled the guest for a few ms), and a better spread for the same bytes.
 * :func:`measure_guest` runs all of them, the memory sample during the dirty-rate window.
 
 Example:
@@ -318,6 +322,11 @@ def _inspect_dump(path: Path, expected_bytes: int) -> tuple[int, int, int, int]:
         raise MeasurementError(f"cannot read QEMU's memory dump {path}: {err}") from err
     if len(data) != expected_bytes:
         raise MeasurementError(f"{path} holds {len(data)} bytes, expected {expected_bytes}")
+    return _inspect_bytes(data)
+
+
+def _inspect_bytes(data: bytes) -> tuple[int, int, int, int]:
+    """(pages, zero pages, non-zero bytes, their zstd size) of a chunk of guest RAM."""
     nonzero = [
         data[offset : offset + PAGE_SIZE_BYTES]
         for offset in range(0, len(data), PAGE_SIZE_BYTES)
@@ -329,6 +338,48 @@ def _inspect_dump(path: Path, expected_bytes: int) -> tuple[int, int, int, int]:
     return pages, pages - len(nonzero), len(raw), compressed
 
 
+async def sample_ram_file(
+    ram_file: Path, *, ram_bytes: int, chunks: int = 512, chunk_bytes: int = 32 << 10
+) -> MemorySample:
+    """Sample guest RAM through its memfd (``/proc/<pid>/fd/<n>``): ``chunks`` chunks centred
+    in equal strata of the whole file (RAM above 4 GiB included), read with ``pread`` in a
+    thread. Reading allocates none of the guest's untouched pages.
+
+    Raises:
+        ConfigError: bad chunk geometry.
+        MeasurementError: the file cannot be read.
+    """
+    if chunks <= 0 or chunk_bytes <= 0 or chunk_bytes % PAGE_SIZE_BYTES:
+        raise ConfigError(
+            f"need chunks > 0 and a positive multiple of 4 KiB, got {chunks} x {chunk_bytes}"
+        )
+    chunks = max(1, min(chunks, ram_bytes // chunk_bytes))
+    stratum = ram_bytes / chunks
+    offsets = [
+        max(0, int(stratum * (i + 0.5) - chunk_bytes / 2)) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
+        for i in range(chunks)
+    ]
+
+    def read_all() -> MemorySample:
+        totals = [0, 0, 0, 0]
+        try:
+            fd = os.open(ram_file, os.O_RDONLY)
+        except OSError as err:
+            raise MeasurementError(f"cannot open guest RAM {ram_file}: {err}") from err
+        try:
+            for offset in offsets:
+                data = os.pread(fd, chunk_bytes, offset)
+                counts = _inspect_bytes(data[: len(data) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES])
+                totals = [t + c for t, c in zip(totals, counts, strict=True)]
+        except OSError as err:
+            raise MeasurementError(f"cannot read guest RAM {ram_file}: {err}") from err
+        finally:
+            os.close(fd)
+        return MemorySample(*totals)
+
+    return await asyncio.to_thread(read_all)
+
+
 async def measure_guest(
     session: QmpSession,
     scratch_dir: Path,
@@ -338,6 +389,7 @@ async def measure_guest(
     chunks: int = 32,
     chunk_bytes: int = 1 << 20,
     timeout_s: float = 15,
+    ram_file: Path | None = None,
 ) -> GuestProfile:
     """All pre-flight measurements of one guest; the memory sample runs inside the dirty-rate
     window (``pmemsave`` only reads guest memory, so it does not disturb the sampling).
@@ -350,6 +402,9 @@ async def measure_guest(
         chunks: memory-sample chunks.
         chunk_bytes: memory-sample chunk size.
         timeout_s: deadline for everything.
+        ram_file: the guest's RAM memfd (``/proc/<pid>/fd/<n>``); given, the memory is sampled
+            through it (:func:`sample_ram_file`, its own chunk geometry) instead of
+            ``pmemsave``.
 
     Returns:
         RAM size, dirty rate, memory sample and the time it all took.
@@ -372,6 +427,7 @@ async def measure_guest(
                 chunks=chunks,
                 chunk_bytes=chunk_bytes,
                 timeout_s=timeout_s,
+                ram_file=ram_file,
             )
     except TimeoutError as err:
         raise QMPTimeout(f"measurements of {session.name}", timeout_s) from err
@@ -402,7 +458,15 @@ async def _measure_concurrently(
     chunks: int,
     chunk_bytes: int,
     timeout_s: float,
+    ram_file: Path | None,
 ) -> tuple[int, MemorySample]:
+    sampled = (
+        sample_memory(
+            session, scratch_dir, ram_bytes=ram_bytes, chunks=chunks, chunk_bytes=chunk_bytes
+        )
+        if ram_file is None
+        else sample_ram_file(ram_file, ram_bytes=ram_bytes)
+    )
     try:
         async with asyncio.TaskGroup() as group:
             rate = group.create_task(
@@ -413,15 +477,7 @@ async def _measure_concurrently(
                     timeout_s=timeout_s,
                 )
             )
-            memory = group.create_task(
-                sample_memory(
-                    session,
-                    scratch_dir,
-                    ram_bytes=ram_bytes,
-                    chunks=chunks,
-                    chunk_bytes=chunk_bytes,
-                )
-            )
+            memory = group.create_task(sampled)
     except* FerryError as failures:
         # Callers expect our error types, not an ExceptionGroup: report the first failure.
         raise failures.exceptions[0] from None
