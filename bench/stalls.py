@@ -21,7 +21,7 @@ Variants (each one change from the baseline):
 * ``late3``/``late4`` — hybrid switches after the 3rd/4th dirty sync instead of the 2nd (fewer
   pages missing at the switch when pre-copy still shrinks them);
 * ``engine`` — what vmferry does now: the engine's own capabilities and parameters
-  (``capabilities_for``/``source_parameters_for`` with the link's rate as the cap) over the lab's
+  (``capabilities_for``/``source_parameters_for``, no ``--bandwidth``) over the lab's
   own link queue (``vmferry.lab.netns``).
 
 QEMUs run in the lab's namespaces (``ip netns exec``), driven by a minimal QMP script; the guest
@@ -234,7 +234,7 @@ def _settings(
 ) -> tuple[dict[str, bool], dict[str, object]]:
     options = MigrationOptions(
         mechanism="postcopy" if strategy == "postcopy" else "hybrid",
-        max_bandwidth_bps=link_bps if variant.engine else None,
+        max_bandwidth_bps=None,  # the engine's default: no --bandwidth given
         downtime_limit_ms=qemu_downtime_limit_ms(GOAL_MS),
     )
     caps = capabilities_for(options)
