@@ -63,16 +63,14 @@ class Calibration:
             ``refined`` (1.0 = the reference machine).
         resume_felt_ms: what the guest feels beyond QEMU's pause when it runs again on the
             destination (comparison of the held copy, ``cont``, the first tick there).
-        fault_service_ms: one post-copy page fault on an idle link (both QEMUs' handling).
-        link_queue_ms: the queue a fault's page waits in behind post-copy's bulk copy on a
-            link slower than QEMU, when the path's own was not measured (a switch port's
-            buffer; the lab's shaped links hold 50 ms).
+        fault_service_ms: one post-copy page fault's handling by both QEMUs (0.6 ms here).
+        link_queue_bytes: what stands queued at the sending link in front of a fault's page
+            on a link slower than QEMU (~36 KB on the lab's shaped links: TCP's packets in
+            flight), when the path's own queue was not measured.
         fault_chain: sequential faults a guest takes to run again after a switch to post-copy
-            (its hot set: kernel paths, timers, stacks).
+            (its hot set: kernel paths, timers, stacks; 300-460 for a 1 GiB lab guest).
         hybrid_hot_share: the share of that chain still missing after hybrid's first pass.
         writer_chain: extra sequential faults a CPU-bound writer adds (its missing pages).
-        postcopy_pace_share: the share of the link post-copy's bulk copy may use (1: all of
-            it, and faults queue behind it).
         (See :mod:`vmferry.core.felt`.)
     """
 
@@ -87,12 +85,11 @@ class Calibration:
     xbzrle_overhead: float = 0.05
     time_scale: float = 1.0
     resume_felt_ms: int = 30
-    fault_service_ms: float = 1.0
-    link_queue_ms: float = 50.0
-    fault_chain: float = 20.0
-    hybrid_hot_share: float = 0.5
-    writer_chain: float = 10.0
-    postcopy_pace_share: float = 1.0
+    fault_service_ms: float = 0.6
+    link_queue_bytes: int = 36_000
+    fault_chain: float = 350.0
+    hybrid_hot_share: float = 0.4
+    writer_chain: float = 50.0
 
     def __post_init__(self) -> None:
         rates = (
@@ -109,12 +106,10 @@ class Calibration:
             raise ConfigError("postcopy_fault_overhead must be >= 1 and xbzrle_overhead >= 0")
         if not self.time_scale > 0.0:
             raise ConfigError("time_scale must be positive")
-        felt = (self.resume_felt_ms, self.fault_service_ms, self.link_queue_ms)
+        felt = (self.resume_felt_ms, self.fault_service_ms, self.link_queue_bytes)
         chains = (self.fault_chain, self.hybrid_hot_share, self.writer_chain)
-        if min(*felt, *chains) < 0.0 or not 0.0 < self.postcopy_pace_share <= 1.0:
-            raise ConfigError(
-                "felt-downtime constants must be >= 0 and postcopy_pace_share in (0, 1]"
-            )
+        if min(*felt, *chains) < 0.0:
+            raise ConfigError("felt-downtime constants must be >= 0")
 
     @classmethod
     def default(cls) -> Calibration:

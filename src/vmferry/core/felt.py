@@ -7,32 +7,36 @@ QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, a
   comparison, ``cont``, the first timer tick there): ``Calibration.resume_felt_ms``.
 * **post-copy and hybrid**: the switch (device state only), the same resume, then page faults.
   Every page the guest touches that is still on the source is fetched by one request over the
-  link; the page comes back on the preempt channel, behind whatever the bulk copy queued on the
-  link. One fault costs ``fault latency = service + page on the wire + queue`` (see
-  :func:`fault_latency_ms`). A vCPU that faults stops until its page is there; with one vCPU the
-  whole guest stops. Right after the switch the guest's hot set (kernel paths, timers, the
-  application's stacks) is missing, so running again takes a chain of sequential faults:
-  ``Calibration.fault_chain`` of them for post-copy, the re-dirtied share of it for hybrid
-  (``Calibration.hybrid_hot_share``: hot pages are the ones re-dirtied during the pass). A guest
-  that keeps writing to pages still missing adds one fault per write it cannot do without, so a
-  CPU-bound writer lengthens the chain by ``Calibration.writer_chain`` (scaled by how much of its
-  dirty set is still missing).
+  link; the page comes back on the preempt channel (without it a fault waits behind the bulk
+  copy's stream: 100+ ms here), but still behind the bytes already queued at the sending link.
+  One fault costs ``service + (queued bytes + the page) / link rate`` (see
+  :func:`fault_latency_ms`; measured here: 0.6 ms + what TCP keeps queued, ~36 KB on the lab's
+  shaped links, nothing to speak of on a link faster than QEMU sends or under a ``--bandwidth``
+  cap, where QEMU paces itself). One fault is short; the stall is long because right after the
+  switch the guest's hot set (kernel paths, timers, the application's stacks) is missing and it
+  needs a *chain* of them, one after another, before it runs again: ~300-460 pages for a cold
+  1 GiB lab guest (``Calibration.fault_chain``), the hot pages re-dirtied during the pass for
+  hybrid (``Calibration.hybrid_hot_share`` of them). A CPU-bound writer adds some of its own
+  (``Calibration.writer_chain``, scaled by how much of its dirty set is still missing). More
+  vCPUs did not shorten it (measured: ``bench/stalls.py``).
 
-So the longest stall is ``switch + resume + chain x fault latency``. The chain and the queue are
-learnt from history (:meth:`vmferry.core.calibration.Calibration.refined`); the link's queue can
-also be measured (``Measurement.link_queue_ms``: the delay a small packet sees behind a bulk
-transfer on this path).
+So the longest stall is ``switch + resume + chain x fault latency``. The chain is learnt from
+history (:meth:`vmferry.core.calibration.Calibration.refined`); the link's queue can also be
+measured (``Measurement.link_queue_ms``: the delay a small packet sees behind a bulk transfer on
+this path).
 
 Example:
     >>> from vmferry.core.calibration import Calibration
     >>> from vmferry.core.measurement import Measurement
     >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.8, compress_ratio=1.0,
-    ...                 dirty_rate_bps=0, bandwidth_bps=25_000_000, link_queue_ms=50.0)
+    ...                 dirty_rate_bps=0, bandwidth_bps=25_000_000)  # 200 Mbit/s
     >>> cal = Calibration.default()
     >>> precopy_felt_ms(downtime_ms=20, cal=cal)
     50
-    >>> postcopy_felt_ms(m, cal, missing_share=1.0) > 500
-    True
+    >>> round(fault_latency_ms(m, cal), 2)  # 0.6 + (36,000 + 4,096) / 25,000 bytes per ms
+    2.2
+    >>> postcopy_felt_ms(m, cal, missing_share=1.0)  # 1 + 30 + 350 x 2.2
+    802
 """
 
 from __future__ import annotations
@@ -51,17 +55,16 @@ def precopy_felt_ms(*, downtime_ms: float, cal: Calibration) -> int:
 
 
 def fault_latency_ms(m: Measurement, cal: Calibration) -> float:
-    """One post-copy page fault: serviced by both QEMUs, a page on the wire, and the queue the
-    bulk copy keeps on the link (none when the bulk copy is paced below the link)."""
-    page_ms = PAGE_BYTES * 1000.0 / m.bandwidth_bps
-    if cal.postcopy_pace_share < 1.0 or m.bandwidth_bps >= cal.qemu_throughput_bps:
-        # Paced below the link, or a link faster than QEMU pushes: no standing queue.
-        queue_ms = 0.0
-    elif m.link_queue_ms is not None:
+    """One post-copy page fault: serviced by both QEMUs, then the page behind the bytes queued
+    at the sending link (none on a link faster than QEMU sends)."""
+    bytes_per_ms = m.bandwidth_bps / 1000.0
+    if m.link_queue_ms is not None:
         queue_ms = m.link_queue_ms
+    elif m.bandwidth_bps >= cal.qemu_throughput_bps:
+        queue_ms = 0.0
     else:
-        queue_ms = cal.link_queue_ms
-    return cal.fault_service_ms + page_ms + queue_ms
+        queue_ms = cal.link_queue_bytes / bytes_per_ms
+    return cal.fault_service_ms + PAGE_BYTES / bytes_per_ms + queue_ms
 
 
 def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) -> int:
