@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,21 +16,23 @@ pytestmark = pytest.mark.asyncio
 MIB = 1 << 20
 
 
-def _memfd(tmp_path: Path, random_mib: int, total_mib: int) -> Path:
-    """A RAM-like memfd: ``random_mib`` of random bytes at the start of every 4 MiB stripe
-    share, the rest never written (sparse zeros)."""
-    fd = os.memfd_create("memory-backend-memfd")
-    os.ftruncate(fd, total_mib * MIB)
-    stripe = total_mib // 4
-    for index in range(4):
-        os.pwrite(fd, os.urandom(random_mib * MIB // 4), index * stripe * MIB)
-    link = tmp_path / "ram"
-    link.symlink_to(f"/proc/{os.getpid()}/fd/{fd}")
-    return link
+@pytest.fixture
+def ram(tmp_path: Path) -> Iterator[Path]:
+    """A RAM-like 64 MiB memfd: 16 MiB of random bytes spread over four stripes, the rest
+    never written (sparse zeros). Closed afterwards: other tests look for QEMU's memfds."""
+    fd = os.memfd_create("vmferry-test-ram")
+    try:
+        os.ftruncate(fd, 64 * MIB)
+        for index in range(4):
+            os.pwrite(fd, os.urandom(4 * MIB), index * 16 * MIB)
+        link = tmp_path / "ram"
+        link.symlink_to(f"/proc/{os.getpid()}/fd/{fd}")
+        yield link
+    finally:
+        os.close(fd)
 
 
-async def test_zero_share_and_ratio_of_a_known_memfd(tmp_path: Path) -> None:
-    ram = _memfd(tmp_path, random_mib=16, total_mib=64)  # a quarter random, the rest zero
+async def test_zero_share_and_ratio_of_a_known_memfd(ram: Path) -> None:
     sample = await sample_ram_file(ram, ram_bytes=64 * MIB, chunks=256, chunk_bytes=16 << 10)
     assert sample.pages_sampled == 256 * 4
     assert sample.zero_fraction == pytest.approx(0.75, abs=0.05)
