@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import resource
 import statistics
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster_cli import write_results
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
 from vmferry.guest.channel import now_ms
@@ -107,10 +107,7 @@ async def main() -> None:
         "on": on,
         "summary": summary,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {args.out}")
+    write_results(args.out, results, summary)
 
 
 if __name__ == "__main__":

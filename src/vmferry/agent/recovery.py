@@ -13,7 +13,7 @@ from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.vm import RunningVm
 from vmferry.core.errors import StateError
 from vmferry.core.status import MigrationStatus
-from vmferry.qemu.migration import pause_postcopy, recover_incoming, resume_postcopy
+from vmferry.qemu.postcopy_recovery import pause_postcopy, recover_incoming, resume_postcopy
 
 __all__ = ["Recovery"]
 
