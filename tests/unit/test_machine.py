@@ -209,6 +209,22 @@ def test_deadline_missed_with_postcopy_switches_once() -> None:
     assert d.kinds() == [m.Poll]
 
 
+def test_a_switch_stalling_the_guest_past_the_goal_is_not_taken() -> None:
+    """Switching would stall the guest ~900 ms against a 300 ms goal: auto cancels (the guest
+    stays on the source); a move that cannot switch anyway runs on to its deadline."""
+    stalling = replace(_prediction(), switch_felt_ms=900)
+    d = Driver(goal=Goal(300, deadline_ms=1_000), prediction=stalling, uses_postcopy=True)
+    d.started()
+    d.samples(stats(sent=100, total_ms=2_000, iterations=2))
+    assert d.kinds() == [m.CancelSource, m.Poll]
+    d.outcome("cancelled")
+    d.feed(m.SidesChecked(False, False))
+    assert "would stall the guest ~900 ms" in (d.report.error or "")
+    plain = Driver(goal=Goal(300, deadline_ms=1_000), prediction=stalling).started()
+    plain.samples(stats(sent=100, total_ms=2_000, iterations=2))
+    assert plain.kinds() == [m.Poll]
+
+
 def test_hybrid_switches_after_the_first_pass() -> None:
     d = Driver(strategy="hybrid", uses_postcopy=True).started()
     d.samples(stats(sent=100, iterations=1))

@@ -283,7 +283,10 @@ class MigrationMachine:
         effects: list[Action] = []
         in_ram = last is not None and last.stage is Stage.MIGRATION
         if move.prediction is not None and move.mode is Mode.MIGRATE and in_ram:
-            decision = replan(move.strategy, flow.progress, move.prediction, move.goal)
+            # A move that cannot switch to post-copy is never cancelled for what a switch
+            # would cost the guest: it runs on to its deadline as the user asked.
+            goal = move.goal if move.uses_postcopy else replace(move.goal, best_effort=True)
+            decision = replan(move.strategy, flow.progress, move.prediction, goal)
             if decision.action is ReplanAction.CANCEL:
                 logger.warning("migration.replan %s: %s", move.vm, decision.reason)
                 return self._cancel(flow, decision.reason)
