@@ -143,7 +143,7 @@ def replot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _shape(cell: Cell, netns: bool, runner: asyncio.Runner) -> None:
+def _shape(cell: Cell, netns: bool, runner: asyncio.Runner, lab_dir: Path) -> None:
     """Both hosts' links at the cell's rate (unshaped: no qdisc)."""
     if not netns:
         return
@@ -152,6 +152,21 @@ def _shape(cell: Cell, netns: bool, runner: asyncio.Runner) -> None:
     rate_kbit = None if cell.link_mbps is None else cell.link_mbps * 1000
     for host in HOSTS:
         runner.run(set_link_rate(host, rate_kbit))
+    runner.run(_probe_paths(lab_dir))
+
+
+async def _probe_paths(lab_dir: Path) -> None:
+    """The links just changed shape, as a real network does not between two moves: have each
+    agent probe its path to the other afresh, so no plan trusts what it knew of the old links
+    (agents keep a path's figure for 5 minutes)."""
+    from vmferry.controller.cluster import Cluster
+    from vmferry.controller.inventory import Inventory
+    from vmferry.controller.plan import probe_path
+
+    async with Cluster(Inventory.load(lab_dir)) as cluster:
+        for source, destination in (HOSTS, HOSTS[::-1]):
+            address = cluster.inventory.host(destination).address
+            await probe_path(cluster.client(source), cluster.client(destination), address)
 
 
 def run_cell(
@@ -290,7 +305,7 @@ def main() -> int:
                     moves = ctx["history"].freeze()
                     results["config"]["fit_history_moves"] = moves
                     print(f"fit half done: history frozen with {moves} moves", flush=True)
-                _shape(cell, not args.loopback, runner)
+                _shape(cell, not args.loopback, runner, lab_dir)
                 run_cell(lab_dir, cell, args, ctx, on_run)
         finally:
             runner.run(lab_down(lab_dir))

@@ -40,6 +40,7 @@ __all__ = [
     "Plan",
     "calibration_from",
     "make_plan",
+    "probe_path",
     "measure_path",
     "qemu_downtime_limit_ms",
 ]
@@ -187,7 +188,7 @@ async def measure_path(
     if path is not None and path.age_s <= PATH_FRESH_S:
         bandwidth_bps, data = path.bandwidth_bps, DataAge(guest_age_s, path.age_s, path.source)
     else:
-        bandwidth_bps = await _probe(source, cluster.client(destination), address)
+        bandwidth_bps = await probe_path(source, cluster.client(destination), address)
         data = DataAge(guest_age_s, 0.0, "probe")
     # Under a cap QEMU paces its own streams below the link: no queue builds for a fault's page.
     paced = cap_bps is not None and cap_bps < bandwidth_bps
@@ -219,7 +220,7 @@ async def measure_path(
     return guest, measurement, data
 
 
-async def _probe(source: AgentPort, target: AgentPort, address: str) -> float:
+async def probe_path(source: AgentPort, target: AgentPort, address: str) -> float:
     """Stream a probe from ``source`` to a sink on ``target`` (at ``address``); the sink's
     figure, which the source also keeps for its next plans."""
     port = await target.open_sink()
