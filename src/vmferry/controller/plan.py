@@ -40,8 +40,8 @@ __all__ = [
     "Plan",
     "calibration_from",
     "make_plan",
-    "probe_path",
     "measure_path",
+    "probe_path",
     "qemu_downtime_limit_ms",
 ]
 
