@@ -128,3 +128,13 @@ def test_bad_felt_constants_are_refused() -> None:
         Calibration(link_queue_bytes=-1)
     with pytest.raises(ConfigError):
         dataclasses.replace(guest(), link_queue_ms=-1.0)
+
+
+def test_refined_learns_multifd_flush_apart_from_the_resume() -> None:
+    flushed = dataclasses.replace(_sample("precopy", 200, 20 + 30 + 400), strategy="multifd")
+    refined = CAL.refined([flushed] * 8)
+    assert CAL.multifd_flush_ms < refined.multifd_flush_ms < 400
+    assert refined.resume_felt_ms == CAL.resume_felt_ms
+    p = predict("multifd", guest(), downtime_limit_ms=70, cal=refined)
+    assert p.downtime_ms is not None
+    assert p.guest_downtime_ms == p.downtime_ms + refined.resume_felt_ms + refined.multifd_flush_ms

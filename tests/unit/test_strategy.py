@@ -100,8 +100,11 @@ def pred(
         # An idle guest: plain pre-copy meets the goal easily; nothing riskier is needed.
         (IDLE, Goal(300), "precopy"),
         (SHAPED, Goal(300), "precopy"),
-        # Compressible pages over a link the guest out-dirties: multifd finishes in ~1.6 s.
-        (OVERRUN, Goal(300), "multifd"),
+        # Compressible pages over a link the guest out-dirties: multifd finishes in ~1.6 s
+        # (its channels' flush adds ~150 ms the guest feels) ...
+        (OVERRUN, Goal(600), "multifd"),
+        # ... and under a tighter goal xbzrle's pause, without that flush, fits.
+        (OVERRUN, Goal(300), "xbzrle"),
         # Random pages: nothing pre-copy-like finishes; one pass then post-copy.
         (OVERRUN_RANDOM, Goal(300), "hybrid"),
         # ... and with a deadline that only plain post-copy meets (its longer fault chain
@@ -149,7 +152,7 @@ def test_best_effort_keeps_the_downtime_limit_before_the_deadline() -> None:
     assert not choice.meets_goal
     assert choice.prediction.felt_ms is not None
     assert choice.prediction.felt_ms <= 70
-    assert choice.strategy == "multifd"
+    assert choice.strategy == "xbzrle"
     assert "past the deadline" in choice.reason
 
 

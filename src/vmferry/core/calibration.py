@@ -63,6 +63,9 @@ class Calibration:
             ``refined`` (1.0 = the reference machine).
         resume_felt_ms: what the guest feels beyond QEMU's pause when it runs again on the
             destination (comparison of the held copy, ``cont``, the first tick there).
+        multifd_flush_ms: what a multifd move's guest feels beyond that: the channels are
+            flushed and the destination decompresses what was in flight after QEMU stopped
+            counting its downtime (~50-480 ms in the matrix bench, learnt from history).
         fault_service_ms: one post-copy page fault's handling by both QEMUs (0.6 ms here).
         link_queue_bytes: what stands queued at the sending link in front of a fault's page
             on a link slower than QEMU (~36 KB on the lab's shaped links: TCP's packets in
@@ -85,6 +88,7 @@ class Calibration:
     xbzrle_overhead: float = 0.05
     time_scale: float = 1.0
     resume_felt_ms: int = 30
+    multifd_flush_ms: int = 150
     fault_service_ms: float = 0.6
     link_queue_bytes: int = 36_000
     fault_chain: float = 350.0
@@ -106,7 +110,12 @@ class Calibration:
             raise ConfigError("postcopy_fault_overhead must be >= 1 and xbzrle_overhead >= 0")
         if not self.time_scale > 0.0:
             raise ConfigError("time_scale must be positive")
-        felt = (self.resume_felt_ms, self.fault_service_ms, self.link_queue_bytes)
+        felt = (
+            self.resume_felt_ms,
+            self.multifd_flush_ms,
+            self.fault_service_ms,
+            self.link_queue_bytes,
+        )
         chains = (self.fault_chain, self.hybrid_hot_share, self.writer_chain)
         if min(*felt, *chains) < 0.0:
             raise ConfigError("felt-downtime constants must be >= 0")
@@ -171,16 +180,21 @@ class Calibration:
 
     def _refined_felt(self, samples: Sequence[CalibrationSample]) -> Calibration:
         """The guest-felt constants: pre-copy samples shift the resume by the median of
-        (felt - QEMU's downtime - resume); post-copy and hybrid samples scale the fault chain
+        (felt - QEMU's downtime - resume), multifd ones its flush alike; post-copy and hybrid samples scale the fault chain
         by actual / predicted stall beyond the switch and the resume."""
         resume_errors: list[float] = []
+        flush_errors: list[float] = []
         chain_ratios: list[float] = []
         for sample in samples:
             felt_ms, qemu_ms = sample.actual_guest_downtime_ms, sample.actual_downtime_ms
             if felt_ms is None or qemu_ms is None or sample.strategy == "cold":
                 continue
+            beyond_ms = float(felt_ms - qemu_ms - self.resume_felt_ms)
+            if sample.strategy == "multifd":
+                flush_errors.append(beyond_ms - self.multifd_flush_ms)
+                continue
             if sample.strategy not in ("postcopy", "hybrid"):
-                resume_errors.append(float(felt_ms - qemu_ms - self.resume_felt_ms))
+                resume_errors.append(beyond_ms)
                 continue
             base_ms = self.postcopy_switchover_ms + self.resume_felt_ms
             predicted_ms = sample.predicted.guest_downtime_ms
@@ -190,6 +204,7 @@ class Calibration:
         return replace(
             self,
             resume_felt_ms=max(0, round(self.resume_felt_ms + _shrunk_shift(resume_errors))),
+            multifd_flush_ms=max(0, round(self.multifd_flush_ms + _shrunk_shift(flush_errors))),
             fault_chain=self.fault_chain * _shrunk_ratio(chain_ratios),
         )
 

@@ -4,7 +4,8 @@ QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, a
 :mod:`vmferry.core.predict` adds it to every prediction as ``guest_downtime_ms``:
 
 * **pre-copy-like** (and cold): the pause, plus resuming on the destination (the held copy's
-  comparison, ``cont``, the first timer tick there): ``Calibration.resume_felt_ms``.
+  comparison, ``cont``, the first timer tick there): ``Calibration.resume_felt_ms``; multifd
+  also flushes its channels after QEMU stopped counting (``Calibration.multifd_flush_ms``).
 * **post-copy and hybrid**: the switch (device state only), the same resume, then page faults.
   Every page the guest touches that is still on the source is fetched by one request over the
   link; the page comes back on the preempt channel (without it a fault waits behind the bulk
@@ -49,9 +50,10 @@ __all__ = ["PAGE_BYTES", "fault_latency_ms", "postcopy_felt_ms", "precopy_felt_m
 PAGE_BYTES = 4096
 
 
-def precopy_felt_ms(*, downtime_ms: float, cal: Calibration) -> int:
-    """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``."""
-    return round(downtime_ms + cal.resume_felt_ms)
+def precopy_felt_ms(*, downtime_ms: float, cal: Calibration, multifd: bool = False) -> int:
+    """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``; a
+    multifd move's also waits for its channels' flush."""
+    return round(downtime_ms + cal.resume_felt_ms + (cal.multifd_flush_ms if multifd else 0))
 
 
 def fault_latency_ms(m: Measurement, cal: Calibration) -> float:

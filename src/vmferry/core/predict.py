@@ -414,7 +414,9 @@ def _from_run(
         note=note,
         dirty_headroom=headroom,
         disk_ms=disk.ms,
-        guest_downtime_ms=precopy_felt_ms(downtime_ms=downtime_ms, cal=cal),
+        guest_downtime_ms=precopy_felt_ms(
+            downtime_ms=downtime_ms, cal=cal, multifd=name == "multifd"
+        ),
     )
 
 
