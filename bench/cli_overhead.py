@@ -12,8 +12,16 @@ One run, one loopback lab of two hosts (agents as processes, as users run them),
 * **plan latency** — ``vmferry plan NAME --to OTHER --json`` ``--plans`` times (median, p95),
   with the age of the data it planned from.
 
+The CLI runs as installed: its bytecode compiled first (pip and ``uv sync --compile-bytecode``
+do so at install; without it every start compiles vmferry's sources again, ~120 ms more
+here, e.g. under ``PYTHONDONTWRITEBYTECODE``).
+
+``--compare DIR`` runs the whole bench twice in one go, first with the vmferry sources in
+``DIR`` (agents and CLI; e.g. ``git archive BASE src | tar -x -C DIR``), then with this tree's,
+each on a fresh lab, and prints both summaries side by side.
+
     uv run python bench/cli_overhead.py [--memory 512M] [--moves 4] [--plans 10]
-        [--workload SPEC] [--settle 4] [--pause 4] [--label after]
+        [--workload SPEC] [--settle 4] [--pause 4] [--label after] [--compare DIR]
         [--out bench/results/cli_overhead.json]
 """
 
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import compileall
 import json
 import os
 import statistics
@@ -31,6 +40,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import vmferry
 from vmferry.lab.cluster import lab_down, lab_up
 
 WORKLOAD = "dirty:rate=8M,size=128M,pattern=random,mode=paced"
@@ -119,6 +129,7 @@ def summarize(
         "cli_wall_ms_median": statistics.median(m["cli_wall_ms"] for m in moves),
         "total_ms_median": statistics.median(m["total_ms"] for m in moves),
         "ratio_median": round(statistics.median(ratios), 3),
+        "ratio_p95": percentile(ratios, 0.95),
         "ratio_max": max(ratios),
         "overhead_ms_median": overhead,
         "overhead_split_ms": {
@@ -132,6 +143,34 @@ def summarize(
     }
 
 
+def compile_bytecode() -> None:
+    """Compile vmferry and its dependencies as an installer would (once; then up to date)."""
+    roots = {Path(vmferry.__file__).parent, *(Path(p) for p in sys.path if "site-packages" in p)}
+    for root in sorted(roots):
+        compileall.compile_dir(root, quiet=2, workers=0)
+
+
+def compare(before_src: Path, argv: list[str]) -> None:
+    """The bench with ``before_src``'s vmferry, then with this tree's; both summaries."""
+    runs = []
+    for label, src in (("before", before_src), ("after", None)):
+        out = Path(tempfile.mkstemp(prefix=f"vmf-ovh-{label}-", suffix=".json")[1])
+        env = dict(os.environ)
+        if src is not None:
+            env["PYTHONPATH"] = os.pathsep.join([str(src), env.get("PYTHONPATH", "")])
+        run = [sys.executable, __file__, *argv, "--label", label, "--out", str(out)]
+        subprocess.run(run, check=True, env=env)
+        runs.append(json.loads(out.read_text()))
+        out.unlink()
+    keys = [k for k, v in runs[0]["summary"].items() if not isinstance(v, dict)]
+    print(f"{'':24} {'before':>10} {'after':>10}")
+    for key in [*keys, "startup_ms", "vm_list_ms"]:
+        values = [r["summary"].get(key, r["fixed"].get(key)) for r in runs]
+        print(f"{key:24} {values[0]!s:>10} {values[1]!s:>10}")
+    for r in runs:
+        print(r["label"], "overhead split (ms):", r["summary"]["overhead_split_ms"])
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--memory", default="512M")
@@ -142,7 +181,14 @@ async def main() -> None:
     parser.add_argument("--pause", type=float, default=4.0, help="seconds between moves")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", type=Path, default=Path("bench/results/cli_overhead.json"))
+    parser.add_argument("--compare", type=Path, help="vmferry sources to measure first")
     args = parser.parse_args()
+    if args.compare is not None:
+        argv = sys.argv[1:]
+        at = argv.index("--compare")
+        compare(args.compare.resolve(), argv[:at] + argv[at + 2 :])
+        return
+    compile_bytecode()
 
     lab_dir = Path(tempfile.mkdtemp(prefix="vmf-ovh-"))
     try:
