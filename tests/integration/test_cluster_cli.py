@@ -56,8 +56,14 @@ def test_live_and_cold_migrations_through_the_cli(lab_dir: Path) -> None:
     assert live["guest_downtime_ms"] is not None
     assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [("vm1", "host-2", "running")]
 
+    # At once back to host-1, where the handed-off QEMU may still be exiting.
     cold = lab.ok("migrate", "vm1", "--to", "host-1", "--strategy", "cold", "--no-plan")
     assert cold["status"] == "completed", cold["error"]
+    # The handoff answered once the source QEMU was told to quit; it exited meanwhile.
+    deadline = time.monotonic() + 5.0
+    while created["pid"] in _qemu_pids() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert created["pid"] not in _qemu_pids(), "the handed-off source QEMU did not exit"
     assert cold["strategy"] == "cold"
     assert cold["integrity"]["ok"] is True
     assert cold["integrity"]["bad_pages"] == 0

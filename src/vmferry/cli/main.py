@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import NoReturn, TextIO
 
 from rich.console import Console
 from rich.text import Text
@@ -18,7 +19,7 @@ from vmferry.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from vmferry.cli.parser import build_parser
 from vmferry.core.errors import ConfigError, FerryError
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 # Columns of output that goes to a pipe or a log (no terminal to fit).
 _LOG_WIDTH = 160
@@ -82,5 +83,19 @@ def main(
         return EXIT_INTERRUPTED
 
 
+def entry() -> NoReturn:
+    """The console script: :func:`main`, then exit without tearing the interpreter down.
+
+    Freeing every module and object at exit takes 20-40 ms that nothing needs (the command
+    is done, its files closed); logs and output are flushed first.
+    """
+    status = main()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -7,6 +7,7 @@ strategy (choosing one for ``auto`` from the plan) and finds its prediction.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,14 +110,30 @@ class MigrationRequest:
 async def precheck(
     cluster: Cluster, request: MigrationRequest
 ) -> tuple[VmInfo, AgentPort, AgentPort]:
+    """Where the VM runs, and both agents; refuses a move that cannot start.
+
+    The VM is looked for and the destination asked about itself at once (one round trip less
+    before the move starts); errors are raised in the order the checks read.
+
+    Raises:
+        ConfigError: unknown VM or host, the VM is there already, no room or hardware for it,
+            no QEMU TLS credentials for ``--tls``.
+        StateError: the VM is not running.
+        FerryError: an agent did not answer.
+    """
     destination = cluster.client(request.destination)
-    info = await cluster.locate(request.vm)
+    info, host = await asyncio.gather(
+        cluster.locate(request.vm), destination.host_info(), return_exceptions=True
+    )
+    if isinstance(info, BaseException):
+        raise info
     if info.host == request.destination:
         raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
     if info.state != "running":
         raise StateError(f"VM {request.vm}", info.state, "running (one migration at a time)")
+    if isinstance(host, BaseException):
+        raise host
     spec = spec_of(info)
-    host = await destination.host_info()
     if spec.memory_bytes > host.memory_free_bytes:
         raise ConfigError(
             f"{request.destination} has {host.memory_free_bytes >> 20} MiB free; "
