@@ -180,8 +180,9 @@ class Calibration:
 
     def _refined_felt(self, samples: Sequence[CalibrationSample]) -> Calibration:
         """The guest-felt constants: pre-copy samples shift the resume by the median of
-        (felt - QEMU's downtime - resume), multifd ones its flush alike; post-copy and hybrid samples scale the fault chain
-        by actual / predicted stall beyond the switch and the resume."""
+        (felt - QEMU's downtime - resume), multifd ones its flush alike; post-copy and hybrid
+        samples scale the fault chain by actual / predicted stall beyond the switch and the
+        resume."""
         resume_errors: list[float] = []
         flush_errors: list[float] = []
         chain_ratios: list[float] = []
