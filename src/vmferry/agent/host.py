@@ -426,7 +426,6 @@ class HostAgent:
 
     async def handoff(self, name: str) -> None:
         """End the source QEMU after a completed migration; the guest lives elsewhere now.
-        Answers once QEMU was told to quit and the VM is forgotten here (it exits meanwhile).
 
         Raises:
             NotFound: no such VM.

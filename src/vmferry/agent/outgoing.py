@@ -344,27 +344,9 @@ class Outgoings:
         logger.warning("migration.source_resumed %s", name)
 
     async def handoff(self, name: str) -> None:
-        """See :meth:`HostAgent.handoff`: the source QEMU is told to quit and this host
-        forgets the VM at once; its exit (~0.1 s for a large RAM) is awaited in the background.
-        Paused in ``postmigrate`` and signalled, it never runs the guest again."""
-        slot = self.slots.get(name)
-        if slot.state != VmState.MIGRATED:
-            raise StateError(f"VM {name}", slot.state.value, VmState.MIGRATED.value)
-        vm = slot.vm
-        if vm is not None:
-            vm.process.terminate()
-        self.launcher.drop(name, self.store.owned_disk(slot.spec))
-        if vm is not None:
-            self.spawn(_reap(vm), f"reap-{name}")
+        """See :meth:`HostAgent.handoff`."""
+        await self.launcher.retire(name, VmState.MIGRATED)
         logger.info("migration.handed_off %s", name)
-
-
-async def _reap(vm: RunningVm) -> None:
-    """Wait for a handed-off source QEMU to exit (SIGKILL after a grace period)."""
-    try:
-        await vm.stop()
-    except (FerryError, OSError) as err:  # (a task of the agent's group must not fail it)
-        logger.warning("migration.source_not_reaped %s: %s", vm.spec.name, err)
 
 
 _CANCELLABLE = frozenset({OutgoingState.DISK_COPY, OutgoingState.RAM, OutgoingState.SYNCED})

@@ -178,13 +178,6 @@ class QemuProcess:
                 await asyncio.sleep(_POLL_S)
         self.logger.info("qemu.stopped pid=%s (adopted)", pid)
 
-    def terminate(self) -> None:
-        """Tell QEMU to quit (SIGTERM) without waiting for it: :meth:`stop` still reaps it."""
-        pid = self.pid
-        if pid is not None and self.is_running:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-
     async def stop(self, grace_s: float = 3.0) -> None:
         """End QEMU: SIGTERM, then SIGKILL after ``grace_s``; always reaps.
 
