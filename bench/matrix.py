@@ -135,12 +135,17 @@ def replot(args: argparse.Namespace) -> int:
     for cell in results["cells"]:
         for record in cell["runs"].values():
             derive(record, cell["goal_ms"], cell["deadline_s"])
+    _finish(results, args)
+    print(f"wrote {args.out} and {args.png}")
+    return 0
+
+
+def _finish(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Summarize, write the JSON, draw the PNG and print the tables."""
     results["summary"] = summarize(results["cells"], args.strategies)
     write_json(args.out, results)
     plot(results, args.png)
     _report(results, args)
-    print(f"wrote {args.out} and {args.png}")
-    return 0
 
 
 def _shape(cell: Cell, netns: bool, runner: asyncio.Runner, lab_dir: Path) -> None:
@@ -311,10 +316,7 @@ def main() -> int:
             runner.run(lab_down(lab_dir))
             shutil.rmtree(lab_dir, ignore_errors=True)
     results["elapsed_s"] = round(time.monotonic() - started)
-    results["summary"] = summarize(results["cells"], args.strategies)
-    write_json(args.out, results)
-    plot(results, args.png)
-    _report(results, args)
+    _finish(results, args)
     print(f"elapsed {results['elapsed_s'] / 60:.1f} min; wrote {args.out} and {args.png}")
     return 0
 
