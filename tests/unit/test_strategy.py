@@ -333,6 +333,19 @@ def test_replan_cancels_rather_than_switch_into_a_stall_over_the_goal() -> None:
     )
 
 
+def test_replan_leaves_a_slow_precopy_the_link_still_outpaces() -> None:
+    """Pending hovers, but the guest dirties 16 MB/s of a 25 MB/s link: slow, not stuck (a
+    4 GiB guest rewriting zero pages converged after 47 s this way)."""
+    history = [sample(1000, 900_000_000, 1, throughput=25_000_000, dirty=16_000_000)]
+    for i in range(2, 8):
+        history.append(
+            sample(
+                1000 * i, 83_000_000, i, throughput=25_000_000, dirty=16_000_000, expected_ms=3000
+            )
+        )
+    assert replan("precopy", history, CONVERGING, Goal(300)).action is Action.CONTINUE
+
+
 def test_replan_acts_sooner_when_the_prediction_agreed() -> None:
     history = stalled_history(syncs=2)
     assert replan("precopy", history, CONVERGING, Goal(300)).action is Action.CONTINUE

@@ -68,6 +68,8 @@ _STALL_SYNCS = 3
 _STALL_SYNCS_THROTTLED = 6  # auto-converge needs a few syncs to raise its throttle
 _STALL_SYNCS_PREDICTED = 2  # the prediction already said it would not converge
 _MIN_SHRINK = 0.10
+# ... and only while the guest dirties at least this share of what is sent.
+_OUTPACED_SHARE = 0.8
 # The controller switches a hybrid after the first pass (QEMU's second dirty-bitmap sync).
 _HYBRID_SWITCH_SYNC = 2
 
@@ -344,7 +346,8 @@ def replan(
     A pre-copy-like migration is *stalled* when, over the last few dirty-bitmap syncs after the
     first pass (3; 6 for auto-converge, which needs syncs to raise its throttle; 2 when the
     prediction already said it would not converge), the pending bytes did not shrink by 10 %
-    while QEMU still expected more downtime than the goal. It *misses the deadline* when the time
+    while QEMU still expected more downtime than the goal and the guest dirtied at least 80 %
+    of what was sent. It *misses the deadline* when the time
     left at the current net rate (sent minus dirtied) does not fit before it, or when the deadline
     has passed. Either way: switch to post-copy when the goal allows it (the switch itself pauses
     the guest only for the device state, then its page faults stall it) when the goal allows it
@@ -434,6 +437,10 @@ def _stall(
     if latest.remaining_bytes < first.remaining_bytes * (1.0 - _MIN_SHRINK):
         return None
     if min(_expected_downtime_ms(s) for s in recent) <= goal.max_downtime_ms:
+        return None
+    if latest.dirty_rate_bps < latest.throughput_bps * _OUTPACED_SHARE:
+        # The link still outpaces the guest: slow, not stuck (a big guest rewriting zero pages
+        # hovered for a while, then converged); the deadline check covers slowness.
         return None
     as_predicted = " as predicted" if not prediction.converges else ""
     return (
