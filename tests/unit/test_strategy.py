@@ -346,6 +346,31 @@ def test_replan_leaves_a_slow_precopy_the_link_still_outpaces() -> None:
     assert replan("precopy", history, CONVERGING, Goal(300)).action is Action.CONTINUE
 
 
+def test_replan_counts_only_dirtied_pages_that_go_as_data() -> None:
+    """QEMU says the guest dirties 1.2 GB/s, but it rewrites zeros: the pages re-sent after
+    the first pass went as zero flags, so the link keeps up and the deadline is not missed.
+    The same rate of data pages would miss it."""
+
+    def history(zeros_per_s: int, data_per_s: int) -> list[Progress]:
+        samples = []
+        for i in range(1, 8):
+            samples.append(
+                dataclasses.replace(
+                    sample(1000 * i, 83_000_000, i, throughput=19_000_000, dirty=1_200_000_000),
+                    zero_pages=zeros_per_s * i,
+                    normal_pages=data_per_s * i,
+                )
+            )
+        return samples
+
+    goal = Goal(300, deadline_ms=78_000)
+    zeros = replan("precopy", history(290_000, 2_000), CONVERGING, goal)
+    assert zeros.action is Action.CONTINUE, zeros.reason
+    data = replan("precopy", history(2_000, 4_600), CONVERGING, goal)
+    assert data.action is Action.SWITCH_TO_POSTCOPY
+    assert "stalled" in data.reason
+
+
 def test_replan_acts_sooner_when_the_prediction_agreed() -> None:
     history = stalled_history(syncs=2)
     assert replan("precopy", history, CONVERGING, Goal(300)).action is Action.CONTINUE

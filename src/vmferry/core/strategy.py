@@ -293,6 +293,7 @@ class Progress:
         iterations: QEMU's dirty-bitmap sync count.
         expected_downtime_ms: QEMU's own estimate, if it gave one.
         is_postcopy: post-copy already runs (nothing to re-plan).
+        normal_pages, zero_pages: pages QEMU sent as data and as zero flags so far.
     """
 
     elapsed_ms: int
@@ -303,6 +304,8 @@ class Progress:
     iterations: int
     expected_downtime_ms: int | None
     is_postcopy: bool = False
+    normal_pages: int = 0
+    zero_pages: int = 0
 
     @classmethod
     def from_stats(cls, stats: MigrationStats) -> Progress:
@@ -316,6 +319,8 @@ class Progress:
             iterations=stats.iterations,
             expected_downtime_ms=stats.expected_downtime_ms,
             is_postcopy=stats.status.is_postcopy,
+            normal_pages=stats.normal_pages,
+            zero_pages=stats.zero_pages,
         )
 
 
@@ -378,7 +383,7 @@ def replan(
     if name == "hybrid" and goal.allow_postcopy and last.iterations >= _HYBRID_SWITCH_SYNC:
         return Replan(Action.SWITCH_TO_POSTCOPY, "hybrid: first pass done, switching to post-copy")
 
-    trouble = _stall(name, history, prediction, goal) or _deadline_miss(last, goal)
+    trouble = _stall(name, history, prediction, goal) or _deadline_miss(history, goal)
     if trouble is None:
         return Replan(Action.CONTINUE, _on_track(last, prediction))
     stall_ms = prediction.switch_felt_ms
@@ -438,7 +443,7 @@ def _stall(
         return None
     if min(_expected_downtime_ms(s) for s in recent) <= goal.max_downtime_ms:
         return None
-    if latest.dirty_rate_bps < latest.throughput_bps * _OUTPACED_SHARE:
+    if _data_dirty_bps(history) < latest.throughput_bps * _OUTPACED_SHARE:
         # The link still outpaces the guest: slow, not stuck (a big guest rewriting zero pages
         # hovered for a while, then converged); the deadline check covers slowness.
         return None
@@ -450,7 +455,21 @@ def _stall(
     )
 
 
-def _deadline_miss(last: Progress, goal: Goal) -> str | None:
+def _data_dirty_bps(history: Sequence[Progress]) -> float:
+    """The guest's dirty rate in bytes that cost the link: QEMU's figure times the share of
+    the pages re-sent since the first pass that went as data (a page rewritten with zeros
+    goes as a flag)."""
+    last = history[-1]
+    first = next((s for s in history if s.iterations >= 2), last)
+    data = last.normal_pages - first.normal_pages
+    zeros = last.zero_pages - first.zero_pages
+    if data < 0 or zeros < 0 or data + zeros <= 0:
+        return float(last.dirty_rate_bps)
+    return last.dirty_rate_bps * data / (data + zeros)
+
+
+def _deadline_miss(history: Sequence[Progress], goal: Goal) -> str | None:
+    last = history[-1]
     if goal.deadline_ms is None:
         return None
     if last.elapsed_ms >= goal.deadline_ms:
@@ -459,11 +478,12 @@ def _deadline_miss(last: Progress, goal: Goal) -> str | None:
         # During the first pass the pending bytes include zero pages not yet scanned, which
         # cost almost nothing: a projection from them would be far too pessimistic.
         return None
-    net_bps = last.throughput_bps - last.dirty_rate_bps
+    dirty_bps = _data_dirty_bps(history)
+    net_bps = last.throughput_bps - dirty_bps
     if net_bps <= 0:
         return (
             f"will miss the {format_ms(goal.deadline_ms)} deadline: the guest dirties "
-            f"{format_bytes(last.dirty_rate_bps)}/s, faster than "
+            f"{format_bytes(round(dirty_bps))}/s, faster than "
             f"{format_bytes(last.throughput_bps)}/s sent"
         )
     finish_ms = last.elapsed_ms + last.remaining_bytes * 1000.0 / net_bps
