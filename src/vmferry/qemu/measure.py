@@ -225,21 +225,31 @@ def chunk_addresses(ram_bytes: int, chunks: int, chunk_bytes: int) -> list[int]:
     """Guest-physical start addresses of ``chunks`` chunks spread evenly over low RAM.
 
     RAM in ``[1 MiB, min(ram, 2 GiB))`` is cut into ``chunks`` equal strata and one chunk is
-    centred in each, page-aligned. Fewer chunks are returned when they would not fit.
+    centred in each, page-aligned (:func:`spread_chunks`). Fewer chunks are returned when they
+    would not fit.
 
     Raises:
         ConfigError: ``chunks`` or ``chunk_bytes`` are not positive, ``chunk_bytes`` is not a
             multiple of 4 KiB, or not even one chunk fits.
     """
+    return spread_chunks(_LOW_RAM_START, min(ram_bytes, _LOW_RAM_END), chunks, chunk_bytes)
+
+
+def spread_chunks(low: int, high: int, chunks: int, chunk_bytes: int) -> list[int]:
+    """Starts of ``chunks`` page-aligned chunks, one centred in each of as many equal strata
+    of ``[low, high)``; fewer when they would not fit.
+
+    Raises:
+        ConfigError: bad geometry (see :func:`chunk_addresses`), or not even one chunk fits.
+    """
     if chunks <= 0 or chunk_bytes <= 0 or chunk_bytes % PAGE_SIZE_BYTES:
         raise ConfigError(
             f"need chunks > 0 and a positive multiple of 4 KiB, got {chunks} x {chunk_bytes}"
         )
-    low, high = _LOW_RAM_START, min(ram_bytes, _LOW_RAM_END)
     span = high - low
     chunks = min(chunks, span // chunk_bytes) if span > 0 else 0
     if chunks <= 0:
-        raise ConfigError(f"a {chunk_bytes}-byte chunk does not fit in {ram_bytes} bytes of RAM")
+        raise ConfigError(f"a {chunk_bytes}-byte chunk does not fit in {high} bytes of RAM")
     stratum = span / chunks
     addresses = []
     for index in range(chunks):
@@ -341,24 +351,15 @@ def _inspect_bytes(data: bytes) -> tuple[int, int, int, int]:
 async def sample_ram_file(
     ram_file: Path, *, ram_bytes: int, chunks: int = 512, chunk_bytes: int = 32 << 10
 ) -> MemorySample:
-    """Sample guest RAM through its memfd (``/proc/<pid>/fd/<n>``): ``chunks`` chunks centred
-    in equal strata of the whole file (RAM above 4 GiB included), read with ``pread`` in a
+    """Sample guest RAM through its memfd (``/proc/<pid>/fd/<n>``): ``chunks`` chunks spread
+    over the whole file (:func:`spread_chunks`; RAM above 4 GiB included), read with ``pread`` in a
     thread. Reading allocates none of the guest's untouched pages.
 
     Raises:
         ConfigError: bad chunk geometry.
         MeasurementError: the file cannot be read.
     """
-    if chunks <= 0 or chunk_bytes <= 0 or chunk_bytes % PAGE_SIZE_BYTES:
-        raise ConfigError(
-            f"need chunks > 0 and a positive multiple of 4 KiB, got {chunks} x {chunk_bytes}"
-        )
-    chunks = max(1, min(chunks, ram_bytes // chunk_bytes))
-    stratum = ram_bytes / chunks
-    offsets = [
-        max(0, int(stratum * (i + 0.5) - chunk_bytes / 2)) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
-        for i in range(chunks)
-    ]
+    offsets = spread_chunks(0, ram_bytes, chunks, chunk_bytes)
 
     def read_all() -> MemorySample:
         totals = [0, 0, 0, 0]
