@@ -212,6 +212,9 @@ def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     rate_bps = report["transferred_bytes"] / (report["total_ms"] / 1000)
     assert rate_bps < 25e6 * 1.1, rate_bps
     assert lab.vms()[0]["host"] == "host-2"
+    # The source agent kept the stream's unsent bytes small (the guest waits for them).
+    agent_log = (lab_dir / "hosts" / "host-1" / "agent.log").read_text()
+    assert "migration.unsent_limited" in agent_log, agent_log[-2000:]
 
 
 @pytest.mark.solo  # measured dirty rate and bandwidth decide the plan: no other guest beside it

@@ -113,40 +113,40 @@ def test_postcopy_survives_link_cuts(lab_dir: Path) -> None:
     lab.ok("vm", "create", "vm1", "--host", "host-1", "--workload", WORKLOAD)
 
     # A cut longer than the 2 s a post-copy may be quiet (a shorter one TCP rides out alone).
-    for source, destination, cut_s in (("host-1", "host-2", 3.0), ("host-2", "host-1", 10.0)):
-        code, report, log, after_s = asyncio.run(
-            _migrate_with_cut(lab, "vm1", source, destination, cut_s)
-        )
-        recovered = re.findall(r"migration\.recovered vm1 in ([0-9.]+) s", log)
-        print(
-            f"cut {cut_s:g} s: recoveries={report['recoveries']} recovered_in={recovered} "
-            f"done {after_s:.1f} s after restore, total {report['total_ms']} ms, "
-            f"guest downtime {report['guest_downtime_ms']} ms"
-        )
-        assert code == 0, log[-3000:]
-        assert report["status"] == "completed", report["error"]
-        assert report["strategy"] == "postcopy"
-        assert report["recoveries"] >= 1, log[-3000:]
-        assert report["integrity"]["ok"] is True
-        assert report["integrity"]["bad_pages"] == 0
-        assert report["guest_alive"] is True
-        # Exactly one VM, running where it was sent.
-        assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
-            ("vm1", destination, "running")
-        ]
+    source, destination, cut_s = "host-1", "host-2", 6.0
+    code, report, log, after_s = asyncio.run(
+        _migrate_with_cut(lab, "vm1", source, destination, cut_s)
+    )
+    recovered = re.findall(r"migration\.recovered vm1 in ([0-9.]+) s", log)
+    print(
+        f"cut {cut_s:g} s: recoveries={report['recoveries']} recovered_in={recovered} "
+        f"done {after_s:.1f} s after restore, total {report['total_ms']} ms, "
+        f"guest downtime {report['guest_downtime_ms']} ms"
+    )
+    assert code == 0, log[-3000:]
+    assert report["status"] == "completed", report["error"]
+    assert report["strategy"] == "postcopy"
+    assert report["recoveries"] >= 1, log[-3000:]
+    assert report["integrity"]["ok"] is True
+    assert report["integrity"]["bad_pages"] == 0
+    assert report["guest_alive"] is True
+    # Exactly one VM, running where it was sent.
+    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
+        ("vm1", destination, "running")
+    ]
 
     # A cut that outlasts the limit: a clear failure, and the source copy is never started.
     code, report, log, _ = asyncio.run(
-        _migrate_with_cut(lab, "vm1", "host-1", "host-2", None, limit_s=4)
+        _migrate_with_cut(lab, "vm1", "host-2", "host-1", None, limit_s=4)
     )
     assert code == 1, log[-3000:]
     assert report["status"] == "failed"
-    assert report["running_on"] == "host-2"
+    assert report["running_on"] == "host-1"
     assert report["guest_alive"] is False
     assert "not recovered within 4 s" in report["error"]
     assert "never started" in report["error"]
     states = {(v["host"], v["state"]) for v in lab.vms()}
-    assert states == {("host-1", "migrating"), ("host-2", "incoming")}, states
+    assert states == {("host-2", "migrating"), ("host-1", "incoming")}, states
     assert len(existing_namespaces()) == 2
 
 
@@ -207,7 +207,6 @@ def test_postcopy_survives_aborted_connections(lab_dir: Path) -> None:
     for source, destination, inside in (
         ("host-1", "host-2", "host-1"),
         ("host-2", "host-1", "host-1"),
-        ("host-1", "host-2", "host-2"),
     ):
         code, report, log, killed = asyncio.run(
             _migrate_with_abort(lab, "vm1", source, destination, inside)

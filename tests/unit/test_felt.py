@@ -8,7 +8,14 @@ import pytest
 
 from vmferry.core.calibration import Calibration, CalibrationSample
 from vmferry.core.errors import ConfigError
-from vmferry.core.felt import fault_latency_ms, postcopy_felt_ms, precopy_felt_ms
+from vmferry.core.felt import (
+    MULTIFD_STREAMS,
+    NOTSENT_LOWAT_BYTES,
+    drain_ms,
+    fault_latency_ms,
+    postcopy_felt_ms,
+    precopy_felt_ms,
+)
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import Prediction
 from vmferry.core.predict import predict, predict_all
@@ -34,8 +41,19 @@ def guest(
     )
 
 
-def test_precopy_felt_adds_the_resume() -> None:
-    assert precopy_felt_ms(downtime_ms=40, cal=CAL) == 40 + CAL.resume_felt_ms
+def test_precopy_felt_adds_the_drain_and_the_resume() -> None:
+    m = guest()
+    one = (NOTSENT_LOWAT_BYTES + CAL.link_queue_bytes) / (LINK_BPS / 1000)
+    assert drain_ms(m, CAL) == pytest.approx(one)
+    assert precopy_felt_ms(m, downtime_ms=40, cal=CAL) == round(40 + CAL.resume_felt_ms + one)
+    # Multifd waits for both channels' unsent bytes and its flush.
+    both = drain_ms(m, CAL, streams=MULTIFD_STREAMS)
+    assert precopy_felt_ms(m, downtime_ms=40, cal=CAL, multifd=True) == round(
+        40 + CAL.resume_felt_ms + both + CAL.multifd_flush_ms
+    )
+    # On a link faster than QEMU sends the drain is nothing to speak of.
+    fast = dataclasses.replace(m, bandwidth_bps=10_000_000_000)
+    assert precopy_felt_ms(fast, downtime_ms=40, cal=CAL) == 40 + CAL.resume_felt_ms
 
 
 def test_fault_latency_is_service_wire_and_queue() -> None:
@@ -137,4 +155,6 @@ def test_refined_learns_multifd_flush_apart_from_the_resume() -> None:
     assert refined.resume_felt_ms == CAL.resume_felt_ms
     p = predict("multifd", guest(), downtime_limit_ms=70, cal=refined)
     assert p.downtime_ms is not None
-    assert p.guest_downtime_ms == p.downtime_ms + refined.resume_felt_ms + refined.multifd_flush_ms
+    beyond_ms = refined.resume_felt_ms + refined.multifd_flush_ms
+    drained_ms = drain_ms(guest(), refined, streams=MULTIFD_STREAMS)
+    assert p.guest_downtime_ms == round(p.downtime_ms + beyond_ms + drained_ms)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vmferry.core.errors import ConfigError
+from vmferry.core.felt import drain_ms
 from vmferry.core.model import Prediction
 from vmferry.core.predict import (
     STRATEGY_NAMES,
@@ -214,7 +215,8 @@ def test_to_prediction() -> None:
     assert p.to_prediction() == Prediction(
         p.total_ms or 0, p.downtime_ms or 0, p.transferred_bytes or 0, p.guest_downtime_ms
     )
-    assert p.guest_downtime_ms == (p.downtime_ms or 0) + CAL.resume_felt_ms
+    felt_ms = (p.downtime_ms or 0) + CAL.resume_felt_ms + drain_ms(SHAPED, CAL)
+    assert p.guest_downtime_ms == round(felt_ms)
     assert _p("precopy", OVERRUN).to_prediction() is None
 
 

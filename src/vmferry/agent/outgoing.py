@@ -44,6 +44,7 @@ from vmferry.qemu.migration import (
     start_postcopy,
 )
 from vmferry.qemu.qcow2 import allocated_bytes
+from vmferry.qemu.sockets import UnsentLimiter, uri_host
 from vmferry.qemu.tls import add_creds, migration_tls_creds
 
 __all__ = ["Outgoings"]
@@ -163,7 +164,12 @@ class Outgoings:
             async def hook() -> None:
                 await self._hand_over_disk(slot, vm)
 
+        pid = vm.process.pid
+        limiter = None if pid is None else UnsentLimiter(pid, uri_host(uri))
+
         def push(stats: MigrationStats) -> None:
+            if limiter is not None:  # multifd and post-copy open channels as they go
+                limiter.apply()
             if stats.status.is_postcopy and outgoing.state is not OutgoingState.POSTCOPY:
                 self.store.mark(vm.paths.directory, Marker.POSTCOPY)  # never resume here
                 outgoing.move(OutgoingState.POSTCOPY)

@@ -63,9 +63,9 @@ class Calibration:
             ``refined`` (1.0 = the reference machine).
         resume_felt_ms: what the guest feels beyond QEMU's pause when it runs again on the
             destination (comparison of the held copy, ``cont``, the first tick there).
-        multifd_flush_ms: what a multifd move's guest feels beyond that: the channels are
-            flushed and the destination decompresses what was in flight after QEMU stopped
-            counting its downtime (~50-480 ms in the matrix bench, learnt from history).
+        multifd_flush_ms: what a multifd move's guest feels beyond that and the channels'
+            unsent bytes: the destination decompresses what was in flight after QEMU stopped
+            counting its downtime (~0-120 ms here, learnt from history).
         fault_service_ms: one post-copy page fault's handling by both QEMUs (0.6 ms here).
         link_queue_bytes: what stands queued at the sending link in front of a fault's page
             on a link slower than QEMU (~36 KB on the lab's shaped links: TCP's packets in
@@ -88,7 +88,7 @@ class Calibration:
     xbzrle_overhead: float = 0.05
     time_scale: float = 1.0
     resume_felt_ms: int = 30
-    multifd_flush_ms: int = 150
+    multifd_flush_ms: int = 80
     fault_service_ms: float = 0.6
     link_queue_bytes: int = 36_000
     fault_chain: float = 350.0
@@ -190,12 +190,9 @@ class Calibration:
             felt_ms, qemu_ms = sample.actual_guest_downtime_ms, sample.actual_downtime_ms
             if felt_ms is None or qemu_ms is None or sample.strategy == "cold":
                 continue
-            beyond_ms = float(felt_ms - qemu_ms - self.resume_felt_ms)
-            if sample.strategy == "multifd":
-                flush_errors.append(beyond_ms - self.multifd_flush_ms)
-                continue
             if sample.strategy not in ("postcopy", "hybrid"):
-                resume_errors.append(beyond_ms)
+                error_ms = self._beyond_error_ms(sample, felt_ms - qemu_ms)
+                (flush_errors if sample.strategy == "multifd" else resume_errors).append(error_ms)
                 continue
             base_ms = self.postcopy_switchover_ms + self.resume_felt_ms
             predicted_ms = sample.predicted.guest_downtime_ms
@@ -208,6 +205,16 @@ class Calibration:
             multifd_flush_ms=max(0, round(self.multifd_flush_ms + _shrunk_shift(flush_errors))),
             fault_chain=self.fault_chain * _shrunk_ratio(chain_ratios),
         )
+
+    def _beyond_error_ms(self, sample: CalibrationSample, beyond_ms: int) -> float:
+        """How far what the guest felt beyond QEMU's pause was from what the prediction put
+        there (the drain, the resume, a multifd flush); old records without the felt
+        prediction are judged against the resume (and flush) alone."""
+        predicted = sample.predicted
+        if predicted.guest_downtime_ms is not None:
+            return float(beyond_ms - (predicted.guest_downtime_ms - predicted.downtime_ms))
+        flush_ms = self.multifd_flush_ms if sample.strategy == "multifd" else 0
+        return float(beyond_ms - self.resume_felt_ms - flush_ms)
 
 
 def _shrunk_ratio(ratios: Sequence[float]) -> float:

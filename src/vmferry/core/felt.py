@@ -6,6 +6,10 @@ QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, a
 * **pre-copy-like** (and cold): the pause, plus resuming on the destination (the held copy's
   comparison, ``cont``, the first timer tick there): ``Calibration.resume_felt_ms``; multifd
   also flushes its channels after QEMU stopped counting (``Calibration.multifd_flush_ms``).
+  QEMU also stops counting once the last bytes are in its sockets, not across the link: each
+  stream still holds up to :data:`NOTSENT_LOWAT_BYTES` unsent (the agent keeps it that small:
+  :mod:`vmferry.qemu.sockets`) plus what is in flight, which the guest waits for
+  (:func:`drain_ms`).
 * **post-copy and hybrid**: the switch (device state only), the same resume, then page faults.
   Every page the guest touches that is still on the source is fetched by one request over the
   link; the page comes back on the preempt channel (without it a fault waits behind the bulk
@@ -21,8 +25,8 @@ QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, a
   (``Calibration.writer_chain``, scaled by how much of its dirty set is still missing). More
   vCPUs did not shorten it (measured: ``bench/stalls.py``).
 
-So the longest stall is ``switch + resume + chain x fault latency``. The chain is learnt from
-history (:meth:`vmferry.core.calibration.Calibration.refined`); the link's queue can also be
+So the longest stall is ``switch + drain + resume + chain x fault latency``. The chain is learnt
+from history (:meth:`vmferry.core.calibration.Calibration.refined`); the link's queue can also be
 measured (``Measurement.link_queue_ms``: the delay a small packet sees behind a bulk transfer on
 this path).
 
@@ -32,12 +36,12 @@ Example:
     >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.8, compress_ratio=1.0,
     ...                 dirty_rate_bps=0, bandwidth_bps=25_000_000)  # 200 Mbit/s
     >>> cal = Calibration.default()
-    >>> precopy_felt_ms(downtime_ms=20, cal=cal)
-    50
+    >>> precopy_felt_ms(m, downtime_ms=20, cal=cal)  # 20 + 30 + (131,072 + 36,000) / 25,000
+    57
     >>> round(fault_latency_ms(m, cal), 2)  # 0.6 + (36,000 + 4,096) / 25,000 bytes per ms
     2.2
-    >>> postcopy_felt_ms(m, cal, missing_share=1.0)  # 1 + 30 + 350 x 2.2
-    802
+    >>> postcopy_felt_ms(m, cal, missing_share=1.0)  # 1 + 30 + 7 (drain) + 350 x 2.2
+    809
 """
 
 from __future__ import annotations
@@ -45,28 +49,56 @@ from __future__ import annotations
 from vmferry.core.calibration import Calibration
 from vmferry.core.measurement import Measurement
 
-__all__ = ["PAGE_BYTES", "fault_latency_ms", "postcopy_felt_ms", "precopy_felt_ms"]
+__all__ = [
+    "MULTIFD_STREAMS",
+    "NOTSENT_LOWAT_BYTES",
+    "PAGE_BYTES",
+    "drain_ms",
+    "fault_latency_ms",
+    "postcopy_felt_ms",
+    "precopy_felt_ms",
+]
 
 PAGE_BYTES = 4096
+# What a migration socket may hold unsent (``TCP_NOTSENT_LOWAT``, set by the source agent):
+# ~20 ms at 50 Mbit/s, nothing at 10 Gbit/s. Without it Linux lets ~1-4 MB wait there.
+NOTSENT_LOWAT_BYTES = 128 << 10
+# Streams whose unsent bytes a multifd switch waits for (its two channels; the main one is idle).
+MULTIFD_STREAMS = 2
 
 
-def precopy_felt_ms(*, downtime_ms: float, cal: Calibration, multifd: bool = False) -> int:
-    """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``; a
-    multifd move's also waits for its channels' flush."""
-    return round(downtime_ms + cal.resume_felt_ms + (cal.multifd_flush_ms if multifd else 0))
+def precopy_felt_ms(
+    m: Measurement, *, downtime_ms: float, cal: Calibration, multifd: bool = False
+) -> int:
+    """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``: the
+    last pass's bytes still to cross the link, the resume, and a multifd move's flush."""
+    if multifd:
+        extra_ms = drain_ms(m, cal, streams=MULTIFD_STREAMS) + cal.multifd_flush_ms
+    else:
+        extra_ms = drain_ms(m, cal)
+    return round(downtime_ms + cal.resume_felt_ms + extra_ms)
+
+
+def drain_ms(m: Measurement, cal: Calibration, *, streams: int = 1) -> float:
+    """How long the bytes QEMU already handed to its ``streams`` sockets (unsent, and queued
+    at the sending link) take to cross the link after it stopped counting."""
+    return streams * NOTSENT_LOWAT_BYTES / (m.bandwidth_bps / 1000.0) + _queue_ms(m, cal)
+
+
+def _queue_ms(m: Measurement, cal: Calibration) -> float:
+    """The wait behind the bytes queued at the sending link (none on a link faster than QEMU
+    sends), measured or from the calibration."""
+    if m.link_queue_ms is not None:
+        return m.link_queue_ms
+    if m.bandwidth_bps >= cal.qemu_throughput_bps:
+        return 0.0
+    return cal.link_queue_bytes / (m.bandwidth_bps / 1000.0)
 
 
 def fault_latency_ms(m: Measurement, cal: Calibration) -> float:
     """One post-copy page fault: serviced by both QEMUs, then the page behind the bytes queued
     at the sending link (none on a link faster than QEMU sends)."""
-    bytes_per_ms = m.bandwidth_bps / 1000.0
-    if m.link_queue_ms is not None:
-        queue_ms = m.link_queue_ms
-    elif m.bandwidth_bps >= cal.qemu_throughput_bps:
-        queue_ms = 0.0
-    else:
-        queue_ms = cal.link_queue_bytes / bytes_per_ms
-    return cal.fault_service_ms + PAGE_BYTES / bytes_per_ms + queue_ms
+    return cal.fault_service_ms + PAGE_BYTES / (m.bandwidth_bps / 1000.0) + _queue_ms(m, cal)
 
 
 def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) -> int:
@@ -82,4 +114,6 @@ def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) 
     hot = cal.fault_chain * (1.0 if share >= 1.0 else cal.hybrid_hot_share)
     writer = cal.writer_chain * share if m.dirty_is_cpu_bound and m.dirty_rate_bps > 0 else 0.0
     stall_ms = (hot + writer) * fault_latency_ms(m, cal)
-    return round(cal.postcopy_switchover_ms + cal.resume_felt_ms + stall_ms)
+    # The device state follows the bulk stream's unsent bytes across the link.
+    switch_ms = cal.postcopy_switchover_ms + drain_ms(m, cal)
+    return round(switch_ms + cal.resume_felt_ms + stall_ms)

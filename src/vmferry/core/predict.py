@@ -233,7 +233,7 @@ def _live_precopy(
         run = _precopy(m, downtime_limit_ms, plain)
         headroom = _headroom(m, downtime_limit_ms, plain)
         note = _precopy_note(m, run, plain)
-        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
+        return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     if name == "multifd":
         # zstd is the limit once the link carries compressed pages, paused or not.
         zstd_bps = cal.multifd_compress_bps / plain.scale
@@ -248,7 +248,7 @@ def _live_precopy(
         gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(multifd_bps)} of guest memory"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
         headroom = _headroom(m, downtime_limit_ms, rates)
-        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
+        return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     if name == "xbzrle":
         cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
         rates = replace(
@@ -258,7 +258,7 @@ def _live_precopy(
         gain = f"re-sent pages cost ~{cost:.0%} of a page"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
         headroom = _headroom(m, downtime_limit_ms, rates)
-        return _from_run(name, run, cal, note, disk=disk, headroom=headroom)
+        return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
 
 
@@ -389,6 +389,7 @@ def _headroom(
 
 def _from_run(
     name: Mechanism,
+    m: Measurement,
     run: _Run,
     cal: Calibration,
     note: str,
@@ -415,7 +416,7 @@ def _from_run(
         dirty_headroom=headroom,
         disk_ms=disk.ms,
         guest_downtime_ms=precopy_felt_ms(
-            downtime_ms=downtime_ms, cal=cal, multifd=name == "multifd"
+            m, downtime_ms=downtime_ms, cal=cal, multifd=name == "multifd"
         ),
     )
 
@@ -447,12 +448,13 @@ def _auto_converge(
             else "vCPU throttling does not slow a paced dirtier"
         )
         note = f"dirties {format_rate(m.dirty_rate_bps)} over a {link} link; {why}: never converges"
-        return _from_run("auto-converge", run, cal, note, disk=disk, headroom=headroom)
+        return _from_run("auto-converge", m, run, cal, note, disk=disk, headroom=headroom)
     if run.throttle_pct == 0:
         note = f"no throttling needed; {_precopy_note(m, run, rates)}"
-        return _from_run("auto-converge", run, cal, note, disk=disk, headroom=headroom)
+        return _from_run("auto-converge", m, run, cal, note, disk=disk, headroom=headroom)
     return _from_run(
         "auto-converge",
+        m,
         run,
         cal,
         f"throttles the guest up to {run.throttle_pct} %; {_precopy_note(m, run, rates)}",
@@ -498,7 +500,7 @@ def _hybrid(
         # controller gets to switch.
         run = _Run(True, first_s, dirtied / rates.paused_bps, m.nonzero_bytes + dirtied, 3, dirtied)
         note = f"finishes as a pre-copy after one pass ({format_bytes(dirtied)} while paused)"
-        return _from_run("hybrid", run, cal, note, disk=disk)
+        return _from_run("hybrid", m, run, cal, note, disk=disk)
     # After the switch the mirror is gone: the pull has the whole link.
     pull_s = dirtied / idle.resend_bps * cal.postcopy_fault_overhead
     return StrategyPrediction(
@@ -538,5 +540,5 @@ def _cold(m: Measurement, cal: Calibration, idle: Rates) -> StrategyPrediction:
         risk=None,
         note=f"guest paused for the whole copy of {what}",
         disk_ms=disk.ms,
-        guest_downtime_ms=precopy_felt_ms(downtime_ms=total_ms, cal=cal),
+        guest_downtime_ms=precopy_felt_ms(m, downtime_ms=total_ms, cal=cal),
     )
