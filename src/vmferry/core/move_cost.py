@@ -1,0 +1,251 @@
+"""What a move costs at a share of a link, from the real predictor, memoized by buckets.
+
+The scheduler asks two questions of every move, many times: how long does it take at this
+bandwidth, and what is the least bandwidth at which it still converges and meets its downtime
+goal? Both come from :func:`vmferry.core.predict.predict` with a
+:class:`~vmferry.core.measurement.Measurement` whose bandwidth is the share, judged by
+:func:`vmferry.core.strategy.meets`. A prediction costs about a millisecond, so answers are
+memoized by buckets, rounded towards the harder case so that a bucket never promises more
+than its members get:
+
+* the VM: RAM up to a quarter octave, zero share down to 10 %, dirty rate up to a sixth of a
+  decade (and at least 1 MB/s), dirty set up to half an octave, the goal as is;
+* the share: down to a sixteenth of a decade (~15 %), from :data:`MIN_SHARE_BPS` up.
+
+A move is *safe* at a share when pre-copy meets the goal there and still converges with the
+guest dirtying ``headroom`` times faster (:attr:`StrategyPrediction.dirty_headroom`: the
+convergence risk); else a hybrid move (one pass, then post-copy) is safe when the guest would
+feel its page-fault stall for at most ``hybrid_share`` of the goal. The least safe share is
+found by bisection over the share grid (safety only grows with bandwidth).
+
+QEMU's downtime limit for a goal is what the controller gives it
+(``controller.plan.qemu_downtime_limit_ms``): the resume taken off, then 70 % of the rest.
+
+Example:
+    >>> from vmferry.core.cluster_model import HostName, Vm, VmName
+    >>> book = CostBook(Calibration.default())
+    >>> vm = Vm(VmName("db"), HostName("h1"), memory_bytes=4 << 30, dirty_rate_bps=50_000_000,
+    ...         dirty_set_bytes=1 << 30, zero_fraction=0.3)
+    >>> need = book.need(vm, max_bps=450_000_000)
+    >>> need.strategy, need.need_bps < need.max_bps
+    ('precopy', True)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from vmferry.core.calibration import Calibration
+from vmferry.core.cluster_model import Vm
+from vmferry.core.measurement import Measurement
+from vmferry.core.predict import StrategyPrediction, predict
+from vmferry.core.strategy import Goal, meets
+
+__all__ = [
+    "MIN_SHARE_BPS",
+    "SHARE_STEPS_PER_DECADE",
+    "Calibration",
+    "CostBook",
+    "MoveCost",
+    "MoveNeed",
+    "Planned",
+    "qemu_downtime_limit_ms",
+    "share_bps",
+    "share_index",
+]
+
+Planned = Literal["precopy", "hybrid"]
+
+SHARE_STEPS_PER_DECADE = 16
+# The share grid starts here (index 0); no move is planned below it.
+MIN_SHARE_BPS = 1_000_000
+_ZERO_STEP = 0.1
+_RATE_STEPS_PER_DECADE = 6
+# Rates below this behave alike at any share worth planning: they share its bucket.
+_RATE_FLOOR_BPS = 1_000_000.0
+_RAM_STEPS_PER_OCTAVE = 4
+_SET_STEPS_PER_OCTAVE = 2
+# Mirrors controller.plan: the user's maximum is what the guest feels.
+_RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
+_DOWNTIME_HEADROOM = 0.7
+_EPS = 1e-9
+
+
+def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
+    """QEMU's ``downtime-limit`` for a goal of ``max_downtime_ms`` felt by the guest."""
+    return max(1, int((max_downtime_ms - _RESUME_ALLOWANCE_MS) * _DOWNTIME_HEADROOM))
+
+
+def share_index(bps: float) -> int:
+    """The grid step at or below ``bps`` (0 at :data:`MIN_SHARE_BPS`; negative below it)."""
+    return math.floor(SHARE_STEPS_PER_DECADE * math.log10(bps / MIN_SHARE_BPS) + _EPS)
+
+
+def share_bps(index: int) -> float:
+    """The bandwidth of grid step ``index``."""
+    return float(MIN_SHARE_BPS * 10.0 ** (index / SHARE_STEPS_PER_DECADE))
+
+
+@dataclass(frozen=True, slots=True)
+class MoveCost:
+    """A move's predicted cost at one share.
+
+    Attributes:
+        strategy: pre-copy, or hybrid (one pass, then post-copy).
+        total_s: from start to done (setup included); inf when it does not converge.
+        felt_ms: the longest stall the guest feels; None when it does not converge.
+        transferred_bytes: what crosses the link (0 when it does not converge).
+        safe: meets the goal with the margins of :class:`CostBook`.
+    """
+
+    strategy: Planned
+    total_s: float
+    felt_ms: int | None
+    transferred_bytes: int
+    safe: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MoveNeed:
+    """What a move needs of its links.
+
+    Attributes:
+        strategy: what it runs as.
+        need_bps: the least share at which it is safe (``max_bps`` when it never is).
+        max_bps: the most it can use (a QEMU stream, the slower of its two links).
+        feasible: False when even ``max_bps`` does not meet its goal (a best effort).
+        best: its cost at ``max_bps``.
+    """
+
+    strategy: Planned
+    need_bps: float
+    max_bps: float
+    feasible: bool
+    best: MoveCost
+
+    @property
+    def risk(self) -> float:
+        """The share of the most it can use that it needs (0..1): convergence risk."""
+        return 1.0 if not self.feasible else min(1.0, self.need_bps / self.max_bps)
+
+
+_VmKey = tuple[int, int, int, int, int]
+
+
+class CostBook:
+    """Predictions of moves at shares, memoized (see the module docs).
+
+    Args:
+        cal: the predictor's constants.
+        headroom: a safe pre-copy still converges at this many times the measured dirty rate.
+        hybrid_share: a safe hybrid move's felt stall is at most this share of the goal.
+    """
+
+    def __init__(
+        self, cal: Calibration, *, headroom: float = 1.3, hybrid_share: float = 0.8
+    ) -> None:
+        self.cal = cal
+        self.headroom = headroom
+        self.hybrid_share = hybrid_share
+        self._costs: dict[tuple[_VmKey, int, Planned], MoveCost] = {}
+        self._needs: dict[tuple[_VmKey, int, int], MoveNeed] = {}
+        self.predictions = 0
+
+    def cost(self, vm: Vm, share: float, strategy: Planned = "precopy") -> MoveCost:
+        """``vm``'s cost moving as ``strategy`` at ``share`` bytes/s (rounded down to the
+        grid, at least :data:`MIN_SHARE_BPS`)."""
+        return self._cost(_vm_key(vm), max(0, share_index(share)), strategy)
+
+    def need(self, vm: Vm, max_bps: float, floor_bps: float = MIN_SHARE_BPS) -> MoveNeed:
+        """The least safe share of ``vm`` when it can use at most ``max_bps``: pre-copy's if
+        pre-copy is safe at ``max_bps``, else hybrid's, else a best effort at ``max_bps``.
+        Shares under ``floor_bps`` are not looked at (the answer is then ``floor_bps``'s grid
+        step): a caller that never gives less saves the predictions."""
+        key, top = _vm_key(vm), max(0, share_index(max_bps))
+        low = min(top, max(0, share_index(floor_bps)))
+        found = self._needs.get((key, top, low))
+        if found is None:
+            found = self._need(key, top, low)
+            self._needs[(key, top, low)] = found
+        return found
+
+    def _need(self, key: _VmKey, top: int, low: int) -> MoveNeed:
+        for strategy in ("precopy", "hybrid"):
+            best = self._cost(key, top, strategy)
+            if not best.safe:
+                continue
+            if self._cost(key, low, strategy).safe:
+                return MoveNeed(strategy, share_bps(low), share_bps(top), True, best)
+            high = top  # safe at high, not at low
+            while high - low > 1:
+                middle = (low + high) // 2
+                if self._cost(key, middle, strategy).safe:
+                    high = middle
+                else:
+                    low = middle
+            return MoveNeed(strategy, share_bps(high), share_bps(top), True, best)
+        best = self._cost(key, top, "hybrid")
+        return MoveNeed("hybrid", share_bps(top), share_bps(top), False, best)
+
+    def _cost(self, key: _VmKey, index: int, strategy: Planned) -> MoveCost:
+        found = self._costs.get((key, index, strategy))
+        if found is None:
+            found = self._predict(key, index, strategy)
+            self._costs[(key, index, strategy)] = found
+        return found
+
+    def _predict(self, key: _VmKey, index: int, strategy: Planned) -> MoveCost:
+        m = _measurement(key, share_bps(index))
+        goal_ms = key[4]
+        self.predictions += 1
+        p = predict(strategy, m, downtime_limit_ms=qemu_downtime_limit_ms(goal_ms), cal=self.cal)
+        return MoveCost(
+            strategy,
+            math.inf if p.total_ms is None else p.total_ms / 1000.0,
+            p.felt_ms,
+            p.transferred_bytes or 0,
+            self._is_safe(p, goal_ms),
+        )
+
+    def _is_safe(self, p: StrategyPrediction, goal_ms: int) -> bool:
+        if not meets(p, Goal(max_downtime_ms=goal_ms)):
+            return False
+        if p.strategy == "hybrid":
+            return (p.felt_ms or 0) <= goal_ms * self.hybrid_share
+        return (p.dirty_headroom or 0.0) >= self.headroom
+
+
+def _vm_key(vm: Vm) -> _VmKey:
+    """The VM's bucket, rounded towards the harder case."""
+    ram = _ceil_log(vm.memory_bytes, _RAM_STEPS_PER_OCTAVE, 2)
+    zero = math.floor(vm.zero_fraction / _ZERO_STEP + _EPS)
+    rate = -1
+    if vm.dirty_rate_bps > 0:
+        rate = _ceil_log(max(vm.dirty_rate_bps, _RATE_FLOOR_BPS), _RATE_STEPS_PER_DECADE, 10)
+    dirty_set = _SET_STEPS_PER_OCTAVE * ram  # all of it
+    if vm.dirty_set_bytes is not None:
+        wanted = vm.dirty_set_bytes
+        dirty_set = -1 if wanted <= 0 else _ceil_log(wanted, _SET_STEPS_PER_OCTAVE, 2)
+    return ram, zero, rate, dirty_set, vm.max_downtime_ms
+
+
+def _measurement(key: _VmKey, bandwidth_bps: float) -> Measurement:
+    ram_q, zero_q, rate_q, set_q, _ = key
+    ram = round(2.0 ** (ram_q / _RAM_STEPS_PER_OCTAVE))
+    rate = 0 if rate_q < 0 else round(10.0 ** (rate_q / _RATE_STEPS_PER_DECADE))
+    dirty_set = 0 if set_q < 0 else min(ram, round(2.0 ** (set_q / _SET_STEPS_PER_OCTAVE)))
+    return Measurement(
+        ram_bytes=ram,
+        zero_fraction=min(1.0, zero_q * _ZERO_STEP),
+        compress_ratio=1.0,
+        dirty_rate_bps=rate,
+        bandwidth_bps=max(1, round(bandwidth_bps)),
+        dirty_set_bytes=dirty_set,
+    )
+
+
+def _ceil_log(value: float, steps: int, base: int) -> int:
+    """The grid step (``steps`` per factor ``base``) at or above ``value``."""
+    return math.ceil(steps * math.log(value, base) - _EPS)

@@ -1,0 +1,143 @@
+"""What the peers do with many moves, as dispatchers with the same interface as vmferry's.
+
+Every baseline takes the moves first in, first out (in the order they were asked for), starts
+as many as its concurrency limits allow, and caps none of them: the moves on a link share it
+evenly. They differ only in their limits (DESIGN.md "What peers do with many moves"):
+
+* ``fixed-1``: one move out and one in per host at a time (OpenStack Nova's
+  ``max_concurrent_live_migrations`` default);
+* ``fixed-2``: two out and two in per host (oVirt);
+* ``fixed-4``: four per host (Proxmox's workers);
+* ``kubevirt``: five per cluster and two outbound per node, no inbound limit.
+
+A host's own limits (:class:`~vmferry.core.cluster_model.Host`) still hold. A move whose
+destination is busy is passed over for the next one of the same source, so none waits behind
+a move it does not depend on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
+from vmferry.core.errors import ConfigError
+from vmferry.core.schedule import Action, Slots, Start, check_moves
+
+__all__ = ["BASELINES", "FifoDispatcher", "Limits"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A baseline's concurrency limits (None: none of its own)."""
+
+    outbound: int | None
+    inbound: int | None
+    cluster: int | None = None
+
+
+BASELINES: dict[str, Limits] = {
+    "fixed-1": Limits(1, 1),
+    "fixed-2": Limits(2, 2),
+    "fixed-4": Limits(4, 4),
+    "kubevirt": Limits(2, None, cluster=5),
+}
+
+
+class FifoDispatcher:
+    """First in, first out under fixed limits; links split evenly (see the module docs).
+
+    Args:
+        name: the policy's name (a key of :data:`BASELINES`, or any label).
+        cluster: hosts and VMs.
+        moves: the moves of the job, in the order asked for.
+        limits: the concurrency limits.
+
+    Raises:
+        UnknownHost, ConfigError: see :func:`vmferry.core.schedule.check_moves`.
+    """
+
+    def __init__(self, name: str, cluster: Cluster, moves: Sequence[Move], limits: Limits) -> None:
+        check_moves(cluster, moves)
+        self.name = name
+        self._limits = limits
+        self._slots = Slots(cluster, outbound=limits.outbound, inbound=limits.inbound)
+        self._moves = list(moves)
+        self._started = [False] * len(self._moves)
+        self._first = 0  # first not started, in the global order
+        self._by_source: dict[HostName, list[int]] = {}
+        for index, move in enumerate(self._moves):
+            self._by_source.setdefault(move.source, []).append(index)
+        self._next: dict[HostName, int] = dict.fromkeys(self._by_source, 0)
+        self._running: dict[VmName, Move] = {}
+        self._waiting_on: dict[HostName, set[HostName]] = {}
+        self._left = len(self._moves)
+
+    @property
+    def waiting(self) -> int:
+        return self._left - len(self._running)
+
+    def begin(self, now_s: float) -> list[Action]:
+        del now_s
+        if self._limits.cluster is not None:
+            return self._dispatch_cluster()
+        actions: list[Action] = []
+        for source in self._by_source:  # in the order of each source's first move
+            actions += self._dispatch_source(source)
+        return actions
+
+    def finished(self, vm: VmName, now_s: float) -> list[Action]:
+        del now_s
+        move = self._running.pop(vm, None)
+        if move is None:
+            raise ConfigError(f"{vm} is not a running move of this job")
+        self._slots.give_back(move)
+        self._left -= 1
+        if self._limits.cluster is not None:
+            return self._dispatch_cluster()
+        actions = self._dispatch_source(move.source)
+        for source in sorted(self._waiting_on.pop(move.destination, set())):
+            actions += self._dispatch_source(source)
+        return actions
+
+    def _can_start(self, move: Move) -> bool:
+        return self._slots.has_out(move.source) and self._slots.has_in(move.destination)
+
+    def _start(self, index: int) -> Start:
+        move = self._moves[index]
+        self._started[index] = True
+        self._slots.take(move)
+        self._running[move.name] = move
+        return Start(move, None, "precopy")
+
+    def _dispatch_source(self, source: HostName) -> list[Action]:
+        actions: list[Action] = []
+        queue = self._by_source.get(source, [])
+        position = self._next.get(source, 0)
+        while position < len(queue) and self._started[queue[position]]:
+            position += 1
+        self._next[source] = position
+        for index in queue[position:]:
+            if not self._slots.has_out(source):
+                break
+            if self._started[index]:
+                continue
+            move = self._moves[index]
+            if not self._slots.has_in(move.destination):
+                self._waiting_on.setdefault(move.destination, set()).add(source)
+                continue
+            actions.append(self._start(index))
+        return actions
+
+    def _dispatch_cluster(self) -> list[Action]:
+        """Under a cluster-wide limit: the first moves in the global order that fit."""
+        limit = self._limits.cluster or 0
+        actions: list[Action] = []
+        while self._first < len(self._moves) and self._started[self._first]:
+            self._first += 1
+        for index in range(self._first, len(self._moves)):
+            if self._slots.total >= limit:
+                break
+            if not self._started[index] and self._can_start(self._moves[index]):
+                actions.append(self._start(index))
+        return actions

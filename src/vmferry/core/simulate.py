@@ -1,0 +1,357 @@
+"""The simulator: scheduling policies compared on a modelled cluster, where no lab reaches.
+
+:func:`model_cluster` draws a cluster from a seeded distribution (below); :func:`simulate`
+plans a bulk operation on it (the evacuation of some hosts, or a balance) with each policy,
+then runs the plan's moves through the model of pre-copy of
+:mod:`vmferry.core.precopy_flow` (the same model for every policy) and reports per policy the
+makespan, the downtime the guests felt, the moves that missed their goal, the bytes moved and
+the planning time. Every policy moves the same VMs to the same destinations; only the order,
+the concurrency and the bandwidth caps differ.
+
+The modelled cluster (assumptions, not measurements):
+
+* hosts: 384 GiB and 256 vCPUs each (64 cores, 4:1 overcommit); a migration link of 10 GbE
+  (60 %) or 25 GbE (40 %); at most 8 moves out and 8 in at once (vSphere's per-host limit);
+  some hosts busier than others (a log-normal weight per host, sigma 0.4).
+* one migration stream carries at most 1 GB/s (one QEMU migration thread on a KVM host);
+  QEMU pushes 2 GB/s while the guest is paused and scans zero pages at 8 GB/s; the other
+  constants are :class:`~vmferry.core.calibration.Calibration`'s defaults.
+* VMs: 1-64 GiB (mostly 2-8), 1 vCPU per 2 GiB; zero pages 10-80 %; 85 % quiet (dirty rate
+  log-normal around 4 MB/s, dirty set 2-25 % of RAM) and 15 % busy (around 120 MB/s, a dirty
+  set around 1 GiB); downtime goals of 150 ms (10 %), 300 ms (70 %) or 1 s (20 %); one VM in
+  ten in an anti-affinity group of three.
+* what the scheduler sees is what a pre-flight measured; the model runs on the truth: the
+  dirty rate differs by a log-normal factor (sigma 0.25), the dirty set by one of sigma 0.1.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+from vmferry.core.calibration import Calibration
+from vmferry.core.cluster_model import Cluster, Host, HostName, Move, Vm, VmName
+from vmferry.core.errors import ConfigError
+from vmferry.core.flows import FluidExecutor
+from vmferry.core.job import POLICY_NAMES, ManualClock, Schedule, make_dispatcher, plan_job, run_job
+from vmferry.core.move_cost import CostBook
+from vmferry.core.placement import Placement, place_evacuation, plan_balance
+from vmferry.core.precopy_flow import PrecopyFlow
+
+__all__ = [
+    "SCENARIOS",
+    "SIM_CALIBRATION",
+    "ModelledCluster",
+    "PolicyResult",
+    "SimulationResult",
+    "model_cluster",
+    "simulate",
+]
+
+Scenario = Literal["evacuate", "balance"]
+SCENARIOS: tuple[Scenario, ...] = ("evacuate", "balance")
+SIM_CALIBRATION = Calibration(
+    qemu_throughput_bps=1_000_000_000,
+    paused_throughput_bps=2_000_000_000,
+    zero_scan_bps=8_000_000_000,
+)
+GIB = 1 << 30
+_HOST_MEMORY = 384 * GIB
+_HOST_VCPUS = 256
+_LINKS = ((1_250_000_000, 0.6), (3_125_000_000, 0.4))
+_SIZES_GIB = ((1, 0.15), (2, 0.2), (4, 0.25), (8, 0.2), (16, 0.12), (32, 0.06), (64, 0.02))
+_GOALS_MS = ((150, 0.1), (300, 0.7), (1000, 0.2))
+_BUSY_SHARE = 0.15
+_GROUPED_SHARE = 0.1
+_MAX_RATE_BPS = 2_000_000_000
+_PLACE_TRIES = 30
+
+
+@dataclass(frozen=True, slots=True)
+class ModelledCluster:
+    """A drawn cluster: what the scheduler sees, and the truth the model runs on."""
+
+    cluster: Cluster
+    truth: dict[VmName, Vm]
+
+
+def model_cluster(hosts: int, vms: int, *, seed: int) -> ModelledCluster:
+    """Draw a cluster of ``hosts`` hosts and ``vms`` VMs (see the module docs).
+
+    Raises:
+        ConfigError: fewer than 2 hosts, a negative VM count, or VMs that do not fit.
+    """
+    if hosts < 2 or vms < 0:
+        raise ConfigError("a simulated cluster needs at least 2 hosts and 0 or more VMs")
+    rng = random.Random(seed)
+    host_list = [
+        Host(HostName(f"host-{i + 1}"), _HOST_MEMORY, _HOST_VCPUS, _pick(rng, _LINKS))
+        for i in range(hosts)
+    ]
+    weights = [rng.lognormvariate(0.0, 0.4) for _ in host_list]
+    cumulative = list(_accumulate(weights))
+    free_memory = [h.memory_bytes for h in host_list]
+    free_vcpus = [h.vcpus for h in host_list]
+    groups: list[set[str]] = [set() for _ in host_list]
+    seen, truth = [], {}
+    group_index = 0
+    for i in range(vms):
+        group = None
+        if rng.random() < _GROUPED_SHARE:
+            group, group_index = f"ha-{group_index // 3}", group_index + 1
+        vm = _draw_vm(rng, VmName(f"vm-{i + 1}"), group)
+        at = _place(rng, vm, cumulative, (free_memory, free_vcpus, groups))
+        vm = replace(vm, host=host_list[at].name)
+        free_memory[at] -= vm.memory_bytes
+        free_vcpus[at] -= vm.vcpus
+        if group is not None:
+            groups[at].add(group)
+        seen.append(vm)
+        truth[vm.name] = _true(rng, vm)
+    return ModelledCluster(Cluster.build(host_list, seen), truth)
+
+
+def _pick(rng: random.Random, table: Sequence[tuple[int, float]]) -> int:
+    return rng.choices([value for value, _ in table], [weight for _, weight in table])[0]
+
+
+def _accumulate(values: Sequence[float]) -> list[float]:
+    total, out = 0.0, []
+    for value in values:
+        total += value
+        out.append(total)
+    return out
+
+
+def _draw_vm(rng: random.Random, name: VmName, group: str | None) -> Vm:
+    size = _pick(rng, _SIZES_GIB) * GIB
+    if rng.random() < _BUSY_SHARE:
+        rate = rng.lognormvariate(math.log(120e6), 0.7)
+        dirty_set = min(size, round(rng.lognormvariate(math.log(GIB), 0.8)))
+    else:
+        rate = rng.lognormvariate(math.log(4e6), 1.2)
+        dirty_set = round(size * rng.uniform(0.02, 0.25))
+    return Vm(
+        name,
+        HostName("unplaced"),
+        size,
+        vcpus=max(1, size // (2 * GIB)),
+        dirty_rate_bps=min(_MAX_RATE_BPS, round(rate)),
+        dirty_set_bytes=dirty_set,
+        zero_fraction=rng.uniform(0.1, 0.8),
+        compress_ratio=rng.uniform(1.2, 3.0),
+        max_downtime_ms=_pick(rng, _GOALS_MS),
+        group=group,
+    )
+
+
+def _place(
+    rng: random.Random,
+    vm: Vm,
+    cumulative: list[float],
+    room: tuple[list[int], list[int], list[set[str]]],
+) -> int:
+    """A host for a new VM, drawn by the hosts' weights among those with room."""
+    memory, vcpus, groups = room
+
+    def fits(at: int) -> bool:
+        return (
+            memory[at] >= vm.memory_bytes and vcpus[at] >= vm.vcpus and vm.group not in groups[at]
+        )
+
+    for _ in range(_PLACE_TRIES):
+        at = rng.choices(range(len(cumulative)), cum_weights=cumulative)[0]
+        if fits(at):
+            return at
+    for at in sorted(range(len(memory)), key=lambda i: -memory[i]):
+        if fits(at):
+            return at
+    raise ConfigError(f"{vm.name} does not fit anywhere: too many VMs for the hosts")
+
+
+def _true(rng: random.Random, vm: Vm) -> Vm:
+    """The VM as it really behaves: its measured dirty rate and set, off by some noise."""
+    rate = min(_MAX_RATE_BPS, round(vm.dirty_rate_bps * rng.lognormvariate(0.0, 0.25)))
+    dirty_set = vm.memory_bytes if vm.dirty_set_bytes is None else vm.dirty_set_bytes
+    dirty_set = min(vm.memory_bytes, round(dirty_set * rng.lognormvariate(0.0, 0.1)))
+    return replace(vm, dirty_rate_bps=rate, dirty_set_bytes=dirty_set)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyResult:
+    """One policy's plan and its simulated run.
+
+    Attributes:
+        policy: its name.
+        planning_s: placing and planning the moves (on the caller's timer).
+        predicted_makespan_s: the plan's ETA for the whole job.
+        makespan_s: the simulated job's length.
+        downtime_sum_ms: the guests' felt downtime, summed.
+        missed: moves whose guest felt more than its goal.
+        rescued: pre-copies that stalled and were switched to post-copy.
+        transferred_bytes: bytes moved.
+        run: the simulated schedule.
+    """
+
+    policy: str
+    planning_s: float
+    predicted_makespan_s: float
+    makespan_s: float
+    downtime_sum_ms: int
+    missed: int
+    rescued: int
+    transferred_bytes: int
+    run: Schedule
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "policy": self.policy,
+            "planning_s": round(self.planning_s, 3),
+            "predicted_makespan_s": round(self.predicted_makespan_s, 1),
+            "makespan_s": round(self.makespan_s, 1),
+            "downtime_sum_ms": self.downtime_sum_ms,
+            "missed": self.missed,
+            "rescued": self.rescued,
+            "transferred_bytes": self.transferred_bytes,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationResult:
+    """Every policy's result on one modelled cluster and operation."""
+
+    hosts: int
+    vms: int
+    seed: int
+    scenario: Scenario
+    sources: tuple[HostName, ...]
+    moves: int
+    refused: int
+    placement_s: float
+    results: tuple[PolicyResult, ...]
+
+    def best_fixed(self) -> PolicyResult | None:
+        """The fixed-concurrency baseline with the shortest simulated makespan."""
+        fixed = [r for r in self.results if r.policy.startswith("fixed-")]
+        return min(fixed, key=lambda r: r.makespan_s, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best_fixed()
+        rows = []
+        for result in self.results:
+            row = result.to_json()
+            if best is not None and best.makespan_s > 0:
+                row["makespan_vs_best_fixed"] = round(result.makespan_s / best.makespan_s, 3)
+            rows.append(row)
+        return {
+            "hosts": self.hosts,
+            "vms": self.vms,
+            "seed": self.seed,
+            "scenario": self.scenario,
+            "sources": len(self.sources),
+            "moves": self.moves,
+            "refused": self.refused,
+            "placement_s": round(self.placement_s, 3),
+            "best_fixed": None if best is None else best.policy,
+            "policies": rows,
+        }
+
+
+def simulate(
+    hosts: int,
+    vms: int,
+    *,
+    seed: int,
+    timer: Callable[[], float],
+    policies: Sequence[str] = POLICY_NAMES,
+    scenario: Scenario = "evacuate",
+    evacuate: int | None = None,
+    cal: Calibration = SIM_CALIBRATION,
+) -> SimulationResult:
+    """Plan and simulate one operation on a modelled cluster with each policy.
+
+    Args:
+        hosts, vms, seed: the modelled cluster (:func:`model_cluster`).
+        timer: seconds from a monotonic clock (the caller's: the core reads no clock).
+        policies: names from :data:`vmferry.core.job.POLICY_NAMES`.
+        scenario: evacuate hosts, or balance the cluster.
+        evacuate: how many hosts to evacuate (default: 1 in 20, at least 1).
+        cal: the machine constants of the model and of the predictor.
+
+    Raises:
+        ConfigError: bad sizes, an unknown policy or scenario.
+    """
+    unknown = [p for p in policies if p not in POLICY_NAMES]
+    if unknown or scenario not in SCENARIOS:
+        raise ConfigError(f"unknown policy or scenario: {', '.join(unknown) or scenario}")
+    modelled = model_cluster(hosts, vms, seed=seed)
+    cluster, book = modelled.cluster, CostBook(cal)
+    began = timer()
+    sources, placement = _operation(cluster, book, scenario, evacuate, seed)
+    placement_s = timer() - began
+    results = []
+    for policy in policies:
+        began = timer()
+        plan = plan_job(cluster, placement.moves, book=book, policy=policy)
+        planning_s = placement_s + timer() - began
+        run = _run(cluster, modelled.truth, placement.moves, policy, book)
+        results.append(
+            PolicyResult(
+                policy,
+                planning_s,
+                plan.makespan_s,
+                run.makespan_s,
+                run.downtime_sum_ms,
+                run.missed,
+                sum(1 for r in run.records if r.ran_as == "precopy+postcopy"),
+                run.transferred_bytes,
+                run,
+            )
+        )
+    return SimulationResult(
+        hosts,
+        vms,
+        seed,
+        scenario,
+        sources,
+        len(placement.moves),
+        len(placement.refused),
+        placement_s,
+        tuple(results),
+    )
+
+
+def _operation(
+    cluster: Cluster, book: CostBook, scenario: Scenario, evacuate: int | None, seed: int
+) -> tuple[tuple[HostName, ...], Placement]:
+    """The moves of the operation: an evacuation's, or a balance plan's."""
+    if scenario == "balance":
+        stream = book.cal.qemu_throughput_bps
+
+        def cost_s(vm: Vm, host: Host) -> float:
+            return book.cost(vm, min(stream, host.link_bps)).total_s
+
+        placement = plan_balance(cluster, max_moves=max(1, len(cluster.vms) // 10), cost_s=cost_s)
+        return (), placement
+    count = max(1, len(cluster.hosts) // 20) if evacuate is None else evacuate
+    if not 1 <= count < len(cluster.hosts):
+        raise ConfigError(f"evacuate 1 to {len(cluster.hosts) - 1} hosts, not {count}")
+    rng = random.Random(seed + 1)
+    chosen = sorted(rng.sample(range(len(cluster.hosts)), count))
+    sources = tuple(cluster.hosts[i].name for i in chosen)
+    return sources, place_evacuation(cluster, sources)
+
+
+def _run(
+    cluster: Cluster, truth: dict[VmName, Vm], moves: Sequence[Move], policy: str, book: CostBook
+) -> Schedule:
+    """The moves under ``policy``, each as the model of pre-copy says it runs."""
+    cal = book.cal
+    executor = FluidExecutor(
+        {h.name: float(h.link_bps) for h in cluster.hosts},
+        lambda start, now_s: PrecopyFlow(start, now_s, truth[start.move.name], cal),
+    )
+    return run_job(make_dispatcher(policy, cluster, moves, book), executor, ManualClock())
