@@ -55,8 +55,9 @@ class Executor(Protocol):
 
     def set_cap(self, vm: VmName, cap_bps: float, now_s: float) -> None: ...
 
-    def next_finished(self) -> Finished | None:
-        """The next move to end (None: nothing runs)."""
+    def next_finished(self, until_s: float = math.inf) -> Finished | None:
+        """The next move to end, if one ends by ``until_s`` (a real executor waits until
+        then; None: none did, or nothing runs)."""
         ...
 
 
@@ -140,8 +141,8 @@ class FluidExecutor:
         live.state.set_cap(cap_bps)
         self._reshare(_links_of(live), now_s, retime=vm)
 
-    def next_finished(self) -> Finished | None:
-        while self._heap:
+    def next_finished(self, until_s: float = math.inf) -> Finished | None:
+        while self._heap and self._heap[0][0] <= until_s:
             at_s, _, vm, version = heapq.heappop(self._heap)
             live = self._flows.get(vm)
             if live is None or live.version != version:

@@ -34,7 +34,7 @@ from vmferry.core.cluster_model import Cluster, DeadlineUnreachable, Move, VmNam
 from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.flows import Executor, Finished, FluidExecutor
 from vmferry.core.move_cost import Calibration, CostBook, MoveCost, Planned
-from vmferry.core.schedule import BandwidthDispatcher, Dispatcher, SetCap, Start
+from vmferry.core.schedule import Action, BandwidthDispatcher, Dispatcher, SetCap, Start
 from vmferry.core.schedule_baselines import BASELINES, FifoDispatcher
 
 __all__ = [
@@ -187,20 +187,20 @@ def run_job(dispatcher: Dispatcher, executor: Executor, clock: Clock) -> Schedul
     records: list[MoveRecord] = []
     actions = dispatcher.begin(began_s)
     while True:
-        now_s = clock.now_s()
-        for action in actions:
-            if isinstance(action, SetCap):
-                running[action.vm].caps.append((now_s, action.cap_bps))
-                executor.set_cap(action.vm, action.cap_bps, now_s)
-            else:
-                running[action.move.name] = _Open(action, now_s, [(now_s, action.cap_bps)])
-                executor.start(action, now_s)
-        event = executor.next_finished()
-        if event is None:
+        _apply(actions, executor, running, clock.now_s())
+        wake_s = dispatcher.wake_s
+        event = executor.next_finished(math.inf if wake_s is None else wake_s)
+        if event is not None:
+            clock.advance_to(event.at_s)
+            records.append(_record(running.pop(event.vm), event))
+            actions = dispatcher.finished(event.vm, clock.now_s())
+        elif wake_s is not None and wake_s > clock.now_s():
+            clock.advance_to(wake_s)
+            actions = dispatcher.tick(clock.now_s())
+        elif wake_s is not None and (actions := dispatcher.tick(clock.now_s())):
+            continue
+        else:
             break
-        clock.advance_to(event.at_s)
-        records.append(_record(running.pop(event.vm), event))
-        actions = dispatcher.finished(event.vm, clock.now_s())
     if dispatcher.waiting or running:
         raise StateError(
             f"job of {dispatcher.name}",
@@ -209,6 +209,18 @@ def run_job(dispatcher: Dispatcher, executor: Executor, clock: Clock) -> Schedul
         )
     records.sort(key=lambda r: (r.start_s, r.move.name))
     return Schedule(dispatcher.name, tuple(records), began_s)
+
+
+def _apply(
+    actions: Sequence[Action], executor: Executor, running: dict[VmName, _Open], now_s: float
+) -> None:
+    for action in actions:
+        if isinstance(action, SetCap):
+            running[action.vm].caps.append((now_s, action.cap_bps))
+            executor.set_cap(action.vm, action.cap_bps, now_s)
+        else:
+            running[action.move.name] = _Open(action, now_s, [(now_s, action.cap_bps)])
+            executor.start(action, now_s)
 
 
 def _record(opened: _Open, event: Finished) -> MoveRecord:
@@ -224,21 +236,24 @@ def _record(opened: _Open, event: Finished) -> MoveRecord:
 
 
 class PredictedFlow:
-    """A move progressing as predicted: at rate ``r`` it takes the predictor's total at
-    ``r``; a pre-copy that would not converge at its share is predicted as the switch to
+    """A move progressing as predicted: it sets up first (no bandwidth:
+    :meth:`CostBook.setup_s`), then at rate ``r`` takes the rest of the predictor's total at
+    ``r``. A pre-copy that would not converge at its share is predicted as the switch to
     post-copy that rescues it (hybrid's cost)."""
 
     def __init__(self, start: Start, now_s: float, book: CostBook, stream_bps: float) -> None:
         self._vm = start.move.vm
-        self._name = start.move.name
         self._strategy: Planned = start.strategy
         self._cap = start.cap_bps
         self._stream_bps = stream_bps
         self._book = book
+        self._setup_end_s = now_s + book.setup_s(self._vm)
         self._since_s = now_s
-        self._done = 0.0
+        self._done = 0.0  # of the transfer
 
     def demand_bps(self) -> float:
+        if self._since_s < self._setup_end_s:
+            return 0.0
         return self._stream_bps if self._cap is None else min(self._cap, self._stream_bps)
 
     def set_cap(self, cap_bps: float) -> None:
@@ -250,20 +265,27 @@ class PredictedFlow:
             return "precopy+postcopy", self._book.cost(self._vm, rate_bps, "hybrid")
         return self._strategy, cost
 
+    def _transfer_s(self, rate_bps: float) -> float:
+        return max(1e-3, self._cost(rate_bps)[1].total_s - self._book.setup_s(self._vm))
+
     def advance(self, now_s: float, rate_bps: float) -> None:
-        if rate_bps > 0.0 and now_s > self._since_s:
-            total_s = self._cost(rate_bps)[1].total_s
-            self._done = min(1.0, self._done + (now_s - self._since_s) / total_s)
-        self._since_s = now_s
+        busy_s = now_s - max(self._since_s, self._setup_end_s)
+        if rate_bps > 0.0 and busy_s > 0.0:
+            self._done = min(1.0, self._done + busy_s / self._transfer_s(rate_bps))
+        self._since_s = max(self._since_s, now_s)
 
     def next_event_s(self, now_s: float, rate_bps: float) -> float:
+        if now_s < self._setup_end_s:
+            return self._setup_end_s
         if rate_bps <= 0.0:
             return math.inf
-        return now_s + (1.0 - self._done) * self._cost(rate_bps)[1].total_s
+        return now_s + (1.0 - self._done) * self._transfer_s(rate_bps)
 
     def on_event(self, now_s: float, rate_bps: float) -> Finished | None:
+        if now_s < self._setup_end_s or self._done < 1.0 - 1e-9:
+            return None  # set up: the transfer begins (or a rounding step short of the end)
         ran_as, cost = self._cost(max(rate_bps, 1.0))
-        return Finished(self._name, now_s, ran_as, cost.felt_ms or 0, cost.transferred_bytes)
+        return Finished(self._vm.name, now_s, ran_as, cost.felt_ms or 0, cost.transferred_bytes)
 
 
 def make_dispatcher(

@@ -153,6 +153,12 @@ class CostBook:
         self._needs: dict[tuple[_VmKey, int, int], MoveNeed] = {}
         self.predictions = 0
 
+    def setup_s(self, vm: Vm) -> float:
+        """The part of a move that uses no bandwidth: setting up, scanning zero pages."""
+        zero_bytes = vm.memory_bytes * vm.zero_fraction
+        scan_s = zero_bytes / self.cal.zero_scan_bps * self.cal.time_scale
+        return self.cal.setup_ms / 1000.0 + scan_s
+
     def cost(self, vm: Vm, share: float, strategy: Planned = "precopy") -> MoveCost:
         """``vm``'s cost moving as ``strategy`` at ``share`` bytes/s (rounded down to the
         grid, at least :data:`MIN_SHARE_BPS`)."""

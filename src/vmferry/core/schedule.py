@@ -21,14 +21,18 @@ real ones.
 * **backfill**: when the next move of a source does not fit yet, a later one may start only
   if it is predicted to end before the head's turn comes, or uses capacity the head will not
   need then (EASY backfilling): the hard moves are not starved by a stream of small ones.
+* **pipelining**: a move sets up (destination started, zero pages scanned) before it needs
+  bandwidth, so it may start that long before the moves it takes over from are predicted to
+  end; the dispatcher asks to be woken then (:attr:`Dispatcher.wake_s`).
 * **limits**: each host's outbound and inbound limits, at every instant.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
 from vmferry.core.errors import ConfigError
@@ -50,6 +54,9 @@ MIN_LINK_FRACTION = 1.0 / 16.0
 LOOKAHEAD = 64
 # A top-up smaller than this factor of the current cap is not worth a change.
 _TOP_UP_MIN = 1.05
+_EPS_S = 1e-6
+
+_Link = tuple[Literal["out", "in"], HostName]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +91,15 @@ class Dispatcher(Protocol):
 
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         """``vm``'s move ended at ``now_s`` (done or failed): what to do next."""
+        ...
+
+    def tick(self, now_s: float) -> list[Action]:
+        """The time it asked to be woken at (:attr:`wake_s`) has come."""
+        ...
+
+    @property
+    def wake_s(self) -> float | None:
+        """When it wants :meth:`tick` called next, if ever (whatever else happens)."""
         ...
 
     @property
@@ -151,24 +167,30 @@ class _Entry:
     need: MoveNeed
     key: float  # smaller first
     floor_bps: float  # the least it is started with
+    setup_s: float  # predicted time before it uses its links
     started: bool = False
 
 
 @dataclass(slots=True)
 class _Flight:
+    """A running move as predicted: it sets up, then transfers for the predictor's total at
+    its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it)."""
+
     entry: _Entry
     cap_bps: float
+    setup_end_s: float
+    transfer_s: float  # at cap_bps
     since_s: float
-    total_s: float  # predicted, at cap_bps
-    done: float = 0.0  # predicted fraction done at since_s
+    done: float = 0.0  # of the transfer, at since_s
 
     def end_s(self) -> float:
-        return self.since_s + (1.0 - self.done) * self.total_s
+        return max(self.since_s, self.setup_end_s) + (1.0 - self.done) * self.transfer_s
 
     def advance(self, now_s: float) -> None:
-        if self.total_s > 0.0 and now_s > self.since_s:
-            self.done = min(1.0, self.done + (now_s - self.since_s) / self.total_s)
-        self.since_s = now_s
+        busy_s = now_s - max(self.since_s, self.setup_end_s)
+        if busy_s > 0.0:
+            self.done = min(1.0, self.done + busy_s / self.transfer_s)
+        self.since_s = max(self.since_s, now_s)
 
 
 @dataclass(slots=True)
@@ -216,15 +238,17 @@ class BandwidthDispatcher:
         check_moves(cluster, moves)
         self._book = book
         self._link = {h.name: float(h.link_bps) for h in cluster.hosts}
-        self._free_out = dict(self._link)
-        self._free_in = dict(self._link)
+        self._free: dict[_Link, float] = {}
+        for name, rate in self._link.items():
+            self._free[("out", name)] = self._free[("in", name)] = rate
         self._slots = Slots(cluster)
         self._queues = _Queues()
         self._flights: dict[VmName, _Flight] = {}
-        self._by_link: dict[tuple[str, HostName], set[VmName]] = {}
+        self._on: dict[_Link, set[VmName]] = {}
         self._waiting_on: dict[HostName, set[HostName]] = {}
+        self._wakes: list[tuple[float, HostName]] = []
+        self._wake_of: dict[HostName, float] = {}
         self._left = len(moves)
-        self._done = 0
         entries = [self._entry(m, stream_bps) for m in moves]
         for entry in sorted(entries, key=lambda e: (e.key, e.move.name)):
             self._queues.by_source.setdefault(entry.move.source, []).append(entry)
@@ -234,11 +258,18 @@ class BandwidthDispatcher:
         least_bps = self._link[move.source] * MIN_LINK_FRACTION
         need = self._book.need(move.vm, min(stream_bps, link_bps), least_bps)
         floor_bps = min(need.max_bps, max(need.need_bps, least_bps))
-        return _Entry(move, need, -need.best.total_s * (1.0 + need.risk), floor_bps)
+        key = -need.best.total_s * (1.0 + need.risk)
+        return _Entry(move, need, key, floor_bps, self._book.setup_s(move.vm))
 
     @property
     def waiting(self) -> int:
-        return self._left - len(self._flights) - self._done
+        return self._left
+
+    @property
+    def wake_s(self) -> float | None:
+        while self._wakes and self._wake_of.get(self._wakes[0][1]) != self._wakes[0][0]:
+            heapq.heappop(self._wakes)  # superseded
+        return self._wakes[0][0] if self._wakes else None
 
     def needs(self) -> dict[VmName, MoveNeed]:
         """Every move's need (strategy, least safe share, most it can use)."""
@@ -253,47 +284,62 @@ class BandwidthDispatcher:
             actions += self._dispatch(source, now_s)
         return actions
 
+    def tick(self, now_s: float) -> list[Action]:
+        actions: list[Action] = []
+        while (due := self.wake_s) is not None and due <= now_s + _EPS_S:
+            _, source = heapq.heappop(self._wakes)
+            del self._wake_of[source]
+            actions += self._dispatch(source, now_s)
+        return actions
+
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         flight = self._flights.pop(vm, None)
         if flight is None:
             raise ConfigError(f"{vm} is not a running move of this job")
         move = flight.entry.move
-        self._done += 1
         self._slots.give_back(move)
-        self._free_out[move.source] += flight.cap_bps
-        self._free_in[move.destination] += flight.cap_bps
-        self._by_link[("out", move.source)].discard(vm)
-        self._by_link[("in", move.destination)].discard(vm)
+        for link in _links(move):
+            self._free[link] += flight.cap_bps
+            self._on[link].discard(vm)
         actions: list[Action] = []
-        actions += self._top_up(("out", move.source), now_s)
-        actions += self._top_up(("in", move.destination), now_s)
+        for link in _links(move):
+            actions += self._top_up(link, now_s)
         sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
         for source in dict.fromkeys(sources):
             actions += self._dispatch(source, now_s)
         return actions
 
-    def _top_up(self, link: tuple[str, HostName], now_s: float) -> list[Action]:
+    def _top_up(self, link: _Link, now_s: float) -> list[Action]:
         """Raise the caps of the moves on ``link`` towards the most they can use, hardest
         first, with what is free on both their links."""
         actions: list[Action] = []
-        running = [self._flights[vm] for vm in self._by_link.get(link, ())]
+        running = [self._flights[vm] for vm in self._on.get(link, ())]
         for flight in sorted(running, key=lambda f: (f.entry.key, f.entry.move.name)):
             move = flight.entry.move
-            room = min(self._free_out[move.source], self._free_in[move.destination])
+            room = min(self._free[link] for link in _links(move))
             cap = min(flight.entry.need.max_bps, flight.cap_bps + room)
             if cap < flight.cap_bps * _TOP_UP_MIN:
                 continue
             flight.advance(now_s)
-            self._free_out[move.source] -= cap - flight.cap_bps
-            self._free_in[move.destination] -= cap - flight.cap_bps
+            for each in _links(move):
+                self._free[each] -= cap - flight.cap_bps
             flight.cap_bps = cap
-            flight.total_s = self._total_s(flight.entry, cap)
+            flight.transfer_s = self._transfer_s(flight.entry, cap)
             actions.append(SetCap(move.name, cap))
         return actions
 
+    def _available(self, link: _Link, at_s: float) -> float:
+        """What ``link`` has free at ``at_s``: free now, plus the caps of the moves on it
+        predicted to end by then."""
+        ending = (self._flights[vm] for vm in self._on.get(link, ()))
+        return self._free[link] + sum(f.cap_bps for f in ending if f.end_s() <= at_s)
+
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
         """Start what fits on ``source``, in its queue's order, backfilling around a head
-        that does not fit yet."""
+        that does not fit yet. A move sets up without using its links, so it may start when
+        the links will have its share once its setup is over (moves predicted to end by then
+        hand theirs over)."""
+        self._wake_of.pop(source, None)
         actions: list[Action] = []
         shadow: _Shadow | None = None
         for entry in list(self._queues.unstarted(source)):
@@ -303,43 +349,61 @@ class BandwidthDispatcher:
             if not self._slots.has_in(target):
                 self._waiting_on.setdefault(target, set()).add(source)
                 continue
-            offer = min(entry.need.max_bps, self._free_out[source], self._free_in[target])
+            ready_s = now_s + entry.setup_s
+            free_in = self._available(("in", target), ready_s)
+            offer = min(entry.need.max_bps, self._available(("out", source), ready_s), free_in)
             if offer < entry.floor_bps:
-                if self._free_in[target] < entry.floor_bps:
+                if free_in < entry.floor_bps:
                     self._waiting_on.setdefault(target, set()).add(source)
                 elif shadow is None:
-                    shadow = self._shadow(source, entry.floor_bps, now_s)
+                    shadow = self._shadow(source, entry, now_s)
                 continue
-            total_s = self._total_s(entry, offer)
-            if shadow is not None and now_s + total_s > shadow.at_s:
+            transfer_s = self._transfer_s(entry, offer)
+            if shadow is not None and ready_s + transfer_s > shadow.at_s:
                 if offer > shadow.extra_bps:
                     continue
                 shadow.extra_bps -= offer
-            actions.append(self._start(entry, offer, total_s, now_s))
+            actions.append(self._start(entry, offer, transfer_s, now_s))
         return actions
 
-    def _shadow(self, source: HostName, floor_bps: float, now_s: float) -> _Shadow:
-        free = self._free_out[source]
+    def _shadow(self, source: HostName, head: _Entry, now_s: float) -> _Shadow:
+        """When ``head`` gets its share of ``source``'s link, and wake up to start it its
+        setup time before that."""
+        free = self._free[("out", source)]
         running = sorted(
-            (self._flights[vm] for vm in self._by_link.get(("out", source), ())),
+            (self._flights[vm] for vm in self._on.get(("out", source), ())),
             key=lambda f: f.end_s(),
         )
         for flight in running:
             free += flight.cap_bps
-            if free >= floor_bps:
-                return _Shadow(max(now_s, flight.end_s()), free - floor_bps)
+            if free >= head.floor_bps:
+                at_s = max(now_s, flight.end_s())
+                wake_s = at_s - head.setup_s
+                if wake_s > now_s + _EPS_S:
+                    self._wake_of[source] = wake_s
+                    heapq.heappush(self._wakes, (wake_s, source))
+                return _Shadow(at_s, free - head.floor_bps)
         return _Shadow(now_s, 0.0)
 
-    def _start(self, entry: _Entry, cap_bps: float, total_s: float, now_s: float) -> Start:
+    def _start(self, entry: _Entry, cap_bps: float, transfer_s: float, now_s: float) -> Start:
         move = entry.move
         entry.started = True
+        self._left -= 1
         self._slots.take(move)
-        self._free_out[move.source] -= cap_bps
-        self._free_in[move.destination] -= cap_bps
-        self._flights[move.name] = _Flight(entry, cap_bps, now_s, total_s)
-        self._by_link.setdefault(("out", move.source), set()).add(move.name)
-        self._by_link.setdefault(("in", move.destination), set()).add(move.name)
+        self._flights[move.name] = _Flight(
+            entry, cap_bps, now_s + entry.setup_s, transfer_s, now_s
+        )
+        for link in _links(move):
+            self._free[link] -= cap_bps
+            self._on.setdefault(link, set()).add(move.name)
         return Start(move, cap_bps, entry.need.strategy)
 
-    def _total_s(self, entry: _Entry, cap_bps: float) -> float:
-        return self._book.cost(entry.move.vm, cap_bps, entry.need.strategy).total_s
+    def _transfer_s(self, entry: _Entry, cap_bps: float) -> float:
+        """The predicted time of ``entry``'s transfer at ``cap_bps`` (its total less its
+        setup)."""
+        total_s = self._book.cost(entry.move.vm, cap_bps, entry.need.strategy).total_s
+        return max(1e-3, total_s - entry.setup_s)
+
+
+def _links(move: Move) -> tuple[_Link, _Link]:
+    return ("out", move.source), ("in", move.destination)

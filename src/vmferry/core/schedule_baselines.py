@@ -77,6 +77,14 @@ class FifoDispatcher:
     def waiting(self) -> int:
         return self._left - len(self._running)
 
+    @property
+    def wake_s(self) -> float | None:
+        return None  # it acts when moves end, never on a timer
+
+    def tick(self, now_s: float) -> list[Action]:
+        del now_s
+        return []
+
     def begin(self, now_s: float) -> list[Action]:
         del now_s
         if self._limits.cluster is not None:

@@ -47,6 +47,7 @@ __all__ = [
     "ModelledCluster",
     "PolicyResult",
     "SimulationResult",
+    "lower_bound_s",
     "model_cluster",
     "simulate",
 ]
@@ -231,6 +232,7 @@ class SimulationResult:
     moves: int
     refused: int
     placement_s: float
+    lower_bound_s: float
     results: tuple[PolicyResult, ...]
 
     def best_fixed(self) -> PolicyResult | None:
@@ -255,6 +257,7 @@ class SimulationResult:
             "moves": self.moves,
             "refused": self.refused,
             "placement_s": round(self.placement_s, 3),
+            "lower_bound_s": round(self.lower_bound_s, 1),
             "best_fixed": None if best is None else best.policy,
             "policies": rows,
         }
@@ -320,8 +323,28 @@ def simulate(
         len(placement.moves),
         len(placement.refused),
         placement_s,
+        lower_bound_s(cluster, placement.moves, book),
         tuple(results),
     )
+
+
+def lower_bound_s(cluster: Cluster, moves: Sequence[Move], book: CostBook) -> float:
+    """No schedule of ``moves`` ends sooner: every link must carry the non-zero pages of the
+    moves through it, and every move must set up, then send its pages at one stream's rate at
+    most (re-sent pages not counted)."""
+    stream = book.cal.qemu_throughput_bps
+    through: dict[tuple[str, HostName], float] = {}
+    bound = 0.0
+    for move in moves:
+        vm = move.vm
+        data = vm.memory_bytes * (1.0 - vm.zero_fraction)
+        links = (cluster.host(move.source).link_bps, cluster.host(move.destination).link_bps)
+        bound = max(bound, book.setup_s(vm) + data / min(stream, *links))
+        for link in (("out", move.source), ("in", move.destination)):
+            through[link] = through.get(link, 0.0) + data
+    for (_, host), data in through.items():
+        bound = max(bound, data / cluster.host(host).link_bps)
+    return bound
 
 
 def _operation(
