@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from vmferry.core._dispatch_state import water_fill
 from vmferry.core.cluster_model import HostName, VmName
 from vmferry.core.errors import ConfigError
 from vmferry.core.schedule import Start
@@ -81,18 +82,6 @@ class FlowState(Protocol):
     def on_event(self, now_s: float, rate_bps: float) -> Finished | None:
         """Handle the event due at ``now_s``; a :class:`Finished` when the move ended."""
         ...
-
-
-def water_fill(demands: Iterable[tuple[VmName, float]], capacity: float) -> dict[VmName, float]:
-    """Share ``capacity`` among flows: an even share each, and what a flow demands less than
-    its share goes to the others."""
-    ordered = sorted(demands, key=lambda item: item[1])
-    left, shares = capacity, {}
-    for done, (vm, demand) in enumerate(ordered):
-        give = max(0.0, min(demand, left / (len(ordered) - done)))
-        shares[vm] = give
-        left -= give
-    return shares
 
 
 @dataclass(slots=True)

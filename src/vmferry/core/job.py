@@ -194,11 +194,11 @@ def run_job(dispatcher: Dispatcher, executor: Executor, clock: Clock) -> Schedul
             clock.advance_to(event.at_s)
             records.append(_record(running.pop(event.vm), event))
             actions = dispatcher.finished(event.vm, clock.now_s())
-        elif wake_s is not None and wake_s > clock.now_s():
-            clock.advance_to(wake_s)
+        elif wake_s is not None:
+            clock.advance_to(max(clock.now_s(), wake_s))
             actions = dispatcher.tick(clock.now_s())
-        elif wake_s is not None and (actions := dispatcher.tick(clock.now_s())):
-            continue
+            if not actions and dispatcher.wake_s == wake_s:
+                raise StateError(f"job of {dispatcher.name}", "woken in vain", "a later wake-up")
         else:
             break
     if dispatcher.waiting or running:

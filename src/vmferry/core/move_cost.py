@@ -8,7 +8,7 @@ goal? Both come from :func:`vmferry.core.predict.predict` with a
 memoized by buckets, rounded towards the harder case so that a bucket never promises more
 than its members get:
 
-* the VM: RAM up to a quarter octave, zero share down to 10 %, dirty rate up to a sixth of a
+* the VM: RAM up to a quarter octave, zero share to the nearest 10 %, dirty rate up to a sixth of a
   decade (and at least 1 MB/s), dirty set up to half an octave, the goal as is;
 * the share: down to a sixteenth of a decade (~15 %), from :data:`MIN_SHARE_BPS` up.
 
@@ -226,7 +226,7 @@ class CostBook:
 def _vm_key(vm: Vm) -> _VmKey:
     """The VM's bucket, rounded towards the harder case."""
     ram = _ceil_log(vm.memory_bytes, _RAM_STEPS_PER_OCTAVE, 2)
-    zero = math.floor(vm.zero_fraction / _ZERO_STEP + _EPS)
+    zero = round(vm.zero_fraction / _ZERO_STEP)
     rate = -1
     if vm.dirty_rate_bps > 0:
         rate = _ceil_log(max(vm.dirty_rate_bps, _RATE_FLOOR_BPS), _RATE_STEPS_PER_DECADE, 10)

@@ -12,12 +12,16 @@ real ones.
 * **order**: longest and hardest first (LPT list scheduling): by predicted duration at the
   most bandwidth the move can use, times ``1 + risk`` where risk is the share of that
   bandwidth it needs to converge and meet its goal (:class:`~vmferry.core.move_cost.MoveNeed`).
-* **shares**: each move runs under a bandwidth cap reserved on its source's and its
-  destination's links; a move starts only when both links have at least the share at which it
-  is safe left (and a sixteenth of its source link: tiny shares only lengthen the tail), and
-  it gets as much as it can use up to what is free. So a link is shared only while each move
-  on it still converges and meets its goal. When a move ends, the moves still running on its
-  links are topped up first (fewer moves at higher rates re-send less), then new ones start.
+* **shares**: each move reserves a share of its source's and its destination's links; a move
+  starts only when both links have at least the share at which it is safe left (and a
+  sixteenth of its source link: tiny shares only lengthen the tail), and it reserves as much
+  as it can use up to what is free. So a link is shared only while each move on it still
+  converges and meets its goal. When a move ends, the moves still running on its links are
+  topped up first (fewer moves at higher rates re-send less), then new ones start.
+* **caps**: each move's bandwidth is capped at its reservation plus an even part of what the
+  moves on its links leave unused (while they set up, or beyond the most they can use), so no
+  link idles while a move could use it; when a move that was setting up starts sending, the
+  others fall back towards their reservations (:class:`SetCap`).
 * **backfill**: when the next move of a source does not fit yet, a later one may start only
   if it is predicted to end before the head's turn comes, or uses capacity the head will not
   need then (EASY backfilling): the hard moves are not starved by a stream of small ones.
@@ -30,10 +34,22 @@ real ones.
 from __future__ import annotations
 
 import heapq
+import itertools
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
+from vmferry.core._dispatch_state import (
+    EPS_S,
+    Entry,
+    Flight,
+    Link,
+    Queues,
+    Slots,
+    check_moves,
+    links_of,
+    water_fill,
+)
 from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
 from vmferry.core.errors import ConfigError
 from vmferry.core.move_cost import CostBook, MoveNeed, Planned
@@ -45,18 +61,16 @@ __all__ = [
     "SetCap",
     "Slots",
     "Start",
+    "check_moves",
 ]
 
 # A move is not started on less than this share of its source's link (unless it can use no
 # more): a trickle only stretches the tail of the schedule.
 MIN_LINK_FRACTION = 1.0 / 16.0
-# How far down a source's queue a free slot looks for a move that fits.
-LOOKAHEAD = 64
-# A top-up smaller than this factor of the current cap is not worth a change.
+# A top-up smaller than this factor of the current reservation is not worth a change.
 _TOP_UP_MIN = 1.05
-_EPS_S = 1e-6
-
-_Link = tuple[Literal["out", "in"], HostName]
+# Nor a cap that moves by less than this share.
+_RECAP_MIN = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,91 +122,6 @@ class Dispatcher(Protocol):
         ...
 
 
-class Slots:
-    """Moves in flight per host, against each host's outbound and inbound limits."""
-
-    def __init__(
-        self, cluster: Cluster, *, outbound: int | None = None, inbound: int | None = None
-    ) -> None:
-        self.max_out = {
-            h.name: h.max_outbound if outbound is None else min(outbound, h.max_outbound)
-            for h in cluster.hosts
-        }
-        self.max_in = {
-            h.name: h.max_inbound if inbound is None else min(inbound, h.max_inbound)
-            for h in cluster.hosts
-        }
-        self.out = dict.fromkeys(self.max_out, 0)
-        self.inn = dict.fromkeys(self.max_in, 0)
-        self.total = 0
-
-    def has_out(self, host: HostName) -> bool:
-        return self.out[host] < self.max_out[host]
-
-    def has_in(self, host: HostName) -> bool:
-        return self.inn[host] < self.max_in[host]
-
-    def take(self, move: Move) -> None:
-        self.out[move.source] += 1
-        self.inn[move.destination] += 1
-        self.total += 1
-
-    def give_back(self, move: Move) -> None:
-        self.out[move.source] -= 1
-        self.inn[move.destination] -= 1
-        self.total -= 1
-
-
-def check_moves(cluster: Cluster, moves: Sequence[Move]) -> None:
-    """Refuse moves to or from unknown hosts, to their own host, or a VM moved twice.
-
-    Raises:
-        UnknownHost: a host is not in the cluster.
-        ConfigError: a move to its own host, or a VM in two moves.
-    """
-    seen: set[VmName] = set()
-    for move in moves:
-        cluster.host(move.source)
-        cluster.host(move.destination)
-        if move.source == move.destination:
-            raise ConfigError(f"{move.name} already runs on {move.destination}")
-        if move.name in seen:
-            raise ConfigError(f"{move.name} is in two moves")
-        seen.add(move.name)
-
-
-@dataclass(slots=True)
-class _Entry:
-    move: Move
-    need: MoveNeed
-    key: float  # smaller first
-    floor_bps: float  # the least it is started with
-    setup_s: float  # predicted time before it uses its links
-    started: bool = False
-
-
-@dataclass(slots=True)
-class _Flight:
-    """A running move as predicted: it sets up, then transfers for the predictor's total at
-    its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it)."""
-
-    entry: _Entry
-    cap_bps: float
-    setup_end_s: float
-    transfer_s: float  # at cap_bps
-    since_s: float
-    done: float = 0.0  # of the transfer, at since_s
-
-    def end_s(self) -> float:
-        return max(self.since_s, self.setup_end_s) + (1.0 - self.done) * self.transfer_s
-
-    def advance(self, now_s: float) -> None:
-        busy_s = now_s - max(self.since_s, self.setup_end_s)
-        if busy_s > 0.0:
-            self.done = min(1.0, self.done + busy_s / self.transfer_s)
-        self.since_s = max(self.since_s, now_s)
-
-
 @dataclass(slots=True)
 class _Shadow:
     """A blocked head's turn: when its source link frees enough for it, and how much more
@@ -200,21 +129,6 @@ class _Shadow:
 
     at_s: float
     extra_bps: float
-
-
-@dataclass(slots=True)
-class _Queues:
-    by_source: dict[HostName, list[_Entry]] = field(default_factory=dict)
-    first: dict[HostName, int] = field(default_factory=dict)  # first not started
-
-    def unstarted(self, source: HostName) -> Iterable[_Entry]:
-        queue, start = self.by_source.get(source, []), self.first.get(source, 0)
-        while start < len(queue) and queue[start].started:
-            start += 1
-        self.first[source] = start
-        for entry in queue[start : start + LOOKAHEAD]:
-            if not entry.started:
-                yield entry
 
 
 class BandwidthDispatcher:
@@ -238,28 +152,32 @@ class BandwidthDispatcher:
         check_moves(cluster, moves)
         self._book = book
         self._link = {h.name: float(h.link_bps) for h in cluster.hosts}
-        self._free: dict[_Link, float] = {}
+        self._free: dict[Link, float] = {}  # not reserved
         for name, rate in self._link.items():
             self._free[("out", name)] = self._free[("in", name)] = rate
+        self._extra: dict[Link, dict[VmName, float]] = {}
         self._slots = Slots(cluster)
-        self._queues = _Queues()
-        self._flights: dict[VmName, _Flight] = {}
-        self._on: dict[_Link, set[VmName]] = {}
+        self._queues = Queues()
+        self._flights: dict[VmName, Flight] = {}
+        self._on: dict[Link, set[VmName]] = {}
         self._waiting_on: dict[HostName, set[HostName]] = {}
-        self._wakes: list[tuple[float, HostName]] = []
+        # Wake-ups: (when, order, what, whose); valid while _wake_of says so (a source's
+        # pipelined start) or the flight still sets up until then (a setup's end).
+        self._wakes: list[tuple[float, int, str, str]] = []
         self._wake_of: dict[HostName, float] = {}
+        self._seq = itertools.count()
         self._left = len(moves)
         entries = [self._entry(m, stream_bps) for m in moves]
         for entry in sorted(entries, key=lambda e: (e.key, e.move.name)):
             self._queues.by_source.setdefault(entry.move.source, []).append(entry)
 
-    def _entry(self, move: Move, stream_bps: float) -> _Entry:
+    def _entry(self, move: Move, stream_bps: float) -> Entry:
         link_bps = min(self._link[move.source], self._link[move.destination])
         least_bps = self._link[move.source] * MIN_LINK_FRACTION
         need = self._book.need(move.vm, min(stream_bps, link_bps), least_bps)
         floor_bps = min(need.max_bps, max(need.need_bps, least_bps))
         key = -need.best.total_s * (1.0 + need.risk)
-        return _Entry(move, need, key, floor_bps, self._book.setup_s(move.vm))
+        return Entry(move, need, key, floor_bps, self._book.setup_s(move.vm))
 
     @property
     def waiting(self) -> int:
@@ -267,9 +185,16 @@ class BandwidthDispatcher:
 
     @property
     def wake_s(self) -> float | None:
-        while self._wakes and self._wake_of.get(self._wakes[0][1]) != self._wakes[0][0]:
-            heapq.heappop(self._wakes)  # superseded
+        while self._wakes and not self._is_due_valid(self._wakes[0]):
+            heapq.heappop(self._wakes)
         return self._wakes[0][0] if self._wakes else None
+
+    def _is_due_valid(self, wake: tuple[float, int, str, str]) -> bool:
+        at_s, _, what, whose = wake
+        if what == "source":
+            return self._wake_of.get(HostName(whose)) == at_s
+        flight = self._flights.get(VmName(whose))
+        return flight is not None and flight.setup_end_s == at_s
 
     def needs(self) -> dict[VmName, MoveNeed]:
         """Every move's need (strategy, least safe share, most it can use)."""
@@ -286,11 +211,15 @@ class BandwidthDispatcher:
 
     def tick(self, now_s: float) -> list[Action]:
         actions: list[Action] = []
-        while (due := self.wake_s) is not None and due <= now_s + _EPS_S:
-            _, source = heapq.heappop(self._wakes)
-            del self._wake_of[source]
-            actions += self._dispatch(source, now_s)
-        return actions
+        links: list[Link] = []
+        while (due := self.wake_s) is not None and due <= now_s + EPS_S:
+            _, _, what, whose = heapq.heappop(self._wakes)
+            if what == "source":
+                del self._wake_of[HostName(whose)]
+                actions += self._dispatch(HostName(whose), now_s)
+            else:  # a move starts sending: the others on its links make room
+                links += links_of(self._flights[VmName(whose)].entry.move)
+        return actions + self._recap(links, now_s)
 
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         flight = self._flights.pop(vm, None)
@@ -298,41 +227,66 @@ class BandwidthDispatcher:
             raise ConfigError(f"{vm} is not a running move of this job")
         move = flight.entry.move
         self._slots.give_back(move)
-        for link in _links(move):
-            self._free[link] += flight.cap_bps
+        touched: list[Link] = list(links_of(move))
+        for link in touched:
+            self._free[link] += flight.reserve_bps
             self._on[link].discard(vm)
+            self._extra.get(link, {}).pop(vm, None)
+        for link in links_of(move):
+            self._top_up(link, touched)
         actions: list[Action] = []
-        for link in _links(move):
-            actions += self._top_up(link, now_s)
         sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
         for source in dict.fromkeys(sources):
             actions += self._dispatch(source, now_s)
-        return actions
+        return actions + self._recap(touched, now_s)
 
-    def _top_up(self, link: _Link, now_s: float) -> list[Action]:
-        """Raise the caps of the moves on ``link`` towards the most they can use, hardest
-        first, with what is free on both their links."""
-        actions: list[Action] = []
+    def _top_up(self, link: Link, touched: list[Link]) -> None:
+        """Raise the reservations of the moves on ``link`` towards the most they can use,
+        hardest first, with what is free on both their links (their caps follow in
+        :meth:`_recap`)."""
         running = [self._flights[vm] for vm in self._on.get(link, ())]
         for flight in sorted(running, key=lambda f: (f.entry.key, f.entry.move.name)):
             move = flight.entry.move
-            room = min(self._free[link] for link in _links(move))
-            cap = min(flight.entry.need.max_bps, flight.cap_bps + room)
-            if cap < flight.cap_bps * _TOP_UP_MIN:
+            room = min(self._free[each] for each in links_of(move))
+            reserve = min(flight.entry.need.max_bps, flight.reserve_bps + room)
+            if reserve < flight.reserve_bps * _TOP_UP_MIN:
+                continue
+            for each in links_of(move):
+                self._free[each] -= reserve - flight.reserve_bps
+            flight.reserve_bps = reserve
+            touched += links_of(move)
+
+    def _recap(self, links: Iterable[Link], now_s: float) -> list[Action]:
+        """Cap every move on ``links`` at its reservation plus its part of what the moves
+        sending on both its links leave unused."""
+        touched = sorted({vm for link in links for vm in self._on.get(link, ())})
+        for link in dict.fromkeys(
+            x for vm in touched for x in links_of(self._flights[vm].entry.move)
+        ):
+            sending = [self._flights[vm] for vm in self._on.get(link, ())]
+            sending = [f for f in sending if f.is_active(now_s)]
+            slack = self._link[link[1]] - sum(f.reserve_bps for f in sending)
+            wants = ((f.entry.move.name, f.entry.need.max_bps - f.reserve_bps) for f in sending)
+            self._extra[link] = water_fill(wants, max(0.0, slack))
+        actions: list[Action] = []
+        for vm in touched:
+            flight = self._flights[vm]
+            out_link, in_link = links_of(flight.entry.move)
+            extra = min(self._extra[out_link].get(vm, 0.0), self._extra[in_link].get(vm, 0.0))
+            cap = flight.reserve_bps + extra
+            if abs(cap - flight.cap_bps) <= flight.cap_bps * _RECAP_MIN:
                 continue
             flight.advance(now_s)
-            for each in _links(move):
-                self._free[each] -= cap - flight.cap_bps
             flight.cap_bps = cap
             flight.transfer_s = self._transfer_s(flight.entry, cap)
-            actions.append(SetCap(move.name, cap))
+            actions.append(SetCap(vm, cap))
         return actions
 
-    def _available(self, link: _Link, at_s: float) -> float:
-        """What ``link`` has free at ``at_s``: free now, plus the caps of the moves on it
-        predicted to end by then."""
+    def _available(self, link: Link, at_s: float) -> float:
+        """What ``link`` has unreserved at ``at_s``: now, plus the reservations of the moves
+        on it predicted to end by then."""
         ending = (self._flights[vm] for vm in self._on.get(link, ()))
-        return self._free[link] + sum(f.cap_bps for f in ending if f.end_s() <= at_s)
+        return self._free[link] + sum(f.reserve_bps for f in ending if f.end_s() <= at_s)
 
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
         """Start what fits on ``source``, in its queue's order, backfilling around a head
@@ -342,7 +296,7 @@ class BandwidthDispatcher:
         self._wake_of.pop(source, None)
         actions: list[Action] = []
         shadow: _Shadow | None = None
-        for entry in list(self._queues.unstarted(source)):
+        for entry in self._queues.unstarted(source):
             if not self._slots.has_out(source):
                 break
             target = entry.move.destination
@@ -366,44 +320,40 @@ class BandwidthDispatcher:
             actions.append(self._start(entry, offer, transfer_s, now_s))
         return actions
 
-    def _shadow(self, source: HostName, head: _Entry, now_s: float) -> _Shadow:
-        """When ``head`` gets its share of ``source``'s link, and wake up to start it its
-        setup time before that."""
+    def _shadow(self, source: HostName, head: Entry, now_s: float) -> _Shadow:
+        """When ``head`` gets its share of ``source``'s link; asks to be woken its setup time
+        before that, to start it then."""
         free = self._free[("out", source)]
         running = sorted(
             (self._flights[vm] for vm in self._on.get(("out", source), ())),
             key=lambda f: f.end_s(),
         )
         for flight in running:
-            free += flight.cap_bps
+            free += flight.reserve_bps
             if free >= head.floor_bps:
                 at_s = max(now_s, flight.end_s())
                 wake_s = at_s - head.setup_s
-                if wake_s > now_s + _EPS_S:
+                if wake_s > now_s + EPS_S:
                     self._wake_of[source] = wake_s
-                    heapq.heappush(self._wakes, (wake_s, source))
+                    heapq.heappush(self._wakes, (wake_s, next(self._seq), "source", source))
                 return _Shadow(at_s, free - head.floor_bps)
         return _Shadow(now_s, 0.0)
 
-    def _start(self, entry: _Entry, cap_bps: float, transfer_s: float, now_s: float) -> Start:
+    def _start(self, entry: Entry, reserve_bps: float, transfer_s: float, now_s: float) -> Start:
         move = entry.move
         entry.started = True
         self._left -= 1
         self._slots.take(move)
-        self._flights[move.name] = _Flight(
-            entry, cap_bps, now_s + entry.setup_s, transfer_s, now_s
-        )
-        for link in _links(move):
-            self._free[link] -= cap_bps
+        flight = Flight(entry, reserve_bps, reserve_bps, now_s + entry.setup_s, transfer_s, now_s)
+        self._flights[move.name] = flight
+        for link in links_of(move):
+            self._free[link] -= reserve_bps
             self._on.setdefault(link, set()).add(move.name)
-        return Start(move, cap_bps, entry.need.strategy)
+        heapq.heappush(self._wakes, (flight.setup_end_s, next(self._seq), "setup", move.name))
+        return Start(move, reserve_bps, entry.need.strategy)
 
-    def _transfer_s(self, entry: _Entry, cap_bps: float) -> float:
+    def _transfer_s(self, entry: Entry, cap_bps: float) -> float:
         """The predicted time of ``entry``'s transfer at ``cap_bps`` (its total less its
         setup)."""
         total_s = self._book.cost(entry.move.vm, cap_bps, entry.need.strategy).total_s
         return max(1e-3, total_s - entry.setup_s)
-
-
-def _links(move: Move) -> tuple[_Link, _Link]:
-    return ("out", move.source), ("in", move.destination)

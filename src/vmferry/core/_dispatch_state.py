@@ -1,0 +1,150 @@
+"""Bookkeeping shared by the dispatchers of :mod:`vmferry.core.schedule`: moves in flight
+per host against its limits, the input checks, link sharing, and the records of vmferry's
+dispatcher (queued moves, moves in flight as predicted)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
+from vmferry.core.errors import ConfigError
+from vmferry.core.move_cost import MoveNeed
+
+__all__ = ["Entry", "Flight", "Link", "Queues", "Slots", "check_moves", "links_of", "water_fill"]
+
+Link = tuple[Literal["out", "in"], HostName]
+# How far down a source's queue a free slot looks for a move that fits.
+LOOKAHEAD = 64
+EPS_S = 1e-6
+
+
+def links_of(move: Move) -> tuple[Link, Link]:
+    """The source's outbound side and the destination's inbound side."""
+    return ("out", move.source), ("in", move.destination)
+
+
+def water_fill(demands: Iterable[tuple[VmName, float]], capacity: float) -> dict[VmName, float]:
+    """Share ``capacity`` among flows: an even share each, and what a flow demands less than
+    its share goes to the others."""
+    ordered = sorted(demands, key=lambda item: item[1])
+    left, shares = capacity, {}
+    for done, (vm, demand) in enumerate(ordered):
+        give = max(0.0, min(demand, left / (len(ordered) - done)))
+        shares[vm] = give
+        left -= give
+    return shares
+
+
+class Slots:
+    """Moves in flight per host, against each host's outbound and inbound limits (and a
+    policy's own, when lower)."""
+
+    def __init__(
+        self, cluster: Cluster, *, outbound: int | None = None, inbound: int | None = None
+    ) -> None:
+        self.max_out = {
+            h.name: h.max_outbound if outbound is None else min(outbound, h.max_outbound)
+            for h in cluster.hosts
+        }
+        self.max_in = {
+            h.name: h.max_inbound if inbound is None else min(inbound, h.max_inbound)
+            for h in cluster.hosts
+        }
+        self.out = dict.fromkeys(self.max_out, 0)
+        self.inn = dict.fromkeys(self.max_in, 0)
+        self.total = 0
+
+    def has_out(self, host: HostName) -> bool:
+        return self.out[host] < self.max_out[host]
+
+    def has_in(self, host: HostName) -> bool:
+        return self.inn[host] < self.max_in[host]
+
+    def take(self, move: Move) -> None:
+        self.out[move.source] += 1
+        self.inn[move.destination] += 1
+        self.total += 1
+
+    def give_back(self, move: Move) -> None:
+        self.out[move.source] -= 1
+        self.inn[move.destination] -= 1
+        self.total -= 1
+
+
+def check_moves(cluster: Cluster, moves: Sequence[Move]) -> None:
+    """Refuse moves to or from unknown hosts, to their own host, or a VM moved twice.
+
+    Raises:
+        UnknownHost: a host is not in the cluster.
+        ConfigError: a move to its own host, or a VM in two moves.
+    """
+    seen: set[VmName] = set()
+    for move in moves:
+        cluster.host(move.source)
+        cluster.host(move.destination)
+        if move.source == move.destination:
+            raise ConfigError(f"{move.name} already runs on {move.destination}")
+        if move.name in seen:
+            raise ConfigError(f"{move.name} is in two moves")
+        seen.add(move.name)
+
+
+@dataclass(slots=True)
+class Entry:
+    """A move of vmferry's dispatcher, queued or started."""
+
+    move: Move
+    need: MoveNeed
+    key: float  # smaller first
+    floor_bps: float  # the least share it is started with
+    setup_s: float  # predicted time before it uses its links
+    started: bool = False
+
+
+@dataclass(slots=True)
+class Flight:
+    """A running move as predicted: it sets up, then transfers for the predictor's total at
+    its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it).
+
+    ``reserve_bps`` is the share it was admitted with (at least its safe share); ``cap_bps``
+    the cap in force: the reservation, plus a part of what the moves on its links leave
+    unused while they set up or cannot use more."""
+
+    entry: Entry
+    reserve_bps: float
+    cap_bps: float
+    setup_end_s: float
+    transfer_s: float  # at cap_bps
+    since_s: float
+    done: float = 0.0  # of the transfer, at since_s
+
+    def is_active(self, now_s: float) -> bool:
+        """Set up: it uses its links."""
+        return now_s >= self.setup_end_s - EPS_S
+
+    def end_s(self) -> float:
+        return max(self.since_s, self.setup_end_s) + (1.0 - self.done) * self.transfer_s
+
+    def advance(self, now_s: float) -> None:
+        busy_s = now_s - max(self.since_s, self.setup_end_s)
+        if busy_s > 0.0:
+            self.done = min(1.0, self.done + busy_s / self.transfer_s)
+        self.since_s = max(self.since_s, now_s)
+
+
+@dataclass(slots=True)
+class Queues:
+    """Each source's queued moves, in the dispatcher's order."""
+
+    by_source: dict[HostName, list[Entry]] = field(default_factory=dict)
+    first: dict[HostName, int] = field(default_factory=dict)  # first not started
+
+    def unstarted(self, source: HostName) -> list[Entry]:
+        """The first :data:`LOOKAHEAD` moves of ``source`` not started yet."""
+        queue, start = self.by_source.get(source, []), self.first.get(source, 0)
+        while start < len(queue) and queue[start].started:
+            start += 1
+        self.first[source] = start
+        return [e for e in queue[start : start + LOOKAHEAD] if not e.started]
