@@ -455,6 +455,12 @@ async def _agent(args: argparse.Namespace, err: Console, out: Console) -> int:
     return EXIT_OK
 
 
+async def _simulate(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.cli.simulate import run_simulate
+
+    return await run_simulate(args, err, out)
+
+
 _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("lab", "up"): _lab_up,
     ("lab", "status"): _lab_status,
@@ -475,6 +481,7 @@ _COMMANDS: dict[tuple[str, str | None], Command] = {
     ("demo", None): _demo,
     ("image", "build"): _image_build,
     ("agent", None): _agent,
+    ("simulate", None): _simulate,
 }
 
 

@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_lab, _add_vm, _add_checks, _add_migrate, _add_history, _add_image, _add_agent):
         add(sub)
+    _add_simulate(sub)
     return parser
 
 
@@ -298,3 +299,16 @@ def _add_agent(sub: Subparsers) -> None:
         help="seconds between background measurements of each running VM, which let `plan` "
         "answer without measuring (default 10; 0: off)",
     )
+
+
+def _add_simulate(sub: Subparsers) -> None:
+    """simulate"""
+    sim = sub.add_parser("simulate", help="compare scheduling policies on a modelled cluster")
+    sim.add_argument("--hosts", type=int, default=100)
+    sim.add_argument("--vms", type=int, default=2000)
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--policy", default="all", help="ours, fixed-1, fixed-2, fixed-4, kubevirt")
+    sim.add_argument("--scenario", default="evacuate", choices=("evacuate", "balance"))
+    sim.add_argument("--evacuate", type=int, default=None, metavar="K", help="hosts to empty")
+    sim.add_argument("--max-moves", type=int, default=None, metavar="N", help="for balance")
+    json_flag(sim)

@@ -10,7 +10,7 @@ from typing import Literal
 
 from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
 from vmferry.core.errors import ConfigError
-from vmferry.core.move_cost import MoveNeed
+from vmferry.core.move_cost import MoveNeed, Planned
 
 __all__ = ["Entry", "Flight", "Link", "Queues", "Slots", "check_moves", "links_of", "water_fill"]
 
@@ -93,13 +93,17 @@ def check_moves(cluster: Cluster, moves: Sequence[Move]) -> None:
 
 @dataclass(slots=True)
 class Entry:
-    """A move of vmferry's dispatcher, queued or started."""
+    """A move of vmferry's dispatcher, queued or started. Its need (the least safe share)
+    costs several predictions: it is looked up only once a share under the most it can use
+    is considered for it (``need`` None until then)."""
 
     move: Move
-    need: MoveNeed
+    strategy: Planned
+    max_bps: float  # the most it can use
+    least_bps: float  # no share under this is considered
     key: float  # smaller first
-    floor_bps: float  # the least share it is started with
     setup_s: float  # predicted time before it uses its links
+    need: MoveNeed | None = None
     started: bool = False
 
 

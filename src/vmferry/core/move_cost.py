@@ -98,6 +98,8 @@ class MoveCost:
         felt_ms: the longest stall the guest feels; None when it does not converge.
         transferred_bytes: what crosses the link (0 when it does not converge).
         safe: meets the goal with the margins of :class:`CostBook`.
+        headroom: pre-copy's dirty-rate headroom (``StrategyPrediction.dirty_headroom``: 0
+            when it does not converge, at most 4); None for hybrid.
     """
 
     strategy: Planned
@@ -105,6 +107,15 @@ class MoveCost:
     felt_ms: int | None
     transferred_bytes: int
     safe: bool
+    headroom: float | None = None
+
+    @property
+    def risk(self) -> float:
+        """Convergence risk, 0..1: the inverse of the headroom (1 without convergence, 0.25
+        with plenty of headroom; 0.5 for hybrid, whose post-copy may stall the guest)."""
+        if self.headroom is None:
+            return 0.5
+        return 1.0 if self.headroom <= 1.0 else 1.0 / self.headroom
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +224,7 @@ class CostBook:
             p.felt_ms,
             p.transferred_bytes or 0,
             self._is_safe(p, goal_ms),
+            p.dirty_headroom,
         )
 
     def _is_safe(self, p: StrategyPrediction, goal_ms: int) -> bool:

@@ -8,8 +8,9 @@ named up front with the reason.
 
 A balance plan moves VMs from the most loaded host (load: the larger of its memory and vCPU
 shares) to the least loaded while the spread between them exceeds a target, choosing on the
-hot host the VM that relieves most per unit of predicted cost and that does not make the cool
-host the new hot spot. A VM moves at most once per plan, and VMs in the cool-down set (moved
+hot host, among the few VMs whose move comes closest to evening the two out, the one that
+relieves most per predicted second, and never one that would make the cool host the new hot
+spot. A VM moves at most once per plan, and VMs in the cool-down set (moved
 recently) not at all: no flapping.
 """
 
@@ -31,6 +32,10 @@ from vmferry.core.cluster_model import (
 from vmferry.core.errors import ConfigError
 
 __all__ = ["Placement", "Room", "host_load", "place_evacuation", "plan_balance"]
+
+# A balance step weighs the predicted cost of this many candidate VMs (those whose move comes
+# closest to evening the two hosts out).
+_WEIGHED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,10 +274,12 @@ def _pick(
     cost_s: Callable[[Vm, Host], float],
     frozen: set[VmName],
 ) -> Vm | None:
-    """The VM of the hot host that relieves most per predicted second, fits the cool host,
-    and leaves it no more loaded than the hot one is then."""
+    """The VM of the hot host that fits the cool host, leaves it no more loaded than the hot
+    one is then, and relieves most per predicted second among the few whose move comes
+    closest to evening the two out."""
     (source, target), (hot_load, cool_load) = hosts, loads
-    best: tuple[float, Vm] | None = None
+    even = (hot_load - cool_load) / 2.0
+    fitting: list[tuple[float, float, Vm]] = []
     for vm in candidates:
         if vm.name in frozen or room.why_not(vm, target.name) is not None:
             continue
@@ -280,7 +287,7 @@ def _pick(
         added = max(vm.memory_bytes / target.memory_bytes, vm.vcpus / target.vcpus)
         if cool_load + added > hot_load - relief:
             continue  # the cool host would become the hot spot: the next plan moves it back
-        score = cost_s(vm, target) / relief
-        if best is None or score < best[0]:
-            best = (score, vm)
-    return None if best is None else best[1]
+        fitting.append((abs(relief - even), relief, vm))
+    fitting.sort(key=lambda item: (item[0], item[2].name))
+    scored = [(cost_s(vm, target) / relief, vm.name, vm) for _, relief, vm in fitting[:_WEIGHED]]
+    return min(scored, key=lambda item: item[:2])[2] if scored else None

@@ -172,12 +172,38 @@ class BandwidthDispatcher:
             self._queues.by_source.setdefault(entry.move.source, []).append(entry)
 
     def _entry(self, move: Move, stream_bps: float) -> Entry:
-        link_bps = min(self._link[move.source], self._link[move.destination])
+        """A queued move; ordered by its predicted duration at the most it can use, times
+        ``1 + risk`` (the inverse of its dirty-rate headroom there)."""
+        max_bps = min(stream_bps, self._link[move.source], self._link[move.destination])
         least_bps = self._link[move.source] * MIN_LINK_FRACTION
-        need = self._book.need(move.vm, min(stream_bps, link_bps), least_bps)
-        floor_bps = min(need.max_bps, max(need.need_bps, least_bps))
+        setup_s = self._book.setup_s(move.vm)
+        best = self._book.cost(move.vm, max_bps)
+        if best.safe:  # the need waits until a smaller share is considered
+            return Entry(
+                move, "precopy", max_bps, least_bps, -best.total_s * (1 + best.risk), setup_s
+            )
+        need = self._book.need(move.vm, max_bps, least_bps)
         key = -need.best.total_s * (1.0 + need.risk)
-        return Entry(move, need, key, floor_bps, self._book.setup_s(move.vm))
+        return Entry(move, need.strategy, max_bps, least_bps, key, setup_s, need)
+
+    def _is_enough(self, entry: Entry, offer_bps: float) -> bool:
+        """Whether ``entry`` may start with ``offer_bps``: all it can use, or at least a
+        sixteenth of its source's link where it is safe (one prediction, which also gives
+        its duration there; the least safe share itself is looked up only when needed)."""
+        if offer_bps >= entry.max_bps:
+            return True
+        if offer_bps < entry.least_bps:
+            return False
+        if entry.need is not None:
+            return offer_bps >= self._floor(entry)
+        return self._book.cost(entry.move.vm, offer_bps, entry.strategy).safe
+
+    def _floor(self, entry: Entry) -> float:
+        """The least share ``entry`` starts with: its safe share, and a sixteenth of its
+        source's link (unless it can use no more)."""
+        if entry.need is None:
+            entry.need = self._book.need(entry.move.vm, entry.max_bps, entry.least_bps)
+        return min(entry.max_bps, max(entry.need.need_bps, entry.least_bps))
 
     @property
     def waiting(self) -> int:
@@ -198,7 +224,15 @@ class BandwidthDispatcher:
 
     def needs(self) -> dict[VmName, MoveNeed]:
         """Every move's need (strategy, least safe share, most it can use)."""
-        return {e.move.name: e.need for q in self._queues.by_source.values() for e in q}
+        for queue in self._queues.by_source.values():
+            for entry in queue:
+                self._floor(entry)
+        return {
+            e.move.name: e.need
+            for q in self._queues.by_source.values()
+            for e in q
+            if e.need is not None
+        }
 
     def begin(self, now_s: float) -> list[Action]:
         actions: list[Action] = []
@@ -248,7 +282,7 @@ class BandwidthDispatcher:
         for flight in sorted(running, key=lambda f: (f.entry.key, f.entry.move.name)):
             move = flight.entry.move
             room = min(self._free[each] for each in links_of(move))
-            reserve = min(flight.entry.need.max_bps, flight.reserve_bps + room)
+            reserve = min(flight.entry.max_bps, flight.reserve_bps + room)
             if reserve < flight.reserve_bps * _TOP_UP_MIN:
                 continue
             for each in links_of(move):
@@ -266,7 +300,7 @@ class BandwidthDispatcher:
             sending = [self._flights[vm] for vm in self._on.get(link, ())]
             sending = [f for f in sending if f.is_active(now_s)]
             slack = self._link[link[1]] - sum(f.reserve_bps for f in sending)
-            wants = ((f.entry.move.name, f.entry.need.max_bps - f.reserve_bps) for f in sending)
+            wants = ((f.entry.move.name, f.entry.max_bps - f.reserve_bps) for f in sending)
             self._extra[link] = water_fill(wants, max(0.0, slack))
         actions: list[Action] = []
         for vm in touched:
@@ -304,10 +338,11 @@ class BandwidthDispatcher:
                 self._waiting_on.setdefault(target, set()).add(source)
                 continue
             ready_s = now_s + entry.setup_s
+            free_out = self._available(("out", source), ready_s)
             free_in = self._available(("in", target), ready_s)
-            offer = min(entry.need.max_bps, self._available(("out", source), ready_s), free_in)
-            if offer < entry.floor_bps:
-                if free_in < entry.floor_bps:
+            offer = min(entry.max_bps, free_out, free_in)
+            if not self._is_enough(entry, offer):
+                if free_in < min(entry.max_bps, free_out):
                     self._waiting_on.setdefault(target, set()).add(source)
                 elif shadow is None:
                     shadow = self._shadow(source, entry, now_s)
@@ -330,13 +365,14 @@ class BandwidthDispatcher:
         )
         for flight in running:
             free += flight.reserve_bps
-            if free >= head.floor_bps:
+            share = min(head.max_bps, free)
+            if self._is_enough(head, share):
                 at_s = max(now_s, flight.end_s())
                 wake_s = at_s - head.setup_s
                 if wake_s > now_s + EPS_S:
                     self._wake_of[source] = wake_s
                     heapq.heappush(self._wakes, (wake_s, next(self._seq), "source", source))
-                return _Shadow(at_s, free - head.floor_bps)
+                return _Shadow(at_s, free - share)
         return _Shadow(now_s, 0.0)
 
     def _start(self, entry: Entry, reserve_bps: float, transfer_s: float, now_s: float) -> Start:
@@ -350,10 +386,10 @@ class BandwidthDispatcher:
             self._free[link] -= reserve_bps
             self._on.setdefault(link, set()).add(move.name)
         heapq.heappush(self._wakes, (flight.setup_end_s, next(self._seq), "setup", move.name))
-        return Start(move, reserve_bps, entry.need.strategy)
+        return Start(move, reserve_bps, entry.strategy)
 
     def _transfer_s(self, entry: Entry, cap_bps: float) -> float:
         """The predicted time of ``entry``'s transfer at ``cap_bps`` (its total less its
         setup)."""
-        total_s = self._book.cost(entry.move.vm, cap_bps, entry.need.strategy).total_s
+        total_s = self._book.cost(entry.move.vm, cap_bps, entry.strategy).total_s
         return max(1e-3, total_s - entry.setup_s)

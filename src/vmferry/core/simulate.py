@@ -38,7 +38,7 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.flows import FluidExecutor
 from vmferry.core.job import POLICY_NAMES, ManualClock, Schedule, make_dispatcher, plan_job, run_job
 from vmferry.core.move_cost import CostBook
-from vmferry.core.placement import Placement, place_evacuation, plan_balance
+from vmferry.core.placement import Placement, Room, host_load, place_evacuation, plan_balance
 from vmferry.core.precopy_flow import PrecopyFlow
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "ModelledCluster",
     "PolicyResult",
     "SimulationResult",
+    "load_spread",
     "lower_bound_s",
     "model_cluster",
     "simulate",
@@ -234,6 +235,7 @@ class SimulationResult:
     placement_s: float
     lower_bound_s: float
     results: tuple[PolicyResult, ...]
+    spread: tuple[float, float] = (0.0, 0.0)  # host load spread before and after the moves
 
     def best_fixed(self) -> PolicyResult | None:
         """The fixed-concurrency baseline with the shortest simulated makespan."""
@@ -258,6 +260,8 @@ class SimulationResult:
             "refused": self.refused,
             "placement_s": round(self.placement_s, 3),
             "lower_bound_s": round(self.lower_bound_s, 1),
+            "load_spread_before": round(self.spread[0], 3),
+            "load_spread_after": round(self.spread[1], 3),
             "best_fixed": None if best is None else best.policy,
             "policies": rows,
         }
@@ -272,6 +276,7 @@ def simulate(
     policies: Sequence[str] = POLICY_NAMES,
     scenario: Scenario = "evacuate",
     evacuate: int | None = None,
+    max_moves: int | None = None,
     cal: Calibration = SIM_CALIBRATION,
 ) -> SimulationResult:
     """Plan and simulate one operation on a modelled cluster with each policy.
@@ -282,6 +287,7 @@ def simulate(
         policies: names from :data:`vmferry.core.job.POLICY_NAMES`.
         scenario: evacuate hosts, or balance the cluster.
         evacuate: how many hosts to evacuate (default: 1 in 20, at least 1).
+        max_moves: the most moves a balance plans (default: one per host).
         cal: the machine constants of the model and of the predictor.
 
     Raises:
@@ -293,7 +299,9 @@ def simulate(
     modelled = model_cluster(hosts, vms, seed=seed)
     cluster, book = modelled.cluster, CostBook(cal)
     began = timer()
-    sources, placement = _operation(cluster, book, scenario, evacuate, seed)
+    sources, placement = _operation(
+        cluster, book, scenario, evacuate=evacuate, max_moves=max_moves, seed=seed
+    )
     placement_s = timer() - began
     results = []
     for policy in policies:
@@ -325,7 +333,15 @@ def simulate(
         placement_s,
         lower_bound_s(cluster, placement.moves, book),
         tuple(results),
+        (load_spread(cluster), load_spread(cluster.after(placement.moves))),
     )
+
+
+def load_spread(cluster: Cluster) -> float:
+    """The difference between the most and the least loaded hosts' loads (0..1)."""
+    room = Room(cluster, [h.name for h in cluster.hosts])
+    loads = [host_load(h, room) for h in cluster.hosts]
+    return max(loads) - min(loads)
 
 
 def lower_bound_s(cluster: Cluster, moves: Sequence[Move], book: CostBook) -> float:
@@ -348,7 +364,13 @@ def lower_bound_s(cluster: Cluster, moves: Sequence[Move], book: CostBook) -> fl
 
 
 def _operation(
-    cluster: Cluster, book: CostBook, scenario: Scenario, evacuate: int | None, seed: int
+    cluster: Cluster,
+    book: CostBook,
+    scenario: Scenario,
+    *,
+    evacuate: int | None,
+    max_moves: int | None,
+    seed: int,
 ) -> tuple[tuple[HostName, ...], Placement]:
     """The moves of the operation: an evacuation's, or a balance plan's."""
     if scenario == "balance":
@@ -357,7 +379,7 @@ def _operation(
         def cost_s(vm: Vm, host: Host) -> float:
             return book.cost(vm, min(stream, host.link_bps)).total_s
 
-        placement = plan_balance(cluster, max_moves=max(1, len(cluster.vms) // 10), cost_s=cost_s)
+        placement = plan_balance(cluster, max_moves=max_moves or len(cluster.hosts), cost_s=cost_s)
         return (), placement
     count = max(1, len(cluster.hosts) // 20) if evacuate is None else evacuate
     if not 1 <= count < len(cluster.hosts):
