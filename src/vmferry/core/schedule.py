@@ -316,11 +316,13 @@ class BandwidthDispatcher:
             actions.append(SetCap(vm, cap))
         return actions
 
-    def _available(self, link: Link, at_s: float) -> float:
+    def _available(self, link: Link, now_s: float, at_s: float) -> float:
         """What ``link`` has unreserved at ``at_s``: now, plus the reservations of the moves
-        on it predicted to end by then."""
+        on it predicted to end between now and then. A move already past its predicted end
+        hands nothing over until it really ends: it runs slower than predicted, and lending
+        its share again would only slow every move on the link further."""
         ending = (self._flights[vm] for vm in self._on.get(link, ()))
-        return self._free[link] + sum(f.reserve_bps for f in ending if f.end_s() <= at_s)
+        return self._free[link] + sum(f.reserve_bps for f in ending if now_s < f.end_s() <= at_s)
 
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
         """Start what fits on ``source``, in its queue's order, backfilling around a head
@@ -338,8 +340,8 @@ class BandwidthDispatcher:
                 self._waiting_on.setdefault(target, set()).add(source)
                 continue
             ready_s = now_s + entry.setup_s
-            free_out = self._available(("out", source), ready_s)
-            free_in = self._available(("in", target), ready_s)
+            free_out = self._available(("out", source), now_s, ready_s)
+            free_in = self._available(("in", target), now_s, ready_s)
             offer = min(entry.max_bps, free_out, free_in)
             if not self._is_enough(entry, offer):
                 if free_in < min(entry.max_bps, free_out):
