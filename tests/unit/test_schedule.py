@@ -182,6 +182,15 @@ def test_every_move_runs_once_and_the_hosts_end_empty(policy: str) -> None:
     assert schedule.makespan_s == max(r.end_s for r in schedule.records)
 
 
+def test_schedule_json() -> None:
+    cluster, moves = small_cluster()
+    data = plan_job(cluster, moves, book=book()).to_json()
+    assert data["policy"] == "ours"
+    assert len(data["moves"]) == len(moves)
+    assert data["eta_s"] == data["makespan_s"] == max(m["end_s"] for m in data["moves"])
+    assert all(m["cap_bps"][0][1] > 0 for m in data["moves"])
+
+
 def test_ours_ends_no_later_than_one_at_a_time() -> None:
     cluster, moves = small_cluster()
     ours = plan_job(cluster, moves, book=book()).makespan_s

@@ -164,6 +164,19 @@ class Schedule:
     def transferred_bytes(self) -> int:
         return sum(r.transferred_bytes for r in self.records)
 
+    def to_json(self) -> dict[str, Any]:
+        """The job report's schedule: every move, the makespan and the ETA."""
+        return {
+            "policy": self.policy,
+            "start_s": round(self.start_s, 3),
+            "makespan_s": round(self.makespan_s, 3),
+            "eta_s": round(self.eta_s, 3),
+            "downtime_sum_ms": self.downtime_sum_ms,
+            "missed": self.missed,
+            "transferred_bytes": self.transferred_bytes,
+            "moves": [r.to_json() for r in self.records],
+        }
+
 
 @dataclass(slots=True)
 class _Open:
