@@ -8,7 +8,7 @@ import io
 
 from rich.console import Console
 
-from vmferry.cli.render import ProgressLine
+from vmferry.cli.progress import ProgressLine
 from vmferry.core.model import MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.status import MigrationStatus

@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TypeAlias
 
 from vmferry import __version__
-from vmferry.cli.commands import DEMO_WORKLOAD
-from vmferry.controller.request import STRATEGIES
+from vmferry.core.model import STRATEGIES
 
-__all__ = ["build_parser"]
+__all__ = ["DEMO_WORKLOAD", "build_parser"]
+
+DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced,disk-rate=4M"
 
 Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
