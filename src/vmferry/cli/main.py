@@ -67,13 +67,12 @@ def _error_line(error: FerryError) -> Text:
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; for ``vm exec`` everything after ``--`` is the guest's command, options
     included (argparse alone would take them for vmferry's)."""
-    parser = build_parser()
     before, tail = argv, None
     if "--" in argv:
         at = argv.index("--")
         if argv[:at].count("vm") and "exec" in argv[:at]:
             before, tail = argv[:at], argv[at + 1 :]
-    args = parser.parse_args(before)
+    args = build_parser(before).parse_args(before)
     if tail is not None:
         args.argv = [*args.argv, *tail]
     return args
