@@ -14,7 +14,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from vmferry.cli.exits import EXIT_FAILED, EXIT_OK
-from vmferry.cli.render import hosts_table, print_json
+from vmferry.cli.render import hosts_table, print_json, status
 from vmferry.controller.inventory import Inventory
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import validate_name
@@ -33,9 +33,9 @@ async def lab_up(args: argparse.Namespace, err: Console, out: Console) -> int:
 
     memory = None if args.memory_per_host is None else parse_size(args.memory_per_host)
     disk = None if args.disk_per_host is None else parse_size(args.disk_per_host)
-    with err.status("preparing the guest image…"):
+    with status(err, "preparing the guest image…"):
         await asyncio.to_thread(build_image)
-    with err.status(f"starting {args.hosts} host agent(s)…"):
+    with status(err, f"starting {args.hosts} host agent(s)…"):
         inventory = await lab.lab_up(
             args.hosts,
             netns=args.netns,
@@ -81,7 +81,7 @@ async def lab_down(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``lab down``: stop everything the lab started."""
     from vmferry.lab import cluster as lab
 
-    with err.status("stopping the lab…"):
+    with status(err, "stopping the lab…"):
         report = await lab.lab_down()
     data = {
         "agents_stopped": report.agents_stopped,
@@ -105,7 +105,7 @@ async def lab_restart(args: argparse.Namespace, err: Console, out: Console) -> i
     from vmferry.lab import cluster as lab
 
     name = validate_name(args.host, "host name")
-    with err.status(f"starting {name}'s agent…"):
+    with status(err, f"starting {name}'s agent…"):
         entry = await lab.lab_restart(name)
     if args.json:
         print_json(out, entry.to_json())
@@ -149,7 +149,7 @@ async def image_build(args: argparse.Namespace, err: Console, out: Console) -> i
     """``image build``: build (or reuse) the cached lab guest image."""
     from vmferry.guest.image import build_image
 
-    with err.status("building the lab guest image…"):
+    with status(err, "building the lab guest image…"):
         image = await asyncio.to_thread(build_image, force=args.force)
     if args.json:
         print_json(

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from vmferry.cli.exits import EXIT_FAILED, EXIT_OK
 from vmferry.cli.plan import request_from
 from vmferry.cli.progress import ProgressLine
-from vmferry.cli.render import format_bytes, print_json, reconcile_table, report_table
+from vmferry.cli.render import format_bytes, print_json, reconcile_table, report_table, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
@@ -74,7 +74,7 @@ async def reconcile(args: argparse.Namespace, err: Console, out: Console) -> int
         raise ConfigError("--wait must be in (0, 86400] seconds")
     inventory = Inventory.load()
     async with Cluster(inventory) as cluster:
-        with err.status("looking at every host…"):
+        with status(err, "looking at every host…"):
             results = await reconcile_cluster(cluster, wait_s=args.wait)
     if args.json:
         print_json(out, [r.to_json() for r in results])
@@ -118,15 +118,15 @@ async def demo(args: argparse.Namespace, err: Console, out: Console) -> int:
     lab_dir = Path(tempfile.mkdtemp(prefix="vmferry-demo-"))
     reports: list[MigrationReport] = []
     try:
-        with err.status("preparing the guest image…"):
+        with status(err, "preparing the guest image…"):
             image = await asyncio.to_thread(build_image)
-        with err.status("starting a lab of 2 hosts…"):
+        with status(err, "starting a lab of 2 hosts…"):
             inventory = await lab_up(2, lab_dir=lab_dir)
         err.print(f"lab: 2 hosts, guest kernel {image.kernel_version}, state in {lab_dir}")
         async with Cluster(inventory) as cluster:
             host = await cluster.client("host-1").host_info()
             err.print(f"QEMU {host.qemu_version}, accelerator {host.accel}")
-            with err.status(f"booting {spec.name} on host-1 ({spec.workload.describe()})…"):
+            with status(err, f"booting {spec.name} on host-1 ({spec.workload.describe()})…"):
                 await cluster.client("host-1").create_vm(spec)
             history = History(inventory.history_db)
             for request in requests:
@@ -135,7 +135,7 @@ async def demo(args: argparse.Namespace, err: Console, out: Console) -> int:
                 if not report.is_success:
                     break
     finally:
-        with err.status("stopping the lab…"):
+        with status(err, "stopping the lab…"):
             await asyncio.shield(lab_down(lab_dir))
     if args.json:
         print_json(out, [r.to_json() for r in reports])

@@ -14,7 +14,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vmferry.cli.exits import EXIT_OK
-from vmferry.cli.render import plan_table, print_json
+from vmferry.cli.render import plan_table, print_json, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
@@ -64,7 +64,7 @@ async def plan(args: argparse.Namespace, err: Console, out: Console) -> int:
         if info.host == request.destination:
             raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
         cap = None if request.bandwidth_mbps is None else request.bandwidth_mbps * 125_000
-        with err.status(f"planning {info.name}'s move {info.host} → {request.destination}…"):
+        with status(err, f"planning {info.name}'s move {info.host} → {request.destination}…"):
             made = await make_plan(
                 cluster,
                 info,

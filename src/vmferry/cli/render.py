@@ -5,6 +5,7 @@ The live progress line of a move is :mod:`vmferry.cli.progress`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -35,6 +36,15 @@ __all__ = [
 def print_json(out: Console, data: object) -> None:
     """``--json`` output: ``data`` as JSON on ``out``."""
     out.print_json(json.dumps(data))
+
+
+def status(console: Console, message: str) -> contextlib.AbstractContextManager[object]:
+    """``console.status(message)``: a spinner while a step runs, on a terminal. Elsewhere Rich
+    draws nothing either, but it would still load its spinners and start a refresh thread (a
+    few ms of a ``plan``)."""
+    if console.is_terminal:
+        return console.status(message)
+    return contextlib.nullcontext()
 
 
 def format_bytes(value: int | None) -> str:

@@ -10,7 +10,7 @@ import argparse
 from typing import TYPE_CHECKING
 
 from vmferry.cli.exits import EXIT_FAILED, EXIT_OK
-from vmferry.cli.render import history_table, print_json, vm_table
+from vmferry.cli.render import history_table, print_json, status, vm_table
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
@@ -66,7 +66,7 @@ async def verify(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``verify NAME``: the guest checks every page of its memory (1 if one is bad)."""
     async with Cluster(Inventory.load()) as cluster:
         info = await cluster.locate(args.name)
-        with err.status(f"verifying {info.name} on {info.host}…"):
+        with status(err, f"verifying {info.name} on {info.host}…"):
             integrity = await cluster.client(info.host).verify(info.name)
     if args.json:
         print_json(out, {"vm": info.name, "host": info.host, **integrity.to_json()})
