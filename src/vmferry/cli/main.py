@@ -53,9 +53,9 @@ def _consoles(stdout: TextIO | None, stderr: TextIO | None) -> tuple[Console, Co
             file=console.file, stderr=console.stderr, soft_wrap=console.soft_wrap, width=_LOG_WIDTH
         )
 
-    return fit(Console(file=stderr, stderr=stderr is None)), fit(
-        Console(file=stdout, soft_wrap=True)
-    )
+    err = Console(file=stderr, stderr=stderr is None)
+    out = Console(file=stdout, soft_wrap=True)
+    return fit(err), fit(out)
 
 
 def _error_line(error: FerryError) -> Text:
