@@ -7,8 +7,10 @@ One run, one loopback lab of two hosts (agents as processes, as users run them),
   verify, history). Against the report's ``total_ms`` (first request to the guest running on
   the destination): ``ratio = cli_wall_ms / total_ms``, the issue's target being ≤ 1.3.
 * **where the rest goes** — the same wall time split by cheaper commands of the same run:
-  ``startup`` (``vmferry --version``: interpreter and imports), ``connect`` (``vm list``: the
-  agents answer), ``plan`` (``vmferry plan``), and what is left (pre-checks, handoff, history).
+  ``startup`` (``vmferry plan`` where there is no lab: interpreter, what a plan imports,
+  parsing, an error), what a plan does beyond that (asking the agents, predicting, printing),
+  and what is left of a move (pre-checks, handoff, history). ``--version`` and ``vm list``
+  are timed too; they import less than a plan (each command imports what it uses).
 * **plan latency** — ``vmferry plan NAME --to OTHER --json`` ``--plans`` times (median, p95),
   with the age of the data it planned from.
 
@@ -64,19 +66,22 @@ class Variant:
         return env
 
 
-def cli(variant: Variant, *args: str, json_out: bool = True) -> tuple[float, Any]:
+def cli(
+    variant: Variant, *args: str, json_out: bool = True, env: dict[str, str] | None = None
+) -> tuple[float, Any]:
     """Run ``python -m vmferry.cli.main ARGS [--json]``; its wall time (ms) and parsed output.
 
     Raises:
-        RuntimeError: it exited with a status other than 0 or 1.
+        RuntimeError: it exited with a status other than 0 or 1 (or 2, the status expected,
+            when ``env`` names another lab).
     """
     argv = [sys.executable, "-m", "vmferry.cli.main", *args, *(["--json"] if json_out else [])]
     started = time.monotonic()
     done = subprocess.run(
-        argv, capture_output=True, text=True, check=False, env=variant.env, timeout=600
+        argv, capture_output=True, text=True, check=False, env=env or variant.env, timeout=600
     )
     wall_ms = (time.monotonic() - started) * 1000
-    if done.returncode not in (0, 1):
+    if done.returncode not in ((0, 1) if env is None else (2,)):
         raise RuntimeError(f"vmferry {' '.join(args)}: rc={done.returncode} {done.stderr}")
     return wall_ms, json.loads(done.stdout) if json_out and done.stdout.strip() else None
 
@@ -134,10 +139,16 @@ def _moves(variants: list[Variant], vm: str, count: int, pause_s: float) -> Resu
 
 
 def _fixed_costs(variant: Variant, repeat: int = 3) -> dict[str, float]:
-    startup = [cli(variant, "--version", json_out=False)[0] for _ in range(repeat)]
+    no_lab = {**variant.env, "VMFERRY_LAB_DIR": str(variant.lab_dir / "none")}
+    startup = [
+        cli(variant, "plan", "ovh", "--to", "host-2", json_out=False, env=no_lab)[0]
+        for _ in range(repeat)
+    ]
+    version = [cli(variant, "--version", json_out=False)[0] for _ in range(repeat)]
     connect = [cli(variant, "vm", "list")[0] for _ in range(repeat)]
     return {
         "startup_ms": round(statistics.median(startup)),
+        "version_ms": round(statistics.median(version)),
         "vm_list_ms": round(statistics.median(connect)),
     }
 
@@ -160,8 +171,7 @@ def summarize(
         "overhead_ms_median": overhead,
         "overhead_split_ms": {
             "startup": fixed["startup_ms"],
-            "connect": round(fixed["vm_list_ms"] - fixed["startup_ms"]),
-            "plan_beyond_connect": round(plan_median - fixed["vm_list_ms"]),
+            "plan_beyond_startup": round(plan_median - fixed["startup_ms"]),
             "rest": round(overhead - plan_median),
         },
         "plan_ms_median": round(plan_median),
@@ -183,7 +193,7 @@ def print_side_by_side(summaries: dict[str, dict[str, Any]], fixed: dict[str, An
     first = summaries[labels[0]]
     for key in [k for k, v in first.items() if not isinstance(v, dict)]:
         print(f"{key:24}" + "".join(f"{summaries[label][key]!s:>12}" for label in labels))
-    for key in ("startup_ms", "vm_list_ms"):
+    for key in ("startup_ms", "version_ms", "vm_list_ms"):
         print(f"{key:24}" + "".join(f"{fixed[label][key]!s:>12}" for label in labels))
     for label in labels:
         print(label, "overhead split (ms):", summaries[label]["overhead_split_ms"])

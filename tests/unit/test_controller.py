@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -13,10 +14,14 @@ from vmferry.agent.server import options_from_json
 from vmferry.controller.history import History
 from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.controller.migrate import MigrationRequest
+from vmferry.controller.plan import calibration_from
+from vmferry.core.calibration import Calibration
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.model import (
+    GuestAgentCheck,
     IntegrityReport,
     MigrationReport,
+    Prediction,
     VmSpec,
     spec_from_json,
     spec_to_json,
@@ -176,3 +181,18 @@ def test_inventory_round_trip_and_errors(tmp_path: Path) -> None:
     inventory.path.write_text("{not json")
     with pytest.raises(ConfigError, match="cannot read"):
         Inventory.load(tmp_path / "lab")
+
+
+def test_calibration_learns_felt_stalls_per_kind_of_guest(tmp_path: Path) -> None:
+    history = History(tmp_path / "history.db")
+    predicted = Prediction(1000, 1, 1 << 20, 301)  # post-copy: 1 ms QEMU, 300 ms of faults
+    for felt_ms, agent in ((150, None), (1200, GuestAgentCheck(True))):  # lab, then own
+        report = dataclasses.replace(
+            _report("vm"), strategy="postcopy", downtime_ms=1, guest_downtime_ms=felt_ms,
+            predicted=predicted, guest_agent=agent,
+        )  # fmt: skip
+        for _ in range(4):
+            history.record(report)
+    lab = calibration_from(history, "lab")
+    own = calibration_from(history, "own")
+    assert lab.fault_chain < Calibration.default().fault_chain < own.fault_chain

@@ -158,3 +158,15 @@ def test_refined_learns_multifd_flush_apart_from_the_resume() -> None:
     beyond_ms = refined.resume_felt_ms + refined.multifd_flush_ms
     drained_ms = drain_ms(guest(), refined, streams=MULTIFD_STREAMS)
     assert p.guest_downtime_ms == round(p.downtime_ms + beyond_ms + drained_ms)
+
+
+def test_refined_learns_what_each_kind_of_guest_feels_apart() -> None:
+    base = CAL.postcopy_switchover_ms + CAL.resume_felt_ms
+    lab = dataclasses.replace(_sample("postcopy", base + 500, base + 250, qemu=1), guest="lab")
+    own = dataclasses.replace(_sample("postcopy", base + 500, base + 1000, qemu=1), guest="own")
+    history = [lab] * 6 + [own] * 6
+    assert CAL.refined(history, guest="lab").fault_chain < CAL.fault_chain
+    assert CAL.refined(history, guest="own").fault_chain > CAL.fault_chain
+    # Too few of its own kind: learnt from every move, as for an unknown kind.
+    few = [lab] * 6 + [own] * 2
+    assert CAL.refined(few, guest="own").fault_chain == CAL.refined(few).fault_chain

@@ -1,14 +1,16 @@
 """The progress line in a pipe or a log: whole lines ending with a newline, one per phase
 change and at most one every few seconds in between, the last state at the end; and reports
-laid out wide instead of squeezed into 80 columns."""
+laid out wide instead of squeezed into 80 columns; JSON as Rich would print it there."""
 
 from __future__ import annotations
 
 import io
+import json
 
 from rich.console import Console
 
-from vmferry.cli.render import ProgressLine
+from vmferry.cli.progress import ProgressLine
+from vmferry.cli.render import print_json
 from vmferry.core.model import MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.status import MigrationStatus
@@ -52,3 +54,19 @@ def test_a_log_gets_whole_lines_on_phase_changes_and_every_few_seconds() -> None
     ]
     assert lines[0] == "vm1 → host-2 preparing"
     assert all(x.startswith("vm1 → host-2 active ") for x in lines[1:])
+
+
+def test_json_in_a_pipe_is_the_text_rich_prints() -> None:
+    data = {
+        "vm": "vm1",
+        "move": "host-1 → host-2 ◀",
+        "nested": {"ratio": 1.0 / 3, "none": None, "ok": True, "list": (1, 2.5e-7, "x")},
+        "long": "word " * 60,
+        "escapes": 'tab\there "quoted" \\ back\nline',
+        "empty": {},
+        "nothing": [],
+    }
+    ours, rich = io.StringIO(), io.StringIO()
+    print_json(Console(file=ours, soft_wrap=True, width=160), data)
+    Console(file=rich, soft_wrap=True, width=160).print_json(json.dumps(data))
+    assert ours.getvalue() == rich.getvalue()

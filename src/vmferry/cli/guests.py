@@ -12,11 +12,8 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-
-from vmferry.agent.api import VmInfo
 from vmferry.cli.exits import EXIT_OK
-from vmferry.cli.render import print_json
+from vmferry.cli.render import print_json, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
 from vmferry.core.boot import GuestBoot
@@ -25,6 +22,9 @@ from vmferry.core.model import DiskSpec, VmName, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
 
 if TYPE_CHECKING:  # the XML parser (lxml) is loaded by `vm import` alone
+    from rich.console import Console
+
+    from vmferry.agent.api import VmInfo
     from vmferry.controller.libvirt_xml import ImportedDomain
 
 __all__ = ["vm_create", "vm_exec", "vm_import"]
@@ -108,7 +108,7 @@ async def _create(
         if spec.cpu_model not in offered.cpu_models:
             raise ConfigError(f"{host}'s QEMU has no CPU model {spec.cpu_model}")
         what = spec.workload.describe() if image is None else f"copying {image}"
-        with err.status(f"creating {spec.name} on {host} ({what})…"):
+        with status(err, f"creating {spec.name} on {host} ({what})…"):
             info = await client.create_vm(spec, image)
     _created(info, err, out, as_json)
     return EXIT_OK
@@ -181,7 +181,7 @@ async def vm_exec(args: argparse.Namespace, err: Console, out: Console) -> int:
     async with Cluster(Inventory.load()) as cluster:
         info = await cluster.locate(validate_name(args.name))
         result = await cluster.client(info.host).guest_exec(info.name, argv, args.timeout)
-    status = result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
+    exit_status = result.exit_code if result.exit_code is not None else 128 + (result.signal or 0)
     if args.json:
         print_json(
             out,
@@ -195,9 +195,9 @@ async def vm_exec(args: argparse.Namespace, err: Console, out: Console) -> int:
                 "truncated": result.truncated,
             },
         )
-        return status
+        return exit_status
     out.file.write(result.stdout.decode(errors="replace"))
     err.file.write(result.stderr.decode(errors="replace"))
     if result.truncated:
         err.print("[yellow]note:[/] the guest agent kept only the first part of the output")
-    return status
+    return exit_status

@@ -1,4 +1,10 @@
-"""The ``vmferry`` command: parse arguments, dispatch, map errors to exit statuses."""
+"""The ``vmferry`` command: parse arguments, dispatch, map errors to exit statuses.
+
+Start-up is part of every command's latency (``plan`` is meant to answer in a fraction of a
+second as a whole process), so this module imports little: the command's own module is
+imported once the arguments are parsed (:mod:`vmferry.cli.commands`), and Rich once there is
+something to print.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +15,16 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn, TextIO
-
-from rich.console import Console
-from rich.text import Text
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 from vmferry.cli import commands
-from vmferry.cli.commands import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
+from vmferry.cli.exits import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE
 from vmferry.cli.parser import build_parser
 from vmferry.core.errors import ConfigError, FerryError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.text import Text
 
 __all__ = ["entry", "main"]
 
@@ -34,26 +41,38 @@ def _configure_logging(verbosity: int, command: str) -> None:
     )
 
 
-def _console(console: Console) -> Console:
-    """``console`` as is on a terminal; in a pipe or a log, wide (Rich would lay tables out
-    in 80 columns there) unless ``COLUMNS`` says otherwise."""
-    if console.is_terminal or "COLUMNS" in os.environ:
-        return console
-    return Console(
-        file=console.file, stderr=console.stderr, soft_wrap=console.soft_wrap, width=_LOG_WIDTH
-    )
+def _consoles(stdout: TextIO | None, stderr: TextIO | None) -> tuple[Console, Console]:
+    """``err`` and ``out``: as Rich makes them on a terminal; in a pipe or a log, wide (Rich
+    would lay tables out in 80 columns there) unless ``COLUMNS`` says otherwise."""
+    from rich.console import Console  # not at import: --help, --version, usage errors print none
+
+    def fit(console: Console) -> Console:
+        if console.is_terminal or "COLUMNS" in os.environ:
+            return console
+        return Console(
+            file=console.file, stderr=console.stderr, soft_wrap=console.soft_wrap, width=_LOG_WIDTH
+        )
+
+    err = Console(file=stderr, stderr=stderr is None)
+    out = Console(file=stdout, soft_wrap=True)
+    return fit(err), fit(out)
+
+
+def _error_line(error: FerryError) -> Text:
+    from rich.text import Text
+
+    return Text.assemble(("error: ", "bold red"), str(error))
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
     """Parse ``argv``; for ``vm exec`` everything after ``--`` is the guest's command, options
     included (argparse alone would take them for vmferry's)."""
-    parser = build_parser()
     before, tail = argv, None
     if "--" in argv:
         at = argv.index("--")
         if argv[:at].count("vm") and "exec" in argv[:at]:
             before, tail = argv[:at], argv[at + 1 :]
-    args = parser.parse_args(before)
+    args = build_parser(before).parse_args(before)
     if tail is not None:
         args.argv = [*args.argv, *tail]
     return args
@@ -71,12 +90,11 @@ def main(
     """
     args = _parse(list(sys.argv[1:] if argv is None else argv))
     _configure_logging(args.verbose, args.command)
-    err = _console(Console(file=stderr, stderr=stderr is None))
-    out = _console(Console(file=stdout, soft_wrap=True))
+    err, out = _consoles(stdout, stderr)
     try:
         return asyncio.run(commands.run(args, err, out))
     except FerryError as error:
-        err.print(Text.assemble(("error: ", "bold red"), str(error)), highlight=False)
+        err.print(_error_line(error), highlight=False)
         return EXIT_USAGE if isinstance(error, ConfigError) else EXIT_FAILED
     except KeyboardInterrupt:
         err.print("interrupted")

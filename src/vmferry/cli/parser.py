@@ -3,28 +3,35 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeAlias
 
 from vmferry import __version__
-from vmferry.cli.commands import DEMO_WORKLOAD
-from vmferry.controller.request import STRATEGIES
+from vmferry.core.model import STRATEGIES
 
-__all__ = ["build_parser"]
+__all__ = ["DEMO_WORKLOAD", "build_parser"]
 
-Subparsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+DEMO_WORKLOAD = "dirty:rate=50M,size=256M,pattern=random,mode=paced,disk-rate=4M"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or, given the ``argv`` it will parse, of the command
+    ``argv`` names: the others are then listed by name and help only (argparse builds each
+    option of each command up front, a few ms of every start).
+    """
     parser = argparse.ArgumentParser(
         prog="vmferry", description="Live migration of QEMU virtual machines."
     )
     parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_lab, _add_vm, _add_checks, _add_migrate, _add_history, _add_image, _add_agent):
-        add(sub)
-    _add_simulate(sub)
+    # The top-level options take no value: the first word that is not an option is the command.
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
+    every = named not in _COMMANDS
+    for name, (help_text, add_options) in _COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        if every or name == named:
+            add_options(command)
     return parser
 
 
@@ -32,9 +39,8 @@ def json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
-def _add_lab(sub: Subparsers) -> None:
+def _lab(lab: argparse.ArgumentParser) -> None:
     """lab up|status|down|restart|link"""
-    lab = sub.add_parser("lab", help="a cluster of hosts on this machine")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="ACTION")
     up = lab_sub.add_parser("up", help="start host-1..host-N (one agent each)")
     up.add_argument("--hosts", type=int, default=2)
@@ -66,9 +72,8 @@ def _add_lab(sub: Subparsers) -> None:
     json_flag(link)
 
 
-def _add_vm(sub: Subparsers) -> None:
-    """vm create|list|show|delete"""
-    vm = sub.add_parser("vm", help="create, list, show, delete VMs")
+def _vm(vm: argparse.ArgumentParser) -> None:
+    """vm create|import|exec|list|show|delete"""
     vm_sub = vm.add_subparsers(dest="vm_command", required=True, metavar="ACTION")
     create = vm_sub.add_parser(
         "create", help="boot a new VM on a host: the lab guest, or your own --image"
@@ -137,13 +142,12 @@ def _disk_options(create: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_checks(sub: Subparsers) -> None:
-    """verify, plan"""
-    verify = sub.add_parser("verify", help="ask the guest to check every page of its memory")
+def _verify(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("name")
     json_flag(verify)
 
-    plan = sub.add_parser("plan", help="predict what each strategy would cost (changes nothing)")
+
+def _plan(plan: argparse.ArgumentParser) -> None:
     plan.add_argument("name")
     plan.add_argument("--to", required=True, metavar="HOST")
     plan.add_argument("--max-downtime", type=int, default=300, metavar="MS")
@@ -153,9 +157,7 @@ def _add_checks(sub: Subparsers) -> None:
     json_flag(plan)
 
 
-def _add_migrate(sub: Subparsers) -> None:
-    """migrate"""
-    migrate = sub.add_parser("migrate", help="move a VM to another host")
+def _migrate(migrate: argparse.ArgumentParser) -> None:
     migrate.add_argument("name")
     migrate.add_argument("--to", required=True, metavar="HOST")
     migrate.add_argument("--strategy", default="auto", choices=STRATEGIES)
@@ -207,12 +209,7 @@ def _add_migrate(sub: Subparsers) -> None:
     json_flag(migrate)
 
 
-def _add_history(sub: Subparsers) -> None:
-    """reconcile, history, demo"""
-    reconcile = sub.add_parser(
-        "reconcile",
-        help="after a crash: finish or undo half-done migrations (one running copy per VM)",
-    )
+def _reconcile(reconcile: argparse.ArgumentParser) -> None:
     reconcile.add_argument(
         "--wait",
         type=float,
@@ -221,14 +218,15 @@ def _add_history(sub: Subparsers) -> None:
         help="how long to wait for a migration still in flight (default 300)",
     )
     json_flag(reconcile)
-    history = sub.add_parser("history", help="past migrations")
+
+
+def _history(history: argparse.ArgumentParser) -> None:
     history.add_argument("--vm", default=None)
     history.add_argument("--limit", type=int, default=50)
     json_flag(history)
 
-    demo = sub.add_parser(
-        "demo", help="lab of 2 hosts; a busy guest migrated host-1 → host-2 and back, verified"
-    )
+
+def _demo(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--memory", default="1G", help="guest memory (default 1G)")
     demo.add_argument("--workload", default=DEMO_WORKLOAD, help=f"default {DEMO_WORKLOAD}")
     demo.add_argument(
@@ -240,18 +238,15 @@ def _add_history(sub: Subparsers) -> None:
     json_flag(demo)
 
 
-def _add_image(sub: Subparsers) -> None:
+def _image(image: argparse.ArgumentParser) -> None:
     """image build"""
-    image = sub.add_parser("image", help="the lab guest image")
     image_sub = image.add_subparsers(dest="image_command", required=True, metavar="ACTION")
     build = image_sub.add_parser("build", help="build (or reuse) the cached lab guest image")
     build.add_argument("--force", action="store_true", help="rebuild even if cached")
     json_flag(build)
 
 
-def _add_agent(sub: Subparsers) -> None:
-    """agent (one per host)"""
-    agent = sub.add_parser("agent", help="run a host agent (normally started by `lab up`)")
+def _agent(agent: argparse.ArgumentParser) -> None:
     agent.add_argument("--host", required=True, help="this host's name, e.g. host-1")
     agent.add_argument("--listen", default="127.0.0.1:0", metavar="ADDR:PORT")
     agent.add_argument("--state-dir", required=True, type=Path)
@@ -301,9 +296,7 @@ def _add_agent(sub: Subparsers) -> None:
     )
 
 
-def _add_simulate(sub: Subparsers) -> None:
-    """simulate"""
-    sim = sub.add_parser("simulate", help="compare scheduling policies on a modelled cluster")
+def _simulate(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--hosts", type=int, default=100)
     sim.add_argument("--vms", type=int, default=2000)
     sim.add_argument("--seed", type=int, default=1)
@@ -312,3 +305,23 @@ def _add_simulate(sub: Subparsers) -> None:
     sim.add_argument("--evacuate", type=int, default=None, metavar="K", help="hosts to empty")
     sim.add_argument("--max-moves", type=int, default=None, metavar="N", help="for balance")
     json_flag(sim)
+
+
+# Every command, in the order ``vmferry --help`` lists them: its help, and what adds its options
+# (and actions) to its parser.
+_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
+    "lab": ("a cluster of hosts on this machine", _lab),
+    "vm": ("create, list, show, delete VMs", _vm),
+    "verify": ("ask the guest to check every page of its memory", _verify),
+    "plan": ("predict what each strategy would cost (changes nothing)", _plan),
+    "migrate": ("move a VM to another host", _migrate),
+    "reconcile": (
+        "after a crash: finish or undo half-done migrations (one running copy per VM)",
+        _reconcile,
+    ),
+    "history": ("past migrations", _history),
+    "demo": ("lab of 2 hosts; a busy guest migrated host-1 → host-2 and back, verified", _demo),
+    "image": ("the lab guest image", _image),
+    "agent": ("run a host agent (normally started by `lab up`)", _agent),
+    "simulate": ("compare scheduling policies on a modelled cluster", _simulate),
+}

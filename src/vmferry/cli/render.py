@@ -1,31 +1,28 @@
-"""Rendering for the CLI: a live progress line for migrations and report summaries (Rich)."""
+"""Rendering for the CLI: tables of VMs, hosts, plans and reports, and ``--json`` output (Rich).
+
+The live progress line of a move is :mod:`vmferry.cli.progress`.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.live import Live
 from rich.table import Table
-from rich.text import Text
 
-from vmferry.agent.api import VmInfo
-from vmferry.controller.history import HistoryEntry
-from vmferry.controller.plan import Plan
-from vmferry.core.eta import EtaEstimator, EtaHints
-from vmferry.core.model import MigrationReport, MigrationStats
-from vmferry.core.phases import Phase
-from vmferry.core.status import Stage
+if TYPE_CHECKING:  # only for annotations: a command imports what it shows, no more
+    from rich.console import Console
 
-if TYPE_CHECKING:  # only for annotations: `vmferry migrate` need not import the lab or reconcile
+    from vmferry.agent.api import VmInfo
+    from vmferry.controller.history import HistoryEntry
+    from vmferry.controller.plan import Plan
     from vmferry.controller.reconcile import Reconciled
+    from vmferry.core.model import MigrationReport
     from vmferry.lab.cluster import HostStatus
 
 __all__ = [
-    "ProgressLine",
     "format_bytes",
     "history_table",
     "hosts_table",
@@ -37,8 +34,25 @@ __all__ = [
 
 
 def print_json(out: Console, data: object) -> None:
-    """``--json`` output: ``data`` as JSON on ``out``."""
-    out.print_json(json.dumps(data))
+    """``--json`` output: ``data`` as JSON on ``out``, highlighted on a terminal.
+
+    Elsewhere (a pipe, a file) Rich prints no colours: its text is ``json.dumps``' with an
+    indent of 2, written here without the ~10 ms Rich spends highlighting it.
+    """
+    if out.is_terminal:
+        out.print_json(json.dumps(data))
+    else:
+        out.file.write(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        out.file.flush()
+
+
+def status(console: Console, message: str) -> contextlib.AbstractContextManager[object]:
+    """``console.status(message)``: a spinner while a step runs, on a terminal. Elsewhere Rich
+    draws nothing either, but it would still load its spinners and start a refresh thread (a
+    few ms of a ``plan``)."""
+    if console.is_terminal:
+        return console.status(message)
+    return contextlib.nullcontext()
 
 
 def format_bytes(value: int | None) -> str:
@@ -57,99 +71,6 @@ def _ms(value: int | None) -> str:
     if value is None:
         return "-"
     return f"{value} ms" if value < 10_000 else f"{value / 1000:.1f} s"
-
-
-class ProgressLine:
-    """One status line per migration: phase, transferred, remaining, dirty rate, ETA.
-
-    On a terminal the line is live (redrawn in place). In a pipe or a log it is printed as
-    whole lines ending with a newline: at every change of phase, at most every ``every_s``
-    in between, and the last state at the end. The ETA is :class:`EtaEstimator`'s, fed every
-    sample (``hints``: what a measurement of the guest knows, if any).
-    """
-
-    def __init__(
-        self,
-        console: Console,
-        title: str,
-        *,
-        every_s: float = 5.0,
-        clock: Callable[[], float] = time.monotonic,
-        hints: EtaHints | None = None,
-    ) -> None:
-        self.console = console
-        self._eta = EtaEstimator(hints)
-        self.title = title
-        self._live = (
-            Live(Text(f"{title}: preparing"), console=console, transient=False)
-            if console.is_terminal
-            else None
-        )
-        self._every_s, self._clock = every_s, clock
-        self._shown: tuple[Phase, float] | None = None
-        self._unshown: Text | None = None
-
-    def hint(self, hints: EtaHints) -> None:
-        """What a measurement of the guest knows, learnt before its first sample."""
-        self._eta = EtaEstimator(hints)
-
-    def __enter__(self) -> ProgressLine:
-        if self._live is not None:
-            self._live.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._live is not None:
-            self._live.__exit__(None, None, None)
-        elif self._unshown is not None:
-            self.console.print(self._unshown)
-
-    def update(self, phase: Phase, stats: MigrationStats | None) -> None:
-        if stats is not None:
-            self._eta.add(stats)
-        line = self._line(phase, stats)
-        if self._live is not None:
-            self._live.update(line)
-            return
-        now = self._clock()
-        if (
-            self._shown is None
-            or self._shown[0] is not phase
-            or now - self._shown[1] >= self._every_s
-        ):
-            self.console.print(line)
-            self._shown, self._unshown = (phase, now), None
-        else:
-            self._unshown = line
-
-    def _line(self, phase: Phase, stats: MigrationStats | None) -> Text:
-        line = Text(f"{self.title} ", style="bold")
-        line.append(phase.value, style="cyan")
-        if stats is not None and stats.status.is_postcopy_broken:
-            line.append(f" {stats.status}: recovering", style="bold yellow")
-        if stats is not None and stats.stage is Stage.DISK_COPY:
-            eta = self._eta.eta_ms()
-            line.append(
-                f" disk {format_bytes(stats.disk_copied_bytes)}"
-                f" of {format_bytes(stats.disk_total_bytes)}"
-                f", {format_bytes(stats.throughput_bps)}/s, then RAM"
-                f", {stats.total_ms / 1000:.1f} s"
-                + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
-            )
-        elif stats is not None:
-            eta = self._eta.eta_ms()
-            if stats.disk_total_bytes:
-                line.append(f" disk {format_bytes(stats.disk_copied_bytes)} in sync,")
-            line.append(
-                f" {format_bytes(stats.transferred_bytes)} sent"
-                f", {format_bytes(stats.remaining_bytes)} left"
-                f", {format_bytes(stats.throughput_bps)}/s"
-                f", dirty {format_bytes(stats.dirty_rate_bps)}/s"
-                f", pass {stats.iterations}"
-                f", {stats.total_ms / 1000:.1f} s"
-                + (f", ETA {eta / 1000:.1f} s" if eta is not None else "")
-            )
-        return line
 
 
 def reconcile_table(results: Sequence[Reconciled]) -> Table:

@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import platformdirs
-
 from vmferry.core.errors import ConfigError
 
 __all__ = ["INVENTORY_SCHEMA", "HostEntry", "Inventory", "default_lab_dir"]
@@ -26,6 +24,8 @@ def default_lab_dir() -> Path:
     override = os.environ.get("VMFERRY_LAB_DIR")
     if override:
         return Path(override)
+    import platformdirs  # here, not at import: every command's start-up counts (`plan`)
+
     return Path(platformdirs.user_state_dir("vmferry")) / "lab"
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "DataAge",
     "Plan",
     "calibration_from",
+    "guest_kind",
     "make_plan",
     "measure_path",
     "probe_path",
@@ -232,8 +233,15 @@ async def probe_path(source: AgentPort, target: AgentPort, address: str) -> floa
     return bandwidth_bps
 
 
-def calibration_from(history: History | None) -> Calibration:
-    """Default calibration refined by past migrations that carried a prediction."""
+def guest_kind(info: VmInfo) -> str:
+    """What kind of guest ``info`` runs, as the history tells them apart: ``lab`` (vmferry's
+    lab guest) or ``own`` (a user's)."""
+    return "lab" if info.boot is None else "own"
+
+
+def calibration_from(history: History | None, guest: str | None = None) -> Calibration:
+    """Default calibration refined by past migrations that carried a prediction (what the
+    guest feels from moves of ``guest``'s kind, see :meth:`Calibration.refined`)."""
     base = Calibration.default()
     if history is None:
         return base
@@ -269,9 +277,11 @@ def calibration_from(history: History | None) -> Calibration:
                 actual_total_ms=total,
                 actual_downtime_ms=_int_or_none(downtime),
                 actual_guest_downtime_ms=_int_or_none(felt),
+                # Only a user's guest is asked about its guest agent on arrival.
+                guest="lab" if report.get("guest_agent") is None else "own",
             )
         )
-    return base.refined(samples) if samples else base
+    return base.refined(samples, guest=guest) if samples else base
 
 
 def _int_or_none(value: object) -> int | None:
@@ -296,7 +306,7 @@ async def make_plan(
     predictions = predict_all(
         measurement,
         downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms),
-        cal=calibration_from(history),
+        cal=calibration_from(history, guest_kind(info)),
     )
     return Plan(
         vm=info.name,

@@ -19,7 +19,7 @@ from vmferry.controller.history import History
 from vmferry.controller.plan import Plan, make_plan, qemu_downtime_limit_ms
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.core.handoff import VerifyMode
-from vmferry.core.model import MECHANISMS, Mechanism, MigrationOptions
+from vmferry.core.model import MECHANISMS, STRATEGIES, Mechanism, MigrationOptions
 from vmferry.core.predict import StrategyPrediction
 from vmferry.core.recovery import RecoveryPolicy
 from vmferry.core.strategy import Goal
@@ -27,8 +27,6 @@ from vmferry.core.strategy import Goal
 __all__ = ["STRATEGIES", "GoalUnreachable", "MigrationRequest", "planned", "precheck"]
 
 logger = logging.getLogger(__name__)
-
-STRATEGIES = ("auto", *MECHANISMS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,8 @@ __all__ = ["Calibration", "CalibrationSample"]
 
 # A single sample moves a ratio by at most this factor either way.
 _MAX_RATIO = 5.0
+# Felt constants are learnt from moves of the same kind of guest once there are this many.
+_MIN_SAME_GUEST = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +30,8 @@ class CalibrationSample:
         actual_total_ms: the measured total (same scope as the prediction).
         actual_downtime_ms: QEMU's downtime, None if unknown.
         actual_guest_downtime_ms: the longest stall the guest felt, None if unknown.
+        guest: the kind of guest that moved (``lab``, ``own``; None if unknown): what a guest
+            feels is learnt from its own kind once there are enough of them.
     """
 
     strategy: Mechanism
@@ -35,6 +39,7 @@ class CalibrationSample:
     actual_total_ms: int
     actual_downtime_ms: int | None
     actual_guest_downtime_ms: int | None = None
+    guest: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +130,9 @@ class Calibration:
         """The reference machine's constants (see the attributes)."""
         return cls()
 
-    def refined(self, samples: Sequence[CalibrationSample]) -> Calibration:
+    def refined(
+        self, samples: Sequence[CalibrationSample], *, guest: str | None = None
+    ) -> Calibration:
         """Adjust the constants to past migrations predicted with this calibration.
 
         Transfer times scale by the geometric mean of actual / predicted (setup excluded);
@@ -138,6 +145,9 @@ class Calibration:
 
         Args:
             samples: (predicted, actual) pairs; unusable ones (non-positive times) are skipped.
+            guest: the kind of guest about to move: the felt constants come from moves of
+                that kind when there are at least three with a felt stall (a Debian
+                userland's fault chain is ~1.5x the lab guest's), else from all.
 
         Returns:
             A new calibration (this one when there is nothing to learn).
@@ -169,7 +179,7 @@ class Calibration:
             / time_scale
         )
         return replace(
-            self._refined_felt(samples),
+            self._refined_felt(_same_guest(samples, guest)),
             time_scale=time_scale,
             postcopy_fault_overhead=max(1.0, overhead),
             switchover_ms=max(1, round(self.switchover_ms + _shrunk_shift(downtime_errors))),
@@ -215,6 +225,16 @@ class Calibration:
             return float(beyond_ms - (predicted.guest_downtime_ms - predicted.downtime_ms))
         flush_ms = self.multifd_flush_ms if sample.strategy == "multifd" else 0
         return float(beyond_ms - self.resume_felt_ms - flush_ms)
+
+
+def _same_guest(
+    samples: Sequence[CalibrationSample], guest: str | None
+) -> Sequence[CalibrationSample]:
+    """The samples of ``guest``'s kind that measured a felt stall, if there are enough."""
+    if guest is None:
+        return samples
+    same = [s for s in samples if s.guest == guest and s.actual_guest_downtime_ms is not None]
+    return same if len(same) >= _MIN_SAME_GUEST else samples
 
 
 def _shrunk_ratio(ratios: Sequence[float]) -> float:

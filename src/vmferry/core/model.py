@@ -20,6 +20,7 @@ __all__ = [
     "MECHANISMS",
     "REPORT_SCHEMA",
     "STORAGE_MODES",
+    "STRATEGIES",
     "DiskBus",
     "DiskSpec",
     "GuestAgentCheck",
@@ -53,6 +54,8 @@ MECHANISMS: tuple[Mechanism, ...] = (
     "hybrid",
     "cold",
 )
+# What a user may ask for: a mechanism, or ``auto`` (the controller chooses one by a plan).
+STRATEGIES: tuple[str, ...] = ("auto", *MECHANISMS)
 
 # A fixed machine-type version and a named CPU model, so that source and destination build the
 # same virtual hardware whatever QEMU release each host runs (>= 10.0 is required anyway).
