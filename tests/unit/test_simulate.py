@@ -164,7 +164,8 @@ def test_cli_simulate_json() -> None:
     assert [p["policy"] for p in data["policies"]] == ["ours"]
 
 
-def test_cli_simulate_table_and_bad_policy() -> None:
+def test_cli_simulate_table_and_bad_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COLUMNS", "200")  # a terminal as wide as the table
     out, err = io.StringIO(), io.StringIO()
     assert main(["simulate", "--hosts", "10", "--vms", "80"], stdout=out, stderr=err) == 0
     assert "fixed-4" in out.getvalue()
