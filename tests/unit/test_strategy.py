@@ -101,10 +101,10 @@ def pred(
         (IDLE, Goal(300), "precopy"),
         (SHAPED, Goal(300), "precopy"),
         # Compressible pages over a link the guest out-dirties: multifd finishes in ~1.6 s
-        # (its channels' flush and unsent bytes add ~110 ms the guest feels) ...
+        # (its channels' flush and unsent bytes add ~60 ms the guest feels) ...
         (OVERRUN, Goal(300), "multifd"),
         # ... and under a tighter goal xbzrle's pause, without them, fits.
-        (OVERRUN, Goal(250), "xbzrle"),
+        (OVERRUN, Goal(150), "xbzrle"),
         # Random pages: nothing pre-copy-like finishes; one pass then post-copy.
         (OVERRUN_RANDOM, Goal(300), "hybrid"),
         # ... and with a deadline that only plain post-copy meets (its longer fault chain

@@ -70,7 +70,7 @@ class Calibration:
             destination (comparison of the held copy, ``cont``, the first tick there).
         multifd_flush_ms: what a multifd move's guest feels beyond that and the channels'
             unsent bytes: the destination decompresses what was in flight after QEMU stopped
-            counting its downtime (~0-120 ms here, learnt from history).
+            counting its downtime (~0-70 ms here, learnt from history).
         fault_service_ms: one post-copy page fault's handling by both QEMUs (0.6 ms here).
         link_queue_bytes: what stands queued at the sending link in front of a fault's page
             on a link slower than QEMU (~36 KB on the lab's shaped links: TCP's packets in
@@ -93,7 +93,7 @@ class Calibration:
     xbzrle_overhead: float = 0.05
     time_scale: float = 1.0
     resume_felt_ms: int = 30
-    multifd_flush_ms: int = 80
+    multifd_flush_ms: int = 25
     fault_service_ms: float = 0.6
     link_queue_bytes: int = 36_000
     fault_chain: float = 350.0
