@@ -44,7 +44,7 @@ from vmferry.qemu.migration import (
     start_postcopy,
 )
 from vmferry.qemu.qcow2 import allocated_bytes
-from vmferry.qemu.sockets import UnsentLimiter, uri_host
+from vmferry.qemu.sockets import UnsentLimiter, unsent_limit_bytes, uri_host
 from vmferry.qemu.tls import add_creds, migration_tls_creds
 
 __all__ = ["Outgoings"]
@@ -164,8 +164,10 @@ class Outgoings:
             async def hook() -> None:
                 await self._hand_over_disk(slot, vm)
 
-        pid = vm.process.pid
-        limiter = None if pid is None else UnsentLimiter(pid, uri_host(uri))
+        pid, lowat_bytes = vm.process.pid, unsent_limit_bytes()
+        limiter = None
+        if pid is not None and lowat_bytes is not None:
+            limiter = UnsentLimiter(pid, uri_host(uri), lowat_bytes)
 
         def push(stats: MigrationStats) -> None:
             if limiter is not None:  # multifd and post-copy open channels as they go

@@ -14,7 +14,9 @@ once the socket took it, so on a link slower than QEMU:
 instead), without touching what is in flight; the link stays as busy (same total times). Set
 on the source QEMU's connections to the destination, the switch waits behind ~128 KiB, not a
 megabyte: on the 50 Mbit/s link the felt stall beyond QEMU's figure fell to ~45-80 ms and a
-hybrid switch's stall from ~530-880 ms to ~370-410 ms (``bench/stalls.py`` note in the README).
+hybrid switch's stall from ~530-880 ms to ~370-410 ms (README, "How `plan` predicts";
+``bench/unsent_limit.sh``). ``VMFERRY_UNSENT_LIMIT_BYTES`` in the agent's environment sets another
+limit (0: none, as QEMU makes it).
 
 QEMU offers no option for it, and host-wide ``net.ipv4.tcp_notsent_lowat`` would touch every
 program; instead the agent (root, QEMU's parent) borrows each socket with ``pidfd_getfd``
@@ -30,15 +32,29 @@ import os
 import socket
 from dataclasses import dataclass, field
 
+from vmferry.core.errors import ConfigError
 from vmferry.core.felt import NOTSENT_LOWAT_BYTES
 
-__all__ = ["UnsentLimiter", "uri_host"]
+__all__ = ["UnsentLimiter", "unsent_limit_bytes", "uri_host"]
 
 logger = logging.getLogger(__name__)
 
 
 _SYS_PIDFD_GETFD = 438  # x86_64 and the generic syscall table
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def unsent_limit_bytes() -> int | None:
+    """The limit the agent sets: ``VMFERRY_UNSENT_LIMIT_BYTES`` if given (0: none), else
+    :data:`~vmferry.core.felt.NOTSENT_LOWAT_BYTES`."""
+    value = os.environ.get("VMFERRY_UNSENT_LIMIT_BYTES", "").strip()
+    if not value:
+        return NOTSENT_LOWAT_BYTES
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ConfigError(f"VMFERRY_UNSENT_LIMIT_BYTES={value!r}: a number of bytes") from None
+    return limit if limit > 0 else None
 
 
 def uri_host(uri: str) -> str:
