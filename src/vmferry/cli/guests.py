@@ -123,7 +123,7 @@ async def _where(
     cluster.inventory.host(host)
     mark = store.marks().get(host)
     if mark is not None:
-        raise ConfigError(f"{host} is {mark.state} maintenance: no new VM goes there")
+        raise ConfigError(f"{host} is {mark.describe}: no new VM goes there")
     if group is not None:
         groups = store.groups()
         listing = await cluster.list_vms()

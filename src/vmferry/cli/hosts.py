@@ -62,6 +62,7 @@ async def _plan(
     kind: str,
     err: Console,
 ) -> JobPlan:
+    session.store.check_free([request.host])
     with status(err, f"planning the moves off {request.host}…"):
         return await plan_evacuation(cluster, live, request, session.history, kind=kind)
 
@@ -222,6 +223,7 @@ async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
         return EXIT_OK
     async with Cluster(session.inventory) as cluster:
         live = await live_cluster(cluster, session.store)
+        session.store.check_free([request.host])
         with status(err, f"planning the moves back to {request.host}…"):
             plan = await plan_bring_back(cluster, live, request, away, session.history)
         plan.require_movable()

@@ -140,7 +140,7 @@ def _targets(live: LiveCluster, request: JobRequest) -> list[str]:
                 raise ConfigError(f"--to {name}: its agent does not answer")
             live.model.host(name)
             if name in live.marks:
-                raise ConfigError(f"--to {name}: it is {live.marks[name].state} maintenance")
+                raise ConfigError(f"--to {name}: it is {live.marks[name].describe}")
         return list(dict.fromkeys(request.to))
     targets = [h for h in live.open_hosts() if h != host]
     if not targets:

@@ -185,11 +185,15 @@ async def run_plan(
         while running or dispatcher.wake_s is not None:
             wake_s = dispatcher.wake_s
             timeout = None if wake_s is None else max(0.0, wake_s - elapsed())
-            done, _ = await asyncio.wait(
-                [r.task for r in running.values()],
-                timeout=timeout,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            if running:
+                done, _ = await asyncio.wait(
+                    [r.task for r in running.values()],
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            else:  # nothing runs: the dispatcher's wake-up is all there is to wait for
+                await asyncio.sleep(timeout or 0.0)
+                done = set()
             if not done:
                 apply(dispatcher.tick(elapsed()))
                 continue

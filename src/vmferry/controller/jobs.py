@@ -96,6 +96,11 @@ class HostMark:
     since: str
     job: int | None
 
+    @property
+    def describe(self) -> str:
+        """``in maintenance`` or ``entering maintenance``."""
+        return "in maintenance" if self.state == "maintenance" else "entering maintenance"
+
     def to_json(self) -> dict[str, object]:
         return {"host": self.host, "state": self.state, "since": self.since, "job": self.job}
 
@@ -276,6 +281,18 @@ class JobStore:
                     "UPDATE jobs SET state = 'interrupted', updated_at = ? WHERE id = ?",
                     (_now(), job),
                 )
+
+    def check_free(self, hosts: Sequence[str]) -> None:
+        """Refuse early (before a job is planned) when a running job holds one of ``hosts``;
+        :meth:`begin` checks again as it records the job.
+
+        Raises:
+            JobConflict: naming the job.
+        """
+        for job in self.jobs():
+            both = sorted(set(job.hosts).intersection(hosts))
+            if job.state == "running" and both:
+                raise JobConflict(job.id, job.kind, both)
 
     def move_state(
         self, job: int, vm: str, state: str, report: Mapping[str, Any] | None = None

@@ -22,6 +22,8 @@ from vmferry.core.placement import HostVerdict, NewPlacement, place_new
 
 __all__ = ["LiveCluster", "VmPlacement", "live_cluster", "place_vm"]
 
+# Which copy of a VM listed twice stands for it (stopped copies take no room).
+_RANK = {"running": 0, "migrating": 1, "migrated": 2, "incoming": 3}
 # Until the moves of a job measure the links, a host's link is taken to carry this much.
 _DEFAULT_LINK_BPS = Calibration.default().qemu_throughput_bps
 
@@ -93,8 +95,9 @@ async def live_cluster(cluster: Cluster, store: JobStore) -> LiveCluster:
     vms: dict[str, VmInfo] = {}
     for name in hosts:
         for vm in listed[name]:
-            # A VM mid-migration is listed twice: its source's copy stands for it.
-            if vm.state != "stopped" and (vm.name not in vms or vm.state != "incoming"):
+            # A VM mid-migration is listed twice: the copy that runs stands for it.
+            held = vms.get(vm.name)
+            if vm.state in _RANK and (held is None or _RANK[vm.state] < _RANK[held.state]):
                 vms[vm.name] = vm
     model = cm.Cluster.build(
         [_host(hosts[n], [v for v in vms.values() if v.host == n]) for n in hosts],
@@ -156,9 +159,7 @@ def _excluded(live: LiveCluster, spec: VmSpec, disk_bytes: int) -> dict[str, str
     for name, info in live.hosts.items():
         mark = live.marks.get(name)
         if mark is not None:
-            out[name] = (
-                f"{name} is {'in' if mark.state == 'maintenance' else mark.state} maintenance"
-            )
+            out[name] = f"{name} is {mark.describe}"
         elif spec.machine_type not in info.machine_types:
             out[name] = f"{name}'s QEMU cannot build machine type {spec.machine_type}"
         elif spec.cpu_model not in info.cpu_models:
