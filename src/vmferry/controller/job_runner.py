@@ -34,9 +34,22 @@ from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.schedule import Action, BandwidthDispatcher, SetCap, Start
 
-__all__ = ["JobObserver", "JobResult", "MoveResult", "run_plan"]
+__all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "run_plan"]
 
 logger = logging.getLogger(__name__)
+
+
+class Mover(Protocol):
+    """What runs one move (:func:`vmferry.controller.migrate.migrate`; tests give their own)."""
+
+    async def __call__(
+        self,
+        cluster: Cluster,
+        request: MigrationRequest,
+        *,
+        history: History | None = None,
+        on_progress: Callable[[Phase, MigrationStats | None], None] | None = None,
+    ) -> MigrationReport: ...
 
 
 class JobObserver(Protocol):
@@ -143,6 +156,7 @@ async def run_plan(
     history: History | None,
     observer: JobObserver | None = None,
     now: Callable[[], float] | None = None,
+    mover: Mover | None = None,
 ) -> JobResult:
     """Run every move of ``plan`` (recorded as job ``job`` of ``store``).
 
@@ -177,7 +191,9 @@ async def run_plan(
                 if observer is not None:
                     observer.started(action.move, action.cap_bps, at_s)
                 task = group.create_task(
-                    _one_move(cluster, plan, action, at_s, elapsed, history, observer)
+                    _one_move(
+                        mover or migrate, cluster, plan, action, (at_s, elapsed), history, observer
+                    )
                 )
                 running[action.move.name] = _Running(action, at_s, task, [(at_s, action.cap_bps)])
 
@@ -224,17 +240,18 @@ def _with_caps(result: MoveResult, caps: list[tuple[float, float | None]]) -> Mo
 
 
 async def _one_move(
+    mover: Mover,
     cluster: Cluster,
     plan: JobPlan,
     start: Start,
-    start_s: float,
-    elapsed: Callable[[], float],
+    times: tuple[float, Callable[[], float]],
     history: History | None,
     observer: JobObserver | None,
 ) -> MoveResult:
     """One move to its result; an error before it started is its result (the job goes on
     with the others)."""
     move = start.move
+    start_s, elapsed = times
     request = MigrationRequest(
         vm=move.name,
         destination=move.destination,
@@ -249,7 +266,7 @@ async def _one_move(
             observer.progress(move.name, phase, stats)
 
     try:
-        report = await migrate(cluster, request, history=history, on_progress=progress)
+        report = await mover(cluster, request, history=history, on_progress=progress)
     except FerryError as err:  # refused before anything started: the VM stays where it was
         logger.error("job.move_refused %s: %s", move.name, err)
         return MoveResult(move, start_s, elapsed(), (), None, str(err))
