@@ -96,7 +96,7 @@ def test_a_job_runs_every_move_and_records_each(tmp_path: Path) -> None:
     assert sorted(r.vm for r in moves.requests) == ["a", "b", "c"]
     assert all(r.bandwidth_mbps is not None and r.bandwidth_mbps <= 200 for r in moves.requests)
     assert moves.most_at_once >= 2  # concurrent, as the dispatcher started them
-    by_vm = {m.move.name: m for m in result.moves}
+    by_vm: dict[str, MoveResult] = {m.move.name: m for m in result.moves}
     assert by_vm["a"].ok
     assert by_vm["b"].ok
     assert not by_vm["c"].ok
