@@ -4,13 +4,19 @@ and the one-job-per-host rule)."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from vmferry.controller.jobs import JobConflict, JobStore
+from vmferry.agent.api import HostInfo
+from vmferry.controller.cluster import Cluster as Controller
+from vmferry.controller.evacuation import JobRequest, plan_evacuation
+from vmferry.controller.inventory import Inventory
+from vmferry.controller.jobs import HostMark, JobConflict, JobStore
+from vmferry.controller.placing import LiveCluster
 from vmferry.core.cluster_model import Cluster, Host, HostName, Vm, VmName
 from vmferry.core.errors import ConfigError
 from vmferry.core.job_progress import job_remaining_s
@@ -142,3 +148,38 @@ def test_a_job_whose_controller_died_no_longer_holds_its_hosts(tmp_path: Path) -
     again = store.begin("evacuate", "host-1", [("a", "host-1", "host-2")], {})
     assert store.job(job).state == "interrupted"
     assert store.job(again).state == "running"
+
+
+def _live(hosts: list[str], marks: dict[str, str]) -> LiveCluster:
+    infos = {
+        h: HostInfo(h, 1 << 30, 0, 0, "10.0", ("pc",), ("qemu64",), "tcg", "127.0.0.1")
+        for h in hosts
+    }
+    model = Cluster.build([host(h) for h in hosts], [vm("a", hosts[0], 128)])
+    return LiveCluster(
+        model,
+        infos,
+        {},
+        {h: HostMark(h, "maintenance", "now", None) for h in marks},
+        {},
+        (),
+    )
+
+
+@pytest.mark.parametrize(
+    ("hosts", "marks", "to", "message"),
+    [
+        (["h1"], {}, None, "cannot empty h1: it is the only host"),
+        (["h1", "h2"], {"h2": ""}, None, r"no other host takes VMs \(h2 in maintenance\)"),
+        (["h1", "h2"], {"h2": ""}, ("h2",), "--to h2: it is in maintenance"),
+        (["h1", "h2"], {}, ("h1",), "--to h1: the host being emptied"),
+        (["h1", "h2"], {}, ("h7",), "unknown host 'h7'"),
+    ],
+)
+def test_evacuation_refusals_come_before_anything_is_measured(
+    hosts: list[str], marks: dict[str, str], to: tuple[str, ...] | None, message: str
+) -> None:
+    live = _live(hosts, marks)
+    nowhere = Controller(Inventory(Path("/nonexistent"), "token", ()))  # never asked
+    with pytest.raises(ConfigError, match=message):
+        asyncio.run(plan_evacuation(nowhere, live, JobRequest("h1", to=to), None))

@@ -124,6 +124,12 @@ async def host_evacuate(args: argparse.Namespace, err: Console, out: Console) ->
         plan = await _plan(cluster, session, live, request, "evacuate", err)
         if args.dry_run:
             return _dry_run(plan, args, out, err)
+        if not plan.moves and not plan.refused:
+            err.print(f"{request.host} runs no VM: nothing to move")
+            if args.json:
+                print_json(out, {"schema": 1, "job": None, "kind": plan.kind, "host": plan.host,
+                                 "state": "completed", "makespan_s": 0.0, "moves": []})  # fmt: skip
+            return EXIT_OK
         result = await _run(cluster, session, plan, err)
     _show_result(result, {}, args, out)
     return EXIT_OK if result.ok else EXIT_FAILED
