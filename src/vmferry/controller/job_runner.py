@@ -168,42 +168,15 @@ async def run_plan(
         StateError: the dispatcher left moves that nothing will start.
     """
     plan.require_movable()
-    clock = now or asyncio.get_running_loop().time
-    began = clock()
-
-    def elapsed() -> float:
-        return clock() - began
-
-    dispatcher = BandwidthDispatcher(
-        plan.model, plan.moves, plan.book, stream_bps=plan.book.cal.qemu_throughput_bps
-    )
-    running: dict[VmName, _Running] = {}
-    results: list[MoveResult] = []
+    loop = _Loop(cluster, plan, store, job, history, observer, now, mover or migrate)
     async with asyncio.TaskGroup() as group:
-
-        def apply(actions: list[Action]) -> None:
-            for action in actions:
-                if isinstance(action, SetCap):
-                    running[action.vm].caps.append((elapsed(), action.cap_bps))
-                    continue
-                at_s = elapsed()
-                store.move_state(job, action.move.name, "running")
-                if observer is not None:
-                    observer.started(action.move, action.cap_bps, at_s)
-                task = group.create_task(
-                    _one_move(
-                        mover or migrate, cluster, plan, action, (at_s, elapsed), history, observer
-                    )
-                )
-                running[action.move.name] = _Running(action, at_s, task, [(at_s, action.cap_bps)])
-
-        apply(dispatcher.begin(0.0))
-        while running or dispatcher.wake_s is not None:
-            wake_s = dispatcher.wake_s
-            timeout = None if wake_s is None else max(0.0, wake_s - elapsed())
-            if running:
+        loop.apply(group, loop.dispatcher.begin(0.0))
+        while loop.running or loop.dispatcher.wake_s is not None:
+            wake_s = loop.dispatcher.wake_s
+            timeout = None if wake_s is None else max(0.0, wake_s - loop.elapsed())
+            if loop.running:
                 done, _ = await asyncio.wait(
-                    [r.task for r in running.values()],
+                    [r.task for r in loop.running.values()],
                     timeout=timeout,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
@@ -211,26 +184,76 @@ async def run_plan(
                 await asyncio.sleep(timeout or 0.0)
                 done = set()
             if not done:
-                apply(dispatcher.tick(elapsed()))
-                continue
-            for vm in sorted(n for n, r in running.items() if r.task in done):
-                opened = running.pop(vm)
-                result = opened.task.result()
-                result = _with_caps(result, opened.caps)
-                results.append(result)
-                store.move_state(
-                    job,
-                    vm,
-                    "completed" if result.ok else "failed",
-                    result.to_json(None),
-                )
-                if observer is not None:
-                    observer.ended(result)
-                apply(dispatcher.finished(vm, elapsed()))
-    if dispatcher.waiting:
-        raise StateError("the job", f"stuck with {dispatcher.waiting} move(s) waiting", "progress")
-    results.sort(key=lambda r: (r.start_s, r.move.name))
+                loop.apply(group, loop.dispatcher.tick(loop.elapsed()))
+            for vm in sorted(n for n, r in loop.running.items() if r.task in done):
+                loop.apply(group, loop.ended(vm))
+    if loop.dispatcher.waiting:
+        waiting = loop.dispatcher.waiting
+        raise StateError("the job", f"stuck with {waiting} move(s) waiting", "progress")
+    results = sorted(loop.results, key=lambda r: (r.start_s, r.move.name))
     return JobResult(job, plan, tuple(results))
+
+
+class _Loop:
+    """The state of :func:`run_plan`: the dispatcher, the moves running, those ended."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        plan: JobPlan,
+        store: JobStore,
+        job: int,
+        history: History | None,
+        observer: JobObserver | None,
+        now: Callable[[], float] | None,
+        mover: Mover,
+    ) -> None:
+        self.cluster, self.plan, self.store, self.job = cluster, plan, store, job
+        self.history, self.observer, self.mover = history, observer, mover
+        self.clock = now or asyncio.get_running_loop().time
+        self.began = self.clock()
+        self.dispatcher = BandwidthDispatcher(
+            plan.model, plan.moves, plan.book, stream_bps=plan.book.cal.qemu_throughput_bps
+        )
+        self.running: dict[VmName, _Running] = {}
+        self.results: list[MoveResult] = []
+
+    def elapsed(self) -> float:
+        return self.clock() - self.began
+
+    def apply(self, group: asyncio.TaskGroup, actions: list[Action]) -> None:
+        """Start the moves the dispatcher starts (as tasks of ``group``); note its caps."""
+        for action in actions:
+            if isinstance(action, SetCap):
+                self.running[action.vm].caps.append((self.elapsed(), action.cap_bps))
+                continue
+            at_s = self.elapsed()
+            self.store.move_state(self.job, action.move.name, "running")
+            if self.observer is not None:
+                self.observer.started(action.move, action.cap_bps, at_s)
+            task = group.create_task(
+                _one_move(
+                    self.mover,
+                    self.cluster,
+                    self.plan,
+                    action,
+                    (at_s, self.elapsed),
+                    self.history,
+                    self.observer,
+                )
+            )
+            self.running[action.move.name] = _Running(action, at_s, task, [(at_s, action.cap_bps)])
+
+    def ended(self, vm: VmName) -> list[Action]:
+        """``vm``'s move ended: record it, tell the dispatcher; what it does next."""
+        opened = self.running.pop(vm)
+        result = _with_caps(opened.task.result(), opened.caps)
+        self.results.append(result)
+        state = "completed" if result.ok else "failed"
+        self.store.move_state(self.job, vm, state, result.to_json(None))
+        if self.observer is not None:
+            self.observer.ended(result)
+        return self.dispatcher.finished(vm, self.elapsed())
 
 
 def _with_caps(result: MoveResult, caps: list[tuple[float, float | None]]) -> MoveResult:
