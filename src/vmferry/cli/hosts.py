@@ -20,7 +20,7 @@ from vmferry.controller.evacuation import JobPlan, JobRequest, plan_bring_back, 
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.job_runner import JobResult, run_plan
-from vmferry.controller.jobs import JobStore
+from vmferry.controller.jobs import HostMark, JobStore
 from vmferry.controller.placing import LiveCluster, live_cluster
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import validate_name
@@ -159,7 +159,8 @@ async def _enter(args: argparse.Namespace, err: Console, out: Console) -> int:
         left = sorted(
             v.name for v in (await live_cluster(cluster, session.store)).vms_on(request.host)
         )
-    job = None if result is None else result.job
+    earlier = live.marks.get(request.host)
+    job = result.job if result is not None else (None if earlier is None else earlier.job)
     mark = (
         session.store.set_mark(request.host, "maintenance", job)
         if not left
@@ -191,11 +192,12 @@ async def _enter(args: argparse.Namespace, err: Console, out: Console) -> int:
     return EXIT_OK if result is None or result.ok else EXIT_FAILED
 
 
-def _emptied_by(store: JobStore, host: str) -> list[str]:
-    """The VMs the last ``maintenance enter`` of ``host`` moved off it."""
-    for job in store.jobs(host=host, kind="maintenance-enter"):
-        return [m.vm for m in job.moves if m.state == "completed"]
-    return []
+def _emptied_by(store: JobStore, mark: HostMark) -> list[str]:
+    """The VMs ``maintenance enter`` moved off the host since it was marked (an ``enter``
+    run again after a failed move adds its own)."""
+    jobs = store.jobs(host=mark.host, kind="maintenance-enter")
+    since = [j for j in reversed(jobs) if j.created_at >= mark.since]
+    return list(dict.fromkeys(m.vm for j in since for m in j.moves if m.state == "completed"))
 
 
 async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
@@ -205,7 +207,7 @@ async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
     mark = session.store.marks().get(request.host)
     if mark is None:
         raise ConfigError(f"{request.host} is not in maintenance")
-    away = _emptied_by(session.store, request.host)
+    away = _emptied_by(session.store, mark)
     if not args.bring_back:
         session.store.clear_mark(request.host)
         if args.json:
