@@ -105,6 +105,22 @@ async def _migrate_with_cut(
     return process.returncode or 0, json.loads(stdout), log, after_s
 
 
+def _assert_recovered(
+    lab: Lab, code: int, report: dict[str, Any], log: str, destination: str
+) -> None:
+    """The move completed after at least one recovery, the guest intact and alive, and exactly
+    one VM runs, where it was sent."""
+    assert code == 0, log[-3000:]
+    assert report["status"] == "completed", report["error"]
+    assert report["recoveries"] >= 1, log[-3000:]
+    assert report["integrity"]["ok"] is True
+    assert report["integrity"]["bad_pages"] == 0
+    assert report["guest_alive"] is True
+    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
+        ("vm1", destination, "running")
+    ]
+
+
 def test_postcopy_survives_link_cuts(lab_dir: Path) -> None:
     # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab.
     asyncio.run(lab_down(Path(tempfile.mkdtemp(prefix="vmf-"))))
@@ -123,17 +139,8 @@ def test_postcopy_survives_link_cuts(lab_dir: Path) -> None:
         f"done {after_s:.1f} s after restore, total {report['total_ms']} ms, "
         f"guest downtime {report['guest_downtime_ms']} ms"
     )
-    assert code == 0, log[-3000:]
-    assert report["status"] == "completed", report["error"]
+    _assert_recovered(lab, code, report, log, destination)
     assert report["strategy"] == "postcopy"
-    assert report["recoveries"] >= 1, log[-3000:]
-    assert report["integrity"]["ok"] is True
-    assert report["integrity"]["bad_pages"] == 0
-    assert report["guest_alive"] is True
-    # Exactly one VM, running where it was sent.
-    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
-        ("vm1", destination, "running")
-    ]
 
     # A cut that outlasts the limit: a clear failure, and the source copy is never started.
     code, report, log, _ = asyncio.run(
@@ -216,12 +223,4 @@ def test_postcopy_survives_aborted_connections(lab_dir: Path) -> None:
             f"connections, recoveries={report['recoveries']}, total {report['total_ms']} ms"
         )
         assert "ESTAB" in killed, killed
-        assert code == 0, log[-3000:]
-        assert report["status"] == "completed", report["error"]
-        assert report["recoveries"] >= 1, log[-3000:]
-        assert report["integrity"]["ok"] is True
-        assert report["integrity"]["bad_pages"] == 0
-        assert report["guest_alive"] is True
-        assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
-            ("vm1", destination, "running")
-        ]
+        _assert_recovered(lab, code, report, log, destination)
