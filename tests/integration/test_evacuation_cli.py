@@ -49,7 +49,7 @@ def test_maintenance_empties_a_host_then_brings_its_vms_back(lab_dir: Path) -> N
     for name in GUESTS:
         lab.ok("vm", "create", name, "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     # Placement: a new VM goes where most memory is free (not host-1), and says why.
-    choice = lab.ok("vm", "create", "p1", "--memory", "128M", "--dry-run")
+    choice = lab.ok("vm", "create", "p1", "--memory", "256M", "--dry-run")
     assert choice["host"] in ("host-2", "host-3")
     assert "most free memory" in choice["reason"]
     lab.refused("vm", "create", "p1", "--memory", "2G", message="no host has room: the most free")
@@ -94,7 +94,7 @@ def test_maintenance_empties_a_host_then_brings_its_vms_back(lab_dir: Path) -> N
     assert "host-1 is in maintenance" in err
 
     # No new VM goes to a host in maintenance.
-    choice = lab.ok("vm", "create", "p1", "--memory", "128M", "--dry-run")
+    choice = lab.ok("vm", "create", "p1", "--memory", "256M", "--dry-run")
     assert choice["host"] != "host-1"
     assert any(h["host"] == "host-1" and "maintenance" in h["why_not"] for h in choice["hosts"])
     lab.refused("vm", "create", "p1", "--host", "host-1", message="host-1 is in maintenance")
