@@ -90,6 +90,11 @@ class HostInfo:
     qemu_tls: bool = False
     # The user QEMU runs as after start-up (None: as the agent runs).
     qemu_user: str | None = None
+    # vCPUs VMs may use (the host's CPUs times the overcommit), and those its VMs have;
+    # space left for local disk images. None: an agent too old to say.
+    vcpus: int | None = None
+    vcpus_used: int = 0
+    disk_free_bytes: int | None = None
 
     @property
     def memory_free_bytes(self) -> int:
@@ -108,6 +113,9 @@ class HostInfo:
             "migration_address": self.migration_address,
             "qemu_tls": self.qemu_tls,
             "qemu_user": self.qemu_user,
+            "vcpus": self.vcpus,
+            "vcpus_used": self.vcpus_used,
+            "disk_free_bytes": self.disk_free_bytes,
         }
 
     @classmethod
@@ -124,6 +132,9 @@ class HostInfo:
             migration_address=str(data["migration_address"]),
             qemu_tls=data.get("qemu_tls") is True,
             qemu_user=user if isinstance(user := data.get("qemu_user"), str) else None,
+            vcpus=vcpus if isinstance(vcpus := data.get("vcpus"), int) else None,
+            vcpus_used=used if isinstance(used := data.get("vcpus_used"), int) else 0,
+            disk_free_bytes=free if isinstance(free := data.get("disk_free_bytes"), int) else None,
         )
 
 

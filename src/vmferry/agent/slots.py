@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -20,7 +21,10 @@ from vmferry.qemu.image_map import ImageMap
 from vmferry.qemu.process import process_uid
 from vmferry.qemu.qcow2 import free_bytes
 
-__all__ = ["Outgoing", "Slot", "Slots", "VmState"]
+__all__ = ["VCPU_OVERCOMMIT", "Outgoing", "Slot", "Slots", "VmState"]
+
+# vCPUs a host offers VMs per CPU it has (placement counts against it; nothing enforces it).
+VCPU_OVERCOMMIT = 4
 
 
 class VmState(enum.Enum):
@@ -162,15 +166,21 @@ class Slots:
                 f"{spec.name} needs {spec.memory_bytes >> 20} MiB"
             )
 
+    def disk_free(self) -> int:
+        """Space left for local disk images."""
+        if self.config.disk_bytes is not None:
+            return self.config.disk_bytes - self._local_disk_used()
+        return free_bytes(self.config.state_dir / "disks")
+
+    def vcpus_used(self) -> int:
+        return sum(s.spec.vcpus for s in self._slots.values() if s.state != VmState.STOPPED)
+
     def check_disk_room(self, spec: VmSpec) -> None:
         """Raises: CapacityError when a new local image of ``spec`` would not fit."""
         if spec.disk is None or spec.disk.storage != "local":
             return
         need = spec.disk.size_bytes
-        if self.config.disk_bytes is not None:
-            free = self.config.disk_bytes - self._local_disk_used()
-        else:
-            free = free_bytes(self.config.state_dir / "disks")
+        free = self.disk_free()
         if need > free:
             raise CapacityError(
                 f"{self.config.host} has {free >> 20} MiB free for disks; "
@@ -209,4 +219,7 @@ class Slots:
             migration_address=self.config.migration_address,
             qemu_tls=self.config.qemu_tls_dir is not None,
             qemu_user=None if self.config.qemu_user is None else self.config.qemu_user.name,
+            vcpus=(os.cpu_count() or 1) * VCPU_OVERCOMMIT,
+            vcpus_used=self.vcpus_used(),
+            disk_free_bytes=self.disk_free(),
         )

@@ -42,6 +42,9 @@ COMMANDS: dict[tuple[str, str | None], str] = {
     ("reconcile", None): "vmferry.cli.moves:reconcile",
     ("agent", None): "vmferry.cli.agent:agent",
     ("simulate", None): "vmferry.cli.simulate:run_simulate",
+    ("host", "list"): "vmferry.cli.hosts:host_list",
+    ("host", "maintenance"): "vmferry.cli.hosts:host_maintenance",
+    ("host", "evacuate"): "vmferry.cli.hosts:host_evacuate",
 }
 
 

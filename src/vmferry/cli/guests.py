@@ -16,7 +16,10 @@ from vmferry.cli.exits import EXIT_OK
 from vmferry.cli.render import print_json, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
+from vmferry.controller.jobs import JobStore
+from vmferry.controller.placing import VmPlacement, live_cluster, place_vm
 from vmferry.core.boot import GuestBoot
+from vmferry.core.cluster_model import PlacementError
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import DiskSpec, VmName, VmSpec, validate_name
 from vmferry.core.workload import parse_size, parse_workload
@@ -95,23 +98,86 @@ def _lab_spec(args: argparse.Namespace) -> VmSpec:
     )
 
 
+def _disk_need(spec: VmSpec, image: Path | None) -> int:
+    """Local disk space the VM takes on its host (an image: at least its file's size)."""
+    if spec.disk is None or spec.disk.storage != "local":
+        return 0
+    return image.stat().st_size if image is not None else spec.disk.size_bytes
+
+
+async def _where(
+    cluster: Cluster, store: JobStore, spec: VmSpec, image: Path | None, args: argparse.Namespace
+) -> VmPlacement:
+    """The host ``args.host`` names (checked against maintenance and the group), or the one
+    placement chooses.
+
+    Raises:
+        ConfigError: the host named is in maintenance or holds a VM of the group.
+        PlacementError: no host has room.
+    """
+    group = None if args.group is None else validate_name(args.group, "group name")
+    if args.host is None:
+        live = await live_cluster(cluster, store)
+        return place_vm(live, spec, group=group, disk_bytes=_disk_need(spec, image))
+    host = validate_name(args.host, "host name")
+    cluster.inventory.host(host)
+    mark = store.marks().get(host)
+    if mark is not None:
+        raise ConfigError(f"{host} is {mark.describe}: no new VM goes there")
+    if group is not None:
+        groups = store.groups()
+        listing = await cluster.list_vms()
+        mates = [v.name for v in listing.vms if v.host == host and groups.get(v.name) == group]
+        if mates:
+            raise PlacementError(f"{host} already runs {', '.join(mates)} of group {group!r}")
+    return VmPlacement(host, "given with --host", ())
+
+
 async def _create(
-    spec: VmSpec, host: str, image: Path | None, err: Console, out: Console, as_json: bool
+    spec: VmSpec, args: argparse.Namespace, image: Path | None, err: Console, out: Console
 ) -> int:
-    validate_name(host, "host name")
-    async with Cluster(Inventory.load()) as cluster:
-        client = cluster.client(host)
+    inventory = Inventory.load()
+    store = JobStore(inventory.history_db)
+    async with Cluster(inventory) as cluster:
         await cluster.check_new_name(spec.name)
+        placed = await _where(cluster, store, spec, image, args)
+        host = placed.host
+        if args.dry_run:
+            _would_place(spec, placed, err, out, args.json)
+            return EXIT_OK
+        client = cluster.client(host)
         offered = await client.host_info()
         if spec.machine_type not in offered.machine_types:
             raise ConfigError(f"{host}'s QEMU cannot build machine type {spec.machine_type}")
         if spec.cpu_model not in offered.cpu_models:
             raise ConfigError(f"{host}'s QEMU has no CPU model {spec.cpu_model}")
         what = spec.workload.describe() if image is None else f"copying {image}"
+        if args.host is None:
+            err.print(f"placing {spec.name} on {host}: {placed.reason}")
         with status(err, f"creating {spec.name} on {host} ({what})…"):
             info = await client.create_vm(spec, image)
-    _created(info, err, out, as_json)
+        store.set_group(spec.name, args.group)
+    _created(info, err, out, args.json)
     return EXIT_OK
+
+
+def _would_place(
+    spec: VmSpec, placed: VmPlacement, err: Console, out: Console, as_json: bool
+) -> None:
+    if as_json:
+        print_json(out, {"dry_run": True, "vm": spec.name, **placed.to_json()})
+        return
+    err.print(
+        f"{spec.name} would go to {placed.host}: {placed.reason} (--dry-run: nothing created)"
+    )
+    for verdict in placed.verdicts[1:]:
+        if verdict.why_not is not None:
+            err.print(f"  not {verdict.host}: {verdict.why_not}")
+        else:
+            err.print(
+                f"  {verdict.host} fits too ({verdict.free_memory_bytes >> 20} MiB, "
+                f"{verdict.free_vcpus} vCPUs free)"
+            )
 
 
 def _created(info: VmInfo, err: Console, out: Console, as_json: bool) -> None:
@@ -127,11 +193,12 @@ def _created(info: VmInfo, err: Console, out: Console, as_json: bool) -> None:
 
 
 async def vm_create(args: argparse.Namespace, err: Console, out: Console) -> int:
-    """``vm create NAME --host H``: the lab guest, or with ``--image`` your own."""
+    """``vm create NAME [--host H]``: the lab guest, or with ``--image`` your own; without
+    ``--host`` on the host placement chooses (``--dry-run``: show it and why)."""
     if args.image is None:
-        return await _create(_lab_spec(args), args.host, None, err, out, args.json)
+        return await _create(_lab_spec(args), args, None, err, out)
     spec, image = _own_spec(args)
-    return await _create(spec, args.host, image, err, out, args.json)
+    return await _create(spec, args, image, err, out)
 
 
 def _imported_spec(domain: ImportedDomain, storage: str) -> tuple[VmSpec, Path]:
@@ -167,7 +234,7 @@ async def vm_import(args: argparse.Namespace, err: Console, out: Console) -> int
     _existing_file(str(image), "disk image")
     for line in (*domain.adjusted, *domain.ignored):
         err.print(f"[yellow]note:[/] {line}")
-    return await _create(spec, args.host, image, err, out, args.json)
+    return await _create(spec, args, image, err, out)
 
 
 async def vm_exec(args: argparse.Namespace, err: Console, out: Console) -> int:

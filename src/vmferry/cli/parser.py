@@ -79,7 +79,7 @@ def _vm(vm: argparse.ArgumentParser) -> None:
         "create", help="boot a new VM on a host: the lab guest, or your own --image"
     )
     create.add_argument("name")
-    create.add_argument("--host", required=True)
+    _placement_options(create)
     create.add_argument("--memory", default="512M")
     create.add_argument("--vcpus", type=int, default=1)
     create.add_argument("--disk", default=None, metavar="SIZE", help="a qcow2 disk, e.g. 1G")
@@ -107,7 +107,7 @@ def _vm(vm: argparse.ArgumentParser) -> None:
     json_flag(create)
     imported = vm_sub.add_parser("import", help="run a libvirt domain (its XML) as a vmferry VM")
     imported.add_argument("--libvirt-xml", required=True, metavar="FILE")
-    imported.add_argument("--host", required=True)
+    _placement_options(imported)
     imported.add_argument("--name", default=None, help="another name than the domain's")
     imported.add_argument(
         "--storage", default="local", choices=("local", "shared"), help="as for create"
@@ -127,6 +127,73 @@ def _vm(vm: argparse.ArgumentParser) -> None:
     delete = vm_sub.add_parser("delete", help="stop and remove a VM")
     delete.add_argument("name")
     json_flag(delete)
+
+
+def _placement_options(create: argparse.ArgumentParser) -> None:
+    create.add_argument(
+        "--host", default=None, help="where to run it (default: placed where it fits best)"
+    )
+    create.add_argument(
+        "--group",
+        default=None,
+        metavar="NAME",
+        help="anti-affinity group: never on a host with another VM of NAME (made on first use)",
+    )
+    create.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show the host it would go to and why; create nothing",
+    )
+
+
+def _job_options(job: argparse.ArgumentParser, *, destinations: bool) -> None:
+    if destinations:
+        job.add_argument(
+            "--to",
+            nargs="+",
+            action="extend",
+            default=None,
+            metavar="HOST",
+            help="move only to these hosts (default: every host that takes VMs)",
+        )
+        job.add_argument(
+            "--deadline",
+            type=float,
+            default=None,
+            metavar="S",
+            help="refuse (nothing moved) unless the whole job is predicted to end within S s",
+        )
+    job.add_argument(
+        "--bandwidth",
+        type=int,
+        default=None,
+        metavar="MBPS",
+        help="cap each move's stream (megabits/s)",
+    )
+    job.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="per VM")
+    job.add_argument("--dry-run", action="store_true", help="plan and show; move nothing")
+    json_flag(job)
+
+
+def _host(host: argparse.ArgumentParser) -> None:
+    """host list|maintenance|evacuate"""
+    host_sub = host.add_subparsers(dest="host_command", required=True, metavar="ACTION")
+    json_flag(host_sub.add_parser("list", help="every host: room, VMs, maintenance state"))
+    maintenance = host_sub.add_parser(
+        "maintenance",
+        help="enter: empty the host (marked in maintenance once empty); exit: take VMs again",
+    )
+    maintenance.add_argument("action", choices=("enter", "exit"))
+    maintenance.add_argument("host", metavar="HOST")
+    maintenance.add_argument(
+        "--bring-back", action="store_true", help="exit: move the VMs enter moved off back"
+    )
+    _job_options(maintenance, destinations=True)
+    evacuate = host_sub.add_parser(
+        "evacuate", help="move every VM of a host elsewhere, as one scheduled job"
+    )
+    evacuate.add_argument("host", metavar="HOST")
+    _job_options(evacuate, destinations=True)
 
 
 def _disk_options(create: argparse.ArgumentParser) -> None:
@@ -312,6 +379,7 @@ def _simulate(sim: argparse.ArgumentParser) -> None:
 _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "lab": ("a cluster of hosts on this machine", _lab),
     "vm": ("create, list, show, delete VMs", _vm),
+    "host": ("hosts: maintenance, evacuation", _host),
     "verify": ("ask the guest to check every page of its memory", _verify),
     "plan": ("predict what each strategy would cost (changes nothing)", _plan),
     "migrate": ("move a VM to another host", _migrate),

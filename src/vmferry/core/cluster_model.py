@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from vmferry.core.errors import ConfigError, FerryError
+from vmferry.core.errors import ConfigError
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import HostName, VmName
 from vmferry.core.units import format_ms
@@ -50,8 +50,9 @@ class UnknownHost(ConfigError):
         self.host = host
 
 
-class PlacementError(FerryError):
-    """VMs have nowhere to go (no host with room, only one host, anti-affinity). Nothing moved.
+class PlacementError(ConfigError):
+    """VMs have nowhere to go (no host with room, only one host, anti-affinity). Nothing moved
+    (a refusal of the request, as bad input is: the CLI exits 2).
 
     Attributes:
         reasons: per VM that cannot be placed, why (empty when the request itself is refused).
@@ -62,8 +63,8 @@ class PlacementError(FerryError):
         self.reasons = dict(reasons or {})
 
 
-class DeadlineUnreachable(FerryError):
-    """The predicted schedule ends after the deadline asked for. Nothing moved.
+class DeadlineUnreachable(ConfigError):
+    """The predicted schedule ends after the deadline asked for. Nothing moved (a refusal).
 
     Attributes:
         predicted_makespan_s: when the whole job is predicted to end, from its start.

@@ -4,7 +4,9 @@ An evacuation places the VMs of the hosts being emptied largest first (first-fit
 packs well), each on the host with the most free memory that also has the vCPUs and holds no
 VM of its anti-affinity group: the most-free host spreads the moves over many destinations,
 so no destination's link or inbound limit becomes the bottleneck. VMs with nowhere to go are
-named up front with the reason.
+named up front with the reason. A new VM goes the same way: to the host with the most free
+memory among those it fits (:func:`place_new`); VMs brought back to a host are checked
+against its room together (:func:`place_onto`).
 
 A balance plan moves VMs from the most loaded host (load: the larger of its memory and vCPU
 shares) to the least loaded while the spread between them exceeds a target, choosing on the
@@ -31,7 +33,17 @@ from vmferry.core.cluster_model import (
 )
 from vmferry.core.errors import ConfigError
 
-__all__ = ["Placement", "Room", "host_load", "place_evacuation", "plan_balance"]
+__all__ = [
+    "HostVerdict",
+    "NewPlacement",
+    "Placement",
+    "Room",
+    "host_load",
+    "place_evacuation",
+    "place_new",
+    "place_onto",
+    "plan_balance",
+]
 
 # A balance step weighs the predicted cost of this many candidate VMs (those whose move comes
 # closest to evening the two hosts out).
@@ -178,6 +190,111 @@ def _most_free_fit(
     for host in popped:
         heapq.heappush(heap, (-room.memory[host], host))
     return found, reason
+
+
+@dataclass(frozen=True, slots=True)
+class HostVerdict:
+    """One candidate host of a new VM: its room before the VM, and why it cannot take it.
+
+    Attributes:
+        host: the host.
+        free_memory_bytes: memory not used by its VMs.
+        free_vcpus: vCPUs not used by its VMs.
+        why_not: None when the VM fits there, else the reason.
+    """
+
+    host: HostName
+    free_memory_bytes: int
+    free_vcpus: int
+    why_not: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewPlacement:
+    """Where a new VM goes, and how every host was judged.
+
+    Attributes:
+        host: the chosen host, None when none fits.
+        verdicts: every host considered, the chosen one first, then by free memory.
+    """
+
+    host: HostName | None
+    verdicts: tuple[HostVerdict, ...]
+
+    @property
+    def reason(self) -> str:
+        """Why the host was chosen, or why none was."""
+        if self.host is not None:
+            chosen = self.verdicts[0]
+            fitting = sum(1 for v in self.verdicts if v.why_not is None)
+            return (
+                f"the most free memory ({chosen.free_memory_bytes >> 20} MiB, "
+                f"{chosen.free_vcpus} vCPUs) of the {fitting} host(s) it fits"
+            )
+        if not self.verdicts:
+            return "no host to place it on"
+        biggest = self.verdicts[0]
+        return (
+            f"no host has room: the most free is {biggest.host} with "
+            f"{biggest.free_memory_bytes >> 20} MiB and {biggest.free_vcpus} vCPUs "
+            f"({biggest.why_not})"
+        )
+
+
+def place_new(cluster: Cluster, vm: Vm, hosts: Sequence[str]) -> NewPlacement:
+    """The host for a new VM ``vm`` among ``hosts``: the one with the most free memory among
+    those with its memory and vCPUs free and no VM of its anti-affinity group.
+
+    Args:
+        cluster: the cluster now (``vm`` not in it; its ``host`` is ignored).
+        vm: the new VM.
+        hosts: the candidate hosts (hosts in maintenance left out by the caller).
+
+    Raises:
+        UnknownHost: a host of ``hosts`` is not in the cluster.
+    """
+    names = [cluster.host(h).name for h in dict.fromkeys(hosts)]
+    room = Room(cluster, names)
+    verdicts = [
+        HostVerdict(h, room.memory[h], room.vcpus[h], _why_not_host(room.why_not(vm, h), h))
+        for h in names
+    ]
+    verdicts.sort(key=lambda v: (v.why_not is not None, -v.free_memory_bytes, v.host))
+    chosen = verdicts[0].host if verdicts and verdicts[0].why_not is None else None
+    return NewPlacement(chosen, tuple(verdicts))
+
+
+def _why_not_host(why: str | None, host: HostName) -> str | None:
+    """Room's reasons speak of every host; a verdict speaks of one."""
+    if why is None:
+        return None
+    if why.startswith("no host with"):
+        return f"{host} has not enough free " + why.rsplit("enough free ", 1)[1]
+    return f"{host} already runs a VM of the same group"
+
+
+def place_onto(cluster: Cluster, vms: Sequence[Vm], host: str) -> Placement:
+    """Moves of ``vms`` (running elsewhere) onto ``host``, as many as its room takes (largest
+    first), the others refused with why.
+
+    Raises:
+        UnknownHost: ``host`` is not in the cluster.
+    """
+    target = cluster.host(host).name
+    room = Room(cluster, [target])
+    taken: set[VmName] = set()
+    refused: list[tuple[VmName, str]] = []
+    for vm in sorted(vms, key=lambda v: (-v.memory_bytes, v.name)):
+        if vm.host == target:
+            continue
+        why = room.why_not(vm, target)
+        if why is None:
+            room.take(vm, target)
+            taken.add(vm.name)
+        else:
+            refused.append((vm.name, _why_not_host(why, target) or why))
+    moves = tuple(Move(vm, target) for vm in vms if vm.name in taken)
+    return Placement(moves, tuple(refused))
 
 
 def host_load(host: Host, room: Room) -> float:

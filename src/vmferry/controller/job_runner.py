@@ -1,0 +1,296 @@
+"""Running a planned job of many moves for real: the scheduler's dispatcher on the wall clock,
+each move a :func:`vmferry.controller.migrate.migrate` of its own.
+
+The loop is :func:`vmferry.core.job.run_job`'s with real moves: the dispatcher
+(:class:`~vmferry.core.schedule.BandwidthDispatcher`, the one that made the plan) says which
+move starts when and with which bandwidth cap; the runner starts it as a task of the job's
+task group, waits for the first move to end or for the instant the dispatcher asked to be
+woken, and tells the dispatcher. Each move is recorded in the job store as it starts and
+ends, and its report kept for the job report.
+
+QEMU's bandwidth cap is set when a move starts; the dispatcher's later changes of cap
+(:class:`~vmferry.core.schedule.SetCap`, when other moves end) are recorded in the job
+report but not applied to moves in flight (no agent call changes a running migration's
+cap yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from vmferry.controller.cluster import Cluster
+from vmferry.controller.evacuation import JobPlan
+from vmferry.controller.history import History
+from vmferry.controller.jobs import JobStore
+from vmferry.controller.migrate import MigrationRequest, migrate
+from vmferry.core.cluster_model import Move, VmName
+from vmferry.core.errors import FerryError, StateError
+from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.phases import Phase
+from vmferry.core.schedule import Action, BandwidthDispatcher, SetCap, Start
+
+__all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "run_plan"]
+
+logger = logging.getLogger(__name__)
+
+
+class Mover(Protocol):
+    """What runs one move (:func:`vmferry.controller.migrate.migrate`; tests give their own)."""
+
+    async def __call__(
+        self,
+        cluster: Cluster,
+        request: MigrationRequest,
+        *,
+        history: History | None = None,
+        on_progress: Callable[[Phase, MigrationStats | None], None] | None = None,
+    ) -> MigrationReport: ...
+
+
+class JobObserver(Protocol):
+    """What a display is told while a job runs (times from the job's start)."""
+
+    def started(self, move: Move, cap_bps: float | None, at_s: float) -> None: ...
+
+    def progress(self, vm: str, phase: Phase, stats: MigrationStats | None) -> None: ...
+
+    def ended(self, result: MoveResult) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    """One move as it ran.
+
+    Attributes:
+        move: the move.
+        start_s, end_s: when it started and ended, from the job's start.
+        caps: (from when, cap in bytes/s) the dispatcher gave it (the first one applied).
+        report: its migration report (None: it was refused before it started).
+        error: why it did not start, if it did not.
+    """
+
+    move: Move
+    start_s: float
+    end_s: float
+    caps: tuple[tuple[float, float | None], ...]
+    report: MigrationReport | None
+    error: str | None
+
+    @property
+    def ok(self) -> bool:
+        return self.report is not None and self.report.is_success
+
+    def to_json(self, predicted: tuple[float, float] | None) -> dict[str, Any]:
+        return {
+            "vm": self.move.name,
+            "source": self.move.source,
+            "destination": self.move.destination,
+            "start_s": round(self.start_s, 3),
+            "end_s": round(self.end_s, 3),
+            "predicted": None
+            if predicted is None
+            else {"start_s": round(predicted[0], 3), "end_s": round(predicted[1], 3)},
+            "cap_bps": [[round(t, 3), None if c is None else round(c)] for t, c in self.caps],
+            "ok": self.ok,
+            "error": self.error,
+            "report": None if self.report is None else self.report.to_json(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class JobResult:
+    """A job as it ran."""
+
+    job: int
+    plan: JobPlan
+    moves: tuple[MoveResult, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(m.ok for m in self.moves)
+
+    @property
+    def makespan_s(self) -> float:
+        return max((m.end_s for m in self.moves), default=0.0)
+
+    def to_json(self) -> dict[str, Any]:
+        schedule = self.plan.require_movable()
+        predicted = {r.move.name: (r.start_s, r.end_s) for r in schedule.records}
+        return {
+            "schema": 1,
+            "job": self.job,
+            "kind": self.plan.kind,
+            "host": self.plan.host,
+            "state": "completed" if self.ok else "failed",
+            "makespan_s": round(self.makespan_s, 3),
+            "predicted_makespan_s": round(schedule.makespan_s, 3),
+            "moves": [m.to_json(predicted.get(m.move.name)) for m in self.moves],
+            "predicted": schedule.to_json(),
+        }
+
+
+@dataclass(slots=True)
+class _Running:
+    start: Start
+    start_s: float
+    task: asyncio.Task[MoveResult]
+    caps: list[tuple[float, float | None]] = field(default_factory=list)
+
+
+def _mbps(cap_bps: float | None) -> int | None:
+    """A cap in bytes/s as ``migrate``'s whole megabits/s (rounded down, at least 1)."""
+    return None if cap_bps is None or math.isinf(cap_bps) else max(1, int(cap_bps * 8 / 1e6))
+
+
+async def run_plan(
+    cluster: Cluster,
+    plan: JobPlan,
+    store: JobStore,
+    job: int,
+    *,
+    history: History | None,
+    observer: JobObserver | None = None,
+    now: Callable[[], float] | None = None,
+    mover: Mover | None = None,
+) -> JobResult:
+    """Run every move of ``plan`` (recorded as job ``job`` of ``store``).
+
+    Returns:
+        Every move's outcome (a failed move is a result, not an exception).
+
+    Raises:
+        PlacementError: ``plan`` has VMs that cannot move.
+        StateError: the dispatcher left moves that nothing will start.
+    """
+    plan.require_movable()
+    loop = _Loop(cluster, plan, store, job, history, observer, now, mover or migrate)
+    async with asyncio.TaskGroup() as group:
+        loop.apply(group, loop.dispatcher.begin(0.0))
+        while loop.running or loop.dispatcher.wake_s is not None:
+            wake_s = loop.dispatcher.wake_s
+            timeout = None if wake_s is None else max(0.0, wake_s - loop.elapsed())
+            if loop.running:
+                done, _ = await asyncio.wait(
+                    [r.task for r in loop.running.values()],
+                    timeout=timeout,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            else:  # nothing runs: the dispatcher's wake-up is all there is to wait for
+                await asyncio.sleep(timeout or 0.0)
+                done = set()
+            if not done:
+                loop.apply(group, loop.dispatcher.tick(loop.elapsed()))
+            for vm in sorted(n for n, r in loop.running.items() if r.task in done):
+                loop.apply(group, loop.ended(vm))
+    if loop.dispatcher.waiting:
+        waiting = loop.dispatcher.waiting
+        raise StateError("the job", f"stuck with {waiting} move(s) waiting", "progress")
+    results = sorted(loop.results, key=lambda r: (r.start_s, r.move.name))
+    return JobResult(job, plan, tuple(results))
+
+
+class _Loop:
+    """The state of :func:`run_plan`: the dispatcher, the moves running, those ended."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        plan: JobPlan,
+        store: JobStore,
+        job: int,
+        history: History | None,
+        observer: JobObserver | None,
+        now: Callable[[], float] | None,
+        mover: Mover,
+    ) -> None:
+        self.cluster, self.plan, self.store, self.job = cluster, plan, store, job
+        self.history, self.observer, self.mover = history, observer, mover
+        self.clock = now or asyncio.get_running_loop().time
+        self.began = self.clock()
+        self.dispatcher = BandwidthDispatcher(
+            plan.model, plan.moves, plan.book, stream_bps=plan.book.cal.qemu_throughput_bps
+        )
+        self.running: dict[VmName, _Running] = {}
+        self.results: list[MoveResult] = []
+
+    def elapsed(self) -> float:
+        return self.clock() - self.began
+
+    def apply(self, group: asyncio.TaskGroup, actions: list[Action]) -> None:
+        """Start the moves the dispatcher starts (as tasks of ``group``); note its caps."""
+        for action in actions:
+            if isinstance(action, SetCap):
+                self.running[action.vm].caps.append((self.elapsed(), action.cap_bps))
+                continue
+            at_s = self.elapsed()
+            self.store.move_state(self.job, action.move.name, "running")
+            if self.observer is not None:
+                self.observer.started(action.move, action.cap_bps, at_s)
+            task = group.create_task(
+                _one_move(
+                    self.mover,
+                    self.cluster,
+                    self.plan,
+                    action,
+                    (at_s, self.elapsed),
+                    self.history,
+                    self.observer,
+                )
+            )
+            self.running[action.move.name] = _Running(action, at_s, task, [(at_s, action.cap_bps)])
+
+    def ended(self, vm: VmName) -> list[Action]:
+        """``vm``'s move ended: record it, tell the dispatcher; what it does next."""
+        opened = self.running.pop(vm)
+        result = _with_caps(opened.task.result(), opened.caps)
+        self.results.append(result)
+        state = "completed" if result.ok else "failed"
+        self.store.move_state(self.job, vm, state, result.to_json(None))
+        if self.observer is not None:
+            self.observer.ended(result)
+        return self.dispatcher.finished(vm, self.elapsed())
+
+
+def _with_caps(result: MoveResult, caps: list[tuple[float, float | None]]) -> MoveResult:
+    return MoveResult(
+        result.move, result.start_s, result.end_s, tuple(caps), result.report, result.error
+    )
+
+
+async def _one_move(
+    mover: Mover,
+    cluster: Cluster,
+    plan: JobPlan,
+    start: Start,
+    times: tuple[float, Callable[[], float]],
+    history: History | None,
+    observer: JobObserver | None,
+) -> MoveResult:
+    """One move to its result; an error before it started is its result (the job goes on
+    with the others)."""
+    move = start.move
+    start_s, elapsed = times
+    request = MigrationRequest(
+        vm=move.name,
+        destination=move.destination,
+        strategy="hybrid" if start.strategy == "hybrid" else "auto",
+        max_downtime_ms=plan.request.max_downtime_ms,
+        bandwidth_mbps=_mbps(start.cap_bps),
+        force=True,  # planned as feasible: the job goes ahead with the best at its share
+    )
+
+    def progress(phase: Phase, stats: MigrationStats | None) -> None:
+        if observer is not None:
+            observer.progress(move.name, phase, stats)
+
+    try:
+        report = await mover(cluster, request, history=history, on_progress=progress)
+    except FerryError as err:  # refused before anything started: the VM stays where it was
+        logger.error("job.move_refused %s: %s", move.name, err)
+        return MoveResult(move, start_s, elapsed(), (), None, str(err))
+    return MoveResult(move, start_s, elapsed(), (), report, None)

@@ -1,0 +1,369 @@
+"""The controller's own cluster state, in SQLite beside the migration history: hosts in
+maintenance, VMs' anti-affinity groups, and jobs of many moves.
+
+Every change is one SQLite transaction, so a controller killed at any instant leaves either
+the state before or the state after (crash-safe without a file of our own to repair). A job
+is recorded before its first move starts, each move as it starts and ends, and the job as it
+ends: a later controller reads what a killed one was doing (:meth:`JobStore.job`). Two jobs
+never share a host: :meth:`JobStore.begin` refuses a job whose hosts a running job holds,
+in the same transaction that records it. A job whose controller process is gone no longer
+holds its hosts; it is marked ``interrupted`` (its moves as they were recorded, for
+``reconcile`` and a resume to settle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from vmferry.core.errors import ConfigError, FerryError
+
+__all__ = [
+    "HostMark",
+    "JobConflict",
+    "JobMove",
+    "JobRecord",
+    "JobStore",
+    "MarkState",
+]
+
+MarkState = Literal["entering", "maintenance"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS host_marks (
+    host TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    since TEXT NOT NULL,
+    job INTEGER
+);
+CREATE TABLE IF NOT EXISTS vm_groups (
+    vm TEXT PRIMARY KEY,
+    grp TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    host TEXT NOT NULL,
+    hosts TEXT NOT NULL,
+    state TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    plan TEXT NOT NULL,
+    report TEXT
+);
+CREATE TABLE IF NOT EXISTS job_moves (
+    job INTEGER NOT NULL,
+    vm TEXT NOT NULL,
+    source TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    state TEXT NOT NULL,
+    report TEXT,
+    PRIMARY KEY (job, vm)
+);
+"""
+
+
+class JobConflict(ConfigError):
+    """A job already runs on one of the hosts asked for. Nothing moved.
+
+    Attributes:
+        job: the running job's id.
+        hosts: the hosts both jobs want.
+    """
+
+    def __init__(self, job: int, kind: str, hosts: Sequence[str]) -> None:
+        super().__init__(
+            f"job {job} ({kind}) is running on {', '.join(hosts)}: one job per host at a time"
+        )
+        self.job = job
+        self.hosts = tuple(hosts)
+
+
+@dataclass(frozen=True, slots=True)
+class HostMark:
+    """A host on its way into maintenance (``entering``: being emptied) or in it."""
+
+    host: str
+    state: MarkState
+    since: str
+    job: int | None
+
+    @property
+    def describe(self) -> str:
+        """``in maintenance`` or ``entering maintenance``."""
+        return "in maintenance" if self.state == "maintenance" else "entering maintenance"
+
+    def to_json(self) -> dict[str, object]:
+        return {"host": self.host, "state": self.state, "since": self.since, "job": self.job}
+
+
+@dataclass(frozen=True, slots=True)
+class JobMove:
+    """One move of a recorded job: ``waiting``, ``running``, ``completed`` or ``failed``."""
+
+    vm: str
+    source: str
+    destination: str
+    state: str
+    report: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A recorded job."""
+
+    id: int
+    kind: str
+    host: str
+    hosts: tuple[str, ...]
+    state: str
+    pid: int
+    created_at: str
+    updated_at: str
+    plan: dict[str, Any]
+    report: dict[str, Any] | None
+    moves: tuple[JobMove, ...]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "job": self.id,
+            "kind": self.kind,
+            "host": self.host,
+            "hosts": list(self.hosts),
+            "state": self.state,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "moves": [
+                {"vm": m.vm, "source": m.source, "destination": m.destination, "state": m.state}
+                for m in self.moves
+            ],
+        }
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class JobStore:
+    """The state database at ``path`` (the lab's ``history.db``; created on first use)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextmanager
+    def _connect(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
+        """One transaction (``immediate``: holding the write lock from its start, so a check
+        and the write it leads to are one step for every other controller)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=10.0, isolation_level=None)) as db:
+                db.executescript(_SCHEMA)
+                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
+                try:
+                    yield db
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+        except sqlite3.Error as err:
+            raise FerryError(f"controller state {self.path}: {err}") from err
+
+    # Maintenance marks.
+
+    def marks(self) -> dict[str, HostMark]:
+        """Hosts entering or in maintenance, by name."""
+        with self._connect() as db:
+            rows = db.execute("SELECT host, state, since, job FROM host_marks").fetchall()
+        return {r[0]: HostMark(str(r[0]), r[1], str(r[2]), r[3]) for r in rows}
+
+    def set_mark(self, host: str, state: MarkState, job: int | None = None) -> HostMark:
+        """Mark ``host`` (keeps the time it was first marked)."""
+        with self._connect(immediate=True) as db:
+            row = db.execute("SELECT since FROM host_marks WHERE host = ?", (host,)).fetchone()
+            since = str(row[0]) if row is not None else _now()
+            db.execute(
+                "INSERT OR REPLACE INTO host_marks (host, state, since, job) VALUES (?, ?, ?, ?)",
+                (host, state, since, job),
+            )
+        return HostMark(host, state, since, job)
+
+    def clear_mark(self, host: str) -> HostMark | None:
+        """Take ``host`` out of maintenance; the mark it had, if any."""
+        with self._connect(immediate=True) as db:
+            row = db.execute(
+                "SELECT host, state, since, job FROM host_marks WHERE host = ?", (host,)
+            ).fetchone()
+            db.execute("DELETE FROM host_marks WHERE host = ?", (host,))
+        return None if row is None else HostMark(str(row[0]), row[1], str(row[2]), row[3])
+
+    # Anti-affinity groups.
+
+    def groups(self) -> dict[str, str]:
+        """Each grouped VM's group."""
+        with self._connect() as db:
+            return {str(vm): str(g) for vm, g in db.execute("SELECT vm, grp FROM vm_groups")}
+
+    def set_group(self, vm: str, group: str | None) -> None:
+        """Put ``vm`` in ``group`` (None: in none)."""
+        with self._connect(immediate=True) as db:
+            db.execute("DELETE FROM vm_groups WHERE vm = ?", (vm,))
+            if group is not None:
+                db.execute("INSERT INTO vm_groups (vm, grp) VALUES (?, ?)", (vm, group))
+
+    # Jobs.
+
+    def begin(
+        self,
+        kind: str,
+        host: str,
+        moves: Sequence[tuple[str, str, str]],
+        plan: Mapping[str, Any],
+        *,
+        pid: int | None = None,
+    ) -> int:
+        """Record a new job of ``moves`` (vm, source, destination), running.
+
+        Returns:
+            Its id.
+
+        Raises:
+            JobConflict: a running job holds one of its hosts (its own ``host``, the sources
+                and the destinations).
+            FerryError: the database cannot be written.
+        """
+        hosts = sorted({host, *(s for _, s, _ in moves), *(d for _, _, d in moves)})
+        now = _now()
+        with self._connect(immediate=True) as db:
+            self._settle_orphans(db)
+            for job, job_kind, held in db.execute(
+                "SELECT id, kind, hosts FROM jobs WHERE state = 'running'"
+            ).fetchall():
+                both = sorted(set(json.loads(held)).intersection(hosts))
+                if both:
+                    raise JobConflict(int(job), str(job_kind), both)
+            cursor = db.execute(
+                "INSERT INTO jobs (kind, host, hosts, state, pid, created_at, updated_at, plan)"
+                " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (kind, host, json.dumps(hosts), pid or os.getpid(), now, now, json.dumps(plan)),
+            )
+            job_id = int(cursor.lastrowid or 0)
+            db.executemany(
+                "INSERT INTO job_moves (job, vm, source, destination, state)"
+                " VALUES (?, ?, ?, ?, 'waiting')",
+                [(job_id, vm, s, d) for vm, s, d in moves],
+            )
+        return job_id
+
+    @staticmethod
+    def _settle_orphans(db: sqlite3.Connection) -> None:
+        """Running jobs whose controller is gone become ``interrupted``."""
+        for job, pid in db.execute("SELECT id, pid FROM jobs WHERE state = 'running'").fetchall():
+            if not _is_alive(int(pid)):
+                db.execute(
+                    "UPDATE jobs SET state = 'interrupted', updated_at = ? WHERE id = ?",
+                    (_now(), job),
+                )
+
+    def check_free(self, hosts: Sequence[str]) -> None:
+        """Refuse early (before a job is planned) when a running job holds one of ``hosts``;
+        :meth:`begin` checks again as it records the job.
+
+        Raises:
+            JobConflict: naming the job.
+        """
+        for job in self.jobs():
+            both = sorted(set(job.hosts).intersection(hosts))
+            if job.state == "running" and both:
+                raise JobConflict(job.id, job.kind, both)
+
+    def move_state(
+        self, job: int, vm: str, state: str, report: Mapping[str, Any] | None = None
+    ) -> None:
+        """A move of ``job`` started (``running``) or ended (``completed``/``failed``)."""
+        with self._connect(immediate=True) as db:
+            db.execute(
+                "UPDATE job_moves SET state = ?, report = ? WHERE job = ? AND vm = ?",
+                (state, None if report is None else json.dumps(report), job, vm),
+            )
+            db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job))
+
+    def end(self, job: int, state: str, report: Mapping[str, Any] | None = None) -> None:
+        """``job`` ended: ``completed``, ``failed`` or ``interrupted``."""
+        with self._connect(immediate=True) as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, report = ? WHERE id = ?",
+                (state, _now(), None if report is None else json.dumps(report), job),
+            )
+
+    def job(self, job: int) -> JobRecord:
+        """The job ``job``.
+
+        Raises:
+            ConfigError: no such job.
+        """
+        found = self.jobs(job=job)
+        if not found:
+            raise ConfigError(f"no job {job}")
+        return found[0]
+
+    def jobs(
+        self, *, host: str | None = None, kind: str | None = None, job: int | None = None
+    ) -> list[JobRecord]:
+        """Recorded jobs, newest first (of ``host``, of ``kind``)."""
+        query = (
+            "SELECT id, kind, host, hosts, state, pid, created_at, updated_at, plan, report"
+            " FROM jobs WHERE 1 = 1"
+        )
+        args: list[object] = []
+        for column, value in (("host", host), ("kind", kind), ("id", job)):
+            if value is not None:
+                query += f" AND {column} = ?"
+                args.append(value)
+        with self._connect(immediate=True) as db:
+            self._settle_orphans(db)
+            rows = db.execute(query + " ORDER BY id DESC", args).fetchall()
+            moves = {
+                r[0]: db.execute(
+                    "SELECT vm, source, destination, state, report FROM job_moves WHERE job = ?"
+                    " ORDER BY rowid",
+                    (r[0],),
+                ).fetchall()
+                for r in rows
+            }
+        return [
+            JobRecord(
+                id=int(r[0]),
+                kind=str(r[1]),
+                host=str(r[2]),
+                hosts=tuple(json.loads(r[3])),
+                state=str(r[4]),
+                pid=int(r[5]),
+                created_at=str(r[6]),
+                updated_at=str(r[7]),
+                plan=json.loads(r[8]),
+                report=None if r[9] is None else json.loads(r[9]),
+                moves=tuple(
+                    JobMove(m[0], m[1], m[2], m[3], None if m[4] is None else json.loads(m[4]))
+                    for m in moves[r[0]]
+                ),
+            )
+            for r in rows
+        ]

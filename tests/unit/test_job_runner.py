@@ -1,0 +1,139 @@
+"""The runner of a job of real moves, against a stand-in for ``migrate`` on a fast clock: the
+dispatcher's starts are carried out concurrently, each move is recorded as it starts and ends,
+a move refused before it started does not stop the others."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from vmferry.cli.job_view import JobView, result_table
+from vmferry.controller.cluster import Cluster as Controller
+from vmferry.controller.evacuation import JobPlan, JobRequest
+from vmferry.controller.history import History
+from vmferry.controller.inventory import Inventory
+from vmferry.controller.job_runner import MoveResult, run_plan
+from vmferry.controller.jobs import JobStore
+from vmferry.controller.migrate import MigrationRequest
+from vmferry.core.cluster_model import Cluster, Host, HostName, Move, Vm, VmName
+from vmferry.core.errors import ConfigError
+from vmferry.core.job import plan_job
+from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats
+from vmferry.core.move_cost import Calibration, CostBook
+from vmferry.core.phases import Phase
+
+MIB = 1 << 20
+
+
+def _plan() -> JobPlan:
+    hosts = [Host(HostName(f"h{i}"), 4096 * MIB, 16, 50_000_000) for i in (1, 2, 3)]
+    vms = [Vm(VmName(n), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000) for n in "abc"]
+    model = Cluster.build(hosts, vms)
+    moves = tuple(Move(vm, HostName("h2" if vm.name != "b" else "h3")) for vm in vms)
+    book = CostBook(Calibration(qemu_throughput_bps=25_000_000))
+    schedule = plan_job(model, moves, book=book)
+    return JobPlan("evacuate", "h1", JobRequest("h1"), model, moves, (), schedule, book, {})
+
+
+class _Moves:
+    """``migrate`` as the runner calls it: each move takes 20 ms; VM ``c`` is refused."""
+
+    def __init__(self) -> None:
+        self.requests: list[MigrationRequest] = []
+        self.at_once = 0
+        self.most_at_once = 0
+
+    async def __call__(
+        self,
+        cluster: Controller,
+        request: MigrationRequest,
+        *,
+        history: History | None = None,
+        on_progress: Callable[[Phase, MigrationStats | None], None] | None = None,
+    ) -> MigrationReport:
+        self.requests.append(request)
+        if request.vm == "c":
+            raise ConfigError("h2 has 0 MiB free")
+        self.at_once += 1
+        self.most_at_once = max(self.most_at_once, self.at_once)
+        if on_progress is not None:
+            on_progress(Phase.ACTIVE, None)
+        await asyncio.sleep(0.02)
+        self.at_once -= 1
+        return MigrationReport(
+            request.vm, "h1", request.destination, request.destination, "precopy", "completed",
+            None, 20, 5, 30, 1000, 2, None, IntegrityReport(True, 10, 0), True,
+        )  # fmt: skip
+
+
+class _Seen:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    def started(self, move: Move, cap_bps: float | None, at_s: float) -> None:
+        self.events.append(("started", move.name))
+
+    def progress(self, vm: str, phase: Phase, stats: MigrationStats | None) -> None:
+        self.events.append(("progress", vm))
+
+    def ended(self, result: MoveResult) -> None:
+        self.events.append(("ended", result.move.name))
+
+
+def test_a_job_runs_every_move_and_records_each(tmp_path: Path) -> None:
+    plan = _plan()
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in plan.moves], {})
+    moves, seen = _Moves(), _Seen()
+    controller = Controller(Inventory(tmp_path, "token", ()))
+    result = asyncio.run(
+        run_plan(controller, plan, store, job, history=None, observer=seen, mover=moves)
+    )
+    assert sorted(r.vm for r in moves.requests) == ["a", "b", "c"]
+    assert all(r.bandwidth_mbps is not None and r.bandwidth_mbps <= 200 for r in moves.requests)
+    assert moves.most_at_once >= 2  # concurrent, as the dispatcher started them
+    by_vm: dict[str, MoveResult] = {m.move.name: m for m in result.moves}
+    assert by_vm["a"].ok
+    assert by_vm["b"].ok
+    assert not by_vm["c"].ok
+    assert by_vm["c"].error == "h2 has 0 MiB free"
+    assert not result.ok
+    assert {e for e in seen.events if e[0] != "progress"} == {
+        (kind, vm) for kind in ("started", "ended") for vm in "abc"
+    }
+    record = store.job(job)
+    assert {m.vm: m.state for m in record.moves} == {
+        "a": "completed",
+        "b": "completed",
+        "c": "failed",
+    }
+    report = result.to_json()
+    assert report["state"] == "failed"
+    assert report["predicted_makespan_s"] > 0
+    assert [m["vm"] for m in report["moves"]] == [m.move.name for m in result.moves]
+
+
+def test_the_job_view_prints_whole_lines_in_a_pipe(tmp_path: Path) -> None:
+    plan = _plan()
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in plan.moves], {})
+    text = io.StringIO()
+    console = Console(file=text, width=200)
+    with JobView(console, plan) as view:
+        result = asyncio.run(
+            run_plan(
+                Controller(Inventory(tmp_path, "token", ())), plan, store, job,
+                history=None, observer=view, mover=_Moves(),
+            )
+        )  # fmt: skip
+    lines = text.getvalue().splitlines()
+    assert sum("started, 200 Mbit/s" in line for line in lines) == 3
+    assert any(line.startswith("a → h2: completed in ") for line in lines)
+    assert any(line.startswith("c → h2: refused: h2 has 0 MiB free") for line in lines)
+    assert lines[-1].startswith("job 3/3 done, 0 moving")
+    assert lines[-1].endswith("ETA 0.0 s")
+    assert result_table(result).row_count == 3
