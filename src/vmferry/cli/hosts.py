@@ -200,6 +200,18 @@ def _emptied_by(store: JobStore, mark: HostMark) -> list[str]:
     return list(dict.fromkeys(m.vm for j in since for m in j.moves if m.state == "completed"))
 
 
+def _exited_json(host: str, was: str, away: list[str]) -> dict[str, Any]:
+    """``maintenance exit`` with no job run: the host takes VMs again."""
+    return {
+        "schema": 1,
+        "host": host,
+        "host_state": "active",
+        "was": was,
+        "moved_off": away,
+        "job": None,
+    }
+
+
 async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
     """Take HOST out of maintenance; with ``--bring-back`` move its VMs back to it."""
     request = _request(args)
@@ -211,17 +223,7 @@ async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
     if not args.bring_back:
         session.store.clear_mark(request.host)
         if args.json:
-            print_json(
-                out,
-                {
-                    "schema": 1,
-                    "host": request.host,
-                    "host_state": "active",
-                    "was": mark.state,
-                    "moved_off": away,
-                    "job": None,
-                },
-            )
+            print_json(out, _exited_json(request.host, mark.state, away))
         else:
             err.print(f"{request.host} takes VMs again")
             if away:
@@ -239,18 +241,7 @@ async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
         if not plan.moves:
             err.print(f"{request.host} takes VMs again; no VM to bring back")
             if args.json:
-                print_json(
-                    out,
-                    {
-                        "schema": 1,
-                        "host": request.host,
-                        "host_state": "active",
-                        "was": mark.state,
-                        "moved_off": away,
-                        "job": None,
-                        "moves": [],
-                    },
-                )
+                print_json(out, {**_exited_json(request.host, mark.state, away), "moves": []})
             return EXIT_OK
         result = await _run(cluster, session, plan, err)
     _show_result(result, {"host_state": "active", "was": mark.state}, args, out)

@@ -30,6 +30,7 @@ from vmferry.controller.jobs import JobStore
 from vmferry.controller.migrate import MigrationRequest, migrate
 from vmferry.core.cluster_model import Move, VmName
 from vmferry.core.errors import FerryError, StateError
+from vmferry.core.job import span_json
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.schedule import Action, BandwidthDispatcher, SetCap, Start
@@ -87,15 +88,10 @@ class MoveResult:
 
     def to_json(self, predicted: tuple[float, float] | None) -> dict[str, Any]:
         return {
-            "vm": self.move.name,
-            "source": self.move.source,
-            "destination": self.move.destination,
-            "start_s": round(self.start_s, 3),
-            "end_s": round(self.end_s, 3),
+            **span_json(self.move, self.start_s, self.end_s, self.caps),
             "predicted": None
             if predicted is None
             else {"start_s": round(predicted[0], 3), "end_s": round(predicted[1], 3)},
-            "cap_bps": [[round(t, 3), None if c is None else round(c)] for t, c in self.caps],
             "ok": self.ok,
             "error": self.error,
             "report": None if self.report is None else self.report.to_json(),

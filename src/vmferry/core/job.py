@@ -49,6 +49,7 @@ __all__ = [
     "make_dispatcher",
     "plan_job",
     "run_job",
+    "span_json",
 ]
 
 POLICY_NAMES: tuple[str, ...] = ("ours", *BASELINES)
@@ -114,17 +115,26 @@ class MoveRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "vm": self.move.name,
-            "source": self.move.source,
-            "destination": self.move.destination,
-            "start_s": round(self.start_s, 3),
-            "end_s": round(self.end_s, 3),
-            "cap_bps": [[round(t, 3), None if c is None else round(c)] for t, c in self.caps],
+            **span_json(self.move, self.start_s, self.end_s, self.caps),
             "ran_as": self.ran_as,
             "felt_ms": self.felt_ms,
             "goal_ms": self.move.vm.max_downtime_ms,
             "transferred_bytes": self.transferred_bytes,
         }
+
+
+def span_json(
+    move: Move, start_s: float, end_s: float, caps: Sequence[tuple[float, float | None]]
+) -> dict[str, Any]:
+    """A move's place in a job: where from and to, when, under which bandwidth caps."""
+    return {
+        "vm": move.name,
+        "source": move.source,
+        "destination": move.destination,
+        "start_s": round(start_s, 3),
+        "end_s": round(end_s, 3),
+        "cap_bps": [[round(t, 3), None if c is None else round(c)] for t, c in caps],
+    }
 
 
 @dataclass(frozen=True, slots=True)
