@@ -39,6 +39,7 @@ def _request(args: argparse.Namespace) -> JobRequest:
         deadline_s=getattr(args, "deadline", None),
         bandwidth_mbps=args.bandwidth,
         max_downtime_ms=args.max_downtime,
+        policy=getattr(args, "policy", "ours"),
     )
     request.check()
     return request

@@ -194,6 +194,9 @@ def _host(host: argparse.ArgumentParser) -> None:
     )
     evacuate.add_argument("host", metavar="HOST")
     _job_options(evacuate, destinations=True)
+    # Bench-only (bench/evacuation_lab.py): the same job runner under a fixed-concurrency
+    # baseline's dispatcher instead of vmferry's; hidden from --help.
+    evacuate.add_argument("--policy", default="ours", help=argparse.SUPPRESS)
 
 
 def _disk_options(create: argparse.ArgumentParser) -> None:

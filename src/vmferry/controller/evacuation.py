@@ -24,7 +24,7 @@ from vmferry.controller.plan import Plan, calibration_from, make_plan
 from vmferry.core import cluster_model as cm
 from vmferry.core.cluster_model import PlacementError, UnknownHost
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.job import Schedule, plan_job
+from vmferry.core.job import POLICY_NAMES, Schedule, plan_job
 from vmferry.core.move_cost import CostBook
 from vmferry.core.placement import Placement, place_evacuation, place_onto
 from vmferry.core.strategy import Goal
@@ -42,6 +42,8 @@ class JobRequest:
         deadline_s: the whole job must be predicted to end within this.
         bandwidth_mbps: each move's cap (megabits/s).
         max_downtime_ms: each VM's downtime goal (what the guest feels).
+        policy: the scheduling policy, ``ours`` or a fixed-concurrency baseline of
+            :data:`vmferry.core.job.POLICY_NAMES` (benches compare them on real moves).
     """
 
     host: str
@@ -49,6 +51,7 @@ class JobRequest:
     deadline_s: float | None = None
     bandwidth_mbps: int | None = None
     max_downtime_ms: int = 300
+    policy: str = "ours"
 
     def check(self) -> None:
         """Raises: ConfigError: numbers out of range."""
@@ -58,6 +61,8 @@ class JobRequest:
             raise ConfigError("--bandwidth must be 1..1000000 Mbit/s")
         if not 1 <= self.max_downtime_ms <= 600_000:
             raise ConfigError("--max-downtime must be 1..600000 ms")
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(f"unknown policy {self.policy!r}: use {', '.join(POLICY_NAMES)}")
 
     @property
     def cap_bps(self) -> int | None:
@@ -108,6 +113,7 @@ class JobPlan:
         return {
             "kind": self.kind,
             "host": self.host,
+            "policy": self.request.policy,
             "moves": [
                 {
                     "vm": m.name,
@@ -260,7 +266,9 @@ async def _planned(
     book = CostBook(cal)
     schedule = None
     if not refused:
-        schedule = plan_job(model, measured, book=book, deadline_s=request.deadline_s)
+        schedule = plan_job(
+            model, measured, book=book, policy=request.policy, deadline_s=request.deadline_s
+        )
     return JobPlan(
         kind, request.host, request, model, measured, tuple(refused), schedule, book, plans
     )
