@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from rich.console import Console
 
 from vmferry.cli.job_view import JobView, result_table
