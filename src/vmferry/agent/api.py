@@ -206,11 +206,15 @@ class GuestMeasurement:
     disk_allocated_bytes: int = 0
     disk_write_bps: int = 0
     disk_shared: bool = False
+    # Bytes written again within any short window (``core.dirty_curve``); 0 where the RAM could
+    # not be scanned. The dirty rate is then the larger of QEMU's and the scan's.
+    hot_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
             "ram_bytes": self.ram_bytes,
             "dirty_rate_bps": self.dirty_rate_bps,
+            "hot_bytes": self.hot_bytes,
             "zero_fraction": self.zero_fraction,
             "compress_ratio": self.compress_ratio,
             "vcpu_busy": self.vcpu_busy,
@@ -232,6 +236,7 @@ class GuestMeasurement:
             elapsed_ms=int(data["elapsed_ms"]),
             disk_allocated_bytes=int(data.get("disk_allocated_bytes", 0)),
             disk_write_bps=int(data.get("disk_write_bps", 0)),
+            hot_bytes=int(data.get("hot_bytes", 0)),
             disk_shared=bool(data.get("disk_shared", False)),
         )
 
