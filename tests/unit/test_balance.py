@@ -4,13 +4,16 @@ move, the spread, the cool-down (no flapping), hosts left out, and the request's
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vmferry.controller.balancing import BalanceRequest
+from vmferry.controller.balancing import BalanceRequest, cooling_from
 from vmferry.controller.evacuation import JobRequest
+from vmferry.controller.history import History
 from vmferry.core.balance import (
     HostLoad,
     LoadBook,
@@ -21,6 +24,7 @@ from vmferry.core.balance import (
 )
 from vmferry.core.cluster_model import Cluster, Host, HostName, Vm, VmName
 from vmferry.core.errors import ConfigError
+from vmferry.core.model import IntegrityReport, MigrationReport
 from vmferry.core.placement import Room
 
 MIB = 1 << 20
@@ -139,6 +143,31 @@ def test_the_cool_down_keeps_a_vm_that_just_moved_where_it_is() -> None:
     assert [m.name for m in free.moves] == ["x"]
     # Once it is over, x may move again.
     assert cooling([RecentMove("x", 1000.0)], now_s=2900.0, cool_down_s=1800.0) == {}
+
+
+def _report(vm: str, status: str, total_ms: int) -> MigrationReport:
+    return MigrationReport(
+        vm=vm, source="host-1", destination="host-2", running_on="host-2", strategy="precopy",
+        status=status, error=None, total_ms=total_ms, downtime_ms=20,  # type: ignore[arg-type]
+        guest_downtime_ms=30, transferred_bytes=1 << 20, iterations=2, predicted=None,
+        integrity=IntegrityReport(True, 10, 0), guest_alive=True,
+    )  # fmt: skip
+
+
+def test_the_cool_down_comes_from_the_moves_the_history_recorded(tmp_path: Path) -> None:
+    history = History(tmp_path / "history.db")
+    now = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    history.record(_report("old", "completed", 1000), now - timedelta(minutes=45))
+    # Started 40 min ago but ran for 20 min: ended 20 min ago, still cooling.
+    history.record(_report("long", "completed", 20 * 60_000), now - timedelta(minutes=40))
+    history.record(_report("recent", "completed", 2000), now - timedelta(minutes=10))
+    history.record(_report("failed", "failed", 2000), now - timedelta(minutes=5))  # did not move
+    left = cooling_from(history, 30.0, now)
+    assert set(left) == {"long", "recent"}
+    assert left[VmName("recent")] == pytest.approx(20 * 60 + 2)
+    assert left[VmName("long")] == pytest.approx(10 * 60)
+    assert cooling_from(history, 0.0, now) == {}
+    assert cooling_from(None, 30.0, now) == {}
 
 
 def test_no_flapping_when_the_measured_cpu_load_swings() -> None:

@@ -63,7 +63,9 @@ def loads_table(planned: BalanceJob, observed: Sequence[HostLoad] | None = None)
     from rich.table import Table
 
     plan = planned.balance
-    title = f"host load: spread {plan.spread_before:.2f} → {plan.spread_after:.2f} predicted"
+    title = f"host load: spread {plan.spread_before:.2f}"
+    if plan.steps:
+        title += f" → {plan.spread_after:.2f} predicted"
     seen = None if observed is None else {h.host: h for h in observed}
     if observed is not None:
         title += f", {spread(observed):.2f} seen"

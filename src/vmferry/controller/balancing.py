@@ -46,6 +46,7 @@ __all__ = [
     "MAX_BALANCE_MOVES",
     "BalanceJob",
     "BalanceRequest",
+    "cooling_from",
     "plan_balance_job",
 ]
 
@@ -195,7 +196,7 @@ async def plan_balance_job(
         cost_s=cost_s,
         max_moves=request.max_moves,
         hosts=hosts,
-        cooldown=_cooling(history, request.cool_down_min, now or datetime.now(UTC)),
+        cooldown=cooling_from(history, request.cool_down_min, now or datetime.now(UTC)),
         fixed=[v.name for v in on_hosts if v.name not in measured],
         target=request.target,
     )
@@ -207,7 +208,7 @@ async def plan_balance_job(
     return BalanceJob(balance, job, tuple(excluded), cpu_busy, cpus, tuple(unmeasured))
 
 
-def _cooling(
+def cooling_from(
     history: History | None, cool_down_min: float, now: datetime
 ) -> dict[cm.VmName, float]:
     """The VMs whose last completed move ended within ``cool_down_min`` of ``now``."""
