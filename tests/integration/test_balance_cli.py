@@ -11,6 +11,9 @@ from typing import Any
 import pytest
 from labcli import Lab
 
+from vmferry.controller.inventory import Inventory
+from vmferry.controller.jobs import JobStore
+
 pytestmark = pytest.mark.qemu
 
 SMALL = "dirty:rate=2M,size=32M,pattern=random,mode=paced"
@@ -65,6 +68,9 @@ def test_balance_moves_a_vm_then_leaves_it_in_its_cool_down(lab_dir: Path) -> No
     assert done["makespan_s"] > 0
     assert done["balance"]["spread_observed_after"] < done["balance"]["spread_before"] - 0.3
     assert _where(lab)[moved] == "host-2"
+    record = JobStore(Inventory.load(lab_dir).history_db).job(done["job"])
+    assert (record.kind, record.host, record.state) == ("balance", "cluster", "completed")
+    assert record.plan["limits"] == {"max_outbound": 1, "max_inbound": 1}
 
     # The load shifts: a bigger VM starts beside the moved one. Moving it back would even the
     # hosts out, but it moved a moment ago: nothing moves, and the report says why.

@@ -4,6 +4,7 @@ move, the spread, the cool-down (no flapping), hosts left out, and the request's
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -22,9 +23,11 @@ from vmferry.core.balance import (
     plan_moves,
     spread,
 )
-from vmferry.core.cluster_model import Cluster, Host, HostName, Vm, VmName
+from vmferry.core.cluster_model import Cluster, Host, HostName, Move, Vm, VmName
 from vmferry.core.errors import ConfigError
+from vmferry.core.job import plan_job
 from vmferry.core.model import IntegrityReport, MigrationReport
+from vmferry.core.move_cost import Calibration, CostBook
 from vmferry.core.placement import Room
 
 MIB = 1 << 20
@@ -256,6 +259,34 @@ def test_per_host_limits_reach_the_schedulers_hosts() -> None:
     assert (default.max_outbound, default.max_inbound) == (8, 8)
     with pytest.raises(ConfigError, match="--max-outbound must be a positive integer"):
         JobRequest(host="h", max_outbound=0).check()
+
+
+@pytest.mark.parametrize(("outbound", "inbound"), [(1, 8), (8, 1), (2, 2), (None, None)])
+def test_the_schedule_keeps_the_per_host_limits_asked_for(
+    outbound: int | None, inbound: int | None
+) -> None:
+    request = JobRequest(host="a", max_outbound=outbound, max_inbound=inbound)
+    hosts = [request.limits(Host(HostName(n), 64 << 30, 64, 1_250_000_000)) for n in "abc"]
+    vms = [Vm(VmName(f"v{i}"), HostName("a"), 1 << 30) for i in range(6)]
+    cluster = Cluster.build(hosts, vms)
+    moves = [Move(v, HostName("b" if i % 2 else "c")) for i, v in enumerate(vms)]
+    schedule = plan_job(cluster, moves, book=CostBook(Calibration.default()))
+
+    def most_at_once(key: Callable[[Move], str]) -> int:
+        ends = [(r.start_s, 1, key(r.move)) for r in schedule.records]
+        ends += [(r.end_s, -1, key(r.move)) for r in schedule.records]
+        busy: dict[str, int] = {}
+        most = 0
+        for _, step, host_name in sorted(ends, key=lambda e: (e[0], e[1])):
+            busy[host_name] = busy.get(host_name, 0) + step
+            most = max(most, busy[host_name])
+        return most
+
+    if outbound is None or inbound is None:  # without limits the link is shared more widely
+        assert most_at_once(lambda m: m.source) > 2
+        return
+    assert most_at_once(lambda m: m.source) <= outbound
+    assert most_at_once(lambda m: m.destination) <= inbound
 
 
 @settings(max_examples=60, deadline=None)

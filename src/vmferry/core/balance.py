@@ -271,21 +271,25 @@ class BalancePlan:
 
     def reason(self) -> str:
         """Why the plan ends where it does, in words."""
-        before = f"spread {self.spread_before:.2f}"
+        spreads = f"spread {self.spread_before:.2f}"
+        if self.steps:
+            spreads += f" → {self.spread_after:.2f}"
+        elif self.stopped != "balanced":
+            spreads = f"nothing to do: {spreads}"
         if self.stopped == "balanced":
             if not self.steps:
-                return f"nothing to do: {before} is within the target {self.target:.2f}"
-            return f"{before} → {self.spread_after:.2f}, within the target {self.target:.2f}"
+                return f"nothing to do: {spreads} is within the target {self.target:.2f}"
+            return f"{spreads}, within the target {self.target:.2f}"
         if self.stopped == "max-moves":
-            return f"{before} → {self.spread_after:.2f}; stopped at the move limit"
+            return f"{spreads}; stopped at the move limit"
         if self.stopped == "cool-down":
             held = ", ".join(self.held_back)
             left = min(self.cooling[v] for v in self.held_back) / 60.0
             return (
-                f"{before} → {self.spread_after:.2f}; the VMs that would even it out moved "
-                f"recently ({held}): in their cool-down for {left:.0f} more min"
+                f"{spreads}; the VMs that would even it out moved recently ({held}): in their "
+                f"cool-down for {left:.0f} more min"
             )
-        return f"{before} → {self.spread_after:.2f}; no move of a single VM narrows it"
+        return f"{spreads}; no move of a single VM narrows it"
 
     def to_json(self) -> dict[str, Any]:
         after = {h.host: h for h in self.after}
