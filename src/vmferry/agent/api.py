@@ -95,6 +95,8 @@ class HostInfo:
     vcpus: int | None = None
     vcpus_used: int = 0
     disk_free_bytes: int | None = None
+    # The host's CPUs (what measured vCPU load is a share of). None: an agent too old to say.
+    cpus: int | None = None
 
     @property
     def memory_free_bytes(self) -> int:
@@ -116,6 +118,7 @@ class HostInfo:
             "vcpus": self.vcpus,
             "vcpus_used": self.vcpus_used,
             "disk_free_bytes": self.disk_free_bytes,
+            "cpus": self.cpus,
         }
 
     @classmethod
@@ -135,6 +138,7 @@ class HostInfo:
             vcpus=vcpus if isinstance(vcpus := data.get("vcpus"), int) else None,
             vcpus_used=used if isinstance(used := data.get("vcpus_used"), int) else 0,
             disk_free_bytes=free if isinstance(free := data.get("disk_free_bytes"), int) else None,
+            cpus=cpus if isinstance(cpus := data.get("cpus"), int) else None,
         )
 
 
