@@ -21,6 +21,7 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.core.errors import FerryError
 from vmferry.core.model import MECHANISMS, Prediction
+from vmferry.core.move_cost import DOWNTIME_HEADROOM, RESUME_ALLOWANCE_MS, qemu_downtime_limit_ms
 from vmferry.core.predict import (
     Calibration,
     CalibrationSample,
@@ -50,17 +51,6 @@ logger = logging.getLogger(__name__)
 
 # A guest whose vCPUs run more than this share of the time dirties as fast as it can compute.
 CPU_BOUND_BUSY = 0.8
-# QEMU's downtime limit is a target it overshoots (the last pass, device state): ask QEMU for
-# this share of the user's maximum so the result stays under it.
-DOWNTIME_HEADROOM = 0.7
-# The user's maximum is what the guest feels: QEMU's pause plus resuming on the destination.
-RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
-
-
-def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
-    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum of what
-    the guest feels: the resume is taken off first, then QEMU's overshoot."""
-    return max(1, int((max_downtime_ms - RESUME_ALLOWANCE_MS) * DOWNTIME_HEADROOM))
 
 
 _PROBE_MS = 1000
