@@ -45,6 +45,7 @@ COMMANDS: dict[tuple[str, str | None], str] = {
     ("host", "list"): "vmferry.cli.hosts:host_list",
     ("host", "maintenance"): "vmferry.cli.hosts:host_maintenance",
     ("host", "evacuate"): "vmferry.cli.hosts:host_evacuate",
+    ("balance", None): "vmferry.cli.balance:balance",
 }
 
 
