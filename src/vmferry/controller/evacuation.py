@@ -63,6 +63,30 @@ class JobRequest:
     def cap_bps(self) -> int | None:
         return None if self.bandwidth_mbps is None else self.bandwidth_mbps * 125_000
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "to": None if self.to is None else list(self.to),
+            "deadline_s": self.deadline_s,
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "max_downtime_ms": self.max_downtime_ms,
+        }
+
+    @classmethod
+    def from_json(cls, host: str, data: Mapping[str, Any] | None) -> JobRequest:
+        """The request a job recorded (:meth:`to_json`; None: a job recorded before requests
+        were, taken with the defaults)."""
+        if data is None:
+            return cls(host)
+        to = data.get("to")
+        return cls(
+            host=host,
+            to=None if to is None else tuple(str(h) for h in to),
+            deadline_s=data.get("deadline_s"),
+            bandwidth_mbps=data.get("bandwidth_mbps"),
+            max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class JobPlan:
@@ -108,6 +132,7 @@ class JobPlan:
         return {
             "kind": self.kind,
             "host": self.host,
+            "request": self.request.to_json(),
             "moves": [
                 {
                     "vm": m.name,
