@@ -2,7 +2,8 @@
 (SIGKILL) while a move is in flight; running it again resumes the same job, settles the move
 its controller left as `reconcile` does, moves what is left, and ends with one running,
 verified copy of every VM and the host in maintenance, empty. Resuming an unknown job, a job
-that ended, or one whose controller is alive is refused with nothing moved.
+that ended, or one whose controller is alive is refused with nothing moved. Bringing the VMs
+back, killed too, is finished by `job resume`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,17 +39,36 @@ def _live_qemus(lab_dir: Path) -> Counter[str]:
     return found
 
 
-def _kill_once_in_flight(lab: Lab, enter: subprocess.Popen[str]) -> None:
-    """SIGKILL ``enter`` as soon as one of its moves is in flight (a VM ``migrating``)."""
+def _start(lab_dir: Path, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", *args, "--bandwidth", "200", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)},
+    )
+
+
+def _kill_once(command: subprocess.Popen[str], started: Callable[[], bool]) -> None:
+    """SIGKILL ``command`` as soon as ``started()``."""
     try:
         deadline = time.monotonic() + 90
-        while not any(v["state"] == "migrating" for v in lab.vms()):
-            assert enter.poll() is None, enter.communicate()
+        while not started():
+            assert command.poll() is None, command.communicate()
             assert time.monotonic() < deadline, "no move started"
             time.sleep(0.1)
     finally:
-        enter.kill()  # no clean-up of any kind
-        enter.communicate()  # reaped: its pid is dead, not a zombie
+        command.kill()  # no clean-up of any kind
+        command.communicate()  # reaped: its pid is dead, not a zombie
+
+
+def _assert_one_verified_copy_each(lab: Lab, lab_dir: Path, host: str) -> None:
+    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
+        (name, host, "running") for name in GUESTS
+    ]
+    assert _live_qemus(lab_dir) == Counter(GUESTS)
+    for name in GUESTS:
+        assert lab.ok("verify", name)["ok"] is True
 
 
 def test_a_killed_maintenance_job_resumes_to_one_verified_copy_each(lab_dir: Path) -> None:
@@ -55,13 +76,9 @@ def test_a_killed_maintenance_job_resumes_to_one_verified_copy_each(lab_dir: Pat
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "1G")
     for name in GUESTS:
         lab.ok("vm", "create", name, "--host", "host-1", "--memory", "128M", "--workload", SMALL)
-    enter = subprocess.Popen(
-        [sys.executable, "-m", "vmferry.cli.main", "host", "maintenance", "enter", "host-1",
-         "--bandwidth", "200", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)},
-    )  # fmt: skip
-    _kill_once_in_flight(lab, enter)
+    # Killed once a move is in flight (a VM migrating).
+    enter = _start(lab_dir, "host", "maintenance", "enter", "host-1")
+    _kill_once(enter, lambda: any(v["state"] == "migrating" for v in lab.vms()))
     [job] = lab.ok("job", "list")
     assert job["state"] == "interrupted"
     assert "running" in {m["state"] for m in job["moves"]}
@@ -92,12 +109,24 @@ def test_a_killed_maintenance_job_resumes_to_one_verified_copy_each(lab_dir: Pat
     assert [j["job"] for j in lab.ok("job", "list")] == [alive, job["job"]]  # no new job
 
     # One running, verified copy of every VM, off the host, which is in maintenance.
-    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == [
-        (name, "host-2", "running") for name in GUESTS
-    ]
-    assert _live_qemus(lab_dir) == Counter(GUESTS)
-    for name in GUESTS:
-        assert lab.ok("verify", name)["ok"] is True
+    _assert_one_verified_copy_each(lab, lab_dir, "host-2")
     hosts = {r["host"]: r for r in lab.ok("host", "list")}
     assert (hosts["host-1"]["state"], hosts["host-1"]["vms"]) == ("maintenance", [])
     lab.refused("job", "resume", str(job["job"]), message=f"job {job['job']} is completed: only an")
+
+    # Bringing them back, killed as soon as a move is recorded running (before or after its
+    # migration started): `job resume` finishes it with the job's own options.
+    back = _start(lab_dir, "host", "maintenance", "exit", "host-1", "--bring-back")
+
+    def recorded_running() -> bool:
+        jobs = store.jobs(kind="bring-back")
+        return bool(jobs) and any(m.state == "running" for m in jobs[0].moves)
+
+    _kill_once(back, recorded_running)
+    [bring] = store.jobs(kind="bring-back")
+    done = lab.ok("job", "resume", str(bring.id))
+    assert (done["job"], done["kind"], done["state"]) == (bring.id, "bring-back", "completed")
+    assert {m["vm"]: m["state"] for m in lab.ok("job", "show", str(bring.id))["moves"]} == (
+        dict.fromkeys(GUESTS, "completed")
+    )
+    _assert_one_verified_copy_each(lab, lab_dir, "host-1")

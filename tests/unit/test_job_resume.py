@@ -15,7 +15,14 @@ from vmferry.controller.evacuation import JobRequest
 from vmferry.controller.job_resume import recorded_request
 from vmferry.controller.jobs import JobConflict, JobNotResumable, JobStore, UnknownJob
 from vmferry.core.errors import ConfigError
-from vmferry.core.job_resume import Fate, RecordedMove, job_outcome, resolve_move, resolve_moves
+from vmferry.core.job_resume import (
+    Fate,
+    RecordedMove,
+    given_up,
+    job_outcome,
+    resolve_move,
+    resolve_moves,
+)
 from vmferry.core.reconcile import Copy
 
 
@@ -174,3 +181,12 @@ def test_moves_planned_on_resume_join_the_same_job(tmp_path: Path) -> None:
         "state": "completed",
         "report": {"status": "completed"},
     }
+
+
+def test_a_move_reconcile_gave_up_on_is_lost_for_the_job() -> None:
+    [r] = resolve_moves(
+        "evacuate", "h1", [RecordedMove("a", "h1", "h2", "running")], {"a": _copies("h2=incoming")}
+    )
+    assert r.fate is Fate.SETTLE
+    lost = given_up(r, "the copy on h2 did not come up intact")
+    assert (lost.fate, lost.record_state, lost.running_on) == (Fate.LOST, "failed", None)

@@ -196,7 +196,9 @@ async def _carry_on(
         raise
     maintenance = record.kind == "maintenance-enter"
     result = None
-    if plan is not None:
+    if plan is None:
+        err.print(f"job {record.id}: nothing left to move")
+    else:
         if maintenance:
             store.set_mark(record.host, "entering", record.id)
         result = await _run_rest(cluster, store, history, record.id, plan, err)

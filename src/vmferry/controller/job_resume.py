@@ -13,6 +13,7 @@ records those moves (:meth:`~vmferry.controller.jobs.JobStore.extend`) and runs 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from vmferry.core.job_resume import (
     Fate,
     RecordedMove,
     Resolution,
+    given_up,
     resolve_moves,
 )
 from vmferry.core.reconcile import Copy
@@ -37,6 +39,9 @@ from vmferry.core.reconcile import Copy
 __all__ = ["Settled", "recorded_request", "replan", "settle"]
 
 logger = logging.getLogger(__name__)
+
+_RETRY_S = 1.0  # between two rounds of settling a job's moves
+_GIVEN_UP = ("lost", "conflict")  # what reconcile found of a VM no later round changes
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,28 +104,52 @@ def _record_state(settled: Settled) -> str | None:
     return settled.resolution.record_state
 
 
+async def _rounds(
+    cluster: Cluster, record: JobRecord, wait_s: float
+) -> tuple[list[Resolution], dict[str, Reconciled]]:
+    """Let ``reconcile`` settle the moves left half done, round after round, until none is or
+    ``wait_s`` passed. A move a round could not settle (a step refused, e.g. on a destination
+    its dead controller was still starting) is tried again a second later; one ``reconcile``
+    found lost, or in conflict, is not."""
+    moves = _recorded(record)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    reconciled: dict[str, Reconciled] = {}
+    while True:
+        found = resolve_moves(record.kind, record.host, moves, await _copies(cluster, record))
+        found = [
+            r
+            if (rec := reconciled.get(r.vm)) is None or rec.verdict not in _GIVEN_UP
+            else given_up(r, rec.error or rec.reason)
+            for r in found
+        ]
+        unsettled = [r.vm for r in found if r.fate is Fate.SETTLE]
+        left_s = deadline - loop.time()
+        if not unsettled or left_s <= 0:
+            return found, reconciled
+        if reconciled:
+            await asyncio.sleep(min(_RETRY_S, left_s))
+        logger.info("job.settling %s: %s", record.id, ", ".join(unsettled))
+        for result in await reconcile(cluster, wait_s=max(1.0, left_s), only=unsettled):
+            if result.done or result.vm not in reconciled:
+                reconciled[result.vm] = result
+
+
 async def settle(
     cluster: Cluster, store: JobStore, record: JobRecord, *, wait_s: float = 300.0
 ) -> list[Settled]:
-    """Settle every move of the claimed job ``record`` left half done; record where each ended.
+    """Settle every move of the claimed job ``record`` left half done (as ``reconcile`` does:
+    see :func:`_rounds`); record where each ended.
 
     Returns:
         Each recorded move's fate, in the record's order.
 
     Raises:
         FerryError: a host does not answer (nothing changed).
-        StateError: a migration was still in flight after ``wait_s`` (what was settled is
+        StateError: a move was still unsettled after ``wait_s`` (what was settled is
             recorded; a later resume goes on from there).
     """
-    moves = _recorded(record)
-    found = resolve_moves(record.kind, record.host, moves, await _copies(cluster, record))
-    unsettled = [r.vm for r in found if r.fate is Fate.SETTLE]
-    reconciled: dict[str, Reconciled] = {}
-    if unsettled:
-        logger.info("job.settling %s: %s", record.id, ", ".join(unsettled))
-        for result in await reconcile(cluster, wait_s=wait_s, only=unsettled):
-            reconciled[result.vm] = result
-        found = resolve_moves(record.kind, record.host, moves, await _copies(cluster, record))
+    found, reconciled = await _rounds(cluster, record, wait_s)
     settled = [Settled(r, reconciled.get(r.vm)) for r in found]
     for one in settled:
         state = _record_state(one)

@@ -38,6 +38,7 @@ __all__ = [
     "Fate",
     "RecordedMove",
     "Resolution",
+    "given_up",
     "job_outcome",
     "resolve_move",
     "resolve_moves",
@@ -138,6 +139,12 @@ def resolve_moves(
     """:func:`resolve_move` for every recorded move (``copies``: by VM, as the agents list
     them; a VM no agent lists has none)."""
     return [resolve_move(kind, host, m, copies.get(m.vm, ())) for m in moves]
+
+
+def given_up(resolution: Resolution, reason: str) -> Resolution:
+    """``resolution`` of a move ``reconcile`` could not settle and will not (the guest lost, or
+    a conflict it leaves to a human): the job cannot finish it."""
+    return Resolution(resolution.vm, Fate.LOST, reason, None, "failed")
 
 
 def job_outcome(states: Sequence[str]) -> str:
