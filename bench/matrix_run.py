@@ -187,6 +187,7 @@ def make_record(
         "refused": None,
         "forced": refused is not None,
         "history_moves": None,
+        "retried_from": report.get("retried_from"),
     }
     if refused is not None:
         record["refused"] = {"exit_code": refused.exit_code, "message": refused.stderr_tail}

@@ -175,6 +175,7 @@ def auto_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
                 "cell": cell["cell"],
                 "half": cell["half"],
                 "chosen": auto["chosen"],
+                "retried_from": (auto.get("retried_from") or {}).get("strategy"),
                 "refused": refused,
                 "met_goal_guest_clock": met,
                 "forced_run_met_goal": refused and auto["guest_within_goal"],
@@ -190,6 +191,7 @@ def auto_summary(cells: list[dict[str, Any]]) -> dict[str, Any]:
         "cells": len(rows),
         "met_goal_guest_clock": sum(r["met_goal_guest_clock"] for r in rows),
         "refused": sum(r["refused"] for r in rows),
+        "retried": sum(r["retried_from"] is not None for r in rows),
         "met_or_refused": sum(r["ok"] for r in rows),
         "refused_a_feasible_cell": sum(r["refused_a_feasible_cell"] for r in rows),
         "cells_some_fixed_strategy_met": sum(

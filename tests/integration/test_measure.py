@@ -12,11 +12,13 @@ import pytest
 
 from vmferry.agent.digest import find_ram_fd
 from vmferry.agent.vm import RunningVm
+from vmferry.core.dirty_curve import fit
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
 from vmferry.guest.channel import now_ms
 from vmferry.lab.local import LocalLab
 from vmferry.qemu.measure import GuestProfile, measure_guest
+from vmferry.qemu.ram_scan import scan_changes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -82,9 +84,8 @@ async def test_idle_compressible_guest(lab: LocalLab) -> None:
 async def test_memory_sampled_through_the_memfd_agrees_without_qemu(lab: LocalLab) -> None:
     """The agent reads the guest's RAM memfd itself: the same picture as QEMU's pmemsave
     dumps, with no QEMU command (and no dump file) involved."""
-    spec = VmSpec.build(
-        "memfd-vm", memory="512M", workload=parse_workload("idle:size=128M,pattern=random")
-    )
+    workload = parse_workload("dirty:rate=2M,size=128M,pattern=random,mode=paced")
+    spec = VmSpec.build("memfd-vm", memory="512M", workload=workload)
     vm = await lab.boot(spec, "host-1")
     assert vm.process.pid is not None
     via_qemu = await measure_guest(vm.qmp, lab.workdir)
@@ -101,4 +102,22 @@ async def test_memory_sampled_through_the_memfd_agrees_without_qemu(lab: LocalLa
     assert direct.memory.pages_sampled == 512 * 8
     assert abs(direct.memory.zero_fraction - via_qemu.memory.zero_fraction) < 0.1
     assert direct.memory.compress_ratio < 2.0  # random pages dominate the non-zero ones
+    await _assert_still_running(vm, gap_ms)
+
+    # Its dirty curve, from three reads of the same file: the writer's 2 MiB/s as the slope,
+    # and the pages written again within any window (the kernel's, the writer's bookkeeping).
+    heartbeats.open_window(now_ms())
+    scan = await scan_changes(ram_file, ram_bytes=spec.memory_bytes)
+    gap_ms = heartbeats.close_window()
+    curve = fit(
+        short_s=scan.short_s,
+        short_bytes=scan.short_bytes,
+        long_s=scan.long_s,
+        long_bytes=scan.long_bytes,
+    )
+    print(f"scan: {scan} -> {curve}, heartbeat gap {gap_ms} ms")
+    assert scan.sampled_bytes == 256 * MIB
+    assert 0.02 < scan.short_s < scan.long_s
+    assert 1.2 * MIB <= curve.rate_bps <= 3.2 * MIB
+    assert 0 < curve.hot_bytes < 4 * MIB
     await _assert_still_running(vm, gap_ms)

@@ -190,3 +190,16 @@ def test_a_move_reconcile_gave_up_on_is_lost_for_the_job() -> None:
     assert r.fate is Fate.SETTLE
     lost = given_up(r, "the copy on h2 did not come up intact")
     assert (lost.fate, lost.record_state, lost.running_on) == (Fate.LOST, "failed", None)
+
+
+@pytest.mark.parametrize(
+    ("copies", "fate"),
+    [
+        ("h2=running", Fate.MOVED),  # where the balance sent it
+        ("h1=running", Fate.AGAIN),  # the move did not happen: planned again, to h2
+        ("h3=running", Fate.MOVED),  # moved off its source meanwhile: left there
+    ],
+)
+def test_a_balance_wants_each_vm_off_its_source(copies: str, fate: Fate) -> None:
+    move = RecordedMove("a", "h1", "h2", "running")
+    assert resolve_move("balance", "cluster", move, _copies(copies)).fate is fate

@@ -117,6 +117,7 @@ def test_report_schema_v1_keys() -> None:
         "tls",  # schema 1 extended: the stream ran over TLS (migrate --tls)
         "guest_agent",  # schema 1 extended: a user's guest's agent after the move
         "handoff",  # schema 1 extended: both stopped copies compared (migrate --verify)
+        "retried_from",  # schema 1 extended: the attempt auto cancelled before retrying
     ]
     assert data["schema"] == 1
     assert data["recoveries"] == 0

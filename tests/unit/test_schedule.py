@@ -7,7 +7,6 @@ import itertools
 
 import pytest
 
-from vmferry.controller.plan import qemu_downtime_limit_ms as controller_limit_ms
 from vmferry.core.cluster_model import (
     Cluster,
     DeadlineUnreachable,
@@ -29,7 +28,7 @@ from vmferry.core.job import (
     make_dispatcher,
     plan_job,
 )
-from vmferry.core.move_cost import qemu_downtime_limit_ms, share_bps, share_index
+from vmferry.core.move_cost import share_bps, share_index
 from vmferry.core.placement import place_evacuation
 from vmferry.core.schedule import BandwidthDispatcher
 from vmferry.core.schedule_baselines import BASELINES
@@ -275,11 +274,6 @@ def test_unknown_policy() -> None:
 
 
 # -- the cost book ------------------------------------------------------------------------------
-
-
-def test_downtime_limit_is_the_controllers() -> None:
-    for goal_ms in (50, 150, 300, 1000, 5000):
-        assert qemu_downtime_limit_ms(goal_ms) == controller_limit_ms(goal_ms)
 
 
 def test_share_grid_rounds_down() -> None:

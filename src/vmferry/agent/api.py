@@ -95,6 +95,8 @@ class HostInfo:
     vcpus: int | None = None
     vcpus_used: int = 0
     disk_free_bytes: int | None = None
+    # The host's CPUs (what measured vCPU load is a share of). None: an agent too old to say.
+    cpus: int | None = None
 
     @property
     def memory_free_bytes(self) -> int:
@@ -116,6 +118,7 @@ class HostInfo:
             "vcpus": self.vcpus,
             "vcpus_used": self.vcpus_used,
             "disk_free_bytes": self.disk_free_bytes,
+            "cpus": self.cpus,
         }
 
     @classmethod
@@ -135,6 +138,7 @@ class HostInfo:
             vcpus=vcpus if isinstance(vcpus := data.get("vcpus"), int) else None,
             vcpus_used=used if isinstance(used := data.get("vcpus_used"), int) else 0,
             disk_free_bytes=free if isinstance(free := data.get("disk_free_bytes"), int) else None,
+            cpus=cpus if isinstance(cpus := data.get("cpus"), int) else None,
         )
 
 
@@ -206,11 +210,15 @@ class GuestMeasurement:
     disk_allocated_bytes: int = 0
     disk_write_bps: int = 0
     disk_shared: bool = False
+    # Bytes written again within any short window (``core.dirty_curve``); 0 where the RAM could
+    # not be scanned. The dirty rate is then the larger of QEMU's and the scan's.
+    hot_bytes: int = 0
 
     def to_json(self) -> dict[str, object]:
         return {
             "ram_bytes": self.ram_bytes,
             "dirty_rate_bps": self.dirty_rate_bps,
+            "hot_bytes": self.hot_bytes,
             "zero_fraction": self.zero_fraction,
             "compress_ratio": self.compress_ratio,
             "vcpu_busy": self.vcpu_busy,
@@ -232,6 +240,7 @@ class GuestMeasurement:
             elapsed_ms=int(data["elapsed_ms"]),
             disk_allocated_bytes=int(data.get("disk_allocated_bytes", 0)),
             disk_write_bps=int(data.get("disk_write_bps", 0)),
+            hot_bytes=int(data.get("hot_bytes", 0)),
             disk_shared=bool(data.get("disk_shared", False)),
         )
 

@@ -13,9 +13,12 @@ from vmferry.agent.digest import GuestRamNotFound, find_ram_fd
 from vmferry.agent.slots import Slots
 from vmferry.agent.store import VmStore
 from vmferry.agent.vm import RunningVm
+from vmferry.core.dirty_curve import DirtyCurve, fit
+from vmferry.core.errors import ConfigError
 from vmferry.core.model import VmSpec
-from vmferry.qemu.measure import measure_disk_writes, measure_guest
+from vmferry.qemu.measure import MeasurementError, measure_disk_writes, measure_guest
 from vmferry.qemu.qcow2 import allocated_bytes
+from vmferry.qemu.ram_scan import scan_changes
 from vmferry.qemu.vcpu import vcpu_busy_fraction
 
 __all__ = ["Preflight"]
@@ -37,6 +40,26 @@ def _ram_file(pid: int | None, memory_bytes: int) -> Path | None:
     except GuestRamNotFound as err:
         logger.info("measure.ram_file %s: %s; sampling through QEMU", pid, err)
         return None
+
+
+async def _dirty_curve(ram_file: Path | None, ram_bytes: int) -> DirtyCurve | None:
+    """The guest's short-window dirty curve from a scan of its RAM; None where the RAM cannot
+    be read (QEMU's ``calc-dirty-rate`` is then all there is)."""
+    if ram_file is None:
+        return None
+    try:
+        scan = await scan_changes(ram_file, ram_bytes=ram_bytes)
+    except (MeasurementError, ConfigError) as err:
+        logger.info("measure.scan %s: %s", ram_file, err)
+        return None
+    curve = fit(
+        short_s=scan.short_s,
+        short_bytes=scan.short_bytes,
+        long_s=scan.long_s,
+        long_bytes=scan.long_bytes,
+    )
+    logger.debug("measure.scan %s: %s -> %s", ram_file, scan, curve)
+    return curve
 
 
 class Preflight:
@@ -63,15 +86,17 @@ class Preflight:
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
             scratch = self.scratch_dir or self.store.directory(name)
             ram_file = _ram_file(pid, slot.spec.memory_bytes)
-            profile, busy, disk = await asyncio.gather(
+            profile, busy, disk, curve = await asyncio.gather(
                 measure_guest(vm.qmp, scratch, ram_file=ram_file),
                 busy_task,
                 self._measure_disk(slot.spec, vm),
+                _dirty_curve(ram_file, slot.spec.memory_bytes),
             )
         allocated, write_bps = disk
         return GuestMeasurement(
             ram_bytes=profile.ram_bytes,
-            dirty_rate_bps=profile.dirty_rate_bps,
+            dirty_rate_bps=max(profile.dirty_rate_bps, 0 if curve is None else curve.rate_bps),
+            hot_bytes=0 if curve is None else curve.hot_bytes,
             zero_fraction=profile.memory.zero_fraction,
             compress_ratio=profile.memory.compress_ratio,
             vcpu_busy=busy,

@@ -228,4 +228,5 @@ class Slots:
             vcpus=(os.cpu_count() or 1) * VCPU_OVERCOMMIT,
             vcpus_used=self.vcpus_used(),
             disk_free_bytes=self.disk_free(),
+            cpus=os.cpu_count() or 1,
         )

@@ -48,6 +48,7 @@ COMMANDS: dict[tuple[str, str | None], str] = {
     ("job", "list"): "vmferry.cli.jobs:job_list",
     ("job", "show"): "vmferry.cli.jobs:job_show",
     ("job", "resume"): "vmferry.cli.jobs:job_resume",
+    ("balance", None): "vmferry.cli.balance:balance",
 }
 
 

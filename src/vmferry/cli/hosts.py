@@ -42,6 +42,8 @@ def _request(args: argparse.Namespace) -> JobRequest:
         deadline_s=getattr(args, "deadline", None),
         bandwidth_mbps=args.bandwidth,
         max_downtime_ms=args.max_downtime,
+        max_outbound=args.max_outbound,
+        max_inbound=args.max_inbound,
     )
     request.check()
     return request

@@ -171,6 +171,20 @@ def _job_options(job: argparse.ArgumentParser, *, destinations: bool) -> None:
         help="cap each move's stream (megabits/s)",
     )
     job.add_argument("--max-downtime", type=int, default=300, metavar="MS", help="per VM")
+    job.add_argument(
+        "--max-outbound",
+        type=int,
+        default=None,
+        metavar="N",
+        help="moves each host sends at once, at most (default 8)",
+    )
+    job.add_argument(
+        "--max-inbound",
+        type=int,
+        default=None,
+        metavar="N",
+        help="moves each host receives at once, at most (default 8)",
+    )
     job.add_argument("--dry-run", action="store_true", help="plan and show; move nothing")
     json_flag(job)
 
@@ -225,6 +239,24 @@ def _job(job: argparse.ArgumentParser) -> None:
         help="how long to wait for a migration still in flight (default 300)",
     )
     json_flag(resume)
+
+
+def _balance(balance: argparse.ArgumentParser) -> None:
+    balance.add_argument(
+        "--max-moves",
+        type=int,
+        default=10,
+        metavar="N",
+        help="move at most N VMs (default 10)",
+    )
+    balance.add_argument(
+        "--cool-down",
+        type=float,
+        default=30.0,
+        metavar="MIN",
+        help="leave VMs that moved in the last MIN minutes where they are (default 30)",
+    )
+    _job_options(balance, destinations=False)
 
 
 def _disk_options(create: argparse.ArgumentParser) -> None:
@@ -412,6 +444,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "vm": ("create, list, show, delete VMs", _vm),
     "host": ("hosts: maintenance, evacuation", _host),
     "job": ("jobs of many moves: list, show, resume one whose controller died", _job),
+    "balance": ("even out the hosts' load (memory and measured CPU) by moving VMs", _balance),
     "verify": ("ask the guest to check every page of its memory", _verify),
     "plan": ("predict what each strategy would cost (changes nothing)", _plan),
     "migrate": ("move a VM to another host", _migrate),

@@ -29,7 +29,17 @@ from vmferry.core.move_cost import CostBook
 from vmferry.core.placement import Placement, place_evacuation, place_onto
 from vmferry.core.strategy import Goal
 
-__all__ = ["JobPlan", "JobRequest", "plan_bring_back", "plan_evacuation"]
+__all__ = [
+    "MAX_MOVES_PER_HOST",
+    "JobPlan",
+    "JobRequest",
+    "plan_bring_back",
+    "plan_evacuation",
+    "plan_placed",
+]
+
+# The most a --max-outbound/--max-inbound may ask for.
+MAX_MOVES_PER_HOST = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +52,8 @@ class JobRequest:
         deadline_s: the whole job must be predicted to end within this.
         bandwidth_mbps: each move's cap (megabits/s).
         max_downtime_ms: each VM's downtime goal (what the guest feels).
+        max_outbound: moves each host sends at once, at most (None: the scheduler's default).
+        max_inbound: moves each host receives at once, at most (None: the default).
     """
 
     host: str
@@ -49,6 +61,8 @@ class JobRequest:
     deadline_s: float | None = None
     bandwidth_mbps: int | None = None
     max_downtime_ms: int = 300
+    max_outbound: int | None = None
+    max_inbound: int | None = None
 
     def check(self) -> None:
         """Raises: ConfigError: numbers out of range."""
@@ -58,6 +72,23 @@ class JobRequest:
             raise ConfigError("--bandwidth must be 1..1000000 Mbit/s")
         if not 1 <= self.max_downtime_ms <= 600_000:
             raise ConfigError("--max-downtime must be 1..600000 ms")
+        for flag, limit in (
+            ("--max-outbound", self.max_outbound),
+            ("--max-inbound", self.max_inbound),
+        ):
+            if limit is not None and not 1 <= limit <= MAX_MOVES_PER_HOST:
+                raise ConfigError(
+                    f"{flag} must be a positive integer (1..{MAX_MOVES_PER_HOST} moves at once), "
+                    f"not {limit}"
+                )
+
+    def limits(self, host: cm.Host) -> cm.Host:
+        """``host`` with the per-host move limits asked for."""
+        return replace(
+            host,
+            max_outbound=host.max_outbound if self.max_outbound is None else self.max_outbound,
+            max_inbound=host.max_inbound if self.max_inbound is None else self.max_inbound,
+        )
 
     @property
     def cap_bps(self) -> int | None:
@@ -70,6 +101,8 @@ class JobRequest:
             "deadline_s": self.deadline_s,
             "bandwidth_mbps": self.bandwidth_mbps,
             "max_downtime_ms": self.max_downtime_ms,
+            "max_outbound": self.max_outbound,
+            "max_inbound": self.max_inbound,
         }
 
     @classmethod
@@ -85,6 +118,8 @@ class JobRequest:
             deadline_s=data.get("deadline_s"),
             bandwidth_mbps=data.get("bandwidth_mbps"),
             max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+            max_outbound=data.get("max_outbound"),
+            max_inbound=data.get("max_inbound"),
         )
 
 
@@ -145,6 +180,10 @@ class JobPlan:
                 for m in self.moves
             ],
             "refused": [{"vm": vm, "reason": why} for vm, why in self.refused],
+            "limits": {
+                "max_outbound": self.request.max_outbound,
+                "max_inbound": self.request.max_inbound,
+            },
             "predicted": None if self.schedule is None else self.schedule.to_json(),
         }
 
@@ -238,6 +277,24 @@ async def plan_bring_back(
     return await _planned(cluster, live, request, history, "bring-back", placement, busy)
 
 
+async def plan_placed(
+    cluster: Cluster,
+    live: LiveCluster,
+    request: JobRequest,
+    history: History | None,
+    kind: str,
+    placement: Placement,
+) -> JobPlan:
+    """Plan the moves of ``placement`` (chosen elsewhere: a balance) as one job of ``kind``:
+    each move planned, VMs whose goal no strategy meets refused, the schedule predicted.
+
+    Raises:
+        ConfigError: numbers out of range in ``request``.
+    """
+    request.check()
+    return await _planned(cluster, live, request, history, kind, placement, ())
+
+
 async def _planned(
     cluster: Cluster,
     live: LiveCluster,
@@ -321,7 +378,8 @@ def _measured_model(
 ) -> cm.Cluster:
     """The live cluster with its links' rates and the planned VMs as measured."""
     hosts = [
-        replace(h, link_bps=max(1, round(links.get(h.name, h.link_bps)))) for h in live.model.hosts
+        request.limits(replace(h, link_bps=max(1, round(links.get(h.name, h.link_bps)))))
+        for h in live.model.hosts
     ]
     vms = []
     for vm in live.model.vms:

@@ -103,3 +103,19 @@ class History:
         with self._connect() as db:
             rows = db.execute(query, (*args, limit)).fetchall()
         return [HistoryEntry(int(r[0]), str(r[1]), json.loads(r[2])) for r in reversed(rows)]
+
+    def entries_since(self, started_at: datetime) -> list[HistoryEntry]:
+        """Every migration that started at or after ``started_at``, oldest first.
+
+        Raises:
+            FerryError: the database cannot be read.
+        """
+        if not self.path.exists():
+            return []
+        since = started_at.astimezone(UTC).isoformat(timespec="seconds")
+        with self._connect() as db:
+            rows = db.execute(
+                "SELECT id, started_at, report FROM migrations WHERE started_at >= ? ORDER BY id",
+                (since,),
+            ).fetchall()
+        return [HistoryEntry(int(r[0]), str(r[1]), json.loads(r[2])) for r in rows]

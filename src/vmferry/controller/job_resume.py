@@ -6,7 +6,8 @@ plan what is left, under the same job id.
 ``reconcile`` settle the moves left half done (one intact running copy; a migration still in
 flight is followed to its end) and records where each move ended up, one transaction per
 move. :func:`replan` then plans, on fresh measurements, the VMs the job still has to move
-(an evacuation: every VM still on its host; a bring-back: the VMs not yet back); the caller
+(an evacuation: every VM still on its host; a bring-back: the VMs not yet back; a balance:
+the moves that did not happen, to the hosts it chose); the caller
 records those moves (:meth:`~vmferry.controller.jobs.JobStore.extend`) and runs them with
 :func:`vmferry.controller.job_runner.run_plan`.
 """
@@ -16,17 +17,25 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from vmferry.controller.cluster import Cluster
-from vmferry.controller.evacuation import JobPlan, JobRequest, plan_bring_back, plan_evacuation
+from vmferry.controller.evacuation import (
+    JobPlan,
+    JobRequest,
+    plan_bring_back,
+    plan_evacuation,
+    plan_placed,
+)
 from vmferry.controller.history import History
 from vmferry.controller.jobs import JobRecord, JobStore
 from vmferry.controller.placing import live_cluster
 from vmferry.controller.reconcile import Reconciled, reconcile
+from vmferry.core import cluster_model as cm
 from vmferry.core.errors import FerryError, StateError
 from vmferry.core.job_resume import (
+    BRING_BACK,
     EMPTYING_KINDS,
     Fate,
     RecordedMove,
@@ -34,6 +43,7 @@ from vmferry.core.job_resume import (
     given_up,
     resolve_moves,
 )
+from vmferry.core.placement import Placement
 from vmferry.core.reconcile import Copy
 
 __all__ = ["Settled", "recorded_request", "replan", "settle"]
@@ -65,10 +75,7 @@ class Settled:
 def recorded_request(record: JobRecord) -> JobRequest:
     """The request ``record`` was planned with, less its deadline (counted from the job's
     first start, it means nothing for what is left)."""
-    request = JobRequest.from_json(record.host, record.plan.get("request"))
-    return JobRequest(
-        request.host, request.to, None, request.bandwidth_mbps, request.max_downtime_ms
-    )
+    return replace(JobRequest.from_json(record.host, record.plan.get("request")), deadline_s=None)
 
 
 async def _copies(cluster: Cluster, record: JobRecord) -> dict[str, list[Copy]]:
@@ -181,10 +188,18 @@ async def replan(
             :func:`~vmferry.controller.evacuation.plan_evacuation` raises them.
     """
     live = await live_cluster(cluster, store)
+    again = [s.vm for s in settled if s.resolution.fate is Fate.AGAIN]
     if record.kind in EMPTYING_KINDS:
         plan = await plan_evacuation(cluster, live, request, history, kind=record.kind)
-    else:
-        again = [s.vm for s in settled if s.resolution.fate is Fate.AGAIN]
+    elif record.kind == BRING_BACK:
         plan = await plan_bring_back(cluster, live, request, again, history)
+    elif not again:
+        return None
+    else:  # a balance: the moves that did not happen, to the hosts it chose
+        destination = {m.vm: m.destination for m in record.moves}
+        placed = Placement(
+            tuple(cm.Move(live.model.vm(vm), cm.HostName(destination[vm])) for vm in again)
+        )
+        plan = await plan_placed(cluster, live, request, history, record.kind, placed)
     plan.require_movable()
     return plan if plan.moves else None

@@ -16,9 +16,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Protocol
 
+from vmferry.agent.api import VmInfo
 from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster, spec_of
 from vmferry.controller.history import History
@@ -38,8 +40,16 @@ from vmferry.core.migration import (
     Notify,
     StartPostcopy,
 )
-from vmferry.core.model import MigrationReport, MigrationStats
+from vmferry.core.model import (
+    EarlierAttempt,
+    Mechanism,
+    MigrationOptions,
+    MigrationReport,
+    MigrationStats,
+)
 from vmferry.core.phases import Phase
+from vmferry.core.predict import StrategyPrediction
+from vmferry.core.retry import retry_as
 
 __all__ = [
     "STRATEGIES",
@@ -98,26 +108,74 @@ async def migrate(
     """
     request.resolve()  # bad options are refused before anything is measured
     info, source, destination = await precheck(cluster, request)
-    strategy, options, prediction = await planned(cluster, request, info, history, on_plan)
-    move = Move(
-        vm=info.name,
-        source=info.host,
-        destination=request.destination,
-        strategy=strategy,
-        goal=request.goal,
-        recovery=request.recovery,
-        uses_postcopy=options.uses_postcopy,
-        prediction=prediction,
-        tls=options.tls,
-        verify=request.verify,
-        held=options.hold,
-    )
-    started_at = datetime.now(UTC)
-    sides = Sides(source, destination, spec_of(info), options)
-    report = await run(MigrationMachine(move), sides, clock or LoopClock(), on_progress)
-    if history is not None:
-        history.record(report, started_at)
-    return report
+    plans: list[Plan] = []
+
+    def seen(plan: Plan) -> None:
+        plans.append(plan)
+        if on_plan is not None:
+            on_plan(plan)
+
+    strategy, options, prediction = await planned(cluster, request, info, history, seen)
+    attempt = _Attempt(cluster, info, source, destination, clock or LoopClock(), history)
+    report, machine = await attempt.run(request, strategy, options, prediction, on_progress)
+    retry = None
+    if request.strategy == "auto" and plans and machine.replan_cancelled is not None:
+        retry = retry_as(strategy, plans[0].predictions, request.goal, report.total_ms)
+    if retry is None or report.running_on != info.host:
+        return report
+    logger.warning("migration.retry %s: %s", info.name, retry.reason)
+    deadline_ms = retry.goal.deadline_ms
+    again = replace(request, deadline_s=None if deadline_ms is None else deadline_ms / 1000)
+    mechanism, options = again.resolve(retry.prediction.strategy)
+    second, _ = await attempt.run(again, mechanism, options, retry.prediction, on_progress)
+    earlier = EarlierAttempt(report.strategy, report.total_ms, report.error)
+    return replace(second, retried_from=earlier)
+
+
+class _Attempt:
+    """One VM's migration attempts between the same two hosts (``auto`` may retry once)."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        info: VmInfo,
+        source: AgentPort,
+        destination: AgentPort,
+        clock: Clock,
+        history: History | None,
+    ) -> None:
+        self.info, self.source, self.destination = info, source, destination
+        self.clock, self.history = clock, history
+
+    async def run(
+        self,
+        request: MigrationRequest,
+        strategy: Mechanism,
+        options: MigrationOptions,
+        prediction: StrategyPrediction | None,
+        on_progress: ProgressCallback | None,
+    ) -> tuple[MigrationReport, MigrationMachine]:
+        """Run one attempt to its report (recorded in the history)."""
+        move = Move(
+            vm=self.info.name,
+            source=self.info.host,
+            destination=request.destination,
+            strategy=strategy,
+            goal=request.goal,
+            recovery=request.recovery,
+            uses_postcopy=options.uses_postcopy,
+            prediction=prediction,
+            tls=options.tls,
+            verify=request.verify,
+            held=options.hold,
+        )
+        started_at = datetime.now(UTC)
+        sides = Sides(self.source, self.destination, spec_of(self.info), options)
+        machine = MigrationMachine(move)
+        report = await run(machine, sides, self.clock, on_progress)
+        if self.history is not None:
+            self.history.record(report, started_at)
+        return report, machine
 
 
 async def follow(

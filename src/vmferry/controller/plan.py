@@ -21,6 +21,7 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.core.errors import FerryError
 from vmferry.core.model import MECHANISMS, Prediction
+from vmferry.core.move_cost import DOWNTIME_HEADROOM, RESUME_ALLOWANCE_MS, qemu_downtime_limit_ms
 from vmferry.core.predict import (
     Calibration,
     CalibrationSample,
@@ -50,17 +51,6 @@ logger = logging.getLogger(__name__)
 
 # A guest whose vCPUs run more than this share of the time dirties as fast as it can compute.
 CPU_BOUND_BUSY = 0.8
-# QEMU's downtime limit is a target it overshoots (the last pass, device state): ask QEMU for
-# this share of the user's maximum so the result stays under it.
-DOWNTIME_HEADROOM = 0.7
-# The user's maximum is what the guest feels: QEMU's pause plus resuming on the destination.
-RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
-
-
-def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
-    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum of what
-    the guest feels: the resume is taken off first, then QEMU's overshoot."""
-    return max(1, int((max_downtime_ms - RESUME_ALLOWANCE_MS) * DOWNTIME_HEADROOM))
 
 
 _PROBE_MS = 1000
@@ -132,6 +122,7 @@ class Plan:
             "measured": {
                 "ram_bytes": m.ram_bytes,
                 "dirty_rate_bps": m.dirty_rate_bps,
+                "hot_bytes": m.hot_bytes,
                 "zero_fraction": round(m.zero_fraction, 4),
                 "compress_ratio": round(m.compress_ratio, 3),
                 "bandwidth_bps": m.bandwidth_bps,
@@ -200,6 +191,7 @@ async def measure_path(
         zero_fraction=guest.zero_fraction,
         compress_ratio=max(1.0, guest.compress_ratio),
         dirty_rate_bps=guest.dirty_rate_bps,
+        hot_bytes=guest.hot_bytes,
         bandwidth_bps=max(1, int(bandwidth_bps)),
         # Pages that are zero now are not being rewritten: the set a dirtier keeps rewriting
         # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).

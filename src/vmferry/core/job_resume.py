@@ -9,7 +9,8 @@ a :class:`Fate`:
 - ``settle``: a copy is in flight or half done (held destination, completed source, record
   of a dead QEMU): ``reconcile`` settles it first, then the move is looked at again;
 - ``moved``: one running copy, where the job wants it (off the emptied host; on the host VMs
-  are brought back to): the move is done, whatever its record said;
+  are brought back to; for a balance, off the move's source): the move is done, whatever its
+  record said;
 - ``again``: one running copy, still where the job takes it from: it is planned again;
 - ``gone``: no host knows the VM (deleted meanwhile): nothing to move;
 - ``lost``: no copy runs and none can, or two run (a conflict ``reconcile`` leaves to a
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from vmferry.core.reconcile import Copy, Verdict, decide
 
 __all__ = [
+    "BRING_BACK",
     "EMPTYING_KINDS",
     "MOVE_STATES",
     "Fate",
@@ -44,8 +46,10 @@ __all__ = [
     "resolve_moves",
 ]
 
-# Jobs that empty their host (every other kind brings VMs back to it).
+# Jobs that empty their host; the job that brings VMs back to its host. Any other kind (a
+# balance) wants each VM off its move's source.
 EMPTYING_KINDS = frozenset({"evacuate", "maintenance-enter"})
+BRING_BACK = "bring-back"
 # What a job's record says of one of its moves.
 MOVE_STATES = ("waiting", "running", "completed", "failed", "gone")
 
@@ -95,9 +99,15 @@ class Resolution:
         }
 
 
-def _is_there(kind: str, host: str, running_on: str) -> bool:
-    """Whether a VM running on ``running_on`` is where a ``kind`` job about ``host`` wants it."""
-    return running_on != host if kind in EMPTYING_KINDS else running_on == host
+def _is_there(kind: str, host: str, move: RecordedMove, running_on: str) -> bool:
+    """Whether a VM running on ``running_on`` is where a ``kind`` job about ``host`` wants it:
+    off the host it empties, on the host VMs are brought back to, else (a balance) off the
+    move's source."""
+    if kind in EMPTYING_KINDS:
+        return running_on != host
+    if kind == BRING_BACK:
+        return running_on == host
+    return running_on != move.source
 
 
 def _changed(recorded: str, new: str) -> str | None:
@@ -116,7 +126,7 @@ def resolve_move(kind: str, host: str, move: RecordedMove, copies: Sequence[Copy
     if decision.verdict is not Verdict.OK or decision.running_on is None:
         return Resolution(move.vm, Fate.LOST, decision.reason, None, _changed(move.state, "failed"))
     on = decision.running_on
-    if _is_there(kind, host, on):
+    if _is_there(kind, host, move, on):
         why = f"runs on {on}" + (
             "" if on == move.destination else f" (planned: {move.destination})"
         )

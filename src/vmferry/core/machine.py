@@ -117,6 +117,8 @@ class MigrationMachine:
         self._arrival = ArrivalSteps(move, self._report)
         # The host whose QEMU died during post-copy (the guest is then lost), if one did.
         self.lost_host: str | None = None
+        # Why a re-plan cancelled the move mid-flight (the guest then runs on the source).
+        self.replan_cancelled: str | None = None
 
     @property
     def is_done(self) -> bool:
@@ -289,6 +291,7 @@ class MigrationMachine:
             decision = replan(move.strategy, flow.progress, move.prediction, goal)
             if decision.action is ReplanAction.CANCEL:
                 logger.warning("migration.replan %s: %s", move.vm, decision.reason)
+                self.replan_cancelled = decision.reason
                 return self._cancel(flow, decision.reason)
             switch = decision.action is ReplanAction.SWITCH_TO_POSTCOPY and move.uses_postcopy
             if switch and not state.switch_requested:

@@ -28,6 +28,9 @@ class Measurement:
             ``disk_copy_bytes`` is 0).
         link_queue_ms: the delay a small packet sees behind a bulk transfer on this path (the
             link's queue), None when not measured (the calibration's guess is used).
+        hot_bytes: bytes the guest writes again within any short window (its dirty curve's
+            intercept, :mod:`vmferry.core.dirty_curve`): dirty at every sync of a pre-copy's
+            last rounds, however short; 0 when not measured.
     """
 
     ram_bytes: int
@@ -40,6 +43,7 @@ class Measurement:
     disk_copy_bytes: int = 0
     disk_write_bps: int = 0
     link_queue_ms: float | None = None
+    hot_bytes: int = 0
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:

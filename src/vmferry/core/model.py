@@ -23,6 +23,7 @@ __all__ = [
     "STRATEGIES",
     "DiskBus",
     "DiskSpec",
+    "EarlierAttempt",
     "GuestAgentCheck",
     "HostName",
     "IntegrityReport",
@@ -446,6 +447,19 @@ ReportStatus = Literal["completed", "failed", "cancelled"]
 
 
 @dataclass(frozen=True, slots=True)
+class EarlierAttempt:
+    """A first attempt ``auto`` cancelled mid-flight (the guest kept running on the source)
+    before it retried with another strategy (:mod:`vmferry.core.retry`)."""
+
+    strategy: str
+    total_ms: int
+    error: str | None
+
+    def to_json(self) -> dict[str, object]:
+        return {"strategy": self.strategy, "total_ms": self.total_ms, "error": self.error}
+
+
+@dataclass(frozen=True, slots=True)
 class MigrationReport:
     """The outcome of one migration; ``to_json`` is DESIGN.md's schema version 1."""
 
@@ -472,6 +486,8 @@ class MigrationReport:
     guest_agent: GuestAgentCheck | None = None
     # Both stopped copies compared before the destination ran (None: the move never got there).
     handoff: HandoffVerdict | None = None
+    # The attempt ``auto`` cancelled before this one, if it retried.
+    retried_from: EarlierAttempt | None = None
 
     @property
     def is_success(self) -> bool:
@@ -509,4 +525,5 @@ class MigrationReport:
             "tls": self.tls,
             "guest_agent": None if self.guest_agent is None else self.guest_agent.to_json(),
             "handoff": None if self.handoff is None else self.handoff.to_json(),
+            "retried_from": None if self.retried_from is None else self.retried_from.to_json(),
         }

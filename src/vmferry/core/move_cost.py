@@ -44,7 +44,9 @@ from vmferry.core.predict import StrategyPrediction, predict
 from vmferry.core.strategy import Goal, meets
 
 __all__ = [
+    "DOWNTIME_HEADROOM",
     "MIN_SHARE_BPS",
+    "RESUME_ALLOWANCE_MS",
     "SHARE_STEPS_PER_DECADE",
     "Calibration",
     "CostBook",
@@ -67,15 +69,18 @@ _RATE_STEPS_PER_DECADE = 6
 _RATE_FLOOR_BPS = 1_000_000.0
 _RAM_STEPS_PER_OCTAVE = 4
 _SET_STEPS_PER_OCTAVE = 2
-# Mirrors controller.plan: the user's maximum is what the guest feels.
-_RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
-_DOWNTIME_HEADROOM = 0.7
+# QEMU's downtime limit is a target it overshoots (the last pass, device state): ask QEMU for
+# this share of the user's maximum so the result stays under it.
+DOWNTIME_HEADROOM = 0.7
+# The user's maximum is what the guest feels: QEMU's pause plus resuming on the destination.
+RESUME_ALLOWANCE_MS = Calibration.default().resume_felt_ms
 _EPS = 1e-9
 
 
 def qemu_downtime_limit_ms(max_downtime_ms: int) -> int:
-    """QEMU's ``downtime-limit`` for a goal of ``max_downtime_ms`` felt by the guest."""
-    return max(1, int((max_downtime_ms - _RESUME_ALLOWANCE_MS) * _DOWNTIME_HEADROOM))
+    """The ``downtime-limit`` given to QEMU (and to the predictor) for a user's maximum of what
+    the guest feels: the resume is taken off first, then QEMU's overshoot."""
+    return max(1, int((max_downtime_ms - RESUME_ALLOWANCE_MS) * DOWNTIME_HEADROOM))
 
 
 def share_index(bps: float) -> int:
