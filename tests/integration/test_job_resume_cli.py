@@ -83,16 +83,16 @@ def test_a_killed_maintenance_job_resumes_to_one_verified_copy_each(lab_dir: Pat
     assert job["state"] == "interrupted"
     assert "running" in {m["state"] for m in job["moves"]}
 
-    # Bad input: refused (exit 2), nothing moved, the interrupted job left as it was.
-    before = [(v["name"], v["host"], v["state"]) for v in lab.vms()]
-    lab.refused("job", "resume", "99", message="no job 99")
+    # Bad input: refused (exit 2), the interrupted job left as it was (its migrations in
+    # flight go on meanwhile: the agents' copies change on their own, not by these).
     store = JobStore(Inventory.load(lab_dir).history_db)
+    before = store.job(job["job"])
+    lab.refused("job", "resume", "99", message="no job 99")
     alive = store.begin("evacuate", "x-1", [("x", "x-1", "x-2")], {})
     lab.refused("job", "resume", str(alive), message=f"job {alive} is running: its controller")
     store.end(alive, "failed")
     lab.refused("job", "resume", str(alive), message=f"job {alive} is failed: only an interrupted")
-    assert [(v["name"], v["host"], v["state"]) for v in lab.vms()] == before
-    assert store.job(job["job"]).state == "interrupted"
+    assert store.job(job["job"]) == before
 
     # The same command again resumes the job: settled, the rest moved, the host marked.
     again = lab.run("host", "maintenance", "enter", "host-1", "--bandwidth", "200", "--json")
