@@ -30,6 +30,7 @@ _MODULE_ORDER = (
     "test_reconcile.py",
     "test_cluster_cli.py",
     "test_evacuation_cli.py",
+    "test_job_resume_cli.py",
     "test_balance_cli.py",
     "test_migration_tls.py",
     "test_cli.py",

@@ -99,6 +99,36 @@ class JobRequest:
     def cap_bps(self) -> int | None:
         return None if self.bandwidth_mbps is None else self.bandwidth_mbps * 125_000
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "to": None if self.to is None else list(self.to),
+            "deadline_s": self.deadline_s,
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "max_downtime_ms": self.max_downtime_ms,
+            "max_outbound": self.max_outbound,
+            "max_inbound": self.max_inbound,
+            "policy": self.policy,
+        }
+
+    @classmethod
+    def from_json(cls, host: str, data: Mapping[str, Any] | None) -> JobRequest:
+        """The request a job recorded (:meth:`to_json`; None: a job recorded before requests
+        were, taken with the defaults)."""
+        if data is None:
+            return cls(host)
+        to = data.get("to")
+        return cls(
+            host=host,
+            to=None if to is None else tuple(str(h) for h in to),
+            deadline_s=data.get("deadline_s"),
+            bandwidth_mbps=data.get("bandwidth_mbps"),
+            max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+            max_outbound=data.get("max_outbound"),
+            max_inbound=data.get("max_inbound"),
+            policy=str(data.get("policy", "ours")),
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class JobPlan:
@@ -145,6 +175,7 @@ class JobPlan:
             "kind": self.kind,
             "host": self.host,
             "policy": self.request.policy,
+            "request": self.request.to_json(),
             "moves": [
                 {
                     "vm": m.name,
