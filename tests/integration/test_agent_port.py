@@ -78,6 +78,7 @@ FAILING: dict[str, Callable[[AgentPort], Awaitable[object]]] = {
     "start_migration": lambda a: a.start_migration("ghost", "tcp:127.0.0.1:1", MigrationOptions()),
     "migration_progress": lambda a: a.migration_progress("ghost", 0, 0.0),
     "start_postcopy": lambda a: a.start_postcopy("ghost"),
+    "set_migration_cap": lambda a: a.set_migration_cap("ghost", 1_000_000),
     "cancel_migration": lambda a: a.cancel_migration("ghost"),
     "continue_switchover": lambda a: a.continue_switchover("ghost"),
     "handoff": lambda a: a.handoff("ghost"),

@@ -8,34 +8,37 @@ import asyncio
 import io
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 from rich.console import Console
 
+from vmferry.agent.port import AgentPort
 from vmferry.cli.job_view import JobView, result_table
 from vmferry.controller.cluster import Cluster as Controller
 from vmferry.controller.evacuation import JobPlan, JobRequest
 from vmferry.controller.history import History
-from vmferry.controller.inventory import Inventory
-from vmferry.controller.job_runner import MoveResult, run_plan
+from vmferry.controller.inventory import HostEntry, Inventory
+from vmferry.controller.job_runner import JobResult, MoveResult, run_plan
 from vmferry.controller.jobs import JobStore
 from vmferry.controller.migrate import MigrationRequest
 from vmferry.core.cluster_model import Cluster, Host, HostName, Move, Vm, VmName
-from vmferry.core.errors import ConfigError
+from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.job import plan_job
 from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats
 from vmferry.core.move_cost import Calibration, CostBook
 from vmferry.core.phases import Phase
+from vmferry.core.status import MigrationStatus
 
 MIB = 1 << 20
 
 
-def _plan(policy: str = "ours") -> JobPlan:
+def _plan(policy: str = "ours", stream_bps: int = 25_000_000) -> JobPlan:
     hosts = [Host(HostName(f"h{i}"), 4096 * MIB, 16, 50_000_000) for i in (1, 2, 3)]
     vms = [Vm(VmName(n), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000) for n in "abc"]
     model = Cluster.build(hosts, vms)
     moves = tuple(Move(vm, HostName("h2" if vm.name != "b" else "h3")) for vm in vms)
-    book = CostBook(Calibration(qemu_throughput_bps=25_000_000))
+    book = CostBook(Calibration(qemu_throughput_bps=stream_bps))
     schedule = plan_job(model, moves, book=book, policy=policy)
     request = JobRequest("h1", policy=policy)
     return JobPlan("evacuate", "h1", request, model, moves, (), schedule, book, {})
@@ -157,3 +160,70 @@ def test_the_job_view_prints_whole_lines_in_a_pipe(tmp_path: Path) -> None:
     assert lines[-1].startswith("job 3/3 done, 0 moving")
     assert lines[-1].endswith("ETA 0.0 s")
     assert result_table(result).row_count == 3
+
+
+class _CapAgent:
+    """The source agent as the runner uses it to re-cap a move in flight."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.caps: list[tuple[str, int]] = []
+        self.refuse = refuse
+
+    async def set_migration_cap(self, name: str, bandwidth_bps: int) -> None:
+        if self.refuse:
+            raise StateError(f"migration of {name}", "completed", "sending")
+        self.caps.append((name, bandwidth_bps))
+
+
+class _Sending(_Moves):
+    """Moves that report a progress sample (they send), then take 100 ms (``b`` 500 ms)."""
+
+    async def __call__(
+        self,
+        cluster: Controller,
+        request: MigrationRequest,
+        *,
+        history: History | None = None,
+        on_progress: Callable[[Phase, MigrationStats | None], None] | None = None,
+    ) -> MigrationReport:
+        if on_progress is not None and request.vm != "c":
+            on_progress(Phase.ACTIVE, _SAMPLE)
+        await asyncio.sleep(0.5 if request.vm == "b" else 0.1)
+        return await super().__call__(cluster, request, history=history)
+
+
+_SAMPLE = MigrationStats(MigrationStatus.ACTIVE, 100, 10 * MIB, 100 * MIB, 128 * MIB, 0, 4096,
+                         1, 20_000_000, None, None)  # fmt: skip
+
+
+def _run_with_agent(tmp_path: Path, agent: _CapAgent) -> tuple[JobPlan, JobResult]:
+    plan = _plan(stream_bps=40_000_000)  # a takes 40 of h1's 50 MB/s, b the rest
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in plan.moves], {})
+    hosts = tuple(HostEntry(f"h{i}", "http://x", None, "/tmp", "127.0.0.1") for i in (1, 2, 3))
+    agents = {f"h{i}": cast(AgentPort, agent) for i in (1, 2, 3)}
+
+    async def run() -> JobResult:
+        async with Controller(Inventory(tmp_path, "token", hosts), agents) as controller:
+            return await run_plan(controller, plan, store, job, history=None, mover=_Sending())
+
+    return plan, asyncio.run(run())
+
+
+def test_cap_changes_reach_the_moves_in_flight(tmp_path: Path) -> None:
+    """When ``a`` ends, the dispatcher raises ``b``'s cap, and the runner has b's source agent
+    apply it (in bytes/s, from whole Mbit/s)."""
+    agent = _CapAgent()
+    _, result = _run_with_agent(tmp_path, agent)
+    changed = {
+        m.move.name: m.caps[-1][1] for m in result.moves if len(m.caps) > 1 and m.caps[-1][1]
+    }
+    assert "b" in changed  # the dispatcher did re-cap a move in flight
+    applied = dict(agent.caps)
+    for vm, cap_bps in changed.items():
+        assert applied[vm] == int(cap_bps * 8 / 1e6) * 1_000_000 // 8
+
+
+def test_a_refused_cap_change_does_not_stop_the_job(tmp_path: Path) -> None:
+    _, result = _run_with_agent(tmp_path, _CapAgent(refuse=True))
+    assert sum(m.ok for m in result.moves) == 2

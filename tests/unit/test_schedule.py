@@ -30,7 +30,7 @@ from vmferry.core.job import (
 )
 from vmferry.core.move_cost import share_bps, share_index
 from vmferry.core.placement import place_evacuation
-from vmferry.core.schedule import BandwidthDispatcher
+from vmferry.core.schedule import BandwidthDispatcher, Start
 from vmferry.core.schedule_baselines import BASELINES
 from vmferry.core.simulate import SIM_CALIBRATION, model_cluster
 
@@ -107,6 +107,49 @@ def test_busy_guests_do_not_share_a_link_they_cannot_converge_on() -> None:
     # An even split of the link runs both at once, below what each needs.
     both = plan_job(cluster, moves, book=costs, policy="fixed-2").records
     assert both[0].start_s == both[1].start_s == 0.0
+
+
+def _first_of_busy_pair() -> tuple[BandwidthDispatcher, VmName, float]:
+    """The busy pair's dispatcher after it started the first move: that move's name and
+    when the dispatcher asked to be woken to start the second (its pipelined start)."""
+    cluster, moves, costs = busy_pair()
+    dispatcher = make_dispatcher("ours", cluster, moves, costs)
+    assert isinstance(dispatcher, BandwidthDispatcher)
+    (first,) = [a for a in dispatcher.begin(0.0) if isinstance(a, Start)]
+    assert dispatcher.wake_s is not None
+    dispatcher.tick(dispatcher.wake_s)  # its setup ends: it sends
+    assert dispatcher.wake_s is not None
+    return dispatcher, first.move.name, dispatcher.wake_s
+
+
+def test_a_move_running_late_keeps_its_link() -> None:
+    """The second move is not started at the first's predicted end when the first's progress
+    says it will end long after; it starts once that progress says the first ends by the time
+    the second has set up."""
+    dispatcher, first, wake_s = _first_of_busy_pair()
+    dispatcher.progress(first, wake_s - 1.0, 60.0)
+    assert dispatcher.tick(wake_s) == []
+    assert dispatcher.waiting == 1
+    assert dispatcher.wake_s is not None  # woken again for the first's new end
+    assert dispatcher.wake_s > wake_s + 50.0
+    dispatcher.progress(first, wake_s + 1.0, 0.2)  # it caught up: ends before b has set up
+    assert dispatcher.wake_s == wake_s + 1.0
+    assert [type(a) for a in dispatcher.tick(wake_s + 1.0)] == [Start]
+
+
+def test_a_move_without_progress_hands_over_at_its_predicted_end() -> None:
+    dispatcher, first, wake_s = _first_of_busy_pair()
+    assert [type(a) for a in dispatcher.tick(wake_s)] == [Start]
+    del first
+
+
+def test_a_move_that_stops_converging_keeps_its_link_until_it_ends() -> None:
+    dispatcher, first, wake_s = _first_of_busy_pair()
+    dispatcher.progress(first, 1.0, 5.0)
+    dispatcher.progress(first, 2.0, None)  # no longer converging at its rate
+    assert dispatcher.tick(wake_s) == []
+    assert dispatcher.wake_s is None
+    assert [type(a) for a in dispatcher.finished(first, wake_s + 30.0)] == [Start]
 
 
 def test_every_cap_at_least_the_safe_share() -> None:

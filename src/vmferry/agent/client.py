@@ -321,6 +321,9 @@ class AgentClient:
     async def start_postcopy(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/postcopy")
 
+    async def set_migration_cap(self, name: str, bandwidth_bps: int) -> None:
+        await self._call("POST", f"/vms/{name}/bandwidth", {"bandwidth_bps": bandwidth_bps})
+
     async def cancel_migration(self, name: str) -> None:
         await self._call("POST", f"/vms/{name}/cancel")
 

@@ -369,6 +369,19 @@ class HostAgent:
         """
         await self._outgoing.start_postcopy(name)
 
+    async def set_outgoing_cap(self, name: str, bandwidth_bps: int) -> None:
+        """Change the bandwidth cap of VM ``name``'s outgoing migration while it sends (the
+        disk copy's, then RAM's in pre-copy and post-copy).
+
+        Raises:
+            NotFound, StateError: no migration sending.
+            ConfigError: ``bandwidth_bps`` not positive.
+            QMPCommandError: QEMU refused.
+        """
+        if bandwidth_bps <= 0:
+            raise ConfigError(f"a bandwidth cap must be positive, not {bandwidth_bps}")
+        await self._outgoing.set_cap(name, bandwidth_bps)
+
     async def cancel_outgoing(self, name: str) -> None:
         """Ask QEMU to cancel VM ``name``'s outgoing migration (the result tells how it ended).
 

@@ -214,6 +214,11 @@ class InProcessAgent:
             f"postcopy {name}", self.host_agent.start_postcopy(name), DEFAULT_TIMEOUT_S
         )
 
+    async def set_migration_cap(self, name: str, bandwidth_bps: int) -> None:
+        await self._call(
+            f"cap {name}", self.host_agent.set_outgoing_cap(name, bandwidth_bps), DEFAULT_TIMEOUT_S
+        )
+
     async def cancel_migration(self, name: str) -> None:
         await self._call(f"cancel {name}", self.host_agent.cancel_outgoing(name), DEFAULT_TIMEOUT_S)
 

@@ -34,6 +34,7 @@ from vmferry.qemu.block import (
     finish_mirror,
     make_write_blocking,
     mirror_status,
+    set_mirror_speed,
     start_mirror,
 )
 from vmferry.qemu.migration import (
@@ -41,6 +42,7 @@ from vmferry.qemu.migration import (
     ensure_running,
     resume_completed_source,
     run_migration,
+    set_bandwidth,
     start_postcopy,
 )
 from vmferry.qemu.qcow2 import allocated_bytes
@@ -182,6 +184,8 @@ class Outgoings:
             )
 
         ram_options = replace(options, timeout_s=max(1.0, deadline - loop.time()))
+        if outgoing.cap_bps is not None:  # changed during the disk copy
+            ram_options = replace(ram_options, max_bandwidth_bps=outgoing.cap_bps)
         final = await run_migration(
             vm.qmp, uri, ram_options, push, before_switchover=hook, tls_creds=creds
         )
@@ -332,6 +336,19 @@ class Outgoings:
         _, vm = self.slots.running(name, VmState.MIGRATING)
         await start_postcopy(vm.qmp)
 
+    async def set_cap(self, name: str, bandwidth_bps: int) -> None:
+        """See :meth:`HostAgent.set_outgoing_cap`."""
+        slot, vm = self.slots.running(name, VmState.MIGRATING)
+        outgoing = slot.outgoing
+        if outgoing is None or outgoing.state not in _CAPPABLE:
+            state = slot.state.value if outgoing is None else outgoing.state.value
+            raise StateError(f"migration of {name}", state, "sending")
+        outgoing.cap_bps = bandwidth_bps
+        if outgoing.state is OutgoingState.DISK_COPY:
+            await set_mirror_speed(vm.qmp, bandwidth_bps)
+        else:
+            await set_bandwidth(vm.qmp, bandwidth_bps)
+
     async def cancel(self, name: str) -> None:
         """See :meth:`HostAgent.cancel_outgoing`."""
         slot, vm = self.slots.running(name, VmState.MIGRATING)
@@ -358,6 +375,7 @@ class Outgoings:
 
 
 _CANCELLABLE = frozenset({OutgoingState.DISK_COPY, OutgoingState.RAM, OutgoingState.SYNCED})
+_CAPPABLE = frozenset({OutgoingState.DISK_COPY, OutgoingState.RAM, OutgoingState.POSTCOPY})
 
 
 def _disk_sample(slot: Slot, status: MirrorStatus, total_ms: int, rate: float) -> MigrationStats:

@@ -19,6 +19,7 @@ Routes (all under ``/v1``, all needing ``Authorization: Bearer <cluster token>``
     POST   /vms/{name}/migrate        {uri, options, nbd}       -> 202
     POST   /vms/{name}/switchover                               -> 204 (disk synced: go on)
     POST   /vms/{name}/postcopy                                 -> 202 (switch to post-copy)
+    POST   /vms/{name}/bandwidth      {bandwidth_bps}           -> 204 (re-cap a migration)
     POST   /vms/{name}/measure                                  -> GuestMeasurement
     GET    /vms/{name}/profile?address=A                        -> Profile (rolling, no measuring)
     POST   /paths/bandwidth           {address, bandwidth_bps}  -> 204 (a probe's figure)
@@ -346,6 +347,14 @@ async def _postcopy(request: web.Request) -> web.Response:
     return web.json_response({"postcopy": True}, status=202)
 
 
+async def _set_cap(request: web.Request) -> web.Response:
+    bandwidth = (await _body(request)).get("bandwidth_bps")
+    if not isinstance(bandwidth, int) or isinstance(bandwidth, bool) or bandwidth <= 0:
+        raise ConfigError("a cap needs 'bandwidth_bps' (a whole number > 0)")
+    await _agent(request).set_outgoing_cap(request.match_info["name"], bandwidth)
+    return web.Response(status=204)
+
+
 async def _release_disk(request: web.Request) -> web.Response:
     await _agent(request).release_disk(request.match_info["name"])
     return web.Response(status=204)
@@ -465,6 +474,7 @@ def build_app(agent: HostAgent, token: str) -> web.Application:
     app.router.add_post(f"{p}/vms/{{name}}/migrate", _migrate)
     app.router.add_get(f"{p}/vms/{{name}}/migration", _progress)
     app.router.add_post(f"{p}/vms/{{name}}/postcopy", _postcopy)
+    app.router.add_post(f"{p}/vms/{{name}}/bandwidth", _set_cap)
     app.router.add_post(f"{p}/vms/{{name}}/measure", _measure)
     app.router.add_get(f"{p}/vms/{{name}}/profile", _profile)
     app.router.add_post(f"{p}/paths/bandwidth", _record_bandwidth)

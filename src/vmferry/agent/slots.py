@@ -43,6 +43,8 @@ class Outgoing:
     state: OutgoingState
     samples: list[MigrationStats] = field(default_factory=list)
     result: OutgoingResult | None = None
+    # A bandwidth cap asked for after it started (None: the one it started with).
+    cap_bps: int | None = None
     # Set, then replaced by a fresh one, at every change: a waiter takes the current one.
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 

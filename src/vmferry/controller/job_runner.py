@@ -10,9 +10,12 @@ woken, and tells the dispatcher. Each move is recorded in the job store as it st
 ends, and its report kept for the job report.
 
 QEMU's bandwidth cap is set when a move starts; the dispatcher's later changes of cap
-(:class:`~vmferry.core.schedule.SetCap`, when other moves end) are recorded in the job
-report but not applied to moves in flight (no agent call changes a running migration's
-cap yet).
+(:class:`~vmferry.core.schedule.SetCap`, when other moves end or start sending) are applied
+to the move in flight through its source agent (as soon as it sends, if it still sets up),
+and recorded in the job report; a change the agent refuses is logged, and the move goes on
+at the cap it has. Each move's progress samples feed an
+:class:`~vmferry.core.eta.EtaEstimator`, whose time left the dispatcher learns, so a move
+that runs late keeps its links (see :meth:`~vmferry.core.schedule.Dispatcher.progress`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.evacuation import JobPlan
 from vmferry.controller.history import History
@@ -31,6 +35,7 @@ from vmferry.controller.jobs import JobStore
 from vmferry.controller.migrate import MigrationRequest, migrate
 from vmferry.core.cluster_model import Move, VmName
 from vmferry.core.errors import FerryError, StateError
+from vmferry.core.eta import EtaEstimator, EtaHints
 from vmferry.core.job import make_dispatcher, span_json
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
@@ -137,7 +142,15 @@ class _Running:
     start: Start
     start_s: float
     task: asyncio.Task[MoveResult]
+    eta: EtaEstimator
     caps: list[tuple[float, float | None]] = field(default_factory=list)
+    applied_mbps: int | None = None  # the cap in force (or asked of its agent)
+    sending: bool = False  # its source agent has reported its migration
+
+
+# How long the runner waits at most before it asks the dispatcher again (a move's progress
+# may have moved a wake-up earlier).
+_POLL_S = 0.5
 
 
 def _mbps(cap_bps: float | None) -> int | None:
@@ -168,10 +181,12 @@ async def run_plan(
     plan.require_movable()
     loop = _Loop(cluster, plan, store, job, history, observer, now, mover or migrate)
     async with asyncio.TaskGroup() as group:
+        loop.group = group
         loop.apply(group, loop.dispatcher.begin(0.0))
         while loop.running or loop.dispatcher.wake_s is not None:
             wake_s = loop.dispatcher.wake_s
-            timeout = None if wake_s is None else max(0.0, wake_s - loop.elapsed())
+            timeout = _POLL_S if wake_s is None else min(_POLL_S, wake_s - loop.elapsed())
+            timeout = max(0.0, timeout)
             if loop.running:
                 done, _ = await asyncio.wait(
                     [r.task for r in loop.running.values()],
@@ -213,6 +228,7 @@ class _Loop:
         self.dispatcher = make_dispatcher(plan.request.policy, plan.model, plan.moves, plan.book)
         self.running: dict[VmName, _Running] = {}
         self.results: list[MoveResult] = []
+        self.group: asyncio.TaskGroup | None = None
 
     def elapsed(self) -> float:
         return self.clock() - self.began
@@ -222,6 +238,7 @@ class _Loop:
         for action in actions:
             if isinstance(action, SetCap):
                 self.running[action.vm].caps.append((self.elapsed(), action.cap_bps))
+                self._apply_cap(group, action.vm)
                 continue
             at_s = self.elapsed()
             self.store.move_state(self.job, action.move.name, "running")
@@ -235,10 +252,41 @@ class _Loop:
                     action,
                     (at_s, self.elapsed),
                     self.history,
-                    self.observer,
+                    self.progress,
                 )
             )
-            self.running[action.move.name] = _Running(action, at_s, task, [(at_s, action.cap_bps)])
+            vm = self.plan.model.vm(action.move.name)
+            hints = EtaHints(vm.zero_fraction, vm.dirty_rate_bps, vm.dirty_set_bytes)
+            eta = EtaEstimator(hints, downtime_limit_ms=self.plan.request.max_downtime_ms)
+            self.running[action.move.name] = _Running(
+                action, at_s, task, eta, [(at_s, action.cap_bps)], _mbps(action.cap_bps)
+            )
+
+    def progress(self, vm: VmName, phase: Phase, stats: MigrationStats | None) -> None:
+        """A move's progress: shown, learnt by the dispatcher (its time left), and the cap it
+        was given while it set up applied once it sends."""
+        if self.observer is not None:
+            self.observer.progress(vm, phase, stats)
+        running = self.running.get(vm)
+        if running is None or stats is None:
+            return
+        running.eta.add(stats)
+        eta_ms = running.eta.eta_ms()
+        self.dispatcher.progress(vm, self.elapsed(), None if eta_ms is None else eta_ms / 1000)
+        if not running.sending:
+            running.sending = True
+            if self.group is not None:
+                self._apply_cap(self.group, vm)
+
+    def _apply_cap(self, group: asyncio.TaskGroup, vm: VmName) -> None:
+        """Have ``vm``'s source agent apply its latest cap, if it sends and the cap changed."""
+        running = self.running[vm]
+        wanted = _mbps(running.caps[-1][1])
+        if not running.sending or wanted is None or wanted == running.applied_mbps:
+            return
+        running.applied_mbps = wanted
+        agent = self.cluster.client(running.start.move.source)
+        group.create_task(_set_cap(agent, vm, wanted))
 
     def ended(self, vm: VmName) -> list[Action]:
         """``vm``'s move ended: record it, tell the dispatcher; what it does next."""
@@ -250,6 +298,17 @@ class _Loop:
         if self.observer is not None:
             self.observer.ended(result)
         return self.dispatcher.finished(vm, self.elapsed())
+
+
+async def _set_cap(agent: AgentPort, vm: VmName, cap_mbps: int) -> None:
+    """Apply a cap to a move in flight; a refusal (it just ended, its agent is busy) is
+    logged, and the move goes on at the cap it has."""
+    try:
+        await agent.set_migration_cap(vm, cap_mbps * 1_000_000 // 8)
+    except FerryError as err:
+        logger.warning("job.cap_not_applied %s %d Mbit/s: %s", vm, cap_mbps, err)
+    else:
+        logger.info("job.cap %s %d Mbit/s", vm, cap_mbps)
 
 
 def _with_caps(result: MoveResult, caps: list[tuple[float, float | None]]) -> MoveResult:
@@ -265,7 +324,7 @@ async def _one_move(
     start: Start,
     times: tuple[float, Callable[[], float]],
     history: History | None,
-    observer: JobObserver | None,
+    on_progress: Callable[[VmName, Phase, MigrationStats | None], None],
 ) -> MoveResult:
     """One move to its result; an error before it started is its result (the job goes on
     with the others)."""
@@ -281,8 +340,7 @@ async def _one_move(
     )
 
     def progress(phase: Phase, stats: MigrationStats | None) -> None:
-        if observer is not None:
-            observer.progress(move.name, phase, stats)
+        on_progress(move.name, phase, stats)
 
     try:
         report = await mover(cluster, request, history=history, on_progress=progress)

@@ -110,7 +110,8 @@ class Entry:
 @dataclass(slots=True)
 class Flight:
     """A running move as predicted: it sets up, then transfers for the predictor's total at
-    its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it).
+    its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it); once a real
+    move reports its progress, ``seen_end_s`` is when that says it ends.
 
     ``reserve_bps`` is the share it was admitted with (at least its safe share); ``cap_bps``
     the cap in force: the reservation, plus a part of what the moves on its links leave
@@ -123,6 +124,7 @@ class Flight:
     transfer_s: float  # at cap_bps
     since_s: float
     done: float = 0.0  # of the transfer, at since_s
+    seen_end_s: float | None = None  # when its progress says it ends (None: not seen yet)
 
     def is_active(self, now_s: float) -> bool:
         """Set up: it uses its links."""
@@ -130,6 +132,10 @@ class Flight:
 
     def end_s(self) -> float:
         return max(self.since_s, self.setup_end_s) + (1.0 - self.done) * self.transfer_s
+
+    def expected_end_s(self) -> float:
+        """When it ends: as its progress says once it has reported, as predicted until then."""
+        return self.end_s() if self.seen_end_s is None else self.seen_end_s
 
     def advance(self, now_s: float) -> None:
         busy_s = now_s - max(self.since_s, self.setup_end_s)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -71,6 +72,8 @@ MIN_LINK_FRACTION = 1.0 / 16.0
 _TOP_UP_MIN = 1.05
 # Nor a cap that moves by less than this share.
 _RECAP_MIN = 0.02
+# A move's progress moves its source's next wake-up earlier only by more than this.
+_REWAKE_MIN_S = 0.25
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,11 @@ class Dispatcher(Protocol):
 
     def tick(self, now_s: float) -> list[Action]:
         """The time it asked to be woken at (:attr:`wake_s`) has come."""
+        ...
+
+    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
+        """``vm``'s move reported at ``now_s`` that it needs ``left_s`` more (None: no
+        estimate yet, or it does not converge at its rate)."""
         ...
 
     @property
@@ -255,6 +263,27 @@ class BandwidthDispatcher:
                 links += links_of(self._flights[VmName(whose)].entry.move)
         return actions + self._recap(links, now_s)
 
+    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
+        """Learn when ``vm``'s move will really end, from its progress: a move runs late when
+        its guest or the host's CPU holds it below its cap, and its links are then not handed
+        over at its predicted end (:meth:`_available`). A move that does not converge at its
+        rate (``left_s`` None after an estimate) keeps its links until it ends."""
+        flight = self._flights.get(vm)
+        if flight is None:
+            return
+        if left_s is None:
+            if flight.seen_end_s is not None:
+                flight.seen_end_s = math.inf
+            return
+        flight.seen_end_s = now_s + max(0.0, left_s)
+        source = flight.entry.move.source
+        wake_s, queue = self._wake_of.get(source), self._queues.unstarted(source)
+        if wake_s is not None and queue:  # it ends sooner than its source's head was told
+            sooner_s = max(now_s, flight.seen_end_s - queue[0].setup_s)
+            if sooner_s < wake_s - _REWAKE_MIN_S:
+                self._wake_of[source] = sooner_s
+                heapq.heappush(self._wakes, (sooner_s, next(self._seq), "source", source))
+
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         flight = self._flights.pop(vm, None)
         if flight is None:
@@ -318,11 +347,14 @@ class BandwidthDispatcher:
 
     def _available(self, link: Link, now_s: float, at_s: float) -> float:
         """What ``link`` has unreserved at ``at_s``: now, plus the reservations of the moves
-        on it predicted to end between now and then. A move already past its predicted end
-        hands nothing over until it really ends: it runs slower than predicted, and lending
-        its share again would only slow every move on the link further."""
+        on it expected to end between now and then (as their progress says, once they report
+        it). A move already past its expected end hands nothing over until it really ends: it
+        runs slower than expected, and lending its share again would only slow every move on
+        the link further."""
         ending = (self._flights[vm] for vm in self._on.get(link, ()))
-        return self._free[link] + sum(f.reserve_bps for f in ending if now_s < f.end_s() <= at_s)
+        return self._free[link] + sum(
+            f.reserve_bps for f in ending if now_s < f.expected_end_s() <= at_s
+        )
 
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
         """Start what fits on ``source``, in its queue's order, backfilling around a head
@@ -363,13 +395,15 @@ class BandwidthDispatcher:
         free = self._free[("out", source)]
         running = sorted(
             (self._flights[vm] for vm in self._on.get(("out", source), ())),
-            key=lambda f: f.end_s(),
+            key=lambda f: f.expected_end_s(),
         )
         for flight in running:
+            if math.isinf(flight.expected_end_s()):
+                break
             free += flight.reserve_bps
             share = min(head.max_bps, free)
             if self._is_enough(head, share):
-                at_s = max(now_s, flight.end_s())
+                at_s = max(now_s, flight.expected_end_s())
                 wake_s = at_s - head.setup_s
                 if wake_s > now_s + EPS_S:
                     self._wake_of[source] = wake_s

@@ -85,6 +85,9 @@ class FifoDispatcher:
         del now_s
         return []
 
+    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
+        del vm, now_s, left_s  # it starts moves as others end, whatever their progress
+
     def begin(self, now_s: float) -> list[Action]:
         del now_s
         if self._limits.cluster is not None:

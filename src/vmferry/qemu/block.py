@@ -46,6 +46,7 @@ __all__ = [
     "finish_mirror",
     "make_write_blocking",
     "mirror_status",
+    "set_mirror_speed",
     "start_mirror",
     "unexport_disk",
 ]
@@ -146,6 +147,11 @@ async def unexport_disk(dst: QmpSession) -> None:
     with contextlib.suppress(QMPCommandError):
         await dst.execute("nbd-server-stop")
     dst.logger.info("disk.unexported %s", DISK_NODE)
+
+
+async def set_mirror_speed(src: QmpSession, speed_bps: int) -> None:
+    """Change the disk mirror's bandwidth cap (``block-job-set-speed``)."""
+    await src.execute("block-job-set-speed", {"device": MIRROR_JOB, "speed": speed_bps})
 
 
 async def start_mirror(

@@ -40,6 +40,7 @@ __all__ = [
     "run_state",
     "source_parameters_for",
     "start_incoming",
+    "set_bandwidth",
     "start_postcopy",
     "stats_from_reply",
     "wait_running",
@@ -307,6 +308,17 @@ async def _switch_over(src: QmpSession, hook: Callable[[], Awaitable[None]]) -> 
             await asyncio.shield(cancel_migration(src))
         raise
     await src.execute("migrate-continue", {"state": "pre-switchover"})
+
+
+async def set_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
+    """Change a running migration's bandwidth cap: pre-copy's (``max-bandwidth``) and, for a
+    move that is or will be in post-copy, the background copy's (``max-postcopy-bandwidth``);
+    QEMU applies both to the stream in flight."""
+    await src.execute(
+        "migrate-set-parameters",
+        {"max-bandwidth": bandwidth_bps, "max-postcopy-bandwidth": bandwidth_bps},
+    )
+    logger.info("migration.cap %s %d B/s", src.name, bandwidth_bps)
 
 
 async def start_postcopy(src: QmpSession) -> None:
