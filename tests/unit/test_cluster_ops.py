@@ -8,13 +8,15 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
-from vmferry.agent.api import HostInfo
+from vmferry.agent.api import HostInfo, Profile
+from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster as Controller
-from vmferry.controller.evacuation import JobRequest, plan_evacuation
-from vmferry.controller.inventory import Inventory
+from vmferry.controller.evacuation import JobRequest, plan_evacuation, probe_paths
+from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.controller.jobs import HostMark, JobConflict, JobStore
 from vmferry.controller.placing import LiveCluster
 from vmferry.core.cluster_model import Cluster, Host, HostName, Vm, VmName
@@ -183,3 +185,46 @@ def test_evacuation_refusals_come_before_anything_is_measured(
     nowhere = Controller(Inventory(Path("/nonexistent"), "token", ()))  # never asked
     with pytest.raises(ConfigError, match=message):
         asyncio.run(plan_evacuation(nowhere, live, JobRequest("h1", to=to), None))
+
+
+class _PathAgent:
+    """An agent that knows no path yet and probes (each probe takes 10 ms)."""
+
+    def __init__(self, name: str, log: list[tuple[str, str]], busy: list[int]) -> None:
+        self.name, self.log, self.busy = name, log, busy
+
+    async def profile(self, name: str, address: str | None = None) -> Profile:
+        return Profile(None, None, None)
+
+    async def open_sink(self) -> int:
+        return 1
+
+    async def sink_result(self, port: int, wait_s: float = 10.0) -> float:
+        return 18e6
+
+    async def probe(self, address: str, port: int, duration_ms: int = 1000) -> float:
+        self.busy[0] += 1
+        self.busy[1] = max(self.busy[1], self.busy[0])
+        await asyncio.sleep(0.01)
+        self.busy[0] -= 1
+        self.log.append((self.name, address))
+        return 18e6
+
+    async def record_bandwidth(self, address: str, bandwidth_bps: float) -> None:
+        pass
+
+
+def test_each_path_is_probed_once_and_one_at_a_time(tmp_path: Path) -> None:
+    log: list[tuple[str, str]] = []
+    busy = [0, 0]  # probes running now, most at once
+    hosts = tuple(HostEntry(f"h{i}", "http://x", None, "/tmp", f"10.0.0.{i}") for i in (1, 2, 3))
+    agents = {h.name: cast(AgentPort, _PathAgent(h.name, log, busy)) for h in hosts}
+    moves = [("h1", "h2", "a"), ("h1", "h3", "b"), ("h1", "h2", "c"), ("h1", "h3", "d")]
+
+    async def run() -> None:
+        async with Controller(Inventory(tmp_path, "token", hosts), agents) as controller:
+            await probe_paths(controller, moves)
+
+    asyncio.run(run())
+    assert log == [("h1", "10.0.0.2"), ("h1", "10.0.0.3")]
+    assert busy[1] == 1

@@ -13,6 +13,7 @@ makespan) of :class:`~vmferry.core.schedule.BandwidthDispatcher`. Nothing moves 
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.placing import LiveCluster
-from vmferry.controller.plan import Plan, calibration_from, make_plan
+from vmferry.controller.plan import PATH_FRESH_S, Plan, calibration_from, make_plan, probe_path
 from vmferry.core import cluster_model as cm
 from vmferry.core.cluster_model import PlacementError, UnknownHost
 from vmferry.core.errors import ConfigError, FerryError
@@ -36,7 +37,10 @@ __all__ = [
     "plan_bring_back",
     "plan_evacuation",
     "plan_placed",
+    "probe_paths",
 ]
+
+logger = logging.getLogger(__name__)
 
 # The most a --max-outbound/--max-inbound may ask for.
 MAX_MOVES_PER_HOST = 1000
@@ -317,6 +321,7 @@ async def _planned(
     skipped = {vm for vm, _ in refused}
     moves = [m for m in placement.moves if m.name not in skipped]
     goal = Goal(max_downtime_ms=request.max_downtime_ms)
+    await probe_paths(cluster, [(m.source, m.destination, m.name) for m in moves])
     planned = await asyncio.gather(
         *(
             make_plan(
@@ -356,6 +361,26 @@ async def _planned(
     return JobPlan(
         kind, request.host, request, model, measured, tuple(refused), schedule, book, plans
     )
+
+
+async def probe_paths(cluster: Cluster, moves: Sequence[tuple[str, str, str]]) -> None:
+    """Probe each distinct path of ``moves`` (source, destination, VM) whose bandwidth the
+    source agent has no fresh figure of, one path at a time: the plans of the moves then
+    read the figures from the agents' rolling profiles. Probes run at once would each
+    measure only their share of the source's link. A probe that fails is logged; the plan of
+    a move on that path probes again and reports the error."""
+    seen: set[tuple[str, str]] = set()
+    for source, destination, vm in moves:
+        if (source, destination) in seen:
+            continue
+        seen.add((source, destination))
+        agent, address = cluster.client(source), cluster.inventory.host(destination).address
+        try:
+            path = (await agent.profile(vm, address)).path
+            if path is None or path.age_s > PATH_FRESH_S:
+                await probe_path(agent, cluster.client(destination), address)
+        except FerryError as err:
+            logger.warning("evacuation.probe_failed %s->%s: %s", source, destination, err)
 
 
 async def _links(
