@@ -6,6 +6,8 @@ runs (``controller.migrate``), here as plain pre-copy without a pre-flight plan.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from vmferry.core.model import VmSpec
@@ -117,3 +119,30 @@ async def test_migration_that_cannot_finish_leaves_the_guest_on_the_source(
     after = await source.verify()
     assert after.ok
     assert after.bad_pages == 0
+
+
+async def test_a_running_migration_takes_a_new_cap(lab: LocalLab) -> None:
+    """A move started at 16 Mbit/s is re-capped while it sends, as a job's dispatcher does:
+    QEMU runs on at the new cap (pre-copy's and post-copy's), and the move completes."""
+    spec = VmSpec.build("recap-vm", memory="256M", workload=parse_workload("idle"))
+    source = await lab.boot(spec, "host-1")
+    agent = lab.cluster.client("host-1")
+    new_cap_bps = 100_000_000
+
+    async def recap() -> dict[str, object]:
+        async with asyncio.timeout(30):
+            while (await source.qmp.execute("query-migrate")).get("status") != "active":
+                await asyncio.sleep(0.05)
+        await agent.set_migration_cap("recap-vm", new_cap_bps)
+        params = await source.qmp.execute("query-migrate-parameters")
+        assert isinstance(params, dict)
+        return params
+
+    report, params = await asyncio.gather(
+        lab.migrate("recap-vm", "host-2", strategy="precopy", plan=False, bandwidth_mbps=16),
+        recap(),
+    )
+
+    assert report.status == "completed", report.error
+    assert params["max-bandwidth"] == new_cap_bps
+    assert params["max-postcopy-bandwidth"] == new_cap_bps

@@ -89,6 +89,9 @@ class _Once:
     def tick(self, now_s: float) -> list[Action]:
         return []
 
+    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
+        pass
+
 
 def one_move(
     truth: Vm, *, strategy: Planned = "precopy", link_bps: float = 1.25e9
