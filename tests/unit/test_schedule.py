@@ -30,7 +30,7 @@ from vmferry.core.job import (
 )
 from vmferry.core.move_cost import share_bps, share_index
 from vmferry.core.placement import place_evacuation
-from vmferry.core.schedule import BandwidthDispatcher, Start
+from vmferry.core.schedule import BandwidthDispatcher, SetCap, Start
 from vmferry.core.schedule_baselines import BASELINES
 from vmferry.core.simulate import SIM_CALIBRATION, model_cluster
 
@@ -150,6 +150,47 @@ def test_a_move_that_stops_converging_keeps_its_link_until_it_ends() -> None:
     assert dispatcher.tick(wake_s) == []
     assert dispatcher.wake_s is None
     assert [type(a) for a in dispatcher.finished(first, wake_s + 30.0)] == [Start]
+
+
+def _light_pair() -> BandwidthDispatcher:
+    """Two light moves from one 100 MB/s link, each able to use 80 MB/s: ``a`` reserves 80,
+    ``b`` the remaining 20; both sending."""
+    hosts = [Host(HostName(f"h{i}"), 4 * GIB, 16, 100_000_000) for i in (1, 2, 3)]
+    vms = [Vm(VmName(n), HostName("h1"), GIB, dirty_rate_bps=1_000_000) for n in "ab"]
+    cluster = Cluster.build(hosts, vms)
+    moves = [Move(vms[0], HostName("h2")), Move(vms[1], HostName("h3"))]
+    costs = CostBook(Calibration(qemu_throughput_bps=80_000_000))
+    dispatcher = make_dispatcher("ours", cluster, moves, costs)
+    assert isinstance(dispatcher, BandwidthDispatcher)
+    starts = dispatcher.begin(0.0)
+    assert [(a.move.name, a.cap_bps) for a in starts if isinstance(a, Start)] == [
+        ("a", 80_000_000),
+        ("b", 20_000_000),
+    ]
+    while (wake_s := dispatcher.wake_s) is not None and wake_s < 1.0:
+        dispatcher.tick(wake_s)  # their setups end
+    return dispatcher
+
+
+def test_what_a_held_move_leaves_unused_goes_to_the_others() -> None:
+    """``a`` sends 30 MB/s under its 80 MB/s cap (its host's CPU holds it): after a few
+    seconds of it, ``b``'s cap rises by what ``a`` leaves (its rate plus a margin kept);
+    when ``a`` speeds up again, ``b`` falls back to its reservation."""
+    dispatcher = _light_pair()
+    actions = [dispatcher.progress(VmName("a"), float(t), 20.0, 30e6) for t in range(2, 6)]
+    assert actions[:3] == [[], [], []]  # judged only after 3 s
+    (raised,) = actions[3]
+    assert isinstance(raised, SetCap)
+    assert raised.vm == "b"
+    assert raised.cap_bps == pytest.approx(100e6 - 30e6 * 1.15)
+    back = [dispatcher.progress(VmName("a"), float(t), 5.0, 80e6) for t in range(6, 20)]
+    assert [SetCap(VmName("b"), 20e6)] in back
+
+
+def test_a_move_near_its_cap_is_not_held() -> None:
+    dispatcher = _light_pair()
+    actions = [dispatcher.progress(VmName("a"), float(t), 20.0, 70e6) for t in range(2, 12)]
+    assert actions == [[]] * 10
 
 
 def test_every_cap_at_least_the_safe_share() -> None:

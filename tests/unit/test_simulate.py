@@ -89,8 +89,10 @@ class _Once:
     def tick(self, now_s: float) -> list[Action]:
         return []
 
-    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
-        pass
+    def progress(
+        self, vm: VmName, now_s: float, left_s: float | None, rate_bps: float | None = None
+    ) -> list[Action]:
+        return []
 
 
 def one_move(

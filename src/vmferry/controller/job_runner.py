@@ -40,6 +40,7 @@ from vmferry.core.job import make_dispatcher, span_json
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.core.schedule import Action, SetCap, Start
+from vmferry.core.status import MigrationStatus, Stage
 
 __all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "run_plan"]
 
@@ -148,6 +149,7 @@ class _Running:
     sending: bool = False  # its source agent has reported its migration
 
 
+_SENDING = frozenset({MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE})
 # How long the runner waits at most before it asks the dispatcher again (a move's progress
 # may have moved a wake-up earlier).
 _POLL_S = 0.5
@@ -272,11 +274,16 @@ class _Loop:
             return
         running.eta.add(stats)
         eta_ms = running.eta.eta_ms()
-        self.dispatcher.progress(vm, self.elapsed(), None if eta_ms is None else eta_ms / 1000)
+        left_s = None if eta_ms is None else eta_ms / 1000
+        sends = stats.stage is Stage.MIGRATION and stats.status in _SENDING
+        rate_bps = float(stats.throughput_bps) if sends else None
+        actions = self.dispatcher.progress(vm, self.elapsed(), left_s, rate_bps)
+        if self.group is None:
+            return
         if not running.sending:
             running.sending = True
-            if self.group is not None:
-                self._apply_cap(self.group, vm)
+            self._apply_cap(self.group, vm)
+        self.apply(self.group, actions)
 
     def _apply_cap(self, group: asyncio.TaskGroup, vm: VmName) -> None:
         """Have ``vm``'s source agent apply its latest cap, if it sends and the cap changed."""

@@ -18,6 +18,15 @@ Link = tuple[Literal["out", "in"], HostName]
 # How far down a source's queue a free slot looks for a move that fits.
 LOOKAHEAD = 64
 EPS_S = 1e-6
+# A move's measured rate: smoothed over samples with this weight for the newest; judged only
+# after it has sent for this long at its cap (QEMU's rate limiter takes a moment to follow).
+RATE_WEIGHT = 0.3
+HELD_AFTER_S = 3.0
+# Held: sending under this share of its cap (its guest or the host's CPU holds it back); no
+# longer held above the second share. What a held move uses is its rate with a margin.
+HELD_BELOW = 0.75
+FREED_ABOVE = 0.9
+HELD_MARGIN = 1.15
 
 
 def links_of(move: Move) -> tuple[Link, Link]:
@@ -111,7 +120,8 @@ class Entry:
 class Flight:
     """A running move as predicted: it sets up, then transfers for the predictor's total at
     its cap less the setup (as :class:`vmferry.core.job.PredictedFlow` runs it); once a real
-    move reports its progress, ``seen_end_s`` is when that says it ends.
+    move reports its progress, ``seen_end_s`` is when that says it ends, and a move that sends
+    well below its cap for a while is ``held`` (what it leaves unused is re-shared).
 
     ``reserve_bps`` is the share it was admitted with (at least its safe share); ``cap_bps``
     the cap in force: the reservation, plus a part of what the moves on its links leave
@@ -125,6 +135,9 @@ class Flight:
     since_s: float
     done: float = 0.0  # of the transfer, at since_s
     seen_end_s: float | None = None  # when its progress says it ends (None: not seen yet)
+    seen_bps: float | None = None  # its measured rate, smoothed, since seen_since_s
+    seen_since_s: float | None = None
+    held: bool = False
 
     def is_active(self, now_s: float) -> bool:
         """Set up: it uses its links."""
@@ -136,6 +149,29 @@ class Flight:
     def expected_end_s(self) -> float:
         """When it ends: as its progress says once it has reported, as predicted until then."""
         return self.end_s() if self.seen_end_s is None else self.seen_end_s
+
+    def observe_rate(self, now_s: float, rate_bps: float) -> bool:
+        """Take a measured rate; returns whether :attr:`held` changed."""
+        if self.seen_bps is None or self.seen_since_s is None:
+            self.seen_bps, self.seen_since_s = rate_bps, now_s
+        else:
+            self.seen_bps += RATE_WEIGHT * (rate_bps - self.seen_bps)
+        if now_s - self.seen_since_s < HELD_AFTER_S:
+            return False
+        held = self.seen_bps < (FREED_ABOVE if self.held else HELD_BELOW) * self.cap_bps
+        changed, self.held = held != self.held, held
+        return changed
+
+    def recapped(self, cap_bps: float) -> None:
+        """Its cap changed: its rate is judged afresh against the new one."""
+        self.cap_bps = cap_bps
+        self.seen_bps = self.seen_since_s = None
+
+    def used_bps(self) -> float:
+        """What it uses of its links: its reservation, or less while it is held."""
+        if self.held and self.seen_bps is not None:
+            return min(self.reserve_bps, self.seen_bps * HELD_MARGIN)
+        return self.reserve_bps
 
     def advance(self, now_s: float) -> None:
         busy_s = now_s - max(self.since_s, self.setup_end_s)

@@ -114,9 +114,12 @@ class Dispatcher(Protocol):
         """The time it asked to be woken at (:attr:`wake_s`) has come."""
         ...
 
-    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
+    def progress(
+        self, vm: VmName, now_s: float, left_s: float | None, rate_bps: float | None = None
+    ) -> list[Action]:
         """``vm``'s move reported at ``now_s`` that it needs ``left_s`` more (None: no
-        estimate yet, or it does not converge at its rate)."""
+        estimate yet, or it does not converge at its rate) and sends at ``rate_bps`` (None:
+        it does not send its RAM yet): what to change."""
         ...
 
     @property
@@ -263,18 +266,29 @@ class BandwidthDispatcher:
                 links += links_of(self._flights[VmName(whose)].entry.move)
         return actions + self._recap(links, now_s)
 
-    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
-        """Learn when ``vm``'s move will really end, from its progress: a move runs late when
-        its guest or the host's CPU holds it below its cap, and its links are then not handed
-        over at its predicted end (:meth:`_available`). A move that does not converge at its
-        rate (``left_s`` None after an estimate) keeps its links until it ends."""
+    def progress(
+        self, vm: VmName, now_s: float, left_s: float | None, rate_bps: float | None = None
+    ) -> list[Action]:
+        """Learn from ``vm``'s progress when its move will really end and what it really
+        sends. A move runs late when its guest or the host's CPU holds it below its cap: its
+        links are then not handed over at its predicted end (:meth:`_available`), and a move
+        that does not converge at its rate (``left_s`` None after an estimate) keeps them
+        until it ends. A move held well below its cap for a while leaves the rest of its
+        share to the moves on its links (their caps rise), until it speeds up again."""
         flight = self._flights.get(vm)
         if flight is None:
-            return
+            return []
+        actions: list[Action] = []
+        if (
+            rate_bps is not None
+            and flight.is_active(now_s)
+            and flight.observe_rate(now_s, rate_bps)
+        ):
+            actions = self._recap(links_of(flight.entry.move), now_s)
         if left_s is None:
             if flight.seen_end_s is not None:
                 flight.seen_end_s = math.inf
-            return
+            return actions
         flight.seen_end_s = now_s + max(0.0, left_s)
         source = flight.entry.move.source
         wake_s, queue = self._wake_of.get(source), self._queues.unstarted(source)
@@ -283,6 +297,7 @@ class BandwidthDispatcher:
             if sooner_s < wake_s - _REWAKE_MIN_S:
                 self._wake_of[source] = sooner_s
                 heapq.heappush(self._wakes, (sooner_s, next(self._seq), "source", source))
+        return actions
 
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         flight = self._flights.pop(vm, None)
@@ -321,15 +336,18 @@ class BandwidthDispatcher:
 
     def _recap(self, links: Iterable[Link], now_s: float) -> list[Action]:
         """Cap every move on ``links`` at its reservation plus its part of what the moves
-        sending on both its links leave unused."""
+        sending on both its links leave unused (a held move gets no part: it cannot use it)."""
         touched = sorted({vm for link in links for vm in self._on.get(link, ())})
         for link in dict.fromkeys(
             x for vm in touched for x in links_of(self._flights[vm].entry.move)
         ):
             sending = [self._flights[vm] for vm in self._on.get(link, ())]
             sending = [f for f in sending if f.is_active(now_s)]
-            slack = self._link[link[1]] - sum(f.reserve_bps for f in sending)
-            wants = ((f.entry.move.name, f.entry.max_bps - f.reserve_bps) for f in sending)
+            slack = self._link[link[1]] - sum(f.used_bps() for f in sending)
+            wants = (
+                (f.entry.move.name, 0.0 if f.held else f.entry.max_bps - f.reserve_bps)
+                for f in sending
+            )
             self._extra[link] = water_fill(wants, max(0.0, slack))
         actions: list[Action] = []
         for vm in touched:
@@ -340,7 +358,7 @@ class BandwidthDispatcher:
             if abs(cap - flight.cap_bps) <= flight.cap_bps * _RECAP_MIN:
                 continue
             flight.advance(now_s)
-            flight.cap_bps = cap
+            flight.recapped(cap)
             flight.transfer_s = self._transfer_s(flight.entry, cap)
             actions.append(SetCap(vm, cap))
         return actions

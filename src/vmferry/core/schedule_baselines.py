@@ -85,8 +85,11 @@ class FifoDispatcher:
         del now_s
         return []
 
-    def progress(self, vm: VmName, now_s: float, left_s: float | None) -> None:
-        del vm, now_s, left_s  # it starts moves as others end, whatever their progress
+    def progress(
+        self, vm: VmName, now_s: float, left_s: float | None, rate_bps: float | None = None
+    ) -> list[Action]:
+        del vm, now_s, left_s, rate_bps  # it starts moves as others end, whatever their progress
+        return []
 
     def begin(self, now_s: float) -> list[Action]:
         del now_s
