@@ -96,6 +96,10 @@ def entries(db: Path) -> int:
     if not db.exists():
         return 0
     with sqlite3.connect(db) as connection:
+        # The controller's other tables (host marks, jobs) may be there before any move.
+        known = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'migrations'"
+        if connection.execute(known).fetchone() == (0,):
+            return 0
         (count,) = connection.execute("SELECT count(*) FROM migrations").fetchone()
     return int(count)
 

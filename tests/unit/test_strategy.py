@@ -543,3 +543,21 @@ def test_real_predictions_feed_replan() -> None:
     assert verdict.action is Action.SWITCH_TO_POSTCOPY  # its first pass leaves ~230 ms of faults
     verdict = replan("precopy", stalled_history(syncs=2), prediction, Goal(100))
     assert verdict.action is Action.CANCEL
+
+
+def test_replan_waits_for_resent_pages_before_judging_a_zero_writer() -> None:
+    # Just into round 2: QEMU counts 250 MB/s dirty, but whether those pages go as data or as
+    # zero flags is not known until some are re-sent (a guest zeroing zero pages converged in
+    # 1.5 s on the matrix bench, where this sample had cancelled it).
+    first = dataclasses.replace(
+        sample(1000, 30_000_000, 2, throughput=200_000_000, dirty=250_000_000),
+        normal_pages=30_000,
+        zero_pages=200_000,
+    )
+    goal = Goal(50, deadline_ms=34_000, allow_postcopy=False)
+    assert replan("precopy", [first], CONVERGING, goal).action is Action.CONTINUE
+    # Once re-sent pages show they are data, the projection stands.
+    later = dataclasses.replace(first, elapsed_ms=1500, normal_pages=90_000)
+    verdict = replan("precopy", [first, later], CONVERGING, goal)
+    assert verdict.action is Action.CANCEL
+    assert "deadline" in verdict.reason

@@ -443,7 +443,10 @@ def _stall(
         return None
     if min(_expected_downtime_ms(s) for s in recent) <= goal.max_downtime_ms:
         return None
-    if _data_dirty_bps(history) < latest.throughput_bps * _OUTPACED_SHARE:
+    dirty_bps = _data_dirty_bps(history)
+    if dirty_bps is None:
+        dirty_bps = float(latest.dirty_rate_bps)
+    if dirty_bps < latest.throughput_bps * _OUTPACED_SHARE:
         # The link still outpaces the guest: slow, not stuck (a big guest rewriting zero pages
         # hovered for a while, then converged); the deadline check covers slowness.
         return None
@@ -455,16 +458,19 @@ def _stall(
     )
 
 
-def _data_dirty_bps(history: Sequence[Progress]) -> float:
+def _data_dirty_bps(history: Sequence[Progress]) -> float | None:
     """The guest's dirty rate in bytes that cost the link: QEMU's figure times the share of
     the pages re-sent since the first pass that went as data (a page rewritten with zeros
-    goes as a flag)."""
+    goes as a flag); QEMU's figure where it counts no pages, None until some page was re-sent
+    (the share is not known yet)."""
     last = history[-1]
+    if last.normal_pages + last.zero_pages <= 0:
+        return float(last.dirty_rate_bps)
     first = next((s for s in history if s.iterations >= 2), last)
     data = last.normal_pages - first.normal_pages
     zeros = last.zero_pages - first.zero_pages
     if data < 0 or zeros < 0 or data + zeros <= 0:
-        return float(last.dirty_rate_bps)
+        return None
     return last.dirty_rate_bps * data / (data + zeros)
 
 
@@ -479,6 +485,10 @@ def _deadline_miss(history: Sequence[Progress], goal: Goal) -> str | None:
         # cost almost nothing: a projection from them would be far too pessimistic.
         return None
     dirty_bps = _data_dirty_bps(history)
+    if dirty_bps is None:
+        # Nothing re-sent yet: whether the guest's writes cost the link (data) or almost
+        # nothing (zero pages) is not known, and a projection would guess.
+        return None
     net_bps = last.throughput_bps - dirty_bps
     if net_bps <= 0:
         return (
