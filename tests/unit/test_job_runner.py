@@ -135,6 +135,11 @@ def test_a_move_planned_as_multifd_runs_as_multifd(tmp_path: Path) -> None:
     asyncio.run(run_plan(controller, plan, store, job, history=None, mover=mover))
     # The compressible guest is planned as multifd and runs so; the other one as "auto".
     assert {r.vm: r.strategy for r in mover.requests} == {"a": "multifd", "b": "auto"}
+    # ... and the job's plan says so (the scheduler's strategy, not one move's own plan).
+    assert {m["vm"]: m["strategy"] for m in plan.to_json()["moves"]} == {
+        "a": "multifd",
+        "b": "precopy",
+    }
 
 
 def test_the_job_view_prints_whole_lines_in_a_pipe(tmp_path: Path) -> None:
