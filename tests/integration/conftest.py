@@ -1,5 +1,5 @@
 """Fixtures that boot real QEMU guests (every QEMU a test starts is ended by its fixture), and
-the suite's order for parallel runs (``pytest -n 2 --dist loadgroup``, as ``make test``).
+the suite's order for parallel runs (``pytest -n 3 --dist loadgroup``, as ``make test``).
 
 xdist hands tests to its workers in collection order: first the ``solo`` tests (timing-sensitive:
 they run while no other test does, see :class:`_SoloLock`) while the other worker runs the unit
