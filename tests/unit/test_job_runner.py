@@ -140,6 +140,31 @@ def test_an_unknown_policy_is_refused() -> None:
         JobRequest("h1", policy="fixed-3").check()
 
 
+def test_a_move_planned_as_multifd_runs_as_multifd(tmp_path: Path) -> None:
+    hosts = [Host(HostName(f"h{i}"), 4096 * MIB, 16, 50_000_000) for i in (1, 2)]
+    vms = [
+        Vm(VmName("a"), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000, compress_ratio=2.5),
+        Vm(VmName("b"), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000),
+    ]
+    model = Cluster.build(hosts, vms)
+    moves = tuple(Move(vm, HostName("h2")) for vm in vms)
+    book = CostBook(Calibration(qemu_throughput_bps=25_000_000))
+    schedule = plan_job(model, moves, book=book)
+    plan = JobPlan("evacuate", "h1", JobRequest("h1"), model, moves, (), schedule, book, {})
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in moves], {})
+    mover = _Moves()
+    controller = Controller(Inventory(tmp_path, "token", ()))
+    asyncio.run(run_plan(controller, plan, store, job, history=None, mover=mover))
+    # The compressible guest is planned as multifd and runs so; the other one as "auto".
+    assert {r.vm: r.strategy for r in mover.requests} == {"a": "multifd", "b": "auto"}
+    # ... and the job's plan says so (the scheduler's strategy, not one move's own plan).
+    assert {m["vm"]: m["strategy"] for m in plan.to_json()["moves"]} == {
+        "a": "multifd",
+        "b": "precopy",
+    }
+
+
 def test_the_job_view_prints_whole_lines_in_a_pipe(tmp_path: Path) -> None:
     plan = _plan()
     store = JobStore(tmp_path / "history.db")

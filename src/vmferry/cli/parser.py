@@ -433,7 +433,11 @@ def _simulate(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--hosts", type=int, default=100)
     sim.add_argument("--vms", type=int, default=2000)
     sim.add_argument("--seed", type=int, default=1)
-    sim.add_argument("--policy", default="all", help="ours, fixed-1, fixed-2, fixed-4, kubevirt")
+    sim.add_argument(
+        "--policy",
+        default="all",
+        help="all, ours, ours-plain, fixed-1, fixed-2, fixed-4, kubevirt, fixed-N+choice",
+    )
     sim.add_argument("--scenario", default="evacuate", choices=("evacuate", "balance"))
     sim.add_argument("--evacuate", type=int, default=None, metavar="K", help="hosts to empty")
     sim.add_argument("--max-moves", type=int, default=None, metavar="N", help="for balance")

@@ -174,6 +174,14 @@ class JobPlan:
             )
         return self.schedule
 
+    def strategy_of(self, vm: str) -> str:
+        """What ``vm``'s move runs as: the schedule's (the scheduler chooses each move's
+        strategy, e.g. multifd where its pages compress), else its own plan's choice."""
+        for record in () if self.schedule is None else self.schedule.records:
+            if record.move.name == vm:
+                return record.ran_as
+        return self.plans[vm].choice.strategy
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
@@ -185,7 +193,7 @@ class JobPlan:
                     "vm": m.name,
                     "source": m.source,
                     "destination": m.destination,
-                    "strategy": self.plans[m.name].choice.strategy,
+                    "strategy": self.strategy_of(m.name),
                     "dirty_rate_bps": m.vm.dirty_rate_bps,
                     "memory_bytes": m.vm.memory_bytes,
                 }

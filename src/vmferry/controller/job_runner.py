@@ -340,7 +340,9 @@ async def _one_move(
     request = MigrationRequest(
         vm=move.name,
         destination=move.destination,
-        strategy="hybrid" if start.strategy == "hybrid" else "auto",
+        # Planned hybrid or multifd runs as planned; pre-copy as "auto", which keeps the way
+        # to post-copy open should it stall.
+        strategy=start.strategy if start.strategy in ("hybrid", "multifd") else "auto",
         max_downtime_ms=plan.request.max_downtime_ms,
         bandwidth_mbps=_mbps(start.cap_bps),
         force=True,  # planned as feasible: the job goes ahead with the best at its share
