@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -28,7 +29,7 @@ from vmferry.controller.placing import live_cluster
 from vmferry.core.errors import FerryError
 from vmferry.service import api
 from vmferry.service import schema as s
-from vmferry.service.auth import TokenBook, decide, role_for_method
+from vmferry.service.auth import Principal, TokenBook, decide, role_for_method
 from vmferry.service.errors import code_of
 from vmferry.service.events import Event, EventBus, sse_comment, sse_frame
 from vmferry.service.metrics import CONTENT_TYPE, ServiceMetrics
@@ -75,6 +76,7 @@ class ServiceState:
 
 
 STATE_KEY = web.AppKey("service", ServiceState)
+PRINCIPAL_KEY = web.RequestKey("principal", Principal)
 
 
 def _state(request: web.Request) -> ServiceState:
@@ -117,7 +119,8 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         if decision.status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="vmferry"'
     else:
-        request["principal"] = who
+        assert who is not None  # allowed: a known token
+        request[PRINCIPAL_KEY] = who
         response = await _answer(request, handler)
     if route is None or route.media != "text/event-stream":
         state.metrics.request_duration.labels(label).observe(time.perf_counter() - began)
@@ -277,7 +280,9 @@ async def _migrate(request: web.Request) -> web.Response:
     migration = migration_request(body)  # refused here (400) before a job is recorded
     state = _state(request)
     work = migration_work(state.lab_dir, migration)
-    return _accepted(state.supervisor.submit("migrate", body.to_json(), request["principal"], work))
+    return _accepted(
+        state.supervisor.submit("migrate", body.to_json(), request[PRINCIPAL_KEY], work)
+    )
 
 
 async def _evacuate(request: web.Request) -> web.Response:
@@ -286,7 +291,7 @@ async def _evacuate(request: web.Request) -> web.Response:
     state = _state(request)
     work = evacuation_work(state.lab_dir, job_request, body.dry_run)
     return _accepted(
-        state.supervisor.submit("evacuate", body.to_json(), request["principal"], work)
+        state.supervisor.submit("evacuate", body.to_json(), request[PRINCIPAL_KEY], work)
     )
 
 
@@ -294,7 +299,9 @@ async def _balance(request: web.Request) -> web.Response:
     body = await _body(request, api.BalanceBody)
     state = _state(request)
     work = balance_work(state.lab_dir, body)
-    return _accepted(state.supervisor.submit("balance", body.to_json(), request["principal"], work))
+    return _accepted(
+        state.supervisor.submit("balance", body.to_json(), request[PRINCIPAL_KEY], work)
+    )
 
 
 async def _reconcile(request: web.Request) -> web.Response:
@@ -302,7 +309,7 @@ async def _reconcile(request: web.Request) -> web.Response:
     state = _state(request)
     work = reconcile_work(state.lab_dir, body)
     return _accepted(
-        state.supervisor.submit("reconcile", body.to_json(), request["principal"], work)
+        state.supervisor.submit("reconcile", body.to_json(), request[PRINCIPAL_KEY], work)
     )
 
 
@@ -367,7 +374,17 @@ _HANDLERS: dict[str, Handler] = {
 }
 
 
+_TEMPLATES = [
+    (re.compile("^" + re.sub(r"\\\{[a-z_]+\\\}", "[^/]+", re.escape(r.path)) + "$"), r.method)
+    for r in ROUTES
+]
+
+
 async def _not_found(request: web.Request) -> web.Response:
+    """No route: 405 where the path is served with other methods, else 404."""
+    allowed = sorted({method for pattern, method in _TEMPLATES if pattern.match(request.path)})
+    if allowed:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
     raise NotFound(f"no route {request.method} {request.path}")
 
 

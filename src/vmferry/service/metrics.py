@@ -42,14 +42,15 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from vmferry.agent.api import HostInfo
 from vmferry.core.model import MigrationReport
 
 __all__ = ["CONTENT_TYPE", "ServiceMetrics", "outcome"]
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# Text format 0.0.4, which every Prometheus reads (our names are plain ASCII, so the body is
+# the same in prometheus_client's newer 1.0.0 too).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 _DURATION_BUCKETS_S = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600)
 _DOWNTIME_BUCKETS_S = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -75,7 +76,7 @@ class ServiceMetrics:
     """Every metric of one service, in a registry of its own (tests run several)."""
 
     def __init__(self) -> None:
-        disable_created_metrics()  # no ``_created`` series beside every counter (process-wide)
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no ``_created`` series beside every counter (process-wide)
         self.registry = CollectorRegistry()
         r = self.registry
         self.migrations = Counter(
