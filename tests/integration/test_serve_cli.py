@@ -94,12 +94,14 @@ def test_serve_with_the_cli_as_its_client(lab_dir: Path, monkeypatch: pytest.Mon
             "migrate", "small", "--to", "host-2", "--no-plan", "--strategy", "precopy"
         )
         assert refused.returncode == 2, refused.stderr
-        assert "may not do this" in refused.stderr and "403" in refused.stderr
+        assert "may not do this" in refused.stderr
+        assert "403" in refused.stderr
 
         # An operator migrates through the service while a viewer watches the event stream.
         watcher = _Watcher(url, viewer, ca)
         watcher.start()
-        assert watcher.subscribed.wait(30) and watcher.error is None, watcher.error
+        assert watcher.subscribed.wait(30)
+        assert watcher.error is None, watcher.error
         monkeypatch.setenv("VMFERRY_TOKEN", operator)
         moved = lab.run("migrate", "small", "--to", "host-2", "--no-plan", "--strategy",
                         "precopy", "--json")  # fmt: skip
@@ -110,11 +112,14 @@ def test_serve_with_the_cli_as_its_client(lab_dir: Path, monkeypatch: pytest.Mon
         watcher.join(60)
         assert watcher.error is None, watcher.error
         progress = [e.data for e in watcher.events if e.kind == "progress"]
-        assert progress and all(p["vm"] == "small" for p in progress)
+        assert progress
+        assert all(p["vm"] == "small" for p in progress)
         phases = [p["phase"] for p in progress]
-        assert "active" in phases and phases[-1] == "done", phases
+        assert "active" in phases, phases
+        assert phases[-1] == "done", phases
         sampled = [p["stats"] for p in progress if p["stats"] is not None]
-        assert sampled and sampled[-1]["transferred_bytes"] > 0
+        assert sampled
+        assert sampled[-1]["transferred_bytes"] > 0
         ended = [e.data for e in watcher.events if e.kind == "job"][-1]
         assert (ended["state"], ended["kind"]) == ("completed", "migrate")
         assert ended["result"] == report
