@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from vmferry.core.errors import ConfigError
 from vmferry.service.app import ServiceState, build_app
 from vmferry.service.auth import Role, load_or_create_tokens
 from vmferry.service.events import EventBus
@@ -79,11 +80,21 @@ def _write_ready(path: Path, listening: Listening) -> None:
     tmp.replace(path)
 
 
-async def _serve(state: ServiceState, config: ServiceConfig, stop: asyncio.Event) -> web.AppRunner:
+async def _serve(state: ServiceState, config: ServiceConfig) -> web.AppRunner:
+    """Listen; sets ``state.url``.
+
+    Raises:
+        ConfigError: the address cannot be listened on (in use, not ours).
+    """
     runner = web.AppRunner(build_app(state), access_log=None, shutdown_timeout=5.0)
     await runner.setup()
     site = web.TCPSite(runner, config.listen_host, config.listen_port, ssl_context=config.tls)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as err:
+        await runner.cleanup()
+        where = f"{config.listen_host}:{config.listen_port}"
+        raise ConfigError(f"cannot listen on {where}: {err.strerror or err}") from err
     server = site._server
     assert server is not None
     port = server.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
@@ -98,8 +109,7 @@ async def run_service(
     """Serve until SIGTERM/SIGINT (see the module docstring).
 
     Raises:
-        ConfigError: unreadable or unsafe token files.
-        OSError: the address cannot be listened on.
+        ConfigError: unreadable or unsafe token files; the address cannot be listened on.
     """
     tokens, token_files = load_or_create_tokens(config.state_dir / "tokens")
     store = SqliteStore(config.database)
@@ -113,13 +123,14 @@ async def run_service(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with asyncio.TaskGroup() as group:
-        supervisor = Supervisor(store, bus, metrics, group)
-        state = ServiceState(
-            tokens, store, bus, metrics, supervisor, config.lab_dir, config.keepalive_s
-        )
-        runner = await _serve(state, config, stop)
-        try:
+    supervisor = Supervisor(store, bus, metrics)
+    state = ServiceState(
+        tokens, store, bus, metrics, supervisor, config.lab_dir, config.keepalive_s
+    )
+    runner = await _serve(state, config)  # before the task group: a bind error is plain
+    try:
+        async with asyncio.TaskGroup() as group:
+            supervisor.adopt(group)
             assert state.url is not None
             listening = Listening(state.url, token_files)
             if config.ready_file is not None:
@@ -130,8 +141,8 @@ async def run_service(
             await stop.wait()
             logger.info("service.stopping")
             await supervisor.shutdown(config.grace_s)
-        finally:
-            state.closing.set()
-            bus.wake_all()
-            await runner.cleanup()
+    finally:
+        state.closing.set()
+        bus.wake_all()
+        await runner.cleanup()
     logger.info("service.stopped")

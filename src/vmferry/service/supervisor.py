@@ -97,7 +97,8 @@ class Supervisor:
     """Starts, tracks, cancels and winds down the service's jobs (see the module docstring).
 
     Args:
-        group: the task group that owns every job's task (the service's).
+        group: the task group that owns every job's task (the service's); None: given later
+            with :meth:`adopt` (the service listens before its task group runs).
         job_timeout_s: the longest any job may run.
     """
 
@@ -106,7 +107,7 @@ class Supervisor:
         store: ServiceStore,
         bus: EventBus,
         metrics: ServiceMetrics,
-        group: asyncio.TaskGroup,
+        group: asyncio.TaskGroup | None = None,
         *,
         job_timeout_s: float = 6 * 3600.0,
     ) -> None:
@@ -116,6 +117,10 @@ class Supervisor:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancelled: set[int] = set()
         self._closing = False
+
+    def adopt(self, group: asyncio.TaskGroup) -> None:
+        """Run jobs as tasks of ``group`` from now on."""
+        self._group = group
 
     @property
     def running(self) -> list[int]:
@@ -130,8 +135,9 @@ class Supervisor:
             StateError: the service is shutting down.
             FerryError: the store cannot be written.
         """
-        if self._closing:
-            raise StateError("the service", "shutting down", "running")
+        if self._closing or self._group is None:
+            state = "shutting down" if self._closing else "starting"
+            raise StateError("the service", state, "running")
         job = self.store.create_job(kind, request, who)
         logger.info("job.started %s %s asked by %s", job.id, kind, who.asked_by)
         self.bus.publish("job", job.to_json())
