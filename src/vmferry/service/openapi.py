@@ -63,6 +63,10 @@ def _operation(route: Route) -> dict[str, Any]:
         codes += [413, 415]
     for code in sorted(codes):
         responses[str(code)] = _error(code)
+    responses["default"] = {
+        "description": "Another error: 409 conflict, 500 internal, 503 an agent did not answer",
+        "content": {"application/json": {"schema": _ERROR_REF}},
+    }
     operation: dict[str, Any] = {
         "operationId": route.operation,
         "summary": route.summary,
