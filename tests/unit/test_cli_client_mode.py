@@ -30,7 +30,13 @@ class _Service(threading.Thread):
     def __init__(self, lab: Path) -> None:
         super().__init__(daemon=True)
         self.lab, self.url = lab, ""
-        self.ready, self.stop = threading.Event(), threading.Event()
+        self.ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None:
+            self._loop.call_soon_threadsafe(self._stop.set)
 
     def run(self) -> None:
         asyncio.run(self._serve())
@@ -40,17 +46,17 @@ class _Service(threading.Thread):
                             OPERATOR: Principal("operator", Role.OPERATOR)})  # fmt: skip
         store, bus, metrics = SqliteStore(self.lab / "history.db"), EventBus(), ServiceMetrics()
         async with asyncio.TaskGroup() as group:
-            state = ServiceState(tokens, store, bus, metrics, Supervisor(store, bus, metrics, group),
-                                 self.lab, keepalive_s=0.2)  # fmt: skip
+            supervisor = Supervisor(store, bus, metrics, group)
+            state = ServiceState(tokens, store, bus, metrics, supervisor, self.lab, keepalive_s=0.2)
             runner = web.AppRunner(build_app(state), access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, "127.0.0.1", 0)
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.url = f"http://127.0.0.1:{port}"
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
             self.ready.set()
-            while not self.stop.is_set():
-                await asyncio.sleep(0.05)
+            await self._stop.wait()
             state.closing.set()
             bus.wake_all()
             await runner.cleanup()
@@ -67,7 +73,7 @@ def service(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     try:
         yield thread.url
     finally:
-        thread.stop.set()
+        thread.stop()
         thread.join(10)
 
 
