@@ -32,11 +32,11 @@ class _Service(threading.Thread):
         self.lab, self.url = lab, ""
         self.ready = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
 
     def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
 
     def run(self) -> None:
         asyncio.run(self._serve())
@@ -54,9 +54,9 @@ class _Service(threading.Thread):
             await site.start()
             port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
             self.url = f"http://127.0.0.1:{port}"
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            self._loop, self._stopping = asyncio.get_running_loop(), asyncio.Event()
             self.ready.set()
-            await self._stop.wait()
+            await self._stopping.wait()
             state.closing.set()
             bus.wake_all()
             await runner.cleanup()
