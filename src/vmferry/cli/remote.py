@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -143,21 +144,22 @@ async def _follow(
         line.__enter__()
     phases: dict[str, str] = {}
     try:
-        async for event in client.events(job):
-            data = event.data
-            if event.kind == "job" and JobState(data["state"]).is_final:
-                return dict(data)
-            vm = data.get("vm")
-            if event.kind == "plan" and vm in lines:
-                lines[vm].hint(EtaHints(data["zero_fraction"], data["dirty_rate_bps"],
-                                        data["dirty_set_bytes"]))  # fmt: skip
-            elif event.kind == "progress" and isinstance(vm, str):
-                stats = None if data["stats"] is None else stats_from_json(data["stats"])
-                if vm in lines:
-                    lines[vm].update(Phase(data["phase"]), stats)
-                elif phases.get(vm) != data["phase"]:
-                    phases[vm] = data["phase"]
-                    err.print(f"{vm}: {data['phase']}", highlight=False)
+        async with contextlib.aclosing(client.events(job)) as events:
+            async for event in events:
+                data = event.data
+                if event.kind == "job" and JobState(data["state"]).is_final:
+                    break
+                vm = data.get("vm")
+                if event.kind == "plan" and vm in lines:
+                    lines[vm].hint(EtaHints(data["zero_fraction"], data["dirty_rate_bps"],
+                                            data["dirty_set_bytes"]))  # fmt: skip
+                elif event.kind == "progress" and isinstance(vm, str):
+                    stats = None if data["stats"] is None else stats_from_json(data["stats"])
+                    if vm in lines:
+                        lines[vm].update(Phase(data["phase"]), stats)
+                    elif phases.get(vm) != data["phase"]:
+                        phases[vm] = data["phase"]
+                        err.print(f"{vm}: {data['phase']}", highlight=False)
     except ServiceUnreachable:
         pass  # the stream broke: ask for the outcome
     except asyncio.CancelledError:

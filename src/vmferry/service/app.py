@@ -345,7 +345,7 @@ async def _events(request: web.Request) -> web.StreamResponse:
                 await response.prepare(request)
             await _write(response, sse_frame(Event(state.bus.seq, "hello", {"seq": state.bus.seq})))
             if job is not None:  # where it stands now: nothing before the stream is missed
-                snapshot = Event(state.bus.seq, "job", state.store.job(job).to_json())
+                snapshot = Event(state.bus.seq, "job", state.store.job(job).event_json())
                 await _write(response, sse_frame(snapshot))
             while not state.closing.is_set():
                 events = await watcher.next(state.keepalive_s)

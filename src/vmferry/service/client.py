@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -139,8 +139,9 @@ class ServiceClient:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
         return await self._request("POST", path, body)
 
-    async def events(self, job: int | None = None) -> AsyncIterator[Event]:
-        """The event stream (of ``job`` only, if given), until the caller stops iterating.
+    async def events(self, job: int | None = None) -> AsyncGenerator[Event, None]:
+        """The event stream (of ``job`` only, if given), until the caller stops iterating (close
+        it with ``contextlib.aclosing`` to end the connection at once).
 
         Raises:
             ServiceUnreachable: no connection, or nothing arrived for ``STREAM_IDLE_S``.
@@ -207,9 +208,23 @@ class SseParser:
         )
 
 
+# The longest event line read (a job event is a few hundred bytes; progress under 1 KiB).
+_MAX_LINE_BYTES = 1 << 20
+
+
 async def _parse(content: aiohttp.StreamReader) -> AsyncIterator[Event]:
-    parser = SseParser()
-    async for raw in content:
-        event = parser.feed(raw.decode("utf-8"))
-        if event is not None:
-            yield event
+    """Events from the stream, read in chunks (aiohttp's line reader stops at 64 KiB).
+
+    Raises:
+        ServiceError: a line longer than ``_MAX_LINE_BYTES``.
+    """
+    parser, pending = SseParser(), b""
+    async for chunk in content.iter_any():
+        pending += chunk
+        *lines, pending = pending.split(b"\n")
+        if len(pending) > _MAX_LINE_BYTES:
+            raise ServiceError(f"an event line longer than {_MAX_LINE_BYTES} bytes")
+        for line in lines:
+            event = parser.feed(line.decode("utf-8"))
+            if event is not None:
+                yield event

@@ -8,7 +8,8 @@ a bounded amount of memory and no time; the progress line it draws only skips sa
 Event kinds (``data`` is JSON):
 
 - ``hello``: sent first on every stream (``{"seq"}``), once the watcher is subscribed;
-- ``job``: a job was created or changed state (the job record of ``GET /jobs/{id}``);
+- ``job``: a job was created or changed state (the record of ``GET /jobs/{id}`` without its
+  ``result``, which may be large, and with ``has_result``);
 - ``plan``: a move's pre-flight measured its guest (``{"job", "vm", "zero_fraction",
   "dirty_rate_bps", "dirty_set_bytes"}``: what the ETA learns the guest from);
 - ``progress``: a move's phase and its latest sample (``{"job", "vm", "phase", "stats"}``,

@@ -73,6 +73,13 @@ class ServiceJob:
             "controller_job": self.controller_job,
         }
 
+    def event_json(self) -> dict[str, object]:
+        """The record as job events carry it: without the result (a job of many moves has a
+        large one; ``GET /jobs/{id}`` has it), with whether there is one."""
+        data = self.to_json()
+        data["has_result"] = data.pop("result") is not None
+        return data
+
 
 class ServiceStore(Protocol):
     """Where the service keeps its state (see the module docstring)."""

@@ -82,7 +82,8 @@ class JobContext:
     def controller_job(self, job: int) -> None:
         """The job's record in the controller's job tables (evacuate, balance)."""
         self.bus.publish(
-            "job", self.store.update_job(self.job, JobState.RUNNING, controller_job=job).to_json()
+            "job",
+            self.store.update_job(self.job, JobState.RUNNING, controller_job=job).event_json(),
         )
 
 
@@ -140,7 +141,7 @@ class Supervisor:
             raise StateError("the service", state, "running")
         job = self.store.create_job(kind, request, who)
         logger.info("job.started %s %s asked by %s", job.id, kind, who.asked_by)
-        self.bus.publish("job", job.to_json())
+        self.bus.publish("job", job.event_json())
         context = JobContext(job.id, who, self.store, self.bus, self.metrics)
         task = self._group.create_task(self._run(job.id, work, context), name=f"job-{job.id}")
         self._tasks[job.id] = task
@@ -163,7 +164,7 @@ class Supervisor:
     def _end(self, job: int, state: JobState, **fields: Any) -> None:
         ended = self.store.update_job(job, state, **fields)
         logger.info("job.ended %s %s", job, state)
-        self.bus.publish("job", ended.to_json())
+        self.bus.publish("job", ended.event_json())
 
     async def _run(self, job: int, work: Work, context: JobContext) -> None:
         try:
