@@ -28,6 +28,8 @@ from vmferry.service.events import Event
 
 pytestmark = pytest.mark.qemu
 
+SMALL = "dirty:rate=2M,size=32M,pattern=random,mode=paced"
+
 
 def _start_serve(lab_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
     ready = lab_dir / "serve-ready.json"
@@ -80,7 +82,7 @@ class _Watcher(threading.Thread):
 def test_serve_with_the_cli_as_its_client(lab_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     lab = Lab(lab_dir)
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
-    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M")
+    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     in_process = {cmd: lab.ok(*cmd.split()) for cmd in ("host list", "vm list")}
     serve, ready = _start_serve(lab_dir)
     try:
