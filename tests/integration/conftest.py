@@ -1,8 +1,8 @@
 """Fixtures that boot real QEMU guests (every QEMU a test starts is ended by its fixture), and
-the suite's order for parallel runs (``pytest -n 2 --dist loadgroup``, as ``make test``).
+the suite's order for parallel runs (``pytest -n 3 --dist loadgroup``, as ``make test``).
 
 xdist hands tests to its workers in collection order: first the ``solo`` tests (timing-sensitive:
-they run while no other test does, see :class:`_SoloLock`) while the other worker runs the unit
+they run while no other test does, see :class:`_SoloLock`) while the other workers run the unit
 and fuzz tests (seconds in all), then the ``netns`` group (every test that makes network
 namespaces; one worker runs them one after the other), then the integration modules, heaviest
 first. Without xdist only the order changes.
@@ -30,6 +30,7 @@ _MODULE_ORDER = (
     "test_reconcile.py",
     "test_cluster_cli.py",
     "test_evacuation_cli.py",
+    "test_job_resume_cli.py",
     "test_balance_cli.py",
     "test_migration_tls.py",
     "test_cli.py",

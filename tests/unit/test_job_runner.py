@@ -9,6 +9,7 @@ import io
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from vmferry.cli.job_view import JobView, result_table
@@ -29,14 +30,15 @@ from vmferry.core.phases import Phase
 MIB = 1 << 20
 
 
-def _plan() -> JobPlan:
+def _plan(policy: str = "ours") -> JobPlan:
     hosts = [Host(HostName(f"h{i}"), 4096 * MIB, 16, 50_000_000) for i in (1, 2, 3)]
     vms = [Vm(VmName(n), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000) for n in "abc"]
     model = Cluster.build(hosts, vms)
     moves = tuple(Move(vm, HostName("h2" if vm.name != "b" else "h3")) for vm in vms)
     book = CostBook(Calibration(qemu_throughput_bps=25_000_000))
-    schedule = plan_job(model, moves, book=book)
-    return JobPlan("evacuate", "h1", JobRequest("h1"), model, moves, (), schedule, book, {})
+    schedule = plan_job(model, moves, book=book, policy=policy)
+    request = JobRequest("h1", policy=policy)
+    return JobPlan("evacuate", "h1", request, model, moves, (), schedule, book, {})
 
 
 class _Moves:
@@ -115,6 +117,49 @@ def test_a_job_runs_every_move_and_records_each(tmp_path: Path) -> None:
     assert report["state"] == "failed"
     assert report["predicted_makespan_s"] > 0
     assert [m["vm"] for m in report["moves"]] == [m.move.name for m in result.moves]
+
+
+def test_a_fixed_policy_runs_the_same_moves_one_at_a_time_uncapped(tmp_path: Path) -> None:
+    plan = _plan("fixed-1")
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in plan.moves], {})
+    moves = _Moves()
+    controller = Controller(Inventory(tmp_path, "token", ()))
+    result = asyncio.run(run_plan(controller, plan, store, job, history=None, mover=moves))
+    assert sorted(r.vm for r in moves.requests) == ["a", "b", "c"]
+    assert moves.most_at_once == 1
+    assert all(r.bandwidth_mbps is None for r in moves.requests)
+    assert sum(m.ok for m in result.moves) == 2
+
+
+def test_an_unknown_policy_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown policy"):
+        JobRequest("h1", policy="fixed-3").check()
+
+
+def test_a_move_planned_as_multifd_runs_as_multifd(tmp_path: Path) -> None:
+    hosts = [Host(HostName(f"h{i}"), 4096 * MIB, 16, 50_000_000) for i in (1, 2)]
+    vms = [
+        Vm(VmName("a"), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000, compress_ratio=2.5),
+        Vm(VmName("b"), HostName("h1"), 128 * MIB, dirty_rate_bps=1_000_000),
+    ]
+    model = Cluster.build(hosts, vms)
+    moves = tuple(Move(vm, HostName("h2")) for vm in vms)
+    book = CostBook(Calibration(qemu_throughput_bps=25_000_000))
+    schedule = plan_job(model, moves, book=book)
+    plan = JobPlan("evacuate", "h1", JobRequest("h1"), model, moves, (), schedule, book, {})
+    store = JobStore(tmp_path / "history.db")
+    job = store.begin("evacuate", "h1", [(m.name, m.source, m.destination) for m in moves], {})
+    mover = _Moves()
+    controller = Controller(Inventory(tmp_path, "token", ()))
+    asyncio.run(run_plan(controller, plan, store, job, history=None, mover=mover))
+    # The compressible guest is planned as multifd and runs so; the other one as "auto".
+    assert {r.vm: r.strategy for r in mover.requests} == {"a": "multifd", "b": "auto"}
+    # ... and the job's plan says so (the scheduler's strategy, not one move's own plan).
+    assert {m["vm"]: m["strategy"] for m in plan.to_json()["moves"]} == {
+        "a": "multifd",
+        "b": "precopy",
+    }
 
 
 def test_the_job_view_prints_whole_lines_in_a_pipe(tmp_path: Path) -> None:

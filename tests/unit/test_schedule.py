@@ -4,6 +4,7 @@ errors, and the discrete-event loop."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 
@@ -28,7 +29,7 @@ from vmferry.core.job import (
     make_dispatcher,
     plan_job,
 )
-from vmferry.core.move_cost import share_bps, share_index
+from vmferry.core.move_cost import PLANNED_PLAIN, share_bps, share_index
 from vmferry.core.placement import place_evacuation
 from vmferry.core.schedule import BandwidthDispatcher
 from vmferry.core.schedule_baselines import BASELINES
@@ -309,3 +310,67 @@ def test_a_guest_that_cannot_meet_its_goal_is_a_best_effort() -> None:
     assert not need.feasible
     assert need.risk == 1.0
     assert need.need_bps == need.max_bps
+
+
+# -- the strategy choice: pre-copy, multifd (zstd), hybrid --------------------------------------
+
+
+def zipped(name: str, ratio: float, *, goal_ms: int = 300, rate: int = 20_000_000) -> Vm:
+    """An 8 GiB guest whose pages compress ``ratio`` times."""
+    return replace(
+        vm(name, "a", 8, rate=rate, dirty_gib=1.0), compress_ratio=ratio, max_downtime_ms=goal_ms
+    )
+
+
+def test_multifd_is_chosen_where_it_is_faster_and_safe() -> None:
+    costs = book()
+    share = 250e6
+    assert costs.choose(zipped("z", 2.5), share).strategy == "multifd"
+    assert costs.choose(zipped("z", 1.0), share).strategy == "precopy"  # nothing to gain
+    assert costs.choose(zipped("z", 2.5), share, PLANNED_PLAIN).strategy == "precopy"
+    fast = costs.cost(zipped("z", 2.5), share, "multifd")
+    slow = costs.cost(zipped("z", 2.5), share, "precopy")
+    assert fast.total_s < slow.total_s / 2
+    assert fast.transferred_bytes < slow.transferred_bytes / 2  # compressed on the wire
+
+
+def test_a_short_goal_is_left_to_precopy() -> None:
+    # QEMU may pause it for its whole limit (84 ms for 150 ms): the flush would go over.
+    assert book().choose(zipped("z", 3.0, goal_ms=150), 250e6).strategy == "precopy"
+
+
+def test_the_compress_ratio_is_bucketed_down() -> None:
+    costs = book()
+    zstd = SIM_CALIBRATION.multifd_compress_bps
+    # 2.1 rounds down to 2.0 (an eighth of an octave): zstd fills 0.7 GB/s of a link at most.
+    assert costs.usable_bps(zipped("z", 2.1), "multifd", 1e9) == pytest.approx(zstd / 2.0)
+    assert costs.usable_bps(zipped("z", 2.1), "precopy", 1e9) == 1e9
+    assert costs.usable_bps(zipped("z", 1.05), "multifd", 1e9) == 1e9  # rounds down to 1
+    before = costs.predictions
+    for ratio in (1.0, 1.5, 2.0, 2.5, 3.0):  # pre-copy does not depend on the ratio
+        costs.cost(zipped("z", ratio), 400e6, "precopy")
+    assert costs.predictions == before + 1
+
+
+def test_a_compressed_move_needs_less_of_its_link() -> None:
+    costs = book()
+    busy = zipped("db", 2.5, rate=300_000_000)
+    need = costs.need(busy, 1e9, TEN_GBE / 16)
+    plain = costs.need(busy, 1e9, TEN_GBE / 16, PLANNED_PLAIN)
+    assert (need.strategy, plain.strategy) == ("multifd", "precopy")
+    assert need.need_bps < plain.need_bps
+    assert need.max_bps <= costs.usable_bps(busy, "multifd", 1e9)
+    assert costs.cost(busy, need.need_bps, "multifd").safe
+
+
+def test_a_fixed_policy_with_choice_runs_the_books_strategy() -> None:
+    hosts = [host("a"), host("b"), host("c")]
+    cluster = Cluster.build(hosts, [zipped(f"z{i}", 2.5) for i in range(4)])
+    moves = evacuation(cluster, "a")
+    plain = plan_job(cluster, moves, book=book(), policy="fixed-4")
+    chosen = plan_job(cluster, moves, book=book(), policy="fixed-4+choice")
+    ours = plan_job(cluster, moves, book=book())
+    assert {r.ran_as for r in plain.records} == {"precopy"}
+    assert {r.ran_as for r in chosen.records} == {"multifd"}
+    assert {r.ran_as for r in ours.records} == {"multifd"}
+    assert chosen.makespan_s < plain.makespan_s * 0.7

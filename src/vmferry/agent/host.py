@@ -207,9 +207,13 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: its QEMU still runs.
+            StateError: its QEMU still runs, or is being started (a controller that died
+                while preparing it leaves the launch going: dropping the record now would let
+                its end remove whatever holds the name then).
         """
         slot = self.slots.get(name)
+        if slot.is_launching:
+            raise StateError(f"VM {name}", "starting", "stopped (its QEMU dead)")
         if slot.vm is not None and slot.vm.process.is_running:
             raise StateError(f"VM {name}", slot.state.value, "stopped (its QEMU dead)")
         self._profiler.stop(name)
@@ -302,8 +306,9 @@ class HostAgent:
 
         Raises:
             NotFound: no such VM.
-            StateError: it is not an unfinished incoming VM, or its QEMU has received the
-                guest already (left QEMU's ``inmigrate``): that copy is never ended here.
+            StateError: it is not an unfinished incoming VM, its QEMU is still being
+                started, or it has received the guest already (left QEMU's ``inmigrate``):
+                that copy is never ended here.
         """
         await self._incoming.abort(name)
 

@@ -103,6 +103,10 @@ class Incoming:
     async def abort(self, name: str) -> None:
         """See :meth:`HostAgent.abort_incoming`."""
         slot = self.slots.get(name)
+        if slot.is_launching:
+            # Its controller died while preparing it (the launch goes on): retiring the
+            # record now would let the launch's end remove whatever holds the name then.
+            raise StateError(f"incoming VM {name}", "starting", "started (ask again)")
         if slot.state == VmState.INCOMING and slot.vm is not None and slot.vm.process.is_running:
             try:
                 status: RunState | None = await run_state(slot.vm.qmp)

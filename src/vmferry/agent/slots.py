@@ -98,6 +98,12 @@ class Slot:
             return VmState(self.outgoing.state.vm_state)
         return self.base
 
+    @property
+    def is_launching(self) -> bool:
+        """Its QEMU is being started: the name and memory are reserved, no process is known
+        yet (listed ``stopped`` meanwhile), and the launch may still bring one up."""
+        return self.vm is None and self.base is VmState.INCOMING
+
 
 class Slots:
     """The table of this host's VMs and the rules for room on it."""

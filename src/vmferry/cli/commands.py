@@ -49,6 +49,9 @@ COMMANDS: dict[tuple[str, str | None], str] = {
     ("host", "list"): "vmferry.cli.hosts:host_list",
     ("host", "maintenance"): "vmferry.cli.hosts:host_maintenance",
     ("host", "evacuate"): "vmferry.cli.hosts:host_evacuate",
+    ("job", "list"): "vmferry.cli.jobs:job_list",
+    ("job", "show"): "vmferry.cli.jobs:job_show",
+    ("job", "resume"): "vmferry.cli.jobs:job_resume",
     ("balance", None): "vmferry.cli.balance:balance",
     ("serve", None): "vmferry.cli.serve:serve",
 }

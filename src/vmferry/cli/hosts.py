@@ -3,7 +3,9 @@
 
 Human output and progress go to stderr (``err``); tables and ``--json`` output to stdout
 (``out``). A refusal (unknown host, the only host, VMs that cannot move, a deadline the
-schedule misses, a host another job holds) exits 2 with nothing moved.
+schedule misses, a host another job holds) exits 2 with nothing moved. ``host evacuate`` and
+``maintenance enter`` on a host whose emptying job was interrupted (its controller died)
+resume that job (:mod:`vmferry.cli.jobs`) instead of starting a new one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from vmferry.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
 from vmferry.cli.job_view import JobView, plan_table, result_table
+from vmferry.cli.jobs import interrupted_job, resume
 from vmferry.cli.render import format_bytes, print_json, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.evacuation import JobPlan, JobRequest, plan_bring_back, plan_evacuation
@@ -41,6 +44,7 @@ def _request(args: argparse.Namespace) -> JobRequest:
         max_downtime_ms=args.max_downtime,
         max_outbound=args.max_outbound,
         max_inbound=args.max_inbound,
+        policy=getattr(args, "policy", "ours"),
     )
     request.check()
     return request
@@ -67,6 +71,28 @@ async def _plan(
     session.store.check_free([request.host])
     with status(err, f"planning the moves off {request.host}…"):
         return await plan_evacuation(cluster, live, request, session.history, kind=kind)
+
+
+async def _resumed(
+    session: _Session, request: JobRequest, args: argparse.Namespace, err: Console, out: Console
+) -> int | None:
+    """Resume the interrupted job emptying ``request.host``, if it has one (the exit status;
+    None: it has none, or this is a dry run)."""
+    pending = interrupted_job(session.store, request.host)
+    if pending is None:
+        return None
+    if args.dry_run:
+        err.print(
+            f"job {pending.id} ({pending.kind} {request.host}) was interrupted: "
+            "without --dry-run this resumes it"
+        )
+        return None
+    record = session.store.claim(pending.id)
+    err.print(
+        f"job {pending.id} ({pending.kind} {request.host}) was interrupted (its controller, "
+        f"pid {pending.pid}, died): resuming it instead of starting a new job"
+    )
+    return await resume(session.inventory, session.store, record, request, args, err, out)
 
 
 def _dry_run(plan: JobPlan, args: argparse.Namespace, out: Console, err: Console) -> int:
@@ -121,6 +147,9 @@ async def host_evacuate(args: argparse.Namespace, err: Console, out: Console) ->
     """``host evacuate HOST``: move every VM of HOST elsewhere, as one scheduled job."""
     request = _request(args)
     session = _Session(request.host)
+    resumed = await _resumed(session, request, args, err, out)
+    if resumed is not None:
+        return resumed
     async with Cluster(session.inventory) as cluster:
         live = await live_cluster(cluster, session.store)
         plan = await _plan(cluster, session, live, request, "evacuate", err)
@@ -148,6 +177,9 @@ async def _enter(args: argparse.Namespace, err: Console, out: Console) -> int:
     """Empty HOST and mark it in maintenance once it is empty (``entering`` until then)."""
     request = _request(args)
     session = _Session(request.host)
+    resumed = await _resumed(session, request, args, err, out)
+    if resumed is not None:
+        return resumed
     async with Cluster(session.inventory) as cluster:
         live = await live_cluster(cluster, session.store)
         plan = await _plan(cluster, session, live, request, "maintenance-enter", err)

@@ -45,7 +45,7 @@ def plan_table(plan: JobPlan) -> Table:
             move.destination,
             format_bytes(move.vm.memory_bytes),
             f"{format_bytes(move.vm.dirty_rate_bps)}/s",
-            plan.plans[move.name].choice.strategy,
+            plan.strategy_of(move.name),
             "-" if record is None else f"{record.start_s:.1f} s",
             "-" if record is None else f"{record.end_s:.1f} s",
             "-" if record is None else _rate(record.caps[0][1]),

@@ -226,6 +226,40 @@ def _host(host: argparse.ArgumentParser) -> None:
     )
     evacuate.add_argument("host", metavar="HOST")
     _job_options(evacuate, destinations=True)
+    # Bench-only (bench/evacuation_lab.py): the same job runner under a fixed-concurrency
+    # baseline's dispatcher instead of vmferry's; hidden from --help.
+    evacuate.add_argument("--policy", default="ours", help=argparse.SUPPRESS)
+
+
+def _job(job: argparse.ArgumentParser) -> None:
+    """job list|show|resume"""
+    job_sub = job.add_subparsers(dest="job_command", required=True, metavar="ACTION")
+    listing = job_sub.add_parser("list", help="recorded jobs, newest first")
+    listing.add_argument("--host", default=None, help="only the jobs about HOST")
+    listing.add_argument(
+        "--state",
+        default=None,
+        choices=("running", "completed", "failed", "interrupted"),
+        help="only the jobs in this state",
+    )
+    json_flag(listing)
+    show = job_sub.add_parser("show", help="one job and each of its moves")
+    show.add_argument("id", type=int, metavar="ID")
+    json_flag(show)
+    resume = job_sub.add_parser(
+        "resume",
+        help="go on with a job whose controller died: settle its moves in flight (as "
+        "reconcile does), then move what is left",
+    )
+    resume.add_argument("id", type=int, metavar="ID")
+    resume.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="how long to wait for a migration still in flight (default 300)",
+    )
+    json_flag(resume)
 
 
 def _balance(balance: argparse.ArgumentParser) -> None:
@@ -441,7 +475,11 @@ def _simulate(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--hosts", type=int, default=100)
     sim.add_argument("--vms", type=int, default=2000)
     sim.add_argument("--seed", type=int, default=1)
-    sim.add_argument("--policy", default="all", help="ours, fixed-1, fixed-2, fixed-4, kubevirt")
+    sim.add_argument(
+        "--policy",
+        default="all",
+        help="all, ours, ours-plain, fixed-1, fixed-2, fixed-4, kubevirt, fixed-N+choice",
+    )
     sim.add_argument("--scenario", default="evacuate", choices=("evacuate", "balance"))
     sim.add_argument("--evacuate", type=int, default=None, metavar="K", help="hosts to empty")
     sim.add_argument("--max-moves", type=int, default=None, metavar="N", help="for balance")
@@ -454,6 +492,7 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "lab": ("a cluster of hosts on this machine", _lab),
     "vm": ("create, list, show, delete VMs", _vm),
     "host": ("hosts: maintenance, evacuation", _host),
+    "job": ("jobs of many moves: list, show, resume one whose controller died", _job),
     "balance": ("even out the hosts' load (memory and measured CPU) by moving VMs", _balance),
     "verify": ("ask the guest to check every page of its memory", _verify),
     "plan": ("predict what each strategy would cost (changes nothing)", _plan),

@@ -24,7 +24,7 @@ from vmferry.controller.plan import Plan, calibration_from, make_plan
 from vmferry.core import cluster_model as cm
 from vmferry.core.cluster_model import PlacementError, UnknownHost
 from vmferry.core.errors import ConfigError, FerryError
-from vmferry.core.job import Schedule, plan_job
+from vmferry.core.job import POLICY_NAMES, Schedule, plan_job
 from vmferry.core.move_cost import CostBook
 from vmferry.core.placement import Placement, place_evacuation, place_onto
 from vmferry.core.strategy import Goal
@@ -54,6 +54,8 @@ class JobRequest:
         max_downtime_ms: each VM's downtime goal (what the guest feels).
         max_outbound: moves each host sends at once, at most (None: the scheduler's default).
         max_inbound: moves each host receives at once, at most (None: the default).
+        policy: the scheduling policy, ``ours`` or a fixed-concurrency baseline of
+            :data:`vmferry.core.job.POLICY_NAMES` (benches compare them on real moves).
     """
 
     host: str
@@ -63,6 +65,7 @@ class JobRequest:
     max_downtime_ms: int = 300
     max_outbound: int | None = None
     max_inbound: int | None = None
+    policy: str = "ours"
 
     def check(self) -> None:
         """Raises: ConfigError: numbers out of range."""
@@ -81,6 +84,8 @@ class JobRequest:
                     f"{flag} must be a positive integer (1..{MAX_MOVES_PER_HOST} moves at once), "
                     f"not {limit}"
                 )
+        if self.policy not in POLICY_NAMES:
+            raise ConfigError(f"unknown policy {self.policy!r}: use {', '.join(POLICY_NAMES)}")
 
     def limits(self, host: cm.Host) -> cm.Host:
         """``host`` with the per-host move limits asked for."""
@@ -93,6 +98,36 @@ class JobRequest:
     @property
     def cap_bps(self) -> int | None:
         return None if self.bandwidth_mbps is None else self.bandwidth_mbps * 125_000
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "host": self.host,
+            "to": None if self.to is None else list(self.to),
+            "deadline_s": self.deadline_s,
+            "bandwidth_mbps": self.bandwidth_mbps,
+            "max_downtime_ms": self.max_downtime_ms,
+            "max_outbound": self.max_outbound,
+            "max_inbound": self.max_inbound,
+            "policy": self.policy,
+        }
+
+    @classmethod
+    def from_json(cls, host: str, data: Mapping[str, Any] | None) -> JobRequest:
+        """The request a job recorded (:meth:`to_json`; None: a job recorded before requests
+        were, taken with the defaults)."""
+        if data is None:
+            return cls(host)
+        to = data.get("to")
+        return cls(
+            host=host,
+            to=None if to is None else tuple(str(h) for h in to),
+            deadline_s=data.get("deadline_s"),
+            bandwidth_mbps=data.get("bandwidth_mbps"),
+            max_downtime_ms=int(data.get("max_downtime_ms", 300)),
+            max_outbound=data.get("max_outbound"),
+            max_inbound=data.get("max_inbound"),
+            policy=str(data.get("policy", "ours")),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,16 +170,26 @@ class JobPlan:
             )
         return self.schedule
 
+    def strategy_of(self, vm: str) -> str:
+        """What ``vm``'s move runs as: the schedule's (the scheduler chooses each move's
+        strategy, e.g. multifd where its pages compress), else its own plan's choice."""
+        for record in () if self.schedule is None else self.schedule.records:
+            if record.move.name == vm:
+                return record.ran_as
+        return self.plans[vm].choice.strategy
+
     def to_json(self) -> dict[str, Any]:
         return {
             "kind": self.kind,
             "host": self.host,
+            "policy": self.request.policy,
+            "request": self.request.to_json(),
             "moves": [
                 {
                     "vm": m.name,
                     "source": m.source,
                     "destination": m.destination,
-                    "strategy": self.plans[m.name].choice.strategy,
+                    "strategy": self.strategy_of(m.name),
                     "dirty_rate_bps": m.vm.dirty_rate_bps,
                     "memory_bytes": m.vm.memory_bytes,
                 }
@@ -313,7 +358,9 @@ async def _planned(
     book = CostBook(cal)
     schedule = None
     if not refused:
-        schedule = plan_job(model, measured, book=book, deadline_s=request.deadline_s)
+        schedule = plan_job(
+            model, measured, book=book, policy=request.policy, deadline_s=request.deadline_s
+        )
     return JobPlan(
         kind, request.host, request, model, measured, tuple(refused), schedule, book, plans
     )

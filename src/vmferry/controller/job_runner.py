@@ -1,8 +1,9 @@
 """Running a planned job of many moves for real: the scheduler's dispatcher on the wall clock,
 each move a :func:`vmferry.controller.migrate.migrate` of its own.
 
-The loop is :func:`vmferry.core.job.run_job`'s with real moves: the dispatcher
-(:class:`~vmferry.core.schedule.BandwidthDispatcher`, the one that made the plan) says which
+The loop is :func:`vmferry.core.job.run_job`'s with real moves: the dispatcher of the job's
+policy (:class:`~vmferry.core.schedule.BandwidthDispatcher` unless a bench asks for a
+fixed-concurrency baseline; the one that made the plan) says which
 move starts when and with which bandwidth cap; the runner starts it as a task of the job's
 task group, waits for the first move to end or for the instant the dispatcher asked to be
 woken, and tells the dispatcher. Each move is recorded in the job store as it starts and
@@ -30,10 +31,10 @@ from vmferry.controller.jobs import JobStore
 from vmferry.controller.migrate import MigrationRequest, migrate
 from vmferry.core.cluster_model import Move, VmName
 from vmferry.core.errors import FerryError, StateError
-from vmferry.core.job import span_json
+from vmferry.core.job import make_dispatcher, span_json
 from vmferry.core.model import MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
-from vmferry.core.schedule import Action, BandwidthDispatcher, SetCap, Start
+from vmferry.core.schedule import Action, SetCap, Start
 
 __all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "run_plan"]
 
@@ -122,6 +123,7 @@ class JobResult:
             "job": self.job,
             "kind": self.plan.kind,
             "host": self.plan.host,
+            "policy": self.plan.request.policy,
             "state": "completed" if self.ok else "failed",
             "makespan_s": round(self.makespan_s, 3),
             "predicted_makespan_s": round(schedule.makespan_s, 3),
@@ -208,9 +210,7 @@ class _Loop:
         self.history, self.observer, self.mover = history, observer, mover
         self.clock = now or asyncio.get_running_loop().time
         self.began = self.clock()
-        self.dispatcher = BandwidthDispatcher(
-            plan.model, plan.moves, plan.book, stream_bps=plan.book.cal.qemu_throughput_bps
-        )
+        self.dispatcher = make_dispatcher(plan.request.policy, plan.model, plan.moves, plan.book)
         self.running: dict[VmName, _Running] = {}
         self.results: list[MoveResult] = []
 
@@ -274,7 +274,9 @@ async def _one_move(
     request = MigrationRequest(
         vm=move.name,
         destination=move.destination,
-        strategy="hybrid" if start.strategy == "hybrid" else "auto",
+        # Planned hybrid or multifd runs as planned; pre-copy as "auto", which keeps the way
+        # to post-copy open should it stall.
+        strategy=start.strategy if start.strategy in ("hybrid", "multifd") else "auto",
         max_downtime_ms=plan.request.max_downtime_ms,
         bandwidth_mbps=_mbps(start.cap_bps),
         force=True,  # planned as feasible: the job goes ahead with the best at its share

@@ -8,7 +8,10 @@ ends: a later controller reads what a killed one was doing (:meth:`JobStore.job`
 never share a host: :meth:`JobStore.begin` refuses a job whose hosts a running job holds,
 in the same transaction that records it. A job whose controller process is gone no longer
 holds its hosts; it is marked ``interrupted`` (its moves as they were recorded, for
-``reconcile`` and a resume to settle).
+``reconcile`` and a resume to settle). A later controller takes an interrupted job over
+(:meth:`JobStore.claim`: running again, under its own pid, in one transaction, so two
+controllers never both resume it), records where each move ended up, and adds the moves it
+plans for what is left (:meth:`JobStore.extend`) under the same job id.
 """
 
 from __future__ import annotations
@@ -29,9 +32,11 @@ __all__ = [
     "HostMark",
     "JobConflict",
     "JobMove",
+    "JobNotResumable",
     "JobRecord",
     "JobStore",
     "MarkState",
+    "UnknownJob",
 ]
 
 MarkState = Literal["entering", "maintenance"]
@@ -87,6 +92,43 @@ class JobConflict(ConfigError):
         self.hosts = tuple(hosts)
 
 
+class UnknownJob(ConfigError):
+    """No job has this id.
+
+    Attributes:
+        job: the id asked for.
+    """
+
+    def __init__(self, job: int) -> None:
+        super().__init__(f"no job {job} (`vmferry job list` lists them)")
+        self.job = job
+
+
+class JobNotResumable(ConfigError):
+    """Only a job whose controller died (``interrupted``) is resumed. Nothing moved.
+
+    Attributes:
+        job: its id.
+        state: its state (``running``, ``completed``, ``failed``).
+        pid: its controller's pid.
+    """
+
+    def __init__(self, job: int, state: str, pid: int) -> None:
+        if state == "running":
+            why = (
+                f"job {job} is running: its controller (pid {pid}) is alive; "
+                "only an interrupted job is resumed"
+            )
+        else:
+            why = f"job {job} is {state}: only an interrupted job is resumed"
+            if state == "failed":
+                why += " (run its host command again for a new job of what is left)"
+        super().__init__(why)
+        self.job = job
+        self.state = state
+        self.pid = pid
+
+
 @dataclass(frozen=True, slots=True)
 class HostMark:
     """A host on its way into maintenance (``entering``: being emptied) or in it."""
@@ -132,20 +174,33 @@ class JobRecord:
     report: dict[str, Any] | None
     moves: tuple[JobMove, ...]
 
-    def to_json(self) -> dict[str, object]:
-        return {
+    def to_json(self, *, detail: bool = False) -> dict[str, object]:
+        """The job and its moves (``detail``: with each move's report and the job's plan and
+        report)."""
+        shown: dict[str, object] = {
             "job": self.id,
             "kind": self.kind,
             "host": self.host,
             "hosts": list(self.hosts),
             "state": self.state,
+            "pid": self.pid,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
             "moves": [
-                {"vm": m.vm, "source": m.source, "destination": m.destination, "state": m.state}
+                {
+                    "vm": m.vm,
+                    "source": m.source,
+                    "destination": m.destination,
+                    "state": m.state,
+                    **({"report": m.report} if detail else {}),
+                }
                 for m in self.moves
             ],
         }
+        if detail:
+            shown["plan"] = self.plan
+            shown["report"] = self.report
+        return shown
 
 
 def _now() -> str:
@@ -253,12 +308,7 @@ class JobStore:
         now = _now()
         with self._connect(immediate=True) as db:
             self._settle_orphans(db)
-            for job, job_kind, held in db.execute(
-                "SELECT id, kind, hosts FROM jobs WHERE state = 'running'"
-            ).fetchall():
-                both = sorted(set(json.loads(held)).intersection(hosts))
-                if both:
-                    raise JobConflict(int(job), str(job_kind), both)
+            self._check_running(db, hosts)
             cursor = db.execute(
                 "INSERT INTO jobs (kind, host, hosts, state, pid, created_at, updated_at, plan)"
                 " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
@@ -271,6 +321,76 @@ class JobStore:
                 [(job_id, vm, s, d) for vm, s, d in moves],
             )
         return job_id
+
+    def claim(self, job: int, *, pid: int | None = None) -> JobRecord:
+        """Take over the interrupted job ``job``: running again, under ``pid`` (this process).
+
+        Returns:
+            Its record, as its last controller left it.
+
+        Raises:
+            UnknownJob: no such job.
+            JobNotResumable: it is not interrupted (its controller is alive, or it ended).
+            JobConflict: another running job holds one of its hosts.
+            FerryError: the database cannot be written.
+        """
+        with self._connect(immediate=True) as db:
+            self._settle_orphans(db)
+            row = db.execute("SELECT state, pid, hosts FROM jobs WHERE id = ?", (job,)).fetchone()
+            if row is None:
+                raise UnknownJob(job)
+            if row[0] != "interrupted":
+                raise JobNotResumable(job, str(row[0]), int(row[1]))
+            self._check_running(db, json.loads(row[2]))
+            db.execute(
+                "UPDATE jobs SET state = 'running', pid = ?, updated_at = ? WHERE id = ?",
+                (pid or os.getpid(), _now(), job),
+            )
+        return self.job(job)
+
+    def extend(
+        self, job: int, moves: Sequence[tuple[str, str, str]], plan: Mapping[str, Any]
+    ) -> None:
+        """Moves (vm, source, destination) planned for what a resumed ``job`` has left: each
+        ``waiting`` (a VM the job had already: its move as planned now); the job holds their
+        hosts too and keeps ``plan`` as its latest.
+
+        Raises:
+            JobConflict: another running job holds one of the new hosts (nothing recorded).
+            FerryError: the database cannot be written.
+        """
+        with self._connect(immediate=True) as db:
+            self._settle_orphans(db)
+            row = db.execute("SELECT host, hosts FROM jobs WHERE id = ?", (job,)).fetchone()
+            if row is None:
+                raise UnknownJob(job)
+            hosts = sorted(
+                {*json.loads(row[1]), *(s for _, s, _ in moves), *(d for _, _, d in moves)}
+            )
+            self._check_running(db, hosts, but=job)
+            db.execute(
+                "UPDATE jobs SET hosts = ?, plan = ?, updated_at = ? WHERE id = ?",
+                (json.dumps(hosts), json.dumps(plan), _now(), job),
+            )
+            db.executemany(
+                "INSERT INTO job_moves (job, vm, source, destination, state)"
+                " VALUES (?, ?, ?, ?, 'waiting') ON CONFLICT (job, vm) DO UPDATE SET"
+                " source = excluded.source, destination = excluded.destination,"
+                " state = 'waiting', report = NULL",
+                [(job, vm, s, d) for vm, s, d in moves],
+            )
+
+    @staticmethod
+    def _check_running(
+        db: sqlite3.Connection, hosts: Sequence[str], but: int | None = None
+    ) -> None:
+        """Raises: JobConflict: a running job (other than ``but``) holds one of ``hosts``."""
+        for job, job_kind, held in db.execute(
+            "SELECT id, kind, hosts FROM jobs WHERE state = 'running'"
+        ).fetchall():
+            both = sorted(set(json.loads(held)).intersection(hosts))
+            if both and job != but:
+                raise JobConflict(int(job), str(job_kind), both)
 
     @staticmethod
     def _settle_orphans(db: sqlite3.Connection) -> None:
@@ -297,7 +417,9 @@ class JobStore:
     def move_state(
         self, job: int, vm: str, state: str, report: Mapping[str, Any] | None = None
     ) -> None:
-        """A move of ``job`` started (``running``) or ended (``completed``/``failed``)."""
+        """A move of ``job`` started (``running``) or ended (``completed``/``failed``), or a
+        resume found where it ended up (``completed``, ``waiting`` to be moved again,
+        ``failed``, ``gone``)."""
         with self._connect(immediate=True) as db:
             db.execute(
                 "UPDATE job_moves SET state = ?, report = ? WHERE job = ? AND vm = ?",
@@ -306,7 +428,8 @@ class JobStore:
             db.execute("UPDATE jobs SET updated_at = ? WHERE id = ?", (_now(), job))
 
     def end(self, job: int, state: str, report: Mapping[str, Any] | None = None) -> None:
-        """``job`` ended: ``completed``, ``failed`` or ``interrupted``."""
+        """``job`` ended: ``completed``, ``failed`` or ``interrupted`` (a resume that could not
+        go on gives it back: another resume may take it)."""
         with self._connect(immediate=True) as db:
             db.execute(
                 "UPDATE jobs SET state = ?, updated_at = ?, report = ? WHERE id = ?",
@@ -317,23 +440,28 @@ class JobStore:
         """The job ``job``.
 
         Raises:
-            ConfigError: no such job.
+            UnknownJob: no such job.
         """
         found = self.jobs(job=job)
         if not found:
-            raise ConfigError(f"no job {job}")
+            raise UnknownJob(job)
         return found[0]
 
     def jobs(
-        self, *, host: str | None = None, kind: str | None = None, job: int | None = None
+        self,
+        *,
+        host: str | None = None,
+        kind: str | None = None,
+        job: int | None = None,
+        state: str | None = None,
     ) -> list[JobRecord]:
-        """Recorded jobs, newest first (of ``host``, of ``kind``)."""
+        """Recorded jobs, newest first (of ``host``, of ``kind``, in ``state``)."""
         query = (
             "SELECT id, kind, host, hosts, state, pid, created_at, updated_at, plan, report"
             " FROM jobs WHERE 1 = 1"
         )
         args: list[object] = []
-        for column, value in (("host", host), ("kind", kind), ("id", job)):
+        for column, value in (("host", host), ("kind", kind), ("id", job), ("state", state)):
             if value is not None:
                 query += f" AND {column} = ?"
                 args.append(value)

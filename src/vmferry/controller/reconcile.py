@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from vmferry.agent.port import AgentPort
@@ -62,12 +63,14 @@ async def reconcile(
     *,
     wait_s: float = 300.0,
     recovery: RecoveryPolicy | None = None,
+    only: Collection[str] | None = None,
 ) -> list[Reconciled]:
-    """Reconcile every VM of ``cluster``.
+    """Reconcile every VM of ``cluster`` (or those named in ``only``).
 
     Args:
         wait_s: how long to wait for one migration still in flight.
         recovery: how long to keep recovering a broken post-copy met on the way.
+        only: the VMs to reconcile (a resumed job's); None: every VM.
 
     Raises:
         FerryError: a host does not answer (nothing was changed).
@@ -78,6 +81,8 @@ async def reconcile(
     for _ in range(_ROUNDS):
         copies = await _copies(cluster)
         names = sorted(copies) if pending is None else sorted(pending & set(copies))
+        if only is not None:
+            names = [n for n in names if n in only]
         pending = set()
         for name in names:
             decision = decide(name, copies[name])

@@ -36,8 +36,9 @@ class Finished:
     Attributes:
         vm: the VM.
         at_s: when.
-        ran_as: how it ran: ``precopy``, ``hybrid``, or ``precopy+postcopy`` (a pre-copy that
-            stalled and was switched to post-copy).
+        ran_as: how it ran: ``precopy``, ``multifd``, ``hybrid``, ``precopy+postcopy`` (a
+            pre-copy that stalled and was switched to post-copy) or ``multifd+hybrid`` (a
+            multifd move that stalled, was cancelled and ran again as hybrid).
         felt_ms: the longest stall its guest felt.
         transferred_bytes: what crossed the link.
     """

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 from vmferry.core.cluster_model import Cluster, DeadlineUnreachable, Move, VmName
 from vmferry.core.errors import ConfigError, StateError
 from vmferry.core.flows import Executor, Finished, FluidExecutor
-from vmferry.core.move_cost import Calibration, CostBook, MoveCost, Planned
+from vmferry.core.move_cost import PLANNED_PLAIN, Calibration, CostBook, MoveCost, Planned
 from vmferry.core.schedule import Action, BandwidthDispatcher, Dispatcher, SetCap, Start
 from vmferry.core.schedule_baselines import BASELINES, FifoDispatcher
 
@@ -52,7 +52,9 @@ __all__ = [
     "span_json",
 ]
 
-POLICY_NAMES: tuple[str, ...] = ("ours", *BASELINES)
+# ``ours`` chooses each move's strategy (pre-copy, multifd with zstd, hybrid); ``ours-plain``
+# is the same scheduler without compression (pre-copy or hybrid); then the peers' policies.
+POLICY_NAMES: tuple[str, ...] = ("ours", "ours-plain", *BASELINES)
 
 
 class Clock(Protocol):
@@ -88,7 +90,9 @@ class MoveRecord:
         start_s: when it started.
         end_s: when it ended.
         caps: (from when, cap in bytes/s or None for uncapped) for each cap it ran under.
-        ran_as: ``precopy``, ``hybrid`` or ``precopy+postcopy``.
+        ran_as: ``precopy``, ``multifd``, ``hybrid``, ``precopy+postcopy`` (a stalled
+            pre-copy switched to post-copy) or ``multifd+hybrid`` (a stalled multifd move
+            cancelled and run again as hybrid).
         felt_ms: the longest stall its guest felt.
         transferred_bytes: what crossed the link.
     """
@@ -262,13 +266,14 @@ class PredictedFlow:
     """A move progressing as predicted: it sets up first (no bandwidth:
     :meth:`CostBook.setup_s`), then at rate ``r`` takes the rest of the predictor's total at
     ``r``. A pre-copy that would not converge at its share is predicted as the switch to
-    post-copy that rescues it (hybrid's cost)."""
+    post-copy that rescues it (hybrid's cost), a multifd move as hybrid alike; a multifd move
+    uses no more of its links than zstd fills (:meth:`CostBook.usable_bps`)."""
 
     def __init__(self, start: Start, now_s: float, book: CostBook, stream_bps: float) -> None:
         self._vm = start.move.vm
         self._strategy: Planned = start.strategy
         self._cap = start.cap_bps
-        self._stream_bps = stream_bps
+        self._stream_bps = book.usable_bps(self._vm, start.strategy, stream_bps)
         self._book = book
         self._setup_end_s = now_s + book.setup_s(self._vm)
         self._since_s = now_s
@@ -284,8 +289,9 @@ class PredictedFlow:
 
     def _cost(self, rate_bps: float) -> tuple[str, MoveCost]:
         cost = self._book.cost(self._vm, rate_bps, self._strategy)
-        if math.isinf(cost.total_s) and self._strategy == "precopy":
-            return "precopy+postcopy", self._book.cost(self._vm, rate_bps, "hybrid")
+        if math.isinf(cost.total_s) and self._strategy != "hybrid":
+            rescue = "precopy+postcopy" if self._strategy == "precopy" else "multifd+hybrid"
+            return rescue, self._book.cost(self._vm, rate_bps, "hybrid")
         return self._strategy, cost
 
     def _transfer_s(self, rate_bps: float) -> float:
@@ -319,12 +325,17 @@ def make_dispatcher(
     Raises:
         ConfigError: an unknown policy; see also :func:`vmferry.core.schedule.check_moves`.
     """
+    stream_bps = book.cal.qemu_throughput_bps
     if policy == "ours":
-        return BandwidthDispatcher(cluster, moves, book, stream_bps=book.cal.qemu_throughput_bps)
+        return BandwidthDispatcher(cluster, moves, book, stream_bps=stream_bps)
+    if policy == "ours-plain":
+        return BandwidthDispatcher(
+            cluster, moves, book, stream_bps=stream_bps, strategies=PLANNED_PLAIN, name=policy
+        )
     limits = BASELINES.get(policy)
     if limits is None:
         raise ConfigError(f"unknown policy {policy!r}: use {', '.join(POLICY_NAMES)}")
-    return FifoDispatcher(policy, cluster, moves, limits)
+    return FifoDispatcher(policy, cluster, moves, limits, book=book, stream_bps=stream_bps)
 
 
 def plan_job(

@@ -2,8 +2,8 @@
 
 This is the "real" duration of a simulated move, the same for every scheduling policy, and
 deliberately not the predictor (which plans from buckets of what a pre-flight measured; the
-model runs on the VM's true figures). A move at rate ``b`` (bytes/s, changing whenever the
-moves sharing its links change) goes through:
+model runs on the VM's true figures). A move at rate ``b`` (bytes/s on the wire, changing
+whenever the moves sharing its links change) goes through:
 
 1. **setup**: ``Calibration.setup_ms`` plus scanning its zero pages; it uses no bandwidth.
 2. **first pass**: its non-zero pages at ``b``. Meanwhile the guest dirties its dirty set
@@ -22,6 +22,16 @@ moves sharing its links change) goes through:
 
 A move planned as hybrid switches to post-copy right after its first pass (unless the dirty
 bytes already fit the threshold: then it ends as a pre-copy).
+
+A **multifd** move (zstd) is a pre-copy whose wire carries compressed pages: guest memory moves
+at ``b x ratio`` (the VM's true zstd ratio), and everything above runs on that guest rate
+(the threshold too, as the predictor has it), while the bytes it sends are ``1 / ratio`` of the
+pages. Its guest rate is capped by what zstd compresses: ``Calibration.multifd_compress_bps``
+for one move, and the source host's CPU for compression (:class:`CompressionBudget`), shared by
+the multifd moves it sends at once. Its guest feels a multifd switchover (the channels'
+flush). A multifd move does not switch to post-copy (vmferry runs it without post-copy): one
+that stalls is cancelled, the guest still on the source, and moved again as hybrid from its
+setup on.
 """
 
 from __future__ import annotations
@@ -29,14 +39,15 @@ from __future__ import annotations
 import enum
 import math
 
+from vmferry.core._dispatch_state import water_fill
 from vmferry.core.calibration import Calibration
-from vmferry.core.cluster_model import Vm
+from vmferry.core.cluster_model import HostName, Vm, VmName
 from vmferry.core.felt import postcopy_felt_ms, precopy_felt_ms
 from vmferry.core.flows import Finished
 from vmferry.core.move_cost import Planned, qemu_downtime_limit_ms
 from vmferry.core.schedule import Start
 
-__all__ = ["PrecopyFlow"]
+__all__ = ["CompressionBudget", "PrecopyFlow"]
 
 _STALL_ROUNDS = 3.0
 _STALL_MIN_S = 2.0
@@ -52,6 +63,40 @@ class _Phase(enum.Enum):
     PULL = "post-copy"
 
 
+class CompressionBudget:
+    """Each source host's CPU for zstd, in guest bytes compressed per second, shared by the
+    multifd moves it sends at once: water-filled by what each would compress on its own (its
+    cap or a stream's most, times its ratio, at most one move's zstd limit), as the host's
+    scheduler shares its cores among their channels' threads.
+
+    Args:
+        host_bps: what one host compresses at most, all its moves together.
+    """
+
+    def __init__(self, host_bps: float) -> None:
+        self.host_bps = host_bps
+        self._wants: dict[HostName, dict[VmName, float]] = {}
+        self._shares: dict[HostName, dict[VmName, float]] = {}
+
+    def join(self, host: HostName, vm: VmName, want_bps: float) -> None:
+        """``vm``'s move compresses on ``host`` (again: with a new want)."""
+        self._wants.setdefault(host, {})[vm] = want_bps
+        self._shares.pop(host, None)
+
+    def leave(self, host: HostName, vm: VmName) -> None:
+        """``vm``'s move no longer compresses on ``host``."""
+        if self._wants.get(host, {}).pop(vm, None) is not None:
+            self._shares.pop(host, None)
+
+    def share_bps(self, host: HostName, vm: VmName) -> float:
+        """What ``vm``'s move may compress now (the whole budget if it has not joined)."""
+        shares = self._shares.get(host)
+        if shares is None:
+            shares = water_fill(self._wants.get(host, {}).items(), self.host_bps)
+            self._shares[host] = shares
+        return shares.get(vm, self.host_bps)
+
+
 class PrecopyFlow:
     """One simulated move (see the module docs).
 
@@ -59,21 +104,29 @@ class PrecopyFlow:
         start: the dispatcher's start action (its strategy and cap).
         now_s: when it starts.
         truth: the VM's true figures (what the model runs on).
-        cal: the machine constants (setup, switchover, felt downtime).
+        cal: the machine constants (setup, switchover, felt downtime, one move's zstd).
+        budget: the hosts' CPU for compression (None: no limit beyond one move's).
     """
 
-    def __init__(self, start: Start, now_s: float, truth: Vm, cal: Calibration) -> None:
+    def __init__(
+        self,
+        start: Start,
+        now_s: float,
+        truth: Vm,
+        cal: Calibration,
+        budget: CompressionBudget | None = None,
+    ) -> None:
         self._vm = truth
         self._cal = cal
+        self._budget = budget
+        self._source = start.move.source
         self._strategy: Planned = start.strategy
+        self._ratio = max(1.0, truth.compress_ratio) if start.strategy == "multifd" else 1.0
+        self._compressing = False  # a member of the budget
         self._cap = start.cap_bps
         self._since_s = now_s
-        self._phase = _Phase.SETUP
-        zero_bytes = truth.memory_bytes * truth.zero_fraction
-        self._phase_end_s = now_s + cal.setup_ms / 1000.0 + zero_bytes / cal.zero_scan_bps
-        self._left = truth.memory_bytes - zero_bytes  # bytes still to send in this phase
         self._dirty = 0.0
-        self._sent = 0.0
+        self._sent = 0.0  # on the wire
         self._set = float(
             truth.memory_bytes if truth.dirty_set_bytes is None else truth.dirty_set_bytes
         )
@@ -83,15 +136,50 @@ class PrecopyFlow:
         self._stall_s = 0.0
         self._ran_as: str = start.strategy
         self._felt_ms = 0
+        self._set_up(now_s)
+
+    def _set_up(self, now_s: float) -> None:
+        """Begin (again): set up, then a first pass over the non-zero pages."""
+        zero_bytes = self._vm.memory_bytes * self._vm.zero_fraction
+        self._phase = _Phase.SETUP
+        self._phase_end_s = (
+            now_s + self._cal.setup_ms / 1000.0 + zero_bytes / self._cal.zero_scan_bps
+        )
+        self._left = self._vm.memory_bytes - zero_bytes  # guest bytes still to send this phase
+        self._dirty = 0.0
+        self._stalled_since = None
+
+    def _wire_bps(self) -> float:
+        """What it would send without zstd's limits: its cap, at most a stream."""
+        stream = float(self._cal.qemu_throughput_bps)
+        return stream if self._cap is None else min(self._cap, stream)
 
     def demand_bps(self) -> float:
         if self._phase is _Phase.SETUP:
             return 0.0
-        stream = float(self._cal.qemu_throughput_bps)
-        return stream if self._cap is None else min(self._cap, stream)
+        wire = self._wire_bps()
+        if self._strategy == "multifd":
+            zstd = float(self._cal.multifd_compress_bps)
+            if self._budget is not None:
+                zstd = min(zstd, self._budget.share_bps(self._source, self._vm.name))
+            wire = min(wire, zstd / self._ratio)
+        return wire
 
     def set_cap(self, cap_bps: float) -> None:
         self._cap = cap_bps
+        if self._compressing:
+            self._join()
+
+    def _join(self) -> None:
+        if self._budget is not None:
+            want = min(self._wire_bps() * self._ratio, float(self._cal.multifd_compress_bps))
+            self._budget.join(self._source, self._vm.name, want)
+            self._compressing = True
+
+    def _leave(self) -> None:
+        if self._budget is not None and self._compressing:
+            self._budget.leave(self._source, self._vm.name)
+        self._compressing = False
 
     def advance(self, now_s: float, rate_bps: float) -> None:
         dt = now_s - self._since_s
@@ -102,11 +190,12 @@ class PrecopyFlow:
             self._left = max(0.0, self._left - rate_bps * dt)
             return
         self._sent += rate_bps * dt
+        guest_bps = rate_bps * self._ratio
         if self._phase is _Phase.PASS:
-            self._left = max(0.0, self._left - rate_bps * dt)
+            self._left = max(0.0, self._left - guest_bps * dt)
             self._dirty = self._dirtied(dt, drain_bps=0.0)
         else:
-            self._dirty = self._dirtied(dt, drain_bps=rate_bps)
+            self._dirty = self._dirtied(dt, drain_bps=guest_bps)
 
     def _dirtied(self, dt: float, *, drain_bps: float) -> float:
         """``D`` after ``dt`` s of dirtying at ``r`` over ``W`` while ``drain_bps`` is sent."""
@@ -121,20 +210,23 @@ class PrecopyFlow:
             return self._phase_end_s
         if rate_bps <= 0.0:
             return math.inf
-        if self._phase in (_Phase.PASS, _Phase.PULL):
+        if self._phase is _Phase.PULL:
             return now_s + self._left / rate_bps
-        threshold = rate_bps * self._limit_s
+        guest_bps = rate_bps * self._ratio
+        if self._phase is _Phase.PASS:
+            return now_s + self._left / guest_bps
+        threshold = guest_bps * self._limit_s
         if self._dirty <= threshold:
             return now_s
         if self._rate <= 0.0 or self._set <= 0.0:
-            return now_s + (self._dirty - threshold) / rate_bps
-        steady = self._set * (1.0 - rate_bps / self._rate)
+            return now_s + (self._dirty - threshold) / guest_bps
+        steady = self._set * (1.0 - guest_bps / self._rate)
         if steady < threshold:
             self._stalled_since = None
             ratio = (self._dirty - steady) / (threshold - steady)
             return now_s + math.log(ratio) * self._set / self._rate
         if self._stalled_since is None:
-            rounds_s = _STALL_ROUNDS * self._dirty / rate_bps
+            rounds_s = _STALL_ROUNDS * self._dirty / guest_bps
             self._stalled_since = now_s
             self._stall_s = min(_STALL_MAX_S, max(_STALL_MIN_S, rounds_s))
         return self._stalled_since + self._stall_s
@@ -143,6 +235,8 @@ class PrecopyFlow:
         phase = self._phase
         if phase is _Phase.SETUP:
             self._phase = _Phase.PASS
+            if self._strategy == "multifd":
+                self._join()
         elif phase is _Phase.PASS:
             if self._left <= _EPS_BYTES:
                 self._end_pass(rate_bps)
@@ -159,17 +253,24 @@ class PrecopyFlow:
             self._phase = _Phase.ITERATE
 
     def _iterate_event(self, now_s: float, rate_bps: float) -> None:
-        threshold = rate_bps * self._limit_s
+        guest_bps = max(rate_bps * self._ratio, 1.0)
+        threshold = guest_bps * self._limit_s
         if self._dirty <= threshold * (1.0 + 1e-9) + _EPS_BYTES:
-            pause_ms = self._dirty / max(rate_bps, 1.0) * 1000.0 + self._cal.switchover_ms
-            self._sent += self._dirty
-            m = self._vm.measurement(rate_bps)
-            self._felt_ms = precopy_felt_ms(m, downtime_ms=pause_ms, cal=self._cal)
+            pause_ms = self._dirty / guest_bps * 1000.0 + self._cal.switchover_ms
+            self._sent += self._dirty / self._ratio
+            m = self._vm.measurement(max(rate_bps, 1.0))
+            multifd = self._strategy == "multifd"
+            self._felt_ms = precopy_felt_ms(m, downtime_ms=pause_ms, cal=self._cal, multifd=multifd)
             self._phase = _Phase.PAUSED
             self._phase_end_s = now_s + pause_ms / 1000.0
             return
         stalled = self._stalled_since
         if stalled is not None and now_s >= stalled + self._stall_s - 1e-9:
+            if self._strategy == "multifd":  # cancelled; moved again as hybrid
+                self._leave()
+                self._ran_as, self._strategy, self._ratio = "multifd+hybrid", "hybrid", 1.0
+                self._set_up(now_s)
+                return
             self._ran_as = "precopy+postcopy"
             self._to_postcopy(rate_bps)
 
@@ -182,4 +283,5 @@ class PrecopyFlow:
         self._phase = _Phase.PULL
 
     def _finish(self, now_s: float) -> Finished:
+        self._leave()
         return Finished(self._vm.name, now_s, self._ran_as, self._felt_ms, round(self._sent))

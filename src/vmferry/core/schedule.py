@@ -9,6 +9,10 @@ real ones.
 
 :class:`BandwidthDispatcher` is vmferry's policy:
 
+* **strategy**: each move's, chosen by the cost book at the most bandwidth it can use
+  (:meth:`~vmferry.core.move_cost.CostBook.choose`): the safe one of pre-copy and multifd
+  (zstd) that needs the least time, else hybrid; ``strategies`` narrows the choice (pre-copy
+  and hybrid only: what vmferry planned before it compressed).
 * **order**: longest and hardest first (LPT list scheduling): by predicted duration at the
   most bandwidth the move can use, times ``1 + risk`` where risk is the share of that
   bandwidth it needs to converge and meet its goal (:class:`~vmferry.core.move_cost.MoveNeed`).
@@ -52,7 +56,7 @@ from vmferry.core._dispatch_state import (
 )
 from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
 from vmferry.core.errors import ConfigError
-from vmferry.core.move_cost import CostBook, MoveNeed, Planned
+from vmferry.core.move_cost import PLANNED, CostBook, MoveNeed, Planned
 
 __all__ = [
     "Action",
@@ -139,18 +143,27 @@ class BandwidthDispatcher:
         moves: the moves of the job.
         book: predictions of each move at a share.
         stream_bps: the most one migration stream carries (one QEMU migration thread).
+        strategies: what moves may run as (see the module docs).
+        name: the policy's name in reports.
 
     Raises:
         UnknownHost, ConfigError: see :func:`check_moves`.
     """
 
-    name = "ours"
-
     def __init__(
-        self, cluster: Cluster, moves: Sequence[Move], book: CostBook, *, stream_bps: float
+        self,
+        cluster: Cluster,
+        moves: Sequence[Move],
+        book: CostBook,
+        *,
+        stream_bps: float,
+        strategies: Sequence[Planned] = PLANNED,
+        name: str = "ours",
     ) -> None:
         check_moves(cluster, moves)
+        self.name = name
         self._book = book
+        self._strategies = tuple(strategies)
         self._link = {h.name: float(h.link_bps) for h in cluster.hosts}
         self._free: dict[Link, float] = {}  # not reserved
         for name, rate in self._link.items():
@@ -172,17 +185,18 @@ class BandwidthDispatcher:
             self._queues.by_source.setdefault(entry.move.source, []).append(entry)
 
     def _entry(self, move: Move, stream_bps: float) -> Entry:
-        """A queued move; ordered by its predicted duration at the most it can use, times
-        ``1 + risk`` (the inverse of its dirty-rate headroom there)."""
+        """A queued move, as the strategy the book chooses at the most it can use; ordered by
+        its predicted duration there, times ``1 + risk`` (the inverse of its dirty-rate
+        headroom there)."""
         max_bps = min(stream_bps, self._link[move.source], self._link[move.destination])
         least_bps = self._link[move.source] * MIN_LINK_FRACTION
         setup_s = self._book.setup_s(move.vm)
-        best = self._book.cost(move.vm, max_bps)
-        if best.safe:  # the need waits until a smaller share is considered
-            return Entry(
-                move, "precopy", max_bps, least_bps, -best.total_s * (1 + best.risk), setup_s
-            )
-        need = self._book.need(move.vm, max_bps, least_bps)
+        best = self._book.choose(move.vm, max_bps, self._strategies)
+        if best.safe and best.strategy != "hybrid":  # the need waits for a smaller share
+            usable = self._book.usable_bps(move.vm, best.strategy, max_bps)
+            key = -best.total_s * (1 + best.risk)
+            return Entry(move, best.strategy, usable, least_bps, key, setup_s)
+        need = self._book.need(move.vm, max_bps, least_bps, self._strategies)
         key = -need.best.total_s * (1.0 + need.risk)
         return Entry(move, need.strategy, max_bps, least_bps, key, setup_s, need)
 
@@ -201,8 +215,9 @@ class BandwidthDispatcher:
     def _floor(self, entry: Entry) -> float:
         """The least share ``entry`` starts with: its safe share, and a sixteenth of its
         source's link (unless it can use no more)."""
-        if entry.need is None:
-            entry.need = self._book.need(entry.move.vm, entry.max_bps, entry.least_bps)
+        if entry.need is None:  # its strategy is safe at the most it can use
+            vm = entry.move.vm
+            entry.need = self._book.need(vm, entry.max_bps, entry.least_bps, (entry.strategy,))
         return min(entry.max_bps, max(entry.need.need_bps, entry.least_bps))
 
     @property

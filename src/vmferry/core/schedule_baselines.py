@@ -10,6 +10,14 @@ evenly. They differ only in their limits (DESIGN.md "What peers do with many mov
 * ``fixed-4``: four per host (Proxmox's workers);
 * ``kubevirt``: five per cluster and two outbound per node, no inbound limit.
 
+They run every move as plain pre-copy, as the peers do by default. ``fixed-N+choice`` is
+``fixed-N`` given vmferry's per-move strategy choice: each move runs as what the cost book
+chooses (:meth:`~vmferry.core.move_cost.CostBook.choose`: pre-copy, multifd with zstd, or
+hybrid) at the share an even split gives it when its links are full (a stream's most, its
+source's link over its outbound limit, its destination's over its inbound limit). Set side
+by side with ``fixed-N`` and with vmferry's scheduler, it tells what the strategy choice gains
+and what the scheduling does.
+
 A host's own limits (:class:`~vmferry.core.cluster_model.Host`) still hold. A move whose
 destination is busy is passed over for the next one of the same source, so none waits behind
 a move it does not depend on.
@@ -22,6 +30,7 @@ from dataclasses import dataclass
 
 from vmferry.core.cluster_model import Cluster, HostName, Move, VmName
 from vmferry.core.errors import ConfigError
+from vmferry.core.move_cost import CostBook, Planned
 from vmferry.core.schedule import Action, Slots, Start, check_moves
 
 __all__ = ["BASELINES", "FifoDispatcher", "Limits"]
@@ -29,11 +38,13 @@ __all__ = ["BASELINES", "FifoDispatcher", "Limits"]
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """A baseline's concurrency limits (None: none of its own)."""
+    """A baseline's concurrency limits (None: none of its own), and whether it is given
+    vmferry's per-move strategy choice (else plain pre-copy)."""
 
     outbound: int | None
     inbound: int | None
     cluster: int | None = None
+    choice: bool = False
 
 
 BASELINES: dict[str, Limits] = {
@@ -41,6 +52,9 @@ BASELINES: dict[str, Limits] = {
     "fixed-2": Limits(2, 2),
     "fixed-4": Limits(4, 4),
     "kubevirt": Limits(2, None, cluster=5),
+    "fixed-1+choice": Limits(1, 1, choice=True),
+    "fixed-2+choice": Limits(2, 2, choice=True),
+    "fixed-4+choice": Limits(4, 4, choice=True),
 }
 
 
@@ -52,15 +66,32 @@ class FifoDispatcher:
         cluster: hosts and VMs.
         moves: the moves of the job, in the order asked for.
         limits: the concurrency limits.
+        book: the cost book that chooses each move's strategy (with ``limits.choice``).
+        stream_bps: the most one migration stream carries (with ``limits.choice``).
 
     Raises:
-        UnknownHost, ConfigError: see :func:`vmferry.core.schedule.check_moves`.
+        UnknownHost, ConfigError: see :func:`vmferry.core.schedule.check_moves`; also a
+            choice without a book.
     """
 
-    def __init__(self, name: str, cluster: Cluster, moves: Sequence[Move], limits: Limits) -> None:
+    def __init__(
+        self,
+        name: str,
+        cluster: Cluster,
+        moves: Sequence[Move],
+        limits: Limits,
+        *,
+        book: CostBook | None = None,
+        stream_bps: float = float("inf"),
+    ) -> None:
         check_moves(cluster, moves)
+        if limits.choice and book is None:
+            raise ConfigError(f"{name}: a strategy choice needs a cost book")
         self.name = name
         self._limits = limits
+        self._book = book if limits.choice else None
+        self._stream_bps = stream_bps
+        self._link = {h.name: float(h.link_bps) for h in cluster.hosts}
         self._slots = Slots(cluster, outbound=limits.outbound, inbound=limits.inbound)
         self._moves = list(moves)
         self._started = [False] * len(self._moves)
@@ -116,7 +147,17 @@ class FifoDispatcher:
         self._started[index] = True
         self._slots.take(move)
         self._running[move.name] = move
-        return Start(move, None, "precopy")
+        return Start(move, None, self._strategy(move))
+
+    def _strategy(self, move: Move) -> Planned:
+        """Plain pre-copy; with a choice, the book's at the share of an even split of full
+        links."""
+        if self._book is None:
+            return "precopy"
+        out_share = self._link[move.source] / self._slots.max_out[move.source]
+        in_share = self._link[move.destination] / self._slots.max_in[move.destination]
+        share = min(self._stream_bps, out_share, in_share)
+        return self._book.choose(move.vm, share).strategy
 
     def _dispatch_source(self, source: HostName) -> list[Action]:
         actions: list[Action] = []

@@ -2,11 +2,14 @@
 
 :func:`model_cluster` draws a cluster from a seeded distribution (below); :func:`simulate`
 plans a bulk operation on it (the evacuation of some hosts, or a balance) with each policy,
-then runs the plan's moves through the model of pre-copy of
+then runs the plan's moves through the model of pre-copy (and multifd) of
 :mod:`vmferry.core.precopy_flow` (the same model for every policy) and reports per policy the
 makespan, the downtime the guests felt, the moves that missed their goal, the bytes moved and
-the planning time. Every policy moves the same VMs to the same destinations; only the order,
-the concurrency and the bandwidth caps differ.
+the planning time, with two lower bounds no schedule beats: one for the raw non-zero pages
+(:func:`lower_bound_s`), one for pages compressed as well as each VM's allow
+(:func:`compressed_bound_s`). Every policy moves the same VMs to the same destinations; only
+the order, the concurrency, the bandwidth caps and the strategy of each move (plain pre-copy
+for the peers' policies) differ.
 
 The modelled cluster (assumptions, not measurements):
 
@@ -22,13 +25,27 @@ The modelled cluster (assumptions, not measurements):
   ten in an anti-affinity group of three.
 * what the scheduler sees is what a pre-flight measured; the model runs on the truth: the
   dirty rate differs by a log-normal factor (sigma 0.25), the dirty set by one of sigma 0.1.
+* compression: the zstd ratio of a VM's non-zero pages is 1.2-3.0 (uniform) as measured, and
+  the truth differs by a log-normal factor (sigma 0.1, at least 1; drawn from a random stream
+  of its own, so the rest of the cluster is the one drawn before compression was modelled).
+  A multifd move runs :data:`MULTIFD_CHANNELS` channels at zstd level 1 (QEMU's default
+  ``multifd-zstd-level``), each compressing :data:`ZSTD_CHANNEL_BPS` of memory pages on one
+  server core (zstd's own benchmark gives ~500 MB/s at level 1 on a desktop core; server
+  cores clock lower): 1.4 GB/s of guest memory per move (``SIM_CALIBRATION``'s
+  ``multifd_compress_bps``, what the cost book plans with too). A host lends compression at
+  most :data:`HOST_COMPRESS_CORES` of its 64 cores (its VMs keep running on the rest):
+  :data:`HOST_COMPRESS_BPS`, shared by the multifd moves it sends at once (the model's
+  :class:`~vmferry.core.precopy_flow.CompressionBudget`; the scheduler does not know it).
+  Decompression (several times faster per core) is not a limit here. A multifd move's wire
+  still carries at most one stream's 1 GB/s (as the predictor has it; conservative, as four
+  channels could send more). vmferry's lab runs 2 channels on its own calibration.
 """
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -39,14 +56,19 @@ from vmferry.core.flows import FluidExecutor
 from vmferry.core.job import POLICY_NAMES, ManualClock, Schedule, make_dispatcher, plan_job, run_job
 from vmferry.core.move_cost import CostBook
 from vmferry.core.placement import Placement, Room, host_load, place_evacuation, plan_balance
-from vmferry.core.precopy_flow import PrecopyFlow
+from vmferry.core.precopy_flow import CompressionBudget, PrecopyFlow
 
 __all__ = [
+    "HOST_COMPRESS_BPS",
+    "HOST_COMPRESS_CORES",
+    "MULTIFD_CHANNELS",
     "SCENARIOS",
     "SIM_CALIBRATION",
+    "ZSTD_CHANNEL_BPS",
     "ModelledCluster",
     "PolicyResult",
     "SimulationResult",
+    "compressed_bound_s",
     "load_spread",
     "lower_bound_s",
     "model_cluster",
@@ -55,10 +77,16 @@ __all__ = [
 
 Scenario = Literal["evacuate", "balance"]
 SCENARIOS: tuple[Scenario, ...] = ("evacuate", "balance")
+# Compression on the modelled servers (assumptions, see the module docs).
+ZSTD_CHANNEL_BPS = 350_000_000
+MULTIFD_CHANNELS = 4
+HOST_COMPRESS_CORES = 16
+HOST_COMPRESS_BPS = HOST_COMPRESS_CORES * ZSTD_CHANNEL_BPS
 SIM_CALIBRATION = Calibration(
     qemu_throughput_bps=1_000_000_000,
     paused_throughput_bps=2_000_000_000,
     zero_scan_bps=8_000_000_000,
+    multifd_compress_bps=MULTIFD_CHANNELS * ZSTD_CHANNEL_BPS,
 )
 GIB = 1 << 30
 _HOST_MEMORY = 384 * GIB
@@ -70,6 +98,11 @@ _BUSY_SHARE = 0.15
 _GROUPED_SHARE = 0.1
 _MAX_RATE_BPS = 2_000_000_000
 _PLACE_TRIES = 30
+_RATIO_RANGE = (1.2, 3.0)
+_RATIO_NOISE = 0.1
+# Labels of a move rescued from a stall: a pre-copy switched to post-copy, a multifd move
+# cancelled and moved again as hybrid.
+_RESCUES = ("precopy+postcopy", "multifd+hybrid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +122,7 @@ def model_cluster(hosts: int, vms: int, *, seed: int) -> ModelledCluster:
     if hosts < 2 or vms < 0:
         raise ConfigError("a simulated cluster needs at least 2 hosts and 0 or more VMs")
     rng = random.Random(seed)
+    zstd_rng = random.Random(f"zstd-{seed}")  # its own stream: see the module docs
     host_list = [
         Host(HostName(f"host-{i + 1}"), _HOST_MEMORY, _HOST_VCPUS, _pick(rng, _LINKS))
         for i in range(hosts)
@@ -113,6 +147,8 @@ def model_cluster(hosts: int, vms: int, *, seed: int) -> ModelledCluster:
             groups[at].add(group)
         seen.append(vm)
         truth[vm.name] = _true(rng, vm)
+        ratio = vm.compress_ratio * zstd_rng.lognormvariate(0.0, _RATIO_NOISE)
+        truth[vm.name] = replace(truth[vm.name], compress_ratio=max(1.0, ratio))
     return ModelledCluster(Cluster.build(host_list, seen), truth)
 
 
@@ -144,7 +180,7 @@ def _draw_vm(rng: random.Random, name: VmName, group: str | None) -> Vm:
         dirty_rate_bps=min(_MAX_RATE_BPS, round(rate)),
         dirty_set_bytes=dirty_set,
         zero_fraction=rng.uniform(0.1, 0.8),
-        compress_ratio=rng.uniform(1.2, 3.0),
+        compress_ratio=rng.uniform(*_RATIO_RANGE),
         max_downtime_ms=_pick(rng, _GOALS_MS),
         group=group,
     )
@@ -193,8 +229,9 @@ class PolicyResult:
         makespan_s: the simulated job's length.
         downtime_sum_ms: the guests' felt downtime, summed.
         missed: moves whose guest felt more than its goal.
-        rescued: pre-copies that stalled and were switched to post-copy.
-        transferred_bytes: bytes moved.
+        rescued: moves that stalled: pre-copies switched to post-copy, multifd moves
+            cancelled and moved again as hybrid.
+        transferred_bytes: bytes moved (on the wire: compressed for multifd).
         run: the simulated schedule.
     """
 
@@ -208,6 +245,14 @@ class PolicyResult:
     transferred_bytes: int
     run: Schedule
 
+    @property
+    def ran_as(self) -> dict[str, int]:
+        """How many moves ran as what (``precopy``, ``multifd``, ``hybrid``, rescues)."""
+        counts: dict[str, int] = {}
+        for record in self.run.records:
+            counts[record.ran_as] = counts.get(record.ran_as, 0) + 1
+        return dict(sorted(counts.items()))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "policy": self.policy,
@@ -218,12 +263,17 @@ class PolicyResult:
             "missed": self.missed,
             "rescued": self.rescued,
             "transferred_bytes": self.transferred_bytes,
+            "ran_as": self.ran_as,
         }
 
 
 @dataclass(frozen=True, slots=True)
 class SimulationResult:
-    """Every policy's result on one modelled cluster and operation."""
+    """Every policy's result on one modelled cluster and operation.
+
+    ``lower_bound_s`` is no schedule's of the raw non-zero pages (:func:`lower_bound_s`),
+    ``compressed_bound_s`` no schedule's at all, compressing as well as the VMs and the hosts'
+    CPU allow (:func:`compressed_bound_s`)."""
 
     hosts: int
     vms: int
@@ -234,21 +284,32 @@ class SimulationResult:
     refused: int
     placement_s: float
     lower_bound_s: float
+    compressed_bound_s: float
     results: tuple[PolicyResult, ...]
     spread: tuple[float, float] = (0.0, 0.0)  # host load spread before and after the moves
 
-    def best_fixed(self) -> PolicyResult | None:
-        """The fixed-concurrency baseline with the shortest simulated makespan."""
-        fixed = [r for r in self.results if r.policy.startswith("fixed-")]
+    def best_fixed(self, *, choice: bool = False) -> PolicyResult | None:
+        """The fixed-concurrency baseline with the shortest simulated makespan: of those run
+        as the peers run them (plain pre-copy), or with ``choice`` of those given vmferry's
+        per-move strategy choice (``fixed-N+choice``)."""
+        fixed = [
+            r
+            for r in self.results
+            if r.policy.startswith("fixed-") and r.policy.endswith("+choice") == choice
+        ]
         return min(fixed, key=lambda r: r.makespan_s, default=None)
 
     def to_json(self) -> dict[str, Any]:
-        best = self.best_fixed()
+        best, best_choice = self.best_fixed(), self.best_fixed(choice=True)
         rows = []
         for result in self.results:
             row = result.to_json()
-            if best is not None and best.makespan_s > 0:
-                row["makespan_vs_best_fixed"] = round(result.makespan_s / best.makespan_s, 3)
+            for key, other in (
+                ("makespan_vs_best_fixed", best),
+                ("makespan_vs_best_fixed_choice", best_choice),
+            ):
+                if other is not None and other.makespan_s > 0:
+                    row[key] = round(result.makespan_s / other.makespan_s, 3)
             rows.append(row)
         return {
             "hosts": self.hosts,
@@ -260,9 +321,11 @@ class SimulationResult:
             "refused": self.refused,
             "placement_s": round(self.placement_s, 3),
             "lower_bound_s": round(self.lower_bound_s, 1),
+            "lower_bound_compressed_s": round(self.compressed_bound_s, 1),
             "load_spread_before": round(self.spread[0], 3),
             "load_spread_after": round(self.spread[1], 3),
             "best_fixed": None if best is None else best.policy,
+            "best_fixed_choice": None if best_choice is None else best_choice.policy,
             "policies": rows,
         }
 
@@ -278,6 +341,7 @@ def simulate(
     evacuate: int | None = None,
     max_moves: int | None = None,
     cal: Calibration = SIM_CALIBRATION,
+    host_compress_bps: float = HOST_COMPRESS_BPS,
 ) -> SimulationResult:
     """Plan and simulate one operation on a modelled cluster with each policy.
 
@@ -289,6 +353,7 @@ def simulate(
         evacuate: how many hosts to evacuate (default: 1 in 20, at least 1).
         max_moves: the most moves a balance plans (default: one per host).
         cal: the machine constants of the model and of the predictor.
+        host_compress_bps: what a source host compresses at most, all its moves together.
 
     Raises:
         ConfigError: bad sizes, an unknown policy or scenario.
@@ -308,7 +373,8 @@ def simulate(
         began = timer()
         plan = plan_job(cluster, placement.moves, book=book, policy=policy)
         planning_s = placement_s + timer() - began
-        run = _run(cluster, modelled.truth, placement.moves, policy, book)
+        budget = CompressionBudget(host_compress_bps)
+        run = _run(cluster, modelled.truth, placement.moves, policy, (book, budget))
         results.append(
             PolicyResult(
                 policy,
@@ -317,7 +383,7 @@ def simulate(
                 run.makespan_s,
                 run.downtime_sum_ms,
                 run.missed,
-                sum(1 for r in run.records if r.ran_as == "precopy+postcopy"),
+                sum(1 for r in run.records if r.ran_as in _RESCUES),
                 run.transferred_bytes,
                 run,
             )
@@ -332,6 +398,7 @@ def simulate(
         len(placement.refused),
         placement_s,
         lower_bound_s(cluster, placement.moves, book),
+        compressed_bound_s(cluster, placement.moves, modelled.truth, book, host_compress_bps),
         tuple(results),
         (load_spread(cluster), load_spread(cluster.after(placement.moves))),
     )
@@ -363,6 +430,60 @@ def lower_bound_s(cluster: Cluster, moves: Sequence[Move], book: CostBook) -> fl
     return bound
 
 
+def compressed_bound_s(
+    cluster: Cluster,
+    moves: Sequence[Move],
+    truth: Mapping[VmName, Vm],
+    book: CostBook,
+    host_compress_bps: float,
+) -> float:
+    """No schedule of ``moves`` ends sooner, whatever each move runs as: a move sets up, then
+    sends its non-zero pages no faster than the better of a stream (pre-copy) and multifd
+    (a stream's wire times its true zstd ratio, at most one move's zstd and its host's);
+    a destination's link carries at least each page compressed by its true ratio; a source's
+    link carries the pages its host's CPU has no time to compress raw (:func:`_source_s`).
+    Re-sent pages are not counted."""
+    cal = book.cal
+    sent: dict[HostName, list[tuple[float, float]]] = {}
+    into: dict[HostName, float] = {}
+    bound = 0.0
+    for move in moves:
+        vm = truth.get(move.name, move.vm)
+        ratio = max(1.0, vm.compress_ratio)
+        data = vm.memory_bytes * (1.0 - vm.zero_fraction)
+        links = (cluster.host(move.source).link_bps, cluster.host(move.destination).link_bps)
+        wire = min(cal.qemu_throughput_bps, *links)
+        zstd = min(wire * ratio, cal.multifd_compress_bps, host_compress_bps)
+        bound = max(bound, book.setup_s(vm) + data / max(wire, zstd))
+        sent.setdefault(move.source, []).append((data, ratio))
+        into[move.destination] = into.get(move.destination, 0.0) + data / ratio
+    for host, data in into.items():
+        bound = max(bound, data / cluster.host(host).link_bps)
+    for host, pages in sent.items():
+        bound = max(bound, _source_s(cluster.host(host).link_bps, host_compress_bps, pages))
+    return bound
+
+
+def _source_s(link_bps: float, cpu_bps: float, pages: Sequence[tuple[float, float]]) -> float:
+    """The least time a source needs to send ``pages`` ((non-zero bytes, zstd ratio) per
+    move) over its link when its CPU compresses at most ``cpu_bps``: compressing a byte of
+    ratio ``c`` saves ``1 - 1/c`` of the link and costs a byte of the CPU's time, so the best
+    ratios are compressed first, until the link's time and the CPU's meet."""
+    wire, cpu = sum(data for data, _ in pages), 0.0
+    for data, ratio in sorted(pages, key=lambda page: -page[1]):
+        saving = 1.0 - 1.0 / ratio
+        slope = saving / link_bps + 1.0 / cpu_bps
+        if slope <= 0.0:
+            break
+        # Compressing ``more`` bytes of it: the link's time falls, the CPU's grows.
+        more = (wire / link_bps - cpu / cpu_bps) / slope
+        if more <= data:
+            return (cpu + max(0.0, more)) / cpu_bps
+        wire -= saving * data
+        cpu += data
+    return max(wire / link_bps, cpu / cpu_bps)
+
+
 def _operation(
     cluster: Cluster,
     book: CostBook,
@@ -391,12 +512,18 @@ def _operation(
 
 
 def _run(
-    cluster: Cluster, truth: dict[VmName, Vm], moves: Sequence[Move], policy: str, book: CostBook
+    cluster: Cluster,
+    truth: dict[VmName, Vm],
+    moves: Sequence[Move],
+    policy: str,
+    costs: tuple[CostBook, CompressionBudget],
 ) -> Schedule:
-    """The moves under ``policy``, each as the model of pre-copy says it runs."""
+    """The moves under ``policy``, each as the model of pre-copy says it runs (multifd moves
+    sharing their source's CPU for compression, ``costs[1]``)."""
+    book, budget = costs
     cal = book.cal
     executor = FluidExecutor(
         {h.name: float(h.link_bps) for h in cluster.hosts},
-        lambda start, now_s: PrecopyFlow(start, now_s, truth[start.move.name], cal),
+        lambda start, now_s: PrecopyFlow(start, now_s, truth[start.move.name], cal, budget),
     )
     return run_job(make_dispatcher(policy, cluster, moves, book), executor, ManualClock())
