@@ -17,11 +17,9 @@ import time
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import aiohttp
 import pytest
 from labcli import Lab
 
-from vmferry.agent.tls import client_context
 from vmferry.controller.inventory import Inventory
 from vmferry.service.client import ServiceClient
 from vmferry.service.events import Event
@@ -178,10 +176,5 @@ def _use(  # the service's part of the test
 
 
 async def _scrape(url: str, token: str, ca: Path | None) -> str:
-    ssl = client_context(ca) if ca is not None else False
-    async with (
-        aiohttp.ClientSession() as session,
-        session.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"}, ssl=ssl) as r,
-    ):
-        assert r.status == 200
-        return await r.text()
+    async with ServiceClient(url, token, ca) as client:
+        return await client.get_text("/metrics")

@@ -329,7 +329,12 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
         await response.write(data)
 
 
+def _is_final(event: Event) -> bool:
+    return event.kind == "job" and api.JobState(event.data["state"]).is_final
+
+
 async def _events(request: web.Request) -> web.StreamResponse:
+    """The event stream; one job's (``?job=``) ends once that job has ended."""
     state = _state(request)
     job = _params(request)["job"]
     if job is not None:
@@ -347,10 +352,12 @@ async def _events(request: web.Request) -> web.StreamResponse:
             if job is not None:  # where it stands now: nothing before the stream is missed
                 snapshot = Event(state.bus.seq, "job", state.store.job(job).event_json())
                 await _write(response, sse_frame(snapshot))
-            while not state.closing.is_set():
+            ended = job is not None and _is_final(snapshot)
+            while not ended and not state.closing.is_set():
                 events = await watcher.next(state.keepalive_s)
                 payload = b"".join(sse_frame(e) for e in events) or sse_comment("keepalive")
                 await _write(response, payload)
+                ended = job is not None and any(_is_final(e) for e in events)
         except (TimeoutError, ConnectionError) as err:
             logger.info("events.closed a watcher (%s)", type(err).__name__)
     return response

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -31,6 +32,7 @@ from vmferry.service.events import Event
 __all__ = ["ServiceClient", "ServiceError", "ServiceRefused", "ServiceUnreachable", "SseParser"]
 
 DEFAULT_TIMEOUT_S = 30.0
+_TLS_CLOSE_S = 0.1
 # An event stream with nothing, not even a keepalive, for this long is taken for dead.
 STREAM_IDLE_S = 60.0
 
@@ -94,6 +96,10 @@ class ServiceClient:
     ) -> None:
         if self._session is not None:
             await self._session.close()
+            if self._ssl is not False:
+                # aiohttp ends TLS connections after close() returns (the TLS shutdown runs on
+                # the loop): a loop closed at once would find their sockets still open.
+                await asyncio.sleep(_TLS_CLOSE_S)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -134,6 +140,22 @@ class ServiceClient:
     async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
         return await self._request("GET", path, params=params)
+
+    async def get_text(self, path: str) -> str:
+        """A text body (``/metrics``).
+
+        Raises: ServiceRefused, ServiceError, ServiceUnreachable.
+        """
+        timeout = aiohttp.ClientTimeout(total=DEFAULT_TIMEOUT_S)
+        try:
+            async with self.session.get(self.url + path, ssl=self._ssl, timeout=timeout) as r:
+                text = await r.text()
+                status = r.status
+        except (TimeoutError, aiohttp.ClientError) as err:
+            raise ServiceUnreachable(f"{self.url}: {str(err) or 'no answer'}") from err
+        if status >= 400:
+            raise _error(status, _loads(text), f"GET {path}")
+        return text
 
     async def post(self, path: str, body: Mapping[str, Any]) -> Any:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
