@@ -50,3 +50,42 @@ def test_plan_imports_no_migration_machinery_and_no_lab() -> None:
         "vmferry.lab.cluster",
     }
     assert not unwanted & loaded
+
+
+def test_client_mode_has_a_function_for_each_remote_command() -> None:
+    from vmferry.cli.commands import REMOTE
+
+    assert set(REMOTE) <= set(COMMANDS)
+    for command, action in REMOTE:
+        remote = command_for(command, action, remote=True)
+        assert inspect.iscoroutinefunction(remote), (command, action)
+        assert remote.__module__ == "vmferry.cli.remote"
+    # Commands without a client mode run in-process either way.
+    assert command_for("vm", "create", remote=True).__module__ == "vmferry.cli.guests"
+
+
+def test_server_option_before_the_command() -> None:
+    for argv in (
+        ["--server", "https://h:7780", "migrate", "a", "--to", "b"],
+        ["--server=https://h:7780", "migrate", "a", "--to", "b"],
+    ):
+        args = build_parser(argv).parse_args(argv)
+        assert (args.server, args.command, args.name, args.to) == (
+            "https://h:7780",
+            "migrate",
+            "a",
+            "b",
+        )
+    assert build_parser(["serve"]).parse_args(["serve"]).listen == "127.0.0.1:7780"
+
+
+def test_plan_does_not_load_the_service() -> None:
+    code = (
+        "import sys\n"
+        "from vmferry.cli.commands import command_for\n"
+        "import vmferry.cli.main\n"
+        "command_for('plan', None)\n"
+        "print('\\n'.join(sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert not {m for m in done.stdout.split() if m.startswith("vmferry.service")}

@@ -17,8 +17,9 @@ ALLOWED: dict[str, set[str]] = {
     "guest": {"core", "guest"},
     "agent": {"core", "qemu", "guest", "agent"},
     "controller": {"core", "controller", "agent"},
+    "service": {"core", "agent", "controller", "service"},
     "lab": {"core", "qemu", "guest", "agent", "controller", "lab"},
-    "cli": {"core", "guest", "qemu", "agent", "controller", "lab", "cli"},
+    "cli": {"core", "guest", "qemu", "agent", "controller", "service", "lab", "cli"},
 }
 
 

@@ -4,19 +4,23 @@ A command pays at start-up for what it uses alone: ``plan`` does not load the mi
 machinery, ``vm list`` not the predictor, neither of them the lab. Each command is an async
 function ``(args, err, out) -> exit status``; human output and progress go to ``err``,
 ``--json`` output to ``out``.
+
+With ``--server URL`` or ``$VMFERRY_URL`` set, the commands of :data:`REMOTE` talk to a
+``vmferry serve`` instead (:mod:`vmferry.cli.remote`); the others run in-process as ever.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["COMMANDS", "Command", "command_for", "run"]
+__all__ = ["COMMANDS", "REMOTE", "Command", "command_for", "run"]
 
 Command = Callable[[argparse.Namespace, "Console", "Console"], Awaitable[int]]
 
@@ -49,12 +53,26 @@ COMMANDS: dict[tuple[str, str | None], str] = {
     ("job", "show"): "vmferry.cli.jobs:job_show",
     ("job", "resume"): "vmferry.cli.jobs:job_resume",
     ("balance", None): "vmferry.cli.balance:balance",
+    ("serve", None): "vmferry.cli.serve:serve",
+}
+
+# The commands that go through the service in client mode.
+REMOTE: dict[tuple[str, str | None], str] = {
+    ("vm", "list"): "vmferry.cli.remote:vm_list",
+    ("host", "list"): "vmferry.cli.remote:host_list",
+    ("history", None): "vmferry.cli.remote:history",
+    ("migrate", None): "vmferry.cli.remote:migrate",
+    ("host", "evacuate"): "vmferry.cli.remote:host_evacuate",
+    ("balance", None): "vmferry.cli.remote:balance",
+    ("reconcile", None): "vmferry.cli.remote:reconcile",
 }
 
 
-def command_for(command: str, action: str | None) -> Command:
-    """The function that runs ``command`` (``action``), its module imported now."""
-    module, _, name = COMMANDS[(command, action)].partition(":")
+def command_for(command: str, action: str | None, *, remote: bool = False) -> Command:
+    """The function that runs ``command`` (``action``), its module imported now (``remote``:
+    its client mode, for the commands that have one)."""
+    table = REMOTE if remote and (command, action) in REMOTE else COMMANDS
+    module, _, name = table[(command, action)].partition(":")
     function: Command = getattr(importlib.import_module(module), name)
     return function
 
@@ -62,4 +80,5 @@ def command_for(command: str, action: str | None) -> Command:
 async def run(args: argparse.Namespace, err: Console, out: Console) -> int:
     """Run the command ``args`` names."""
     action = getattr(args, f"{args.command}_command", None)
-    return await command_for(args.command, action)(args, err, out)
+    remote = bool(getattr(args, "server", None) or os.environ.get("VMFERRY_URL"))
+    return await command_for(args.command, action, remote=remote)(args, err, out)

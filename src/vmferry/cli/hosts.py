@@ -31,7 +31,7 @@ from vmferry.core.model import validate_name
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["host_evacuate", "host_list", "host_maintenance"]
+__all__ = ["host_evacuate", "host_list", "host_maintenance", "show_host_rows"]
 
 
 def _request(args: argparse.Namespace) -> JobRequest:
@@ -282,27 +282,19 @@ async def _exit(args: argparse.Namespace, err: Console, out: Console) -> int:
     return EXIT_OK if result.ok else EXIT_FAILED
 
 
-def _host_row(live: LiveCluster, host: str) -> dict[str, Any]:
-    info = live.hosts.get(host)
-    mark = live.marks.get(host)
-    state = "unreachable" if info is None else (mark.state if mark else "active")
-    return {
-        "host": host,
-        "state": state,
-        "vms": sorted(v.name for v in live.vms_on(host)),
-        "memory_free_bytes": None if info is None else info.memory_free_bytes,
-        "vcpus_free": None if info is None or info.vcpus is None else info.vcpus - info.vcpus_used,
-        "disk_free_bytes": None if info is None else info.disk_free_bytes,
-    }
-
-
 async def host_list(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``host list``: every host's room, VMs and maintenance state."""
+    from vmferry.service.views import host_rows
+
     inventory = Inventory.load()
     store = JobStore(inventory.history_db)
     async with Cluster(inventory) as cluster:
         live = await live_cluster(cluster, store)
-    rows = [_host_row(live, host.name) for host in inventory.hosts]
+    return show_host_rows(host_rows(live, [h.name for h in inventory.hosts]), args, out)
+
+
+def show_host_rows(rows: list[dict[str, Any]], args: argparse.Namespace, out: Console) -> int:
+    """``host list``'s output (in-process and in client mode alike)."""
     if args.json:
         print_json(out, rows)
         return EXIT_OK

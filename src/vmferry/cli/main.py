@@ -33,8 +33,8 @@ _LOG_WIDTH = 160
 
 
 def _configure_logging(verbosity: int, command: str) -> None:
-    # An agent is a service: it logs its operations by default.
-    extra = 1 if command == "agent" else 0
+    # An agent and the controller service log their operations by default.
+    extra = 1 if command in ("agent", "serve") else 0
     level = logging.WARNING - 10 * min(verbosity + extra, 2)
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr

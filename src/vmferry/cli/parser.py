@@ -24,15 +24,33 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"vmferry {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="talk to a `vmferry serve` at URL (as $VMFERRY_URL does; the token from "
+        "$VMFERRY_TOKEN): vm list, host list, history, migrate, host evacuate, balance, reconcile",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # The top-level options take no value: the first word that is not an option is the command.
-    named = None if argv is None else next((a for a in argv if not a.startswith("-")), None)
+    # The top-level options take no value but --server (its URL is skipped): the first other
+    # word that is not an option is the command.
+    named = None if argv is None else _command_word(argv)
     every = named not in _COMMANDS
     for name, (help_text, add_options) in _COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
         if every or name == named:
             add_options(command)
     return parser
+
+
+def _command_word(argv: Sequence[str]) -> str | None:
+    words = iter(argv)
+    for word in words:
+        if word == "--server":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
 
 
 def json_flag(p: argparse.ArgumentParser) -> None:
@@ -429,6 +447,30 @@ def _agent(agent: argparse.ArgumentParser) -> None:
     )
 
 
+def _serve(serve: argparse.ArgumentParser) -> None:
+    serve.add_argument("--listen", default="127.0.0.1:7780", metavar="ADDR:PORT")
+    serve.add_argument(
+        "--state-dir", type=Path, default=None, help="its tokens (default: <lab dir>/serve)"
+    )
+    serve.add_argument("--tls-cert", type=Path, default=None, help="HTTPS certificate (PEM)")
+    serve.add_argument("--tls-key", type=Path, default=None, help="its private key (PEM)")
+    serve.add_argument(
+        "--insecure-http",
+        action="store_true",
+        help="serve plain HTTP (a lab on loopback only: the tokens travel in clear)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="on SIGTERM, let running jobs go on this long before winding them down (10)",
+    )
+    serve.add_argument(
+        "--ready-file", type=Path, default=None, help="write {url, pid, tokens} once listening"
+    )
+
+
 def _simulate(sim: argparse.ArgumentParser) -> None:
     sim.add_argument("--hosts", type=int, default=100)
     sim.add_argument("--vms", type=int, default=2000)
@@ -463,5 +505,6 @@ _COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {
     "demo": ("lab of 2 hosts; a busy guest migrated host-1 → host-2 and back, verified", _demo),
     "image": ("the lab guest image", _image),
     "agent": ("run a host agent (normally started by `lab up`)", _agent),
+    "serve": ("run the controller as a service: REST API, events, metrics", _serve),
     "simulate": ("compare scheduling policies on a modelled cluster", _simulate),
 }

@@ -216,7 +216,7 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
     """Past migrations, oldest first."""
     table = Table(title="migration history")
     columns = ("#", "when", "VM", "move", "strategy", "status", "total", "downtime QEMU/guest")
-    for column in (*columns, "check"):
+    for column in (*columns, "check", "asked by"):
         table.add_column(column)
     for entry in entries:
         r = entry.report
@@ -236,6 +236,7 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
             f"{_ms(downtime if isinstance(downtime, int) else None)} / "
             f"{_ms(felt if isinstance(felt, int) else None)}",
             check,
+            entry.asked_by or "-",
         )
     return table
 

@@ -1,8 +1,10 @@
 """History of every migration, in SQLite (one row per migration, the report as JSON beside the
-columns people filter on)."""
+columns people filter on, and who asked for it: ``api:<token name>`` through ``vmferry serve``,
+``local:<user>`` from a command run in-process)."""
 
 from __future__ import annotations
 
+import getpass
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -40,16 +42,35 @@ class HistoryEntry:
     id: int
     started_at: str
     report: dict[str, object]
+    asked_by: str | None = None  # None: recorded before who asked was
 
     def to_json(self) -> dict[str, object]:
-        return {"id": self.id, "started_at": self.started_at, **self.report}
+        return {
+            "id": self.id,
+            "started_at": self.started_at,
+            "asked_by": self.asked_by,
+            **self.report,
+        }
+
+
+def _local_user() -> str:
+    try:
+        return f"local:{getpass.getuser()}"
+    except (OSError, KeyError):
+        return "local"
 
 
 class History:
-    """The migration history database at ``path`` (created on first use)."""
+    """The migration history database at ``path`` (created on first use); what it records,
+    ``asked_by`` asked for (None: the user running this process)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, asked_by: str | None = None) -> None:
         self.path = path
+        self.asked_by = asked_by
+
+    def for_asker(self, asked_by: str) -> History:
+        """The same history, recording what ``asked_by`` asks for."""
+        return History(self.path, asked_by)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -57,6 +78,9 @@ class History:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with closing(sqlite3.connect(self.path, timeout=10.0)) as connection, connection:
                 connection.executescript(_SCHEMA)
+                columns = {r[1] for r in connection.execute("PRAGMA table_info(migrations)")}
+                if "asked_by" not in columns:  # a database from before who asked was recorded
+                    connection.execute("ALTER TABLE migrations ADD COLUMN asked_by TEXT")
                 yield connection
         except sqlite3.Error as err:
             raise FerryError(f"migration history {self.path}: {err}") from err
@@ -71,7 +95,7 @@ class History:
         with self._connect() as db:
             cursor = db.execute(
                 "INSERT INTO migrations (started_at, vm, source, destination, strategy, status,"
-                " total_ms, downtime_ms, report) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " total_ms, downtime_ms, report, asked_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     when,
                     report.vm,
@@ -82,6 +106,7 @@ class History:
                     report.total_ms,
                     report.downtime_ms,
                     json.dumps(report.to_json()),
+                    self.asked_by or _local_user(),
                 ),
             )
             return int(cursor.lastrowid or 0)
@@ -94,7 +119,7 @@ class History:
         """
         if not self.path.exists():
             return []
-        query = "SELECT id, started_at, report FROM migrations"
+        query = "SELECT id, started_at, report, asked_by FROM migrations"
         args: tuple[object, ...] = ()
         if vm is not None:
             query += " WHERE vm = ?"
@@ -102,7 +127,7 @@ class History:
         query += " ORDER BY id DESC LIMIT ?"
         with self._connect() as db:
             rows = db.execute(query, (*args, limit)).fetchall()
-        return [HistoryEntry(int(r[0]), str(r[1]), json.loads(r[2])) for r in reversed(rows)]
+        return [_entry(r) for r in reversed(rows)]
 
     def entries_since(self, started_at: datetime) -> list[HistoryEntry]:
         """Every migration that started at or after ``started_at``, oldest first.
@@ -115,7 +140,18 @@ class History:
         since = started_at.astimezone(UTC).isoformat(timespec="seconds")
         with self._connect() as db:
             rows = db.execute(
-                "SELECT id, started_at, report FROM migrations WHERE started_at >= ? ORDER BY id",
+                "SELECT id, started_at, report, asked_by FROM migrations WHERE started_at >= ?"
+                " ORDER BY id",
                 (since,),
             ).fetchall()
-        return [HistoryEntry(int(r[0]), str(r[1]), json.loads(r[2])) for r in rows]
+        return [_entry(r) for r in rows]
+
+
+def _entry(row: tuple[object, ...]) -> HistoryEntry:
+    asked_by = row[3]
+    return HistoryEntry(
+        int(str(row[0])),
+        str(row[1]),
+        json.loads(str(row[2])),
+        asked_by if isinstance(asked_by, str) else None,
+    )

@@ -590,7 +590,8 @@ def _remove_state(directory: Path) -> bool:
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
             removed = True
-    for owned in (_HOSTS_DIR, SHARED_DIR, _TLS_DIR):
+    # ``serve``: the default state directory of ``vmferry serve`` (its tokens) for this lab.
+    for owned in (_HOSTS_DIR, SHARED_DIR, _TLS_DIR, "serve"):
         if (directory / owned).exists():
             shutil.rmtree(directory / owned)
             removed = True

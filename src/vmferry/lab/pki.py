@@ -41,6 +41,7 @@ __all__ = [
     "ServerCert",
     "issue_qemu_creds",
     "issue_server_cert",
+    "load_ca",
     "make_ca",
 ]
 
@@ -137,6 +138,21 @@ def make_ca(directory: Path) -> CertificateAuthority:
     _write_key(ca.key_file, key)
     _write_cert(ca.cert_file, cert)
     return ca
+
+
+def load_ca(directory: Path) -> CertificateAuthority:
+    """The CA :func:`make_ca` wrote in ``directory`` (to sign more certificates with).
+
+    Raises:
+        OSError: its files cannot be read.
+        ValueError: they are not a CA certificate and its EC key.
+    """
+    cert_file, key_file = directory / "ca.pem", directory / "ca.key"
+    cert = x509.load_pem_x509_certificate(cert_file.read_bytes())
+    key = serialization.load_pem_private_key(key_file.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_file} is not an EC private key")
+    return CertificateAuthority(cert_file, key_file, cert, key)
 
 
 def _sign_leaf(

@@ -1,0 +1,247 @@
+"""What the service keeps: the migration history, the controller's job tables, and its own
+record of every job it ran for a client (who asked, what, how it ended).
+
+The service talks to :class:`ServiceStore` only, so a store shared by several controllers
+(PostgreSQL, with a leader lease) can stand in for :class:`SqliteStore`, the embedded default,
+which keeps everything in the lab's ``history.db`` beside the tables the in-process CLI writes
+(one database: ``vmferry history`` shows moves from both).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from vmferry.agent.api import NotFound
+from vmferry.controller.history import History
+from vmferry.controller.jobs import JobStore
+from vmferry.core.errors import FerryError
+from vmferry.service.api import JobState
+from vmferry.service.auth import Principal, Role
+
+__all__ = ["JobNotFound", "ServiceJob", "ServiceStore", "SqliteStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS service_jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    asked_by TEXT NOT NULL,
+    role TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    request TEXT NOT NULL,
+    result TEXT,
+    error TEXT,
+    controller_job INTEGER
+);
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceJob:
+    """A job the service ran (or runs) for a client."""
+
+    id: int
+    kind: str
+    state: JobState
+    asked_by: Principal
+    created_at: str
+    updated_at: str
+    request: Mapping[str, Any]
+    result: Any  # the report / job result JSON, None until there is one
+    error: Mapping[str, str] | None  # {"code", "message"} when it broke off or was refused
+    controller_job: int | None  # its record in the controller's job tables (evacuate, balance)
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "kind": self.kind,
+            "state": str(self.state),
+            "asked_by": self.asked_by.to_json(),
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "request": dict(self.request),
+            "result": self.result,
+            "error": None if self.error is None else dict(self.error),
+            "controller_job": self.controller_job,
+        }
+
+    def event_json(self) -> dict[str, object]:
+        """The record as job events carry it: without the result (a job of many moves has a
+        large one; ``GET /jobs/{id}`` has it), with whether there is one."""
+        data = self.to_json()
+        data["has_result"] = data.pop("result") is not None
+        return data
+
+
+class ServiceStore(Protocol):
+    """Where the service keeps its state (see the module docstring)."""
+
+    def history(self, asked_by: str | None = None) -> History:
+        """The migration history, recording moves as asked by ``asked_by``."""
+        ...
+
+    def job_store(self) -> JobStore:
+        """The controller's job tables (maintenance marks, evacuation and balance jobs)."""
+        ...
+
+    def create_job(self, kind: str, request: Mapping[str, Any], who: Principal) -> ServiceJob:
+        """Record a new running job."""
+        ...
+
+    def update_job(
+        self,
+        job: int,
+        state: JobState,
+        *,
+        result: Any = None,
+        error: Mapping[str, str] | None = None,
+        controller_job: int | None = None,
+    ) -> ServiceJob:
+        """Change a job's state (and its result, error, controller job where given)."""
+        ...
+
+    def job(self, job: int) -> ServiceJob:
+        """Raises: ConfigError (NotFound): no such job."""
+        ...
+
+    def jobs(self, limit: int = 100, state: JobState | None = None) -> list[ServiceJob]:
+        """The latest jobs, newest first."""
+        ...
+
+    def interrupt_running(self) -> list[int]:
+        """Jobs a previous service left ``running`` (it died) become ``interrupted``."""
+        ...
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class JobNotFound(NotFound):
+    """No such job."""
+
+
+_COLUMNS = (
+    "id, kind, state, asked_by, role, created_at, updated_at, request, result, error,"
+    " controller_job"
+)
+
+
+class SqliteStore:
+    """The embedded store: everything in one SQLite file (the lab's ``history.db``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._history = History(path)
+        self._jobs = JobStore(path)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(sqlite3.connect(self.path, timeout=10.0)) as db, db:
+                db.executescript(_SCHEMA)
+                yield db
+        except sqlite3.Error as err:
+            raise FerryError(f"service state {self.path}: {err}") from err
+
+    def history(self, asked_by: str | None = None) -> History:
+        return self._history if asked_by is None else self._history.for_asker(asked_by)
+
+    def job_store(self) -> JobStore:
+        return self._jobs
+
+    def create_job(self, kind: str, request: Mapping[str, Any], who: Principal) -> ServiceJob:
+        now = _now()
+        with self._connect() as db:
+            cursor = db.execute(
+                "INSERT INTO service_jobs (kind, state, asked_by, role, created_at, updated_at,"
+                " request) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    kind,
+                    str(JobState.RUNNING),
+                    who.name,
+                    str(who.role),
+                    now,
+                    now,
+                    json.dumps(request),
+                ),
+            )
+            job = int(cursor.lastrowid or 0)
+        return ServiceJob(job, kind, JobState.RUNNING, who, now, now, request, None, None, None)
+
+    def update_job(
+        self,
+        job: int,
+        state: JobState,
+        *,
+        result: Any = None,
+        error: Mapping[str, str] | None = None,
+        controller_job: int | None = None,
+    ) -> ServiceJob:
+        with self._connect() as db:
+            db.execute(
+                "UPDATE service_jobs SET state = ?, updated_at = ?,"
+                " result = COALESCE(?, result), error = COALESCE(?, error),"
+                " controller_job = COALESCE(?, controller_job) WHERE id = ?",
+                (
+                    str(state),
+                    _now(),
+                    None if result is None else json.dumps(result),
+                    None if error is None else json.dumps(error),
+                    controller_job,
+                    job,
+                ),
+            )
+        return self.job(job)
+
+    def job(self, job: int) -> ServiceJob:
+        with self._connect() as db:
+            row = db.execute(f"SELECT {_COLUMNS} FROM service_jobs WHERE id = ?", (job,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no job {job}")
+        return _job(row)
+
+    def jobs(self, limit: int = 100, state: JobState | None = None) -> list[ServiceJob]:
+        query, args = f"SELECT {_COLUMNS} FROM service_jobs", []
+        if state is not None:
+            query += " WHERE state = ?"
+            args.append(str(state))
+        with self._connect() as db:
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+        return [_job(r) for r in rows]
+
+    def interrupt_running(self) -> list[int]:
+        with self._connect() as db:
+            ids = [
+                int(r[0]) for r in db.execute("SELECT id FROM service_jobs WHERE state = 'running'")
+            ]
+            db.execute(
+                "UPDATE service_jobs SET state = 'interrupted', updated_at = ?"
+                " WHERE state = 'running'",
+                (_now(),),
+            )
+        return ids
+
+
+def _job(row: tuple[Any, ...]) -> ServiceJob:
+    return ServiceJob(
+        id=int(row[0]),
+        kind=str(row[1]),
+        state=JobState(row[2]),
+        asked_by=Principal(str(row[3]), Role(row[4])),
+        created_at=str(row[5]),
+        updated_at=str(row[6]),
+        request=json.loads(row[7]),
+        result=None if row[8] is None else json.loads(row[8]),
+        error=None if row[9] is None else json.loads(row[9]),
+        controller_job=None if row[10] is None else int(row[10]),
+    )

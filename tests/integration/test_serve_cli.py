@@ -1,0 +1,180 @@
+"""``vmferry serve`` against a real lab of 2 hosts, the CLI as its client: a viewer lists hosts
+and VMs (the same JSON as in-process) and is refused a migration; an operator migrates a small
+VM, watched on the event stream to the end; the history says who asked; /metrics counts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import pytest
+from labcli import Lab
+
+from vmferry.controller.inventory import Inventory
+from vmferry.service.client import ServiceClient
+from vmferry.service.events import Event
+
+pytestmark = pytest.mark.qemu
+
+SMALL = "dirty:rate=2M,size=32M,pattern=random,mode=paced"
+
+
+def _start_serve(
+    lab_dir: Path, work: Path, log: BinaryIO
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    ready = work / "serve-ready.json"
+    env = {**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)}
+    for name in ("VMFERRY_URL", "VMFERRY_TOKEN"):
+        env.pop(name, None)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "vmferry.cli.main", "serve", "--listen", "127.0.0.1:0",
+         "--ready-file", str(ready)],
+        env=env, stdout=subprocess.DEVNULL, stderr=log,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not ready.exists():
+        assert process.poll() is None, "vmferry serve exited"
+        assert time.monotonic() < deadline, "vmferry serve did not come up"
+        time.sleep(0.1)
+    return process, json.loads(ready.read_text())
+
+
+class _Watcher(threading.Thread):
+    """Reads the whole event stream (its own event loop) until a migrate job ends."""
+
+    def __init__(self, url: str, token: str, ca: Path | None) -> None:
+        super().__init__(daemon=True)
+        self.url, self.token, self.ca = url, token, ca
+        self.events: list[Event] = []
+        self.subscribed = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(asyncio.wait_for(self._watch(), 120))
+        except BaseException as err:
+            self.error = err
+            self.subscribed.set()
+
+    async def _watch(self) -> None:
+        async with (
+            ServiceClient(self.url, self.token, self.ca) as client,
+            contextlib.aclosing(client.events()) as events,
+        ):
+            async for event in events:
+                self.events.append(event)
+                if event.kind == "hello":
+                    self.subscribed.set()
+                if event.kind == "job" and event.data["state"] not in ("running",):
+                    return
+
+
+def test_serve_with_the_cli_as_its_client(
+    lab_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lab = Lab(lab_dir)
+    lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
+    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
+    in_process = {cmd: _steady(lab.ok(*cmd.split())) for cmd in ("host list", "vm list")}
+    with (tmp_path / "serve.log").open("wb") as log:
+        serve, ready = _start_serve(lab_dir, tmp_path, log)
+        try:
+            _use(serve_url=ready["url"], tokens=ready["tokens"], lab=lab, lab_dir=lab_dir,
+                 in_process=in_process, monkeypatch=monkeypatch)  # fmt: skip
+        finally:
+            serve.send_signal(signal.SIGTERM)
+            try:
+                code = serve.wait(30)
+            finally:
+                serve.kill()
+    assert code == 0, (tmp_path / "serve.log").read_text()
+
+
+def _steady(listing: Any) -> Any:
+    """A listing without what changes by itself (the free disk space of this machine)."""
+    rows = listing if isinstance(listing, list) else listing["vms"]
+    for row in rows:
+        row.pop("disk_free_bytes", None)
+    return listing
+
+
+def _use(  # the service's part of the test
+    serve_url: str,
+    tokens: dict[str, str],
+    lab: Lab,
+    lab_dir: Path,
+    in_process: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = serve_url
+    assert url.startswith("https://")
+    operator, viewer = (Path(tokens[r]).read_text().strip() for r in ("operator", "viewer"))
+    ca = Inventory.load(lab_dir).ca_file
+    monkeypatch.setenv("VMFERRY_URL", url)
+
+    # A viewer: the same listings as in-process; a migration refused (exit 2), nothing moved.
+    monkeypatch.setenv("VMFERRY_TOKEN", viewer)
+    for cmd, expected in in_process.items():
+        assert _steady(lab.ok(*cmd.split())) == expected, cmd
+    refused = lab.run("migrate", "small", "--to", "host-2", "--no-plan", "--strategy", "precopy")
+    assert refused.returncode == 2, refused.stderr
+    assert "may not do this" in refused.stderr
+    assert "403" in refused.stderr
+
+    # An operator migrates through the service while a viewer watches the event stream.
+    watcher = _Watcher(url, viewer, ca)
+    watcher.start()
+    assert watcher.subscribed.wait(30)
+    assert watcher.error is None, watcher.error
+    monkeypatch.setenv("VMFERRY_TOKEN", operator)
+    moved = lab.run("migrate", "small", "--to", "host-2", "--no-plan", "--strategy",
+                    "precopy", "--json")  # fmt: skip
+    assert moved.returncode == 0, moved.stderr
+    report = json.loads(moved.stdout)
+    assert (report["status"], report["running_on"]) == ("completed", "host-2")
+    assert report["integrity"]["ok"] is True
+    watcher.join(60)
+    assert watcher.error is None, watcher.error
+    progress = [e.data for e in watcher.events if e.kind == "progress"]
+    assert progress
+    assert all(p["vm"] == "small" for p in progress)
+    phases = [p["phase"] for p in progress]
+    assert "active" in phases, phases
+    assert phases[-1] == "done", phases
+    sampled = [p["stats"] for p in progress if p["stats"] is not None]
+    assert sampled
+    assert sampled[-1]["transferred_bytes"] > 0
+    ended = [e.data for e in watcher.events if e.kind == "job"][-1]
+    assert (ended["state"], ended["kind"]) == ("completed", "migrate")
+    assert ended["has_result"] is True
+    assert ended["asked_by"] == {"name": "operator", "role": "operator"}
+
+    # The history says who asked, in client mode (as a viewer) and in-process alike.
+    monkeypatch.setenv("VMFERRY_TOKEN", viewer)
+    [entry] = lab.ok("history")
+    assert (entry["vm"], entry["asked_by"]) == ("small", "api:operator")
+    table = lab.run("history")
+    assert "api:operator" in table.stdout, table.stdout
+    monkeypatch.delenv("VMFERRY_URL")
+    assert [e["asked_by"] for e in lab.ok("history")] == ["api:operator"]
+
+    text = asyncio.run(_scrape(url, viewer, ca))
+    assert 'vmferry_migrations_total{result="completed",strategy="precopy"} 1.0' in text
+    assert 'vmferry_migration_duration_seconds_count{strategy="precopy"} 1.0' in text
+    assert 'vmferry_host_memory_capacity_bytes{host="host-2"} 5.36870912e+08' in text
+    assert 'vmferry_jobs{kind="migrate",state="completed"} 1.0' in text
+
+
+async def _scrape(url: str, token: str, ca: Path | None) -> str:
+    async with ServiceClient(url, token, ca) as client:
+        return await client.get_text("/metrics")
