@@ -163,6 +163,7 @@ def _use(  # the service's part of the test
     monkeypatch.setenv("VMFERRY_TOKEN", viewer)
     [entry] = lab.ok("history")
     assert (entry["vm"], entry["asked_by"]) == ("small", "api:operator")
+    monkeypatch.setenv("COLUMNS", "200")  # xdist's workers have COLUMNS=80: a wide terminal
     table = lab.run("history")
     assert "api:operator" in table.stdout, table.stdout
     monkeypatch.delenv("VMFERRY_URL")

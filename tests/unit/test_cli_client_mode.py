@@ -91,7 +91,7 @@ def test_listings_and_history_through_the_service(
     assert (code, json.loads(out)) == (0, {"vms": [], "unreachable": []})
     code, out, _ = _run("history", "--json")
     assert (code, json.loads(out)) == (0, [])
-    monkeypatch.setenv("COLUMNS", "200")  # a terminal as wide as the table
+    monkeypatch.setenv("COLUMNS", "200")  # xdist's workers have COLUMNS=80: a wide terminal
     code, out, _ = _run("history")
     assert code == 0
     assert "asked by" in out
