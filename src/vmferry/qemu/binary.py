@@ -58,6 +58,13 @@ async def _run(argv: list[str], stdin: bytes | None = None) -> tuple[int | None,
         raise QEMUNotFound(
             f"{argv[0]} did not answer {argv[1:]} within {_PROBE_TIMEOUT_S:g} s"
         ) from None
+    except BaseException:
+        # Cancelled (the caller gave up meanwhile, e.g. on bad arguments): the probe ends with
+        # it, never outlives its event loop.
+        if proc.returncode is None:
+            proc.kill()
+            await asyncio.shield(proc.wait())
+        raise
     return proc.returncode, out.decode(errors="replace")
 
 
