@@ -22,22 +22,29 @@ from vmferry.service import schema as s
 __all__ = [
     "API_PREFIX",
     "BODIES",
+    "CONTROLLER_JOBS_SCHEMA",
+    "CONTROLLER_JOB_SCHEMA",
     "ERROR_SCHEMA",
     "EVENT_KINDS",
     "HISTORY_SCHEMA",
     "HOSTS_SCHEMA",
     "JOBS_SCHEMA",
+    "JOB_KINDS",
     "JOB_SCHEMA",
     "MAX_BODY_BYTES",
+    "PLAN_SCHEMA",
     "STATUS_BY_CODE",
+    "VERIFY_SCHEMA",
     "VMS_SCHEMA",
     "BalanceBody",
     "Body",
     "ErrorCode",
     "EvacuateBody",
     "JobState",
+    "MaintenanceBody",
     "MigrateBody",
     "ReconcileBody",
+    "ResumeBody",
     "error_json",
 ]
 
@@ -221,7 +228,53 @@ class ReconcileBody(Body):
     SCHEMA: ClassVar[s.Schema] = s.obj({"wait_s": s.number(0.001, 86_400)})
 
 
-BODIES: tuple[type[Body], ...] = (MigrateBody, EvacuateBody, BalanceBody, ReconcileBody)
+@dataclass(frozen=True, slots=True)
+class MaintenanceBody(Body):
+    """``POST /maintenance``: ``enter`` empties a host (marked in maintenance once empty);
+    ``exit`` takes it out (``bring_back``: moving back the VMs ``enter`` moved off)."""
+
+    host: str
+    action: str
+    bring_back: bool = False
+    to: list[str] | None = None
+    deadline_s: float | None = None
+    bandwidth_mbps: int | None = None
+    max_downtime_ms: int = 300
+    max_outbound: int | None = None
+    max_inbound: int | None = None
+    dry_run: bool = False
+
+    NAME: ClassVar[str] = "MaintenanceRequest"
+    SCHEMA: ClassVar[s.Schema] = s.obj(
+        {
+            "host": _NAME,
+            "action": s.enum(("enter", "exit")),
+            "bring_back": s.boolean(),
+            **{k: v for k, v in EvacuateBody.SCHEMA["properties"].items() if k != "host"},
+        },
+        required=("host", "action"),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeBody(Body):
+    """``POST /controller-jobs/{id}/resume``: go on with a job whose controller died."""
+
+    wait_s: float = 300.0
+
+    NAME: ClassVar[str] = "ResumeRequest"
+    SCHEMA: ClassVar[s.Schema] = s.obj({"wait_s": s.number(0.001, 86_400)})
+
+
+BODIES: tuple[type[Body], ...] = (
+    MigrateBody,
+    EvacuateBody,
+    BalanceBody,
+    ReconcileBody,
+    MaintenanceBody,
+    ResumeBody,
+)
+JOB_KINDS = ("migrate", "evacuate", "balance", "reconcile", "maintenance", "resume")
 
 # -- response schemas (open: the controller may add keys within a version) ------------------
 
@@ -246,7 +299,7 @@ _ASKED_BY = s.obj(
 JOB_SCHEMA = s.obj(
     {
         "id": s.integer(1),
-        "kind": s.enum(("migrate", "evacuate", "balance", "reconcile")),
+        "kind": s.enum(JOB_KINDS),
         "state": s.enum([str(j) for j in JobState]),
         "asked_by": _ASKED_BY,
         "created_at": s.string(),
@@ -314,3 +367,57 @@ HISTORY_SCHEMA = s.array(
 )
 
 EVENT_KINDS = ("hello", "job", "plan", "progress", "dropped")
+
+_MOVE = s.obj(
+    {"vm": s.string(), "source": s.string(), "destination": s.string(), "state": s.string()},
+    required=("vm", "source", "destination", "state"),
+    closed=False,
+)
+CONTROLLER_JOB_SCHEMA = s.obj(
+    {
+        "job": s.integer(1),
+        "kind": s.string(),
+        "host": s.string(),
+        "hosts": s.array(s.string(), max_items=100_000),
+        "state": s.enum(("running", "completed", "failed", "interrupted")),
+        "pid": s.integer(),
+        "created_at": s.string(),
+        "updated_at": s.string(),
+        "moves": s.array(_MOVE, max_items=100_000),
+        "plan": {"type": "object"},
+        "report": {"type": ["object", "null"]},
+    },
+    required=("job", "kind", "host", "hosts", "state", "pid", "created_at", "updated_at", "moves"),
+    closed=False,
+    description="A job of many moves as the controller records it (`vmferry job show`): "
+    "an evacuation, a maintenance, a bring-back, a balance.",
+)
+CONTROLLER_JOBS_SCHEMA = s.array(CONTROLLER_JOB_SCHEMA, max_items=100_000)
+PLAN_SCHEMA = s.obj(
+    {
+        "schema": s.integer(1),
+        "vm": s.string(),
+        "source": s.string(),
+        "destination": s.string(),
+        "measured": {"type": "object"},
+        "goal": {"type": "object"},
+        "predictions": s.array({"type": "object"}, max_items=100),
+        "choice": {"type": "object"},
+    },
+    required=("schema", "vm", "source", "destination", "predictions", "choice"),
+    closed=False,
+    description="What each strategy would cost for a move, and the one recommended "
+    "(`vmferry plan --json`).",
+)
+VERIFY_SCHEMA = s.obj(
+    {
+        "vm": s.string(),
+        "host": s.string(),
+        "ok": s.boolean(),
+        "pages_checked": s.integer(0),
+        "bad_pages": s.integer(0),
+    },
+    required=("vm", "host", "ok", "pages_checked", "bad_pages"),
+    closed=False,
+    description="The guest's check of every page of its memory (`vmferry verify --json`).",
+)

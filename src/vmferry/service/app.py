@@ -26,12 +26,19 @@ from vmferry.agent.api import NotFound
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.placing import live_cluster
+from vmferry.controller.request import MigrationRequest
 from vmferry.core.errors import FerryError
 from vmferry.service import api
 from vmferry.service import schema as s
 from vmferry.service.auth import Principal, TokenBook, decide, role_for_method
 from vmferry.service.errors import code_of
 from vmferry.service.events import Event, EventBus, sse_comment, sse_frame
+from vmferry.service.host_jobs import (
+    check_resumable,
+    maintenance_request,
+    maintenance_work,
+    resume_work,
+)
 from vmferry.service.metrics import CONTENT_TYPE, ServiceMetrics
 from vmferry.service.openapi import openapi_document
 from vmferry.service.routes import ROUTES, Param, Route, route_for
@@ -44,7 +51,9 @@ from vmferry.service.work import (
     evacuation_work,
     migration_request,
     migration_work,
+    plan_move,
     reconcile_work,
+    verify_vm,
 )
 
 __all__ = ["STATE_KEY", "ServiceState", "build_app"]
@@ -121,15 +130,18 @@ async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     else:
         assert who is not None  # allowed: a known token
         request[PRINCIPAL_KEY] = who
-        response = await _answer(request, handler)
+        response = await _answer(request, handler, route)
     if route is None or route.media != "text/event-stream":
         state.metrics.request_duration.labels(label).observe(time.perf_counter() - began)
     state.metrics.requests.labels(request.method, label, str(response.status)).inc()
     return response
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answer(
+    request: web.Request, handler: Handler, route: Route | None
+) -> web.StreamResponse:
     try:
+        _known_query(request, route)
         return await handler(request)
     except FerryError as error:
         code = code_of(error)
@@ -165,6 +177,25 @@ async def _body(request: web.Request, model: type[B]) -> B:
     return model.from_json(data)
 
 
+def _known_query(request: web.Request, route: Route | None) -> None:
+    """Refuse a query parameter the API route does not take (a typo is an error, not ignored).
+
+    Raises:
+        SchemaError: an unknown parameter.
+    """
+    if route is None or not (route.path.startswith(api.API_PREFIX) or route.path in _OWN_PATHS):
+        return
+    known = {p.name for p in route.params if p.where == "query"}
+    for name in request.query:
+        if name not in known:
+            allowed = ", ".join(sorted(known)) or "none"
+            raise s.SchemaError(name, f"unknown query parameter (this route takes: {allowed})")
+
+
+# Served outside the API's prefix, as strictly as the API (other pages take what they like).
+_OWN_PATHS = frozenset({"/metrics", "/openapi.json"})
+
+
 def _query(request: web.Request, param: Param) -> Any:
     """A query or path parameter, converted and validated (None: absent).
 
@@ -177,11 +208,18 @@ def _query(request: web.Request, param: Param) -> Any:
     if text is None:
         return None
     value: Any = text
-    if param.schema.get("type") == "integer":
+    kind = param.schema.get("type")
+    if kind in ("integer", "number"):
         try:
-            value = int(text)
+            value = int(text) if kind == "integer" else float(text)
         except ValueError:
-            raise s.SchemaError(param.name, "must be an integer") from None
+            raise s.SchemaError(
+                param.name, f"must be {'an' if kind == 'integer' else 'a'} {kind}"
+            ) from None
+    elif kind == "boolean":
+        if text not in ("true", "false"):
+            raise s.SchemaError(param.name, "must be true or false")
+        value = text == "true"
     s.validate(value, param.schema, param.name)
     return value
 
@@ -320,6 +358,60 @@ async def _cancel_job(request: web.Request) -> web.Response:
     return web.json_response(state.store.job(job).to_json(), status=202)
 
 
+async def _maintenance(request: web.Request) -> web.Response:
+    body = await _body(request, api.MaintenanceBody)
+    state = _state(request)
+    job_request = maintenance_request(state.lab_dir, body)
+    work = maintenance_work(state.lab_dir, body, job_request)
+    return _accepted(
+        state.supervisor.submit("maintenance", body.to_json(), request[PRINCIPAL_KEY], work)
+    )
+
+
+async def _list_controller_jobs(request: web.Request) -> web.Response:
+    params = _params(request)
+    store = _state(request).store.job_store()
+    jobs = await asyncio.to_thread(store.jobs, host=params["host"], state=params["state"])
+    return web.json_response([j.to_json() for j in jobs])
+
+
+async def _show_controller_job(request: web.Request) -> web.Response:
+    store = _state(request).store.job_store()
+    record = await asyncio.to_thread(store.job, _params(request)["id"])
+    return web.json_response(record.to_json(detail=True))
+
+
+async def _resume_job(request: web.Request) -> web.Response:
+    body = await _body(request, api.ResumeBody)
+    state = _state(request)
+    job = _params(request)["id"]
+    check_resumable(state.store.job_store(), job)  # 404 / 409 before a job is recorded
+    work = resume_work(state.lab_dir, job, body.wait_s)
+    asked = {"job": job, **body.to_json()}
+    return _accepted(state.supervisor.submit("resume", asked, request[PRINCIPAL_KEY], work))
+
+
+async def _plan(request: web.Request) -> web.Response:
+    params = _params(request)
+    move = MigrationRequest(
+        vm=params["name"],
+        destination=params["to"],
+        max_downtime_ms=params["max_downtime_ms"] or 300,
+        deadline_s=params["deadline_s"],
+        bandwidth_mbps=params["bandwidth_mbps"],
+        allow_postcopy=params["allow_postcopy"] is not False,
+    )
+    move.resolve()
+    state = _state(request)
+    made = await plan_move(state.lab_dir, move, state.store.history())
+    return web.json_response(made.to_json())
+
+
+async def _verify(request: web.Request) -> web.Response:
+    name = _params(request)["name"]
+    return web.json_response(await verify_vm(_state(request).lab_dir, name))
+
+
 # -- events -------------------------------------------------------------------------------------
 
 
@@ -376,6 +468,12 @@ _HANDLERS: dict[str, Handler] = {
     "balance": _balance,
     "reconcile": _reconcile,
     "events": _events,
+    "plan": _plan,
+    "verify": _verify,
+    "maintenance": _maintenance,
+    "list_controller_jobs": _list_controller_jobs,
+    "show_controller_job": _show_controller_job,
+    "resume_job": _resume_job,
     "metrics": _metrics,
     "openapi": _openapi,
 }

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from vmferry.agent.api import CapacityError, NotFound
 from vmferry.agent.client import AgentUnreachable
-from vmferry.controller.jobs import JobConflict
+from vmferry.controller.jobs import JobConflict, JobNotResumable, UnknownJob
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.service.api import STATUS_BY_CODE, ErrorCode
 
@@ -15,7 +15,9 @@ __all__ = ["CODE_BY_ERROR", "code_of", "status_of"]
 
 CODE_BY_ERROR: tuple[tuple[type[FerryError], ErrorCode], ...] = (
     (NotFound, ErrorCode.NOT_FOUND),
+    (UnknownJob, ErrorCode.NOT_FOUND),
     (JobConflict, ErrorCode.CONFLICT),
+    (JobNotResumable, ErrorCode.CONFLICT),
     (CapacityError, ErrorCode.CONFLICT),
     (ConfigError, ErrorCode.INVALID),
     (StateError, ErrorCode.CONFLICT),

@@ -56,7 +56,16 @@ class Route:
 
 _P = api.API_PREFIX
 _JOB_ID = Param("id", s.integer(1, 2**53), "the job's id", where="path", required=True)
-_VM_NAME = Param("name", s.string(max_length=63, pattern=s.NAME_PATTERN), "the VM", "path", True)
+_NAME = s.string(max_length=63, pattern=s.NAME_PATTERN)
+_VM_NAME = Param("name", _NAME, "the VM", "path", True)
+_PLAN_PARAMS = (
+    _VM_NAME,
+    Param("to", _NAME, "the destination host", required=True),
+    Param("max_downtime_ms", s.integer(1, 600_000), "the downtime goal (default 300)"),
+    Param("deadline_s", s.number(0.001, 86_400), "the move must end within this"),
+    Param("bandwidth_mbps", s.integer(1, 1_000_000), "cap the stream (megabits/s)"),
+    Param("allow_postcopy", s.boolean(), "whether post-copy may be chosen (default true)"),
+)
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", f"{_P}/hosts", "list_hosts", Role.VIEWER, "Every host: room, VMs, maintenance",
@@ -67,7 +76,7 @@ ROUTES: tuple[Route, ...] = (
           response=api.VMS_SCHEMA["properties"]["vms"]["items"], params=(_VM_NAME,)),
     Route("GET", f"{_P}/history", "history", Role.VIEWER, "Past migrations, oldest first",
           response=api.HISTORY_SCHEMA,
-          params=(Param("vm", s.string(max_length=63, pattern=s.NAME_PATTERN), "only this VM"),
+          params=(Param("vm", _NAME, "only this VM"),
                   Param("limit", s.integer(1, 100_000), "the latest N (default 50)"))),
     Route("GET", f"{_P}/jobs", "list_jobs", Role.VIEWER, "Jobs, newest first",
           response=api.JOBS_SCHEMA,
@@ -94,6 +103,27 @@ ROUTES: tuple[Route, ...] = (
           "Server-Sent Events: job changes and progress samples (one job's: until it ends)",
           media="text/event-stream",
           params=(Param("job", s.integer(1, 2**53), "only this job's events"),)),
+    Route("GET", f"{_P}/vms/{{name}}/plan", "plan", Role.VIEWER,
+          "What each strategy would cost for a move, and the one recommended (changes nothing)",
+          response=api.PLAN_SCHEMA, params=_PLAN_PARAMS),
+    Route("POST", f"{_P}/vms/{{name}}/verify", "verify", Role.OPERATOR,
+          "The guest checks every page of its memory (work on the guest: an operator's)",
+          response=api.VERIFY_SCHEMA, params=(_VM_NAME,)),
+    Route("POST", f"{_P}/maintenance", "maintenance", Role.OPERATOR,
+          "A host into maintenance (emptied first) or out of it (a job)",
+          body=api.MaintenanceBody, status=202, response=api.JOB_SCHEMA),
+    Route("GET", f"{_P}/controller-jobs", "list_controller_jobs", Role.VIEWER,
+          "The controller's jobs of many moves (evacuations, maintenance, balance), newest first",
+          response=api.CONTROLLER_JOBS_SCHEMA,
+          params=(Param("host", _NAME, "only the jobs about this host"),
+                  Param("state", s.enum(("running", "completed", "failed", "interrupted")),
+                        "only this state"))),
+    Route("GET", f"{_P}/controller-jobs/{{id}}", "show_controller_job", Role.VIEWER,
+          "One job of many moves, each move with its report",
+          response=api.CONTROLLER_JOB_SCHEMA, params=(_JOB_ID,)),
+    Route("POST", f"{_P}/controller-jobs/{{id}}/resume", "resume_job", Role.OPERATOR,
+          "Go on with a job whose controller died (a job)", body=api.ResumeBody, status=202,
+          response=api.JOB_SCHEMA, params=(_JOB_ID,)),
     Route("GET", "/metrics", "metrics", Role.VIEWER, "Prometheus metrics",
           media="text/plain; version=0.0.4"),
     Route("GET", "/openapi.json", "openapi", Role.VIEWER, "This document",

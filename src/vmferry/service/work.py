@@ -22,7 +22,9 @@ from vmferry.controller.inventory import Inventory
 from vmferry.controller.job_runner import JobResult, MoveResult, run_plan
 from vmferry.controller.migrate import MigrationRequest, migrate
 from vmferry.controller.placing import live_cluster
+from vmferry.controller.plan import Plan, make_plan
 from vmferry.core.cluster_model import Move
+from vmferry.core.errors import ConfigError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationStats
 from vmferry.core.phases import Phase
@@ -30,12 +32,18 @@ from vmferry.service.api import BalanceBody, EvacuateBody, JobState, MigrateBody
 from vmferry.service.supervisor import JobContext, Outcome, Work
 
 __all__ = [
+    "JobObserver",
     "balance_work",
     "evacuation_request",
     "evacuation_work",
+    "lab_cluster",
     "migration_request",
     "migration_work",
+    "nothing_moved",
+    "plan_move",
     "reconcile_work",
+    "run_job",
+    "verify_vm",
 ]
 
 
@@ -79,11 +87,40 @@ def evacuation_request(body: EvacuateBody) -> JobRequest:
 
 
 @asynccontextmanager
-async def _cluster(lab_dir: Path | None) -> AsyncIterator[Cluster]:
+async def lab_cluster(lab_dir: Path | None) -> AsyncIterator[Cluster]:
     """The cluster as the inventory says now (read again per job: ``lab restart`` moves an
     agent to another port)."""
     async with Cluster(Inventory.load(lab_dir)) as cluster:
         yield cluster
+
+
+async def plan_move(lab_dir: Path | None, request: MigrationRequest, history: History) -> Plan:
+    """What each strategy would cost for ``request`` (``vmferry plan``; changes nothing).
+
+    Raises:
+        NotFound: no such VM. ConfigError: an unknown host, or the VM already runs there.
+    """
+    async with lab_cluster(lab_dir) as cluster:
+        info = await cluster.locate(request.vm)
+        cluster.client(request.destination)
+        if info.host == request.destination:
+            raise ConfigError(f"VM {request.vm!r} already runs on {request.destination}")
+        cap = None if request.bandwidth_mbps is None else request.bandwidth_mbps * 125_000
+        return await make_plan(
+            cluster, info, request.destination, request.goal, cap_bps=cap, history=history
+        )
+
+
+async def verify_vm(lab_dir: Path | None, vm: str) -> dict[str, Any]:
+    """The guest's check of every page of its memory (``vmferry verify --json``).
+
+    Raises:
+        NotFound: no such VM.
+    """
+    async with lab_cluster(lab_dir) as cluster:
+        info = await cluster.locate(vm)
+        integrity = await cluster.client(info.host).verify(info.name)
+    return {"vm": info.name, "host": info.host, **integrity.to_json()}
 
 
 def migration_work(lab_dir: Path | None, request: MigrationRequest) -> Work:
@@ -99,7 +136,7 @@ def migration_work(lab_dir: Path | None, request: MigrationRequest) -> Work:
             m = plan.measurement
             ctx.plan(request.vm, m.zero_fraction, m.dirty_rate_bps, m.dirty_set_bytes)
 
-        async with _cluster(lab_dir) as cluster:
+        async with lab_cluster(lab_dir) as cluster:
             report = await migrate(
                 cluster, request, history=history, on_progress=progress, on_plan=planned
             )
@@ -110,8 +147,10 @@ def migration_work(lab_dir: Path | None, request: MigrationRequest) -> Work:
     return work
 
 
-class _Observer:
+class JobObserver:
     """A job's moves as events and metrics (a job runner's observer)."""
+
+    __slots__ = ("ctx",)
 
     def __init__(self, ctx: JobContext) -> None:
         self.ctx = ctx
@@ -127,7 +166,7 @@ class _Observer:
             self.ctx.metrics.observe_report(result.report)
 
 
-async def _run_job(
+async def run_job(
     ctx: JobContext, cluster: Cluster, plan: JobPlan, history: History
 ) -> tuple[JobResult, int]:
     """Record the controller's job (who asked in its plan), run it, record how it ended."""
@@ -138,7 +177,9 @@ async def _run_job(
     job = store.begin(plan.kind, plan.host, moves, record)
     ctx.controller_job(job)
     try:
-        result = await run_plan(cluster, plan, store, job, history=history, observer=_Observer(ctx))
+        result = await run_plan(
+            cluster, plan, store, job, history=history, observer=JobObserver(ctx)
+        )
     except BaseException as error:  # recorded (one quick write), then raised on
         interrupted = isinstance(error, asyncio.CancelledError)
         state = "interrupted" if interrupted else "failed"
@@ -148,7 +189,7 @@ async def _run_job(
     return result, job
 
 
-def _nothing(kind: str, host: str, **extra: Any) -> dict[str, Any]:
+def nothing_moved(kind: str, host: str, **extra: Any) -> dict[str, Any]:
     return {"schema": 1, "job": None, "kind": kind, "host": host, "state": "completed",
             "makespan_s": 0.0, "moves": [], **extra}  # fmt: skip
 
@@ -159,7 +200,7 @@ def evacuation_work(lab_dir: Path | None, request: JobRequest, dry_run: bool) ->
     async def work(ctx: JobContext) -> Outcome:
         history = ctx.store.history(ctx.who.asked_by)
         store = ctx.store.job_store()
-        async with _cluster(lab_dir) as cluster:
+        async with lab_cluster(lab_dir) as cluster:
             cluster.inventory.host(request.host)
             live = await live_cluster(cluster, store)
             store.check_free([request.host])
@@ -168,8 +209,8 @@ def evacuation_work(lab_dir: Path | None, request: JobRequest, dry_run: bool) ->
                 state = JobState.REFUSED if plan.refused else JobState.COMPLETED
                 return Outcome(state, {"schema": 1, "dry_run": True, **plan.to_json()})
             if not plan.moves and not plan.refused:
-                return Outcome(JobState.COMPLETED, _nothing(plan.kind, plan.host))
-            result, job = await _run_job(ctx, cluster, plan, history)
+                return Outcome(JobState.COMPLETED, nothing_moved(plan.kind, plan.host))
+            result, job = await run_job(ctx, cluster, plan, history)
         state = JobState.COMPLETED if result.ok else JobState.FAILED
         return Outcome(state, result.to_json(), job)
 
@@ -191,14 +232,14 @@ def balance_work(lab_dir: Path | None, body: BalanceBody) -> Work:
     async def work(ctx: JobContext) -> Outcome:
         history = ctx.store.history(ctx.who.asked_by)
         store = ctx.store.job_store()
-        async with _cluster(lab_dir) as cluster:
+        async with lab_cluster(lab_dir) as cluster:
             live = await live_cluster(cluster, store)
             store.check_free([*live.hosts, BALANCE_HOST])
             planned = await plan_balance_job(cluster, live, request, history)
             plan = planned.job
             if plan is None:
                 extra = {"dry_run": body.dry_run, "balance": planned.to_json()}
-                return Outcome(JobState.COMPLETED, _nothing("balance", BALANCE_HOST, **extra))
+                return Outcome(JobState.COMPLETED, nothing_moved("balance", BALANCE_HOST, **extra))
             if body.dry_run:
                 data = {
                     "schema": 1,
@@ -207,7 +248,7 @@ def balance_work(lab_dir: Path | None, body: BalanceBody) -> Work:
                     "balance": planned.to_json(),
                 }
                 return Outcome(JobState.REFUSED if plan.refused else JobState.COMPLETED, data)
-            result, job = await _run_job(ctx, cluster, plan, history)
+            result, job = await run_job(ctx, cluster, plan, history)
             observed = planned.loads_of(await live_cluster(cluster, store))
         state = JobState.COMPLETED if result.ok else JobState.FAILED
         return Outcome(state, {**result.to_json(), "balance": planned.to_json(observed)}, job)
@@ -221,7 +262,7 @@ def reconcile_work(lab_dir: Path | None, body: ReconcileBody) -> Work:
     async def work(ctx: JobContext) -> Outcome:
         from vmferry.controller.reconcile import reconcile
 
-        async with _cluster(lab_dir) as cluster:
+        async with lab_cluster(lab_dir) as cluster:
             results = await reconcile(cluster, wait_s=body.wait_s)
         bad = [r for r in results if r.verdict in ("lost", "conflict", "failed", "in-flight")]
         state = JobState.FAILED if bad else JobState.COMPLETED
