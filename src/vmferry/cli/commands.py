@@ -65,6 +65,13 @@ REMOTE: dict[tuple[str, str | None], str] = {
     ("host", "evacuate"): "vmferry.cli.remote:host_evacuate",
     ("balance", None): "vmferry.cli.remote:balance",
     ("reconcile", None): "vmferry.cli.remote:reconcile",
+    ("vm", "show"): "vmferry.cli.remote:vm_show",
+    ("verify", None): "vmferry.cli.remote:verify",
+    ("plan", None): "vmferry.cli.remote:plan",
+    ("host", "maintenance"): "vmferry.cli.remote:host_maintenance",
+    ("job", "list"): "vmferry.cli.remote:job_list",
+    ("job", "show"): "vmferry.cli.remote:job_show",
+    ("job", "resume"): "vmferry.cli.remote:job_resume",
 }
 
 

@@ -40,7 +40,15 @@ from vmferry.core.job_resume import EMPTYING_KINDS, Fate, job_outcome
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["interrupted_job", "job_list", "job_resume", "job_show", "resume"]
+__all__ = [
+    "interrupted_job",
+    "job_list",
+    "job_resume",
+    "job_show",
+    "resume",
+    "show_job_list",
+    "show_job_record",
+]
 
 
 def _store() -> tuple[Inventory, JobStore]:
@@ -56,7 +64,13 @@ def _count(record: JobRecord) -> str:
 async def job_list(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``job list``: every recorded job, newest first."""
     _, store = _store()
-    jobs = store.jobs(host=args.host, state=args.state)
+    return show_job_list(store.jobs(host=args.host, state=args.state), args, err, out)
+
+
+def show_job_list(
+    jobs: list[JobRecord], args: argparse.Namespace, err: Console, out: Console
+) -> int:
+    """``job list``'s output (in-process and in client mode alike)."""
     if args.json:
         print_json(out, [j.to_json() for j in jobs])
         return EXIT_OK
@@ -96,7 +110,11 @@ def _moves_table(record: JobRecord) -> Table:
 async def job_show(args: argparse.Namespace, err: Console, out: Console) -> int:
     """``job show ID``: one job and each of its moves."""
     _, store = _store()
-    record = store.job(args.id)
+    return show_job_record(store.job(args.id), args, err, out)
+
+
+def show_job_record(record: JobRecord, args: argparse.Namespace, err: Console, out: Console) -> int:
+    """``job show``'s output (in-process and in client mode alike)."""
     if args.json:
         print_json(out, record.to_json(detail=True))
         return EXIT_OK

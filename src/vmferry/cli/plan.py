@@ -11,14 +11,15 @@ Human output goes to stderr (``err``), the table and ``--json`` output to stdout
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from vmferry.cli.exits import EXIT_OK
 from vmferry.cli.render import plan_table, print_json, status
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
 from vmferry.controller.inventory import Inventory
-from vmferry.controller.plan import DataAge, make_plan
+from vmferry.controller.plan import make_plan
 from vmferry.controller.request import MigrationRequest
 from vmferry.core.errors import ConfigError
 from vmferry.core.handoff import VerifyMode
@@ -27,7 +28,7 @@ from vmferry.core.model import validate_name
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["plan", "request_from"]
+__all__ = ["plan", "request_from", "show_plan"]
 
 
 def request_from(args: argparse.Namespace) -> MigrationRequest:
@@ -73,20 +74,26 @@ async def plan(args: argparse.Namespace, err: Console, out: Console) -> int:
                 cap_bps=cap,
                 history=History(inventory.history_db),
             )
+    return show_plan(made.to_json(), args, err, out)
+
+
+def show_plan(plan: Mapping[str, Any], args: argparse.Namespace, err: Console, out: Console) -> int:
+    """``plan``'s output from the plan's JSON (in-process and in client mode alike)."""
     if args.json:
-        print_json(out, made.to_json())
-    else:
-        out.print(plan_table(made))
-        style = "green" if made.choice.meets_goal else "yellow"
-        err.print(f"[{style}]recommended: {made.choice.strategy}[/] — {made.choice.reason}")
-        err.print(f"[dim]{_data_age(made.data)}[/]")
+        print_json(out, plan)
+        return EXIT_OK
+    out.print(plan_table(plan))
+    style = "green" if plan["meets_goal"] else "yellow"
+    err.print(f"[{style}]recommended: {plan['recommended']}[/] — {plan['reason']}")
+    err.print(f"[dim]{_data_age(plan['profile'])}[/]")
     return EXIT_OK
 
 
-def _data_age(data: DataAge) -> str:
-    """How old a plan's inputs are, in words."""
-    if data.measured_now:
+def _data_age(data: Mapping[str, Any]) -> str:
+    """How old a plan's inputs are, in words (``DataAge``'s JSON)."""
+    if data["measured_now"]:
         return "measured just now"
-    guest = "guest measured now" if data.guest_age_s == 0 else f"guest {data.guest_age_s:.0f} s"
-    bandwidth = f"bandwidth {data.bandwidth_age_s:.0f} s old ({data.bandwidth_source})"
+    guest_s = data["guest_age_s"]
+    guest = "guest measured now" if guest_s == 0 else f"guest {guest_s:.0f} s"
+    bandwidth = f"bandwidth {data['bandwidth_age_s']:.0f} s old ({data['bandwidth_source']})"
     return f"from profiles: {guest}, {bandwidth}"

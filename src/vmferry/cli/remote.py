@@ -1,6 +1,7 @@
-"""The CLI as a client of ``vmferry serve``: ``vm list``, ``host list``, ``history``,
-``migrate``, ``host evacuate``, ``balance`` and ``reconcile`` through the service, with the
-in-process commands' ``--json`` output and exit statuses (0 done, 1 failed, 2 refused).
+"""The CLI as a client of ``vmferry serve``: ``vm list|show``, ``verify``, ``plan``,
+``host list|evacuate|maintenance``, ``job list|show|resume``, ``history``, ``migrate``,
+``balance`` and ``reconcile`` through the service, with the in-process commands' ``--json``
+output and exit statuses (0 done, 1 failed, 2 refused).
 
 Client mode is on when ``--server URL`` or ``$VMFERRY_URL`` is set; the token is
 ``$VMFERRY_TOKEN``; an ``https://`` service is verified against ``$VMFERRY_CA``, else the lab's
@@ -17,13 +18,16 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from vmferry.agent.api import VmInfo, integrity_from_json, stats_from_json
 from vmferry.cli.exits import EXIT_FAILED, EXIT_OK, EXIT_USAGE
-from vmferry.cli.render import format_bytes, history_table, print_json, vm_table
+from vmferry.cli.render import format_bytes, history_table, print_json, status, vm_table
 from vmferry.controller.history import HistoryEntry
+from vmferry.controller.jobs import JobMove, JobRecord
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.core.eta import EtaHints
+from vmferry.core.model import validate_name
 from vmferry.core.phases import Phase
 from vmferry.service.api import API_PREFIX, JobState
 from vmferry.service.client import ServiceClient, ServiceUnreachable
@@ -38,9 +42,16 @@ __all__ = [
     "history",
     "host_evacuate",
     "host_list",
+    "host_maintenance",
+    "job_list",
+    "job_resume",
+    "job_show",
     "migrate",
+    "plan",
     "reconcile",
+    "verify",
     "vm_list",
+    "vm_show",
 ]
 
 _EXIT_BY_STATE = {
@@ -256,6 +267,127 @@ async def reconcile(args: argparse.Namespace, err: Console, out: Console) -> int
     ]  # fmt: skip
     out.print(reconcile_table(rebuilt))
     return code
+
+
+# -- VMs, plans, jobs of many moves, maintenance --------------------------------------------------
+
+_VERIFY_TIMEOUT_S = 600.0  # a guest checks every page: minutes for a large one
+_PLAN_TIMEOUT_S = 120.0  # a plan may measure the guest and the path first
+
+
+def _vm_path(name: str, action: str = "") -> str:
+    return f"{API_PREFIX}/vms/{quote(validate_name(name), safe='')}{action}"
+
+
+async def vm_show(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with _client(args) as client:
+        info = await client.get(_vm_path(args.name))
+    if args.json:
+        print_json(out, info)
+    else:
+        out.print(vm_table([VmInfo.from_json(info)]))
+    return EXIT_OK
+
+
+async def verify(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with _client(args) as client:
+        with status(err, f"verifying {args.name}…"):
+            data = await client.post(_vm_path(args.name, "/verify"), {}, _VERIFY_TIMEOUT_S)
+    if args.json:
+        print_json(out, data)
+    else:
+        verdict = "intact" if data["ok"] else "DAMAGED"
+        err.print(
+            f"{data['vm']} on {data['host']}: {verdict} — {data['pages_checked']} pages checked, "
+            f"{data['bad_pages']} bad"
+        )
+    return EXIT_OK if data["ok"] else EXIT_FAILED
+
+
+async def plan(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.cli.plan import request_from, show_plan
+
+    request = request_from(args)  # refused here as in-process, before the service is asked
+    params = {"to": request.destination, "max_downtime_ms": str(request.max_downtime_ms),
+              "allow_postcopy": "true" if request.allow_postcopy else "false"}  # fmt: skip
+    if request.deadline_s is not None:
+        params["deadline_s"] = repr(request.deadline_s)
+    if request.bandwidth_mbps is not None:
+        params["bandwidth_mbps"] = str(request.bandwidth_mbps)
+    async with _client(args) as client:
+        with status(err, f"planning {request.vm}'s move to {request.destination}…"):
+            made = await client.get(_vm_path(request.vm, "/plan"), params, _PLAN_TIMEOUT_S)
+    return show_plan(made, args, err, out)
+
+
+def _record(data: Mapping[str, Any]) -> JobRecord:
+    """A job of many moves from its JSON (``JobRecord.to_json``)."""
+    moves = tuple(
+        JobMove(str(m["vm"]), str(m["source"]), str(m["destination"]), str(m["state"]),
+                m.get("report"))
+        for m in data["moves"]
+    )  # fmt: skip
+    return JobRecord(
+        id=int(data["job"]), kind=str(data["kind"]), host=str(data["host"]),
+        hosts=tuple(data["hosts"]), state=str(data["state"]), pid=int(data["pid"]),
+        created_at=str(data["created_at"]), updated_at=str(data["updated_at"]),
+        plan=dict(data.get("plan") or {}), report=data.get("report"), moves=moves,
+    )  # fmt: skip
+
+
+async def job_list(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.cli.jobs import show_job_list
+
+    params = {k: v for k, v in (("host", args.host), ("state", args.state)) if v is not None}
+    async with _client(args) as client:
+        rows = await client.get(f"{API_PREFIX}/controller-jobs", params)
+    return show_job_list([_record(r) for r in rows], args, err, out)
+
+
+async def job_show(args: argparse.Namespace, err: Console, out: Console) -> int:
+    from vmferry.cli.jobs import show_job_record
+
+    async with _client(args) as client:
+        record = await client.get(f"{API_PREFIX}/controller-jobs/{int(args.id)}")
+    return show_job_record(_record(record), args, err, out)
+
+
+async def job_resume(args: argparse.Namespace, err: Console, out: Console) -> int:
+    if not 0 < args.wait <= 86_400:
+        raise ConfigError("--wait must be in (0, 86400] seconds")
+    path = f"{API_PREFIX}/controller-jobs/{int(args.id)}/resume"
+    code, report = await _run_job(args, err, path, {"wait_s": args.wait}, {})
+    _show_job(report, args, out)
+    _host_state(report, err)
+    err.print(f"job {report.get('job')} {report.get('state')}", highlight=False)
+    return code
+
+
+async def host_maintenance(args: argparse.Namespace, err: Console, out: Console) -> int:
+    body = {**_job_body(args), "host": args.host, "action": args.action,
+            "bring_back": args.bring_back, "to": args.to, "deadline_s": args.deadline}  # fmt: skip
+    code, result = await _run_job(args, err, f"{API_PREFIX}/maintenance", body, {})
+    if args.json or result.get("moves"):
+        _show_job(result, args, out)
+    if args.action == "enter":
+        _host_state(result, err)
+    elif not result.get("moves"):
+        err.print(f"{args.host} takes VMs again")
+        away = result.get("moved_off") or []
+        if away and not args.bring_back:
+            err.print(
+                f"{len(away)} VM(s) left it: {', '.join(away)} (--bring-back moves them back)"
+            )
+    return code
+
+
+def _host_state(result: Mapping[str, Any], err: Console) -> None:
+    """What became of a host a job emptied for maintenance (nothing: another kind of job)."""
+    left, host = result.get("left_on_host"), result.get("host")
+    if left:
+        err.print(f"[red]{host} is not empty ({', '.join(left)}): still entering maintenance[/]")
+    elif result.get("host_state") == "maintenance":
+        err.print(f"{host} is in maintenance (empty; no VM is placed there)")
 
 
 # -- tables of JSON results ---------------------------------------------------------------------

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from rich.table import Table
 
@@ -17,7 +17,6 @@ if TYPE_CHECKING:  # only for annotations: a command imports what it shows, no m
 
     from vmferry.agent.api import VmInfo
     from vmferry.controller.history import HistoryEntry
-    from vmferry.controller.plan import Plan
     from vmferry.controller.reconcile import Reconciled
     from vmferry.core.model import MigrationReport
     from vmferry.lab.cluster import HostStatus
@@ -241,33 +240,35 @@ def history_table(entries: Sequence[HistoryEntry]) -> Table:
     return table
 
 
-def plan_table(plan: Plan) -> Table:
-    """Predictions per strategy, recommended one first in bold."""
-    m = plan.measurement
+def plan_table(plan: Mapping[str, Any]) -> Table:
+    """Predictions per strategy, recommended one first in bold (from the plan's JSON, so
+    ``plan`` shows the same in-process and from a service)."""
+    m = plan["measured"]
     title = (
-        f"plan for {plan.vm}: {plan.source} → {plan.destination}\n"
-        f"RAM {format_bytes(m.ram_bytes)}, {m.zero_fraction:.0%} zero, compresses "
-        f"{m.compress_ratio:.1f}x, dirties {format_bytes(m.dirty_rate_bps)}/s"
-        f"{' (CPU-bound)' if m.dirty_is_cpu_bound else ''}, link {format_bytes(m.bandwidth_bps)}/s"
+        f"plan for {plan['vm']}: {plan['source']} → {plan['destination']}\n"
+        f"RAM {format_bytes(m['ram_bytes'])}, {m['zero_fraction']:.0%} zero, compresses "
+        f"{m['compress_ratio']:.1f}x, dirties {format_bytes(m['dirty_rate_bps'])}/s"
+        f"{' (CPU-bound)' if m['dirty_is_cpu_bound'] else ''}, "
+        f"link {format_bytes(m['bandwidth_bps'])}/s"
         + (
-            f"\ndisk {format_bytes(m.disk_copy_bytes)} to copy, "
-            f"guest writes {format_bytes(m.disk_write_bps)}/s"
-            if m.disk_copy_bytes
+            f"\ndisk {format_bytes(m['disk_copy_bytes'])} to copy, "
+            f"guest writes {format_bytes(m['disk_write_bps'])}/s"
+            if m["disk_copy_bytes"]
             else ""
         )
     )
     table = Table(title=title)
     for column in ("strategy", "total", "downtime\nQEMU/guest", "sent", "note"):
         table.add_column(column)
-    for p in plan.predictions:
-        chosen = p.strategy == plan.choice.strategy
+    for p in plan["predictions"]:
+        chosen = p["strategy"] == plan["recommended"]
         table.add_row(
-            p.strategy + (" ◀" if chosen else ""),
-            (_ms(p.total_ms) if p.converges else "never")
-            + (f"\n(disk {_ms(p.disk_ms)})" if p.disk_ms else ""),
-            f"{_ms(p.downtime_ms)} / {_ms(p.guest_downtime_ms)}",
-            format_bytes(p.transferred_bytes),
-            p.note + (f" Risk: {p.risk}" if p.risk else ""),
-            style="bold" if chosen else (None if p.converges else "dim"),
+            p["strategy"] + (" ◀" if chosen else ""),
+            (_ms(p["total_ms"]) if p["converges"] else "never")
+            + (f"\n(disk {_ms(p['disk_ms'])})" if p["disk_ms"] else ""),
+            f"{_ms(p['downtime_ms'])} / {_ms(p['guest_downtime_ms'])}",
+            format_bytes(p["transferred_bytes"]),
+            p["note"] + (f" Risk: {p['risk']}" if p["risk"] else ""),
+            style="bold" if chosen else (None if p["converges"] else "dim"),
         )
     return table

@@ -137,9 +137,14 @@ class ServiceClient:
             raise _error(status, data, f"{method} {path}")
         return data
 
-    async def get(self, path: str, params: Mapping[str, str] | None = None) -> Any:
+    async def get(
+        self,
+        path: str,
+        params: Mapping[str, str] | None = None,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+    ) -> Any:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
-        return await self._request("GET", path, params=params)
+        return await self._request("GET", path, params=params, timeout_s=timeout_s)
 
     async def get_text(self, path: str) -> str:
         """A text body (``/metrics``).
@@ -157,9 +162,11 @@ class ServiceClient:
             raise _error(status, _loads(text), f"GET {path}")
         return text
 
-    async def post(self, path: str, body: Mapping[str, Any]) -> Any:
+    async def post(
+        self, path: str, body: Mapping[str, Any], timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> Any:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
-        return await self._request("POST", path, body)
+        return await self._request("POST", path, body, timeout_s=timeout_s)
 
     async def events(self, job: int | None = None) -> AsyncGenerator[Event, None]:
         """The event stream (of ``job`` only, if given), until the caller stops iterating (close
