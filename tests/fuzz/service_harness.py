@@ -10,6 +10,7 @@ import asyncio
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from vmferry.agent.server import build_app as build_agent_app
 from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
+from vmferry.service.api import JobState
 from vmferry.service.app import ServiceState, build_app
 from vmferry.service.auth import Principal, Role, TokenBook
 from vmferry.service.events import EventBus
@@ -47,36 +49,52 @@ class FuzzService:
     lab_dir: Path
     state: ServiceState
     loop: asyncio.AbstractEventLoop
+    agents: tuple[HostAgent, ...]
 
-    def call(self, coro: object) -> object:
-        """Run ``coro`` on the service's loop; its result."""
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)  # type: ignore[arg-type]
-        return future.result(_START_S)
+    def vm_names(self) -> list[str]:
+        """Every VM the agents have (there is none, and none may appear)."""
+        return sorted(vm.name for agent in self.agents for vm in agent.list_vms())
 
-    def files(self) -> list[str]:
-        """Every file of the lab directory (the agents' state included)."""
-        return sorted(
-            str(Path(root, f).relative_to(self.lab_dir))
-            for root, dirs, files in os.walk(self.lab_dir)
-            for f in dirs + files
+    def snapshot(self) -> object:
+        """What a request could change: jobs, the controller's jobs and marks, the history,
+        the VMs, the agents' files (taken once the jobs earlier requests started have ended)."""
+        deadline = time.monotonic() + _START_S
+        while any(j.state is JobState.RUNNING for j in self.state.store.jobs(limit=10_000)):
+            assert time.monotonic() < deadline, "a fuzzed job did not end"
+            time.sleep(0.05)
+        jobs = self.state.store.job_store()
+        return (
+            [j.to_json() for j in self.state.store.jobs(limit=10_000)],
+            [j.to_json(detail=True) for j in jobs.jobs()],
+            {h: m.to_json() for h, m in jobs.marks().items()},
+            [e.to_json() for e in self.state.store.history().entries(None, 100_000)],
+            self.vm_names(),
+            sorted(
+                str(Path(root, f).relative_to(self.lab_dir))
+                for root, dirs, files in os.walk(self.lab_dir / "agents")
+                for f in dirs + files
+            ),
         )
 
 
-async def _agents(tmp: Path, stack: AsyncExitStack) -> tuple[HostEntry, ...]:
+async def _agents(
+    tmp: Path, stack: AsyncExitStack
+) -> tuple[tuple[HostEntry, ...], tuple[HostAgent, ...]]:
     qemu = await find_qemu()
     boot = BootFiles(tmp / "no-kernel", tmp / "no-initrd")  # a start would fail, not boot
-    entries = []
+    entries, agents = [], []
     for name in HOSTS:
         state_dir = tmp / "lab" / "agents" / name
         (state_dir / "vms").mkdir(parents=True)
         agent = HostAgent(AgentConfig(name, state_dir, 1 << 30, "127.0.0.1"), qemu, boot, "tcg")
         stack.push_async_callback(agent.close)
+        agents.append(agent)
         server = TestServer(build_agent_app(agent, _AGENT_TOKEN), host="127.0.0.1")
         await server.start_server()
         stack.push_async_callback(server.close)
         url = str(server.make_url("")).rstrip("/")
         entries.append(HostEntry(name, url, None, str(state_dir), "127.0.0.1"))
-    return tuple(entries)
+    return tuple(entries), tuple(agents)
 
 
 async def _serve(
@@ -84,7 +102,8 @@ async def _serve(
 ) -> None:
     async with AsyncExitStack() as stack:
         lab_dir = tmp / "lab"
-        Inventory(lab_dir, _AGENT_TOKEN, await _agents(tmp, stack)).save()
+        entries, agents = await _agents(tmp, stack)
+        Inventory(lab_dir, _AGENT_TOKEN, entries).save()
         tokens = TokenBook(
             {VIEWER: Principal("viewer", Role.VIEWER),
              OPERATOR: Principal("operator", Role.OPERATOR)}
@@ -99,7 +118,7 @@ async def _serve(
             await site.start()
             port = runner.addresses[0][1]
             state.url = f"http://127.0.0.1:{port}"
-            box.append(FuzzService(state.url, lab_dir, state, asyncio.get_running_loop()))
+            box.append(FuzzService(state.url, lab_dir, state, asyncio.get_running_loop(), agents))
             ready.set()
             await stop.wait()
             state.closing.set()
@@ -114,7 +133,9 @@ def fuzz_service() -> Iterator[FuzzService]:
     with tempfile.TemporaryDirectory(prefix="vmf-apifuzz-") as tmp:
         loop = asyncio.new_event_loop()
         stop = asyncio.Event()
-        ready, box, failed = threading.Event(), [], []
+        ready = threading.Event()
+        box: list[FuzzService] = []
+        failed: list[BaseException] = []
 
         def run() -> None:
             try:

@@ -175,6 +175,62 @@ def _use(  # the service's part of the test
     assert 'vmferry_host_memory_capacity_bytes{host="host-2"} 5.36870912e+08' in text
     assert 'vmferry_jobs{kind="migrate",state="completed"} 1.0' in text
 
+    _more_commands(lab, monkeypatch, url)
+
+
+def _both(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str, *cmd: str) -> tuple[Any, Any]:
+    """``cmd --json`` through the service, then in-process: both outputs."""
+    monkeypatch.setenv("VMFERRY_URL", url)
+    remote = lab.ok(*cmd)
+    monkeypatch.delenv("VMFERRY_URL")
+    return remote, lab.ok(*cmd)
+
+
+def _more_commands(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    """vm show, verify, plan, maintenance enter/exit, job list/show/resume through the
+    service: the output and exit status of the in-process commands (the VM is on host-2)."""
+    remote, local = _both(lab, monkeypatch, url, "vm", "show", "small")
+    assert remote == local
+    assert remote["host"] == "host-2"
+    monkeypatch.setenv("VMFERRY_URL", url)
+    checked = lab.ok("verify", "small")
+    assert (checked["vm"], checked["host"], checked["ok"]) == ("small", "host-2", True)
+    made = lab.ok("plan", "small", "--to", "host-1")
+    assert (made["vm"], made["source"], made["destination"]) == ("small", "host-2", "host-1")
+    assert made["recommended"] in [p["strategy"] for p in made["predictions"]]
+    table = lab.run("plan", "small", "--to", "host-1")
+    assert table.returncode == 0, table.stderr
+    assert "recommended:" in table.stderr
+    lab.refused("plan", "small", "--to", "host-2", message="already runs on host-2")
+
+    # Maintenance through the service: host-2 emptied (a real move), then back in use.
+    entered = lab.ok("host", "maintenance", "enter", "host-2")
+    assert (entered["host_state"], entered["left_on_host"]) == ("maintenance", [])
+    [move] = entered["moves"]
+    assert (move["vm"], move["destination"], move["ok"]) == ("small", "host-1", True)
+    hosts = {h["host"]: h["state"] for h in lab.ok("host", "list")}
+    assert hosts == {"host-1": "active", "host-2": "maintenance"}
+    remote, local = _both(lab, monkeypatch, url, "job", "list")
+    assert remote == local
+    assert [(j["job"], j["kind"], j["state"]) for j in remote] == [
+        (entered["job"], "maintenance-enter", "completed")
+    ]
+    remote, local = _both(lab, monkeypatch, url, "job", "show", str(entered["job"]))
+    assert remote == local
+    for where in (url, None):  # a job that ended is not resumed: exit 2 both ways
+        if where is not None:
+            monkeypatch.setenv("VMFERRY_URL", where)
+        lab.refused(
+            "job", "resume", str(entered["job"]), message="only an interrupted job is resumed"
+        )
+        monkeypatch.delenv("VMFERRY_URL")
+    monkeypatch.setenv("VMFERRY_URL", url)
+    exited = lab.ok("host", "maintenance", "exit", "host-2")
+    assert (exited["host_state"], exited["moved_off"]) == ("active", ["small"])
+    lab.refused("host", "maintenance", "exit", "host-2", message="not in maintenance")
+    monkeypatch.delenv("VMFERRY_URL")
+    assert {h["host"]: h["state"] for h in lab.ok("host", "list")}["host-2"] == "active"
+
 
 async def _scrape(url: str, token: str, ca: Path | None) -> str:
     async with ServiceClient(url, token, ca) as client:
