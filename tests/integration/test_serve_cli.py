@@ -1,6 +1,9 @@
 """``vmferry serve`` against a real lab of 2 hosts, the CLI as its client: a viewer lists hosts
 and VMs (the same JSON as in-process) and is refused a migration; an operator migrates a small
 VM, watched on the event stream to the end; the history says who asked; /metrics counts it.
+Then the other client commands on the same lab: ``vm show``, ``verify``, ``plan``,
+``host maintenance enter|exit`` (a real move), ``job list|show|resume``, ``vm delete``, with
+the output and exit statuses of the in-process commands.
 """
 
 from __future__ import annotations
@@ -175,6 +178,9 @@ def _use(  # the service's part of the test
     assert 'vmferry_host_memory_capacity_bytes{host="host-2"} 5.36870912e+08' in text
     assert 'vmferry_jobs{kind="migrate",state="completed"} 1.0' in text
 
+    monkeypatch.setenv("VMFERRY_URL", url)
+    lab.refused("verify", "small", message="may not do this (needs operator)")
+    monkeypatch.setenv("VMFERRY_TOKEN", operator)
     _more_commands(lab, monkeypatch, url)
 
 
@@ -228,8 +234,11 @@ def _more_commands(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     exited = lab.ok("host", "maintenance", "exit", "host-2")
     assert (exited["host_state"], exited["moved_off"]) == ("active", ["small"])
     lab.refused("host", "maintenance", "exit", "host-2", message="not in maintenance")
+    assert lab.ok("vm", "delete", "small") == {"deleted": "small", "host": "host-1"}
+    lab.refused("vm", "show", "small", message="404")
     monkeypatch.delenv("VMFERRY_URL")
     assert {h["host"]: h["state"] for h in lab.ok("host", "list")}["host-2"] == "active"
+    assert lab.ok("vm", "list")["vms"] == []
 
 
 async def _scrape(url: str, token: str, ca: Path | None) -> str:

@@ -103,6 +103,12 @@ async def test_bad_input_is_a_4xx_with_a_json_error(service) -> None:  # type: i
         ("/api/v1/jobs/abc", "id: must be an integer"),
         ("/api/v1/jobs?state=sleeping", "state: must be one of"),
         ("/api/v1/events?job=-1", "job: must be >= 1"),
+        ("/api/v1/jobs?limt=5", "limt: unknown query parameter (this route takes: limit, state)"),
+        ("/api/v1/hosts?verbose=1", "verbose: unknown query parameter (this route takes: none)"),
+        ("/api/v1/vms/vm-1/plan?to=host-1&allow_postcopy=yes", "must be true or false"),
+        ("/api/v1/vms/vm-1/plan?to=host-1&deadline_s=soon", "deadline_s: must be a number"),
+        ("/api/v1/vms/vm-1/plan", "to: is required"),
+        ("/api/v1/controller-jobs?state=sleeping", "state: must be one of"),
     ]:
         answer = await client.get(path, headers=AS_VIEWER)
         assert answer.status == 400, path

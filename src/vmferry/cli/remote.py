@@ -1,4 +1,4 @@
-"""The CLI as a client of ``vmferry serve``: ``vm list|show``, ``verify``, ``plan``,
+"""The CLI as a client of ``vmferry serve``: ``vm list|show|delete``, ``verify``, ``plan``,
 ``host list|evacuate|maintenance``, ``job list|show|resume``, ``history``, ``migrate``,
 ``balance`` and ``reconcile`` through the service, with the in-process commands' ``--json``
 output and exit statuses (0 done, 1 failed, 2 refused).
@@ -50,6 +50,7 @@ __all__ = [
     "plan",
     "reconcile",
     "verify",
+    "vm_delete",
     "vm_list",
     "vm_show",
 ]
@@ -286,6 +287,16 @@ async def vm_show(args: argparse.Namespace, err: Console, out: Console) -> int:
         print_json(out, info)
     else:
         out.print(vm_table([VmInfo.from_json(info)]))
+    return EXIT_OK
+
+
+async def vm_delete(args: argparse.Namespace, err: Console, out: Console) -> int:
+    async with _client(args) as client:
+        deleted = await client.delete(_vm_path(args.name))
+    if args.json:
+        print_json(out, deleted)
+    else:
+        err.print(f"deleted {deleted['deleted']} from {deleted['host']}")
     return EXIT_OK
 
 

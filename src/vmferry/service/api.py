@@ -24,6 +24,7 @@ __all__ = [
     "BODIES",
     "CONTROLLER_JOBS_SCHEMA",
     "CONTROLLER_JOB_SCHEMA",
+    "DELETED_SCHEMA",
     "ERROR_SCHEMA",
     "EVENT_KINDS",
     "HISTORY_SCHEMA",
@@ -422,6 +423,12 @@ PLAN_SCHEMA = s.obj(
     closed=False,
     description="What each strategy would cost for a move, and the one recommended "
     "(`vmferry plan --json`).",
+)
+DELETED_SCHEMA = s.obj(
+    {"deleted": s.string(), "host": s.string()},
+    required=("deleted", "host"),
+    closed=False,
+    description="The VM deleted and the host it ran on (`vmferry vm delete --json`).",
 )
 VERIFY_SCHEMA = s.obj(
     {

@@ -47,6 +47,7 @@ from vmferry.service.supervisor import Supervisor
 from vmferry.service.views import host_rows
 from vmferry.service.work import (
     balance_work,
+    delete_vm,
     evacuation_request,
     evacuation_work,
     migration_request,
@@ -206,6 +207,8 @@ def _query(request: web.Request, param: Param) -> Any:
     if text is None:
         text = request.query.get(param.name)
     if text is None:
+        if param.required:
+            raise s.SchemaError(param.name, "is required")
         return None
     value: Any = text
     kind = param.schema.get("type")
@@ -407,6 +410,14 @@ async def _plan(request: web.Request) -> web.Response:
     return web.json_response(made.to_json())
 
 
+async def _delete_vm(request: web.Request) -> web.Response:
+    name = _params(request)["name"]
+    deleted = await delete_vm(_state(request).lab_dir, name)
+    logger.info("vm.deleted %s from %s, asked by %s", name, deleted["host"],
+                request[PRINCIPAL_KEY].asked_by)  # fmt: skip
+    return web.json_response(deleted)
+
+
 async def _verify(request: web.Request) -> web.Response:
     name = _params(request)["name"]
     return web.json_response(await verify_vm(_state(request).lab_dir, name))
@@ -469,6 +480,7 @@ _HANDLERS: dict[str, Handler] = {
     "reconcile": _reconcile,
     "events": _events,
     "plan": _plan,
+    "delete_vm": _delete_vm,
     "verify": _verify,
     "maintenance": _maintenance,
     "list_controller_jobs": _list_controller_jobs,

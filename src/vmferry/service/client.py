@@ -168,6 +168,10 @@ class ServiceClient:
         """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
         return await self._request("POST", path, body, timeout_s=timeout_s)
 
+    async def delete(self, path: str) -> Any:
+        """Raises: ServiceRefused, ServiceError, ServiceUnreachable."""
+        return await self._request("DELETE", path)
+
     async def events(self, job: int | None = None) -> AsyncGenerator[Event, None]:
         """The event stream (of ``job`` only, if given), until the caller stops iterating (close
         it with ``contextlib.aclosing`` to end the connection at once).

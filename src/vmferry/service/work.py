@@ -34,6 +34,7 @@ from vmferry.service.supervisor import JobContext, Outcome, Work
 __all__ = [
     "JobObserver",
     "balance_work",
+    "delete_vm",
     "evacuation_request",
     "evacuation_work",
     "lab_cluster",
@@ -121,6 +122,18 @@ async def verify_vm(lab_dir: Path | None, vm: str) -> dict[str, Any]:
         info = await cluster.locate(vm)
         integrity = await cluster.client(info.host).verify(info.name)
     return {"vm": info.name, "host": info.host, **integrity.to_json()}
+
+
+async def delete_vm(lab_dir: Path | None, vm: str) -> dict[str, Any]:
+    """Stop ``vm`` and remove it from its host (``vmferry vm delete --json``).
+
+    Raises:
+        NotFound: no such VM.
+    """
+    async with lab_cluster(lab_dir) as cluster:
+        info = await cluster.locate(vm)
+        await cluster.client(info.host).delete_vm(info.name)
+    return {"deleted": info.name, "host": info.host}
 
 
 def migration_work(lab_dir: Path | None, request: MigrationRequest) -> Work:
