@@ -180,11 +180,12 @@ def test_a_body_over_the_limit_is_413(service: FuzzService, chunked: bool) -> No
     assert service.snapshot() == before
 
 
-def _job(service: FuzzService, body: dict[str, Any]) -> dict[str, Any]:
-    """``POST /maintenance`` with ``body``; the job's record once it ended."""
+def _job(
+    service: FuzzService, body: dict[str, Any], path: str = "/api/v1/maintenance"
+) -> dict[str, Any]:
+    """``POST path`` with ``body``; the job's record once it ended."""
     headers = {"Authorization": f"Bearer {OPERATOR}"}
-    answer = requests.post(f"{service.url}/api/v1/maintenance", json=body, headers=headers,
-                           timeout=10)  # fmt: skip
+    answer = requests.post(f"{service.url}{path}", json=body, headers=headers, timeout=10)
     assert answer.status_code == 202, answer.text
     deadline = time.monotonic() + 30
     while True:
@@ -224,3 +225,26 @@ def test_a_host_goes_into_maintenance_and_out_through_the_api(service: FuzzServi
     resume = requests.post(f"{service.url}/api/v1/controller-jobs/999/resume", json={},
                            headers={"Authorization": f"Bearer {OPERATOR}"}, timeout=10)  # fmt: skip
     assert resume.status_code == 404, resume.text
+
+
+def test_an_interrupted_job_is_resumed_through_the_api(service: FuzzService) -> None:
+    store = service.state.store.job_store()
+    job = store.begin("evacuate", "host-1", [], {})
+    store.end(job, "interrupted", {"error": "its controller died"})
+    as_viewer = {"Authorization": f"Bearer {VIEWER}"}
+    url = f"{service.url}/api/v1/controller-jobs"
+    listed = requests.get(url, params={"state": "interrupted"}, headers=as_viewer, timeout=10)
+    assert job in [j["job"] for j in listed.json()]
+    refused = requests.post(f"{url}/{job}/resume", json={}, headers=as_viewer, timeout=10)
+    assert refused.status_code == 403
+    resumed = _job(service, {"wait_s": 5}, f"/api/v1/controller-jobs/{job}/resume")
+    assert (resumed["state"], resumed["kind"], resumed["controller_job"]) == (
+        "completed", "resume", job
+    )  # fmt: skip
+    assert (resumed["result"]["resumed"], resumed["result"]["state"]) == (True, "completed")
+    shown = requests.get(f"{url}/{job}", headers=as_viewer, timeout=10).json()
+    assert (shown["state"], shown["report"]["resumed"]) == ("completed", True)
+    again = requests.post(f"{url}/{job}/resume", json={}, timeout=10,
+                          headers={"Authorization": f"Bearer {OPERATOR}"})  # fmt: skip
+    assert again.status_code == 409
+    assert "only an interrupted job is resumed" in again.json()["error"]["message"]
