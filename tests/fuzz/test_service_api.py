@@ -12,9 +12,12 @@ type; a request that violates the schema is refused with a 4xx; every error is a
 ``{"error": {"code", "message"}}``; no VM ever appears. Then, over every route of the table
 (so a new route is covered without a change here): no token or a wrong one is a 401; a viewer
 is refused every operator route, valid bodies included, with nothing changed; a body over the
-limit is a 413, announced or chunked.
+limit is a 413, announced or chunked. Last, the host jobs with no guest to move: a host into
+maintenance and out, and an interrupted job resumed.
 
-Deterministic (``derandomize``), about 20 s: few examples per operation, many operations.
+aiohttp is neither ASGI nor WSGI, so schemathesis calls the service over HTTP (``requests``) on
+the port the harness's thread serves; it reads OpenAPI 3.1 as it is. Deterministic
+(``derandomize``, no example database), about 15 s: few examples per operation, many operations.
 """
 
 from __future__ import annotations
