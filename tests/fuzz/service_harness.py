@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.agent.server import build_app as build_agent_app
 from vmferry.controller.inventory import HostEntry, Inventory
+from vmferry.controller.jobs import JobStore
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
 from vmferry.service.api import JobState
@@ -97,6 +98,15 @@ async def _agents(
     return tuple(entries), tuple(agents)
 
 
+def _seed(lab_dir: Path) -> None:
+    """A controller job of the past (a VM long gone moved off host-1), so that the routes
+    that show jobs have one to show."""
+    store = JobStore(lab_dir / "history.db")
+    job = store.begin("evacuate", "host-1", [("gone-1", "host-1", "host-2")], {})
+    store.move_state(job, "gone-1", "completed", {"note": "seeded"})
+    store.end(job, "completed", {"schema": 1, "job": job, "moves": []})
+
+
 async def _serve(
     tmp: Path, ready: threading.Event, box: list[FuzzService], stop: asyncio.Event
 ) -> None:
@@ -104,6 +114,7 @@ async def _serve(
         lab_dir = tmp / "lab"
         entries, agents = await _agents(tmp, stack)
         Inventory(lab_dir, _AGENT_TOKEN, entries).save()
+        _seed(lab_dir)
         tokens = TokenBook(
             {VIEWER: Principal("viewer", Role.VIEWER),
              OPERATOR: Principal("operator", Role.OPERATOR)}

@@ -22,6 +22,7 @@ the port the harness's thread serves; it reads OpenAPI 3.1 as it is. Determinist
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -59,10 +60,12 @@ SCHEMA.config.checks.negative_data_rejection.expected_statuses = REFUSALS
 AS_VIEWER = schemathesis.openapi.from_dict(openapi_document()).include(operation_id=OPERATOR_ROUTES)
 AS_VIEWER.config.generation.modes = [GenerationMode.POSITIVE]
 
+# VMFERRY_FUZZ_EXAMPLES=N: a longer run, on random examples (not the suite's fixed ones).
+_EXAMPLES = os.environ.get("VMFERRY_FUZZ_EXAMPLES")
 _FUZZ = settings(
-    max_examples=12,
+    max_examples=12 if _EXAMPLES is None else int(_EXAMPLES),
     deadline=None,
-    derandomize=True,
+    derandomize=_EXAMPLES is None,
     database=None,
     suppress_health_check=list(HealthCheck),
 )
