@@ -21,8 +21,10 @@ from aiohttp.test_utils import TestServer
 
 from vmferry.agent.host import AgentConfig, HostAgent
 from vmferry.agent.server import build_app as build_agent_app
+from vmferry.controller.history import History
 from vmferry.controller.inventory import HostEntry, Inventory
 from vmferry.controller.jobs import JobStore
+from vmferry.core.model import MigrationReport
 from vmferry.qemu.argv import BootFiles
 from vmferry.qemu.binary import find_qemu
 from vmferry.service.api import JobState
@@ -99,8 +101,15 @@ async def _agents(
 
 
 def _seed(lab_dir: Path) -> None:
-    """A controller job of the past (a VM long gone moved off host-1), so that the routes
-    that show jobs have one to show."""
+    """A move and a controller job of the past (a VM long gone moved off host-1), so that the
+    routes that show the history and jobs have one to show."""
+    report = MigrationReport(
+        vm="gone-1", source="host-1", destination="host-2", running_on="host-2",
+        strategy="precopy", status="completed", error=None, total_ms=1200, downtime_ms=40,
+        guest_downtime_ms=55, transferred_bytes=1 << 27, iterations=3, predicted=None,
+        integrity=None, guest_alive=True,
+    )  # fmt: skip
+    History(lab_dir / "history.db", "local:fuzz").record(report)
     store = JobStore(lab_dir / "history.db")
     job = store.begin("evacuate", "host-1", [("gone-1", "host-1", "host-2")], {})
     store.move_state(job, "gone-1", "completed", {"note": "seeded"})
