@@ -1,8 +1,9 @@
 """``vmferry serve`` against a real lab of 2 hosts, the CLI as its client: a viewer lists hosts
 and VMs (the same JSON as in-process) and is refused a migration; an operator migrates a small
 VM, watched on the event stream to the end; the history says who asked; /metrics counts it.
-Then the other client commands on the same lab: ``vm show``, ``verify``, ``plan``,
-``host maintenance enter|exit`` (a real move), ``job list|show|resume``, ``vm delete``, with
+Then the other client commands on the same lab: ``vm show``, ``vm create`` (the lab guest),
+``verify``, ``plan``, ``host maintenance enter|exit`` (a real move), ``job list|show|resume``,
+``vm delete``, with
 the output and exit statuses of the in-process commands.
 """
 
@@ -198,6 +199,15 @@ def _more_commands(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     remote, local = _both(lab, monkeypatch, url, "vm", "show", "small")
     assert remote == local
     assert remote["host"] == "host-2"
+    remote, local = _both(lab, monkeypatch, url, "vm", "create", "tiny", "--memory", "128M",
+                          "--dry-run")  # fmt: skip
+    assert remote == local
+    assert (remote["dry_run"], remote["vm"]) == (True, "tiny")
+    monkeypatch.setenv("VMFERRY_URL", url)
+    created = lab.ok("vm", "create", "tiny", "--host", "host-1", "--memory", "128M")
+    assert (created["name"], created["host"], created["state"]) == ("tiny", "host-1", "running")
+    lab.refused("vm", "create", "tiny", "--host", "host-1", message="already exists on host-1")
+    lab.refused("vm", "create", "own", "--image", "/nonexistent.qcow2", message="in-process")
     monkeypatch.setenv("VMFERRY_URL", url)
     checked = lab.ok("verify", "small")
     assert (checked["vm"], checked["host"], checked["ok"]) == ("small", "host-2", True)
@@ -235,6 +245,7 @@ def _more_commands(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     assert (exited["host_state"], exited["moved_off"]) == ("active", ["small"])
     lab.refused("host", "maintenance", "exit", "host-2", message="not in maintenance")
     assert lab.ok("vm", "delete", "small") == {"deleted": "small", "host": "host-1"}
+    assert lab.ok("vm", "delete", "tiny") == {"deleted": "tiny", "host": "host-1"}
     lab.refused("vm", "show", "small", message="404")
     monkeypatch.delenv("VMFERRY_URL")
     assert {h["host"]: h["state"] for h in lab.ok("host", "list")}["host-2"] == "active"

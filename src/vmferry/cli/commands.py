@@ -66,6 +66,7 @@ REMOTE: dict[tuple[str, str | None], str] = {
     ("balance", None): "vmferry.cli.remote:balance",
     ("reconcile", None): "vmferry.cli.remote:reconcile",
     ("vm", "show"): "vmferry.cli.remote:vm_show",
+    ("vm", "create"): "vmferry.cli.remote:vm_create",
     ("vm", "delete"): "vmferry.cli.remote:vm_delete",
     ("verify", None): "vmferry.cli.remote:verify",
     ("plan", None): "vmferry.cli.remote:plan",

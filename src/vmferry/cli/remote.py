@@ -1,4 +1,5 @@
-"""The CLI as a client of ``vmferry serve``: ``vm list|show|delete``, ``verify``, ``plan``,
+"""The CLI as a client of ``vmferry serve``: ``vm list|show|create|delete`` (``create``: the
+lab guest), ``verify``, ``plan``,
 ``host list|evacuate|maintenance``, ``job list|show|resume``, ``history``, ``migrate``,
 ``balance`` and ``reconcile`` through the service, with the in-process commands' ``--json``
 output and exit statuses (0 done, 1 failed, 2 refused).
@@ -50,6 +51,7 @@ __all__ = [
     "plan",
     "reconcile",
     "verify",
+    "vm_create",
     "vm_delete",
     "vm_list",
     "vm_show",
@@ -288,6 +290,35 @@ async def vm_show(args: argparse.Namespace, err: Console, out: Console) -> int:
     else:
         out.print(vm_table([VmInfo.from_json(info)]))
     return EXIT_OK
+
+
+_OWN_GUEST = ("image", "kernel", "initrd", "append", "nic", "heartbeat")
+
+
+async def vm_create(args: argparse.Namespace, err: Console, out: Console) -> int:
+    given = [f"--{o}" for o in _OWN_GUEST if getattr(args, o) not in (None, False)]
+    if given or args.firmware != "bios":
+        raise ConfigError(
+            f"{', '.join(given) or '--firmware'}: your own guest's files are on this machine, "
+            "so `vm create` of your own guest runs in-process (unset VMFERRY_URL)"
+        )
+    body = {"name": validate_name(args.name), "host": args.host, "group": args.group,
+            "memory": args.memory, "vcpus": args.vcpus, "disk": args.disk,
+            "disk_bus": args.disk_bus, "storage": args.storage, "workload": args.workload,
+            "dry_run": args.dry_run}  # fmt: skip
+    code, info = await _run_job(args, err, f"{API_PREFIX}/vms", body, {})
+    if args.json:
+        print_json(out, info)
+    elif info.get("dry_run"):
+        err.print(f"{info['vm']} would go to {info['host']}: {info['reason']} "
+                  "(--dry-run: nothing created)")  # fmt: skip
+        for verdict in info["hosts"][1:]:
+            err.print(f"  not {verdict['host']}: {verdict['why_not']}" if not verdict["fits"]
+                      else f"  {verdict['host']} fits too ({verdict['free_memory_bytes'] >> 20} "
+                      f"MiB, {verdict['free_vcpus']} vCPUs free)")  # fmt: skip
+    else:
+        err.print(f"{info['name']} running on {info['host']} (pid {info['pid']})")
+    return code
 
 
 async def vm_delete(args: argparse.Namespace, err: Console, out: Console) -> int:

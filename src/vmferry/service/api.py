@@ -39,6 +39,7 @@ __all__ = [
     "VMS_SCHEMA",
     "BalanceBody",
     "Body",
+    "CreateBody",
     "ErrorCode",
     "EvacuateBody",
     "JobState",
@@ -107,6 +108,7 @@ _NAME = s.string(max_length=63, pattern=s.NAME_PATTERN)
 _MBPS = s.nullable(s.integer(1, 1_000_000))
 _PER_HOST = s.nullable(s.integer(1, 1000))
 _DOWNTIME = s.integer(1, 600_000)
+_SIZE_PATTERN = r"^[0-9]{1,15}[KkMmGgTt]?[Ii]?[Bb]?$"  # 4096, 64K, 256M, 2GiB
 
 
 class Body:
@@ -258,6 +260,39 @@ class MaintenanceBody(Body):
 
 
 @dataclass(frozen=True, slots=True)
+class CreateBody(Body):
+    """``POST /vms``: a new VM of the lab guest (``vm create`` without ``--image``)."""
+
+    name: str
+    host: str | None = None
+    group: str | None = None
+    memory: str = "512M"
+    vcpus: int = 1
+    disk: str | None = None
+    disk_bus: str = "virtio-blk"
+    storage: str = "local"
+    workload: str = "idle"
+    dry_run: bool = False
+
+    NAME: ClassVar[str] = "CreateRequest"
+    SCHEMA: ClassVar[s.Schema] = s.obj(
+        {
+            "name": _NAME,
+            "host": s.nullable(_NAME),
+            "group": s.nullable(_NAME),
+            "memory": s.string(max_length=20, pattern=_SIZE_PATTERN),
+            "vcpus": s.integer(1, 64),
+            "disk": s.nullable(s.string(max_length=20, pattern=_SIZE_PATTERN)),
+            "disk_bus": s.enum(("virtio-blk", "virtio-scsi")),
+            "storage": s.enum(("local", "shared")),
+            "workload": s.string(max_length=200),
+            "dry_run": s.boolean(),
+        },
+        required=("name",),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeBody(Body):
     """``POST /controller-jobs/{id}/resume``: go on with a job whose controller died."""
 
@@ -274,8 +309,9 @@ BODIES: tuple[type[Body], ...] = (
     ReconcileBody,
     MaintenanceBody,
     ResumeBody,
+    CreateBody,
 )
-JOB_KINDS = ("migrate", "evacuate", "balance", "reconcile", "maintenance", "resume")
+JOB_KINDS = ("migrate", "evacuate", "balance", "reconcile", "maintenance", "resume", "create")
 
 # -- response schemas (open: the controller may add keys within a version) ------------------
 

@@ -45,6 +45,7 @@ from vmferry.service.routes import ROUTES, Param, Route, route_for
 from vmferry.service.store import ServiceStore
 from vmferry.service.supervisor import Supervisor
 from vmferry.service.views import host_rows
+from vmferry.service.vm_jobs import create_spec, create_work
 from vmferry.service.work import (
     balance_work,
     delete_vm,
@@ -410,6 +411,15 @@ async def _plan(request: web.Request) -> web.Response:
     return web.json_response(made.to_json())
 
 
+async def _create_vm(request: web.Request) -> web.Response:
+    body = await _body(request, api.CreateBody)
+    state = _state(request)
+    work = create_work(state.lab_dir, body, create_spec(body))  # a bad size: 400 here
+    return _accepted(
+        state.supervisor.submit("create", body.to_json(), request[PRINCIPAL_KEY], work)
+    )
+
+
 async def _delete_vm(request: web.Request) -> web.Response:
     name = _params(request)["name"]
     deleted = await delete_vm(_state(request).lab_dir, name)
@@ -480,6 +490,7 @@ _HANDLERS: dict[str, Handler] = {
     "reconcile": _reconcile,
     "events": _events,
     "plan": _plan,
+    "create_vm": _create_vm,
     "delete_vm": _delete_vm,
     "verify": _verify,
     "maintenance": _maintenance,
