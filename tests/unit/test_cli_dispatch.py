@@ -61,7 +61,7 @@ def test_client_mode_has_a_function_for_each_remote_command() -> None:
         assert inspect.iscoroutinefunction(remote), (command, action)
         assert remote.__module__ == "vmferry.cli.remote"
     # Commands without a client mode run in-process either way.
-    assert command_for("vm", "create", remote=True).__module__ == "vmferry.cli.guests"
+    assert command_for("vm", "import", remote=True).__module__ == "vmferry.cli.guests"
 
 
 def test_server_option_before_the_command() -> None:

@@ -78,10 +78,44 @@ def test_evacuation_body_checks_its_list() -> None:
         api.EvacuateBody("host-1", ["host-2", "host-3"], 60.0, 200, 100, 2, 1, True),
         api.BalanceBody(3, 0.0, 500, None, 1, 1, True),
         api.ReconcileBody(12.0),
+        api.MaintenanceBody("host-2", "exit", True, None, None, 100, 200, 1, 2, False),
+        api.ResumeBody(5.0),
+        api.CreateBody(
+            "tiny", "host-1", "web", "128M", 2, "1GiB", "virtio-scsi", "shared", "idle", True
+        ),
     ],
 )
 def test_bodies_round_trip(body: api.Body) -> None:
     assert type(body).from_json(body.to_json()) == body
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (api.MaintenanceBody, {"host": "h", "action": "leave"}),
+        (api.CreateBody, {"name": "a", "memory": "lots"}),
+        (api.CreateBody, {"name": "a", "vcpus": 0}),
+        (api.ResumeBody, {"wait_s": 0}),
+    ],
+)
+def test_new_bodies_refuse_what_their_schema_does_not_allow(
+    body: type[api.Body], message: Any
+) -> None:
+    with pytest.raises(s.SchemaError):
+        body.from_json(message)
+
+
+def test_a_controller_job_comes_back_from_its_json() -> None:
+    from vmferry.cli.remote import _record
+    from vmferry.controller.jobs import JobMove, JobRecord
+
+    record = JobRecord(
+        7, "maintenance-enter", "host-2", ("host-1", "host-2"), "completed", 42,
+        "2026-11-30T12:00:00+00:00", "2026-11-30T12:01:00+00:00", {"request": {"to": None}},
+        {"schema": 1}, (JobMove("a", "host-2", "host-1", "completed", {"ok": True}),),
+    )  # fmt: skip
+    assert _record(record.to_json(detail=True)) == record
+    assert _record(record.to_json()).to_json() == record.to_json()
 
 
 def test_defaults_fill_what_a_body_leaves_out() -> None:
