@@ -88,7 +88,7 @@ def test_serve_with_the_cli_as_its_client(
 ) -> None:
     lab = Lab(lab_dir)
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
-    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
+    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "192M", "--workload", SMALL)
     in_process = {cmd: _steady(lab.ok(*cmd.split())) for cmd in ("host list", "vm list")}
     with (tmp_path / "serve.log").open("wb") as log:
         serve, ready = _start_serve(lab_dir, tmp_path, log)
@@ -199,12 +199,12 @@ def _more_commands(lab: Lab, monkeypatch: pytest.MonkeyPatch, url: str) -> None:
     remote, local = _both(lab, monkeypatch, url, "vm", "show", "small")
     assert remote == local
     assert remote["host"] == "host-2"
-    remote, local = _both(lab, monkeypatch, url, "vm", "create", "tiny", "--memory", "128M",
+    remote, local = _both(lab, monkeypatch, url, "vm", "create", "tiny", "--memory", "192M",
                           "--dry-run")  # fmt: skip
     assert remote == local
     assert (remote["dry_run"], remote["vm"]) == (True, "tiny")
     monkeypatch.setenv("VMFERRY_URL", url)
-    created = lab.ok("vm", "create", "tiny", "--host", "host-1", "--memory", "128M")
+    created = lab.ok("vm", "create", "tiny", "--host", "host-1", "--memory", "192M")
     assert (created["name"], created["host"], created["state"]) == ("tiny", "host-1", "running")
     lab.refused("vm", "create", "tiny", "--host", "host-1", message="already exists on host-1")
     lab.refused("vm", "create", "own", "--image", "/nonexistent.qcow2", message="in-process")
