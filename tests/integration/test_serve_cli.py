@@ -88,7 +88,7 @@ def test_serve_with_the_cli_as_its_client(
 ) -> None:
     lab = Lab(lab_dir)
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
-    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "192M", "--workload", SMALL)
+    lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     in_process = {cmd: _steady(lab.ok(*cmd.split())) for cmd in ("host list", "vm list")}
     with (tmp_path / "serve.log").open("wb") as log:
         serve, ready = _start_serve(lab_dir, tmp_path, log)
