@@ -84,4 +84,3 @@ def verify(book: TokenBook, value: str | None, now_s: float) -> Principal | None
     if not hmac.compare_digest(good.encode(), signature.encode()) or int(expires) <= now_s:
         return None
     return book.principal(name)
-

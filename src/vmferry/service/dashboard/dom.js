@@ -1,4 +1,4 @@
-// Building the page without innerHTML: every value goes in as text, never as markup.
+// Building the page from elements: every value goes in as text, never parsed as markup.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 
