@@ -60,19 +60,22 @@ function line(points, x, y, index, className) {
   return svg("path", { class: className, d });
 }
 
-function marker(className, x1, y1, x2, y2, label, anchor) {
-  return svg("g", { class: className },
-    svg("line", { x1, y1, x2, y2 }),
-    svg("text", { x: anchor.x, y: anchor.y, "text-anchor": anchor.side }, label));
+function marker(className, x1, y1, x2, y2, label) {
+  return svg("g", { class: className }, svg("title", {}, label), svg("line", { x1, y1, x2, y2 }));
 }
 
-function legend() {
+function legend(marked) {
   const items = [["transferred", "sent"], ["remaining", "left"]];
+  if (marked) items.push(["predicted", "predicted"], ["actual", "actual"]);
   const y = HEIGHT - 8;
-  return svg("g", { class: "legend" }, items.map(([className, label], i) =>
-    svg("g", { class: className },
-      svg("line", { x1: 8 + i * 64, x2: 26 + i * 64, y1: y, y2: y }),
-      svg("text", { x: 30 + i * 64, y: y + 4 }, label))));
+  let left = 8;
+  return svg("g", { class: "legend" }, items.map(([className, label]) => {
+    const item = svg("g", { class: className },
+      svg("line", { x1: left, x2: left + 18, y1: y, y2: y }),
+      svg("text", { x: left + 22, y: y + 4 }, label));
+    left += 36 + label.length * 6.5;
+    return item;
+  }));
 }
 
 /**
@@ -98,22 +101,21 @@ export function curveChart(points, { vm, predicted = null, actual = null } = {})
   if (predicted?.transferred_bytes) {
     const py = y(predicted.transferred_bytes);
     chart.append(marker("predicted bytes", PAD.left, py, WIDTH - PAD.right, py,
-      `predicted ${bytes(predicted.transferred_bytes)}`,
-      { x: PAD.left + 4, y: py - 4, side: "start" }));
+      `predicted: ${bytes(predicted.transferred_bytes)} sent`));
   }
   if (predicted?.total_ms) {
     const px = x(predicted.total_ms);
     chart.append(marker("predicted total", px, top, px, bottom,
-      `predicted ${millis(predicted.total_ms)}`, { x: px - 4, y: top + 26, side: "end" }));
+      `predicted: done after ${millis(predicted.total_ms)}`));
   }
   if (actual?.total_ms) {
     const px = x(actual.total_ms);
-    chart.append(marker("actual total", px, top, px, bottom, `actual ${millis(actual.total_ms)}`,
-      { x: px - 4, y: top + 40, side: "end" }));
+    chart.append(marker("actual total", px, top, px, bottom,
+      `actual: done after ${millis(actual.total_ms)}`));
   }
   for (const part of [line(placed, x, y, 2, "remaining"), line(placed, x, y, 1, "transferred")]) {
     if (part) chart.append(part);
   }
-  chart.append(legend());
+  chart.append(legend(Boolean(predicted || actual)));
   return chart;
 }
