@@ -3,10 +3,10 @@
 
 An operator logs in with a token, starts a migration with the dashboard's button and watches it
 live (phase, bytes, ETA, the curve growing) to its report: predicted vs actual total time, QEMU
-downtime and guest-felt downtime, and the progress curve. ``vmferry history`` says the operator
-asked. A viewer then sees the same page without any button, and a POST with the viewer's
-credentials is refused (403), as one with the session cookie but without the page's CSRF
-header (401).
+downtime and guest-felt downtime, and the progress curve. The page's history and ``vmferry
+history`` say the operator asked. A viewer then sees the same page without any button, and a
+POST with the viewer's credentials is refused (403), as one with the session cookie but
+without the page's CSRF header (401).
 
 Screenshots go to ``$VMFERRY_SCREENSHOTS`` if set, else to the test's temporary directory.
 The committed set in docs/screenshots/ comes from::
@@ -176,6 +176,7 @@ def _operator_migrates(browser: Browser, url: str, token: str, shots: Path) -> N
     expect(curve.locator(".actual.total")).to_have_count(1)
     expect(page.locator(".job .badge.completed")).to_have_count(1)
     expect(page.locator("tr[data-vm=small] td.where")).to_have_text("host-2")
+    expect(page.locator("#history tr[data-vm=small] td.asked-by")).to_have_text("api:operator")
     seen = page.evaluate("window.seen")
     assert "active" in seen["phases"], seen["phases"]
     assert any(re.fullmatch(r"ETA [\d.]+ m?s", eta) for eta in seen["etas"]), seen["etas"]

@@ -4,15 +4,16 @@
 
 import * as api from "./api.js";
 import { evacuateForm, migrateForm } from "./forms.js";
-import { jobView, moveView, movesOf, renderHosts, renderVms } from "./views.js";
+import { jobView, moveView, movesOf, renderHistory, renderHosts, renderVms } from "./views.js";
 
 const $ = (id) => document.getElementById(id);
 const JOB_LIMIT = 20;
+const HISTORY_LIMIT = 10;
 const REFRESH_MS = 20000;
 const FINAL = new Set(["completed", "failed", "refused", "cancelled", "interrupted"]);
 
 const state = {
-  who: null, hosts: [], vms: [], jobs: new Map(), live: new Map(), curves: new Map(),
+  who: null, hosts: [], vms: [], history: [], jobs: new Map(), live: new Map(), curves: new Map(),
   strategies: ["auto"], stream: null, timer: null, cards: new Map(),
 };
 
@@ -35,6 +36,7 @@ function failed(err) {
 function drawCluster() {
   $("hosts").replaceChildren(...renderHosts(state.hosts, state.who, actions));
   $("vms").replaceChildren(...renderVms(state.vms, state.who, actions));
+  $("history").replaceChildren(...renderHistory(state.history));
 }
 
 function signature(job) {
@@ -89,14 +91,21 @@ async function loadJob(id) {
 }
 
 async function refreshCluster() {
-  const [hosts, vms] = await Promise.all([
+  // Each part on its own: a host that does not answer leaves the rest of the page up to date.
+  const [hosts, vms, history] = await Promise.allSettled([
     api.request("GET", "/api/v1/hosts"),
     api.request("GET", "/api/v1/vms"),
+    api.request("GET", `/api/v1/history?limit=${HISTORY_LIMIT}`),
   ]);
-  state.hosts = hosts;
-  state.vms = vms.vms;
-  if (vms.unreachable.length) notice(`unreachable: ${vms.unreachable.join(", ")}`, "error");
+  if (hosts.status === "fulfilled") state.hosts = hosts.value;
+  if (vms.status === "fulfilled") state.vms = vms.value.vms;
+  if (history.status === "fulfilled") state.history = history.value.reverse();
   drawCluster();
+  const refused = [hosts, vms, history].find((answer) => answer.status === "rejected");
+  if (refused) throw refused.reason;
+  if (vms.value.unreachable.length) {
+    notice(`unreachable: ${vms.value.unreachable.join(", ")}`, "error");
+  }
 }
 
 async function refreshAll() {
@@ -214,7 +223,7 @@ function stop(message = "") {
   if (state.stream) state.stream.close();
   clearInterval(state.timer);
   Object.assign(state, { who: null, stream: null, jobs: new Map(), live: new Map(),
-    curves: new Map(), cards: new Map(), hosts: [], vms: [] });
+    curves: new Map(), cards: new Map(), hosts: [], vms: [], history: [] });
   delete document.body.dataset.role;
   closeAction();
   $("jobs").replaceChildren();

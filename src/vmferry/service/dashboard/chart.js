@@ -83,7 +83,9 @@ function legend(marked) {
  * report), the curve is placed so that it ends at the move's actual total time: what came
  * before QEMU's stream (the destination starting) shows as the gap at the start.
  */
-export function curveChart(points, { vm, predicted = null, actual = null } = {}) {
+export function curveChart(samples, { vm, predicted = null, actual = null } = {}) {
+  const start = samples.findIndex((p) => p[1] > 0 || p[2] > 0); // not QEMU's empty setup
+  const points = start > 0 ? samples.slice(start) : samples;
   const last = points.length ? points[points.length - 1][0] : 0;
   const shift = actual && actual.total_ms ? Math.max(0, actual.total_ms - last) : 0;
   const placed = points.map((p) => [p[0] + shift, p[1], p[2]]);

@@ -24,8 +24,8 @@ export function error(predicted, actual) {
     return "–";
   }
   if (predicted === 0) return actual === 0 ? "0 %" : "–";
-  const ratio = ((actual - predicted) / predicted) * 100;
-  return `${ratio >= 0 ? "+" : "−"}${Math.abs(ratio).toFixed(0)} %`;
+  const ratio = Math.round(((actual - predicted) / predicted) * 100);
+  return ratio === 0 ? "0 %" : `${ratio > 0 ? "+" : "−"}${Math.abs(ratio)} %`;
 }
 
 export function when(iso) {

@@ -164,3 +164,30 @@ export function jobView(job, live, curves, who, actions) {
     job.error ? el("p", { class: "error-text" }, job.error.message) : null,
     movesOf(job, live).map((move) => moveView(job, move, live, curves)));
 }
+
+const pair = (predicted, actual, show) =>
+  `${predicted == null ? "–" : show(predicted)} / ${actual == null ? "–" : show(actual)}`;
+
+/** Every recorded move, newest first, whoever asked (the service or a CLI in-process). */
+export function renderHistory(entries) {
+  const head = el("tr", {}, ["started", "VM", "from → to", "strategy", "status",
+    "total (pred. / actual)", "QEMU downtime", "guest-felt", "asked by"].map(
+    (name) => el("th", {}, name)));
+  const rows = entries.map((entry) => {
+    const p = entry.predicted || {};
+    return el("tr", { dataset: { history: String(entry.id), vm: entry.vm } },
+      el("td", {}, when(entry.started_at)),
+      el("td", { class: "name" }, entry.vm),
+      el("td", {}, `${entry.source} → ${entry.destination}`),
+      el("td", {}, entry.strategy),
+      el("td", {}, el("span", { class: `badge ${entry.status}` }, entry.status)),
+      el("td", { class: "num" }, pair(p.total_ms, entry.total_ms, millis)),
+      el("td", { class: "num" }, pair(p.downtime_ms, entry.downtime_ms, millis)),
+      el("td", { class: "num" }, pair(p.guest_downtime_ms, entry.guest_downtime_ms, millis)),
+      el("td", { class: "asked-by" }, entry.asked_by || "–"));
+  });
+  if (!rows.length) {
+    rows.push(el("tr", {}, el("td", { colspan: 9, class: "empty" }, "no migrations yet")));
+  }
+  return [el("thead", {}, head), el("tbody", {}, rows)];
+}
