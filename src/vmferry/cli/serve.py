@@ -103,6 +103,7 @@ async def serve(args: argparse.Namespace, err: Console, out: Console) -> int:
             out.print(f"{role} token: {where.tokens[role]}", highlight=False)
         if tls is not None and not args.tls_cert and inventory.ca_file is not None:
             out.print(f"clients trust the lab CA: {inventory.ca_file}", highlight=False)
+        out.print(f"dashboard: {where.url}/ (log in with a token above)", highlight=False)
         out.print(
             f"CLI: export VMFERRY_URL={where.url} "
             f"VMFERRY_TOKEN=$(cat {where.tokens[Role.OPERATOR]})",

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from vmferry.service import api
 from vmferry.service import schema as s
 from vmferry.service.auth import Role
+from vmferry.service.curves import CURVES_SCHEMA
 
-__all__ = ["ROUTES", "Param", "Route", "route_for"]
+__all__ = ["ROUTES", "SESSION_OPERATIONS", "Param", "Route", "route_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,8 @@ _PLAN_PARAMS = (
     Param("bandwidth_mbps", s.integer(1, 1_000_000), "cap the stream (megabits/s)"),
     Param("allow_postcopy", s.boolean(), "whether post-copy may be chosen (default true)"),
 )
+_WHO = s.obj({"name": s.string(), "role": s.enum([str(r) for r in Role])},
+             required=("name", "role"), closed=False)  # fmt: skip
 
 ROUTES: tuple[Route, ...] = (
     Route("GET", f"{_P}/hosts", "list_hosts", Role.VIEWER, "Every host: room, VMs, maintenance",
@@ -130,11 +133,24 @@ ROUTES: tuple[Route, ...] = (
     Route("POST", f"{_P}/controller-jobs/{{id}}/resume", "resume_job", Role.OPERATOR,
           "Go on with a job whose controller died (a job)", body=api.ResumeBody, status=202,
           response=api.JOB_SCHEMA, params=(_JOB_ID,)),
+    Route("GET", f"{_P}/jobs/{{id}}/curve", "job_curve", Role.VIEWER,
+          "Each move's progress curve (the service's recent jobs; the dashboard plots it)",
+          response=CURVES_SCHEMA, params=(_JOB_ID,)),
+    Route("GET", f"{_P}/whoami", "whoami", Role.VIEWER, "The caller's name and role",
+          response=_WHO),
+    Route("POST", f"{_P}/session", "login", Role.VIEWER,
+          "A browser session: the bearer token exchanged for an HttpOnly, SameSite=Strict "
+          "cookie (changes nothing; the dashboard's login)", response=_WHO),
+    Route("DELETE", f"{_P}/session", "logout", Role.VIEWER,
+          "End the browser session (its cookie is cleared)", response=_WHO),
     Route("GET", "/metrics", "metrics", Role.VIEWER, "Prometheus metrics",
           media="text/plain; version=0.0.4"),
     Route("GET", "/openapi.json", "openapi", Role.VIEWER, "This document",
           response={"type": "object"}),
 )  # fmt: skip
+
+# Routes that change no state of the cluster though not ``GET``: a viewer logs in and out too.
+SESSION_OPERATIONS = frozenset({"login", "logout"})
 
 
 def route_for(operation: str) -> Route:

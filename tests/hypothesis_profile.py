@@ -1,4 +1,5 @@
-"""Settings for every test: Hypothesis without a per-example deadline.
+"""A pytest plugin for every test (``-p hypothesis_profile`` in pyproject.toml): Hypothesis
+without a per-example deadline.
 
 The suite runs its pure property tests on the same 2 cores as three workers booting QEMU guests,
 so one example's wall time says nothing about the code under test (a 200 ms deadline failed
