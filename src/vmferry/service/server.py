@@ -164,8 +164,9 @@ async def _serve(state: ServiceState, config: ServiceConfig, lease: Lease | None
     return runner
 
 
-def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None]:
-    """The store (on PostgreSQL: fenced by the lease, which has a connection of its own).
+def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None, list[PgDatabase]]:
+    """The store (on PostgreSQL: fenced by the lease, which has a connection of its own), and
+    the connections to close at the end.
 
     Raises:
         ConfigError: not a PostgreSQL URL, psycopg missing, a lease length out of range.
@@ -177,12 +178,12 @@ def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None]:
             logger.warning(
                 "service.found %d job(s) a stopped service left running: %s", len(left), left
             )
-        return store, None
+        return store, None, []
     timing = LeaseTiming(config.lease_s)
     db = PgDatabase(config.store_url)
     lease = Lease(PgDatabase(config.store_url), holder_name(), None, timing)
     db.fence = lease
-    return SqlStore(db), lease
+    return SqlStore(db), lease, [db, lease.db]
 
 
 def _fail_stop(why: str) -> None:
@@ -202,7 +203,7 @@ async def run_service(
         ConfigError: unreadable or unsafe token files; the address cannot be listened on.
     """
     tokens, token_files = load_or_create_tokens(config.state_dir / "tokens")
-    store, lease = _open_store(config)
+    store, lease, connections = _open_store(config)
     bus, metrics = EventBus(config.queue_events), ServiceMetrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -236,6 +237,8 @@ async def run_service(
         state.closing.set()
         bus.wake_all()
         await runner.cleanup()
+        for db in connections:
+            db.close()
     logger.info("service.stopped")
 
 
