@@ -119,7 +119,7 @@ def test_store_lease_and_fence_on_postgresql(postgres: str) -> None:
         stores.append(SqlStore(db))
         opened += [db, lease.db]
     try:
-        _lease_and_fence(*leases, *stores)
+        _lease_and_fence(leases[0], leases[1], stores[0], stores[1])
     finally:
         for db in opened:
             db.close()
@@ -131,7 +131,9 @@ def _lease_and_fence(a: Lease, b: Lease, store_a: SqlStore, store_b: SqlStore) -
 
     assert a.try_take() == 1
     assert b.try_take() is None  # held, unexpired: never taken
-    assert b.leader() is not None and b.leader().url == "https://a"  # type: ignore[union-attr]
+    held = b.leader()
+    assert held is not None
+    assert (held.holder, held.url, held.epoch) == ("holder-a", "https://a", 1)
     job = store_a.create_job("evacuate", {"host": "h1"}, who)
     jobs_a = store_a.job_store()
     moves = [("v2", "h1", "h2"), ("v1", "h1", "h3")]
@@ -194,12 +196,12 @@ class _Api:
 def _start_serve(lab_dir: Path, work: Path, name: str, store: str) -> subprocess.Popen[bytes]:
     ready = work / f"{name}-ready.json"
     env = {k: v for k, v in os.environ.items() if k not in ("VMFERRY_URL", "VMFERRY_TOKEN")}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmferry.cli.main", "serve", "--listen", "127.0.0.1:0",
-         "--ready-file", str(ready), "--store", store, "--lease", str(LEASE_S)],
-        env={**env, "VMFERRY_LAB_DIR": str(lab_dir)},
-        stdout=subprocess.DEVNULL, stderr=(work / f"{name}.log").open("wb"),
-    )  # fmt: skip
+    with (work / f"{name}.log").open("wb") as log:  # the child has its own copy
+        process = subprocess.Popen(
+            [sys.executable, "-m", "vmferry.cli.main", "serve", "--listen", "127.0.0.1:0",
+             "--ready-file", str(ready), "--store", store, "--lease", str(LEASE_S)],
+            env={**env, "VMFERRY_LAB_DIR": str(lab_dir)}, stdout=subprocess.DEVNULL, stderr=log,
+        )  # fmt: skip
     _until(lambda: ready.exists() or process.poll() is not None, 30, f"serve {name} not up")
     assert process.poll() is None, (work / f"{name}.log").read_text()
     return process

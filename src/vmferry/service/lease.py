@@ -30,12 +30,13 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from vmferry.controller.database import Schema, Transaction, one
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.service.pg import NotLeader, PgDatabase
 
-__all__ = ["Leader", "Lease", "LeaseKeeper", "LeaseTiming", "holder_name"]
+__all__ = ["Holding", "Leader", "Lease", "LeaseKeeper", "LeaseTiming", "holder_name"]
 
 logger = logging.getLogger(__name__)
 
@@ -225,6 +226,20 @@ class Lease:
             raise NotLeader(None, f"its lease (epoch {epoch}) expired or was taken over")
 
 
+class Holding(Protocol):
+    """What :class:`LeaseKeeper` needs of a lease (:class:`Lease` is one)."""
+
+    @property
+    def holder(self) -> str: ...
+
+    @property
+    def timing(self) -> LeaseTiming: ...
+
+    def try_take(self) -> int | None: ...
+
+    def renew(self) -> bool: ...
+
+
 class LeaseKeeper:
     """Takes the lease when it is free, keeps it, and stops the controller that loses it.
 
@@ -237,7 +252,7 @@ class LeaseKeeper:
 
     def __init__(
         self,
-        lease: Lease,
+        lease: Holding,
         on_lead: Callable[[int], Awaitable[None]],
         on_lost: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
@@ -262,13 +277,18 @@ class LeaseKeeper:
         await self._keep(asked)
 
     async def _keep(self, renewed: float) -> None:
+        """Renew every ``renew_every_s`` from the last try (``renewed``: when the last good
+        renewal was asked for) until the lease is lost."""
         timing = self.lease.timing
+        asked = renewed
         while True:
-            await asyncio.sleep(max(0.0, renewed + timing.renew_every_s - self.clock()))
+            await asyncio.sleep(max(0.0, asked + timing.renew_every_s - self.clock()))
             asked = self.clock()
-            left_s = renewed + timing.give_up_s - asked
+            if timing.must_stop(asked - renewed):
+                self.on_lost(f"no renewal for {asked - renewed:.1f} s")
+                return
             try:
-                async with asyncio.timeout(max(0.0, left_s)):
+                async with asyncio.timeout(renewed + timing.give_up_s - asked):
                     kept = await asyncio.to_thread(self.lease.renew)
             except (FerryError, TimeoutError) as err:
                 logger.warning("lease.renewal_failed %s", str(err) or "no answer in time")

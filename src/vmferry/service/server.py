@@ -180,8 +180,13 @@ def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None, list
             )
         return store, None, []
     timing = LeaseTiming(config.lease_s)
-    db = PgDatabase(config.store_url)
-    lease = Lease(PgDatabase(config.store_url), holder_name(), None, timing)
+    # A statement may block the event loop no longer than a renewal's interval: the keeper
+    # must get to run before the lease could lapse.
+    timeout_ms = int(1000 * max(1.0, timing.renew_every_s))
+    db = PgDatabase(config.store_url, statement_timeout_ms=timeout_ms)
+    lease = Lease(
+        PgDatabase(config.store_url, statement_timeout_ms=timeout_ms), holder_name(), None, timing
+    )
     db.fence = lease
     return SqlStore(db), lease, [db, lease.db]
 
