@@ -183,7 +183,13 @@ class PgDatabase:
                 if statement.strip():
                     tx.execute(statement)
             for table, column, kind in schema.columns(POSTGRESQL):
-                tx.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}")
+                # (not ADD COLUMN IF NOT EXISTS: with BIGSERIAL that makes a sequence each time)
+                if not tx.execute(
+                    "SELECT 1 FROM information_schema.columns WHERE table_schema ="
+                    " current_schema() AND table_name = ? AND column_name = ?",
+                    (table, column),
+                ):
+                    tx.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
         self._ready.add(schema.ddl)
 
     @contextmanager
