@@ -18,9 +18,10 @@ Whose a running job is: on SQLite, its controller's process (``pid``: alive or n
 this machine, where every controller of an embedded database runs). On a database several
 controllers share, a pid says nothing (the controllers run on different machines, and a pid
 alive there may be another process here): a job belongs to the leader lease's epoch it was
-begun or claimed under (column ``owner``). Only the lease holder writes, and the first write
-of a new holder finds every running job of an older epoch orphaned (``interrupted``), ready for
-it to claim; reading the jobs changes nothing there.
+begun or claimed under (column ``owner``). Only the lease holder writes; a new holder marks
+every running job of an older epoch ``interrupted`` (:meth:`JobStore.settle_orphans`, and again
+as it begins, claims or extends a job), ready for it to claim; reading the jobs changes nothing
+there.
 """
 
 from __future__ import annotations
