@@ -38,7 +38,7 @@ from vmferry.service.auth import Role, load_or_create_tokens
 from vmferry.service.events import EventBus
 from vmferry.service.lease import Lease, LeaseKeeper, LeaseTiming, holder_name
 from vmferry.service.metrics import ServiceMetrics
-from vmferry.service.pg import PgDatabase
+from vmferry.service.pg import PgDatabase, redact
 from vmferry.service.routes import ROUTES
 from vmferry.service.store import ServiceStore, SqliteStore, SqlStore
 from vmferry.service.supervisor import Supervisor
@@ -170,6 +170,7 @@ def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None, list
 
     Raises:
         ConfigError: not a PostgreSQL URL, psycopg missing, a lease length out of range.
+        FerryError: the database does not answer.
     """
     if config.store_url is None:
         store = SqliteStore(config.database)
@@ -188,6 +189,14 @@ def _open_store(config: ServiceConfig) -> tuple[ServiceStore, Lease | None, list
         PgDatabase(config.store_url, statement_timeout_ms=timeout_ms), holder_name(), None, timing
     )
     db.fence = lease
+    try:
+        leader = lease.leader()  # fail at start, not at the first request, if it is not there
+    except FerryError:
+        lease.db.close()
+        raise
+    logger.info(
+        "service.store %s; leader: %s", redact(config.store_url), leader and leader.describe()
+    )
     return SqlStore(db), lease, [db, lease.db]
 
 
