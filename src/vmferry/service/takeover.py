@@ -100,8 +100,13 @@ def resume_work(lab_dir: Path | None, controller_job: int) -> Work:
         store = ctx.store.job_store()
         record = store.claim(controller_job)
         logger.info("job.resuming %s: controller job %s", ctx.job, record.id)
-        async with Cluster(Inventory.load(lab_dir)) as cluster:
-            settled, result = await _carry_on(ctx, cluster, store, record)
+        try:
+            async with Cluster(Inventory.load(lab_dir)) as cluster:
+                settled, result = await _carry_on(ctx, cluster, store, record)
+        except BaseException as error:  # not given back yet (no lab, say): given back now
+            if store.job(record.id).state == "running":
+                _give_back(store, record.id, error, ran=False)
+            raise
         state = job_outcome([m.state for m in store.job(record.id).moves])
         ran: dict[str, Any] = (
             result.to_json()
