@@ -13,7 +13,7 @@ from vmferry.service.api import JobState
 from vmferry.service.auth import Principal, Role
 from vmferry.service.store import ServiceJob, SqliteStore
 from vmferry.service.supervisor import Work
-from vmferry.service.takeover import take_over
+from vmferry.service.takeover import hand_over, take_over
 
 WHO = Principal("operator", Role.OPERATOR)
 
@@ -69,3 +69,35 @@ def test_the_new_leader_resumes_evacuations_and_closes_the_rest(tmp_path: Path) 
         {"state": "completed", "moves": []},
     )
     assert store.job(finished_already.id).state is JobState.COMPLETED
+
+
+def test_a_stopping_leader_hands_over_what_the_next_one_can_go_on_with(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "history.db")
+    jobs = store.job_store()
+    stopped = []
+    for kind, controller_state in (
+        ("evacuate", "interrupted"),  # handed over
+        ("balance", "failed"),  # its moves failed: nothing to go on with
+        ("migrate", None),  # no controller job: a single move is not resumed
+    ):
+        job = store.create_job(kind, {}, WHO)
+        controller = None
+        if controller_state is not None:
+            controller = jobs.begin(kind, f"h-{kind}", [("a", f"h-{kind}", "h2")], {})
+            jobs.end(controller, controller_state)
+        error = {"code": "unavailable", "message": "the service stopped"}
+        store.update_job(job.id, JobState.INTERRUPTED, error=error, controller_job=controller)
+        stopped.append(job.id)
+    ended = store.create_job("evacuate", {}, WHO)
+    store.update_job(ended.id, JobState.COMPLETED, result={})
+    stopped.append(ended.id)
+
+    assert hand_over(store, stopped) == [stopped[0]]
+    handed = store.job(stopped[0])
+    assert (handed.state, handed.error) == (JobState.RUNNING, None)
+    assert [store.job(i).state for i in stopped[1:]] == [
+        JobState.INTERRUPTED,
+        JobState.INTERRUPTED,
+        JobState.COMPLETED,
+    ]
+    assert hand_over(store, stopped) == []  # once

@@ -11,7 +11,9 @@ would act (migrate, evacuate, balance, reconcile, cancel) and the event stream (
 events are in the leader), naming the leader (``X-Vmferry-Leader``: its URL). Every response
 says which one answered (``X-Vmferry-Role: leader|follower``). A follower that takes the lease
 goes on with the jobs the previous leader left (:mod:`vmferry.service.takeover`); a leader that
-loses it exits at once (fail-stop, as Kubernetes' controllers do: restarted, it follows).
+loses it exits at once (fail-stop, as Kubernetes' controllers do: restarted, it follows). A
+leader stopped with SIGTERM winds its moves down, hands its evacuations and balances over and
+gives the lease up: a follower goes on with them within a quarter of the lease.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from vmferry.service.pg import PgDatabase, redact
 from vmferry.service.routes import ROUTES
 from vmferry.service.store import ServiceStore, SqliteStore, SqlStore
 from vmferry.service.supervisor import Supervisor
-from vmferry.service.takeover import take_over
+from vmferry.service.takeover import hand_over, take_over
 
 __all__ = ["Listening", "ServiceConfig", "run_service"]
 
@@ -241,7 +243,11 @@ async def run_service(
             logger.info("service.listening %s", state.url)
             await stop.wait()
             logger.info("service.stopping")
+            stopped = supervisor.running
             await supervisor.shutdown(config.grace_s)  # the lease kept meanwhile: jobs write
+            if lease is not None and lease.leading:
+                handed = await asyncio.to_thread(hand_over, store, stopped)
+                logger.info("service.handed_over job(s) %s to the next leader", handed)
             if keeper is not None:
                 keeper.cancel()
     finally:

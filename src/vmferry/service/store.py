@@ -123,6 +123,11 @@ class ServiceStore(Protocol):
         """Jobs a previous service left ``running`` (it died) become ``interrupted``."""
         ...
 
+    def reopen(self, job: int) -> bool:
+        """An ``interrupted`` job is ``running`` again, without its error, for the next leader
+        to take over (a shared store); False: it was not interrupted."""
+        ...
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -213,6 +218,16 @@ class SqlStore:
         with self._connect() as db:
             rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [_job(r) for r in rows]
+
+    def reopen(self, job: int) -> bool:
+        with self._connect(write=True) as db:
+            return bool(
+                db.execute(
+                    "UPDATE service_jobs SET state = 'running', error = NULL, updated_at = ?"
+                    " WHERE id = ? AND state = 'interrupted' RETURNING id",
+                    (_now(), job),
+                )
+            )
 
     def interrupt_running(self) -> list[int]:
         with self._connect(write=True) as db:

@@ -13,13 +13,17 @@ the jobs the previous leader was running go on, here, from their records.
 - one whose controller job ended (the leader died before it said so): ended as that job;
 - anything else (a single migration, a reconcile, a job still planning): ``interrupted``, as a
   restarted embedded service leaves it (``vmferry reconcile`` settles a move it left).
+
+A leader stopped on purpose (SIGTERM) winds its moves down as any service does, then hands its
+evacuations and balances over (:func:`hand_over`): ``running`` again in the shared database,
+and its lease given up, so the next leader goes on with them at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +40,7 @@ from vmferry.service.api import ErrorCode, JobState
 from vmferry.service.store import ServiceJob, ServiceStore
 from vmferry.service.supervisor import JobContext, Outcome, Work
 
-__all__ = ["RESUMABLE_KINDS", "resume_work", "take_over"]
+__all__ = ["RESUMABLE_KINDS", "hand_over", "resume_work", "take_over"]
 
 logger = logging.getLogger(__name__)
 
@@ -167,3 +171,23 @@ async def take_over(
         else:
             _close(store, job, "its controller (the previous leader) died; nothing resumes it")
     return taken
+
+
+def hand_over(store: ServiceStore, stopped: Sequence[int]) -> list[int]:
+    """Of the service jobs a stopping leader just wound down (``stopped``), those the next
+    leader can go on with (an evacuation or a balance whose controller job is ``interrupted``)
+    are ``running`` again; their ids.
+
+    Raises:
+        FerryError: the database cannot be written (or the lease is no longer this one's).
+    """
+    controller = store.job_store()
+    handed = []
+    for job in (store.job(i) for i in stopped):
+        if job.state is not JobState.INTERRUPTED or job.kind not in RESUMABLE_KINDS:
+            continue
+        if job.controller_job is None:
+            continue
+        if controller.job(job.controller_job).state == "interrupted" and store.reopen(job.id):
+            handed.append(job.id)
+    return handed
