@@ -23,8 +23,9 @@ from vmferry.lab.local import LocalLab
 
 __all__ = ["lab_dir"]  # the CLI tests' lab fixture, registered here for every module
 
-# Heaviest first (tests/DURATIONS.md); modules not named here come after these.
-_MODULE_ORDER = (  # longest first (tests/DURATIONS.md): list scheduling over the workers
+# Heaviest first (tests/DURATIONS.md: list scheduling over the workers); modules not named here
+# come after these.
+_MODULE_ORDER = (
     "test_own_guest_cli.py",
     "test_debian_guest.py",
     "test_faults.py",
