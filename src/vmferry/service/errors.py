@@ -10,6 +10,7 @@ from vmferry.agent.client import AgentUnreachable
 from vmferry.controller.jobs import JobConflict, JobNotResumable, UnknownJob
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.service.api import STATUS_BY_CODE, ErrorCode
+from vmferry.service.pg import NotLeader
 
 __all__ = ["CODE_BY_ERROR", "code_of", "status_of"]
 
@@ -20,6 +21,7 @@ CODE_BY_ERROR: tuple[tuple[type[FerryError], ErrorCode], ...] = (
     (JobNotResumable, ErrorCode.CONFLICT),
     (CapacityError, ErrorCode.CONFLICT),
     (ConfigError, ErrorCode.INVALID),
+    (NotLeader, ErrorCode.UNAVAILABLE),  # a follower, or a leader whose lease passed on
     (StateError, ErrorCode.CONFLICT),
     (AgentUnreachable, ErrorCode.UNAVAILABLE),
     (FerryError, ErrorCode.INTERNAL),

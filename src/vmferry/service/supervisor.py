@@ -151,12 +151,28 @@ class Supervisor:
             raise StateError("the service", state, "running")
         job = self.store.create_job(kind, request, who)
         logger.info("job.started %s %s asked by %s", job.id, kind, who.asked_by)
+        self._start(self._group, job, work)
+        return job
+
+    def take_over(self, job: ServiceJob, work: Work) -> None:
+        """Run ``work`` for ``job``, a running job whose controller died (its record goes on:
+        see :mod:`vmferry.service.takeover`).
+
+        Raises:
+            StateError: the service is shutting down.
+        """
+        if self._closing or self._group is None:
+            state = "shutting down" if self._closing else "starting"
+            raise StateError("the service", state, "running")
+        logger.info("job.taken_over %s %s asked by %s", job.id, job.kind, job.asked_by.asked_by)
+        self._start(self._group, job, work)
+
+    def _start(self, group: asyncio.TaskGroup, job: ServiceJob, work: Work) -> None:
         self.bus.publish("job", job.event_json())
-        context = JobContext(job.id, who, self.store, self.bus, self.metrics, self.curves)
-        task = self._group.create_task(self._run(job.id, work, context), name=f"job-{job.id}")
+        context = JobContext(job.id, job.asked_by, self.store, self.bus, self.metrics, self.curves)
+        task = group.create_task(self._run(job.id, work, context), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
-        return job
 
     def cancel(self, job: int) -> None:
         """Cancel a running job (it ends ``cancelled`` once its move is wound down).
