@@ -13,6 +13,7 @@ runs it; one that cannot go on before its moves run gives the job back ``interru
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,8 @@ from vmferry.service.supervisor import JobContext, Outcome, Work
 from vmferry.service.work import JobObserver, lab_cluster, nothing_moved, run_job
 
 __all__ = ["check_resumable", "maintenance_request", "maintenance_work", "resume_work"]
+
+logger = logging.getLogger(__name__)
 
 _RESUME_WAIT_S = 300.0  # a maintenance enter that resumes waits this long for moves in flight
 
@@ -80,7 +83,8 @@ def maintenance_work(lab_dir: Path | None, body: MaintenanceBody, request: JobRe
 
 
 def resume_work(lab_dir: Path | None, job: int, wait_s: float) -> Work:
-    """``job resume ID``: its result is the resumed job's report."""
+    """``job resume ID``, and a new leader's takeover (:mod:`vmferry.service.takeover`): its
+    result is the resumed job's report, with what settling found (``settled``)."""
 
     async def work(ctx: JobContext) -> Outcome:
         return await _resume(ctx, lab_dir, job, None, wait_s)
@@ -217,8 +221,16 @@ async def _resume(
     store = ctx.store.job_store()
     record = store.claim(job)
     ctx.controller_job(record.id)
-    async with lab_cluster(lab_dir) as cluster:
-        done = await _carry_on(ctx, cluster, record, request or recorded_request(record), wait_s)
+    logger.info("job.resuming %s: controller job %s", ctx.job, record.id)
+    try:
+        async with lab_cluster(lab_dir) as cluster:
+            done = await _carry_on(
+                ctx, cluster, record, request or recorded_request(record), wait_s
+            )
+    except BaseException as error:  # not given back yet (no lab, say): given back now
+        if store.job(record.id).state == "running":
+            _give_back(store, record.id, error, ran=False)
+        raise
     state = job_outcome([m.state for m in store.job(record.id).moves])
     ran: dict[str, Any] = (
         done.result.to_json()
