@@ -6,6 +6,8 @@
 #   - qemu-guest-agent (its qemu-ga binary serves tests of the guest-agent client; its service
 #     starts only inside a VM, bound to the virtio port org.qemu.guest_agent.0)
 #   - ovmf (UEFI firmware for guests of your own that boot with --firmware uefi)
+#   - chromium (the web dashboard's test drives it headless with Playwright)
+#   - postgresql (its server binaries: tests run a PostgreSQL store of their own)
 #   - uv, then the project's locked Python environment
 #   - (as root) the system user vmferry-qemu that agents run QEMU as, and access for its group
 #     to /dev/userfaultfd (post-copy needs it once QEMU has dropped root)
@@ -41,6 +43,11 @@ dpkg -s e2fsprogs >/dev/null 2>&1 || missing+=(e2fsprogs)
 [ -e /usr/share/keyrings/debian-archive-keyring.gpg ] || missing+=(debian-archive-keyring)
 [ -x /usr/sbin/qemu-ga ] || missing+=(qemu-guest-agent)
 [ -e /usr/share/ovmf/OVMF.fd ] || missing+=(ovmf)
+# The dashboard's browser test (Playwright drives Debian's Chromium; no browser download).
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+# PostgreSQL (`vmferry serve --store postgresql://…`): the failover test starts its own server
+# from these binaries in a temporary directory (the package's own cluster is not used).
+compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null || missing+=(postgresql)
 
 backports=()
 if ! qemu_ok; then

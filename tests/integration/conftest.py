@@ -23,17 +23,26 @@ from vmferry.lab.local import LocalLab
 
 __all__ = ["lab_dir"]  # the CLI tests' lab fixture, registered here for every module
 
-# Heaviest first (tests/DURATIONS.md); modules not named here come after these.
+# Heaviest first (tests/DURATIONS.md: list scheduling over the workers); modules not named here
+# come after these.
 _MODULE_ORDER = (
+    "test_own_guest_cli.py",
+    "test_debian_guest.py",
     "test_faults.py",
-    "test_disk_migration.py",
-    "test_reconcile.py",
-    "test_cluster_cli.py",
     "test_evacuation_cli.py",
+    "test_reconcile.py",
     "test_job_resume_cli.py",
+    "test_serve_failover.py",
+    "test_disk_migration.py",
+    "test_cli.py",
+    "test_cluster_cli.py",
     "test_balance_cli.py",
     "test_migration_tls.py",
-    "test_cli.py",
+    "test_own_guest_input.py",
+    "test_verified_handoff.py",
+    "test_dashboard.py",
+    "test_profile.py",
+    "test_serve_cli.py",
     "test_agent_tls.py",
     "test_migration.py",
     "test_guest_disk.py",

@@ -6,7 +6,13 @@ import pytest
 
 from vmferry.core.cluster_model import Cluster, Host, HostName, Move, PlacementError, Vm, VmName
 from vmferry.core.errors import ConfigError
-from vmferry.core.placement import Room, host_load, place_evacuation, plan_balance
+from vmferry.core.placement import (
+    Room,
+    host_load,
+    place_by_rate,
+    place_evacuation,
+    plan_balance,
+)
 from vmferry.core.simulate import model_cluster
 
 GIB = 1 << 30
@@ -86,6 +92,69 @@ def test_evacuate_to_named_hosts_only() -> None:
         place_evacuation(cluster, ["a"], to=["a"])
     with pytest.raises(ConfigError):
         place_evacuation(cluster, [])
+
+
+def _lab(memory_gib: int = 8) -> Cluster:
+    """The evacuation lab's shape: a 50 MB/s source, one 48 MB/s and two 18 MB/s
+    destinations; six VMs of 256-768 MiB."""
+    mib = 1 << 20
+    hosts = [
+        Host(HostName("h1"), 8 * GIB, 32, 50_000_000),
+        Host(HostName("h2"), memory_gib * GIB, 32, 48_000_000),
+        Host(HostName("h3"), 8 * GIB, 32, 18_000_000),
+        Host(HostName("h4"), 8 * GIB, 32, 18_000_000),
+    ]
+    sizes = {"a": 768, "b": 512, "c": 512, "d": 256, "e": 256, "f": 768}
+    vms = [Vm(VmName(n), HostName("h1"), m * mib) for n, m in sizes.items()]
+    return Cluster.build(hosts, vms)
+
+
+def _queue_s(cluster: Cluster, moves: tuple[Move, ...]) -> float:
+    """The longest destination queue: its moves' memory over its link's rate."""
+    into: dict[str, float] = {}
+    for m in moves:
+        into[m.destination] = into.get(m.destination, 0.0) + m.vm.memory_bytes
+    return max(data / cluster.host(h).link_bps for h, data in into.items())
+
+
+def test_place_by_rate_sends_more_to_the_faster_link() -> None:
+    cluster = _lab()
+    most_free = place_evacuation(cluster, ["h1"])
+    targets = [HostName("h2"), HostName("h3"), HostName("h4")]
+    by_rate = place_by_rate(cluster, most_free, targets, lambda v: float(v.memory_bytes))
+    assert [m.name for m in by_rate.moves] == [m.name for m in most_free.moves]  # order kept
+    on_fast = [m.name for m in by_rate.moves if m.destination == "h2"]
+    assert len(on_fast) >= 3, by_rate.moves
+    assert _queue_s(cluster, by_rate.moves) < 0.8 * _queue_s(cluster, most_free.moves)
+    assert_fits(cluster.after(by_rate.moves))
+
+
+def test_place_by_rate_keeps_room_and_refusals() -> None:
+    cluster = _lab(memory_gib=1)  # the fast host has room for one 768 MiB VM only
+    most_free = place_evacuation(cluster, ["h1"])
+    targets = [HostName("h2"), HostName("h3"), HostName("h4")]
+    by_rate = place_by_rate(cluster, most_free, targets, lambda v: float(v.memory_bytes))
+    assert_fits(cluster.after(by_rate.moves))
+    assert by_rate.refused == most_free.refused
+    assert sum(1 for m in by_rate.moves if m.destination == "h2") >= 1
+
+
+def test_place_by_rate_gives_up_to_the_most_free_packing_when_it_cannot_pack() -> None:
+    mib = 1 << 20
+    hosts = [
+        Host(HostName("s"), 8 * GIB, 32, 50_000_000),
+        Host(HostName("fast"), 1024 * mib, 32, 100_000_000),
+        Host(HostName("slow"), 550 * mib, 32, 10_000_000),
+    ]
+    vms = [Vm(VmName("x"), HostName("s"), 600 * mib), Vm(VmName("y"), HostName("s"), 500 * mib)]
+    cluster = Cluster.build(hosts, vms)
+    most_free = place_evacuation(cluster, ["s"])
+    # By bytes sent, y is the larger: it takes the fast host, and x then has no room anywhere.
+    sent = {"x": 1.0, "y": 2.0}
+    by_rate = place_by_rate(
+        cluster, most_free, [HostName("fast"), HostName("slow")], lambda v: sent[v.name]
+    )
+    assert by_rate == most_free
 
 
 def spread(cluster: Cluster) -> float:

@@ -469,6 +469,20 @@ def _serve(serve: argparse.ArgumentParser) -> None:
     serve.add_argument(
         "--ready-file", type=Path, default=None, help="write {url, pid, tokens} once listening"
     )
+    serve.add_argument(
+        "--store",
+        default=None,
+        metavar="URL",
+        help="keep the state in PostgreSQL (postgresql://…; default $VMFERRY_STORE, else the "
+        "lab's SQLite history.db): several `vmferry serve` share it, one leads",
+    )
+    serve.add_argument(
+        "--lease",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="with --store: the leader lease's length; a follower takes over within it (10)",
+    )
 
 
 def _simulate(sim: argparse.ArgumentParser) -> None:

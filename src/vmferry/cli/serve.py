@@ -4,12 +4,16 @@
 HTTPS by default: with ``--tls-cert``/``--tls-key``, or, in a lab, with a certificate the lab's
 CA signs for the listen address (clients then trust the lab CA, as they do for the agents).
 ``--insecure-http`` serves plain HTTP (a lab on loopback only: tokens travel in clear).
+
+``--store postgresql://…`` (or ``$VMFERRY_STORE``) keeps the state in PostgreSQL, where several
+services share it: one leads, the others follow (see :mod:`vmferry.service.server`).
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import ssl
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +23,7 @@ from vmferry.cli.exits import EXIT_OK
 from vmferry.controller.inventory import Inventory, default_lab_dir
 from vmferry.core.errors import ConfigError
 from vmferry.service.auth import Role
+from vmferry.service.pg import redact
 from vmferry.service.server import Listening, ServiceConfig, run_service
 
 if TYPE_CHECKING:
@@ -86,6 +91,7 @@ async def serve(args: argparse.Namespace, err: Console, out: Console) -> int:
         raise ConfigError("--grace must be in (0, 3600] seconds")
     state_dir = args.state_dir or lab_dir / "serve"
     tls = _tls(args, inventory, host, state_dir)
+    store_url = args.store or os.environ.get("VMFERRY_STORE") or None
     config = ServiceConfig(
         listen_host=host,
         listen_port=port,
@@ -95,6 +101,8 @@ async def serve(args: argparse.Namespace, err: Console, out: Console) -> int:
         tls=tls,
         ready_file=args.ready_file,
         grace_s=args.grace,
+        store_url=store_url,
+        lease_s=args.lease,
     )
 
     def listening(where: Listening) -> None:
@@ -103,6 +111,12 @@ async def serve(args: argparse.Namespace, err: Console, out: Console) -> int:
             out.print(f"{role} token: {where.tokens[role]}", highlight=False)
         if tls is not None and not args.tls_cert and inventory.ca_file is not None:
             out.print(f"clients trust the lab CA: {inventory.ca_file}", highlight=False)
+        out.print(f"dashboard: {where.url}/ (log in with a token above)", highlight=False)
+        if store_url is not None:
+            out.print(
+                f"state in PostgreSQL ({redact(store_url)}): leading once it holds the lease",
+                highlight=False,
+            )
         out.print(
             f"CLI: export VMFERRY_URL={where.url} "
             f"VMFERRY_TOKEN=$(cat {where.tokens[Role.OPERATOR]})",

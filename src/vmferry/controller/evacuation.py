@@ -27,7 +27,7 @@ from vmferry.core.cluster_model import PlacementError, UnknownHost
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.core.job import POLICY_NAMES, Schedule, plan_job
 from vmferry.core.move_cost import CostBook
-from vmferry.core.placement import Placement, place_evacuation, place_onto
+from vmferry.core.placement import Placement, place_by_rate, place_evacuation, place_onto
 from vmferry.core.strategy import Goal
 
 __all__ = [
@@ -44,6 +44,14 @@ logger = logging.getLogger(__name__)
 
 # The most a --max-outbound/--max-inbound may ask for.
 MAX_MOVES_PER_HOST = 1000
+
+
+# An evacuation with this many destinations or fewer probes the path to each of them, so
+# ours can place by the links' rates (:func:`place_by_rate`); with more, the paths the
+# most-free placement uses are probed (one probe each, one at a time).
+_PROBE_ALL_MAX = 8
+# Links whose fastest is less than this many times the slowest count as alike.
+_RATES_DIFFER = 1.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +278,76 @@ async def plan_evacuation(
         for v in live.vms_on(request.host)
         if v.state != "running"
     ]
-    return await _planned(cluster, live, request, history, kind, placement, busy)
+    by_rate = request.policy == "ours" and 1 < len(targets) <= _PROBE_ALL_MAX
+    moving = [v.name for v in live.vms_on(request.host)]
+    if by_rate and moving:
+        await probe_paths(cluster, [(request.host, t, moving[0]) for t in targets])
+    first = await _planned(cluster, live, request, history, kind, placement, busy)
+    if not by_rate or first.schedule is None:
+        return first
+    return await _replaced_by_rate(cluster, live, history, first, targets, busy)
+
+
+async def _replaced_by_rate(
+    cluster: Cluster,
+    live: LiveCluster,
+    history: History | None,
+    first: JobPlan,
+    targets: Sequence[str],
+    busy: Sequence[tuple[str, str]],
+) -> JobPlan:
+    """``first`` re-placed by the measured rates of the paths to ``targets``
+    (:func:`place_by_rate`) and planned again, if that is predicted to end sooner."""
+    assert first.schedule is not None
+    rates = await _path_rates(cluster, first.host, [m.name for m in first.moves], targets)
+    if not rates or max(rates.values()) < _RATES_DIFFER * min(rates.values()):
+        return first  # links alike: the most-free placement spreads as well
+    rated = cm.Cluster.build(
+        [
+            replace(h, link_bps=max(1, round(rates.get(h.name, h.link_bps))))
+            for h in first.model.hosts
+        ],
+        first.model.vms,
+    )
+    stream = first.book.cal.qemu_throughput_bps
+
+    def bytes_of(vm: cm.Vm) -> float:
+        rate = min(stream, rated.host(vm.host).link_bps)
+        return float(first.book.choose(vm, rate).transferred_bytes)
+
+    names = [cm.HostName(t) for t in targets]
+    better = place_by_rate(rated, Placement(first.moves), names, bytes_of)
+    if better.moves == first.moves:
+        return first
+    moves = tuple(cm.Move(live.model.vm(m.name), m.destination) for m in better.moves)
+    second = await _planned(
+        cluster, live, first.request, history, first.kind, Placement(moves), busy
+    )
+    if second.schedule is None or second.schedule.makespan_s >= first.schedule.makespan_s:
+        return first
+    logger.info(
+        "evacuation.placed_by_rate %s: predicted makespan %.1f s -> %.1f s",
+        first.host, first.schedule.makespan_s, second.schedule.makespan_s,
+    )  # fmt: skip
+    return second
+
+
+async def _path_rates(
+    cluster: Cluster, source: str, vms: Sequence[str], targets: Sequence[str]
+) -> dict[str, float]:
+    """The measured rate of the path from ``source`` to each target (its agent's rolling
+    profile; the paths were probed fresh by the first plan)."""
+    if not vms:
+        return {}
+    agent = cluster.client(source)
+    profiles = await asyncio.gather(
+        *(agent.profile(vms[0], cluster.inventory.host(t).address) for t in targets)
+    )
+    return {
+        t: p.path.bandwidth_bps
+        for t, p in zip(targets, profiles, strict=True)
+        if p.path is not None and p.path.bandwidth_bps > 0
+    }
 
 
 async def plan_bring_back(

@@ -1,26 +1,24 @@
-"""History of every migration, in SQLite (one row per migration, the report as JSON beside the
-columns people filter on, and who asked for it: ``api:<token name>`` through ``vmferry serve``,
-``local:<user>`` from a command run in-process)."""
+"""History of every migration, in SQLite or PostgreSQL (one row per migration, the report as JSON
+beside the columns people filter on, and who asked for it: ``api:<token name>`` through
+``vmferry serve``, ``local:<user>`` from a command run in-process)."""
 
 from __future__ import annotations
 
 import getpass
 import json
-import sqlite3
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from vmferry.core.errors import FerryError
+from vmferry.controller.database import Database, Schema, SqliteDatabase
 from vmferry.core.model import MigrationReport
 
 __all__ = ["History", "HistoryEntry"]
 
-_SCHEMA = """
+_SCHEMA = Schema(
+    """
 CREATE TABLE IF NOT EXISTS migrations (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     started_at TEXT NOT NULL,
     vm TEXT NOT NULL,
     source TEXT NOT NULL,
@@ -32,7 +30,10 @@ CREATE TABLE IF NOT EXISTS migrations (
     report TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS migrations_vm ON migrations (vm);
-"""
+""",
+    added=(("migrations", "asked_by", "TEXT"),),  # who asked: not in databases from before
+)
+_WHAT = "migration history"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,29 +62,16 @@ def _local_user() -> str:
 
 
 class History:
-    """The migration history database at ``path`` (created on first use); what it records,
-    ``asked_by`` asked for (None: the user running this process)."""
+    """The migration history in ``database`` (a SQLite file's path: created on first use); what
+    it records, ``asked_by`` asked for (None: the user running this process)."""
 
-    def __init__(self, path: Path, asked_by: str | None = None) -> None:
-        self.path = path
+    def __init__(self, database: Path | Database, asked_by: str | None = None) -> None:
+        self.db = SqliteDatabase(database) if isinstance(database, Path) else database
         self.asked_by = asked_by
 
     def for_asker(self, asked_by: str) -> History:
         """The same history, recording what ``asked_by`` asks for."""
-        return History(self.path, asked_by)
-
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=10.0)) as connection, connection:
-                connection.executescript(_SCHEMA)
-                columns = {r[1] for r in connection.execute("PRAGMA table_info(migrations)")}
-                if "asked_by" not in columns:  # a database from before who asked was recorded
-                    connection.execute("ALTER TABLE migrations ADD COLUMN asked_by TEXT")
-                yield connection
-        except sqlite3.Error as err:
-            raise FerryError(f"migration history {self.path}: {err}") from err
+        return History(self.db, asked_by)
 
     def record(self, report: MigrationReport, started_at: datetime | None = None) -> int:
         """Store one report; returns its id.
@@ -92,8 +80,8 @@ class History:
             FerryError: the database cannot be written.
         """
         when = (started_at or datetime.now(UTC)).isoformat(timespec="seconds")
-        with self._connect() as db:
-            cursor = db.execute(
+        with self.db.transaction(_SCHEMA, _WHAT, write=True) as db:
+            return db.insert(
                 "INSERT INTO migrations (started_at, vm, source, destination, strategy, status,"
                 " total_ms, downtime_ms, report, asked_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -109,7 +97,6 @@ class History:
                     self.asked_by or _local_user(),
                 ),
             )
-            return int(cursor.lastrowid or 0)
 
     def entries(self, vm: str | None = None, limit: int = 100) -> list[HistoryEntry]:
         """The latest ``limit`` migrations, oldest first (optionally of one VM).
@@ -117,7 +104,7 @@ class History:
         Raises:
             FerryError: the database cannot be read.
         """
-        if not self.path.exists():
+        if not self.db.exists():
             return []
         query = "SELECT id, started_at, report, asked_by FROM migrations"
         args: tuple[object, ...] = ()
@@ -125,8 +112,8 @@ class History:
             query += " WHERE vm = ?"
             args = (vm,)
         query += " ORDER BY id DESC LIMIT ?"
-        with self._connect() as db:
-            rows = db.execute(query, (*args, limit)).fetchall()
+        with self.db.transaction(_SCHEMA, _WHAT) as db:
+            rows = db.execute(query, (*args, limit))
         return [_entry(r) for r in reversed(rows)]
 
     def entries_since(self, started_at: datetime) -> list[HistoryEntry]:
@@ -135,15 +122,15 @@ class History:
         Raises:
             FerryError: the database cannot be read.
         """
-        if not self.path.exists():
+        if not self.db.exists():
             return []
         since = started_at.astimezone(UTC).isoformat(timespec="seconds")
-        with self._connect() as db:
+        with self.db.transaction(_SCHEMA, _WHAT) as db:
             rows = db.execute(
                 "SELECT id, started_at, report, asked_by FROM migrations WHERE started_at >= ?"
                 " ORDER BY id",
                 (since,),
-            ).fetchall()
+            )
         return [_entry(r) for r in rows]
 
 

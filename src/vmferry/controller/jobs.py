@@ -1,7 +1,8 @@
-"""The controller's own cluster state, in SQLite beside the migration history: hosts in
-maintenance, VMs' anti-affinity groups, and jobs of many moves.
+"""The controller's own cluster state, beside the migration history (SQLite, or PostgreSQL
+shared by several controllers: :mod:`vmferry.controller.database`): hosts in maintenance, VMs'
+anti-affinity groups, and jobs of many moves.
 
-Every change is one SQLite transaction, so a controller killed at any instant leaves either
+Every change is one transaction, so a controller killed at any instant leaves either
 the state before or the state after (crash-safe without a file of our own to repair). A job
 is recorded before its first move starts, each move as it starts and ends, and the job as it
 ends: a later controller reads what a killed one was doing (:meth:`JobStore.job`). Two jobs
@@ -12,21 +13,30 @@ holds its hosts; it is marked ``interrupted`` (its moves as they were recorded, 
 (:meth:`JobStore.claim`: running again, under its own pid, in one transaction, so two
 controllers never both resume it), records where each move ended up, and adds the moves it
 plans for what is left (:meth:`JobStore.extend`) under the same job id.
+
+Whose a running job is: on SQLite, its controller's process (``pid``: alive or not, judged on
+this machine, where every controller of an embedded database runs). On a database several
+controllers share, a pid says nothing (the controllers run on different machines, and a pid
+alive there may be another process here): a job belongs to the leader lease's epoch it was
+begun or claimed under (column ``owner``). Only the lease holder writes; a new holder marks
+every running job of an older epoch ``interrupted`` (:meth:`JobStore.settle_orphans`, and again
+as it begins, claims or extends a job), ready for it to claim; reading the jobs changes nothing
+there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sqlite3
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import closing, contextmanager
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from vmferry.core.errors import ConfigError, FerryError
+from vmferry.controller.database import Database, Schema, SqliteDatabase, Transaction, one
+from vmferry.core.errors import ConfigError
 
 __all__ = [
     "HostMark",
@@ -41,7 +51,8 @@ __all__ = [
 
 MarkState = Literal["entering", "maintenance"]
 
-_SCHEMA = """
+_SCHEMA = Schema(
+    """
 CREATE TABLE IF NOT EXISTS host_marks (
     host TEXT PRIMARY KEY,
     state TEXT NOT NULL,
@@ -53,7 +64,7 @@ CREATE TABLE IF NOT EXISTS vm_groups (
     grp TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     kind TEXT NOT NULL,
     host TEXT NOT NULL,
     hosts TEXT NOT NULL,
@@ -73,7 +84,11 @@ CREATE TABLE IF NOT EXISTS job_moves (
     report TEXT,
     PRIMARY KEY (job, vm)
 );
-"""
+""",
+    # PostgreSQL has no rowid (a move's place in its job), and jobs follow the lease there.
+    only={"postgresql": (("job_moves", "seq", "BIGSERIAL"), ("jobs", "owner", "BIGINT"))},
+)
+_WHAT = "controller state"
 
 
 class JobConflict(ConfigError):
@@ -218,44 +233,34 @@ def _is_alive(pid: int) -> bool:
 
 
 class JobStore:
-    """The state database at ``path`` (the lab's ``history.db``; created on first use)."""
+    """The state in ``database`` (a SQLite file's path, the lab's ``history.db``: created on
+    first use)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, database: Path | Database) -> None:
+        self.db = SqliteDatabase(database) if isinstance(database, Path) else database
 
-    @contextmanager
-    def _connect(self, *, immediate: bool = False) -> Iterator[sqlite3.Connection]:
-        """One transaction (``immediate``: holding the write lock from its start, so a check
-        and the write it leads to are one step for every other controller)."""
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=10.0, isolation_level=None)) as db:
-                db.executescript(_SCHEMA)
-                db.execute("BEGIN IMMEDIATE" if immediate else "BEGIN")
-                try:
-                    yield db
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-        except sqlite3.Error as err:
-            raise FerryError(f"controller state {self.path}: {err}") from err
+    def _connect(self, *, immediate: bool = False) -> AbstractContextManager[Transaction]:
+        """One transaction (``immediate``: a write, holding the write lock from its start, so
+        a check and the write it leads to are one step for every other controller)."""
+        return self.db.transaction(_SCHEMA, _WHAT, write=immediate, exclusive=immediate)
 
     # Maintenance marks.
 
     def marks(self) -> dict[str, HostMark]:
         """Hosts entering or in maintenance, by name."""
         with self._connect() as db:
-            rows = db.execute("SELECT host, state, since, job FROM host_marks").fetchall()
+            rows = db.execute("SELECT host, state, since, job FROM host_marks")
         return {r[0]: HostMark(str(r[0]), r[1], str(r[2]), r[3]) for r in rows}
 
     def set_mark(self, host: str, state: MarkState, job: int | None = None) -> HostMark:
         """Mark ``host`` (keeps the time it was first marked)."""
         with self._connect(immediate=True) as db:
-            row = db.execute("SELECT since FROM host_marks WHERE host = ?", (host,)).fetchone()
+            row = one(db.execute("SELECT since FROM host_marks WHERE host = ?", (host,)))
             since = str(row[0]) if row is not None else _now()
             db.execute(
-                "INSERT OR REPLACE INTO host_marks (host, state, since, job) VALUES (?, ?, ?, ?)",
+                "INSERT INTO host_marks (host, state, since, job) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (host) DO UPDATE SET state = excluded.state,"
+                " since = excluded.since, job = excluded.job",
                 (host, state, since, job),
             )
         return HostMark(host, state, since, job)
@@ -263,9 +268,9 @@ class JobStore:
     def clear_mark(self, host: str) -> HostMark | None:
         """Take ``host`` out of maintenance; the mark it had, if any."""
         with self._connect(immediate=True) as db:
-            row = db.execute(
-                "SELECT host, state, since, job FROM host_marks WHERE host = ?", (host,)
-            ).fetchone()
+            row = one(
+                db.execute("SELECT host, state, since, job FROM host_marks WHERE host = ?", (host,))
+            )
             db.execute("DELETE FROM host_marks WHERE host = ?", (host,))
         return None if row is None else HostMark(str(row[0]), row[1], str(row[2]), row[3])
 
@@ -309,12 +314,12 @@ class JobStore:
         with self._connect(immediate=True) as db:
             self._settle_orphans(db)
             self._check_running(db, hosts)
-            cursor = db.execute(
+            job_id = db.insert(
                 "INSERT INTO jobs (kind, host, hosts, state, pid, created_at, updated_at, plan)"
                 " VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
                 (kind, host, json.dumps(hosts), pid or os.getpid(), now, now, json.dumps(plan)),
             )
-            job_id = int(cursor.lastrowid or 0)
+            self._own(db, job_id)
             db.executemany(
                 "INSERT INTO job_moves (job, vm, source, destination, state)"
                 " VALUES (?, ?, ?, ?, 'waiting')",
@@ -336,7 +341,7 @@ class JobStore:
         """
         with self._connect(immediate=True) as db:
             self._settle_orphans(db)
-            row = db.execute("SELECT state, pid, hosts FROM jobs WHERE id = ?", (job,)).fetchone()
+            row = one(db.execute("SELECT state, pid, hosts FROM jobs WHERE id = ?", (job,)))
             if row is None:
                 raise UnknownJob(job)
             if row[0] != "interrupted":
@@ -346,6 +351,7 @@ class JobStore:
                 "UPDATE jobs SET state = 'running', pid = ?, updated_at = ? WHERE id = ?",
                 (pid or os.getpid(), _now(), job),
             )
+            self._own(db, job)
         return self.job(job)
 
     def extend(
@@ -361,7 +367,7 @@ class JobStore:
         """
         with self._connect(immediate=True) as db:
             self._settle_orphans(db)
-            row = db.execute("SELECT host, hosts FROM jobs WHERE id = ?", (job,)).fetchone()
+            row = one(db.execute("SELECT host, hosts FROM jobs WHERE id = ?", (job,)))
             if row is None:
                 raise UnknownJob(job)
             hosts = sorted(
@@ -381,26 +387,56 @@ class JobStore:
             )
 
     @staticmethod
-    def _check_running(
-        db: sqlite3.Connection, hosts: Sequence[str], but: int | None = None
-    ) -> None:
+    def _check_running(db: Transaction, hosts: Sequence[str], but: int | None = None) -> None:
         """Raises: JobConflict: a running job (other than ``but``) holds one of ``hosts``."""
         for job, job_kind, held in db.execute(
             "SELECT id, kind, hosts FROM jobs WHERE state = 'running'"
-        ).fetchall():
+        ):
             both = sorted(set(json.loads(held)).intersection(hosts))
             if both and job != but:
                 raise JobConflict(int(job), str(job_kind), both)
 
-    @staticmethod
-    def _settle_orphans(db: sqlite3.Connection) -> None:
-        """Running jobs whose controller is gone become ``interrupted``."""
-        for job, pid in db.execute("SELECT id, pid FROM jobs WHERE state = 'running'").fetchall():
+    def _own(self, db: Transaction, job: int) -> None:
+        """``job`` runs under this controller's lease (on a shared database)."""
+        if self.db.shared:
+            db.execute("UPDATE jobs SET owner = ? WHERE id = ?", (self.db.lease_epoch(), job))
+
+    def _settle_orphans(self, db: Transaction) -> list[int]:
+        """Running jobs whose controller is gone become ``interrupted`` (on a shared database:
+        those of another lease epoch than this controller's, which writes under the lease).
+
+        Returns:
+            Their ids.
+        """
+        if self.db.shared:
+            return [
+                int(r[0])
+                for r in db.execute(
+                    "UPDATE jobs SET state = 'interrupted', updated_at = ? WHERE state ="
+                    " 'running' AND (owner IS NULL OR owner <> ?) RETURNING id",
+                    (_now(), self.db.lease_epoch()),
+                )
+            ]
+        orphans = []
+        for job, pid in db.execute("SELECT id, pid FROM jobs WHERE state = 'running'"):
             if not _is_alive(int(pid)):
                 db.execute(
                     "UPDATE jobs SET state = 'interrupted', updated_at = ? WHERE id = ?",
                     (_now(), job),
                 )
+                orphans.append(int(job))
+        return orphans
+
+    def settle_orphans(self) -> list[int]:
+        """Mark the running jobs whose controller is gone ``interrupted`` now (a new lease
+        holder does this first: see the module docstring); their ids.
+
+        Raises:
+            FerryError: the database cannot be written (or, shared, this controller does not
+                hold the lease).
+        """
+        with self._connect(immediate=True) as db:
+            return self._settle_orphans(db)
 
     def check_free(self, hosts: Sequence[str]) -> None:
         """Refuse early (before a job is planned) when a running job holds one of ``hosts``;
@@ -465,15 +501,19 @@ class JobStore:
             if value is not None:
                 query += f" AND {column} = ?"
                 args.append(value)
-        with self._connect(immediate=True) as db:
-            self._settle_orphans(db)
-            rows = db.execute(query + " ORDER BY id DESC", args).fetchall()
+        # Reading settles orphans where a pid says whose a job is (on a shared database only
+        # the lease holder writes, and it settles them as it takes the lease over).
+        with self._connect(immediate=not self.db.shared) as db:
+            if not self.db.shared:
+                self._settle_orphans(db)
+            rows = db.execute(query + " ORDER BY id DESC", args)
+            order = self.db.dialect.row_order
             moves = {
                 r[0]: db.execute(
                     "SELECT vm, source, destination, state, report FROM job_moves WHERE job = ?"
-                    " ORDER BY rowid",
+                    f" ORDER BY {order}",
                     (r[0],),
-                ).fetchall()
+                )
                 for r in rows
             }
         return [

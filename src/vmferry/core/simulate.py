@@ -55,7 +55,14 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.flows import FluidExecutor
 from vmferry.core.job import POLICY_NAMES, ManualClock, Schedule, make_dispatcher, plan_job, run_job
 from vmferry.core.move_cost import CostBook
-from vmferry.core.placement import Placement, Room, host_load, place_evacuation, plan_balance
+from vmferry.core.placement import (
+    Placement,
+    Room,
+    host_load,
+    place_by_rate,
+    place_evacuation,
+    plan_balance,
+)
 from vmferry.core.precopy_flow import CompressionBudget, PrecopyFlow
 
 __all__ = [
@@ -371,10 +378,11 @@ def simulate(
     results = []
     for policy in policies:
         began = timer()
-        plan = plan_job(cluster, placement.moves, book=book, policy=policy)
+        moves = _policy_moves(cluster, book, policy, sources, placement)
+        plan = plan_job(cluster, moves, book=book, policy=policy)
         planning_s = placement_s + timer() - began
         budget = CompressionBudget(host_compress_bps)
-        run = _run(cluster, modelled.truth, placement.moves, policy, (book, budget))
+        run = _run(cluster, modelled.truth, moves, policy, (book, budget))
         results.append(
             PolicyResult(
                 policy,
@@ -509,6 +517,27 @@ def _operation(
     chosen = sorted(rng.sample(range(len(cluster.hosts)), count))
     sources = tuple(cluster.hosts[i].name for i in chosen)
     return sources, place_evacuation(cluster, sources)
+
+
+def _policy_moves(
+    cluster: Cluster,
+    book: CostBook,
+    policy: str,
+    sources: Sequence[HostName],
+    placement: Placement,
+) -> tuple[Move, ...]:
+    """The moves ``policy`` runs: ours re-places an evacuation's by the links' rates (as
+    ``vmferry host evacuate`` does); the fixed-concurrency baselines keep the most-free
+    placement their peers use."""
+    if policy != "ours" or not sources:
+        return placement.moves
+    stream = book.cal.qemu_throughput_bps
+    targets = [h.name for h in cluster.hosts if h.name not in set(sources)]
+
+    def bytes_of(vm: Vm) -> float:
+        return float(book.choose(vm, min(stream, cluster.host(vm.host).link_bps)).transferred_bytes)
+
+    return place_by_rate(cluster, placement, targets, bytes_of).moves
 
 
 def _run(

@@ -2,7 +2,10 @@
 body and query validation, and the handlers of :data:`vmferry.service.routes.ROUTES`.
 
 Every request, unknown paths included, is decided by :func:`vmferry.service.auth.decide` before
-anything else: 401 without a known token, 403 for a viewer on an operator route. Errors are
+anything else: 401 without a known token, 403 for a viewer on an operator route. A token comes
+as ``Authorization: Bearer``, or from a browser as the dashboard's session cookie
+(:mod:`vmferry.service.session`); only the dashboard's own files (:mod:`vmferry.service.pages`)
+are served without one. Errors are
 ``{"error": {"code", "message"}}`` (see :mod:`vmferry.service.errors`). Bodies are JSON of at
 most :data:`~vmferry.service.api.MAX_BODY_BYTES`, validated against their model's schema.
 """
@@ -27,13 +30,14 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.inventory import Inventory
 from vmferry.controller.placing import live_cluster
 from vmferry.core.errors import FerryError
-from vmferry.service import api
+from vmferry.service import api, session
 from vmferry.service import schema as s
 from vmferry.service.auth import Principal, TokenBook, decide, role_for_method
 from vmferry.service.errors import code_of
 from vmferry.service.events import Event, EventBus, sse_comment, sse_frame
 from vmferry.service.metrics import CONTENT_TYPE, ServiceMetrics
 from vmferry.service.openapi import openapi_document
+from vmferry.service.pages import PUBLIC_ROUTES, add_dashboard
 from vmferry.service.routes import ROUTES, Param, Route, route_for
 from vmferry.service.store import ServiceStore
 from vmferry.service.supervisor import Supervisor
@@ -103,17 +107,35 @@ def _operation(request: web.Request) -> Route | None:
         return None
 
 
+def _who(request: web.Request, tokens: TokenBook) -> Principal | None:
+    """Who asks: by the ``Authorization`` header if there is one, else by the dashboard's
+    session cookie, which counts for a request that changes something only with the page's
+    CSRF header (see :mod:`vmferry.service.session`)."""
+    header = request.headers.get("Authorization")
+    if header is not None:
+        return tokens.lookup(header)
+    cookie = request.cookies.get(session.COOKIE_NAME)
+    if cookie is None:
+        return None
+    if request.method not in ("GET", "HEAD") and request.headers.get(session.CSRF_HEADER) != "1":
+        return None
+    return session.verify(tokens, cookie, time.time())
+
+
 @web.middleware
 async def _guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Decide, then run the handler; map errors to JSON; count and time the request."""
     began = time.perf_counter()
     route = _operation(request)
-    label = route.operation if route is not None else "unknown"
+    public = request.match_info.route.name in PUBLIC_ROUTES  # the dashboard's own files
+    label = route.operation if route is not None else "dashboard" if public else "unknown"
     state = _state(request)
-    who = state.tokens.lookup(request.headers.get("Authorization"))
+    who = _who(request, state.tokens)
     decision = decide(who, route.role if route is not None else role_for_method(request.method))
     response: web.StreamResponse
-    if not decision.allowed:
+    if public:
+        response = await _answer(request, handler)
+    elif not decision.allowed:
         code = api.ErrorCode.UNAUTHORIZED if decision.status == 401 else api.ErrorCode.FORBIDDEN
         response = _error(code, decision.reason)
         if decision.status == 401:
@@ -234,6 +256,40 @@ async def _list_jobs(request: web.Request) -> web.Response:
 
 async def _show_job(request: web.Request) -> web.Response:
     return web.json_response(_state(request).store.job(_params(request)["id"]).to_json())
+
+
+async def _job_curve(request: web.Request) -> web.Response:
+    state, job = _state(request), _params(request)["id"]
+    state.store.job(job)  # 404 for an unknown job
+    return web.json_response({"job": job, "moves": state.supervisor.curves.curves(job)})
+
+
+async def _whoami(request: web.Request) -> web.Response:
+    return web.json_response(request[PRINCIPAL_KEY].to_json())
+
+
+async def _login(request: web.Request) -> web.Response:
+    """The caller's token (as it authenticated this request) exchanged for a session cookie."""
+    who = request[PRINCIPAL_KEY]
+    response = web.json_response(who.to_json(), headers={"Cache-Control": "no-store"})
+    response.set_cookie(
+        session.COOKIE_NAME,
+        session.issue(_state(request).tokens, who, time.time()),
+        max_age=session.SESSION_TTL_S,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+    return response
+
+
+async def _logout(request: web.Request) -> web.Response:
+    response = web.json_response(request[PRINCIPAL_KEY].to_json())
+    response.del_cookie(
+        session.COOKIE_NAME, path="/", httponly=True, samesite="Strict", secure=request.secure
+    )
+    return response
 
 
 async def _openapi(request: web.Request) -> web.Response:
@@ -378,6 +434,10 @@ _HANDLERS: dict[str, Handler] = {
     "events": _events,
     "metrics": _metrics,
     "openapi": _openapi,
+    "job_curve": _job_curve,
+    "whoami": _whoami,
+    "login": _login,
+    "logout": _logout,
 }
 
 
@@ -403,5 +463,6 @@ def build_app(state: ServiceState) -> web.Application:
         app.router.add_route(
             route.method, route.path, _HANDLERS[route.operation], name=route.operation
         )
+    add_dashboard(app)
     app.router.add_route("*", "/{tail:.*}", _not_found)
     return app

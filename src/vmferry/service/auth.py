@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 import os
 import secrets
@@ -119,6 +120,19 @@ class TokenBook:
             if hmac.compare_digest(given, token):
                 found = who
         return found
+
+    def principal(self, name: str) -> Principal | None:
+        """The principal named ``name``, if a token stands for it."""
+        return next((who for _, who in self._tokens if who.name == name), None)
+
+    def derive_key(self, name: str, purpose: bytes) -> bytes | None:
+        """A key for ``purpose`` derived from ``name``'s token (HMAC-SHA256; None: no such
+        principal): it signs what the token's holder was given (a browser session) without
+        the token itself leaving the service, and changes when the token does."""
+        for token, who in self._tokens:
+            if who.name == name:
+                return hmac.new(token, purpose, hashlib.sha256).digest()
+        return None
 
 
 def _read_or_create(path: Path) -> str:

@@ -10,6 +10,7 @@ from vmferry.agent.client import AgentUnreachable
 from vmferry.controller.jobs import JobConflict
 from vmferry.core.errors import ConfigError, FerryError, StateError
 from vmferry.service.api import STATUS_BY_CODE, ErrorCode
+from vmferry.service.pg import NotLeader
 
 __all__ = ["CODE_BY_ERROR", "code_of", "status_of"]
 
@@ -18,6 +19,7 @@ CODE_BY_ERROR: tuple[tuple[type[FerryError], ErrorCode], ...] = (
     (JobConflict, ErrorCode.CONFLICT),
     (CapacityError, ErrorCode.CONFLICT),
     (ConfigError, ErrorCode.INVALID),
+    (NotLeader, ErrorCode.UNAVAILABLE),  # a follower, or a leader whose lease passed on
     (StateError, ErrorCode.CONFLICT),
     (AgentUnreachable, ErrorCode.UNAVAILABLE),
     (FerryError, ErrorCode.INTERNAL),

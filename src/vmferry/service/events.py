@@ -12,8 +12,9 @@ Event kinds (``data`` is JSON):
   ``result``, which may be large, and with ``has_result``);
 - ``plan``: a move's pre-flight measured its guest (``{"job", "vm", "zero_fraction",
   "dirty_rate_bps", "dirty_set_bytes"}``: what the ETA learns the guest from);
-- ``progress``: a move's phase and its latest sample (``{"job", "vm", "phase", "stats"}``,
-  ``stats`` as the agent API sends them, or null): what the CLI's progress line shows;
+- ``progress``: a move's phase and its latest sample (``{"job", "vm", "phase", "eta_ms",
+  "stats"}``, ``stats`` as the agent API sends them, or null; ``eta_ms`` the time left as the
+  CLI's estimator makes it, or null): what the CLI's progress line shows;
 - ``dropped``: ``{"count"}`` events this watcher lost since its last ``dropped``.
 """
 

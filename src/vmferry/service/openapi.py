@@ -15,9 +15,11 @@ from vmferry import __version__
 from vmferry.service import api
 from vmferry.service.auth import Role
 from vmferry.service.routes import ROUTES, Route
+from vmferry.service.session import COOKIE_NAME, CSRF_HEADER
 
 __all__ = ["openapi_document"]
 
+_SECURITY: list[dict[str, list[str]]] = [{"bearer": []}, {"session": []}]
 _ERROR_REF = {"$ref": "#/components/schemas/Error"}
 _ERRORS = {
     400: "Bad body or query (the message names the field)",
@@ -71,7 +73,7 @@ def _operation(route: Route) -> dict[str, Any]:
         "operationId": route.operation,
         "summary": route.summary,
         "x-vmferry-role": str(route.role),
-        "security": [{"bearer": []}],
+        "security": _SECURITY,
         "responses": responses,
     }
     if route.params:
@@ -114,9 +116,18 @@ def openapi_document(server_url: str | None = None) -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": schemas,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": COOKIE_NAME,
+                    "description": "The dashboard's browser session (POST /api/v1/session); "
+                    f"a request that changes something also sends {CSRF_HEADER}: 1",
+                },
+            },
         },
-        "security": [{"bearer": []}],
+        "security": _SECURITY,
     }
     if server_url is not None:
         document["servers"] = [{"url": server_url}]

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from vmferry.service import api
 from vmferry.service import schema as s
 from vmferry.service.auth import Role
+from vmferry.service.curves import CURVES_SCHEMA
 
-__all__ = ["ROUTES", "Param", "Route", "route_for"]
+__all__ = ["ROUTES", "SESSION_OPERATIONS", "Param", "Route", "route_for"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ class Route:
 
 _P = api.API_PREFIX
 _JOB_ID = Param("id", s.integer(1, 2**53), "the job's id", where="path", required=True)
+_WHO = s.obj({"name": s.string(), "role": s.enum([str(r) for r in Role])},
+             required=("name", "role"), closed=False)  # fmt: skip
 _VM_NAME = Param("name", s.string(max_length=63, pattern=s.NAME_PATTERN), "the VM", "path", True)
 
 ROUTES: tuple[Route, ...] = (
@@ -94,11 +97,24 @@ ROUTES: tuple[Route, ...] = (
           "Server-Sent Events: job changes and progress samples (one job's: until it ends)",
           media="text/event-stream",
           params=(Param("job", s.integer(1, 2**53), "only this job's events"),)),
+    Route("GET", f"{_P}/jobs/{{id}}/curve", "job_curve", Role.VIEWER,
+          "Each move's progress curve (the service's recent jobs; the dashboard plots it)",
+          response=CURVES_SCHEMA, params=(_JOB_ID,)),
+    Route("GET", f"{_P}/whoami", "whoami", Role.VIEWER, "The caller's name and role",
+          response=_WHO),
+    Route("POST", f"{_P}/session", "login", Role.VIEWER,
+          "A browser session: the bearer token exchanged for an HttpOnly, SameSite=Strict "
+          "cookie (changes nothing; the dashboard's login)", response=_WHO),
+    Route("DELETE", f"{_P}/session", "logout", Role.VIEWER,
+          "End the browser session (its cookie is cleared)", response=_WHO),
     Route("GET", "/metrics", "metrics", Role.VIEWER, "Prometheus metrics",
           media="text/plain; version=0.0.4"),
     Route("GET", "/openapi.json", "openapi", Role.VIEWER, "This document",
           response={"type": "object"}),
 )  # fmt: skip
+
+# Routes that change no state of the cluster though not ``GET``: a viewer logs in and out too.
+SESSION_OPERATIONS = frozenset({"login", "logout"})
 
 
 def route_for(operation: str) -> Route:

@@ -1,35 +1,36 @@
 """What the service keeps: the migration history, the controller's job tables, and its own
 record of every job it ran for a client (who asked, what, how it ended).
 
-The service talks to :class:`ServiceStore` only, so a store shared by several controllers
-(PostgreSQL, with a leader lease) can stand in for :class:`SqliteStore`, the embedded default,
-which keeps everything in the lab's ``history.db`` beside the tables the in-process CLI writes
-(one database: ``vmferry history`` shows moves from both).
+The service talks to :class:`ServiceStore` only. :class:`SqlStore` keeps all three in one
+database (:mod:`vmferry.controller.database`): :class:`SqliteStore`, the embedded default, in the
+lab's ``history.db`` beside the tables the in-process CLI writes (one database: ``vmferry
+history`` shows moves from both); or PostgreSQL, shared by several controllers under a leader
+lease (:mod:`vmferry.service.pg`, :mod:`vmferry.service.lease`).
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-from collections.abc import Iterator, Mapping
-from contextlib import closing, contextmanager
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 from vmferry.agent.api import NotFound
+from vmferry.controller.database import Database, Schema, SqliteDatabase, Transaction, one
 from vmferry.controller.history import History
 from vmferry.controller.jobs import JobStore
-from vmferry.core.errors import FerryError
 from vmferry.service.api import JobState
 from vmferry.service.auth import Principal, Role
 
-__all__ = ["JobNotFound", "ServiceJob", "ServiceStore", "SqliteStore"]
+__all__ = ["JobNotFound", "ServiceJob", "ServiceStore", "SqlStore", "SqliteStore"]
 
-_SCHEMA = """
+_SCHEMA = Schema(
+    """
 CREATE TABLE IF NOT EXISTS service_jobs (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    id {serial},
     kind TEXT NOT NULL,
     state TEXT NOT NULL,
     asked_by TEXT NOT NULL,
@@ -42,6 +43,8 @@ CREATE TABLE IF NOT EXISTS service_jobs (
     controller_job INTEGER
 );
 """
+)
+_WHAT = "service state"
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +123,11 @@ class ServiceStore(Protocol):
         """Jobs a previous service left ``running`` (it died) become ``interrupted``."""
         ...
 
+    def reopen(self, job: int) -> bool:
+        """An ``interrupted`` job is ``running`` again, without its error, for the next leader
+        to take over (a shared store); False: it was not interrupted."""
+        ...
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -135,23 +143,16 @@ _COLUMNS = (
 )
 
 
-class SqliteStore:
-    """The embedded store: everything in one SQLite file (the lab's ``history.db``)."""
+class SqlStore:
+    """Everything in one SQL database (see the module docstring)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._history = History(path)
-        self._jobs = JobStore(path)
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._history = History(db)
+        self._jobs = JobStore(db)
 
-    @contextmanager
-    def _connect(self) -> Iterator[sqlite3.Connection]:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(sqlite3.connect(self.path, timeout=10.0)) as db, db:
-                db.executescript(_SCHEMA)
-                yield db
-        except sqlite3.Error as err:
-            raise FerryError(f"service state {self.path}: {err}") from err
+    def _connect(self, *, write: bool = False) -> AbstractContextManager[Transaction]:
+        return self.db.transaction(_SCHEMA, _WHAT, write=write)
 
     def history(self, asked_by: str | None = None) -> History:
         return self._history if asked_by is None else self._history.for_asker(asked_by)
@@ -161,8 +162,8 @@ class SqliteStore:
 
     def create_job(self, kind: str, request: Mapping[str, Any], who: Principal) -> ServiceJob:
         now = _now()
-        with self._connect() as db:
-            cursor = db.execute(
+        with self._connect(write=True) as db:
+            job = db.insert(
                 "INSERT INTO service_jobs (kind, state, asked_by, role, created_at, updated_at,"
                 " request) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
@@ -175,7 +176,6 @@ class SqliteStore:
                     json.dumps(request),
                 ),
             )
-            job = int(cursor.lastrowid or 0)
         return ServiceJob(job, kind, JobState.RUNNING, who, now, now, request, None, None, None)
 
     def update_job(
@@ -187,7 +187,7 @@ class SqliteStore:
         error: Mapping[str, str] | None = None,
         controller_job: int | None = None,
     ) -> ServiceJob:
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             db.execute(
                 "UPDATE service_jobs SET state = ?, updated_at = ?,"
                 " result = COALESCE(?, result), error = COALESCE(?, error),"
@@ -205,7 +205,7 @@ class SqliteStore:
 
     def job(self, job: int) -> ServiceJob:
         with self._connect() as db:
-            row = db.execute(f"SELECT {_COLUMNS} FROM service_jobs WHERE id = ?", (job,)).fetchone()
+            row = one(db.execute(f"SELECT {_COLUMNS} FROM service_jobs WHERE id = ?", (job,)))
         if row is None:
             raise JobNotFound(f"no job {job}")
         return _job(row)
@@ -216,11 +216,21 @@ class SqliteStore:
             query += " WHERE state = ?"
             args.append(str(state))
         with self._connect() as db:
-            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit)).fetchall()
+            rows = db.execute(query + " ORDER BY id DESC LIMIT ?", (*args, limit))
         return [_job(r) for r in rows]
 
+    def reopen(self, job: int) -> bool:
+        with self._connect(write=True) as db:
+            return bool(
+                db.execute(
+                    "UPDATE service_jobs SET state = 'running', error = NULL, updated_at = ?"
+                    " WHERE id = ? AND state = 'interrupted' RETURNING id",
+                    (_now(), job),
+                )
+            )
+
     def interrupt_running(self) -> list[int]:
-        with self._connect() as db:
+        with self._connect(write=True) as db:
             ids = [
                 int(r[0]) for r in db.execute("SELECT id FROM service_jobs WHERE state = 'running'")
             ]
@@ -230,6 +240,14 @@ class SqliteStore:
                 (_now(),),
             )
         return ids
+
+
+class SqliteStore(SqlStore):
+    """The embedded store: everything in one SQLite file (the lab's ``history.db``)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(SqliteDatabase(path))
+        self.path = path
 
 
 def _job(row: tuple[Any, ...]) -> ServiceJob:

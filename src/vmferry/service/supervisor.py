@@ -24,10 +24,12 @@ from typing import Any
 
 from vmferry.agent.api import stats_to_json
 from vmferry.core.errors import ConfigError, FerryError, StateError
+from vmferry.core.eta import EtaHints
 from vmferry.core.model import MigrationStats
 from vmferry.core.phases import Phase
 from vmferry.service.api import ErrorCode, JobState
 from vmferry.service.auth import Principal
+from vmferry.service.curves import MoveCurves
 from vmferry.service.errors import code_of
 from vmferry.service.events import EventBus
 from vmferry.service.metrics import ServiceMetrics
@@ -56,10 +58,15 @@ class JobContext:
     store: ServiceStore
     bus: EventBus
     metrics: ServiceMetrics
+    curves: MoveCurves | None = None  # the dashboard's curves and ETAs (None: none kept)
 
     def progress(self, vm: str, phase: Phase, stats: MigrationStats | None) -> None:
-        """Publish a move's phase and sample (what the CLI's progress line shows)."""
-        data = {"job": self.job, "vm": vm, "phase": phase.value}
+        """Publish a move's phase and sample (what the CLI's progress line shows), with the
+        ETA the CLI's line would show."""
+        eta_ms = None
+        if stats is not None and self.curves is not None:
+            eta_ms = self.curves.add(self.job, vm, stats)
+        data = {"job": self.job, "vm": vm, "phase": phase.value, "eta_ms": eta_ms}
         self.bus.publish(
             "progress", {**data, "stats": None if stats is None else stats_to_json(stats)}
         )
@@ -68,6 +75,8 @@ class JobContext:
         self, vm: str, zero_fraction: float, dirty_rate_bps: int, dirty_set: int | None
     ) -> None:
         """Publish what a move's pre-flight measured (the ETA's hints)."""
+        if self.curves is not None:
+            self.curves.hint(self.job, vm, EtaHints(zero_fraction, dirty_rate_bps, dirty_set))
         self.bus.publish(
             "plan",
             {
@@ -118,6 +127,7 @@ class Supervisor:
         self._tasks: dict[int, asyncio.Task[None]] = {}
         self._cancelled: set[int] = set()
         self._closing = False
+        self.curves = MoveCurves()
 
     def adopt(self, group: asyncio.TaskGroup) -> None:
         """Run jobs as tasks of ``group`` from now on."""
@@ -141,12 +151,28 @@ class Supervisor:
             raise StateError("the service", state, "running")
         job = self.store.create_job(kind, request, who)
         logger.info("job.started %s %s asked by %s", job.id, kind, who.asked_by)
+        self._start(self._group, job, work)
+        return job
+
+    def take_over(self, job: ServiceJob, work: Work) -> None:
+        """Run ``work`` for ``job``, a running job whose controller died (its record goes on:
+        see :mod:`vmferry.service.takeover`).
+
+        Raises:
+            StateError: the service is shutting down.
+        """
+        if self._closing or self._group is None:
+            state = "shutting down" if self._closing else "starting"
+            raise StateError("the service", state, "running")
+        logger.info("job.taken_over %s %s asked by %s", job.id, job.kind, job.asked_by.asked_by)
+        self._start(self._group, job, work)
+
+    def _start(self, group: asyncio.TaskGroup, job: ServiceJob, work: Work) -> None:
         self.bus.publish("job", job.event_json())
-        context = JobContext(job.id, who, self.store, self.bus, self.metrics)
-        task = self._group.create_task(self._run(job.id, work, context), name=f"job-{job.id}")
+        context = JobContext(job.id, job.asked_by, self.store, self.bus, self.metrics, self.curves)
+        task = group.create_task(self._run(job.id, work, context), name=f"job-{job.id}")
         self._tasks[job.id] = task
         task.add_done_callback(lambda _: self._tasks.pop(job.id, None))
-        return job
 
     def cancel(self, job: int) -> None:
         """Cancel a running job (it ends ``cancelled`` once its move is wound down).

@@ -13,7 +13,7 @@ __all__ = ["host_row", "host_rows"]
 
 def host_row(live: LiveCluster, host: str) -> dict[str, Any]:
     """One host: its state (``active``, ``entering``, ``maintenance``, ``unreachable``), its
-    VMs and its room."""
+    VMs, its room and its capacity (``memory_bytes``, ``vcpus``: what the room is out of)."""
     info = live.hosts.get(host)
     mark = live.marks.get(host)
     state = "unreachable" if info is None else (mark.state if mark else "active")
@@ -24,6 +24,8 @@ def host_row(live: LiveCluster, host: str) -> dict[str, Any]:
         "memory_free_bytes": None if info is None else info.memory_free_bytes,
         "vcpus_free": None if info is None or info.vcpus is None else info.vcpus - info.vcpus_used,
         "disk_free_bytes": None if info is None else info.disk_free_bytes,
+        "memory_bytes": None if info is None else info.memory_bytes,
+        "vcpus": None if info is None else info.vcpus,
     }
 
 
