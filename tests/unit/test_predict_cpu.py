@@ -21,9 +21,7 @@ UNSHAPED_BPS = 450_000_000
 LINK_200M_BPS = 25_000_000
 
 
-def guest(
-    *, busy: float | None, cpus: int | None = 2, link_bps: int = UNSHAPED_BPS
-) -> Measurement:
+def guest(*, busy: float | None, cpus: int | None = 2, link_bps: int = UNSHAPED_BPS) -> Measurement:
     return Measurement(
         ram_bytes=256 * MIB,
         zero_fraction=0.5,
@@ -84,10 +82,13 @@ def test_a_starved_multifd_move_is_predicted_slower_and_felt_longer() -> None:
     idle = predict("multifd", guest(busy=0.0), downtime_limit_ms=300, cal=CAL)
     busy = predict("multifd", guest(busy=2.0), downtime_limit_ms=300, cal=CAL)
     unknown = predict("multifd", guest(busy=None), downtime_limit_ms=300, cal=CAL)
-    assert idle.total_ms == unknown.total_ms and idle.guest_downtime_ms == unknown.guest_downtime_ms
-    assert busy.total_ms is not None and idle.total_ms is not None
+    assert idle.total_ms == unknown.total_ms
+    assert idle.guest_downtime_ms == unknown.guest_downtime_ms
+    assert busy.total_ms is not None
+    assert idle.total_ms is not None
     assert busy.total_ms > idle.total_ms
-    assert busy.guest_downtime_ms is not None and idle.guest_downtime_ms is not None
+    assert busy.guest_downtime_ms is not None
+    assert idle.guest_downtime_ms is not None
     # The flush doubles at a contention of 2: what the guest feels grows by one flush.
     assert busy.guest_downtime_ms - idle.guest_downtime_ms == pytest.approx(
         CAL.multifd_flush_ms, abs=1

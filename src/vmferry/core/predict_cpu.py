@@ -21,10 +21,14 @@ than one each):
   link-bound cells (200 Mbit/s; demand under 2 cores) and 88 ms where two busy vCPUs met
   unshaped or 1 Gbit/s links (demand 3-4 cores on 2).
 
-The long stall is at the switchover, not before it: the guest's vCPU, starved to a third of a
-core while zstd runs, still sent every heartbeat within ~100 ms (bench/starve.py). Lowering the
-migration threads' priority instead (nice 19) made the same move 10-20x longer and its stall
-longer too, so vmferry does not renice them.
+What this does not see is the rest of the host's load. A real CLI move of matrix cell f05's
+guest (4 GiB, a CPU-bound writer, 200 Mbit/s) felt 53-227 ms alone and 148-582 ms next to two
+CPU-bound processes of another session: the guest itself stopped beating for 150-280 ms in the
+middle of the copy (no burst of queued heartbeats followed), the demand was ~3.2 cores on 2.
+Niced processes do not help here, since the kernel groups each session (autogroup) and shares
+the CPU between groups first. Lowering the migration threads' priority instead (nice 19) made
+a move next to a CPU-bound guest 10x longer and its stall longer too, so vmferry does not
+renice them (``bench/starve.py``).
 
 Without ``host_cpus`` or ``guest_busy_cores`` nothing changes: zstd at the calibrated rate, no
 contention.
