@@ -12,6 +12,7 @@ its migration address and the source streams a probe to it over the very path QE
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -171,7 +172,8 @@ async def measure_path(
     """
     source = cluster.client(info.host)
     address = cluster.inventory.host(destination).address
-    profile = await source.profile(info.name, address)
+    # The host's CPUs: what multifd's zstd shares with the guest's vCPUs (core.predict_cpu).
+    profile, host = await asyncio.gather(source.profile(info.name, address), source.host_info())
     if profile.guest is not None and (profile.guest_age_s or 0.0) <= GUEST_FRESH_S:
         guest, guest_age_s = profile.guest, profile.guest_age_s or 0.0
     else:
@@ -197,6 +199,8 @@ async def measure_path(
         # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).
         dirty_set_bytes=round(guest.ram_bytes * (1.0 - guest.zero_fraction)),
         dirty_is_cpu_bound=guest.vcpu_busy is not None and guest.vcpu_busy > CPU_BOUND_BUSY,
+        host_cpus=host.cpus,
+        guest_busy_cores=None if guest.vcpu_busy is None else guest.vcpu_busy * info.vcpus,
         # On shared storage nothing of the disk moves: no mirror, so no copy and no write cost.
         disk_copy_bytes=0 if guest.disk_shared else guest.disk_allocated_bytes,
         disk_write_bps=guest.disk_write_bps,

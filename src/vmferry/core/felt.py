@@ -70,12 +70,20 @@ MULTIFD_STREAMS = 1
 
 
 def precopy_felt_ms(
-    m: Measurement, *, downtime_ms: float, cal: Calibration, multifd: bool = False
+    m: Measurement,
+    *,
+    downtime_ms: float,
+    cal: Calibration,
+    multifd: bool = False,
+    contention: float = 1.0,
 ) -> int:
     """What the guest feels of a pre-copy's (or cold move's) pause of ``downtime_ms``: the
-    last pass's bytes still to cross the link, the resume, and a multifd move's flush."""
+    last pass's bytes still to cross the link, the resume, and a multifd move's flush, longer
+    by ``contention`` when the guest and zstd wanted more cores than the host has
+    (:mod:`vmferry.core.predict_cpu`)."""
     if multifd:
-        extra_ms = drain_ms(m, cal, streams=MULTIFD_STREAMS) + cal.multifd_flush_ms
+        flush_ms = cal.multifd_flush_ms * max(1.0, contention)
+        extra_ms = drain_ms(m, cal, streams=MULTIFD_STREAMS) + flush_ms
     else:
         extra_ms = drain_ms(m, cal)
     return round(downtime_ms + cal.resume_felt_ms + extra_ms)

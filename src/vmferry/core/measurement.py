@@ -31,6 +31,10 @@ class Measurement:
         hot_bytes: bytes the guest writes again within any short window (its dirty curve's
             intercept, :mod:`vmferry.core.dirty_curve`): dirty at every sync of a pre-copy's
             last rounds, however short; 0 when not measured.
+        host_cpus: the source host's CPUs, None when unknown.
+        guest_busy_cores: cores the guest's vCPUs keep busy (their measured busy share times
+            their count), None when not measured. With ``host_cpus`` it tells what multifd's
+            zstd threads get (:mod:`vmferry.core.predict_cpu`).
     """
 
     ram_bytes: int
@@ -44,6 +48,8 @@ class Measurement:
     disk_write_bps: int = 0
     link_queue_ms: float | None = None
     hot_bytes: int = 0
+    host_cpus: int | None = None
+    guest_busy_cores: float | None = None
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -60,6 +66,10 @@ class Measurement:
             raise ConfigError(f"dirty_set_bytes must be >= 0, got {self.dirty_set_bytes}")
         if self.link_queue_ms is not None and not self.link_queue_ms >= 0.0:
             raise ConfigError(f"link_queue_ms must be >= 0, got {self.link_queue_ms}")
+        if self.host_cpus is not None and self.host_cpus <= 0:
+            raise ConfigError(f"host_cpus must be positive, got {self.host_cpus}")
+        if self.guest_busy_cores is not None and not self.guest_busy_cores >= 0.0:
+            raise ConfigError(f"guest_busy_cores must be >= 0, got {self.guest_busy_cores}")
         if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
             raise ConfigError(
                 f"disk_copy_bytes and disk_write_bps must be >= 0, got "

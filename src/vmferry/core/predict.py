@@ -73,6 +73,7 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.felt import postcopy_felt_ms, precopy_felt_ms
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import MECHANISMS, Mechanism, Prediction
+from vmferry.core.predict_cpu import multifd_cpu
 from vmferry.core.transfer import DiskPhase, Rates
 from vmferry.core.units import format_bytes, format_ms, format_rate
 
@@ -245,14 +246,18 @@ def _live_precopy(
     if name == "multifd":
         # Pages handed to the channels are out of QEMU's pending count until the switch.
         m = replace(m, hot_bytes=max(0, m.hot_bytes - MULTIFD_HIDDEN_BYTES))
-        # zstd is the limit once the link carries compressed pages, paused or not.
-        zstd_bps = cal.multifd_compress_bps / plain.scale
+        # zstd is the limit once the link carries compressed pages: on the cores the guest's
+        # vCPUs leave it while they run, on every channel's core once they are paused.
+        cpu = multifd_cpu(m, cal)
+        zstd_bps = cpu.compress_bps / plain.scale
         multifd_bps = min(plain.first_bps * m.compress_ratio, zstd_bps)
         rates = replace(
             plain,
             first_bps=multifd_bps,
             resend_bps=multifd_bps,
-            paused_bps=min(idle.first_bps * m.compress_ratio, zstd_bps),
+            paused_bps=min(
+                idle.first_bps * m.compress_ratio, cal.multifd_compress_bps / idle.scale
+            ),
         )
         run = _precopy(m, downtime_limit_ms, rates)
         if run.converges:
@@ -260,9 +265,11 @@ def _live_precopy(
             left = max(0.0, run.remainder_bytes - MULTIFD_HIDDEN_BYTES)
             run = replace(run, final_s=left / rates.paused_bps)
         gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(multifd_bps)} of guest memory"
-        note = f"{gain}; {_precopy_note(m, run, rates)}"
+        note = f"{gain}{cpu.describe()}; {_precopy_note(m, run, rates)}"
         headroom = _headroom(m, downtime_limit_ms, rates)
-        return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
+        return _from_run(
+            name, m, run, cal, note, disk=disk, headroom=headroom, contention=cpu.contention
+        )
     if name == "xbzrle":
         cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
         rates = replace(
@@ -415,6 +422,7 @@ def _from_run(
     *,
     disk: DiskPhase,
     headroom: float | None = None,
+    contention: float = 1.0,
 ) -> StrategyPrediction:
     note = disk.note() + note
     if not run.converges:
@@ -434,7 +442,7 @@ def _from_run(
         dirty_headroom=headroom,
         disk_ms=disk.ms,
         guest_downtime_ms=precopy_felt_ms(
-            m, downtime_ms=downtime_ms, cal=cal, multifd=name == "multifd"
+            m, downtime_ms=downtime_ms, cal=cal, multifd=name == "multifd", contention=contention
         ),
     )
 
