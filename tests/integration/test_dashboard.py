@@ -17,21 +17,17 @@ The committed set in docs/screenshots/ comes from::
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import pytest
 from labcli import Lab
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from servekit import start_serve
 
 pytestmark = pytest.mark.qemu
 
@@ -62,26 +58,6 @@ _POST_AS_PAGE = """async (csrf) => {
 }"""
 
 
-def _start_serve(
-    lab_dir: Path, work: Path, log: BinaryIO
-) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    ready = work / "serve-ready.json"
-    env = {**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)}
-    for name in ("VMFERRY_URL", "VMFERRY_TOKEN"):
-        env.pop(name, None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmferry.cli.main", "serve", "--listen", "127.0.0.1:0",
-         "--ready-file", str(ready)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert process.poll() is None, "vmferry serve exited"
-        assert time.monotonic() < deadline, "vmferry serve did not come up"
-        time.sleep(0.1)
-    return process, json.loads(ready.read_text())
-
-
 def test_a_migration_started_and_watched_in_the_dashboard(lab_dir: Path, tmp_path: Path) -> None:
     lab = Lab(lab_dir)
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
@@ -89,7 +65,7 @@ def test_a_migration_started_and_watched_in_the_dashboard(lab_dir: Path, tmp_pat
     shots = Path(os.environ.get("VMFERRY_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     with (tmp_path / "serve.log").open("wb") as log:
-        serve, ready = _start_serve(lab_dir, tmp_path, log)
+        serve, ready = start_serve(lab_dir, tmp_path, log)
         try:
             tokens = {role: Path(p).read_text().strip() for role, p in ready["tokens"].items()}
             with _chromium() as browser:

@@ -12,17 +12,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import pytest
 from labcli import Lab
+from servekit import start_serve
 
 from vmferry.controller.inventory import Inventory
 from vmferry.service.client import ServiceClient
@@ -31,26 +28,6 @@ from vmferry.service.events import Event
 pytestmark = pytest.mark.qemu
 
 SMALL = "dirty:rate=2M,size=32M,pattern=random,mode=paced"
-
-
-def _start_serve(
-    lab_dir: Path, work: Path, log: BinaryIO
-) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    ready = work / "serve-ready.json"
-    env = {**os.environ, "VMFERRY_LAB_DIR": str(lab_dir)}
-    for name in ("VMFERRY_URL", "VMFERRY_TOKEN"):
-        env.pop(name, None)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "vmferry.cli.main", "serve", "--listen", "127.0.0.1:0",
-         "--ready-file", str(ready)],
-        env=env, stdout=subprocess.DEVNULL, stderr=log,
-    )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not ready.exists():
-        assert process.poll() is None, "vmferry serve exited"
-        assert time.monotonic() < deadline, "vmferry serve did not come up"
-        time.sleep(0.1)
-    return process, json.loads(ready.read_text())
 
 
 class _Watcher(threading.Thread):
@@ -91,7 +68,7 @@ def test_serve_with_the_cli_as_its_client(
     lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     in_process = {cmd: _steady(lab.ok(*cmd.split())) for cmd in ("host list", "vm list")}
     with (tmp_path / "serve.log").open("wb") as log:
-        serve, ready = _start_serve(lab_dir, tmp_path, log)
+        serve, ready = start_serve(lab_dir, tmp_path, log)
         try:
             _use(serve_url=ready["url"], tokens=ready["tokens"], lab=lab, lab_dir=lab_dir,
                  in_process=in_process, monkeypatch=monkeypatch)  # fmt: skip

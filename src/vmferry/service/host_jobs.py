@@ -30,7 +30,13 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.job_resume import EMPTYING_KINDS, job_outcome
 from vmferry.service.api import JobState, MaintenanceBody
 from vmferry.service.supervisor import JobContext, Outcome, Work
-from vmferry.service.work import JobObserver, lab_cluster, nothing_moved, run_job
+from vmferry.service.work import (
+    JobObserver,
+    evacuation_request,
+    lab_cluster,
+    nothing_moved,
+    run_job,
+)
 
 __all__ = ["check_resumable", "maintenance_request", "maintenance_work", "resume_work"]
 
@@ -42,17 +48,7 @@ _RESUME_WAIT_S = 300.0  # a maintenance enter that resumes waits this long for m
 def maintenance_request(lab_dir: Path | None, body: MaintenanceBody) -> JobRequest:
     """Raises: ConfigError: an unknown host, numbers out of range."""
     Inventory.load(lab_dir).host(body.host)
-    request = JobRequest(
-        host=body.host,
-        to=None if body.to is None else tuple(body.to),
-        deadline_s=body.deadline_s,
-        bandwidth_mbps=body.bandwidth_mbps,
-        max_downtime_ms=body.max_downtime_ms,
-        max_outbound=body.max_outbound,
-        max_inbound=body.max_inbound,
-    )
-    request.check()
-    return request
+    return evacuation_request(body)
 
 
 def check_resumable(store: JobStore, job: int) -> JobRecord:

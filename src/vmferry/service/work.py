@@ -28,7 +28,14 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.handoff import VerifyMode
 from vmferry.core.model import MigrationStats
 from vmferry.core.phases import Phase
-from vmferry.service.api import BalanceBody, EvacuateBody, JobState, MigrateBody, ReconcileBody
+from vmferry.service.api import (
+    BalanceBody,
+    EvacuateBody,
+    JobState,
+    MaintenanceBody,
+    MigrateBody,
+    ReconcileBody,
+)
 from vmferry.service.supervisor import JobContext, Outcome, Work
 
 __all__ = [
@@ -72,8 +79,12 @@ def migration_request(body: MigrateBody) -> MigrationRequest:
     return request
 
 
-def evacuation_request(body: EvacuateBody) -> JobRequest:
-    """Raises: ConfigError: numbers out of range."""
+def evacuation_request(body: EvacuateBody | MaintenanceBody) -> JobRequest:
+    """The job request of an evacuation (or of entering maintenance: the same fields).
+
+    Raises:
+        ConfigError: numbers out of range.
+    """
     request = JobRequest(
         host=body.host,
         to=None if body.to is None else tuple(body.to),
