@@ -22,7 +22,7 @@ from vmferry.controller.jobs import JobStore
 pytestmark = pytest.mark.qemu
 
 SMALL = "dirty:rate=2M,size=32M,pattern=random,mode=paced"
-GUESTS = ("e1", "e2", "e3")
+GUESTS = ("e1", "e2", "e3", "e4")  # a host of 4 VMs, as the issue asks
 
 
 def _where(lab: Lab) -> dict[str, str]:
