@@ -176,7 +176,12 @@ class Heartbeats:
                 seq = int(parts[1])
                 if seq > self.last_seq:
                     self.last_seq = seq
-                    self.arrivals.append(time.monotonic())
+                    self.arrived(seq, time.monotonic())
+
+    def arrived(self, seq: int, at: float) -> None:
+        """Record heartbeat ``seq``, newer than every one before, arriving at ``at``."""
+        del seq
+        self.arrivals.append(at)
 
     def gaps_ms(self, start: float, end: float) -> list[tuple[float, float]]:
         """(offset from ``start`` in ms, gap in ms) of every gap ending in [start, end]."""

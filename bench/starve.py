@@ -66,23 +66,9 @@ class Beats(Heartbeats):
         super().__init__()
         self.seqs: list[int] = []
 
-    async def follow(self, path: Path) -> None:
-        for _ in range(400):
-            try:
-                reader, _writer = await asyncio.open_unix_connection(str(path))
-                break
-            except OSError:
-                await asyncio.sleep(0.025)
-        else:
-            raise RuntimeError(f"no channel at {path}")
-        while line := await reader.readline():
-            parts = line.split()
-            if len(parts) >= 2 and parts[0] == b"HB" and parts[1].isdigit():
-                seq = int(parts[1])
-                if seq > self.last_seq:
-                    self.last_seq = seq
-                    self.arrivals.append(time.monotonic())
-                    self.seqs.append(seq)
+    def arrived(self, seq: int, at: float) -> None:
+        super().arrived(seq, at)
+        self.seqs.append(seq)
 
     def worst(self, start: float, end: float) -> dict[str, float]:
         """The largest gap in [start, end]: its start (s), length (ms), the sequence jump and
