@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,7 +26,7 @@ from pathlib import Path
 import pytest
 from labcli import Lab
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
-from servekit import start_serve
+from servekit import serving
 
 pytestmark = pytest.mark.qemu
 
@@ -64,26 +63,17 @@ def test_a_migration_started_and_watched_in_the_dashboard(lab_dir: Path, tmp_pat
     lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     shots = Path(os.environ.get("VMFERRY_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
-    with (tmp_path / "serve.log").open("wb") as log:
-        serve, ready = start_serve(lab_dir, tmp_path, log)
-        try:
-            tokens = {role: Path(p).read_text().strip() for role, p in ready["tokens"].items()}
-            with _chromium() as browser:
-                _operator_migrates(browser, ready["url"], tokens["operator"], shots)
-            # (the CLI runs its own event loop: not beside Playwright's, which runs one too)
-            [entry] = lab.ok("history")  # in-process, reading the lab's history
-            assert (entry["vm"], entry["asked_by"]) == ("small", "api:operator")
-            assert (entry["source"], entry["destination"]) == ("host-1", "host-2")
-            with _chromium() as browser:
-                _viewer_is_refused(browser, ready["url"], tokens["viewer"], shots)
-            assert [v["host"] for v in lab.vms()] == ["host-2"]  # the viewer moved nothing
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                code = serve.wait(30)
-            finally:
-                serve.kill()
-    assert code == 0, (tmp_path / "serve.log").read_text()
+    with serving(lab_dir, tmp_path) as ready:
+        tokens = {role: Path(p).read_text().strip() for role, p in ready["tokens"].items()}
+        with _chromium() as browser:
+            _operator_migrates(browser, ready["url"], tokens["operator"], shots)
+        # (the CLI runs its own event loop: not beside Playwright's, which runs one too)
+        [entry] = lab.ok("history")  # in-process, reading the lab's history
+        assert (entry["vm"], entry["asked_by"]) == ("small", "api:operator")
+        assert (entry["source"], entry["destination"]) == ("host-1", "host-2")
+        with _chromium() as browser:
+            _viewer_is_refused(browser, ready["url"], tokens["viewer"], shots)
+        assert [v["host"] for v in lab.vms()] == ["host-2"]  # the viewer moved nothing
 
 
 @contextmanager

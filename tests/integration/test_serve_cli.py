@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import signal
 import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 from labcli import Lab
-from servekit import start_serve
+from servekit import serving
 
 from vmferry.controller.inventory import Inventory
 from vmferry.service.client import ServiceClient
@@ -67,18 +66,9 @@ def test_serve_with_the_cli_as_its_client(
     lab.ok("lab", "up", "--hosts", "2", "--memory-per-host", "512M")
     lab.ok("vm", "create", "small", "--host", "host-1", "--memory", "128M", "--workload", SMALL)
     in_process = {cmd: _steady(lab.ok(*cmd.split())) for cmd in ("host list", "vm list")}
-    with (tmp_path / "serve.log").open("wb") as log:
-        serve, ready = start_serve(lab_dir, tmp_path, log)
-        try:
-            _use(serve_url=ready["url"], tokens=ready["tokens"], lab=lab, lab_dir=lab_dir,
-                 in_process=in_process, monkeypatch=monkeypatch)  # fmt: skip
-        finally:
-            serve.send_signal(signal.SIGTERM)
-            try:
-                code = serve.wait(30)
-            finally:
-                serve.kill()
-    assert code == 0, (tmp_path / "serve.log").read_text()
+    with serving(lab_dir, tmp_path) as ready:
+        _use(serve_url=ready["url"], tokens=ready["tokens"], lab=lab, lab_dir=lab_dir,
+             in_process=in_process, monkeypatch=monkeypatch)  # fmt: skip
 
 
 def _steady(listing: Any) -> Any:
