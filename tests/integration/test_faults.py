@@ -18,12 +18,13 @@ from faultkit import Cell, CellConfig, run_cell
 pytestmark = pytest.mark.qemu
 
 # Loopback: the migration stream (and the disk mirror) is capped instead of a shaped link, so
-# pre-copy lasts seconds; a 64 MiB disk keeps the mirror short at that rate.
+# pre-copy lasts seconds (~3 s of the 64 MiB the guest dirties at 300 Mbit/s: the faults land
+# ~0.4 s into it); a 64 MiB disk keeps the mirror short at that rate.
 # The harness's own commands run in this process; the migration (killed or not) is a process.
 # No test here asserts a prediction: the migration skips the pre-flight (--no-plan).
 CONFIG = CellConfig(
     netns=False,
-    bandwidth_mbps=100,
+    bandwidth_mbps=300,
     disk="64M",
     settle_timeout_s=40.0,
     cli_timeout_s=60.0,
@@ -37,6 +38,7 @@ CONFIG = CellConfig(
 # could be copied before the filesystem was full: the move then completed, one run in many).
 DISK_FULL_CONFIG = dataclasses.replace(
     CONFIG,
+    bandwidth_mbps=100,
     workload="dirty:rate=4M,size=64M,pattern=random,mode=paced,disk-rate=1M,disk-size=48M",
 )
 

@@ -102,13 +102,14 @@ def test_destination_agent_restarted_mid_migration_does_not_stop_it(lab_dir: Pat
     lab.ok("lab", "up", "--hosts", "2")
     lab.ok("vm", "create", "m1", "--host", "host-1", "--memory", "256M", "--workload", DIRTY)
     migrating = _migrate_in_background(
-        lab_dir, "--strategy", "precopy", "--bandwidth", "100", "--json", "--no-plan"
+        lab_dir, "--strategy", "precopy", "--bandwidth", "200", "--json", "--no-plan"
     )
     try:
         _wait_for(lambda: ("m1", "host-1", "migrating") in _placement(lab), 60, "pre-copy")
         os.kill(_agent_pid(lab_dir, "host-2"), signal.SIGKILL)
         time.sleep(1.0)
         lab.ok("lab", "restart", "host-2")
+        assert migrating.poll() is None, "the move ended before the agent came back"
         code, report, err = _finish(migrating)
     finally:
         if migrating.poll() is None:
