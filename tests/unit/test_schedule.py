@@ -31,7 +31,7 @@ from vmferry.core.job import (
 )
 from vmferry.core.move_cost import PLANNED_PLAIN, share_bps, share_index
 from vmferry.core.placement import place_evacuation
-from vmferry.core.schedule import HANDOVER_GUARD_S, BandwidthDispatcher, SetCap, Start
+from vmferry.core.schedule import BandwidthDispatcher, SetCap, Start
 from vmferry.core.schedule_baselines import BASELINES
 from vmferry.core.simulate import SIM_CALIBRATION, model_cluster
 
@@ -134,10 +134,10 @@ def test_a_move_running_late_keeps_its_link() -> None:
     assert dispatcher.wake_s is not None  # woken again for the first's new end
     assert dispatcher.wake_s > wake_s + 50.0
     dispatcher.progress(first, wake_s + 1.0, 0.2)  # it caught up: ends before b has set up
-    # b is woken to send once the first has ended and its last pass had the link alone
+    # b is woken to have set up when the first ends
     woken_s = dispatcher.wake_s
     assert woken_s is not None
-    assert wake_s + 1.0 <= woken_s <= wake_s + 1.2 + HANDOVER_GUARD_S
+    assert wake_s + 1.0 <= woken_s <= wake_s + 1.2
     assert [type(a) for a in dispatcher.tick(woken_s)] == [Start]
 
 
@@ -145,6 +145,39 @@ def test_a_move_without_progress_hands_over_at_its_predicted_end() -> None:
     dispatcher, first, wake_s = _first_of_busy_pair()
     assert [type(a) for a in dispatcher.tick(wake_s)] == [Start]
     del first
+
+
+def test_a_move_started_on_a_running_moves_share_waits_for_its_last_byte() -> None:
+    """The second move is pipelined to send as the first ends; while the first still sends
+    (its last pass), the second gets only what the first leaves of the link; the first's
+    release gives it the rest."""
+    dispatcher, first, wake_s = _first_of_busy_pair()
+    (second,) = dispatcher.tick(wake_s)
+    assert isinstance(second, Start)
+    assert second.cap_bps is not None
+    assert second.cap_bps <= TEN_GBE / 4  # the first takes 1 GB/s of the 1.25 GB/s
+    late_s = wake_s + 30.0  # the first runs late: nothing hands its share over yet
+    assert all(
+        a.cap_bps <= second.cap_bps for a in dispatcher.tick(late_s) if isinstance(a, SetCap)
+    )
+    (opened,) = dispatcher.released(first, late_s + 1.0)
+    assert isinstance(opened, SetCap)
+    assert opened.vm == second.move.name
+    assert opened.cap_bps > TEN_GBE / 2
+    assert dispatcher.released(first, late_s + 1.5) == []  # once
+    assert dispatcher.finished(first, late_s + 2.0) == []  # its links were handed over already
+
+
+def test_a_released_move_keeps_its_hosts_slot_until_it_ends() -> None:
+    hosts = [host("a", out=1), host("b"), host("c")]
+    vms = [vm("big", "a", 16), vm("small", "a", 1)]
+    cluster = Cluster.build(hosts, vms)
+    dispatcher = make_dispatcher("ours", cluster, evacuation(cluster, "a"), book())
+    (first,) = dispatcher.begin(0.0)
+    assert isinstance(first, Start)
+    assert first.move.name == "big"
+    assert dispatcher.released(first.move.name, 5.0) == []
+    assert [type(a) for a in dispatcher.finished(first.move.name, 6.0)] == [Start]
 
 
 def test_a_move_that_stops_converging_keeps_its_link_until_it_ends() -> None:

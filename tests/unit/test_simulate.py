@@ -110,6 +110,9 @@ class _Once:
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         return []
 
+    def released(self, vm: VmName, now_s: float) -> list[Action]:
+        return []
+
     def tick(self, now_s: float) -> list[Action]:
         return []
 

@@ -150,6 +150,7 @@ class _Running:
 
 
 _SENDING = frozenset({MigrationStatus.ACTIVE, MigrationStatus.POSTCOPY_ACTIVE})
+_SENT = frozenset({Phase.COMPLETED, Phase.DONE})
 # How long the runner waits at most before it asks the dispatcher again (a move's progress
 # may have moved a wake-up earlier).
 _POLL_S = 0.5
@@ -279,22 +280,26 @@ class _Loop:
             )
 
     def progress(self, vm: VmName, phase: Phase, stats: MigrationStats | None) -> None:
-        """A move's progress: shown, learnt by the dispatcher (its time left), and the cap it
-        was given while it set up applied once it sends."""
+        """A move's progress: shown, learnt by the dispatcher (its time left, its links free
+        once QEMU completed), and the cap it was given while it set up applied once it sends."""
         if self.observer is not None:
             self.observer.progress(vm, phase, stats)
         running = self.running.get(vm)
-        if running is None or stats is None:
+        if running is None:
             return
-        running.eta.add(stats)
-        eta_ms = running.eta.eta_ms()
-        left_s = None if eta_ms is None else eta_ms / 1000
-        sends = stats.stage is Stage.MIGRATION and stats.status in _SENDING
-        rate_bps = float(stats.throughput_bps) if sends else None
-        actions = self.dispatcher.progress(vm, self.elapsed(), left_s, rate_bps)
+        actions: list[Action] = []
+        if stats is not None:
+            running.eta.add(stats)
+            eta_ms = running.eta.eta_ms()
+            left_s = None if eta_ms is None else eta_ms / 1000
+            sends = stats.stage is Stage.MIGRATION and stats.status in _SENDING
+            rate_bps = float(stats.throughput_bps) if sends else None
+            actions = self.dispatcher.progress(vm, self.elapsed(), left_s, rate_bps)
+        if phase in _SENT:  # its links are free while its guest is checked
+            actions += self.dispatcher.released(vm, self.elapsed())
         if self.group is None:
             return
-        if not running.sending:
+        if stats is not None and not running.sending:
             running.sending = True
             self._apply_cap(self.group, vm)
         self.apply(self.group, actions)

@@ -138,6 +138,10 @@ class Flight:
     seen_bps: float | None = None  # its measured rate, smoothed, since seen_since_s
     seen_since_s: float | None = None
     held: bool = False
+    # The moves whose shares it was started on while they still ran: until they have sent their
+    # last byte, it sends only what the others on its links leave it.
+    lenders: frozenset[VmName] = frozenset()
+    released: bool = False  # it sent its last byte: its links are handed over
 
     def is_active(self, now_s: float) -> bool:
         """Set up: it uses its links."""

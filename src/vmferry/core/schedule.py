@@ -78,11 +78,12 @@ _TOP_UP_MIN = 1.05
 _RECAP_MIN = 0.02
 # A move's progress moves its source's next wake-up earlier only by more than this.
 _REWAKE_MIN_S = 0.25
-# A move hands its share of a link over only this long after its expected end: its last
-# pass (QEMU's stop-and-copy, multifd's flush) must not share the link with a move that starts
-# sending. Evacuation lab, 30 Nov: moves whose successor started sending at their measured
-# end paused 279-300 ms against a ~170 ms limit (their guests felt 353-375 ms of 300).
-HANDOVER_GUARD_S = 1.0
+# A move started on the share of a move still running (pipelined to start sending as that one
+# ends) sends no more than the others on its links leave it until that one has sent its last
+# byte: its last pass (QEMU's stop-and-copy, multifd's flush) must have the link to itself.
+# Evacuation lab, 30 Nov: moves whose successor started sending at their measured end paused
+# 279-300 ms against a ~170 ms limit (their guests felt 353-375 ms of 300). Until then it
+# trickles at :data:`MIN_LINK_FRACTION` of its source's link.
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +118,11 @@ class Dispatcher(Protocol):
 
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         """``vm``'s move ended at ``now_s`` (done or failed): what to do next."""
+        ...
+
+    def released(self, vm: VmName, now_s: float) -> list[Action]:
+        """``vm``'s move sent its last byte at ``now_s`` (QEMU completed; the guest is being
+        checked on its destination): its links are free, its hosts' slots not yet."""
         ...
 
     def tick(self, now_s: float) -> list[Action]:
@@ -313,7 +319,7 @@ class BandwidthDispatcher:
         source = flight.entry.move.source
         wake_s, queue = self._wake_of.get(source), self._queues.unstarted(source)
         if wake_s is not None and queue:  # it ends sooner than its source's head was told
-            sooner_s = max(now_s, flight.seen_end_s + HANDOVER_GUARD_S - queue[0].setup_s)
+            sooner_s = max(now_s, flight.seen_end_s - queue[0].setup_s)
             if sooner_s < wake_s - _REWAKE_MIN_S:
                 self._wake_of[source] = sooner_s
                 heapq.heappush(self._wakes, (sooner_s, next(self._seq), "source", source))
@@ -325,6 +331,31 @@ class BandwidthDispatcher:
             raise ConfigError(f"{vm} is not a running move of this job")
         move = flight.entry.move
         self._slots.give_back(move)
+        touched = [] if flight.released else self._hand_over(flight)
+        actions: list[Action] = []
+        sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
+        for source in dict.fromkeys(sources):
+            actions += self._dispatch(source, now_s)
+        return actions + self._recap(touched, now_s)
+
+    def released(self, vm: VmName, now_s: float) -> list[Action]:
+        flight = self._flights.get(vm)
+        if flight is None or flight.released:
+            return []
+        touched = self._hand_over(flight)
+        flight.released = True
+        move = flight.entry.move
+        actions: list[Action] = []
+        sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
+        for source in dict.fromkeys(sources):
+            if self._slots.has_out(source):
+                actions += self._dispatch(source, now_s)
+        return actions + self._recap(touched, now_s)
+
+    def _hand_over(self, flight: Flight) -> list[Link]:
+        """Give ``flight``'s shares of its links back, topping up the moves on them; the links
+        whose moves' caps change."""
+        vm, move = flight.entry.move.name, flight.entry.move
         touched: list[Link] = list(links_of(move))
         for link in touched:
             self._free[link] += flight.reserve_bps
@@ -332,11 +363,7 @@ class BandwidthDispatcher:
             self._extra.get(link, {}).pop(vm, None)
         for link in links_of(move):
             self._top_up(link, touched)
-        actions: list[Action] = []
-        sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
-        for source in dict.fromkeys(sources):
-            actions += self._dispatch(source, now_s)
-        return actions + self._recap(touched, now_s)
+        return touched
 
     def _top_up(self, link: Link, touched: list[Link]) -> None:
         """Raise the reservations of the moves on ``link`` towards the most they can use,
@@ -374,7 +401,7 @@ class BandwidthDispatcher:
             flight = self._flights[vm]
             out_link, in_link = links_of(flight.entry.move)
             extra = min(self._extra[out_link].get(vm, 0.0), self._extra[in_link].get(vm, 0.0))
-            cap = flight.reserve_bps + extra
+            cap = min(flight.reserve_bps + extra, self._gate(flight, now_s))
             if abs(cap - flight.cap_bps) <= flight.cap_bps * _RECAP_MIN:
                 continue
             flight.advance(now_s)
@@ -383,14 +410,41 @@ class BandwidthDispatcher:
             actions.append(SetCap(vm, cap))
         return actions
 
+    def _gate(self, flight: Flight, now_s: float) -> float:
+        """The most ``flight`` may send while a move it was started on the share of still
+        sends: what the moves sending on its links leave (at least a trickle)."""
+        if not any(v in self._flights and not self._flights[v].released for v in flight.lenders):
+            flight.lenders = frozenset()
+            return math.inf
+        vm = flight.entry.move.name
+        left = min(
+            self._link[link[1]]
+            - sum(
+                self._flights[other].used_bps()
+                for other in self._on.get(link, ())
+                if other != vm and self._flights[other].is_active(now_s)
+            )
+            for link in links_of(flight.entry.move)
+        )
+        return max(flight.entry.least_bps, min(flight.reserve_bps, left))
+
+    def _lenders(self, move: Move, now_s: float, ready_s: float) -> frozenset[VmName]:
+        """The moves still running whose shares :meth:`_available` counted for ``move``."""
+        return frozenset(
+            vm
+            for link in links_of(move)
+            for vm in self._on.get(link, ())
+            if now_s < self._flights[vm].expected_end_s() <= ready_s + EPS_S
+        )
+
     def _available(self, link: Link, now_s: float, at_s: float) -> float:
         """What ``link`` has unreserved at ``at_s``: now, plus the reservations of the moves
         on it expected to end between now and then (as their progress says, once they report
-        it), each handed over :data:`HANDOVER_GUARD_S` after its end. A move already past
-        that hands nothing over until it really ends: it runs slower than expected, and lending
-        its share again would only slow every move on the link further."""
+        it). A move already past its end hands nothing over until it really ends: it runs
+        slower than expected, and lending its share again would only slow every move on the
+        link further."""
         ending = (self._flights[vm] for vm in self._on.get(link, ()))
-        handed = ((f.reserve_bps, f.expected_end_s() + HANDOVER_GUARD_S) for f in ending)
+        handed = ((f.reserve_bps, f.expected_end_s()) for f in ending)
         return self._free[link] + sum(bps for bps, at in handed if now_s < at <= at_s + EPS_S)
 
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
@@ -440,7 +494,7 @@ class BandwidthDispatcher:
             free += flight.reserve_bps
             share = min(head.max_bps, free)
             if self._is_enough(head, share):
-                at_s = max(now_s, flight.expected_end_s() + HANDOVER_GUARD_S)
+                at_s = max(now_s, flight.expected_end_s())
                 wake_s = at_s - head.setup_s
                 if wake_s > now_s + EPS_S:
                     self._wake_of[source] = wake_s
@@ -453,13 +507,17 @@ class BandwidthDispatcher:
         entry.started = True
         self._left -= 1
         self._slots.take(move)
-        flight = Flight(entry, reserve_bps, reserve_bps, now_s + entry.setup_s, transfer_s, now_s)
+        ready_s = now_s + entry.setup_s
+        flight = Flight(entry, reserve_bps, reserve_bps, ready_s, transfer_s, now_s)
+        if any(self._free[link] < reserve_bps for link in links_of(move)):
+            flight.lenders = self._lenders(move, now_s, ready_s)
+            flight.cap_bps = min(reserve_bps, self._gate(flight, now_s))
         self._flights[move.name] = flight
         for link in links_of(move):
             self._free[link] -= reserve_bps
             self._on.setdefault(link, set()).add(move.name)
         heapq.heappush(self._wakes, (flight.setup_end_s, next(self._seq), "setup", move.name))
-        return Start(move, reserve_bps, entry.strategy)
+        return Start(move, flight.cap_bps, entry.strategy)
 
     def _transfer_s(self, entry: Entry, cap_bps: float) -> float:
         """The predicted time of ``entry``'s transfer at ``cap_bps`` (its total less its

@@ -131,6 +131,10 @@ class FifoDispatcher:
             actions += self._dispatch_source(source)
         return actions
 
+    def released(self, vm: VmName, now_s: float) -> list[Action]:
+        del vm, now_s  # its slot frees when it ends
+        return []
+
     def finished(self, vm: VmName, now_s: float) -> list[Action]:
         del now_s
         move = self._running.pop(vm, None)
