@@ -683,10 +683,11 @@ def _reconcile(lab_dir: Path, record: dict[str, Any], in_process: bool = False) 
 
 
 async def observe(lab_dir: Path) -> dict[str, Any]:
-    """What runs now, per host: QEMU processes of the VM, their state, vCPU time."""
+    """What runs now, per host: QEMU processes of the VM, their state, vCPU time (over one 2 s
+    window for every host)."""
     inventory = Inventory.load(lab_dir)
     token = inventory.token_file.read_text().strip()
-    hosts: dict[str, Any] = {}
+    seen: dict[str, tuple[list[int], dict[int, str], str | None, str | None]] = {}
     for entry in inventory.hosts:
         pids = qemu_processes(lab_dir, entry.name)
         agent_state: dict[int, str] = {}
@@ -701,8 +702,11 @@ async def observe(lab_dir: Path) -> dict[str, Any]:
                             qemu_says, _ = await agent.qemu_state(VM)
         except FerryError as err:
             agent_error = str(err)
-        before = {pid: _cpu_ticks(pid) for pid in pids}
-        await asyncio.sleep(2.0)
+        seen[entry.name] = (pids, agent_state, qemu_says, agent_error)
+    before = {pid: _cpu_ticks(pid) for pids, *_ in seen.values() for pid in pids}
+    await asyncio.sleep(2.0)
+    hosts: dict[str, Any] = {}
+    for name, (pids, agent_state, qemu_says, agent_error) in seen.items():
         copies = []
         for pid in pids:
             after, start = _cpu_ticks(pid), before[pid]
@@ -711,9 +715,9 @@ async def observe(lab_dir: Path) -> dict[str, Any]:
             if state is not None:  # its agent asked QEMU (QEMU serves one QMP client)
                 qmp = qemu_says
             else:  # no agent owns it: ask QEMU ourselves
-                qmp = await _qmp_status(_vm_dir(lab_dir, entry.name) / "qmp.sock")
+                qmp = await _qmp_status(_vm_dir(lab_dir, name) / "qmp.sock")
             copies.append({"pid": pid, "agent_state": state, "qmp_status": qmp, "cpu_pct": cpu})
-        hosts[entry.name] = {
+        hosts[name] = {
             "qemus": copies,
             "agent_error": agent_error,
             # The agent lists a VM whose QEMU is gone as "stopped" (pid None).
