@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vmferry.agent.api import GuestMeasurement
+from vmferry.agent.preflight import _resident_bytes
 from vmferry.core.calibration import Calibration
 from vmferry.core.errors import ConfigError
 from vmferry.core.measurement import Measurement
@@ -185,3 +189,34 @@ def test_invalid_constants_and_measurements_are_refused() -> None:
         dataclasses.replace(CAL, postcopy_touch_share=1.5)
     with pytest.raises(ConfigError):
         lab_guest(GIB, 100 * MIB, resident=-1)
+
+
+# -- the agent measures residency: the memfd's blocks ---------------------------------------------
+
+
+def test_the_agent_reads_what_the_memfd_has_allocated(tmp_path: Path) -> None:
+    fd = os.memfd_create("guest-ram")
+    try:
+        os.ftruncate(fd, 8 * MIB)
+        os.pwrite(fd, b"\1" * MIB, 2 * MIB)  # the guest wrote 1 MiB; the rest is holes
+        assert _resident_bytes(Path(f"/proc/self/fd/{fd}")) == MIB
+    finally:
+        os.close(fd)
+    assert _resident_bytes(None) is None
+    assert _resident_bytes(tmp_path / "gone") is None
+
+
+@pytest.mark.parametrize("resident", [None, 0, 3 * GIB])
+def test_residency_survives_the_agent_api(resident: int | None) -> None:
+    m = GuestMeasurement(
+        ram_bytes=4 * GIB,
+        dirty_rate_bps=0,
+        zero_fraction=0.9,
+        compress_ratio=2.0,
+        vcpu_busy=None,
+        elapsed_ms=900,
+        resident_bytes=resident,
+    )
+    assert GuestMeasurement.from_json(m.to_json()) == m
+    old_agent = {k: v for k, v in m.to_json().items() if k != "resident_bytes"}
+    assert GuestMeasurement.from_json(old_agent).resident_bytes is None
