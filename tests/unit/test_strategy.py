@@ -104,7 +104,7 @@ def pred(
         # (its channels' flush and unsent bytes add ~60 ms the guest feels) ...
         (OVERRUN, Goal(300), "multifd"),
         # ... and under a tighter goal xbzrle's pause, without them, fits.
-        (OVERRUN, Goal(150), "xbzrle"),
+        (OVERRUN, Goal(130), "xbzrle"),
         # Random pages: nothing pre-copy-like finishes; one pass then post-copy.
         (OVERRUN_RANDOM, Goal(300), "hybrid"),
         # ... and with a deadline that only plain post-copy meets (its longer fault chain

@@ -213,12 +213,16 @@ class GuestMeasurement:
     # Bytes written again within any short window (``core.dirty_curve``); 0 where the RAM could
     # not be scanned. The dirty rate is then the larger of QEMU's and the scan's.
     hot_bytes: int = 0
+    # Guest RAM this host has allocated (the memfd's blocks; ``core.predict_touch``): pages
+    # never written are holes that a migration's zero check allocates. None where unreadable.
+    resident_bytes: int | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
             "ram_bytes": self.ram_bytes,
             "dirty_rate_bps": self.dirty_rate_bps,
             "hot_bytes": self.hot_bytes,
+            "resident_bytes": self.resident_bytes,
             "zero_fraction": self.zero_fraction,
             "compress_ratio": self.compress_ratio,
             "vcpu_busy": self.vcpu_busy,
@@ -230,7 +234,7 @@ class GuestMeasurement:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GuestMeasurement:
-        busy = data.get("vcpu_busy")
+        busy, resident = data.get("vcpu_busy"), data.get("resident_bytes")
         return cls(
             ram_bytes=int(data["ram_bytes"]),
             dirty_rate_bps=int(data["dirty_rate_bps"]),
@@ -242,6 +246,7 @@ class GuestMeasurement:
             disk_write_bps=int(data.get("disk_write_bps", 0)),
             hot_bytes=int(data.get("hot_bytes", 0)),
             disk_shared=bool(data.get("disk_shared", False)),
+            resident_bytes=None if resident is None else int(resident),
         )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from pathlib import Path
 
 from vmferry.agent.api import GuestMeasurement, NotFound
@@ -39,6 +40,18 @@ def _ram_file(pid: int | None, memory_bytes: int) -> Path | None:
         return find_ram_fd(pid, memory_bytes)
     except GuestRamNotFound as err:
         logger.info("measure.ram_file %s: %s; sampling through QEMU", pid, err)
+        return None
+
+
+def _resident_bytes(ram_file: Path | None) -> int | None:
+    """What the host has allocated of the guest's RAM memfd (its blocks: a page never written
+    is a hole); None where it cannot be read."""
+    if ram_file is None:
+        return None
+    try:
+        return os.stat(ram_file).st_blocks * 512
+    except OSError as err:
+        logger.info("measure.resident %s: %s", ram_file, err)
         return None
 
 
@@ -104,6 +117,7 @@ class Preflight:
             disk_allocated_bytes=allocated,
             disk_write_bps=write_bps,
             disk_shared=slot.spec.disk is not None and slot.spec.disk.storage == "shared",
+            resident_bytes=_resident_bytes(ram_file),
         )
 
     async def _measure_disk(self, spec: VmSpec, vm: RunningVm) -> tuple[int, int]:

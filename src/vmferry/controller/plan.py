@@ -124,6 +124,7 @@ class Plan:
                 "ram_bytes": m.ram_bytes,
                 "dirty_rate_bps": m.dirty_rate_bps,
                 "hot_bytes": m.hot_bytes,
+                "resident_bytes": m.resident_bytes,
                 "zero_fraction": round(m.zero_fraction, 4),
                 "compress_ratio": round(m.compress_ratio, 3),
                 "bandwidth_bps": m.bandwidth_bps,
@@ -194,6 +195,7 @@ async def measure_path(
         compress_ratio=max(1.0, guest.compress_ratio),
         dirty_rate_bps=guest.dirty_rate_bps,
         hot_bytes=guest.hot_bytes,
+        resident_bytes=guest.resident_bytes,
         bandwidth_bps=max(1, int(bandwidth_bps)),
         # Pages that are zero now are not being rewritten: the set a dirtier keeps rewriting
         # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).

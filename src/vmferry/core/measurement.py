@@ -35,6 +35,10 @@ class Measurement:
         guest_busy_cores: cores the guest's vCPUs keep busy (their measured busy share times
             their count), None when not measured. With ``host_cpus`` it tells what multifd's
             zstd threads get (:mod:`vmferry.core.predict_cpu`).
+        resident_bytes: guest RAM the source host has allocated (its memfd's blocks), None when
+            not measured. A page never written since boot is a hole there: reading it to check
+            for zeros allocates it, which costs far more than the check
+            (:mod:`vmferry.core.predict_touch`).
     """
 
     ram_bytes: int
@@ -50,6 +54,7 @@ class Measurement:
     hot_bytes: int = 0
     host_cpus: int | None = None
     guest_busy_cores: float | None = None
+    resident_bytes: int | None = None
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -70,6 +75,8 @@ class Measurement:
             raise ConfigError(f"host_cpus must be positive, got {self.host_cpus}")
         if self.guest_busy_cores is not None and not self.guest_busy_cores >= 0.0:
             raise ConfigError(f"guest_busy_cores must be >= 0, got {self.guest_busy_cores}")
+        if self.resident_bytes is not None and self.resident_bytes < 0:
+            raise ConfigError(f"resident_bytes must be >= 0, got {self.resident_bytes}")
         if self.disk_copy_bytes < 0 or self.disk_write_bps < 0:
             raise ConfigError(
                 f"disk_copy_bytes and disk_write_bps must be >= 0, got "

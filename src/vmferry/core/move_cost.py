@@ -37,7 +37,7 @@ Example:
     >>> from vmferry.core.cluster_model import HostName, Vm, VmName
     >>> book = CostBook(Calibration.default())
     >>> vm = Vm(VmName("db"), HostName("h1"), memory_bytes=4 << 30, dirty_rate_bps=50_000_000,
-    ...         dirty_set_bytes=1 << 30, zero_fraction=0.3)
+    ...         dirty_set_bytes=1 << 30, zero_fraction=0.0)
     >>> need = book.need(vm, max_bps=450_000_000)
     >>> need.strategy, need.need_bps < need.max_bps
     ('precopy', True)

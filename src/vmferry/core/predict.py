@@ -3,7 +3,8 @@
 The model is the classic iterative pre-copy one, extended per strategy:
 
 * **pre-copy**: round 0 sends every non-zero page (zero pages are detected and sent as a flag:
-  they cost a scan, not a transfer); each later round re-sends what the guest dirtied during the
+  they cost a scan, not a transfer, plus a first touch where a page was never allocated:
+  :mod:`vmferry.core.predict_touch`); each later round re-sends what the guest dirtied during the
   previous one. The distinct bytes dirtied in ``t`` seconds saturate at the dirty set ``W``:
   ``W * (1 - exp(-rate * t / W))`` (random writes over ``W``; ``W`` is the whole RAM when
   unknown). The link rate is the TCP throughput, capped by what QEMU's migration thread pushes.
@@ -74,6 +75,7 @@ from vmferry.core.felt import postcopy_felt_ms, precopy_felt_ms
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import MECHANISMS, Mechanism, Prediction
 from vmferry.core.predict_cpu import multifd_cpu
+from vmferry.core.predict_touch import destination_share, first_touch_s
 from vmferry.core.transfer import DiskPhase, Rates
 from vmferry.core.units import format_bytes, format_ms, format_rate
 
@@ -211,12 +213,14 @@ def predict(
     if downtime_limit_ms <= 0:
         raise ConfigError(f"downtime limit must be positive, got {downtime_limit_ms} ms")
     idle = Rates.plain(m, cal)  # the whole link: guest paused, or after the switch
+    touch_s = first_touch_s(m, cal, destination_share(name, cal))
     if name == "cold":
-        return _cold(m, cal, idle)
+        return _cold(m, cal, idle, touch_s)
     disk = DiskPhase.live(m, idle)
-    plain = Rates.plain(m, cal, mirror_bps=disk.mirror_bps)  # guest running, RAM phase
+    # Guest running, RAM phase; its first pass allocates the pages nobody touched yet.
+    plain = replace(Rates.plain(m, cal, mirror_bps=disk.mirror_bps), touch_s=touch_s)
     if name == "postcopy":
-        return _postcopy(m, cal, idle, disk)
+        return _postcopy(m, cal, idle, disk, touch_s)
     if name == "hybrid":
         return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
     # Re-planning may switch any of these to post-copy after its first pass.
@@ -490,9 +494,12 @@ def _auto_converge(
     )
 
 
-def _postcopy(m: Measurement, cal: Calibration, idle: Rates, disk: DiskPhase) -> StrategyPrediction:
+def _postcopy(
+    m: Measurement, cal: Calibration, idle: Rates, disk: DiskPhase, touch_s: float
+) -> StrategyPrediction:
     # It switches right after the disk phase; the mirror ends there, so the pull has the link.
-    copy_s = idle.first_pass_s(m) * cal.postcopy_fault_overhead
+    # Both hosts' first touches (not slowed by faults).
+    copy_s = idle.first_pass_s(m) * cal.postcopy_fault_overhead + touch_s
     return StrategyPrediction(
         strategy="postcopy",
         converges=True,
@@ -548,10 +555,10 @@ def _hybrid(
     )
 
 
-def _cold(m: Measurement, cal: Calibration, idle: Rates) -> StrategyPrediction:
+def _cold(m: Measurement, cal: Calibration, idle: Rates, touch_s: float) -> StrategyPrediction:
     # The guest is paused first, so the copies run at the paused rate and nothing is re-sent.
     disk = DiskPhase.paused(m, idle)
-    copy_s = m.nonzero_bytes / idle.paused_bps + m.zero_bytes / idle.zero_scan_bps
+    copy_s = m.nonzero_bytes / idle.paused_bps + m.zero_bytes / idle.zero_scan_bps + touch_s
     total_ms = round(cal.setup_ms + (disk.copy_s + copy_s) * 1000.0 + cal.switchover_ms)
     what = format_bytes(m.nonzero_bytes)
     if disk.copy_bytes:

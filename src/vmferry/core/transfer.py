@@ -24,6 +24,7 @@ class Rates:
     paused_bps: float  # the switchover copy, guest paused
     zero_scan_bps: float
     scale: float
+    touch_s: float = 0.0  # first touches of never-allocated pages (core.predict_touch)
 
     @classmethod
     def plain(cls, m: Measurement, cal: Calibration, *, mirror_bps: float = 0.0) -> Rates:
@@ -40,8 +41,9 @@ class Rates:
         )
 
     def first_pass_s(self, m: Measurement) -> float:
-        """Round 0: every non-zero page as data, every zero page as a flag."""
-        return m.nonzero_bytes / self.first_bps + m.zero_bytes / self.zero_scan_bps
+        """Round 0: every non-zero page as data, every zero page as a flag, and the first
+        touches of pages never allocated."""
+        return m.nonzero_bytes / self.first_bps + m.zero_bytes / self.zero_scan_bps + self.touch_s
 
 
 @dataclass(frozen=True, slots=True)
