@@ -5,12 +5,11 @@ only an interrupted job, only once, never onto another running job's hosts)."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from deadpid import dead_pid
 from vmferry.controller.evacuation import JobRequest
 from vmferry.controller.job_resume import recorded_request
 from vmferry.controller.jobs import JobConflict, JobNotResumable, JobStore, UnknownJob
@@ -104,22 +103,10 @@ def test_the_job_ends_completed_only_when_every_move_did(states: list[str], outc
     assert job_outcome(states) == outcome
 
 
-def _dead_pid() -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout)
-
-
 def test_only_an_interrupted_job_is_claimed_and_only_once(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "history.db")
     moves = [("a", "h1", "h2"), ("b", "h1", "h3")]
-    dead = store.begin(
-        "evacuate", "h1", moves, {"request": {"bandwidth_mbps": 40}}, pid=_dead_pid()
-    )
+    dead = store.begin("evacuate", "h1", moves, {"request": {"bandwidth_mbps": 40}}, pid=dead_pid())
     alive = store.begin("evacuate", "h4", [("c", "h4", "h5")], {})
     with pytest.raises(UnknownJob, match="no job 99"):
         store.claim(99)
@@ -141,7 +128,7 @@ def test_only_an_interrupted_job_is_claimed_and_only_once(tmp_path: Path) -> Non
 
 def test_a_claim_waits_for_the_hosts_another_job_took(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "history.db")
-    dead = store.begin("evacuate", "h1", [("a", "h1", "h2")], {}, pid=_dead_pid())
+    dead = store.begin("evacuate", "h1", [("a", "h1", "h2")], {}, pid=dead_pid())
     other = store.begin("evacuate", "h3", [("c", "h3", "h2")], {})  # h2 is free again
     with pytest.raises(JobConflict, match=f"job {other} "):
         store.claim(dead)
@@ -152,7 +139,7 @@ def test_a_claim_waits_for_the_hosts_another_job_took(tmp_path: Path) -> None:
 
 def test_moves_planned_on_resume_join_the_same_job(tmp_path: Path) -> None:
     store = JobStore(tmp_path / "history.db")
-    job = store.begin("evacuate", "h1", [("a", "h1", "h2"), ("b", "h1", "h2")], {}, pid=_dead_pid())
+    job = store.begin("evacuate", "h1", [("a", "h1", "h2"), ("b", "h1", "h2")], {}, pid=dead_pid())
     store.move_state(job, "a", "completed", {"status": "completed"})
     store.move_state(job, "b", "failed", {"status": "failed"})
     store.claim(job)

@@ -5,10 +5,9 @@ PostgreSQL; tests/integration/test_serve_failover.py runs a real takeover)."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
+from deadpid import dead_pid
 from vmferry.service.api import JobState
 from vmferry.service.auth import Principal, Role
 from vmferry.service.store import ServiceJob, SqliteStore
@@ -18,20 +17,10 @@ from vmferry.service.takeover import hand_over, take_over
 WHO = Principal("operator", Role.OPERATOR)
 
 
-def _dead_pid() -> int:
-    done = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return int(done.stdout)
-
-
 def test_the_new_leader_resumes_evacuations_and_closes_the_rest(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "history.db")
     jobs = store.job_store()
-    dead = _dead_pid()
+    dead = dead_pid()
 
     def service_job(kind: str, moves: list[tuple[str, str, str]] | None) -> tuple[int, int | None]:
         job = store.create_job(kind, {"host": "h1"}, WHO)
