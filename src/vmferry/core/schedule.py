@@ -31,7 +31,8 @@ real ones.
   need then (EASY backfilling): the hard moves are not starved by a stream of small ones.
 * **pipelining**: a move sets up (destination started, zero pages scanned) before it needs
   bandwidth, so it may start that long before the moves it takes over from are predicted to
-  end; the dispatcher asks to be woken then (:attr:`Dispatcher.wake_s`).
+  end; the dispatcher asks to be woken then (:attr:`Dispatcher.wake_s`). Until those moves
+  have sent their last byte (:meth:`Dispatcher.released`) it sends only what they leave.
 * **limits**: each host's outbound and inbound limits, at every instant.
 """
 
@@ -78,12 +79,6 @@ _TOP_UP_MIN = 1.05
 _RECAP_MIN = 0.02
 # A move's progress moves its source's next wake-up earlier only by more than this.
 _REWAKE_MIN_S = 0.25
-# A move started on the share of a move still running (pipelined to start sending as that one
-# ends) sends no more than the others on its links leave it until that one has sent its last
-# byte: its last pass (QEMU's stop-and-copy, multifd's flush) must have the link to itself.
-# Evacuation lab, 30 Nov: moves whose successor started sending at their measured end paused
-# 279-300 ms against a ~170 ms limit (their guests felt 353-375 ms of 300). Until then it
-# trickles at :data:`MIN_LINK_FRACTION` of its source's link.
 
 
 @dataclass(frozen=True, slots=True)
@@ -412,7 +407,12 @@ class BandwidthDispatcher:
 
     def _gate(self, flight: Flight, now_s: float) -> float:
         """The most ``flight`` may send while a move it was started on the share of still
-        sends: what the moves sending on its links leave (at least a trickle)."""
+        sends: what the moves sending on its links leave, at least a trickle (its least share).
+
+        That move's last pass (QEMU's stop-and-copy, multifd's flush) must have the link to
+        itself until it has sent its last byte (:meth:`released`). Evacuation lab, 30 Nov:
+        moves whose successor started sending at their measured end paused 279-300 ms against
+        a ~170 ms limit (their guests felt 353-375 ms of 300)."""
         if not any(v in self._flights and not self._flights[v].released for v in flight.lenders):
             flight.lenders = frozenset()
             return math.inf
