@@ -44,6 +44,8 @@ def now_ms() -> float:
 
 
 _CONNECT_RETRY_S = 0.05
+# How long a channel whose connection QEMU closed waits for QEMU to accept it again.
+_RECONNECT_TIMEOUT_S = 2.0
 _COMMAND_TIMEOUT_S = 10.0
 # Verify timeouts: a floor, plus the slowest plausible check rates under TCG on a loaded host
 # (memory checksums run at hundreds of MB/s; disk blocks are read back through the device).
@@ -67,6 +69,7 @@ class GuestChannel:
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
+        self._path: Path | None = None
 
     async def connect(self, path: Path, timeout_s: float = 10.0) -> None:
         """Connect to QEMU's chardev socket, retrying until it accepts.
@@ -74,6 +77,7 @@ class GuestChannel:
         Raises:
             GuestError: when it cannot be reached in time.
         """
+        self._path = path
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
@@ -142,7 +146,9 @@ class GuestChannel:
             raise GuestError(f"guest {self.name} sent no heartbeat in {timeout_s:g} s") from err
 
     async def request(self, command: bytes, reply_type: type[M], timeout_s: float) -> M:
-        """Send a command line and wait for its reply message of ``reply_type``.
+        """Send a command line and wait for its reply message of ``reply_type``; a connection
+        QEMU closed is made again first (:meth:`_reconnect`), and once more if it breaks as
+        the command is sent.
 
         Raises:
             GuestError: no reply in time, the guest refused the command (``ERR``), or the
@@ -150,6 +156,18 @@ class GuestChannel:
         """
         if self._writer is None:
             raise GuestError(f"guest channel {self.name} is not connected")
+        if self._task is not None and self._task.done():
+            await self._reconnect()
+        try:
+            return await self._exchange(command, reply_type, timeout_s)
+        except GuestError as err:
+            if not isinstance(err.__cause__, ConnectionError) or self._path is None:
+                raise
+        await self._reconnect()
+        return await self._exchange(command, reply_type, timeout_s)
+
+    async def _exchange(self, command: bytes, reply_type: type[M], timeout_s: float) -> M:
+        assert self._writer is not None
         while not self._messages.empty():  # stale replies from an earlier request
             self._messages.get_nowait()
         self.logger.debug("--> %r", command)
@@ -217,6 +235,20 @@ class GuestChannel:
                 in time, or the channel closed.
         """
         return await self.request(corrupt_block_command(block), CorruptedBlock, timeout_s)
+
+    async def _reconnect(self) -> None:
+        """Connect again after QEMU closed our connection while the guest runs on. QEMU's
+        chardev serves one client: an agent restarted right after its predecessor died can be
+        accepted before QEMU saw that one's hang-up, and is then dropped (fault matrix,
+        kill-src-agent: `verify` failed with "Connection lost").
+
+        Raises:
+            GuestError: QEMU does not accept again in time (it is gone).
+        """
+        assert self._path is not None
+        self.logger.info("channel.reconnect %s", self._path)
+        await self.close()
+        await self.connect(self._path, timeout_s=_RECONNECT_TIMEOUT_S)
 
     async def close(self) -> None:
         """Close the socket and reap the reader task."""
