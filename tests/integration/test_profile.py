@@ -65,7 +65,9 @@ async def test_plans_from_profiles_and_auto_skips_the_preflight(
     assert profile.guest is not None
     assert profile.guest.ram_bytes == 256 << 20
     assert profile.guest.dirty_rate_bps > 0
-    assert 0 < gap_ms < 300, "background profiling stalled the guest"
+    # Quiet, the longest gap is ~10-60 ms; a loaded 2-core CI run saw 320 ms with nothing
+    # stalling the guest. A profiling stall (a paused vCPU, QEMU's pmemsave) lasts seconds.
+    assert 0 < gap_ms < 500, "background profiling stalled the guest"
 
     info = await lab.cluster.locate("prof")
     goal = Goal(max_downtime_ms=300)
