@@ -327,11 +327,7 @@ class BandwidthDispatcher:
         move = flight.entry.move
         self._slots.give_back(move)
         touched = [] if flight.released else self._hand_over(flight)
-        actions: list[Action] = []
-        sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
-        for source in dict.fromkeys(sources):
-            actions += self._dispatch(source, now_s)
-        return actions + self._recap(touched, now_s)
+        return self._dispatch_freed(move, now_s, slot_held=False) + self._recap(touched, now_s)
 
     def released(self, vm: VmName, now_s: float) -> list[Action]:
         flight = self._flights.get(vm)
@@ -340,12 +336,17 @@ class BandwidthDispatcher:
         touched = self._hand_over(flight)
         flight.released = True
         move = flight.entry.move
+        return self._dispatch_freed(move, now_s, slot_held=True) + self._recap(touched, now_s)
+
+    def _dispatch_freed(self, move: Move, now_s: float, *, slot_held: bool) -> list[Action]:
+        """Dispatch ``move``'s source and the sources waiting on its destination, now that
+        its links (and, unless ``slot_held``, its hosts' slots) are free."""
         actions: list[Action] = []
         sources = [move.source, *sorted(self._waiting_on.pop(move.destination, set()))]
         for source in dict.fromkeys(sources):
-            if self._slots.has_out(source):
+            if not slot_held or self._slots.has_out(source):
                 actions += self._dispatch(source, now_s)
-        return actions + self._recap(touched, now_s)
+        return actions
 
     def _hand_over(self, flight: Flight) -> list[Link]:
         """Give ``flight``'s shares of its links back, topping up the moves on them; the links
@@ -431,21 +432,23 @@ class BandwidthDispatcher:
     def _lenders(self, move: Move, now_s: float, ready_s: float) -> frozenset[VmName]:
         """The moves still running whose shares :meth:`_available` counted for ``move``."""
         return frozenset(
-            vm
+            f.entry.move.name
             for link in links_of(move)
-            for vm in self._on.get(link, ())
-            if now_s < self._flights[vm].expected_end_s() <= ready_s + EPS_S
+            for f in self._handing_over(link, now_s, ready_s)
         )
+
+    def _handing_over(self, link: Link, now_s: float, at_s: float) -> list[Flight]:
+        """The moves on ``link`` expected to end between now and ``at_s`` (as their progress
+        says, once they report it). A move already past its end hands nothing over until it
+        really ends: it runs slower than expected, and lending its share again would only slow
+        every move on the link further."""
+        ending = (self._flights[vm] for vm in self._on.get(link, ()))
+        return [f for f in ending if now_s < f.expected_end_s() <= at_s + EPS_S]
 
     def _available(self, link: Link, now_s: float, at_s: float) -> float:
         """What ``link`` has unreserved at ``at_s``: now, plus the reservations of the moves
-        on it expected to end between now and then (as their progress says, once they report
-        it). A move already past its end hands nothing over until it really ends: it runs
-        slower than expected, and lending its share again would only slow every move on the
-        link further."""
-        ending = (self._flights[vm] for vm in self._on.get(link, ()))
-        handed = ((f.reserve_bps, f.expected_end_s()) for f in ending)
-        return self._free[link] + sum(bps for bps, at in handed if now_s < at <= at_s + EPS_S)
+        handing it over by then (:meth:`_handing_over`)."""
+        return self._free[link] + sum(f.reserve_bps for f in self._handing_over(link, now_s, at_s))
 
     def _dispatch(self, source: HostName, now_s: float) -> list[Action]:
         """Start what fits on ``source``, in its queue's order, backfilling around a head
