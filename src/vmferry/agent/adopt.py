@@ -7,9 +7,9 @@ itself reports; a migration task that failed in a way that leaves QEMU's state u
 settled the same way. The decision is pure; this module reads the facts and carries it out:
 
 - a destination stays incoming: the controller, or ``vmferry reconcile``, finishes or drops it;
-- a source with a pre-copy in flight, or a disk mirror before it: cancelled, the mirror
-  aborted and the guest resumed here (outcome ``failed``; ``completed`` if the cancel lost the
-  race to completion);
+- a source with a pre-copy in flight, or a disk mirror before it: the mirror aborted, the
+  migration cancelled and the guest resumed here (outcome ``failed``; ``completed`` if the
+  cancel lost the race to completion);
 - a source in post-copy: the destination runs the guest; the migration is followed again to
   its end, and can be recovered if its link breaks;
 - a source after completion (``postmigrate``): migrated, outcome ``completed``.
@@ -102,6 +102,11 @@ async def settle(qmp: QmpSession, directory: Path, why: str = RESTARTED) -> Adop
         )
         final = facts.migration
         if decision.cancel_migration:
+            if facts.mirror_active:
+                # The mirror goes first: QEMU 10.0 cancelling a migration paused at
+                # pre-switchover with a write-blocking mirror still attached segfaulted the
+                # source in 1 of ~7 such cancels here, losing the only running copy.
+                await abort_mirror(qmp)
             final = (await cancel_migration(qmp)).status
         decision = after_cancel(decision, final)
         if decision.step is Settle.RESUME:

@@ -123,12 +123,13 @@ class Outgoings:
             await self._settle(slot, vm, str(err))
             return
         except BaseException:
-            # Agent shutting down mid-migration: leave the guest running here.
-            with contextlib.suppress(FerryError):
-                await asyncio.shield(cancel_migration(vm.qmp))
+            # Agent shutting down mid-migration: leave the guest running here (the mirror
+            # ends before the migration is cancelled, as on adoption).
             if nbd is not None:
                 with contextlib.suppress(FerryError):
                     await asyncio.shield(abort_mirror(vm.qmp))
+            with contextlib.suppress(FerryError):
+                await asyncio.shield(cancel_migration(vm.qmp))
             with contextlib.suppress(FerryError):
                 await asyncio.shield(ensure_running(vm.qmp))
             raise
