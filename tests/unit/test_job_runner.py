@@ -19,7 +19,7 @@ from vmferry.controller.cluster import Cluster as Controller
 from vmferry.controller.evacuation import JobPlan, JobRequest
 from vmferry.controller.history import History
 from vmferry.controller.inventory import HostEntry, Inventory
-from vmferry.controller.job_runner import JobResult, MoveResult, run_plan
+from vmferry.controller.job_runner import JobResult, MoveResult, move_goal_ms, run_plan
 from vmferry.controller.jobs import JobStore
 from vmferry.controller.migrate import MigrationRequest
 from vmferry.core.cluster_model import Cluster, Host, HostName, Move, Vm, VmName
@@ -252,3 +252,13 @@ def test_cap_changes_reach_the_moves_in_flight(tmp_path: Path) -> None:
 def test_a_refused_cap_change_does_not_stop_the_job(tmp_path: Path) -> None:
     _, result = _run_with_agent(tmp_path, _CapAgent(refuse=True))
     assert sum(m.ok for m in result.moves) == 2
+
+
+def test_a_jobs_moves_ask_for_half_a_long_goal_and_most_of_a_short_one() -> None:
+    assert move_goal_ms(300, 1) == 300  # alone: the whole goal
+    assert move_goal_ms(300, 6) == 150
+    assert move_goal_ms(2000, 2) == 1000
+    assert move_goal_ms(150, 6) == 100  # not under the floor
+    assert move_goal_ms(100, 6) == 80  # short goals keep 0.8 of theirs
+    assert move_goal_ms(50, 6) == 40
+    assert move_goal_ms(1, 6) == 1

@@ -118,6 +118,8 @@ def test_report_schema_v1_keys() -> None:
         "guest_agent",  # schema 1 extended: a user's guest's agent after the move
         "handoff",  # schema 1 extended: both stopped copies compared (migrate --verify)
         "retried_from",  # schema 1 extended: the attempt auto cancelled before retrying
+        "guest_stall_copy_ms",  # schema 1 extended: where guest_downtime_ms came from
+        "guest_stall_switch_ms",
     ]
     assert data["schema"] == 1
     assert data["recoveries"] == 0

@@ -99,6 +99,7 @@ def options_to_json(options: MigrationOptions) -> dict[str, object]:
         "multifd_channels": options.multifd_channels,
         "xbzrle_cache_bytes": options.xbzrle_cache_bytes,
         "tls": options.tls,
+        "switch_priority": options.switch_priority,
     }
 
 

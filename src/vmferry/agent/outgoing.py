@@ -21,6 +21,7 @@ from vmferry.agent.handoff import premap_disk
 from vmferry.agent.launch import Launcher
 from vmferry.agent.slots import Outgoing, Slot, Slots, VmState
 from vmferry.agent.store import Marker, VmStore
+from vmferry.agent.switch_priority import SwitchPriority
 from vmferry.agent.vm import RunningVm
 from vmferry.core.adoption import Settle
 from vmferry.core.errors import ConfigError, FerryError, MigrationFailed, StateError
@@ -84,6 +85,7 @@ class Outgoings:
         self.launcher = launcher
         self.spawn = spawn
         self.on_completed = on_completed
+        self.priority = SwitchPriority(slots)
 
     def start(self, name: str, uri: str, options: MigrationOptions, nbd: NbdTarget | None) -> None:
         """See :meth:`HostAgent.start_outgoing`."""
@@ -158,15 +160,11 @@ class Outgoings:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + options.timeout_s
         creds = None if tls_dir is None else await add_creds(vm.qmp, tls_dir, "client")
-        hook: Callable[[], Awaitable[None]] | None = None
         disk = MirrorStatus(0, 0, False, "none")
         if nbd is not None:
             disk = await self._copy_disk(slot, vm, nbd, options, creds, deadline)
             outgoing.move(OutgoingState.RAM)
-
-            async def hook() -> None:
-                await self._hand_over_disk(slot, vm)
-
+        hook = self._switchover_hook(slot, vm, nbd is not None, options.switch_priority)
         pid, lowat_bytes = vm.process.pid, unsent_limit_bytes()
         limiter = None
         if pid is not None and lowat_bytes is not None:
@@ -187,14 +185,34 @@ class Outgoings:
         ram_options = replace(options, timeout_s=max(1.0, deadline - loop.time()))
         if outgoing.cap_bps is not None:  # changed during the disk copy
             ram_options = replace(ram_options, max_bandwidth_bps=outgoing.cap_bps)
-        final = await run_migration(
-            vm.qmp, uri, ram_options, push, before_switchover=hook, tls_creds=creds
-        )
+        try:
+            final = await run_migration(
+                vm.qmp, uri, ram_options, push, before_switchover=hook, tls_creds=creds
+            )
+        finally:
+            if options.switch_priority:
+                await asyncio.shield(self.priority.give_back(slot.spec.name))
         used_tls = await migration_tls_creds(vm.qmp) is not None
         final = replace(
             final, disk_copied_bytes=disk.copied_bytes, disk_total_bytes=disk.total_bytes
         )
         return final, used_tls
+
+    def _switchover_hook(
+        self, slot: Slot, vm: RunningVm, disk: bool, exclusive: bool
+    ) -> Callable[[], Awaitable[None]] | None:
+        """What runs with the guest paused at the switchover (None: QEMU need not pause
+        there): the others' pre-copies held back, the disk handed over."""
+        if not disk and not exclusive:
+            return None
+
+        async def hook() -> None:
+            if exclusive:
+                await self.priority.take(slot.spec.name)
+            if disk:
+                await self._hand_over_disk(slot, vm)
+
+        return hook
 
     async def _copy_disk(
         self,
@@ -345,6 +363,8 @@ class Outgoings:
             state = slot.state.value if outgoing is None else outgoing.state.value
             raise StateError(f"migration of {name}", state, "sending")
         outgoing.cap_bps = bandwidth_bps
+        if self.priority.defer_cap(name, bandwidth_bps):
+            return  # held back by another's switchover: the cap applies when it is over
         if outgoing.state is OutgoingState.DISK_COPY:
             await set_mirror_speed(vm.qmp, bandwidth_bps)
         else:

@@ -152,8 +152,9 @@ def options_from_json(data: object) -> MigrationOptions:
     if not isinstance(postcopy_ready, bool):
         raise ConfigError("postcopy_ready must be a boolean")
     tls, hold = data.get("tls", False), data.get("hold", False)
-    if not isinstance(tls, bool) or not isinstance(hold, bool):
-        raise ConfigError("tls and hold must be booleans")
+    priority = data.get("switch_priority", False)
+    if not all(isinstance(flag, bool) for flag in (tls, hold, priority)):
+        raise ConfigError("tls, hold and switch_priority must be booleans")
     if not isinstance(channels, int) or not 1 <= channels <= 32:
         raise ConfigError("multifd_channels must be 1..32")
     if not isinstance(cache, int) or not 1 << 20 <= cache <= 16 << 30:
@@ -168,6 +169,7 @@ def options_from_json(data: object) -> MigrationOptions:
         xbzrle_cache_bytes=cache,
         tls=tls,
         hold=hold,
+        switch_priority=priority,
     )
 
 

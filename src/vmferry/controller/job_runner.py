@@ -42,7 +42,7 @@ from vmferry.core.phases import Phase
 from vmferry.core.schedule import Action, SetCap, Start
 from vmferry.core.status import MigrationStatus, Stage
 
-__all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "run_plan"]
+__all__ = ["JobObserver", "JobResult", "MoveResult", "Mover", "move_goal_ms", "run_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -155,19 +155,32 @@ _SENT = frozenset({Phase.COMPLETED, Phase.DONE})
 # may have moved a wake-up earlier).
 _POLL_S = 0.5
 # A move that shares its source with other moves of the job is asked for this share of the
-# goal: the moves beside it (their compression, their destinations' CPU) lengthen QEMU's pause
-# beyond its limit and what the guest feels beyond that pause. Evacuation lab, 30 Nov (multifd
-# moves, 3-4 at once, 300 ms goal): the guest felt 69-113 ms more than QEMU's pause (the model
-# 62-75 ms); at 100 % (limit 189 ms) 1 of 12 moves felt 303 ms; at 90 % (limit 168 ms) QEMU
-# still paused up to 235 ms and 1-3 of 12 felt 311-375 ms.
-SHARED_GOAL_SHARE = 0.8
+# goal: the moves beside it (their streams in the link's queues, their compression, their
+# destinations' CPU) lengthen QEMU's pause beyond its limit and what the guest feels beyond
+# that pause. Evacuation lab, 30 Nov (6 multifd moves, 3-4 at once, 300 ms goal), worst felt of
+# 18 moves: share 0.8 alone 372 ms (2 over the goal); 0.5 alone 351 ms (2 over: the guest
+# felt 100-170 ms beyond QEMU's pause beside other moves, 50-70 ms alone); with each
+# switchover's link to itself (MigrationOptions.switch_priority) 269 ms at 0.8 and 188 ms at
+# 0.5, makespan 21.0-21.2 s in all three rounds. A lower limit costs these guests a pass or two
+# more; their plans still count on the whole goal. Short goals keep 0.8 of theirs
+# (SHORT_GOAL_SHARE) down to SHARED_FLOOR_GOAL_MS: half of a short goal would leave QEMU a limit
+# of a few ms, which a busy guest may never get under.
+SHARED_GOAL_SHARE = 0.5
+SHORT_GOAL_SHARE = 0.8
+SHARED_FLOOR_GOAL_MS = 100
 
 
-def _move_goal_ms(plan: JobPlan) -> int:
-    """The downtime goal each move of ``plan`` is asked for (see :data:`SHARED_GOAL_SHARE`);
-    the job still judges each move by the goal asked of the job."""
-    goal_ms = plan.request.max_downtime_ms
-    return goal_ms if len(plan.moves) < 2 else max(1, int(goal_ms * SHARED_GOAL_SHARE))
+def move_goal_ms(goal_ms: int, moves: int) -> int:
+    """The downtime goal each of a job's ``moves`` is asked for when the job's is ``goal_ms``
+    (see :data:`SHARED_GOAL_SHARE`); the job still judges each move by ``goal_ms``.
+
+    >>> move_goal_ms(300, 6), move_goal_ms(150, 6), move_goal_ms(50, 6), move_goal_ms(300, 1)
+    (150, 100, 40, 300)
+    """
+    if moves < 2:
+        return goal_ms
+    short = min(int(goal_ms * SHORT_GOAL_SHARE), SHARED_FLOOR_GOAL_MS)
+    return max(1, int(goal_ms * SHARED_GOAL_SHARE), short)
 
 
 def _mbps(cap_bps: float | None) -> int | None:
@@ -362,9 +375,10 @@ async def _one_move(
         # Planned hybrid or multifd runs as planned; pre-copy as "auto", which keeps the way
         # to post-copy open should it stall.
         strategy=start.strategy if start.strategy in ("hybrid", "multifd") else "auto",
-        max_downtime_ms=_move_goal_ms(plan),
+        max_downtime_ms=move_goal_ms(plan.request.max_downtime_ms, len(plan.moves)),
         bandwidth_mbps=_mbps(start.cap_bps),
         force=True,  # planned as feasible: the job goes ahead with the best at its share
+        switch_priority=len(plan.moves) > 1,
     )
 
     def progress(phase: Phase, stats: MigrationStats | None) -> None:

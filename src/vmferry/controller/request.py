@@ -49,6 +49,8 @@ class MigrationRequest:
     # Compare both stopped copies before the destination runs (see core/handoff.py). The
     # default hashes a seeded sample: a few ms of the guest's pause (bench/verify.py).
     verify: VerifyMode = VerifyMode.SAMPLE
+    # Its switchover has the source's link to itself (a job's moves: see MigrationOptions).
+    switch_priority: bool = False
 
     @property
     def recovery(self) -> RecoveryPolicy:
@@ -102,6 +104,7 @@ class MigrationRequest:
             # Held for the comparison unless the move is post-copy from the start (then the
             # guest must run on the destination the moment it switches over).
             hold=self.verify is not VerifyMode.OFF and strategy not in ("postcopy", "hybrid"),
+            switch_priority=self.switch_priority and strategy not in ("postcopy", "hybrid"),
         )
 
 

@@ -355,6 +355,8 @@ class MigrationOptions:
     arrived (QEMU's autostart off, block devices left inactive) until the two copies have been
     compared (see :mod:`vmferry.core.handoff`). ``tls`` runs the RAM stream and the NBD disk
     mirror over mutual TLS (QEMU's ``tls-creds-x509``; both agents need QEMU credentials).
+    ``switch_priority``: at its switchover the source's other pre-copies pause their sending
+    until it is over (see :mod:`vmferry.agent.switch_priority`); a job's moves ask for it.
     """
 
     max_bandwidth_bps: int | None = None
@@ -366,6 +368,7 @@ class MigrationOptions:
     xbzrle_cache_bytes: int = 64 << 20
     tls: bool = False
     hold: bool = False
+    switch_priority: bool = False
 
     @property
     def uses_postcopy(self) -> bool:
@@ -488,6 +491,11 @@ class MigrationReport:
     handoff: HandoffVerdict | None = None
     # The attempt ``auto`` cancelled before this one, if it retried.
     retried_from: EarlierAttempt | None = None
+    # Where ``guest_downtime_ms`` came from: the longest stall while the guest still ran on the
+    # source (the copy starving it), and from its last beat there to its first on the
+    # destination (QEMU's pause and the resume). None: not measured.
+    guest_stall_copy_ms: int | None = None
+    guest_stall_switch_ms: int | None = None
 
     @property
     def is_success(self) -> bool:
@@ -526,4 +534,6 @@ class MigrationReport:
             "guest_agent": None if self.guest_agent is None else self.guest_agent.to_json(),
             "handoff": None if self.handoff is None else self.handoff.to_json(),
             "retried_from": None if self.retried_from is None else self.retried_from.to_json(),
+            "guest_stall_copy_ms": self.guest_stall_copy_ms,
+            "guest_stall_switch_ms": self.guest_stall_switch_ms,
         }

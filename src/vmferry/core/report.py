@@ -105,10 +105,10 @@ class Reporter:
         # there (post-copy keeps pulling pages after the guest already runs).
         first_ms = arrived.first_heartbeat_ms
         end_ms = max(first_ms or 0.0, arriving.completed_wall_ms)
-        gap = None
+        gap = switch_ms = None
         if outcome.last_heartbeat_ms is not None and first_ms is not None:
-            felt_ms = first_ms - outcome.last_heartbeat_ms
-            gap = round(max(outcome.max_gap_ms or 0, felt_ms))
+            switch_ms = round(first_ms - outcome.last_heartbeat_ms)
+            gap = max(outcome.max_gap_ms or 0, switch_ms)
         report = self.build(
             arriving.flow,
             self.started,
@@ -125,6 +125,8 @@ class Reporter:
             report,
             total_ms=total_ms,
             guest_downtime_ms=gap,
+            guest_stall_copy_ms=outcome.max_gap_ms,
+            guest_stall_switch_ms=switch_ms,
             tls=outcome.tls,
             guest_agent=arrived.guest_agent,
             handoff=arriving.handoff,

@@ -34,11 +34,13 @@ __all__ = [
     "follow_postcopy",
     "migration_status",
     "parse_migration_status",
+    "precopy_bandwidth",
     "query_stats",
     "resume_completed_source",
     "run_migration",
     "run_state",
     "set_bandwidth",
+    "set_precopy_bandwidth",
     "source_parameters_for",
     "start_incoming",
     "start_postcopy",
@@ -319,6 +321,18 @@ async def set_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
         {"max-bandwidth": bandwidth_bps, "max-postcopy-bandwidth": bandwidth_bps},
     )
     logger.info("migration.cap %s %d B/s", src.name, bandwidth_bps)
+
+
+async def precopy_bandwidth(src: QmpSession) -> int:
+    """The pre-copy bandwidth cap in force (``max-bandwidth``), bytes/s."""
+    reply = await src.execute("query-migrate-parameters")
+    return int(reply["max-bandwidth"])
+
+
+async def set_precopy_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
+    """Change only pre-copy's cap (``max-bandwidth``) of a running migration."""
+    await src.execute("migrate-set-parameters", {"max-bandwidth": bandwidth_bps})
+    logger.debug("migration.precopy_cap %s %d B/s", src.name, bandwidth_bps)
 
 
 async def start_postcopy(src: QmpSession) -> None:
