@@ -4,6 +4,8 @@ evacuation lab (bench/evacuation_lab.py) runs the real thing."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -12,6 +14,7 @@ import pytest
 
 from vmferry.agent.slots import Outgoing, Slots
 from vmferry.agent.switch_priority import TRICKLE_BPS, SwitchPriority
+from vmferry.core.errors import QMPTimeout
 from vmferry.core.outgoing import OutgoingState
 from vmferry.qemu.session import QmpSession
 
@@ -22,6 +25,7 @@ class CapQemu(QmpSession):
     def __init__(self, name: str, cap_bps: int) -> None:
         super().__init__(name)
         self.cap_bps = cap_bps
+        self.busy_s = 0.0  # how long it takes to answer (a QEMU busy with its own switchover)
 
     async def execute(
         self,
@@ -31,6 +35,9 @@ class CapQemu(QmpSession):
         timeout_s: float = 5.0,
         oob: bool = False,
     ) -> Any:
+        if self.busy_s > timeout_s:
+            await asyncio.sleep(timeout_s)
+            raise QMPTimeout(f"QMP {command}", timeout_s)
         if command == "query-migrate-parameters":
             return {"max-bandwidth": self.cap_bps}
         assert command == "migrate-set-parameters"
@@ -119,5 +126,20 @@ async def test_postcopies_and_disk_copies_are_left_alone() -> None:
         a=OutgoingState.RAM, b=OutgoingState.POSTCOPY, c=OutgoingState.DISK_COPY
     )
     await priority.take("a")
+    assert qemus["b"].cap_bps == 20_000_000
+    assert qemus["c"].cap_bps == 30_000_000
+
+
+@pytest.mark.asyncio
+async def test_a_busy_qemu_is_left_alone_and_does_not_lengthen_the_pause() -> None:
+    priority, qemus = _host(a=OutgoingState.RAM, b=OutgoingState.RAM, c=OutgoingState.RAM)
+    qemus["b"].busy_s = 10.0
+    started = time.monotonic()
+    await priority.take("a")
+    assert time.monotonic() - started < 2.0  # asked at once, each with a short timeout
+    assert qemus["b"].cap_bps == 20_000_000
+    assert qemus["c"].cap_bps == TRICKLE_BPS
+    qemus["b"].busy_s = 0.0
+    await priority.give_back("a")
     assert qemus["b"].cap_bps == 20_000_000
     assert qemus["c"].cap_bps == 30_000_000

@@ -18,6 +18,7 @@ Example (the bookkeeping; QEMU is asked through :mod:`vmferry.qemu.migration`):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from vmferry.agent.slots import Slots
 from vmferry.core.errors import FerryError
 from vmferry.core.outgoing import OutgoingState
 from vmferry.qemu.migration import precopy_bandwidth, set_precopy_bandwidth
+from vmferry.qemu.session import QmpSession
 
 __all__ = ["TRICKLE_BPS", "Held", "SwitchPriority"]
 
@@ -32,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 # What a held pre-copy may still send (1 Mbit/s): enough to keep its connection alive.
 TRICKLE_BPS = 125_000
+# How long one of them may take to answer while a guest is paused for the switchover.
+_QMP_TIMEOUT_S = 0.2
+# Giving a cap back: no guest waits for it, but the move that held it reports its end after.
+_RELEASE_TIMEOUT_S = 2.0
 
 
 @dataclass(slots=True)
@@ -50,46 +56,64 @@ class SwitchPriority:
         self._held: dict[str, Held] = {}
 
     async def take(self, owner: str) -> None:
-        """``owner`` is at its switchover: throttle every other pre-copy sending from here."""
-        for slot in self.slots:
-            name, outgoing, vm = slot.spec.name, slot.outgoing, slot.vm
-            if name == owner or outgoing is None or vm is None:
-                continue
-            if outgoing.state is not OutgoingState.RAM:
-                continue
-            held = self._held.get(name)
-            if held is not None:
-                held.owners.add(owner)
-                continue
-            try:
-                cap_bps = await precopy_bandwidth(vm.qmp)
-                await set_precopy_bandwidth(vm.qmp, TRICKLE_BPS)
-            except FerryError as err:  # its migration may just have ended
-                logger.warning("switchover.hold %s for %s: %s", name, owner, err)
-                continue
-            self._held[name] = Held({owner}, cap_bps)
-            logger.info("switchover.held %s for %s", name, owner)
+        """``owner`` is at its switchover: throttle every other pre-copy sending from here.
+
+        Its guest is paused meanwhile: the others are asked at once, each with a short
+        timeout (a QEMU busy with its own switchover is left as it is)."""
+        await asyncio.gather(
+            *(
+                self._hold(slot.spec.name, slot.vm.qmp, owner)
+                for slot in self.slots
+                if slot.spec.name != owner
+                and slot.vm is not None
+                and slot.outgoing is not None
+                and slot.outgoing.state is OutgoingState.RAM
+            )
+        )
+
+    async def _hold(self, name: str, qmp: QmpSession, owner: str) -> None:
+        held = self._held.get(name)
+        if held is not None:
+            held.owners.add(owner)
+            return
+        try:
+            cap_bps = await precopy_bandwidth(qmp, _QMP_TIMEOUT_S)
+        except FerryError as err:  # busy, or its migration just ended: nothing changed
+            logger.warning("switchover.hold %s for %s: %s", name, owner, err)
+            return
+        # Recorded before the change is asked for: one that times out may still land.
+        self._held[name] = Held({owner}, cap_bps)
+        try:
+            await set_precopy_bandwidth(qmp, TRICKLE_BPS, _QMP_TIMEOUT_S)
+        except FerryError as err:
+            logger.warning("switchover.hold %s for %s: %s", name, owner, err)
+            return
+        logger.info("switchover.held %s for %s", name, owner)
 
     async def give_back(self, owner: str) -> None:
         """``owner``'s switchover is over: restore the caps no other switchover holds."""
+        free: list[tuple[str, int]] = []
         for name, held in list(self._held.items()):
             held.owners.discard(owner)
-            if held.owners:
-                continue
-            del self._held[name]
-            if name not in self.slots:
-                continue
-            slot = self.slots.get(name)
-            if slot.vm is None or slot.outgoing is None:
-                continue
-            if slot.outgoing.state is not OutgoingState.RAM:
-                continue  # it went on to its own switchover (QEMU lifts caps there) or ended
-            try:
-                await set_precopy_bandwidth(slot.vm.qmp, held.cap_bps)
-            except FerryError as err:
-                logger.warning("switchover.release %s after %s: %s", name, owner, err)
-                continue
-            logger.info("switchover.released %s after %s", name, owner)
+            if not held.owners:
+                del self._held[name]
+                free.append((name, held.cap_bps))
+        await asyncio.gather(*(self._release(name, cap_bps, owner) for name, cap_bps in free))
+
+    async def _release(self, name: str, cap_bps: int, owner: str) -> None:
+        if name not in self.slots:
+            return
+        slot = self.slots.get(name)
+        if slot.vm is None or slot.outgoing is None:
+            return
+        if slot.outgoing.state is not OutgoingState.RAM:
+            return  # it ended, or went on to post-copy
+        try:
+            await set_precopy_bandwidth(slot.vm.qmp, cap_bps, _RELEASE_TIMEOUT_S)
+        except FerryError as err:
+            logger.warning("switchover.release %s after %s: %s", name, owner, err)
+            return
+        logger.info("switchover.released %s after %s", name, owner)
 
     def defer_cap(self, name: str, cap_bps: int) -> bool:
         """A new cap for ``name``: True when it is held (the cap applies on release)."""

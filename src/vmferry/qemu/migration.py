@@ -323,15 +323,19 @@ async def set_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
     logger.info("migration.cap %s %d B/s", src.name, bandwidth_bps)
 
 
-async def precopy_bandwidth(src: QmpSession) -> int:
+async def precopy_bandwidth(src: QmpSession, timeout_s: float = DEFAULT_TIMEOUT_S) -> int:
     """The pre-copy bandwidth cap in force (``max-bandwidth``), bytes/s."""
-    reply = await src.execute("query-migrate-parameters")
+    reply = await src.execute("query-migrate-parameters", timeout_s=timeout_s)
     return int(reply["max-bandwidth"])
 
 
-async def set_precopy_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
+async def set_precopy_bandwidth(
+    src: QmpSession, bandwidth_bps: int, timeout_s: float = DEFAULT_TIMEOUT_S
+) -> None:
     """Change only pre-copy's cap (``max-bandwidth``) of a running migration."""
-    await src.execute("migrate-set-parameters", {"max-bandwidth": bandwidth_bps})
+    await src.execute(
+        "migrate-set-parameters", {"max-bandwidth": bandwidth_bps}, timeout_s=timeout_s
+    )
     logger.debug("migration.precopy_cap %s %d B/s", src.name, bandwidth_bps)
 
 
