@@ -182,6 +182,9 @@ def make_record(
         "total_ms": report.get("total_ms"),
         "downtime_ms": report.get("downtime_ms"),
         "guest_downtime_ms": report.get("guest_downtime_ms"),
+        # Where the longest stall was: during the copy, or at the switch.
+        "guest_stall_copy_ms": report.get("guest_stall_copy_ms"),
+        "guest_stall_switch_ms": report.get("guest_stall_switch_ms"),
         "transferred_bytes": report.get("transferred_bytes"),
         "iterations": report.get("iterations"),
         "predicted": report.get("predicted", report.get("prediction")),
