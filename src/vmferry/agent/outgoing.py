@@ -176,6 +176,9 @@ class Outgoings:
             if stats.status.is_postcopy and outgoing.state is not OutgoingState.POSTCOPY:
                 self.store.mark(vm.paths.directory, Marker.POSTCOPY)  # never resume here
                 outgoing.move(OutgoingState.POSTCOPY)
+                if options.switch_priority:  # the guest runs there: its switchover is over
+                    name = vm.spec.name
+                    self.spawn(self.priority.give_back(name), f"release-{name}")
             outgoing.push(
                 replace(
                     stats, disk_copied_bytes=disk.copied_bytes, disk_total_bytes=disk.total_bytes
