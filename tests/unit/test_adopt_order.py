@@ -14,31 +14,22 @@ from typing import Any
 
 import pytest
 
+from scriptedqmp import ScriptedQmp
 from vmferry.agent.adopt import settle
 from vmferry.core.adoption import Settle
 from vmferry.qemu.block import MIRROR_JOB
-from vmferry.qemu.session import QmpSession
 
 
-class ScriptedQemu(QmpSession):
-    """A source QEMU paused at ``pre-switchover`` with a ready mirror; records commands."""
+class ScriptedQemu(ScriptedQmp):
+    """A source QEMU paused at ``pre-switchover`` with a ready mirror."""
 
     def __init__(self) -> None:
         super().__init__("scripted")
-        self.commands: list[str] = []
         self.mirror = True
         self.migration = "pre-switchover"
         self.running = False
 
-    async def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, object] | None = None,
-        *,
-        timeout_s: float = 5.0,
-        oob: bool = False,
-    ) -> Any:
-        self.commands.append(command)
+    async def answer(self, command: str, arguments: dict[str, object], timeout_s: float) -> Any:
         match command:
             case "query-status":
                 return {"status": "running" if self.running else "paused"}

@@ -6,20 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
 
+from scriptedqmp import ScriptedQmp
 from vmferry.agent.slots import Outgoing, Slots
 from vmferry.agent.switch_priority import TRICKLE_BPS, SwitchPriority
 from vmferry.core.errors import QMPTimeout
 from vmferry.core.outgoing import OutgoingState
-from vmferry.qemu.session import QmpSession
 
 
-class CapQemu(QmpSession):
+class CapQemu(ScriptedQmp):
     """A source QEMU that keeps its ``max-bandwidth``."""
 
     def __init__(self, name: str, cap_bps: int) -> None:
@@ -27,21 +27,13 @@ class CapQemu(QmpSession):
         self.cap_bps = cap_bps
         self.busy_s = 0.0  # how long it takes to answer (a QEMU busy with its own switchover)
 
-    async def execute(
-        self,
-        command: str,
-        arguments: Mapping[str, object] | None = None,
-        *,
-        timeout_s: float = 5.0,
-        oob: bool = False,
-    ) -> Any:
+    async def answer(self, command: str, arguments: dict[str, object], timeout_s: float) -> Any:
         if self.busy_s > timeout_s:
             await asyncio.sleep(timeout_s)
             raise QMPTimeout(f"QMP {command}", timeout_s)
         if command == "query-migrate-parameters":
             return {"max-bandwidth": self.cap_bps}
         assert command == "migrate-set-parameters"
-        assert arguments is not None
         self.cap_bps = int(cast(int, arguments["max-bandwidth"]))
         return {}
 
