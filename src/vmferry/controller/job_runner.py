@@ -157,14 +157,14 @@ _POLL_S = 0.5
 # A move that shares its source with other moves of the job is asked for this share of the
 # goal: the moves beside it (their streams in the link's queues, their compression, their
 # destinations' CPU) lengthen QEMU's pause beyond its limit and what the guest feels beyond
-# that pause. Evacuation lab, 30 Nov (6 multifd moves, 3-4 at once, 300 ms goal), worst felt of
-# 18 moves: share 0.8 alone 372 ms (2 over the goal); 0.5 alone 351 ms (2 over: the guest
-# felt 100-170 ms beyond QEMU's pause beside other moves, 50-70 ms alone); with each
+# that pause. Evacuation lab, 30 Nov (6 multifd moves, 3-4 at once, 300 ms goal), worst felt:
+# share 0.8 alone 372 ms (2 of 12 moves over the goal); 0.5 alone 351 ms (2 of 18 over: the
+# guest felt 100-170 ms beyond QEMU's pause beside other moves, 50-70 ms alone); with each
 # switchover's link to itself (MigrationOptions.switch_priority) 269 ms at 0.8 and 188 ms at
-# 0.5, makespan 21.0-21.2 s in all three rounds. A lower limit costs these guests a pass or two
-# more; their plans still count on the whole goal. Short goals keep 0.8 of theirs
-# (SHORT_GOAL_SHARE) down to SHARED_FLOOR_GOAL_MS: half of a short goal would leave QEMU a limit
-# of a few ms, which a busy guest may never get under.
+# 0.5 (18 moves each, none over), makespan 21.0-21.2 s in all three rounds of the latter. A
+# lower limit costs these guests a pass or two more; their plans still count on the whole
+# goal. Short goals keep 0.8 of theirs (SHORT_GOAL_SHARE) down to SHARED_FLOOR_GOAL_MS: half of
+# a short goal would leave QEMU a limit of a few ms, which a busy guest may never get under.
 SHARED_GOAL_SHARE = 0.5
 SHORT_GOAL_SHARE = 0.8
 SHARED_FLOOR_GOAL_MS = 100
