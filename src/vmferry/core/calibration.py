@@ -85,9 +85,16 @@ class Calibration:
         link_queue_bytes: what stands queued at the sending link in front of a fault's page
             on a link slower than QEMU (~36 KB on the lab's shaped links: TCP's packets in
             flight), when the path's own queue was not measured.
+        link_queue_floor_ms: the least a fault's page waits there on a link slower than QEMU:
+            TCP small queues keep ~1 ms of a socket's rate queued (matrix runs A-F, fit half:
+            post-copy's stalls on 1 Gbit/s links were 1.4-1.9x what 36 KB alone predicted).
         fault_chain: sequential faults a guest takes to run again after a switch to post-copy
             (its hot set: kernel paths, timers, stacks; 300-460 for a 1 GiB lab guest).
         hybrid_hot_share: the share of that chain still missing after hybrid's first pass.
+        hybrid_queue_share: the share of the link's queue a fault waits behind after hybrid's
+            switch, when the bulk copy has only the pass's dirtied pages left (fit half of
+            matrix runs A-F: hybrid's stalls were ~0.6x the full queue's prediction on
+            50-200 Mbit/s links).
         writer_chain: extra sequential faults a CPU-bound writer adds (its missing pages).
         (See :mod:`vmferry.core.felt`.)
     """
@@ -106,8 +113,10 @@ class Calibration:
     multifd_flush_ms: int = 25
     fault_service_ms: float = 0.6
     link_queue_bytes: int = 36_000
+    link_queue_floor_ms: float = 1.0
     fault_chain: float = 350.0
     hybrid_hot_share: float = 0.4
+    hybrid_queue_share: float = 0.5
     writer_chain: float = 50.0
     touch_ms_per_gib2: float = 380.0
     postcopy_touch_share: float = 0.5
@@ -132,8 +141,14 @@ class Calibration:
             self.multifd_flush_ms,
             self.fault_service_ms,
             self.link_queue_bytes,
+            self.link_queue_floor_ms,
         )
-        chains = (self.fault_chain, self.hybrid_hot_share, self.writer_chain)
+        chains = (
+            self.fault_chain,
+            self.hybrid_hot_share,
+            self.hybrid_queue_share,
+            self.writer_chain,
+        )
         if min(*felt, *chains) < 0.0:
             raise ConfigError("felt-downtime constants must be >= 0")
         if self.touch_ms_per_gib2 < 0.0 or not 0.0 <= self.postcopy_touch_share <= 1.0:

@@ -97,18 +97,22 @@ def drain_ms(m: Measurement, cal: Calibration, *, streams: int = 1) -> float:
 
 def _queue_ms(m: Measurement, cal: Calibration) -> float:
     """The wait behind the bytes queued at the sending link (none on a link faster than QEMU
-    sends), measured or from the calibration."""
+    sends), measured or from the calibration: ``link_queue_bytes``, and never less than
+    ``link_queue_floor_ms`` of the link's time (Linux's TCP small queues let a socket keep
+    about a millisecond of its pacing rate below it: ~125 KB on a 1 Gbit/s link)."""
     if m.link_queue_ms is not None:
         return m.link_queue_ms
     if m.bandwidth_bps >= cal.qemu_throughput_bps:
         return 0.0
-    return cal.link_queue_bytes / (m.bandwidth_bps / 1000.0)
+    return max(cal.link_queue_bytes / (m.bandwidth_bps / 1000.0), cal.link_queue_floor_ms)
 
 
-def fault_latency_ms(m: Measurement, cal: Calibration) -> float:
+def fault_latency_ms(m: Measurement, cal: Calibration, *, queue_share: float = 1.0) -> float:
     """One post-copy page fault: serviced by both QEMUs, then the page behind the bytes queued
-    at the sending link (none on a link faster than QEMU sends)."""
-    return cal.fault_service_ms + PAGE_BYTES / (m.bandwidth_bps / 1000.0) + _queue_ms(m, cal)
+    at the sending link (none on a link faster than QEMU sends; ``queue_share`` of them when
+    the bulk copy has little left to send, as after hybrid's pass)."""
+    page_ms = PAGE_BYTES / (m.bandwidth_bps / 1000.0)
+    return cal.fault_service_ms + page_ms + _queue_ms(m, cal) * queue_share
 
 
 def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) -> int:
@@ -121,9 +125,11 @@ def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) 
             post-copy; what the pass left dirty for hybrid).
     """
     share = min(1.0, max(0.0, missing_share))
-    hot = cal.fault_chain * (1.0 if share >= 1.0 else cal.hybrid_hot_share)
+    whole = share >= 1.0
+    hot = cal.fault_chain * (1.0 if whole else cal.hybrid_hot_share)
     writer = cal.writer_chain * share if m.dirty_is_cpu_bound and m.dirty_rate_bps > 0 else 0.0
-    stall_ms = (hot + writer) * fault_latency_ms(m, cal)
+    queue_share = 1.0 if whole else cal.hybrid_queue_share
+    stall_ms = (hot + writer) * fault_latency_ms(m, cal, queue_share=queue_share)
     # The device state follows the bulk stream's unsent bytes across the link.
     switch_ms = cal.postcopy_switchover_ms + drain_ms(m, cal)
     return round(switch_ms + cal.resume_felt_ms + stall_ms)

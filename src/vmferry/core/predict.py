@@ -528,7 +528,12 @@ def _hybrid(
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
     dirtied, missing_share = _first_pass_dirtied(m, rates)
-    if dirtied <= rates.resend_bps * downtime_limit_ms / 1000.0:
+    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
+    # QEMU syncs as soon as the pass's unsent pages dip under the threshold: near its end on a
+    # short limit, inside it on a long one, where the sync finds those pages (about a burst
+    # under the threshold) plus what was dirtied, and the controller switches at that sync.
+    unsent = max(0.0, threshold - rates.resend_bps * _BURST_S)
+    if unsent + dirtied <= threshold:
         # The first sync already fits the threshold: QEMU completes as a pre-copy before the
         # controller gets to switch.
         run = _Run(True, first_s, dirtied / rates.paused_bps, m.nonzero_bytes + dirtied, 3, dirtied)
