@@ -97,14 +97,18 @@ def drain_ms(m: Measurement, cal: Calibration, *, streams: int = 1) -> float:
 
 def _queue_ms(m: Measurement, cal: Calibration) -> float:
     """The wait behind the bytes queued at the sending link (none on a link faster than QEMU
-    sends), measured or from the calibration: ``link_queue_bytes``, and never less than
-    ``link_queue_floor_ms`` of the link's time (Linux's TCP small queues let a socket keep
-    about a millisecond of its pacing rate below it: ~125 KB on a 1 Gbit/s link)."""
+    sends), measured or from the calibration: ``link_queue_bytes``, and on a link QEMU
+    fills twice over (a shaped port, not loopback) never less than ``link_queue_floor_ms``
+    of the link's time (Linux's TCP small queues let a socket keep about a millisecond of its
+    pacing rate queued below it: ~125 KB on a 1 Gbit/s link)."""
     if m.link_queue_ms is not None:
         return m.link_queue_ms
     if m.bandwidth_bps >= cal.qemu_throughput_bps:
         return 0.0
-    return max(cal.link_queue_bytes / (m.bandwidth_bps / 1000.0), cal.link_queue_floor_ms)
+    queue_ms = cal.link_queue_bytes / (m.bandwidth_bps / 1000.0)
+    if 2 * m.bandwidth_bps <= cal.qemu_throughput_bps:
+        return max(queue_ms, cal.link_queue_floor_ms)
+    return queue_ms
 
 
 def fault_latency_ms(m: Measurement, cal: Calibration, *, queue_share: float = 1.0) -> float:
