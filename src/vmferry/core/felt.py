@@ -16,8 +16,11 @@ QEMU's ``downtime`` counts its stop-and-copy pause only. The guest feels more, a
   copy's stream: 100+ ms here), but still behind the bytes already queued at the sending link.
   One fault costs ``service + (queued bytes + the page) / link rate`` (see
   :func:`fault_latency_ms`; measured here: 0.6 ms + what TCP keeps queued, ~36 KB on the lab's
-  shaped links, nothing to speak of on a link faster than QEMU sends or under a ``--bandwidth``
-  cap, where QEMU paces itself). One fault is short; the stall is long because right after the
+  shaped links but never under ~1 ms of a link QEMU fills twice over (TCP small queues),
+  nothing to speak of on a link faster than QEMU sends or under a ``--bandwidth`` cap, where
+  QEMU paces itself; after hybrid's pass the bulk copy has little left to send and a fault
+  waits behind ``Calibration.hybrid_queue_share`` of that queue). One fault is short; the
+  stall is long because right after the
   switch the guest's hot set (kernel paths, timers, the application's stacks) is missing and it
   needs a *chain* of them, one after another, before it runs again: ~300-460 pages for a cold
   1 GiB lab guest (``Calibration.fault_chain``), the hot pages re-dirtied during the pass for
