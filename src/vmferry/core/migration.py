@@ -112,6 +112,10 @@ class Timing:
         poll_wait_s: how long one progress poll waits for new samples.
         postcopy_stall_s: an active post-copy that sent nothing this long, with pages still to
             send, lost its link (a loaded TCG host can be quiet for a second on a good link).
+        postcopy_switch_s: how long the switch to post-copy may send nothing before its first
+            bytes: QEMU reports ``postcopy-active`` while it still stops the guest, sends the
+            discard bitmap and the device state (seconds on a big guest), and a recovery begun
+            then fails the migration.
         recovery_grace_s: after a recovery, samples still saying "paused" are ignored this long.
         recovery_call_timeout_s: deadline of a call behind a possibly broken link.
         precopy_stall_s: a pre-copy or disk copy that sent nothing this long is cancelled.
@@ -125,6 +129,7 @@ class Timing:
 
     poll_wait_s: float = 0.5
     postcopy_stall_s: float = 2.0
+    postcopy_switch_s: float = 20.0
     recovery_grace_s: float = 1.0
     recovery_call_timeout_s: float = 3.0
     precopy_stall_s: float = 30.0

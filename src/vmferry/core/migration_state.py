@@ -49,6 +49,8 @@ class Flow:
         disk_ms: how long the disk copy took (QEMU's clock starts after it).
         progress_at_s: when the sent byte count (RAM or disk) last grew.
         attempt: the number of the next post-copy recovery attempt.
+        postcopy_from_bytes: the sent byte count at the first post-copy sample (None before).
+        postcopy_moving: post-copy sent bytes since that sample: the switch is over.
     """
 
     phase: Phase
@@ -61,6 +63,8 @@ class Flow:
     sent_bytes: int = -1
     disk_sent_bytes: int = -1
     recoveries: int = 0
+    postcopy_from_bytes: int | None = None
+    postcopy_moving: bool = False
 
     def quiet_s(self, now_s: float) -> float:
         """How long a pre-copy or disk copy has sent nothing (0 where silence is normal)."""
@@ -75,12 +79,14 @@ class Flow:
     def is_broken(self, now_s: float, timing: Timing) -> bool:
         """A post-copy paused by a fault, or an active one that sent nothing for
         ``postcopy_stall_s`` while pages were left to send (it lost its link; with every page
-        sent, the source only waits for the destination to finish)."""
+        sent, the source only waits for the destination to finish). Before its first bytes
+        the switch itself may be quiet for ``postcopy_switch_s``."""
+        quiet_s = timing.postcopy_stall_s if self.postcopy_moving else timing.postcopy_switch_s
         stalled = (
             self.last is not None
             and self.last.status == MigrationStatus.POSTCOPY_ACTIVE
             and self.last.remaining_bytes > 0
-            and now_s - self.progress_at_s >= timing.postcopy_stall_s
+            and now_s - self.progress_at_s >= quiet_s
         )
         return stalled or self.is_postcopy_broken
 
