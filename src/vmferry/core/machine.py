@@ -224,8 +224,11 @@ class MigrationMachine:
             return flow
         if stats.stage is Stage.DISK_SYNCED:
             return flow
-        if stats.status == MigrationStatus.POSTCOPY_ACTIVE:
-            flow = _postcopy_mark(flow, stats, now)
+        if stats.status == MigrationStatus.POSTCOPY_ACTIVE and flow.postcopy_from_bytes is None:
+            # The switch is under way: the quiet clock starts (Flow.postcopy_moving, is_broken).
+            flow = replace(
+                flow, postcopy_from_bytes=stats.transferred_bytes, progress_at_s=now.mono_s
+            )
         if stats.transferred_bytes != flow.sent_bytes:
             flow = replace(flow, sent_bytes=stats.transferred_bytes, progress_at_s=now.mono_s)
         phase = flow.phase
@@ -537,13 +540,3 @@ class MigrationMachine:
 def _what(flow: Flow) -> str:
     last = flow.last
     return "the disk copy" if last and last.stage is Stage.DISK_COPY else "the migration"
-
-
-def _postcopy_mark(flow: Flow, stats: MigrationStats, now: Instant) -> Flow:
-    """A post-copy sample: the first one starts the quiet clock (the switch is under way),
-    a later one that sent more ends the switch's allowance (:meth:`Flow.is_broken`)."""
-    if flow.postcopy_from_bytes is None:
-        return replace(flow, postcopy_from_bytes=stats.transferred_bytes, progress_at_s=now.mono_s)
-    if not flow.postcopy_moving and stats.transferred_bytes > flow.postcopy_from_bytes:
-        return replace(flow, postcopy_moving=True)
-    return flow

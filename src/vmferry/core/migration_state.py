@@ -50,7 +50,6 @@ class Flow:
         progress_at_s: when the sent byte count (RAM or disk) last grew.
         attempt: the number of the next post-copy recovery attempt.
         postcopy_from_bytes: the sent byte count at the first post-copy sample (None before).
-        postcopy_moving: post-copy sent bytes since that sample: the switch is over.
     """
 
     phase: Phase
@@ -64,7 +63,6 @@ class Flow:
     disk_sent_bytes: int = -1
     recoveries: int = 0
     postcopy_from_bytes: int | None = None
-    postcopy_moving: bool = False
 
     def quiet_s(self, now_s: float) -> float:
         """How long a pre-copy or disk copy has sent nothing (0 where silence is normal)."""
@@ -75,6 +73,11 @@ class Flow:
             last.stage is Stage.MIGRATION and last.status in _STALLABLE
         )
         return now_s - self.progress_at_s if copying else 0.0
+
+    @property
+    def postcopy_moving(self) -> bool:
+        """Post-copy sent bytes since its first sample: the switch is over."""
+        return self.postcopy_from_bytes is not None and self.sent_bytes > self.postcopy_from_bytes
 
     def is_broken(self, now_s: float, timing: Timing) -> bool:
         """A post-copy paused by a fault, or an active one that sent nothing for

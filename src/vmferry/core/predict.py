@@ -328,6 +328,14 @@ def _dirty_set(m: Measurement) -> float:
     return float(m.ram_bytes if m.dirty_set_bytes is None else min(m.dirty_set_bytes, m.ram_bytes))
 
 
+def _sync_point(rates: Rates, downtime_limit_ms: int) -> tuple[float, float]:
+    """QEMU's switchover threshold (rate x limit), and the bytes still unsent at a sync: it
+    syncs once its estimate dips under the threshold, checked after each burst of sending, so
+    about one burst under it."""
+    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
+    return threshold, max(0.0, threshold - rates.resend_bps * _BURST_S)
+
+
 def _first_pass_dirtied(m: Measurement, rates: Rates) -> tuple[float, float]:
     """Bytes dirtied during round 0, and their share of the dirty set (what a switch to
     post-copy right after it leaves on the source)."""
@@ -355,8 +363,7 @@ def _precopy(
     dirty_set = _dirty_set(m)
     rate = m.dirty_rate_bps * rate_scale
     hot = float(m.hot_bytes)  # written again within any round, however short
-    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
-    kept = max(0.0, threshold - rates.resend_bps * _BURST_S)
+    threshold, kept = _sync_point(rates, downtime_limit_ms)
     copy_s = rates.first_pass_s(m)
     sent = m.nonzero_bytes
     pending = _pending_after(0.0, rate, copy_s, dirty_set) + hot
@@ -528,11 +535,10 @@ def _hybrid(
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
     dirtied, missing_share = _first_pass_dirtied(m, rates)
-    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
     # QEMU syncs as soon as the pass's unsent pages dip under the threshold: near its end on a
-    # short limit, inside it on a long one, where the sync finds those pages (about a burst
-    # under the threshold) plus what was dirtied, and the controller switches at that sync.
-    unsent = max(0.0, threshold - rates.resend_bps * _BURST_S)
+    # short limit, inside it on a long one, where the sync finds those pages plus what was
+    # dirtied, and the controller switches at that sync.
+    threshold, unsent = _sync_point(rates, downtime_limit_ms)
     if unsent + dirtied <= threshold:
         # The first sync already fits the threshold: QEMU completes as a pre-copy before the
         # controller gets to switch.
