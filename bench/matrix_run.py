@@ -4,7 +4,10 @@ Everything goes through ``python -m vmferry.cli.main … --json`` with ``VMFERRY
 the bench's own lab, so its history (``<lab>/history.db``, what ``migrate`` calibrates its
 predictions from) starts empty. Held-out moves run against a frozen copy of the history taken
 after the fit half: :class:`FrozenHistory` puts that copy back before each of them, so no
-held-out move is ever fit on, not even an earlier held-out one.
+held-out move is ever fit on, not even an earlier held-out one. What the moves measured of
+their own VM (the ``rewrites`` table: pages rewritten unchanged, ``vmferry.core.blind``) is
+kept across the restore: it is a measurement of that VM, which a later move of the same VM
+plans with as a user's would, not a calibration sample.
 """
 
 from __future__ import annotations
@@ -85,10 +88,32 @@ class FrozenHistory:
         """Before a held-out move: the fit half's history again, nothing held-out in it."""
         if not self.is_frozen:
             return
+        measured = _rewrites(self.live)
         if self.frozen.exists():
             shutil.copyfile(self.frozen, self.live)
         else:
             self.live.unlink(missing_ok=True)
+        if measured:
+            with sqlite3.connect(self.live) as connection:
+                connection.execute(
+                    "CREATE TABLE IF NOT EXISTS rewrites (vm TEXT NOT NULL, observed_at TEXT "
+                    "NOT NULL, resent_zero_bps BIGINT NOT NULL)"
+                )
+                connection.execute("DELETE FROM rewrites")
+                connection.executemany("INSERT INTO rewrites VALUES (?, ?, ?)", measured)
+
+
+def _rewrites(db: Path) -> list[tuple[object, ...]]:
+    """The per-VM measurements in a history database (none before any move made them)."""
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as connection:
+        known = "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'rewrites'"
+        if not connection.execute(known).fetchone()[0]:
+            return []
+        return connection.execute(
+            "SELECT vm, observed_at, resent_zero_bps FROM rewrites"
+        ).fetchall()
 
 
 def entries(db: Path) -> int:

@@ -120,6 +120,7 @@ def test_report_schema_v1_keys() -> None:
         "retried_from",  # schema 1 extended: the attempt auto cancelled before retrying
         "guest_stall_copy_ms",  # schema 1 extended: where guest_downtime_ms came from
         "guest_stall_switch_ms",
+        "resent_zero_bps",  # schema 1 extended: pages rewritten unchanged (core.blind)
     ]
     assert data["schema"] == 1
     assert data["recoveries"] == 0

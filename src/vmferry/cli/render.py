@@ -251,6 +251,12 @@ def plan_table(plan: Mapping[str, Any]) -> Table:
         f"{' (CPU-bound)' if m['dirty_is_cpu_bound'] else ''}, "
         f"link {format_bytes(m['bandwidth_bps'])}/s"
         + (
+            f"\nrewrites {format_bytes(unchanged)}/s of pages unchanged (QEMU counted them "
+            "during its last moves)"
+            if (unchanged := m.get("rewritten_unchanged_bps"))
+            else ""
+        )
+        + (
             f"\ndisk {format_bytes(m['disk_copy_bytes'])} to copy, "
             f"guest writes {format_bytes(m['disk_write_bps'])}/s"
             if m["disk_copy_bytes"]

@@ -1,6 +1,12 @@
 """History of every migration, in SQLite or PostgreSQL (one row per migration, the report as JSON
 beside the columns people filter on, and who asked for it: ``api:<token name>`` through
-``vmferry serve``, ``local:<user>`` from a command run in-process)."""
+``vmferry serve``, ``local:<user>`` from a command run in-process).
+
+Beside it, what each move saw of its guest that a pre-flight cannot (``rewrites``: the rate
+of pages rewritten unchanged, :mod:`vmferry.core.blind`), which the next plan of the same VM
+reads back (:meth:`History.resent_zero`). It is a table of its own: a measurement of one VM,
+not a calibration sample (``vmferry.controller.plan.calibration_from`` reads only
+``migrations``)."""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmferry.controller.database import Database, Schema, SqliteDatabase
+from vmferry.core.blind import BLIND_MOVES
 from vmferry.core.model import MigrationReport
 
 __all__ = ["History", "HistoryEntry"]
@@ -30,6 +37,12 @@ CREATE TABLE IF NOT EXISTS migrations (
     report TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS migrations_vm ON migrations (vm);
+CREATE TABLE IF NOT EXISTS rewrites (
+    vm TEXT NOT NULL,
+    observed_at TEXT NOT NULL,
+    resent_zero_bps BIGINT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS rewrites_vm ON rewrites (vm);
 """,
     added=(("migrations", "asked_by", "TEXT"),),  # who asked: not in databases from before
 )
@@ -81,6 +94,11 @@ class History:
         """
         when = (started_at or datetime.now(UTC)).isoformat(timespec="seconds")
         with self.db.transaction(_SCHEMA, _WHAT, write=True) as db:
+            if report.resent_zero_bps is not None:
+                db.execute(
+                    "INSERT INTO rewrites (vm, observed_at, resent_zero_bps) VALUES (?, ?, ?)",
+                    (report.vm, when, report.resent_zero_bps),
+                )
             return db.insert(
                 "INSERT INTO migrations (started_at, vm, source, destination, strategy, status,"
                 " total_ms, downtime_ms, report, asked_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -115,6 +133,29 @@ class History:
         with self.db.transaction(_SCHEMA, _WHAT) as db:
             rows = db.execute(query, (*args, limit))
         return [_entry(r) for r in reversed(rows)]
+
+    def resent_zero(
+        self, vm: str, now: datetime | None = None, limit: int = BLIND_MOVES
+    ) -> list[tuple[float, int]]:
+        """``(age_s, resent_zero_bps)`` of ``vm``'s latest ``limit`` moves that measured it,
+        oldest first.
+
+        Raises:
+            FerryError: the database cannot be read.
+        """
+        if not self.db.exists():
+            return []
+        with self.db.transaction(_SCHEMA, _WHAT) as db:
+            rows = db.execute(
+                "SELECT observed_at, resent_zero_bps FROM rewrites WHERE vm = ?"
+                " ORDER BY observed_at DESC LIMIT ?",
+                (vm, limit),
+            )
+        at = now or datetime.now(UTC)
+        return [
+            ((at - datetime.fromisoformat(str(when))).total_seconds(), int(bps))
+            for when, bps in reversed(rows)
+        ]
 
     def entries_since(self, started_at: datetime) -> list[HistoryEntry]:
         """Every migration that started at or after ``started_at``, oldest first.

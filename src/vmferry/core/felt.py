@@ -134,7 +134,8 @@ def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) 
     share = min(1.0, max(0.0, missing_share))
     whole = share >= 1.0
     hot = cal.fault_chain * (1.0 if whole else cal.hybrid_hot_share)
-    writer = cal.writer_chain * share if m.dirty_is_cpu_bound and m.dirty_rate_bps > 0 else 0.0
+    writing = m.dirty_rate_bps + m.blind_dirty_bps > 0  # zeros over zero pages fault all the same
+    writer = cal.writer_chain * share if m.dirty_is_cpu_bound and writing else 0.0
     queue_share = 1.0 if whole else cal.hybrid_queue_share
     stall_ms = (hot + writer) * fault_latency_ms(m, cal, queue_share=queue_share)
     # The device state follows the bulk stream's unsent bytes across the link.

@@ -39,6 +39,10 @@ class Measurement:
             not measured. A page never written since boot is a hole there: reading it to check
             for zeros allocates it, which costs far more than the check
             (:mod:`vmferry.core.predict_touch`).
+        blind_dirty_bps: pages per second (in bytes) the guest rewrites with the bytes they
+            held, a guest writing zeros over zero pages: QEMU's dirty log counts them, a content
+            comparison (``dirty_rate_bps``) cannot see them. Learnt from what QEMU counted
+            during this VM's earlier moves (:mod:`vmferry.core.blind`); 0 when unknown.
     """
 
     ram_bytes: int
@@ -55,6 +59,7 @@ class Measurement:
     host_cpus: int | None = None
     guest_busy_cores: float | None = None
     resident_bytes: int | None = None
+    blind_dirty_bps: int = 0
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -63,8 +68,10 @@ class Measurement:
             raise ConfigError(f"zero_fraction must be 0..1, got {self.zero_fraction}")
         if not self.compress_ratio >= 1.0:
             raise ConfigError(f"compress_ratio must be >= 1, got {self.compress_ratio}")
-        if self.dirty_rate_bps < 0:
-            raise ConfigError(f"dirty_rate_bps must be >= 0, got {self.dirty_rate_bps}")
+        if self.dirty_rate_bps < 0 or self.blind_dirty_bps < 0:
+            raise ConfigError(
+                f"dirty rates must be >= 0, got {self.dirty_rate_bps} and {self.blind_dirty_bps}"
+            )
         if self.bandwidth_bps <= 0:
             raise ConfigError(f"bandwidth_bps must be positive, got {self.bandwidth_bps}")
         if self.dirty_set_bytes is not None and self.dirty_set_bytes < 0:

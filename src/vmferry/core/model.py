@@ -496,6 +496,9 @@ class MigrationReport:
     # destination (QEMU's pause and the resume). None: not measured.
     guest_stall_copy_ms: int | None = None
     guest_stall_switch_ms: int | None = None
+    # Zero pages per second (bytes of pages) the pre-copy re-sent after its first pass: pages
+    # the guest rewrote unchanged (vmferry.core.blind). None: it did not iterate to tell.
+    resent_zero_bps: int | None = None
 
     @property
     def is_success(self) -> bool:
@@ -536,4 +539,5 @@ class MigrationReport:
             "retried_from": None if self.retried_from is None else self.retried_from.to_json(),
             "guest_stall_copy_ms": self.guest_stall_copy_ms,
             "guest_stall_switch_ms": self.guest_stall_switch_ms,
+            "resent_zero_bps": self.resent_zero_bps,
         }

@@ -66,14 +66,21 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
+from vmferry.core import precopy_loop
 from vmferry.core.calibration import Calibration, CalibrationSample
 from vmferry.core.errors import ConfigError
 from vmferry.core.felt import postcopy_felt_ms, precopy_felt_ms
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import MECHANISMS, Mechanism, Prediction
+from vmferry.core.precopy_loop import (
+    HEADROOM_CAP,
+    Run,
+    first_pass_dirtied,
+    simulate,
+    sync_point,
+)
 from vmferry.core.predict_cpu import multifd_cpu
 from vmferry.core.predict_touch import destination_share, first_touch_s
 from vmferry.core.transfer import DiskPhase, Rates
@@ -101,18 +108,6 @@ HYBRID_RISK = (
     "(a shorter window than post-copy)"
 )
 
-# QEMU never gives up on a pre-copy; a prediction has to. Past this many rounds the remainder
-# shrinks so slowly that calling it convergent would mislead.
-_MAX_ROUNDS = 100
-# auto-converge (QEMU defaults): cpu-throttle-initial, cpu-throttle-increment, max-cpu-throttle,
-# throttle-trigger-threshold (dirtied / sent in a round), and the consecutive triggers needed.
-_THROTTLE_INITIAL_PCT = 20
-_THROTTLE_INCREMENT_PCT = 10
-_THROTTLE_MAX_PCT = 99
-_THROTTLE_TRIGGER_RATIO = 0.5
-_THROTTLE_TRIGGER_COUNT = 2
-# QEMU's pre-copy loop sends for up to 50 ms (MAX_WAIT) between looks at its pending estimate.
-_BURST_S = 0.050
 # Multifd hands pages to its channels in 512 KiB packets (QEMU's MULTIFD_PACKET_SIZE), one per
 # channel in flight (2 channels, MigrationOptions): those are out of the pending count at a sync,
 # and queueing them is quick, so its last rounds are short. That hides this much of a guest's hot
@@ -121,9 +116,6 @@ _BURST_S = 0.050
 # pre-copy from it, and its pause on slow links was 2-6 ms where a remainder at the threshold
 # would have taken 40-60 ms.
 MULTIFD_HIDDEN_BYTES = 2 * (512 << 10)
-# Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
-HEADROOM_CAP = 4.0
-_HEADROOM_STEPS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,7 +216,7 @@ def predict(
     if name == "hybrid":
         return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
     # Re-planning may switch any of these to post-copy after its first pass.
-    switch_felt = postcopy_felt_ms(m, cal, missing_share=_first_pass_dirtied(m, plain)[1])
+    switch_felt = postcopy_felt_ms(m, cal, missing_share=first_pass_dirtied(m, plain)[2])
     return replace(
         _live_precopy(name, m, downtime_limit_ms, cal, (plain, idle), disk),
         switch_felt_ms=switch_felt,
@@ -243,13 +235,16 @@ def _live_precopy(
     rates (the mirror takes its share) and the idle ones (the whole link)."""
     plain, idle = links
     if name == "precopy":
-        run = _precopy(m, downtime_limit_ms, plain)
-        headroom = _headroom(m, downtime_limit_ms, plain)
+        run = simulate(m, downtime_limit_ms, plain)
+        headroom = precopy_loop.headroom(m, downtime_limit_ms, plain)
         note = _precopy_note(m, run, plain)
         return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     if name == "multifd":
-        # Pages handed to the channels are out of QEMU's pending count until the switch.
-        m = replace(m, hot_bytes=max(0, m.hot_bytes - MULTIFD_HIDDEN_BYTES))
+        # Pages handed to the channels are out of QEMU's pending count until the switch; the
+        # channels, not the migration thread, find the zero pages among them, so pages rewritten
+        # unchanged keep no multifd from converging (vmferry.core.retry: the matrix's pre-copies
+        # that stalled on them all completed with multifd).
+        m = replace(m, hot_bytes=max(0, m.hot_bytes - MULTIFD_HIDDEN_BYTES), blind_dirty_bps=0)
         # zstd is the limit once the link carries compressed pages: on the cores the guest's
         # vCPUs leave it while they run, on every channel's core once they are paused.
         cpu = multifd_cpu(m, cal)
@@ -263,14 +258,14 @@ def _live_precopy(
                 idle.first_bps * m.compress_ratio, cal.multifd_compress_bps / idle.scale
             ),
         )
-        run = _precopy(m, downtime_limit_ms, rates)
+        run = simulate(m, downtime_limit_ms, rates)
         if run.converges:
             # The channels sent what they held before the stop: less remains paused.
             left = max(0.0, run.remainder_bytes - MULTIFD_HIDDEN_BYTES)
             run = replace(run, final_s=left / rates.paused_bps)
         gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(multifd_bps)} of guest memory"
         note = f"{gain}{cpu.describe()}; {_precopy_note(m, run, rates)}"
-        headroom = _headroom(m, downtime_limit_ms, rates)
+        headroom = precopy_loop.headroom(m, downtime_limit_ms, rates)
         return _from_run(
             name, m, run, cal, note, disk=disk, headroom=headroom, contention=cpu.contention
         )
@@ -279,10 +274,10 @@ def _live_precopy(
         rates = replace(
             plain, resend_bps=plain.resend_bps / cost, paused_bps=plain.paused_bps / cost
         )
-        run = _precopy(m, downtime_limit_ms, rates)
+        run = simulate(m, downtime_limit_ms, rates)
         gain = f"re-sent pages cost ~{cost:.0%} of a page"
         note = f"{gain}; {_precopy_note(m, run, rates)}"
-        headroom = _headroom(m, downtime_limit_ms, rates)
+        headroom = precopy_loop.headroom(m, downtime_limit_ms, rates)
         return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
 
@@ -300,133 +295,10 @@ def predict_all(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class _Run:
-    """A simulated pre-copy (times in seconds, setup and switchover excluded)."""
-
-    converges: bool
-    copy_s: float  # guest running
-    final_s: float  # copying the remainder, guest paused
-    sent_bytes: float
-    syncs: int  # QEMU's dirty-sync-count, switchover included
-    remainder_bytes: float  # at switchover, or where it stalled
-    throttle_pct: int = 0
-
-
-def _pending_after(
-    kept_bytes: float, rate_bps: float, seconds: float, dirty_set_bytes: float
-) -> float:
-    """Dirty bytes after a sync: the ``kept`` pages not yet sent, plus the distinct other pages
-    of the dirty set written at random during ``seconds``."""
-    if dirty_set_bytes <= 0.0 or rate_bps <= 0.0:
-        return kept_bytes
-    fresh = max(0.0, dirty_set_bytes - kept_bytes)
-    return kept_bytes + fresh * -math.expm1(-rate_bps * seconds / dirty_set_bytes)
-
-
-def _dirty_set(m: Measurement) -> float:
-    return float(m.ram_bytes if m.dirty_set_bytes is None else min(m.dirty_set_bytes, m.ram_bytes))
-
-
-def _sync_point(rates: Rates, downtime_limit_ms: int) -> tuple[float, float]:
-    """QEMU's switchover threshold (rate x limit), and the bytes still unsent at a sync: it
-    syncs once its estimate dips under the threshold, checked after each burst of sending, so
-    about one burst under it."""
-    threshold = rates.resend_bps * downtime_limit_ms / 1000.0
-    return threshold, max(0.0, threshold - rates.resend_bps * _BURST_S)
-
-
-def _first_pass_dirtied(m: Measurement, rates: Rates) -> tuple[float, float]:
-    """Bytes dirtied during round 0, and their share of the dirty set (what a switch to
-    post-copy right after it leaves on the source)."""
-    dirty_set = _dirty_set(m)
-    dirtied = _pending_after(0.0, float(m.dirty_rate_bps), rates.first_pass_s(m), dirty_set)
-    return dirtied, (dirtied / dirty_set if dirty_set > 0.0 else 0.0)
-
-
-def _precopy(
-    m: Measurement,
-    downtime_limit_ms: int,
-    rates: Rates,
-    *,
-    throttle: bool = False,
-    rate_scale: float = 1.0,
-) -> _Run:
-    """Simulate QEMU's pre-copy loop, one dirty-bitmap sync at a time.
-
-    QEMU switches over when a sync finds the dirty bytes under its threshold (rate x downtime
-    limit). It syncs once its running estimate of the pending bytes dips under that threshold,
-    and it checks the estimate after each burst of up to 50 ms of sending, so about one burst
-    below the threshold stays unsent at each sync. The remainder at switchover is therefore
-    usually close to the threshold, unless a whole round already fitted.
-    """
-    dirty_set = _dirty_set(m)
-    rate = m.dirty_rate_bps * rate_scale
-    hot = float(m.hot_bytes)  # written again within any round, however short
-    threshold, kept = _sync_point(rates, downtime_limit_ms)
-    copy_s = rates.first_pass_s(m)
-    sent = m.nonzero_bytes
-    pending = _pending_after(0.0, rate, copy_s, dirty_set) + hot
-    syncs = 2  # at setup, after round 0
-    burst_sent, throttle_pct, high = m.nonzero_bytes, 0, 0
-    while pending > threshold:
-        if throttle:
-            # At each sync QEMU compares what the guest dirtied with what was sent meanwhile.
-            dirtied = pending - min(pending, kept) if syncs > 2 else pending
-            high = high + 1 if dirtied > _THROTTLE_TRIGGER_RATIO * burst_sent else 0
-            if high >= _THROTTLE_TRIGGER_COUNT:
-                step = _THROTTLE_INCREMENT_PCT if throttle_pct else _THROTTLE_INITIAL_PCT
-                throttle_pct = min(_THROTTLE_MAX_PCT, throttle_pct + step)
-        if syncs - 1 >= _MAX_ROUNDS:
-            return _Run(False, copy_s, 0.0, sent, syncs, pending, throttle_pct)
-        burst_sent = pending - kept
-        seconds = burst_sent / rates.resend_bps
-        copy_s += seconds
-        sent += burst_sent
-        effective = rate * (1.0 - throttle_pct / 100.0)
-        # Hot pages come back dirty where they were sent since the last sync: the share of
-        # the pending bytes that was sent.
-        resent_hot = hot * burst_sent / pending
-        pending = _pending_after(kept, effective, seconds, dirty_set) + resent_hot
-        syncs += 1
-    return _Run(
-        True,
-        copy_s,
-        pending / rates.paused_bps,
-        sent + pending,
-        syncs + 1,
-        pending,
-        throttle_pct,
-    )
-
-
-def _headroom(
-    m: Measurement, downtime_limit_ms: int, rates: Rates, *, throttle: bool = False
-) -> float:
-    """How many times the measured dirty rate a pre-copy tolerates and still converges.
-
-    Convergence only gets harder as the rate grows, so bisect between 1 and the cap.
-    """
-
-    def converges(scale: float) -> bool:
-        run = _precopy(m, downtime_limit_ms, rates, throttle=throttle, rate_scale=scale)
-        return run.converges
-
-    if not converges(1.0):
-        return 0.0
-    if converges(HEADROOM_CAP):
-        return HEADROOM_CAP
-    low, high = 1.0, HEADROOM_CAP
-    for _ in range(_HEADROOM_STEPS):
-        middle = (low + high) / 2.0
-        low, high = (middle, high) if converges(middle) else (low, middle)
-    return low
-
-
 def _from_run(
     name: Mechanism,
     m: Measurement,
-    run: _Run,
+    run: Run,
     cal: Calibration,
     note: str,
     risk: str | None = None,
@@ -458,11 +330,16 @@ def _from_run(
     )
 
 
-def _precopy_note(m: Measurement, run: _Run, rates: Rates) -> str:
+def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
     if not run.converges:
+        unchanged = (
+            f" and rewrites {format_rate(m.blind_dirty_bps)} unchanged (QEMU counts those too)"
+            if m.blind_dirty_bps
+            else ""
+        )
         return (
-            f"dirties {format_rate(m.dirty_rate_bps)} over a {format_rate(rates.resend_bps)} link: "
-            "never converges"
+            f"dirties {format_rate(m.dirty_rate_bps)}{unchanged} over a "
+            f"{format_rate(rates.resend_bps)} link: never converges"
         )
     paused = format_bytes(run.remainder_bytes)
     resent = run.sent_bytes - m.nonzero_bytes - run.remainder_bytes
@@ -475,8 +352,8 @@ def _auto_converge(
     m: Measurement, downtime_limit_ms: int, cal: Calibration, rates: Rates, disk: DiskPhase
 ) -> StrategyPrediction:
     throttle = m.dirty_is_cpu_bound
-    run = _precopy(m, downtime_limit_ms, rates, throttle=throttle)
-    headroom = _headroom(m, downtime_limit_ms, rates, throttle=throttle)
+    run = simulate(m, downtime_limit_ms, rates, throttle=throttle)
+    headroom = precopy_loop.headroom(m, downtime_limit_ms, rates, throttle=throttle)
     link = format_rate(rates.resend_bps)
     if not run.converges:
         why = (
@@ -534,15 +411,16 @@ def _hybrid(
     disk: DiskPhase,
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
-    dirtied, missing_share = _first_pass_dirtied(m, rates)
+    dirtied, unchanged, missing_share = first_pass_dirtied(m, rates)
     # QEMU syncs as soon as the pass's unsent pages dip under the threshold: near its end on a
     # short limit, inside it on a long one, where the sync finds those pages plus what was
-    # dirtied, and the controller switches at that sync.
-    threshold, unsent = _sync_point(rates, downtime_limit_ms)
-    if unsent + dirtied <= threshold:
+    # dirtied (pages rewritten unchanged count whole), and the controller switches there.
+    threshold, unsent = sync_point(rates, downtime_limit_ms)
+    if unsent + dirtied + unchanged <= threshold:
         # The first sync already fits the threshold: QEMU completes as a pre-copy before the
         # controller gets to switch.
-        run = _Run(True, first_s, dirtied / rates.paused_bps, m.nonzero_bytes + dirtied, 3, dirtied)
+        final_s = dirtied / rates.paused_bps + unchanged / rates.zero_rescan_bps
+        run = Run(True, first_s, final_s, m.nonzero_bytes + dirtied, 3, dirtied, 0, unchanged)
         note = f"finishes as a pre-copy after one pass ({format_bytes(dirtied)} while paused)"
         return _from_run("hybrid", m, run, cal, note, disk=disk)
     # After the switch the mirror is gone: the pull has the whole link.

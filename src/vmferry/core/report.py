@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+from vmferry.core.blind import rewritten_unchanged_bps
 from vmferry.core.migration import Arrived, Instant, Move, SourceOutcome
 from vmferry.core.migration_state import Arriving, Concluding, Flow
 from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats, ReportStatus
@@ -63,6 +64,7 @@ class Reporter:
             recoveries=flow.recoveries,
             # Attempted over TLS; a completed report says what QEMU really used.
             tls=move.tls,
+            resent_zero_bps=rewritten_unchanged_bps(flow.progress),
         )
 
     def failed(

@@ -25,6 +25,7 @@ class Rates:
     zero_scan_bps: float
     scale: float
     touch_s: float = 0.0  # first touches of never-allocated pages (core.predict_touch)
+    zero_rescan_bps: float = 1.0e9  # re-dirtied pages that are still zero (core.precopy_loop)
 
     @classmethod
     def plain(cls, m: Measurement, cal: Calibration, *, mirror_bps: float = 0.0) -> Rates:
@@ -38,6 +39,7 @@ class Rates:
             paused_bps=paused / cal.time_scale,
             zero_scan_bps=cal.zero_scan_bps / cal.time_scale,
             scale=cal.time_scale,
+            zero_rescan_bps=cal.zero_rescan_bps / cal.time_scale,
         )
 
     def first_pass_s(self, m: Measurement) -> float:

@@ -1,0 +1,75 @@
+"""Pages a guest rewrites unchanged: what QEMU counts and a content comparison cannot see.
+
+A guest writing zeros over zero pages (a zeroing loop, a kernel clearing freed pages) changes
+no page's content, so the pre-flight's dirty rate (``calc-dirty-rate`` page sampling and the
+memfd scan both compare contents) reads it as idle. QEMU's dirty log counts every write: its
+pre-copy finds those pages dirty at every sync, counts each as a whole page against its
+switchover threshold and re-sends it as a zero-page flag (:mod:`vmferry.core.precopy_loop`).
+A CPU-bound zeroing loop keeps a single-stream pre-copy from ever converging while the
+prediction, blind to it, says it is idle.
+
+Nothing outside QEMU sees those writes here (no soft-dirty bits in this kernel, and
+``calc-dirty-rate``'s dirty-bitmap mode reports 0 under TCG), but every pre-copy-like move
+shows them: after its first pass, the zero pages QEMU sends are pages found dirty and still
+zero. So each move records that rate (:func:`rewritten_unchanged_bps`, in its report as
+``resent_zero_bps``) and the next plan of the same VM takes it as
+``Measurement.blind_dirty_bps`` (:func:`learnt_blind_bps`).
+
+Example:
+    >>> from vmferry.core.strategy import Progress
+    >>> def at(ms, syncs, zeros):
+    ...     return Progress(ms, 0, 0, 0, 0, syncs, None, zero_pages=zeros)
+    >>> rewritten_unchanged_bps([at(9_000, 1, 0), at(10_000, 2, 250_000), at(12_000, 40, 850_000)])
+    1228800000
+    >>> learnt_blind_bps([(60.0, 1_228_800_000), (30.0, 0)])
+    1228800000
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vmferry.core.strategy import Progress
+
+__all__ = [
+    "BLIND_FLOOR_BPS",
+    "BLIND_MAX_AGE_S",
+    "BLIND_MOVES",
+    "learnt_blind_bps",
+    "rewritten_unchanged_bps",
+]
+
+_PAGE_BYTES = 4096
+# Iterating this long after the first pass says something; shorter is noise.
+_MIN_SPAN_MS = 500
+# Below this the rate changes no prediction, and the first pass's own zero tail (the pages
+# still unsent at its sync, sent in the next round) can read as up to ~threshold/s.
+BLIND_FLOOR_BPS = 32 << 20
+# The VM's latest moves this recent count (workloads change; one move's rate is one sample).
+BLIND_MAX_AGE_S = 24 * 3600.0
+BLIND_MOVES = 5
+
+
+def rewritten_unchanged_bps(progress: Sequence[Progress]) -> int | None:
+    """Zero pages per second (in bytes of pages) a move's pre-copy re-sent after its first
+    pass: pages found dirty and still zero. None when it did not iterate long enough to tell
+    (post-copy, hybrid, a pre-copy done in one pass)."""
+    iterating = [p for p in progress if p.iterations >= 2 and not p.is_postcopy]
+    if len(iterating) < 2:
+        return None
+    first, last = iterating[0], iterating[-1]
+    span_ms = last.elapsed_ms - first.elapsed_ms
+    if span_ms < _MIN_SPAN_MS:
+        return None
+    pages = max(0, last.zero_pages - first.zero_pages)
+    return round(pages * _PAGE_BYTES * 1000 / span_ms)
+
+
+def learnt_blind_bps(observed: Sequence[tuple[float, int]]) -> int:
+    """What a plan takes as the VM's rate of pages rewritten unchanged, from its moves'
+    ``(age_s, resent_zero_bps)``, oldest first: the highest of the latest
+    :data:`BLIND_MOVES` no older than :data:`BLIND_MAX_AGE_S` (a pre-copy that converged
+    quickly iterated less and saw less), 0 under :data:`BLIND_FLOOR_BPS`."""
+    recent = [bps for age_s, bps in observed if 0.0 <= age_s <= BLIND_MAX_AGE_S]
+    value = max(recent[-BLIND_MOVES:], default=0)
+    return value if value >= BLIND_FLOOR_BPS else 0

@@ -1,0 +1,133 @@
+"""Pages rewritten unchanged: measured from a move's progress, learnt by the next plan, and what
+the pre-copy model does with them (vmferry.core.blind, vmferry.core.precopy_loop)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from vmferry.controller.history import History
+from vmferry.controller.plan import calibration_from, learnt_blind
+from vmferry.core.blind import BLIND_FLOOR_BPS, learnt_blind_bps, rewritten_unchanged_bps
+from vmferry.core.calibration import Calibration
+from vmferry.core.measurement import Measurement
+from vmferry.core.model import MigrationReport
+from vmferry.core.precopy_loop import first_pass_dirtied, simulate
+from vmferry.core.predict import predict
+from vmferry.core.strategy import Progress
+from vmferry.core.transfer import Rates
+
+_GIB = 1 << 30
+_CAL = Calibration.default()
+
+
+def _at(ms: int, syncs: int, zeros: int, postcopy: bool = False) -> Progress:
+    return Progress(ms, 0, 0, 0, 0, syncs, None, is_postcopy=postcopy, zero_pages=zeros)
+
+
+def _guest(blind_bps: int, **kwargs: object) -> Measurement:
+    fields: dict[str, object] = {
+        "ram_bytes": _GIB,
+        "zero_fraction": 0.9,
+        "compress_ratio": 3.0,
+        "dirty_rate_bps": 100_000,
+        "bandwidth_bps": 25_000_000,  # 200 Mbit/s
+        "hot_bytes": 300_000,
+        "blind_dirty_bps": blind_bps,
+    }
+    fields.update(kwargs)
+    return Measurement(**fields)  # type: ignore[arg-type]
+
+
+def test_the_zero_pages_resent_after_the_first_pass_are_the_rewrites() -> None:
+    # The first pass's own zero pages (before sync 2) do not count; 600k pages in 2 s after it.
+    progress = [_at(9_000, 1, 0), _at(10_000, 2, 250_000), _at(12_000, 40, 850_000)]
+    assert rewritten_unchanged_bps(progress) == 600_000 * 4096 // 2
+
+
+@pytest.mark.parametrize(
+    "progress",
+    [
+        [],
+        [_at(9_000, 1, 100)],  # never synced after its first pass
+        [_at(9_000, 2, 100), _at(9_300, 3, 200)],  # iterated too briefly to tell
+        [_at(9_000, 2, 100), _at(12_000, 2, 900_000, postcopy=True)],  # post-copy pulls
+    ],
+)
+def test_moves_that_did_not_iterate_tell_nothing(progress: list[Progress]) -> None:
+    assert rewritten_unchanged_bps(progress) is None
+
+
+def test_a_plan_takes_the_highest_recent_rate_over_the_floor() -> None:
+    fast, slow = 1_200_000_000, BLIND_FLOOR_BPS - 1
+    assert learnt_blind_bps([]) == 0
+    assert learnt_blind_bps([(10.0, slow)]) == 0  # noise: the first pass's zero tail
+    assert learnt_blind_bps([(100.0, fast), (10.0, 50_000_000)]) == fast
+    assert learnt_blind_bps([(2 * 86_400.0, fast), (10.0, 0)]) == 0  # too old
+    assert learnt_blind_bps([(60.0, fast)] + [(10.0, 0)] * 5) == 0  # five newer moves say 0
+
+
+def test_a_zeroing_loop_faster_than_qemu_keeps_precopy_from_converging() -> None:
+    calm = _guest(0)
+    zeroing = _guest(int(1.3 * _CAL.zero_rescan_bps), dirty_is_cpu_bound=True)
+    assert predict("precopy", calm, downtime_limit_ms=250, cal=_CAL).converges
+    stuck = predict("precopy", zeroing, downtime_limit_ms=250, cal=_CAL)
+    assert not stuck.converges
+    assert "unchanged" in stuck.note
+    # Multifd's channels find the zero pages: it still converges (vmferry.core.retry).
+    assert predict("multifd", zeroing, downtime_limit_ms=250, cal=_CAL).converges
+
+
+def test_a_paced_zero_writer_converges_and_its_rewrites_cost_no_link_time() -> None:
+    paced = _guest(25_000_000)  # zeros at the link's rate
+    rates = Rates.plain(paced, _CAL)
+    run = simulate(paced, 250, rates)
+    assert run.converges
+    assert run.unchanged_bytes > 0
+    # Paused, they take QEMU's rescan, not the link: a few ms at most.
+    assert run.unchanged_bytes / rates.zero_rescan_bps < 0.01
+    assert run.final_s < simulate(_guest(0), 250, rates).final_s + 0.01
+
+
+def test_rewrites_count_against_the_threshold_so_hybrid_switches() -> None:
+    calm, paced = _guest(0), _guest(25_000_000)
+    assert "finishes as a pre-copy" in predict("hybrid", calm, downtime_limit_ms=250, cal=_CAL).note
+    switched = predict("hybrid", paced, downtime_limit_ms=250, cal=_CAL)
+    assert "post-copy pulls" in switched.note
+    # The guest faults on the pages rewritten during the pass too.
+    share = first_pass_dirtied(paced, Rates.plain(paced, _CAL))[2]
+    assert share > 10 * first_pass_dirtied(calm, Rates.plain(calm, _CAL))[2]
+
+
+def _report(vm: str, resent_zero_bps: int | None) -> MigrationReport:
+    return MigrationReport(
+        vm=vm, source="host-1", destination="host-2", running_on="host-2", strategy="precopy",
+        status="completed", error=None, total_ms=5000, downtime_ms=20, guest_downtime_ms=None,
+        transferred_bytes=1 << 20, iterations=3, predicted=None, integrity=None,
+        guest_alive=True, resent_zero_bps=resent_zero_bps,
+    )  # fmt: skip
+
+
+def test_history_keeps_each_vms_rewrites_beside_its_moves(tmp_path: Path) -> None:
+    history = History(tmp_path / "history.db")
+    assert learnt_blind(history, "vm1") == 0  # no database yet
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    history.record(_report("vm1", 1_100_000_000), started)
+    history.record(_report("vm1", None), started)  # a post-copy: measured nothing
+    history.record(_report("vm2", 0), started)
+    [(age_s, bps)] = history.resent_zero("vm1")
+    assert bps == 1_100_000_000
+    assert 290 <= age_s <= 330
+    assert learnt_blind(history, "vm1") == 1_100_000_000
+    assert learnt_blind(history, "vm2") == 0
+    assert learnt_blind(None, "vm1") == 0
+    # A measurement of one VM, not a calibration sample.
+    assert calibration_from(history, "lab") == Calibration.default()
+
+
+def test_reports_carry_the_rate() -> None:
+    report = dataclasses.replace(_report("vm1", 123), iterations=9)
+    assert report.to_json()["resent_zero_bps"] == 123
