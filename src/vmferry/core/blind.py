@@ -10,16 +10,16 @@ prediction, blind to it, says it is idle.
 
 Nothing outside QEMU sees those writes here (no soft-dirty bits in this kernel, and
 ``calc-dirty-rate``'s dirty-bitmap mode reports 0 under TCG), but every pre-copy-like move
-shows them: after its first pass, the zero pages QEMU sends are pages found dirty and still
-zero. So each move records that rate (:func:`rewritten_unchanged_bps`, in its report as
-``resent_zero_bps``) and the next plan of the same VM takes it as
-``Measurement.blind_dirty_bps`` (:func:`learnt_blind_bps`).
+shows them: once it re-sends only what was dirtied (from its third sync), the zero pages QEMU
+sends are pages found dirty and still zero. So each move records that rate
+(:func:`rewritten_unchanged_bps`, in its report as ``resent_zero_bps``) and the next plan of
+the same VM takes it as ``Measurement.blind_dirty_bps`` (:func:`learnt_blind_bps`).
 
 Example:
     >>> from vmferry.core.strategy import Progress
     >>> def at(ms, syncs, zeros):
     ...     return Progress(ms, 0, 0, 0, 0, syncs, None, zero_pages=zeros)
-    >>> rewritten_unchanged_bps([at(9_000, 1, 0), at(10_000, 2, 250_000), at(12_000, 40, 850_000)])
+    >>> rewritten_unchanged_bps([at(9_000, 2, 0), at(10_000, 3, 250_000), at(12_000, 40, 850_000)])
     1228800000
     >>> learnt_blind_bps([(60.0, 1_228_800_000), (30.0, 0)])
     1228800000
@@ -40,10 +40,12 @@ __all__ = [
 ]
 
 _PAGE_BYTES = 4096
-# Iterating this long after the first pass says something; shorter is noise.
-_MIN_SPAN_MS = 500
-# Below this the rate changes no prediction, and the first pass's own zero tail (the pages
-# still unsent at its sync, sent in the next round) can read as up to ~threshold/s.
+# From the third sync on, a round sends only pages dirtied since the last one (the round after
+# the second still sends the first pass's tail, often zero pages); this long of it is enough.
+_FROM_SYNC = 3
+_MIN_SPAN_MS = 100
+# Below this the rate changes no prediction (and a zero page the guest really changed, then
+# cleared, counts too).
 BLIND_FLOOR_BPS = 32 << 20
 # The VM's latest moves this recent count (workloads change; one move's rate is one sample).
 BLIND_MAX_AGE_S = 24 * 3600.0
@@ -51,15 +53,15 @@ BLIND_MOVES = 5
 
 
 def rewritten_unchanged_bps(progress: Sequence[Progress]) -> int | None:
-    """Zero pages per second (in bytes of pages) a move's pre-copy re-sent after its first
-    pass: pages found dirty and still zero. None when it did not iterate long enough to tell
-    (post-copy, hybrid, a pre-copy done in one pass)."""
-    iterating = [p for p in progress if p.iterations >= 2 and not p.is_postcopy]
+    """Zero pages per second (in bytes of pages) a move's pre-copy re-sent from its third sync
+    on: pages found dirty and still zero. None when it did not iterate long enough to tell
+    (post-copy, hybrid, a pre-copy done in a pass or two)."""
+    iterating = [p for p in progress if p.iterations >= _FROM_SYNC and not p.is_postcopy]
     if len(iterating) < 2:
         return None
     first, last = iterating[0], iterating[-1]
     span_ms = last.elapsed_ms - first.elapsed_ms
-    if span_ms < _MIN_SPAN_MS:
+    if span_ms < _MIN_SPAN_MS or last.iterations <= first.iterations:
         return None
     pages = max(0, last.zero_pages - first.zero_pages)
     return round(pages * _PAGE_BYTES * 1000 / span_ms)
