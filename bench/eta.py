@@ -54,6 +54,14 @@ CASES = {
     "postcopy-30M-random": Case(
         "1G", "dirty:rate=30M,size=256M,pattern=random,mode=paced", strategy="postcopy"
     ),
+    # Added after the zero-page and disk-rate priors were set from recordings of the cases
+    # above: cases nothing was tuned on.
+    "idle-2G": Case("2G", "idle"),
+    "disk-1G-dirty-5M": Case(
+        "1G",
+        "dirty:rate=5M,size=128M,pattern=compressible,mode=paced,disk-size=256M,disk-rate=2M",
+        disk="384M",
+    ),
 }
 FRACTIONS = (0.25, 0.5, 0.75)
 # naive: the old figure; new: the estimator on the samples alone; new+plan: also given what a

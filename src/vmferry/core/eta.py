@@ -15,8 +15,9 @@ eats the link pass after pass, not once. :class:`EtaEstimator` models the passes
   migration ends once what is left fits in ``link rate x downtime limit`` (QEMU's switchover
   test). A dirty rate at or above the link's rate never converges: no ETA.
 * **post-copy**: the pages left are pulled at the link's rate; nothing is dirtied twice.
-* **disk stage**: what is left of the disk at the mirror's rate, then the whole RAM as a first
-  pass at that same rate.
+* **disk stage**: what is left of the disk at the rate the mirror's progress shows (what the
+  guest writes meanwhile grows what is left), then the whole RAM as a first pass at the rate
+  the mirror copies.
 
 Rates are smoothed exponentially over about a second of QEMU's time. Usage::
 
@@ -43,9 +44,16 @@ _WINDOW_MS = 1500.0
 _MIN_SPAN_S = 0.2
 # Time constant of the smoothing of the disk mirror's rate.
 _SMOOTHING_MS = 1000.0
-# What a zero page costs before any is measured (QEMU under TCG here: ~4 us idle, ~10 us with a
-# busy vCPU beside it).
-_ZERO_PAGE_PRIOR_S = 6e-6
+# What a zero page costs before any is measured (QEMU under TCG here), in a pre-copy's pass on
+# the source: 0.2-0.5 us where the page is allocated, 3.6-10 us where reading it allocates it,
+# ~0.5 us on average over a whole idle lab guest (the ETA bench's recordings); in post-copy,
+# where the destination places every zero page it receives: 2-3 us in the bursts of them.
+_ZERO_PAGE_PRIOR_S = 1e-6
+_POSTCOPY_ZERO_PAGE_PRIOR_S = 2e-6
+# The disk mirror's rate comes from its progress over this much of QEMU's time (QEMU's own
+# throughput figure reads each 16 MiB chunk's burst, ~1.6x the rate the copy keeps).
+_DISK_WINDOW_MS = 2000.0
+_DISK_MIN_SPAN_MS = 800.0
 # After the last pass: device state, the destination's start, the hand-off (measured 0.2-0.5 s
 # in the lab, loopback).
 _TAIL_PRIOR_MS = 300
@@ -110,9 +118,11 @@ class EtaEstimator:
         self._offset_ms = 0.0  # QEMU's clock restarts when RAM follows the disk copy
         self._window: deque[_Interval] = deque()
         self._data_bps: float | None = None  # link rate while data pages travel
-        self._zero_page_s = _ZERO_PAGE_PRIOR_S
+        self._zero_page_s: float | None = None  # fitted from what QEMU did
         self._dirty_bps: float | None = None
         self._disk_bps: float | None = None
+        self._disk_net_bps: float | None = None
+        self._disk_seen: deque[tuple[float, int, int]] = deque()  # (ms, copied, remaining)
         self._pass_started_ms = 0.0
         self._ram_started_ms: float | None = None
 
@@ -123,8 +133,7 @@ class EtaEstimator:
             self._offset_ms += last.total_ms
         now_ms = self._offset_ms + stats.total_ms
         if stats.stage is Stage.DISK_COPY:
-            if stats.throughput_bps > 0:
-                self._disk_bps = _smooth(self._disk_bps, stats.throughput_bps, 500.0)
+            self._learn_disk(stats, now_ms)
         elif stats.status is not MigrationStatus.NONE:
             if self._ram_started_ms is None:
                 self._ram_started_ms = now_ms
@@ -134,6 +143,29 @@ class EtaEstimator:
             if stats.dirty_pages_rate > 0:
                 self._dirty_bps = float(stats.dirty_rate_bps)
         self._last = stats
+
+    def _learn_disk(self, stats: MigrationStats, now_ms: float) -> None:
+        """The mirror's rate: its progress over the last ``_DISK_WINDOW_MS`` once that spans
+        ``_DISK_MIN_SPAN_MS``, QEMU's throughput figure (smoothed) before."""
+        seen = self._disk_seen
+        seen.append((now_ms, stats.disk_copied_bytes, stats.disk_remaining_bytes))
+        while len(seen) > 2 and seen[1][0] <= now_ms - _DISK_WINDOW_MS:
+            seen.popleft()
+        span_ms = now_ms - seen[0][0]
+        copied = stats.disk_copied_bytes - seen[0][1]
+        if span_ms >= _DISK_MIN_SPAN_MS and copied > 0:
+            self._disk_bps = copied * 1000.0 / span_ms
+            # What the guest writes meanwhile grows what is left: the copy gains only the rest.
+            gained = seen[0][2] - stats.disk_remaining_bytes
+            self._disk_net_bps = gained * 1000.0 / span_ms if gained > 0 else None
+        elif stats.throughput_bps > 0:
+            self._disk_bps = _smooth(self._disk_bps, stats.throughput_bps, 500.0)
+
+    def _zero_cost_s(self, *, postcopy: bool = False) -> float:
+        """What one zero page costs: as fitted, else the prior for the kind of pass."""
+        if self._zero_page_s is not None:
+            return self._zero_page_s
+        return _POSTCOPY_ZERO_PAGE_PRIOR_S if postcopy else _ZERO_PAGE_PRIOR_S
 
     def _learn(self, last: MigrationStats, stats: MigrationStats, now_ms: float) -> None:
         """Rates from the intervals of the last ``_WINDOW_MS`` of QEMU's migration: each
@@ -155,7 +187,7 @@ class EtaEstimator:
     def _fit_data_rate(self) -> None:
         seconds = data = 0.0
         for interval in self._window:
-            spent = interval.seconds - interval.zeros * self._zero_page_s
+            spent = interval.seconds - interval.zeros * self._zero_cost_s()
             if interval.data_bytes > 0 and spent > 0.3 * interval.seconds:
                 seconds, data = seconds + spent, data + interval.data_bytes
         if seconds >= _MIN_SPAN_S:
@@ -186,14 +218,14 @@ class EtaEstimator:
         ):
             return self.tail_ms
         if stats.status.is_postcopy:
-            left_s = self._first_pass_s(stats)
+            left_s = self._first_pass_s(stats, postcopy=True)
             return None if left_s is None else round(left_s * 1000) + self.tail_ms
         if stats.status not in _RUNNING or stats.iterations == 0:
             return None
         left_s = self._precopy_s(stats)
         return None if left_s is None else round(left_s * 1000) + self.tail_ms
 
-    def _first_pass_s(self, stats: MigrationStats) -> float | None:
+    def _first_pass_s(self, stats: MigrationStats, *, postcopy: bool = False) -> float | None:
         """Seconds to send the pages left of a bulk round (first pass or post-copy)."""
         if not self._data_bps:
             return None
@@ -201,7 +233,7 @@ class EtaEstimator:
         left_pages = stats.remaining_bytes / page
         zero_left = self._zero_pages_left(stats, left_pages)
         data_left = left_pages - zero_left
-        return data_left * page / self._data_bps + zero_left * self._zero_page_s
+        return data_left * page / self._data_bps + zero_left * self._zero_cost_s(postcopy=postcopy)
 
     def _zero_pages_left(self, stats: MigrationStats, left_pages: float) -> float:
         """Zero pages among the ``left_pages`` of a bulk round: the measured share of the
@@ -257,11 +289,12 @@ class EtaEstimator:
         rate = self._disk_bps
         if not rate:
             return None
+        net = self._disk_net_bps or rate
         pages = stats.total_bytes / stats.page_size
         zero_fraction = self.hints.zero_fraction or 0.0
         ram_s = (
             pages * (1 - zero_fraction) * stats.page_size / rate
-            + pages * zero_fraction * self._zero_page_s
+            + pages * zero_fraction * self._zero_cost_s()
         )
-        left_s = stats.disk_remaining_bytes / rate + ram_s
+        left_s = stats.disk_remaining_bytes / net + ram_s
         return round(left_s * 1000) + self.tail_ms
