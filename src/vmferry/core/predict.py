@@ -14,7 +14,10 @@ The model is the classic iterative pre-copy one, extended per strategy:
   remainder is copied with the guest paused (faster under TCG: no vCPU competes for the cores).
   When the guest dirties at least as fast as the link drains and the dirty set does not fit the
   threshold, the remainder never shrinks: QEMU iterates forever, so ``converges=False`` (also past
-  100 syncs).
+  100 syncs). Pages the guest rewrites unchanged (zeros over zero pages, learnt from its earlier
+  moves: :mod:`vmferry.core.blind`) count whole against the threshold but cost QEMU's rescan,
+  not the link (:mod:`vmferry.core.precopy_loop`, which simulates the loop). Multifd's
+  channels find the zero pages themselves: they keep no multifd from converging.
 * **multifd** (+zstd): the link carries compressed pages, so guest memory moves at
   ``link x compress_ratio``, but no faster than zstd compresses on this host.
 * **xbzrle**: re-sent pages are delta-encoded; their wire cost is ``1 / compress_ratio`` of a page
