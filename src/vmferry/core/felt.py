@@ -122,7 +122,9 @@ def fault_latency_ms(m: Measurement, cal: Calibration, *, queue_share: float = 1
     return cal.fault_service_ms + page_ms + _queue_ms(m, cal) * queue_share
 
 
-def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) -> int:
+def postcopy_felt_ms(
+    m: Measurement, cal: Calibration, *, missing_share: float, writer_share: float | None = None
+) -> int:
     """The longest stall of a post-copy (``missing_share`` = 1) or hybrid switch.
 
     Args:
@@ -130,12 +132,15 @@ def postcopy_felt_ms(m: Measurement, cal: Calibration, *, missing_share: float) 
         cal: the constants (chain lengths, resume, fault service time).
         missing_share: share of the guest's dirty set still on the source at the switch (1 for
             post-copy; what the pass left dirty for hybrid).
+        writer_share: share of it a CPU-bound writer faults on, pages it rewrote unchanged
+            included (zeros over zero pages fault all the same); ``missing_share`` if None.
     """
     share = min(1.0, max(0.0, missing_share))
     whole = share >= 1.0
     hot = cal.fault_chain * (1.0 if whole else cal.hybrid_hot_share)
-    writing = m.dirty_rate_bps + m.blind_dirty_bps > 0  # zeros over zero pages fault all the same
-    writer = cal.writer_chain * share if m.dirty_is_cpu_bound and writing else 0.0
+    writes = min(1.0, max(share, writer_share if writer_share is not None else share))
+    writing = m.dirty_rate_bps + m.blind_dirty_bps > 0
+    writer = cal.writer_chain * writes if m.dirty_is_cpu_bound and writing else 0.0
     queue_share = 1.0 if whole else cal.hybrid_queue_share
     stall_ms = (hot + writer) * fault_latency_ms(m, cal, queue_share=queue_share)
     # The device state follows the bulk stream's unsent bytes across the link.

@@ -45,6 +45,7 @@ from vmferry.core.transfer import Rates
 __all__ = [
     "HEADROOM_CAP",
     "KEEPS_PACE",
+    "FirstPass",
     "Run",
     "dirty_set",
     "first_pass_dirtied",
@@ -111,16 +112,29 @@ def sync_point(rates: Rates, downtime_limit_ms: int) -> tuple[float, float]:
     return threshold, max(0.0, threshold - rates.resend_bps * _BURST_S)
 
 
-def first_pass_dirtied(m: Measurement, rates: Rates) -> tuple[float, float, float]:
-    """Bytes written during round 0, bytes rewritten unchanged during it, and the share of the
-    dirty set dirty after it, both kinds together (what a switch to post-copy right after it
-    leaves on the source: the guest faults on either)."""
+@dataclass(frozen=True, slots=True)
+class FirstPass:
+    """What round 0 leaves dirty: bytes written (data to send again), bytes rewritten
+    unchanged (zero pages), and the shares of the dirty set dirty after it: of written pages
+    (what hybrid's switch leaves on the source to pull behind its queue) and of both kinds
+    (the pages a writer faults on after a switch: zero ones come back fast, but one by one)."""
+
+    dirtied_bytes: float
+    unchanged_bytes: float
+    missing_share: float
+    touched_share: float
+
+
+def first_pass_dirtied(m: Measurement, rates: Rates) -> FirstPass:
+    """What round 0 leaves dirty (see :class:`FirstPass`)."""
     dirty = dirty_set(m)
     first_s = rates.first_pass_s(m)
     dirtied = pending_after(0.0, float(m.dirty_rate_bps), first_s, dirty)
     unchanged = pending_after(0.0, float(m.blind_dirty_bps), first_s, dirty)
     touched = pending_after(0.0, float(m.dirty_rate_bps + m.blind_dirty_bps), first_s, dirty)
-    return dirtied, unchanged, (touched / dirty if dirty > 0.0 else 0.0)
+    if dirty <= 0.0:
+        return FirstPass(dirtied, unchanged, 0.0, 0.0)
+    return FirstPass(dirtied, unchanged, dirtied / dirty, touched / dirty)
 
 
 def _throttled(pct: int, high: int, dirtied: float, sent: float) -> tuple[int, int]:

@@ -219,7 +219,10 @@ def predict(
     if name == "hybrid":
         return _hybrid(m, downtime_limit_ms, cal, plain, idle, disk)
     # Re-planning may switch any of these to post-copy after its first pass.
-    switch_felt = postcopy_felt_ms(m, cal, missing_share=first_pass_dirtied(m, plain)[2])
+    first = first_pass_dirtied(m, plain)
+    switch_felt = postcopy_felt_ms(
+        m, cal, missing_share=first.missing_share, writer_share=first.touched_share
+    )
     return replace(
         _live_precopy(name, m, downtime_limit_ms, cal, (plain, idle), disk),
         switch_felt_ms=switch_felt,
@@ -414,7 +417,8 @@ def _hybrid(
     disk: DiskPhase,
 ) -> StrategyPrediction:
     first_s = rates.first_pass_s(m)
-    dirtied, unchanged, missing_share = first_pass_dirtied(m, rates)
+    first = first_pass_dirtied(m, rates)
+    dirtied, unchanged = first.dirtied_bytes, first.unchanged_bytes
     # QEMU syncs as soon as the pass's unsent pages dip under the threshold: near its end on a
     # short limit, inside it on a long one, where the sync finds those pages plus what was
     # dirtied (pages rewritten unchanged count whole), and the controller switches there.
@@ -443,7 +447,9 @@ def _hybrid(
             f"the {format_bytes(dirtied)} dirtied meanwhile"
         ),
         disk_ms=disk.ms,
-        guest_downtime_ms=postcopy_felt_ms(m, cal, missing_share=missing_share),
+        guest_downtime_ms=postcopy_felt_ms(
+            m, cal, missing_share=first.missing_share, writer_share=first.touched_share
+        ),
     )
 
 
