@@ -216,10 +216,14 @@ class GuestMeasurement:
     # Guest RAM this host has allocated (the memfd's blocks; ``core.predict_touch``): pages
     # never written are holes that a migration's zero check allocates. None where unreadable.
     resident_bytes: int | None = None
+    # zstd's ratio over the pages the guest changed during the scan (what a pre-copy's later
+    # rounds send); None where too few changed or the RAM could not be scanned.
+    dirty_compress_ratio: float | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
             "ram_bytes": self.ram_bytes,
+            "dirty_compress_ratio": self.dirty_compress_ratio,
             "dirty_rate_bps": self.dirty_rate_bps,
             "hot_bytes": self.hot_bytes,
             "resident_bytes": self.resident_bytes,
@@ -235,7 +239,9 @@ class GuestMeasurement:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GuestMeasurement:
         busy, resident = data.get("vcpu_busy"), data.get("resident_bytes")
+        dirty_ratio = data.get("dirty_compress_ratio")
         return cls(
+            dirty_compress_ratio=None if dirty_ratio is None else float(dirty_ratio),
             ram_bytes=int(data["ram_bytes"]),
             dirty_rate_bps=int(data["dirty_rate_bps"]),
             zero_fraction=float(data["zero_fraction"]),

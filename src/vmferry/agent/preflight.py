@@ -55,16 +55,19 @@ def _resident_bytes(ram_file: Path | None) -> int | None:
         return None
 
 
-async def _dirty_curve(ram_file: Path | None, ram_bytes: int) -> DirtyCurve | None:
-    """The guest's short-window dirty curve from a scan of its RAM; None where the RAM cannot
-    be read (QEMU's ``calc-dirty-rate`` is then all there is)."""
+async def _dirty_curve(
+    ram_file: Path | None, ram_bytes: int
+) -> tuple[DirtyCurve | None, float | None]:
+    """The guest's short-window dirty curve from a scan of its RAM, and how well the pages it
+    changed compress; None where the RAM cannot be read (QEMU's ``calc-dirty-rate`` is then
+    all there is)."""
     if ram_file is None:
-        return None
+        return None, None
     try:
         scan = await scan_changes(ram_file, ram_bytes=ram_bytes)
     except (MeasurementError, ConfigError) as err:
         logger.info("measure.scan %s: %s", ram_file, err)
-        return None
+        return None, None
     curve = fit(
         short_s=scan.short_s,
         short_bytes=scan.short_bytes,
@@ -72,7 +75,7 @@ async def _dirty_curve(ram_file: Path | None, ram_bytes: int) -> DirtyCurve | No
         long_bytes=scan.long_bytes,
     )
     logger.debug("measure.scan %s: %s -> %s", ram_file, scan, curve)
-    return curve
+    return curve, scan.changed_ratio
 
 
 class Preflight:
@@ -99,7 +102,7 @@ class Preflight:
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
             scratch = self.scratch_dir or self.store.directory(name)
             ram_file = _ram_file(pid, slot.spec.memory_bytes)
-            profile, busy, disk, curve = await asyncio.gather(
+            profile, busy, disk, (curve, changed_ratio) = await asyncio.gather(
                 measure_guest(vm.qmp, scratch, ram_file=ram_file),
                 busy_task,
                 self._measure_disk(slot.spec, vm),
@@ -112,6 +115,7 @@ class Preflight:
             hot_bytes=0 if curve is None else curve.hot_bytes,
             zero_fraction=profile.memory.zero_fraction,
             compress_ratio=profile.memory.compress_ratio,
+            dirty_compress_ratio=changed_ratio,
             vcpu_busy=busy,
             elapsed_ms=profile.elapsed_ms,
             disk_allocated_bytes=allocated,

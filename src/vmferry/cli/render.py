@@ -247,7 +247,14 @@ def plan_table(plan: Mapping[str, Any]) -> Table:
     title = (
         f"plan for {plan['vm']}: {plan['source']} → {plan['destination']}\n"
         f"RAM {format_bytes(m['ram_bytes'])}, {m['zero_fraction']:.0%} zero, compresses "
-        f"{m['compress_ratio']:.1f}x, dirties {format_bytes(m['dirty_rate_bps'])}/s"
+        f"{m['compress_ratio']:.1f}x"
+        + (
+            f" (the pages it changes {changed:.1f}x)"
+            if (changed := m.get("dirty_compress_ratio")) is not None
+            and abs(changed - m["compress_ratio"]) >= 0.1
+            else ""
+        )
+        + f", dirties {format_bytes(m['dirty_rate_bps'])}/s"
         f"{' (CPU-bound)' if m['dirty_is_cpu_bound'] else ''}, "
         f"link {format_bytes(m['bandwidth_bps'])}/s"
         + (

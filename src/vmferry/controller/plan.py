@@ -129,6 +129,9 @@ class Plan:
                 "resident_bytes": m.resident_bytes,
                 "zero_fraction": round(m.zero_fraction, 4),
                 "compress_ratio": round(m.compress_ratio, 3),
+                "dirty_compress_ratio": (
+                    None if m.dirty_compress_ratio is None else round(m.dirty_compress_ratio, 3)
+                ),
                 "bandwidth_bps": m.bandwidth_bps,
                 "vcpu_busy": self.guest.vcpu_busy,
                 "dirty_is_cpu_bound": m.dirty_is_cpu_bound,
@@ -195,6 +198,9 @@ async def measure_path(
         ram_bytes=guest.ram_bytes,
         zero_fraction=guest.zero_fraction,
         compress_ratio=max(1.0, guest.compress_ratio),
+        dirty_compress_ratio=(
+            None if guest.dirty_compress_ratio is None else max(1.0, guest.dirty_compress_ratio)
+        ),
         dirty_rate_bps=guest.dirty_rate_bps,
         hot_bytes=guest.hot_bytes,
         resident_bytes=guest.resident_bytes,

@@ -43,6 +43,9 @@ class Measurement:
             held, a guest writing zeros over zero pages: QEMU's dirty log counts them, a content
             comparison (``dirty_rate_bps``) cannot see them. Learnt from what QEMU counted
             during this VM's earlier moves (:mod:`vmferry.core.blind`); 0 when unknown.
+        dirty_compress_ratio: zstd ratio (>= 1) of the pages the guest was seen changing (what
+            a pre-copy's later rounds re-send), None when not measured (``compress_ratio`` is
+            then taken for them too).
     """
 
     ram_bytes: int
@@ -60,6 +63,7 @@ class Measurement:
     guest_busy_cores: float | None = None
     resident_bytes: int | None = None
     blind_dirty_bps: int = 0
+    dirty_compress_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0:
@@ -68,6 +72,8 @@ class Measurement:
             raise ConfigError(f"zero_fraction must be 0..1, got {self.zero_fraction}")
         if not self.compress_ratio >= 1.0:
             raise ConfigError(f"compress_ratio must be >= 1, got {self.compress_ratio}")
+        if self.dirty_compress_ratio is not None and not self.dirty_compress_ratio >= 1.0:
+            raise ConfigError(f"dirty_compress_ratio must be >= 1, got {self.dirty_compress_ratio}")
         if self.dirty_rate_bps < 0 or self.blind_dirty_bps < 0:
             raise ConfigError(
                 f"dirty rates must be >= 0, got {self.dirty_rate_bps} and {self.blind_dirty_bps}"
@@ -89,6 +95,14 @@ class Measurement:
                 f"disk_copy_bytes and disk_write_bps must be >= 0, got "
                 f"{self.disk_copy_bytes} and {self.disk_write_bps}"
             )
+
+    @property
+    def resend_ratio(self) -> float:
+        """How well the pages a later round re-sends compress (the changed pages' ratio when
+        measured, else the whole RAM's)."""
+        return (
+            self.compress_ratio if self.dirty_compress_ratio is None else self.dirty_compress_ratio
+        )
 
     @property
     def nonzero_bytes(self) -> float:

@@ -239,42 +239,14 @@ def _live_precopy(
 ) -> StrategyPrediction:
     """Pre-copy and its variants (multifd, xbzrle, auto-converge); ``links`` are the running
     rates (the mirror takes its share) and the idle ones (the whole link)."""
-    plain, idle = links
+    plain = links[0]
     if name == "precopy":
         run = simulate(m, downtime_limit_ms, plain)
         headroom = precopy_loop.headroom(m, downtime_limit_ms, plain)
         note = _precopy_note(m, run, plain)
         return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     if name == "multifd":
-        # Pages handed to the channels are out of QEMU's pending count until the switch; the
-        # channels, not the migration thread, find the zero pages among them, so pages rewritten
-        # unchanged keep no multifd from converging (vmferry.core.retry: the matrix's pre-copies
-        # that stalled on them all completed with multifd).
-        m = replace(m, hot_bytes=max(0, m.hot_bytes - MULTIFD_HIDDEN_BYTES), blind_dirty_bps=0)
-        # zstd is the limit once the link carries compressed pages: on the cores the guest's
-        # vCPUs leave it while they run, on every channel's core once they are paused.
-        cpu = multifd_cpu(m, cal)
-        zstd_bps = cpu.compress_bps / plain.scale
-        multifd_bps = min(plain.first_bps * m.compress_ratio, zstd_bps)
-        rates = replace(
-            plain,
-            first_bps=multifd_bps,
-            resend_bps=multifd_bps,
-            paused_bps=min(
-                idle.first_bps * m.compress_ratio, cal.multifd_compress_bps / idle.scale
-            ),
-        )
-        run = simulate(m, downtime_limit_ms, rates)
-        if run.converges:
-            # The channels sent what they held before the stop: less remains paused.
-            left = max(0.0, run.remainder_bytes - MULTIFD_HIDDEN_BYTES)
-            run = replace(run, final_s=left / rates.paused_bps)
-        gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(multifd_bps)} of guest memory"
-        note = f"{gain}{cpu.describe()}; {_precopy_note(m, run, rates)}"
-        headroom = precopy_loop.headroom(m, downtime_limit_ms, rates)
-        return _from_run(
-            name, m, run, cal, note, disk=disk, headroom=headroom, contention=cpu.contention
-        )
+        return _multifd(m, downtime_limit_ms, cal, links, disk)
     if name == "xbzrle":
         cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
         rates = replace(
@@ -286,6 +258,48 @@ def _live_precopy(
         headroom = precopy_loop.headroom(m, downtime_limit_ms, rates)
         return _from_run(name, m, run, cal, note, disk=disk, headroom=headroom)
     return _auto_converge(m, downtime_limit_ms, cal, plain, disk)
+
+
+def _multifd(
+    m: Measurement,
+    downtime_limit_ms: int,
+    cal: Calibration,
+    links: tuple[Rates, Rates],
+    disk: DiskPhase,
+) -> StrategyPrediction:
+    """Pre-copy whose wire carries zstd-compressed pages: the first pass at the RAM's ratio,
+    later rounds and the pause at the ratio of the pages the guest changes."""
+    plain, idle = links
+    # Pages handed to the channels are out of QEMU's pending count until the switch; the
+    # channels, not the migration thread, find the zero pages among them, so pages rewritten
+    # unchanged keep no multifd from converging (vmferry.core.retry: the matrix's pre-copies
+    # that stalled on them all completed with multifd).
+    m = replace(m, hot_bytes=max(0, m.hot_bytes - MULTIFD_HIDDEN_BYTES), blind_dirty_bps=0)
+    # zstd is the limit once the link carries compressed pages: on the cores the guest's
+    # vCPUs leave it while they run, on every channel's core once they are paused.
+    cpu = multifd_cpu(m, cal)
+    zstd_bps = cpu.compress_bps / plain.scale
+    first_bps = min(plain.first_bps * m.compress_ratio, zstd_bps)
+    rates = replace(
+        plain,
+        first_bps=first_bps,
+        resend_bps=min(plain.first_bps * m.resend_ratio, zstd_bps),
+        paused_bps=min(idle.first_bps * m.resend_ratio, cal.multifd_compress_bps / idle.scale),
+    )
+    run = simulate(m, downtime_limit_ms, rates)
+    if run.converges:
+        # The channels sent what they held before the stop: less remains paused.
+        left = max(0.0, run.remainder_bytes - MULTIFD_HIDDEN_BYTES)
+        run = replace(run, final_s=left / rates.paused_bps)
+    gain = f"zstd x{m.compress_ratio:.1f} moves {format_rate(first_bps)} of guest memory"
+    if abs(m.resend_ratio - m.compress_ratio) >= 0.1:
+        gain += f" (the pages it rewrites x{m.resend_ratio:.1f})"
+    note = f"{gain}{cpu.describe()}; {_precopy_note(m, run, rates)}"
+    headroom = precopy_loop.headroom(m, downtime_limit_ms, rates)
+    return _from_run(
+        name="multifd", m=m, run=run, cal=cal, note=note, disk=disk, headroom=headroom,
+        contention=cpu.contention,
+    )  # fmt: skip
 
 
 def predict_all(

@@ -11,8 +11,13 @@ the host ~0.1 s of CPU per 256 MiB read).
 Each page's window is the time between its two reads; the reads run through the chunks in the
 same order, so that is the time between the passes' midpoints for every page.
 
+The pages found changed in the long window are also compressed as multifd would (zstd level 1,
+up to :data:`_RATIO_SAMPLE_BYTES` of them): what a guest rewrites may compress quite unlike the
+rest of its RAM (a kernel's and a program's pages next to a writer's random ones), and it is
+what a pre-copy's later rounds send (``RamScan.changed_ratio``).
+
 Blind spot: a page rewritten with the bytes it held does not change its CRC, while QEMU's dirty
-log counts it (``vmferry.core.retry`` is what handles such guests).
+log counts it (:mod:`vmferry.core.blind` learns those from the VM's moves).
 
 Example:
     >>> scan = await scan_changes(Path("/proc/4242/fd/17"), ram_bytes=1 << 30)  # doctest: +SKIP
@@ -29,6 +34,8 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import zstandard
+
 from vmferry.qemu.measure import PAGE_SIZE_BYTES, MeasurementError, spread_chunks
 
 __all__ = ["DEFAULT_SCAN_BYTES", "RamScan", "scan_changes"]
@@ -36,7 +43,12 @@ __all__ = ["DEFAULT_SCAN_BYTES", "RamScan", "scan_changes"]
 # Read at most this much of the guest's RAM per pass (all of it when smaller), in chunks of
 # _CHUNK_BYTES spread evenly over it: hot pages sit anywhere, so the wider the better.
 DEFAULT_SCAN_BYTES = 256 << 20
-_CHUNK_BYTES = 256 << 10
+_CHUNK_BYTES = 256 << 10  # read per pread
+# Changed pages compressed for their ratio, at most (~10 ms of zstd).
+_RATIO_SAMPLE_BYTES = 4 << 20
+# Fewer changed pages than this tell no ratio.
+_RATIO_MIN_PAGES = 16
+_ZSTD_LEVEL = 1  # multifd-zstd's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +61,8 @@ class RamScan:
         long_s: the long window.
         long_bytes: bytes of pages that changed within it.
         sampled_bytes: bytes read per pass.
+        changed_ratio: zstd's ratio (raw / compressed, >= 1) over the pages changed in the
+            long window, None when too few changed.
     """
 
     short_s: float
@@ -56,18 +70,36 @@ class RamScan:
     long_s: float
     long_bytes: int
     sampled_bytes: int
+    changed_ratio: float | None = None
 
 
-def _pass(fd: int, offsets: list[int]) -> tuple[list[int], float]:
-    """Every sampled page's CRC, and the pass's midpoint on the monotonic clock."""
+def _pass(
+    fd: int, offsets: list[int], changed_from: list[int] | None = None
+) -> tuple[list[int], float, list[bytes]]:
+    """Every sampled page's CRC, the pass's midpoint on the monotonic clock, and (given the
+    CRCs of an earlier pass) the first pages whose CRC changed since, up to the ratio sample."""
     started = time.monotonic()
     crcs: list[int] = []
+    changed: list[bytes] = []
+    room = _RATIO_SAMPLE_BYTES // PAGE_SIZE_BYTES
     for offset in offsets:
         data = memoryview(os.pread(fd, _CHUNK_BYTES, offset))
         whole = len(data) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
-        pages = range(0, whole, PAGE_SIZE_BYTES)
-        crcs.extend(zlib.crc32(data[i : i + PAGE_SIZE_BYTES]) for i in pages)
-    return crcs, (started + time.monotonic()) / 2
+        for i in range(0, whole, PAGE_SIZE_BYTES):
+            crc = zlib.crc32(data[i : i + PAGE_SIZE_BYTES])
+            taking = changed_from is not None and len(changed) < room
+            if taking and changed_from is not None and changed_from[len(crcs)] != crc:
+                changed.append(bytes(data[i : i + PAGE_SIZE_BYTES]))
+            crcs.append(crc)
+    return crcs, (started + time.monotonic()) / 2, changed
+
+
+def _ratio(pages: list[bytes]) -> float | None:
+    """zstd's ratio over ``pages`` as one stream (as a multifd channel compresses them)."""
+    if len(pages) < _RATIO_MIN_PAGES:
+        return None
+    raw = b"".join(pages)
+    return max(1.0, len(raw) / len(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)))
 
 
 def _changed(first: list[int], later: list[int]) -> int:
@@ -96,10 +128,10 @@ async def scan_changes(
         except OSError as err:
             raise MeasurementError(f"cannot open guest RAM {ram_file}: {err}") from err
         try:
-            first, at_first = _pass(fd, offsets)
-            short, at_short = _pass(fd, offsets)
+            first, at_first, _ = _pass(fd, offsets)
+            short, at_short, _ = _pass(fd, offsets)
             time.sleep(max(0.0, at_first + long_window_s - time.monotonic()))
-            long, at_long = _pass(fd, offsets)
+            long, at_long, changed = _pass(fd, offsets, first)
         except OSError as err:
             raise MeasurementError(f"cannot read guest RAM {ram_file}: {err}") from err
         finally:
@@ -113,6 +145,7 @@ async def scan_changes(
             long_s=round(at_long - at_first, 4),
             long_bytes=round(_changed(first, long) * PAGE_SIZE_BYTES * scale),
             sampled_bytes=len(first) * PAGE_SIZE_BYTES,
+            changed_ratio=_ratio(changed),
         )
 
     return await asyncio.to_thread(scan)
