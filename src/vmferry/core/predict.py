@@ -19,8 +19,10 @@ The model is the classic iterative pre-copy one, extended per strategy:
   not the link (:mod:`vmferry.core.precopy_loop`, which simulates the loop). Multifd's
   channels find the zero pages themselves: they keep no multifd from converging.
 * **multifd** (+zstd): the link carries compressed pages, so guest memory moves at
-  ``link x compress_ratio``, but no faster than zstd compresses on this host.
-* **xbzrle**: re-sent pages are delta-encoded; their wire cost is ``1 / compress_ratio`` of a page
+  ``link x compress_ratio`` in the first pass and ``link x resend_ratio`` after it (the ratio
+  of the pages the guest was seen changing, when measured), but no faster than zstd compresses
+  on this host.
+* **xbzrle**: re-sent pages are delta-encoded; their wire cost is ``1 / resend_ratio`` of a page
   (a proxy for how much of a page changes) plus a fixed encoding overhead, so random pages gain
   nothing and pay the overhead. Round 0 is sent plainly.
 * **auto-converge**: QEMU throttles the vCPUs (20 % at first, +10 % per round up to 99 %) once
@@ -248,7 +250,7 @@ def _live_precopy(
     if name == "multifd":
         return _multifd(m, downtime_limit_ms, cal, links, disk)
     if name == "xbzrle":
-        cost = 1.0 / m.compress_ratio + cal.xbzrle_overhead
+        cost = 1.0 / m.resend_ratio + cal.xbzrle_overhead  # the pages it re-sends
         rates = replace(
             plain, resend_bps=plain.resend_bps / cost, paused_bps=plain.paused_bps / cost
         )
