@@ -87,8 +87,9 @@ def test_a_zeroing_loop_that_keeps_pace_with_qemu_keeps_what_the_first_pass_left
     # QEMU's re-send rate is capped by its own: a move sees such a loop at about that rate.
     seen = _guest(int(0.98 * _CAL.zero_rescan_bps), dirty_is_cpu_bound=True)
     assert not predict("precopy", seen, downtime_limit_ms=120, cal=_CAL).converges
-    # A 2 s limit on a 1 Gbit/s link holds what the first pass left: QEMU switches at once.
-    fast = dataclasses.replace(seen, bandwidth_bps=125_000_000, dirty_set_bytes=64 << 20)
+    # A 2 s limit on a 1 Gbit/s link holds what the first pass left of a 256 MiB guest (its
+    # zero pages: those are what it rewrites unchanged): QEMU switches at once.
+    fast = dataclasses.replace(seen, bandwidth_bps=125_000_000, ram_bytes=256 << 20)
     assert predict("precopy", fast, downtime_limit_ms=2000, cal=_CAL).converges
     # auto-converge's throttle slows the loop below QEMU's pace: then it converges.
     assert predict("auto-converge", seen, downtime_limit_ms=120, cal=_CAL).converges

@@ -53,6 +53,7 @@ __all__ = [
     "pending_after",
     "simulate",
     "sync_point",
+    "zero_set",
 ]
 
 # QEMU never gives up on a pre-copy; a prediction has to. Past this many rounds the remainder
@@ -104,6 +105,11 @@ def dirty_set(m: Measurement) -> float:
     return float(m.ram_bytes if m.dirty_set_bytes is None else min(m.dirty_set_bytes, m.ram_bytes))
 
 
+def zero_set(m: Measurement) -> float:
+    """The bytes pages rewritten unchanged land in: zero pages (that is what they are)."""
+    return m.ram_bytes * m.zero_fraction
+
+
 def sync_point(rates: Rates, downtime_limit_ms: int) -> tuple[float, float]:
     """QEMU's switchover threshold (rate x limit), and the bytes still unsent at a sync: it
     syncs once its estimate dips under the threshold, checked after each burst of sending, so
@@ -127,14 +133,13 @@ class FirstPass:
 
 def first_pass_dirtied(m: Measurement, rates: Rates) -> FirstPass:
     """What round 0 leaves dirty (see :class:`FirstPass`)."""
-    dirty = dirty_set(m)
+    dirty, zeros = dirty_set(m), zero_set(m)
     first_s = rates.first_pass_s(m)
     dirtied = pending_after(0.0, float(m.dirty_rate_bps), first_s, dirty)
-    unchanged = pending_after(0.0, float(m.blind_dirty_bps), first_s, dirty)
-    touched = pending_after(0.0, float(m.dirty_rate_bps + m.blind_dirty_bps), first_s, dirty)
-    if dirty <= 0.0:
-        return FirstPass(dirtied, unchanged, 0.0, 0.0)
-    return FirstPass(dirtied, unchanged, dirtied / dirty, touched / dirty)
+    unchanged = pending_after(0.0, float(m.blind_dirty_bps), first_s, zeros)
+    missing = dirtied / dirty if dirty > 0.0 else 0.0
+    touched = min(1.0, missing + (unchanged / zeros if zeros > 0.0 else 0.0))
+    return FirstPass(dirtied, unchanged, missing, touched)
 
 
 def _throttled(pct: int, high: int, dirtied: float, sent: float) -> tuple[int, int]:
@@ -156,7 +161,7 @@ def simulate(
 ) -> Run:
     """Simulate QEMU's pre-copy loop (see the module); ``throttle``: auto-converge slows the
     writer, ``rate_scale``: the guest writes that many times faster than measured."""
-    dirty = dirty_set(m)
+    dirty, zeros = dirty_set(m), zero_set(m)
     rate = m.dirty_rate_bps * rate_scale
     unchanged_rate = m.blind_dirty_bps * rate_scale
     hot = float(m.hot_bytes)  # written again within any round, however short
@@ -164,7 +169,7 @@ def simulate(
     copy_s = rates.first_pass_s(m)
     sent = m.nonzero_bytes
     pending = pending_after(0.0, rate, copy_s, dirty) + hot
-    unchanged = pending_after(0.0, unchanged_rate, copy_s, dirty)
+    unchanged = pending_after(0.0, unchanged_rate, copy_s, zeros)
     syncs = 2  # at setup, after round 0
     burst_sent, throttle_pct, high = m.nonzero_bytes, 0, 0
     while pending + unchanged > threshold:
@@ -185,7 +190,7 @@ def simulate(
         resent_hot = hot * burst_sent / pending if pending > 0.0 else 0.0
         pending = pending_after(left, rate * slowed, seconds, dirty) + resent_hot
         if unchanged_rate * slowed < KEEPS_PACE * rates.zero_rescan_bps:
-            unchanged = pending_after(0.0, unchanged_rate * slowed, seconds, dirty)
+            unchanged = pending_after(0.0, unchanged_rate * slowed, seconds, zeros)
         syncs += 1
     final_s = pending / rates.paused_bps + unchanged / rates.zero_rescan_bps
     return Run(True, copy_s, final_s, sent + pending, syncs + 1, pending, throttle_pct, unchanged)
