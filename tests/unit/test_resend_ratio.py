@@ -13,6 +13,7 @@ from vmferry.core.errors import ConfigError
 from vmferry.core.measurement import Measurement
 from vmferry.core.predict import predict
 from vmferry.qemu import ram_scan
+from vmferry.qemu.measure import spread_chunks
 
 _PAGE = 4096
 
@@ -45,7 +46,7 @@ def test_the_scan_keeps_the_pages_that_changed(tmp_path: Path) -> None:
     ram = tmp_path / "ram"
     pages = 256
     ram.write_bytes(bytes(pages * _PAGE))
-    offsets = ram_scan.spread_chunks(0, pages * _PAGE, 4, 64 * _PAGE)  # the scan's chunks
+    offsets = spread_chunks(0, pages * _PAGE, 4, 64 * _PAGE)  # the scan's chunks
     fd = os.open(ram, os.O_RDWR)
     try:
         first, _, none = ram_scan._pass(fd, offsets)
