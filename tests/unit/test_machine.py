@@ -302,6 +302,46 @@ def test_the_switch_to_postcopy_may_be_quiet_longer() -> None:
     assert d.kinds() == [m.RecoverPostcopy]
 
 
+def test_a_recovery_waits_for_a_switch_the_destination_has_not_finished() -> None:
+    """The switch sent its first bytes (the discard bitmap), then went quiet while the
+    destination loads the device state: pausing then fails the migration. Asked to recover, the
+    sides find the destination not started yet; the machine waits another switch allowance."""
+    d = Driver(strategy="postcopy").started()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 50))
+    d.request()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 60), after_s=0.5)  # the switch's own bytes
+    d.request()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 60), after_s=2.0)
+    assert d.kinds() == [m.RecoverPostcopy]
+    d.feed(m.SwitchUnderway())
+    assert d.kinds() == [m.Poll]
+    for _ in range(9):  # quiet again: the switch's allowance, not a broken link's
+        d.samples(stats(S.POSTCOPY_ACTIVE, 60), after_s=2.0)
+        assert d.kinds() == [m.Poll]
+    d.samples(stats(S.POSTCOPY_ACTIVE, 5_000), after_s=1.0)  # the pull runs
+    assert d.kinds() == [m.Poll]
+    d.outcome()
+    d.feed(m.Arrived(1.0, INTACT))
+    d.feed(m.HandedOff())
+    assert d.report.status == "completed"
+    assert d.report.recoveries == 0
+
+
+def test_a_switch_that_never_ends_is_recovered_after_all() -> None:
+    d = Driver(strategy="postcopy").started()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 50))
+    d.request()
+    d.samples(stats(S.POSTCOPY_ACTIVE, 50), after_s=20.0)
+    for _ in range(5):
+        assert d.kinds() == [m.RecoverPostcopy]
+        d.feed(m.SwitchUnderway())
+        assert d.kinds() == [m.Poll]
+        d.samples(stats(S.POSTCOPY_ACTIVE, 50), after_s=20.0)
+    assert d.kinds() == [m.RecoverPostcopy]
+    d.feed(m.SwitchUnderway())  # the sixth: treated as a failed attempt
+    assert d.kinds() == [m.CheckSides]
+
+
 def test_postcopy_link_cut_recovers() -> None:
     d = _in_postcopy()
     assert d.request() == m.Poll(2, 0.5, 3.5)  # fails fast behind a broken link

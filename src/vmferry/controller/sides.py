@@ -19,7 +19,7 @@ from vmferry.core import migration as m
 from vmferry.core.errors import ConfigError, FerryError
 from vmferry.core.handoff import VerifyMode, compare, handoff_verdict
 from vmferry.core.model import MigrationOptions, NbdTarget, VmSpec
-from vmferry.core.status import MigrationStatus
+from vmferry.core.status import MigrationStatus, RunState
 
 __all__ = ["Sides", "Sleep", "drop_unstarted", "incoming_status", "is_dead"]
 
@@ -91,6 +91,8 @@ class Sides:
                 await source.continue_switchover(name)
                 return m.HandoverDone()
             case m.RecoverPostcopy(attempt=attempt, timeout_s=timeout_s):
+                if await still_switching(destination, name, timeout_s):
+                    return m.SwitchUnderway()
                 return m.RecoveryTried(await self._recover_once(name, attempt, timeout_s))
             case m.CheckSides(timeout_s=timeout_s):
                 dead = await asyncio.gather(
@@ -232,6 +234,18 @@ async def is_dead(agent: AgentPort, name: str, timeout_s: float) -> bool:
         return (await agent.get_vm(name, timeout_s=timeout_s)).state == "stopped"
     except FerryError:
         return False
+
+
+async def still_switching(destination: AgentPort, name: str, timeout_s: float) -> bool:
+    """Whether the destination QEMU is still waiting to start the guest (run state
+    ``inmigrate``): a post-copy quiet then is QEMU inside its switch, not a broken link, and
+    pausing it would fail the migration. False when its agent does not answer (behind a
+    broken link, a recovery is what is needed)."""
+    try:
+        runstate, _ = await destination.qemu_state(name, timeout_s=timeout_s)
+    except FerryError:
+        return False
+    return runstate is RunState.INMIGRATE
 
 
 async def incoming_status(

@@ -62,6 +62,7 @@ from vmferry.core.migration import (
     SourceStartFailed,
     StartPostcopy,
     StartSource,
+    SwitchUnderway,
     Tick,
     Wait,
 )
@@ -101,6 +102,10 @@ __all__ = ["MigrationMachine"]
 Step = tuple[State, list[Action]]
 
 logger = logging.getLogger(__name__)
+
+# A recovery that finds QEMU still inside its switch to post-copy waits again (each wait is
+# ``Timing.postcopy_switch_s`` of allowed quiet); past this many it recovers as for a break.
+_SWITCH_WAITS = 5
 
 
 class MigrationMachine:
@@ -419,6 +424,24 @@ class MigrationMachine:
                 )
                 grace = now.mono_s + self.move.timing.recovery_grace_s
                 return Postcopy(flow, grace_until_s=grace), [self._poll(flow, True)]
+            case SwitchUnderway() if flow.switch_waits < _SWITCH_WAITS:
+                # Not broken: still switching. Its bytes so far were the switch's own; the
+                # quiet allowance of a switch starts again from here.
+                logger.warning(
+                    "migration.postcopy_switching %s: the destination has not started the guest"
+                    " yet; waiting (not paused)",
+                    self.move.vm,
+                )
+                flow = replace(
+                    flow,
+                    progress_at_s=now.mono_s,
+                    postcopy_from_bytes=flow.sent_bytes,
+                    switch_waits=flow.switch_waits + 1,
+                )
+                return Postcopy(flow), [self._poll(flow, True)]
+            case SwitchUnderway():
+                why = "the switch to post-copy did not end"
+                return self._recovering(state, RecoveryTried(ok=False, error=why), now)
             case RecoveryTried(error=error):
                 logger.info(
                     "migration.recover_attempt %s #%d: %s", self.move.vm, flow.attempt, error

@@ -79,6 +79,7 @@ __all__ = [
     "SourceStarted",
     "StartPostcopy",
     "StartSource",
+    "SwitchUnderway",
     "Tick",
     "Timing",
     "Wait",
@@ -255,6 +256,13 @@ class HandoverFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class SwitchUnderway:
+    """Asked to recover a quiet post-copy, the destination QEMU had not started the guest yet:
+    QEMU is still inside its switch (loading the device state, placing the first pages), which
+    a pause would fail. Nothing was paused."""
+
+
+@dataclass(frozen=True, slots=True)
 class RecoveryTried:
     """One post-copy recovery attempt: ``ok`` when the post-copy runs (or completed) again."""
 
@@ -346,6 +354,7 @@ Event = (
     | HandoverDone
     | HandoverFailed
     | RecoveryTried
+    | SwitchUnderway
     | SidesChecked
     | Arrived
     | ArrivalFailed
@@ -427,7 +436,8 @@ class HandOverDisk:
 @dataclass(frozen=True, slots=True)
 class RecoverPostcopy:
     """One recovery attempt: pause both sides (OOB commands only), the destination listens
-    again, the source resumes to it. -> RecoveryTried."""
+    again, the source resumes to it. -> RecoveryTried; SwitchUnderway (nothing paused) when
+    the destination has not started the guest yet."""
 
     attempt: int
     timeout_s: float
