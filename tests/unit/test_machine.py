@@ -13,6 +13,7 @@ import pytest
 
 from vmferry.core import migration as m
 from vmferry.core.errors import StateError
+from vmferry.core.handoff import VerifyMode
 from vmferry.core.machine import MigrationMachine
 from vmferry.core.model import IntegrityReport, MigrationReport, MigrationStats
 from vmferry.core.phases import Phase
@@ -223,6 +224,32 @@ def test_a_switch_stalling_the_guest_past_the_goal_is_not_taken() -> None:
     plain = Driver(goal=Goal(300, deadline_ms=1_000), prediction=stalling).started()
     plain.samples(stats(sent=100, total_ms=2_000, iterations=2))
     assert plain.kinds() == [m.Poll]
+
+
+def test_a_switch_asked_for_as_qemu_completes_leaves_nothing_to_compare() -> None:
+    """The held destination was released for the switch; QEMU completed before it said
+    post-copy (the matrix, seed 55: a 2 GiB guest). The destination runs the guest already:
+    comparing needs it paused, so the move finishes as after a post-copy."""
+    d = Driver(
+        goal=Goal(300, deadline_ms=1_000), prediction=_prediction(), uses_postcopy=True,
+        held=True, verify=VerifyMode.SAMPLE,
+    ).started()  # fmt: skip
+    d.samples(stats(sent=100, total_ms=2_000, iterations=2))
+    assert d.kinds() == [m.StartPostcopy, m.Poll]
+    d.outcome()
+    assert d.kinds() == [m.FinishDestination]
+    d.feed(m.Arrived(1.0, INTACT))
+    d.feed(m.HandedOff())
+    assert d.report.status == "completed"
+    assert d.report.handoff is not None
+    assert "post-copy" in d.report.handoff.note
+
+
+def test_a_held_precopy_is_compared() -> None:
+    d = Driver(held=True, verify=VerifyMode.SAMPLE).started()
+    d.samples(stats(sent=100))
+    d.outcome()
+    assert d.kinds() == [m.CompareCopies]
 
 
 def test_hybrid_switches_after_the_first_pass() -> None:

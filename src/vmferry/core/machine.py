@@ -494,7 +494,11 @@ class MigrationMachine:
             return Concluding(shown, outcome, postcopy, reason), [*effects, self._check()]
         final = outcome.stats or flow.last
         flow = replace(flow, phase=Phase.COMPLETED, last=final)
-        return self._arrival.begin(Arriving(flow, outcome, final, now.wall_ms, postcopy))
+        # A switch asked for just before QEMU completed: the held destination was released
+        # for it and runs the guest already, as after a post-copy (nothing left to compare).
+        switched = isinstance(state, Precopy) and state.switch_requested
+        arriving = Arriving(flow, outcome, final, now.wall_ms, postcopy or switched)
+        return self._arrival.begin(arriving)
 
     def _ending(self, state: State, event: Event, now: Instant) -> Step:
         match state, event:
