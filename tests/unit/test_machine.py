@@ -242,7 +242,7 @@ def test_a_switch_asked_for_as_qemu_completes_leaves_nothing_to_compare() -> Non
     d.feed(m.HandedOff())
     assert d.report.status == "completed"
     assert d.report.handoff is not None
-    assert "post-copy" in d.report.handoff.note
+    assert "post-copy" in (d.report.handoff.note or "")
 
 
 def test_a_held_precopy_is_compared() -> None:
