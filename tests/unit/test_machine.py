@@ -329,6 +329,15 @@ def test_the_switch_to_postcopy_may_be_quiet_longer() -> None:
     assert d.kinds() == [m.RecoverPostcopy]
 
 
+def _completes_unrecovered(d: Driver) -> None:
+    """QEMU completes, the guest arrives, the source is handed off; no recovery was needed."""
+    d.outcome()
+    d.feed(m.Arrived(1.0, INTACT))
+    d.feed(m.HandedOff())
+    assert d.report.status == "completed"
+    assert d.report.recoveries == 0
+
+
 def test_a_recovery_waits_for_a_switch_the_destination_has_not_finished() -> None:
     """The switch sent its first bytes (the discard bitmap), then went quiet while the
     destination loads the device state: pausing then fails the migration. Asked to recover, the
@@ -347,11 +356,7 @@ def test_a_recovery_waits_for_a_switch_the_destination_has_not_finished() -> Non
         assert d.kinds() == [m.Poll]
     d.samples(stats(S.POSTCOPY_ACTIVE, 5_000), after_s=1.0)  # the pull runs
     assert d.kinds() == [m.Poll]
-    d.outcome()
-    d.feed(m.Arrived(1.0, INTACT))
-    d.feed(m.HandedOff())
-    assert d.report.status == "completed"
-    assert d.report.recoveries == 0
+    _completes_unrecovered(d)
 
 
 def test_a_switch_that_never_ends_is_recovered_after_all() -> None:
@@ -401,11 +406,7 @@ def test_postcopy_with_every_page_sent_is_quiet_not_broken() -> None:
     d.request()
     d.samples(stats(S.POSTCOPY_ACTIVE, 100, remaining=0), after_s=5.0)
     assert d.kinds() == [m.Poll]
-    d.outcome()
-    d.feed(m.Arrived(1.0, INTACT))
-    d.feed(m.HandedOff())
-    assert d.report.status == "completed"
-    assert d.report.recoveries == 0
+    _completes_unrecovered(d)
 
 
 def test_postcopy_unrecovered_gives_up_and_keeps_both() -> None:
