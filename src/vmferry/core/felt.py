@@ -138,7 +138,7 @@ def postcopy_felt_ms(
     share = min(1.0, max(0.0, missing_share))
     whole = share >= 1.0
     hot = cal.fault_chain * (1.0 if whole else cal.hybrid_hot_share)
-    writes = min(1.0, max(share, writer_share if writer_share is not None else share))
+    writes = share if writer_share is None else min(1.0, max(share, writer_share))
     writing = m.dirty_rate_bps + m.blind_dirty_bps > 0
     writer = cal.writer_chain * writes if m.dirty_is_cpu_bound and writing else 0.0
     queue_share = 1.0 if whole else cal.hybrid_queue_share

@@ -23,9 +23,9 @@ class Rates:
     resend_bps: float  # later rounds, guest running
     paused_bps: float  # the switchover copy, guest paused
     zero_scan_bps: float
+    zero_rescan_bps: float  # re-dirtied pages that are still zero (core.precopy_loop)
     scale: float
     touch_s: float = 0.0  # first touches of never-allocated pages (core.predict_touch)
-    zero_rescan_bps: float = 1.0e9  # re-dirtied pages that are still zero (core.precopy_loop)
 
     @classmethod
     def plain(cls, m: Measurement, cal: Calibration, *, mirror_bps: float = 0.0) -> Rates:
@@ -38,8 +38,8 @@ class Rates:
             resend_bps=running,
             paused_bps=paused / cal.time_scale,
             zero_scan_bps=cal.zero_scan_bps / cal.time_scale,
-            scale=cal.time_scale,
             zero_rescan_bps=cal.zero_rescan_bps / cal.time_scale,
+            scale=cal.time_scale,
         )
 
     def first_pass_s(self, m: Measurement) -> float:

@@ -49,6 +49,7 @@ __all__ = [
     "measure_guest",
     "ram_size_bytes",
     "sample_memory",
+    "zstd_bytes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -344,8 +345,12 @@ def _inspect_bytes(data: bytes) -> tuple[int, int, int, int]:
     ]
     pages = len(data) // PAGE_SIZE_BYTES
     raw = b"".join(nonzero)
-    compressed = len(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)) if raw else 0
-    return pages, pages - len(nonzero), len(raw), compressed
+    return pages, pages - len(nonzero), len(raw), zstd_bytes(raw) if raw else 0
+
+
+def zstd_bytes(raw: bytes) -> int:
+    """``raw``'s size once zstd compresses it as multifd would (level 1, one frame)."""
+    return len(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw))
 
 
 async def sample_ram_file(

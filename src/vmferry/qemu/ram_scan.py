@@ -34,9 +34,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import zstandard
-
-from vmferry.qemu.measure import PAGE_SIZE_BYTES, MeasurementError, spread_chunks
+from vmferry.qemu.measure import PAGE_SIZE_BYTES, MeasurementError, spread_chunks, zstd_bytes
 
 __all__ = ["DEFAULT_SCAN_BYTES", "RamScan", "scan_changes"]
 
@@ -48,7 +46,6 @@ _CHUNK_BYTES = 256 << 10  # read per pread
 _RATIO_SAMPLE_BYTES = 4 << 20
 # Fewer changed pages than this tell no ratio.
 _RATIO_MIN_PAGES = 16
-_ZSTD_LEVEL = 1  # multifd-zstd's default
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,14 +78,14 @@ def _pass(
     started = time.monotonic()
     crcs: list[int] = []
     changed: list[bytes] = []
-    room = _RATIO_SAMPLE_BYTES // PAGE_SIZE_BYTES
+    earlier = changed_from or []
+    room = 0 if changed_from is None else _RATIO_SAMPLE_BYTES // PAGE_SIZE_BYTES
     for offset in offsets:
         data = memoryview(os.pread(fd, _CHUNK_BYTES, offset))
         whole = len(data) // PAGE_SIZE_BYTES * PAGE_SIZE_BYTES
         for i in range(0, whole, PAGE_SIZE_BYTES):
             crc = zlib.crc32(data[i : i + PAGE_SIZE_BYTES])
-            taking = changed_from is not None and len(changed) < room
-            if taking and changed_from is not None and changed_from[len(crcs)] != crc:
+            if len(changed) < room and earlier[len(crcs)] != crc:
                 changed.append(bytes(data[i : i + PAGE_SIZE_BYTES]))
             crcs.append(crc)
     return crcs, (started + time.monotonic()) / 2, changed
@@ -99,7 +96,7 @@ def _ratio(pages: list[bytes]) -> float | None:
     if len(pages) < _RATIO_MIN_PAGES:
         return None
     raw = b"".join(pages)
-    return max(1.0, len(raw) / len(zstandard.ZstdCompressor(level=_ZSTD_LEVEL).compress(raw)))
+    return max(1.0, len(raw) / zstd_bytes(raw))
 
 
 def _changed(first: list[int], later: list[int]) -> int:
