@@ -97,10 +97,14 @@ class FrozenHistory:
             with sqlite3.connect(self.live) as connection:
                 connection.execute(
                     "CREATE TABLE IF NOT EXISTS rewrites (vm TEXT NOT NULL, observed_at TEXT "
-                    "NOT NULL, resent_zero_bps BIGINT NOT NULL)"
+                    "NOT NULL, resent_zero_bps BIGINT NOT NULL, stalled INTEGER)"
                 )
                 connection.execute("DELETE FROM rewrites")
-                connection.executemany("INSERT INTO rewrites VALUES (?, ?, ?)", measured)
+                connection.executemany(
+                    "INSERT INTO rewrites (vm, observed_at, resent_zero_bps, stalled)"
+                    " VALUES (?, ?, ?, ?)",
+                    measured,
+                )
 
 
 def _rewrites(db: Path) -> list[tuple[object, ...]]:
@@ -112,7 +116,7 @@ def _rewrites(db: Path) -> list[tuple[object, ...]]:
         if not connection.execute(known).fetchone()[0]:
             return []
         return connection.execute(
-            "SELECT vm, observed_at, resent_zero_bps FROM rewrites"
+            "SELECT vm, observed_at, resent_zero_bps, stalled FROM rewrites"
         ).fetchall()
 
 

@@ -4,6 +4,7 @@ the pre-copy model does with them (vmferry.core.blind, vmferry.core.precopy_loop
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +12,13 @@ import pytest
 
 from vmferry.controller.history import History
 from vmferry.controller.plan import calibration_from, learnt_blind
-from vmferry.core.blind import BLIND_FLOOR_BPS, learnt_blind_bps, rewritten_unchanged_bps
+from vmferry.core.blind import (
+    BLIND_FLOOR_BPS,
+    Learnt,
+    learnt_rewrites,
+    rewritten_unchanged_bps,
+    stalled_on_rewrites,
+)
 from vmferry.core.calibration import Calibration
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import MigrationReport
@@ -65,11 +72,38 @@ def test_moves_that_did_not_iterate_tell_nothing(progress: list[Progress]) -> No
 
 def test_a_plan_takes_the_highest_recent_rate_over_the_floor() -> None:
     fast, slow = 1_200_000_000, BLIND_FLOOR_BPS - 1
-    assert learnt_blind_bps([]) == 0
-    assert learnt_blind_bps([(10.0, slow)]) == 0  # noise: the first pass's zero tail
-    assert learnt_blind_bps([(100.0, fast), (10.0, 50_000_000)]) == fast
-    assert learnt_blind_bps([(2 * 86_400.0, fast), (10.0, 0)]) == 0  # too old
-    assert learnt_blind_bps([(60.0, fast)] + [(10.0, 0)] * 5) == 0  # five newer moves say 0
+
+    def rate(observed: list[tuple[float, int]]) -> int:
+        return learnt_rewrites([(age_s, bps, False) for age_s, bps in observed]).rate_bps
+
+    assert rate([]) == 0
+    assert rate([(10.0, slow)]) == 0  # noise: the first pass's zero tail
+    assert rate([(100.0, fast), (10.0, 50_000_000)]) == fast
+    assert rate([(2 * 86_400.0, fast), (10.0, 0)]) == 0  # too old
+    assert rate([(60.0, fast)] + [(10.0, 0)] * 5) == 0  # five newer moves say 0
+
+
+def test_a_stall_on_rewrites_is_remembered_while_the_rate_is() -> None:
+    assert stalled_on_rewrites(500_000_000, got_across=False)
+    assert not stalled_on_rewrites(500_000_000, got_across=True)
+    assert not stalled_on_rewrites(BLIND_FLOOR_BPS - 1, got_across=False)  # another cause
+    assert not stalled_on_rewrites(None, got_across=False)
+    stalled, converged = (60.0, 450_000_000, True), (30.0, 300_000_000, False)
+    assert learnt_rewrites([stalled, converged]) == Learnt(450_000_000, True)
+    assert learnt_rewrites([converged]) == Learnt(300_000_000, False)
+    assert learnt_rewrites([(2 * 86_400.0, 450_000_000, True), converged]).keeps_pace is False
+
+
+def test_rewrites_that_stalled_a_precopy_keep_it_from_converging_at_any_rate() -> None:
+    # Under QEMU's rescan rate by half: the rate alone says a pre-copy gets through them.
+    zeroing = _guest(int(0.5 * _CAL.zero_rescan_bps), dirty_is_cpu_bound=True)
+    assert predict("precopy", zeroing, downtime_limit_ms=150, cal=_CAL).converges
+    seen_stalling = dataclasses.replace(zeroing, blind_keeps_pace=True)
+    stuck = predict("precopy", seen_stalling, downtime_limit_ms=150, cal=_CAL)
+    assert not stuck.converges
+    assert "a pre-copy stalled on them" in stuck.note
+    # Multifd's channels find the zero pages: the rewrites do not hold it back.
+    assert predict("multifd", seen_stalling, downtime_limit_ms=150, cal=_CAL).converges
 
 
 def test_a_zeroing_loop_faster_than_qemu_keeps_precopy_from_converging() -> None:
@@ -135,19 +169,43 @@ def _report(vm: str, resent_zero_bps: int | None) -> MigrationReport:
 
 def test_history_keeps_each_vms_rewrites_beside_its_moves(tmp_path: Path) -> None:
     history = History(tmp_path / "history.db")
-    assert learnt_blind(history, "vm1") == 0  # no database yet
+    assert learnt_blind(history, "vm1") == Learnt(0, False)  # no database yet
     started = datetime.now(UTC) - timedelta(minutes=5)
     history.record(_report("vm1", 1_100_000_000), started)
     history.record(_report("vm1", None), started)  # a post-copy: measured nothing
     history.record(_report("vm2", 0), started)
-    [(age_s, bps)] = history.resent_zero("vm1")
+    [(age_s, bps, stalled)] = history.resent_zero("vm1")
     assert bps == 1_100_000_000
+    assert not stalled  # it got the guest across
     assert 290 <= age_s <= 330
-    assert learnt_blind(history, "vm1") == 1_100_000_000
-    assert learnt_blind(history, "vm2") == 0
-    assert learnt_blind(None, "vm1") == 0
+    assert learnt_blind(history, "vm1") == Learnt(1_100_000_000, False)
+    assert learnt_blind(history, "vm2") == Learnt(0, False)
+    assert learnt_blind(None, "vm1") == Learnt(0, False)
     # A measurement of one VM, not a calibration sample.
     assert calibration_from(history, "lab") == Calibration.default()
+    # A pre-copy cancelled with the guest still on the source stalled on them.
+    cancelled = dataclasses.replace(
+        _report("vm2", 400_000_000), status="failed", running_on="host-1"
+    )
+    history.record(cancelled, started)
+    assert learnt_blind(history, "vm2") == Learnt(400_000_000, True)
+
+
+def test_a_history_from_before_stalls_were_recorded_still_reads(tmp_path: Path) -> None:
+    db = tmp_path / "history.db"
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "CREATE TABLE rewrites (vm TEXT NOT NULL, observed_at TEXT NOT NULL,"
+            " resent_zero_bps BIGINT NOT NULL)"
+        )
+        connection.execute(
+            "INSERT INTO rewrites VALUES ('vm1', ?, 900000000)",
+            ((datetime.now(UTC) - timedelta(minutes=10)).isoformat(timespec="seconds"),),
+        )
+    history = History(db)
+    assert learnt_blind(history, "vm1") == Learnt(900_000_000, False)
+    history.record(_report("vm1", 800_000_000))
+    assert [bps for _, bps, _ in history.resent_zero("vm1")] == [900_000_000, 800_000_000]
 
 
 def test_reports_carry_the_rate() -> None:

@@ -259,7 +259,8 @@ def plan_table(plan: Mapping[str, Any]) -> Table:
         f"link {format_bytes(m['bandwidth_bps'])}/s"
         + (
             f"\nrewrites {format_bytes(unchanged)}/s of pages unchanged (QEMU counted them "
-            "during its last moves)"
+            "during its last moves"
+            + ("; a pre-copy stalled on them)" if m.get("rewrites_keep_pace") else ")")
             if (unchanged := m.get("rewritten_unchanged_bps"))
             else ""
         )

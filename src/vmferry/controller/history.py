@@ -3,10 +3,10 @@ beside the columns people filter on, and who asked for it: ``api:<token name>`` 
 ``vmferry serve``, ``local:<user>`` from a command run in-process).
 
 Beside it, what each move saw of its guest that a pre-flight cannot (``rewrites``: the rate
-of pages rewritten unchanged, :mod:`vmferry.core.blind`), which the next plan of the same VM
-reads back (:meth:`History.resent_zero`). It is a table of its own: a measurement of one VM,
-not a calibration sample (``vmferry.controller.plan.calibration_from`` reads only
-``migrations``)."""
+of pages rewritten unchanged, and whether the move stalled on them, :mod:`vmferry.core.blind`),
+which the next plan of the same VM reads back (:meth:`History.resent_zero`). It is a table of
+its own: a measurement of one VM, not a calibration sample
+(``vmferry.controller.plan.calibration_from`` reads only ``migrations``)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from vmferry.controller.database import Database, Schema, SqliteDatabase
-from vmferry.core.blind import BLIND_MOVES
+from vmferry.core.blind import BLIND_MOVES, stalled_on_rewrites
 from vmferry.core.model import MigrationReport
 
 __all__ = ["History", "HistoryEntry"]
@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS rewrites (
 );
 CREATE INDEX IF NOT EXISTS rewrites_vm ON rewrites (vm);
 """,
-    added=(("migrations", "asked_by", "TEXT"),),  # who asked: not in databases from before
+    # Not in databases from before: who asked; whether the move stalled on the rewrites.
+    added=(("migrations", "asked_by", "TEXT"), ("rewrites", "stalled", "INTEGER")),
 )
 _WHAT = "migration history"
 
@@ -95,9 +96,12 @@ class History:
         when = (started_at or datetime.now(UTC)).isoformat(timespec="seconds")
         with self.db.transaction(_SCHEMA, _WHAT, write=True) as db:
             if report.resent_zero_bps is not None:
+                got_across = report.running_on == report.destination
+                stalled = stalled_on_rewrites(report.resent_zero_bps, got_across=got_across)
                 db.execute(
-                    "INSERT INTO rewrites (vm, observed_at, resent_zero_bps) VALUES (?, ?, ?)",
-                    (report.vm, when, report.resent_zero_bps),
+                    "INSERT INTO rewrites (vm, observed_at, resent_zero_bps, stalled)"
+                    " VALUES (?, ?, ?, ?)",
+                    (report.vm, when, report.resent_zero_bps, int(stalled)),
                 )
             return db.insert(
                 "INSERT INTO migrations (started_at, vm, source, destination, strategy, status,"
@@ -136,9 +140,9 @@ class History:
 
     def resent_zero(
         self, vm: str, now: datetime | None = None, limit: int = BLIND_MOVES
-    ) -> list[tuple[float, int]]:
-        """``(age_s, resent_zero_bps)`` of ``vm``'s latest ``limit`` moves that measured it,
-        oldest first.
+    ) -> list[tuple[float, int, bool]]:
+        """``(age_s, resent_zero_bps, stalled)`` of ``vm``'s latest ``limit`` moves that
+        measured it, oldest first.
 
         Raises:
             FerryError: the database cannot be read.
@@ -147,14 +151,14 @@ class History:
             return []
         with self.db.transaction(_SCHEMA, _WHAT) as db:
             rows = db.execute(
-                "SELECT observed_at, resent_zero_bps FROM rewrites WHERE vm = ?"
+                "SELECT observed_at, resent_zero_bps, stalled FROM rewrites WHERE vm = ?"
                 " ORDER BY observed_at DESC LIMIT ?",
                 (vm, limit),
             )
         at = now or datetime.now(UTC)
         return [
-            ((at - datetime.fromisoformat(str(when))).total_seconds(), int(bps))
-            for when, bps in reversed(rows)
+            ((at - datetime.fromisoformat(str(when))).total_seconds(), int(bps), bool(stalled))
+            for when, bps, stalled in reversed(rows)
         ]
 
     def entries_since(self, started_at: datetime) -> list[HistoryEntry]:

@@ -20,7 +20,7 @@ from vmferry.agent.api import GuestMeasurement, VmInfo
 from vmferry.agent.port import AgentPort
 from vmferry.controller.cluster import Cluster
 from vmferry.controller.history import History
-from vmferry.core.blind import learnt_blind_bps
+from vmferry.core.blind import Learnt, learnt_rewrites
 from vmferry.core.errors import FerryError
 from vmferry.core.model import MECHANISMS, Prediction
 from vmferry.core.move_cost import DOWNTIME_HEADROOM, RESUME_ALLOWANCE_MS, qemu_downtime_limit_ms
@@ -125,6 +125,7 @@ class Plan:
                 "ram_bytes": m.ram_bytes,
                 "dirty_rate_bps": m.dirty_rate_bps,
                 "rewritten_unchanged_bps": m.blind_dirty_bps,
+                "rewrites_keep_pace": m.blind_keeps_pace,
                 "hot_bytes": m.hot_bytes,
                 "resident_bytes": m.resident_bytes,
                 "zero_fraction": round(m.zero_fraction, 4),
@@ -290,16 +291,16 @@ def calibration_from(history: History | None, guest: str | None = None) -> Calib
     return base.refined(samples, guest=guest) if samples else base
 
 
-def learnt_blind(history: History | None, vm: str) -> int:
-    """The rate of pages ``vm`` rewrites unchanged, as its recent moves saw it
-    (:mod:`vmferry.core.blind`); 0 without a history or when it cannot be read."""
+def learnt_blind(history: History | None, vm: str) -> Learnt:
+    """The pages ``vm`` rewrites unchanged, as its recent moves saw them
+    (:mod:`vmferry.core.blind`); none without a history or when it cannot be read."""
     if history is None:
-        return 0
+        return Learnt(0, False)
     try:
-        return learnt_blind_bps(history.resent_zero(vm))
+        return learnt_rewrites(history.resent_zero(vm))
     except FerryError as err:
         logger.warning("plan: history unreadable, no learnt rewrites for %s: %s", vm, err)
-        return 0
+        return Learnt(0, False)
 
 
 def _int_or_none(value: object) -> int | None:
@@ -321,9 +322,11 @@ async def make_plan(
         FerryError: measuring failed.
     """
     guest, measurement, data = await measure_path(cluster, info, destination, cap_bps)
-    blind_bps = learnt_blind(history, info.name)
-    if blind_bps:
-        measurement = replace(measurement, blind_dirty_bps=blind_bps)
+    blind = learnt_blind(history, info.name)
+    if blind.rate_bps:
+        measurement = replace(
+            measurement, blind_dirty_bps=blind.rate_bps, blind_keeps_pace=blind.keeps_pace
+        )
     predictions = predict_all(
         measurement,
         downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms),

@@ -13,7 +13,16 @@ Nothing outside QEMU sees those writes here (no soft-dirty bits in this kernel, 
 shows them: once it re-sends only what was dirtied (from its third sync), the zero pages QEMU
 sends are pages found dirty and still zero. So each move records that rate
 (:func:`rewritten_unchanged_bps`, in its report as ``resent_zero_bps``) and the next plan of
-the same VM takes it as ``Measurement.blind_dirty_bps`` (:func:`learnt_blind_bps`).
+the same VM takes it as ``Measurement.blind_dirty_bps`` (:func:`learnt_rewrites`).
+
+A move also shows whether QEMU kept up with them: a pre-copy that re-sent them and never got
+the guest across (cancelled, or run into its deadline, with the guest still on the source)
+stalled on them (:func:`stalled_on_rewrites`). The rate alone does not tell: QEMU's threshold
+is what its stream carried over the last 100 ms times the downtime limit, and a round of zero
+flags carries a few bytes a page, so whether the rounds ever dip under it depends on how much
+each sync costs (under TCG it waits for every vCPU to leave its translated block), which a
+loaded host stretches. The next plan of that VM then takes the rewrites as keeping pace with
+QEMU (``Measurement.blind_keeps_pace``), whatever their rate.
 
 Example:
     >>> from vmferry.core.strategy import Progress
@@ -21,13 +30,14 @@ Example:
     ...     return Progress(ms, 0, 0, 0, 0, syncs, None, zero_pages=zeros)
     >>> rewritten_unchanged_bps([at(9_000, 2, 0), at(10_000, 3, 250_000), at(12_000, 40, 850_000)])
     1228800000
-    >>> learnt_blind_bps([(60.0, 1_228_800_000), (30.0, 0)])
-    1228800000
+    >>> learnt_rewrites([(60.0, 1_228_800_000, False), (30.0, 0, False)])
+    Learnt(rate_bps=1228800000, keeps_pace=False)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from vmferry.core.strategy import Progress
 
@@ -35,8 +45,10 @@ __all__ = [
     "BLIND_FLOOR_BPS",
     "BLIND_MAX_AGE_S",
     "BLIND_MOVES",
-    "learnt_blind_bps",
+    "Learnt",
+    "learnt_rewrites",
     "rewritten_unchanged_bps",
+    "stalled_on_rewrites",
 ]
 
 _PAGE_BYTES = 4096
@@ -67,11 +79,29 @@ def rewritten_unchanged_bps(progress: Sequence[Progress]) -> int | None:
     return round(pages * _PAGE_BYTES * 1000 / span_ms)
 
 
-def learnt_blind_bps(observed: Sequence[tuple[float, int]]) -> int:
-    """What a plan takes as the VM's rate of pages rewritten unchanged, from its moves'
-    ``(age_s, resent_zero_bps)``, oldest first: the highest of the latest
-    :data:`BLIND_MOVES` no older than :data:`BLIND_MAX_AGE_S` (a pre-copy that converged
-    quickly iterated less and saw less), 0 under :data:`BLIND_FLOOR_BPS`."""
-    recent = [bps for age_s, bps in observed if 0.0 <= age_s <= BLIND_MAX_AGE_S]
-    value = max(recent[-BLIND_MOVES:], default=0)
-    return value if value >= BLIND_FLOOR_BPS else 0
+def stalled_on_rewrites(resent_zero_bps: int | None, *, got_across: bool) -> bool:
+    """Whether a move stalled on pages rewritten unchanged: it re-sent them at
+    :data:`BLIND_FLOOR_BPS` or more and did not get the guest across."""
+    return not got_across and resent_zero_bps is not None and resent_zero_bps >= BLIND_FLOOR_BPS
+
+
+@dataclass(frozen=True, slots=True)
+class Learnt:
+    """What a plan takes from a VM's recent moves: the rate of its pages rewritten unchanged
+    (0: none seen) and whether one of those moves stalled on them."""
+
+    rate_bps: int
+    keeps_pace: bool
+
+
+def learnt_rewrites(observed: Sequence[tuple[float, int, bool]]) -> Learnt:
+    """What a plan takes from the VM's moves' ``(age_s, resent_zero_bps, stalled)``, oldest
+    first: of the latest :data:`BLIND_MOVES` no older than :data:`BLIND_MAX_AGE_S`, the highest
+    rate (a pre-copy that converged quickly iterated less and saw less), 0 under
+    :data:`BLIND_FLOOR_BPS`, and whether any of them stalled on the rewrites."""
+    recent = [(bps, stalled) for age_s, bps, stalled in observed if 0.0 <= age_s <= BLIND_MAX_AGE_S]
+    recent = recent[-BLIND_MOVES:]
+    value = max((bps for bps, _ in recent), default=0)
+    if value < BLIND_FLOOR_BPS:
+        return Learnt(0, False)
+    return Learnt(value, any(stalled for _, stalled in recent))

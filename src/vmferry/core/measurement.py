@@ -43,6 +43,8 @@ class Measurement:
             held, a guest writing zeros over zero pages: QEMU's dirty log counts them, a content
             comparison (``dirty_rate_bps``) cannot see them. Learnt from what QEMU counted
             during this VM's earlier moves (:mod:`vmferry.core.blind`); 0 when unknown.
+        blind_keeps_pace: a recent pre-copy of this VM stalled on those rewrites: take them
+            as keeping pace with QEMU whatever ``blind_dirty_bps`` says.
         dirty_compress_ratio: zstd ratio (>= 1) of the pages the guest was seen changing (what
             a pre-copy's later rounds re-send), None when not measured (``compress_ratio`` is
             then taken for them too).
@@ -63,6 +65,7 @@ class Measurement:
     guest_busy_cores: float | None = None
     resident_bytes: int | None = None
     blind_dirty_bps: int = 0
+    blind_keeps_pace: bool = False
     dirty_compress_ratio: float | None = None
 
     def __post_init__(self) -> None:

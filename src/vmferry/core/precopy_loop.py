@@ -22,7 +22,9 @@ Two kinds of dirty page go round the loop:
   write to it a slow path under TCG, so a zeroing loop and QEMU settle at about the same pace
   (the lab: 1.18 GB/s of the 1.2 QEMU takes), and the pending pages then neither shrink nor
   grow. A writer seen at :data:`KEEPS_PACE` of QEMU's rate or more is taken as keeping pace:
-  what the first pass left of its rewrites stays pending at every sync.
+  what the first pass left of its rewrites stays pending at every sync. So is one that stalled
+  a pre-copy of this VM before (``Measurement.blind_keeps_pace``): on a loaded host each sync
+  costs more and QEMU keeps pace with less (:mod:`vmferry.core.blind`).
 
 Example:
     >>> from vmferry.core.calibration import Calibration
@@ -151,6 +153,13 @@ def _throttled(pct: int, high: int, dirtied: float, sent: float) -> tuple[int, i
     return pct, high
 
 
+def _keeps_pace(m: Measurement, rate_bps: float, slowed: float, rates: Rates) -> bool:
+    """Whether the rewrites keep pace with QEMU: seen stalling a pre-copy of this VM (unless
+    auto-converge now slows its vCPUs), or written at :data:`KEEPS_PACE` of QEMU's rate."""
+    stalled = m.blind_keeps_pace and m.blind_dirty_bps > 0 and slowed >= 1.0
+    return stalled or rate_bps >= KEEPS_PACE * rates.zero_rescan_bps
+
+
 def simulate(
     m: Measurement,
     downtime_limit_ms: int,
@@ -189,7 +198,7 @@ def simulate(
         # the pending bytes that was sent.
         resent_hot = hot * burst_sent / pending if pending > 0.0 else 0.0
         pending = pending_after(left, rate * slowed, seconds, dirty) + resent_hot
-        if unchanged_rate * slowed < KEEPS_PACE * rates.zero_rescan_bps:
+        if not _keeps_pace(m, unchanged_rate * slowed, slowed, rates):
             unchanged = pending_after(0.0, unchanged_rate * slowed, seconds, zeros)
         syncs += 1
     final_s = pending / rates.paused_bps + unchanged / rates.zero_rescan_bps

@@ -355,7 +355,8 @@ def _from_run(
 def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
     if not run.converges:
         unchanged = (
-            f" and rewrites {format_rate(m.blind_dirty_bps)} unchanged (QEMU counts those too)"
+            f" and rewrites {format_rate(m.blind_dirty_bps)} unchanged (QEMU counts those too"
+            + ("; a pre-copy stalled on them)" if m.blind_keeps_pace else ")")
             if m.blind_dirty_bps
             else ""
         )
