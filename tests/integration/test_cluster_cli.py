@@ -190,11 +190,6 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.xdist_group("netns")  # namespaces are machine-wide: one netns lab at a time
-# Known, not hidden: the zeroing guest (vm2) keeps pace with QEMU's pre-copy, whose pending
-# pages then neither shrink nor grow; now and then one sync finds them under the threshold and
-# auto's pre-copy completes without the cancel-and-retry this test is about (1 clean-clone
-# run in 4 this session). A second run must pass.
-@pytest.mark.flaky(reruns=1)
 def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab (a no-op when
     # none are, and it never touches a network whose lab still runs).
@@ -222,39 +217,39 @@ def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     assert "migration.unsent_limited" in agent_log, agent_log[-2000:]
 
     # A guest rewriting zero pages looks calm to the pre-flight's page sampling (contents do
-    # not change), but QEMU's dirty log counts every write: auto's pre-copy stalls and is
-    # cancelled with the guest on the source, then auto retries as multifd, which converges.
+    # not change), but QEMU's dirty log counts every write, each a whole page against its
+    # threshold, while the stream carries a few bytes each: on its own QEMU never switches
+    # (30 s, ~1,100 syncs, measured). vmferry tells QEMU what they cost once the rounds show
+    # them (ZeroPricing): auto's pre-copy converges with one round of them pending.
     lab.ok(
         "vm", "create", "vm2", "--host", "host-1",
         "--workload", "dirty:size=64M,pattern=zero,mode=cpu",
     )  # fmt: skip
-    # 150 ms: multifd's margin is then within 2x of pre-copy's, so auto prefers pre-copy.
     goal = ["--max-downtime", "150", "--deadline", "60"]
     report = lab.ok("migrate", "vm2", "--to", "host-2", "--strategy", "auto", *goal)
 
-    seen = {k: report[k] for k in ("strategy", "retried_from", "guest_downtime_ms", "predicted")}
+    seen = {k: report[k] for k in ("strategy", "retried_from", "downtime_ms", "total_ms")}
     assert report["status"] == "completed", report["error"]
-    assert report["retried_from"] is not None, seen
-    assert report["retried_from"]["strategy"] in ("precopy", "xbzrle", "auto-converge"), seen
-    assert "cancelling" in report["retried_from"]["error"]
-    assert report["strategy"] == "multifd"
-    assert report["integrity"]["ok"] is True
+    assert report["retried_from"] is None, seen
+    assert report["strategy"] in ("precopy", "xbzrle", "auto-converge"), seen
+    assert report["resent_zero_bps"] >= 32 << 20, seen  # rounds of them, priced
+    assert report["downtime_ms"] < 150, seen  # QEMU's pause: what its threshold now holds
     assert report["guest_downtime_ms"] is not None
+    assert report["integrity"]["ok"] is True
+    agent_log = (lab_dir / "hosts" / "host-1" / "agent.log").read_text()
+    assert "migration.switchover_bandwidth" in agent_log, agent_log[-2000:]
 
-    # The cancelled pre-copy saw QEMU re-send zero pages round after round and stall on them:
-    # the next plan of vm2 knows what its pre-flight cannot see, predicts that pre-copy never
-    # converges (whatever rate this loaded host let the guest write at), and auto chooses
-    # right before it starts: no cancelled attempt on the way back.
+    # The next plan of vm2 knows what its pre-flight cannot see, and prices the pause with
+    # them pending; auto moves it back with no cancelled attempt.
     plan = lab.ok("plan", "vm2", "--to", "host-1", *goal)
     assert plan["measured"]["rewritten_unchanged_bps"] >= 32 << 20
-    assert plan["measured"]["rewrites_keep_pace"] is True
+    assert plan["measured"]["rewrites_keep_pace"] is False  # no pre-copy stalled on them
     predictions = {p["strategy"]: p for p in plan["predictions"]}
-    assert predictions["precopy"]["converges"] is False, predictions["precopy"]["note"]
-    assert "unchanged" in predictions["precopy"]["note"]
+    assert predictions["precopy"]["converges"] is True, predictions["precopy"]["note"]
+    assert "rewritten unchanged" in predictions["precopy"]["note"]
     back = lab.ok("migrate", "vm2", "--to", "host-1", "--strategy", "auto", *goal)
     assert back["status"] == "completed", back["error"]
     assert back["retried_from"] is None, back
-    assert back["strategy"] not in ("precopy", "xbzrle"), back
     assert back["integrity"]["ok"] is True
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "first_pass_dirtied",
     "headroom",
     "pending_after",
+    "round_rewrites",
     "simulate",
     "sync_point",
     "zero_set",
@@ -72,6 +73,17 @@ _THROTTLE_TRIGGER_COUNT = 2
 _BURST_S = 0.050
 # A rate of pages rewritten unchanged this close to QEMU's rescan rate keeps pace with it.
 KEEPS_PACE = 0.8
+# Each sync under TCG waits for every vCPU and walks the dirty bitmap: this long per GiB of
+# guest (the lab, 1 GiB zeroing 64 MiB at 200 Mbit/s: rounds of ~27 ms, ~11 ms of it beyond
+# re-sending ~19 MB of zero pages at QEMU's rate).
+_SYNC_S_PER_GIB = 0.010
+# The slack QEMU keeps per round against a writer at its pace (caps the balance's level; the
+# lab guest above, priced: 21-26 ms paused with ~1.1 GB/s of rewrites).
+_MIN_SLACK = 0.5
+# vmferry prices the rewrites once this many syncs and this long past the first pass show
+# them (core.blind.ZeroPricing: three syncs from the third, and 300 ms).
+_PRICED_SYNCS = 6
+_PRICED_S = 0.3
 # Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
 HEADROOM_CAP = 4.0
 _HEADROOM_STEPS = 12
@@ -160,6 +172,18 @@ def _keeps_pace(m: Measurement, rate_bps: float, slowed: float, rates: Rates) ->
     return stalled or rate_bps >= KEEPS_PACE * rates.zero_rescan_bps
 
 
+def round_rewrites(m: Measurement, rate_bps: float, rates: Rates) -> float:
+    """Bytes of pages rewritten unchanged that one round finds once QEMU re-sends only them:
+    the guest rewrites them while QEMU syncs and re-sends the last round's, and the two settle
+    where they balance (a writer at QEMU's pace at :data:`_MIN_SLACK` of slack; at most the
+    whole zero part)."""
+    if rate_bps <= 0.0:
+        return 0.0
+    sync_s = _SYNC_S_PER_GIB * max(1.0, m.ram_bytes / 2**30)
+    share = min(rate_bps / rates.zero_rescan_bps, 1.0 - _MIN_SLACK)
+    return min(zero_set(m), rate_bps * sync_s / (1.0 - share))
+
+
 def simulate(
     m: Measurement,
     downtime_limit_ms: int,
@@ -175,13 +199,13 @@ def simulate(
     unchanged_rate = m.blind_dirty_bps * rate_scale
     hot = float(m.hot_bytes)  # written again within any round, however short
     threshold, kept = sync_point(rates, downtime_limit_ms)
-    copy_s = rates.first_pass_s(m)
+    copy_s = first_s = rates.first_pass_s(m)
     sent = m.nonzero_bytes
     pending = pending_after(0.0, rate, copy_s, dirty) + hot
     unchanged = pending_after(0.0, unchanged_rate, copy_s, zeros)
     syncs = 2  # at setup, after round 0
-    burst_sent, throttle_pct, high = m.nonzero_bytes, 0, 0
-    while pending + unchanged > threshold:
+    burst_sent, throttle_pct, high, priced = m.nonzero_bytes, 0, 0, False
+    while pending + (0.0 if priced else unchanged) > threshold:
         if throttle:
             left = min(pending, kept) if syncs > 2 else 0.0
             dirtied = pending - left + unchanged
@@ -198,11 +222,23 @@ def simulate(
         # the pending bytes that was sent.
         resent_hot = hot * burst_sent / pending if pending > 0.0 else 0.0
         pending = pending_after(left, rate * slowed, seconds, dirty) + resent_hot
-        if not _keeps_pace(m, unchanged_rate * slowed, slowed, rates):
-            unchanged = pending_after(0.0, unchanged_rate * slowed, seconds, zeros)
+        unchanged = _rewrites_after(m, unchanged_rate * slowed, slowed, seconds, rates)
         syncs += 1
+        # vmferry then tells QEMU what they cost (core.blind.ZeroPricing): they no longer
+        # hold the switch back, and it happens with one round of them pending.
+        priced = unchanged_rate > 0.0 and syncs >= _PRICED_SYNCS and copy_s - first_s >= _PRICED_S
     final_s = pending / rates.paused_bps + unchanged / rates.zero_rescan_bps
     return Run(True, copy_s, final_s, sent + pending, syncs + 1, pending, throttle_pct, unchanged)
+
+
+def _rewrites_after(
+    m: Measurement, rate_bps: float, slowed: float, seconds: float, rates: Rates
+) -> float:
+    """Pages rewritten unchanged that a sync finds after a round of ``seconds``: one round's
+    level where they keep pace with QEMU, else what the guest rewrote meanwhile."""
+    if _keeps_pace(m, rate_bps, slowed, rates):
+        return round_rewrites(m, max(rate_bps, KEEPS_PACE * rates.zero_rescan_bps), rates)
+    return pending_after(0.0, rate_bps, seconds, zero_set(m))
 
 
 def headroom(

@@ -352,6 +352,10 @@ def _from_run(
     )
 
 
+# Pages rewritten unchanged pending at the switch are named from this much on.
+_NOTED_UNCHANGED_BYTES = 1 << 20
+
+
 def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
     if not run.converges:
         unchanged = (
@@ -365,6 +369,13 @@ def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
             f"{format_rate(rates.resend_bps)} link: never converges"
         )
     paused = format_bytes(run.remainder_bytes)
+    if run.unchanged_bytes >= _NOTED_UNCHANGED_BYTES:
+        # QEMU is told what they cost (core.blind.ZeroPricing) and switches with them pending.
+        why = "; a pre-copy stalled on them" if m.blind_keeps_pace else ""
+        paused += (
+            f" and {format_bytes(run.unchanged_bytes)} of pages rewritten unchanged "
+            f"({format_rate(m.blind_dirty_bps)}{why})"
+        )
     resent = run.sent_bytes - m.nonzero_bytes - run.remainder_bytes
     if resent < 1.0:
         return f"one pass, then {paused} while paused"

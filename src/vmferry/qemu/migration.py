@@ -15,6 +15,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
+from vmferry.core.blind import ZeroPricing
 from vmferry.core.errors import (
     FerryError,
     MigrationFailed,
@@ -41,6 +42,7 @@ __all__ = [
     "run_state",
     "set_bandwidth",
     "set_precopy_bandwidth",
+    "set_switchover_bandwidth",
     "source_parameters_for",
     "start_incoming",
     "start_postcopy",
@@ -79,6 +81,9 @@ def source_parameters_for(options: MigrationOptions) -> dict[str, object]:
     params: dict[str, object] = {
         "max-bandwidth": options.max_bandwidth_bps or UNLIMITED_BPS,
         "downtime-limit": options.downtime_limit_ms,
+        # QEMU's own estimate until the pre-copy shows otherwise (ZeroPricing); reset, since
+        # a source whose earlier attempt was told another keeps it.
+        "avail-switchover-bandwidth": 0,
     }
     if options.uses_postcopy:
         # Post-copy pulls pages over the same link: cap it alike.
@@ -233,6 +238,7 @@ async def run_migration(
         logger.info("migration.started %s -> %s (%s)", src.name, uri, options.mechanism)
         if options.mechanism == "postcopy":
             await start_postcopy(src)
+        pricing = _zero_pricing(options)
         try:
             previous = MigrationStatus.SETUP
             # QEMU may still say pre-switchover for a moment after migrate-continue (seen
@@ -241,6 +247,8 @@ async def run_migration(
             async with asyncio.timeout(options.timeout_s) as deadline:
                 while True:
                     stats = await _next_sample(src, listener, on_progress)
+                    if pricing is not None and (told := pricing.feed(stats)) is not None:
+                        await set_switchover_bandwidth(src, told)
                     if stats.status.is_postcopy and deadline.when() is not None:
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
@@ -268,6 +276,22 @@ async def run_migration(
             raise MigrationFailed(
                 src.name, "active", f"did not finish within {options.timeout_s:g} s; cancelled"
             ) from None
+
+
+def _zero_pricing(options: MigrationOptions) -> ZeroPricing | None:
+    """The switchover bandwidth's keeper for a single-stream pre-copy (multifd's channels find
+    zero pages themselves and count them apart; post-copy has no switchover threshold)."""
+    if options.mechanism not in ("precopy", "xbzrle", "auto-converge"):
+        return None
+    cap_bps = options.max_bandwidth_bps
+    return ZeroPricing(options.downtime_limit_ms, float(cap_bps or 0), capped=cap_bps is not None)
+
+
+async def set_switchover_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
+    """Tell QEMU the bandwidth its switchover threshold is to use (``avail-switchover-bandwidth``,
+    bytes/s) instead of what its stream carried lately (see :class:`ZeroPricing`)."""
+    await src.execute("migrate-set-parameters", {"avail-switchover-bandwidth": bandwidth_bps})
+    logger.info("migration.switchover_bandwidth %s %d B/s", src.name, bandwidth_bps)
 
 
 async def _failure(src: QmpSession, status: MigrationStatus) -> MigrationFailed:
