@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 
 from vmferry.agent.api import stats_from_json
-from vmferry.core.eta import EtaEstimator, EtaHints
+from vmferry.core.calibration import Calibration
+from vmferry.core.eta import EtaEstimator, EtaHints, zero_page_s
+from vmferry.core.measurement import Measurement
 from vmferry.core.model import MigrationStats
 from vmferry.core.status import MigrationStatus, Stage
 
@@ -221,3 +223,61 @@ def test_the_disk_rate_is_the_mirrors_progress_not_its_bursts() -> None:
     # 312 MiB left at 48 - 4 = 44 MiB/s; no RAM data (all zero pages, ~0.1 s of them).
     assert eta is not None
     assert 7_000 < eta < 7_400, eta
+
+
+def _idle(ram_gib: int, resident_gib: float | None) -> Measurement:
+    return Measurement(
+        ram_bytes=ram_gib << 30, zero_fraction=0.91, compress_ratio=1.0, dirty_rate_bps=0,
+        bandwidth_bps=50_000_000,
+        resident_bytes=None if resident_gib is None else int(resident_gib * (1 << 30)),
+    )  # fmt: skip
+
+
+def test_a_plan_prices_zero_pages_with_their_first_touches() -> None:
+    cal = Calibration.default()
+    # A freshly booted 2 GiB guest: its zero pages are holes on both sides, and a touch
+    # costs more the larger the guest (what the predictor counts).
+    fresh = zero_page_s(_idle(2, 0.2), "precopy", cal)
+    allocated = zero_page_s(_idle(2, None), "precopy", cal)  # the source ran a while
+    small = zero_page_s(_idle(1, None), "precopy", cal)
+    assert fresh is not None
+    assert allocated is not None
+    assert small is not None
+    assert fresh > allocated > small > 1e-6
+    assert 2e-6 < allocated < 5e-6  # the recordings: ~3 us a page on the idle 2 GiB guest
+    # Multifd's destination stays sparse: an allocated source leaves only the check.
+    assert zero_page_s(_idle(2, None), "multifd", cal) == pytest.approx(1e-6)
+    hints = EtaHints.planned(_idle(2, None), "precopy", cal)
+    assert hints.zero_page_s == allocated
+    assert hints.zero_fraction == pytest.approx(0.91)
+
+
+def test_the_planned_zero_page_cost_stands_until_the_pages_tell() -> None:
+    """Early in a first pass of data, the zero pages still to come cost what the plan says."""
+    stats = [
+        MigrationStats(
+            status=MigrationStatus.ACTIVE,
+            total_ms=ms,
+            transferred_bytes=ms * 50_000,
+            remaining_bytes=(2 << 30) - ms * 50_000,
+            total_bytes=2 << 30,
+            dirty_pages_rate=0,
+            page_size=PAGE,
+            iterations=1,
+            throughput_bps=50_000_000,
+            expected_downtime_ms=None,
+            downtime_ms=None,
+            normal_pages=ms * 50_000 // PAGE,
+            zero_pages=0,
+        )
+        for ms in range(100, 1600, 100)
+    ]
+    plain, planned = EtaEstimator(EtaHints(0.91)), EtaEstimator(EtaHints(0.91, zero_page_s=3e-6))
+    for sample in stats:
+        plain.add(sample)
+        planned.add(sample)
+    plain_ms, planned_ms = plain.eta_ms(), planned.eta_ms()
+    assert plain_ms is not None
+    assert planned_ms is not None
+    zero_pages = 0.91 * (2 << 30) / PAGE
+    assert planned_ms - plain_ms == pytest.approx(zero_pages * 2e-6 * 1000, rel=0.05)

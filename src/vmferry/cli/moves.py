@@ -44,7 +44,7 @@ async def _migrate_one(
 
         def measured(plan: Plan) -> None:
             m = plan.measurement
-            line.hint(EtaHints(m.zero_fraction, m.dirty_rate_bps, m.dirty_set_bytes))
+            line.hint(EtaHints.planned(m, plan.choice.strategy, plan.calibration))
 
         return await run_migration(
             cluster, request, history=history, on_progress=line.update, on_plan=measured

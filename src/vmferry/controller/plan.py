@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from vmferry.agent.api import GuestMeasurement, VmInfo
 from vmferry.agent.port import AgentPort
@@ -110,6 +110,7 @@ class Plan:
     goal: Goal
     choice: Choice
     data: DataAge = DataAge(0.0, 0.0, "probe")
+    calibration: Calibration = field(default_factory=Calibration.default)  # predictions used it
 
     def prediction_for(self, strategy: str) -> StrategyPrediction | None:
         return next((p for p in self.predictions if p.strategy == strategy), None)
@@ -327,10 +328,9 @@ async def make_plan(
         measurement = replace(
             measurement, blind_dirty_bps=blind.rate_bps, blind_keeps_pace=blind.keeps_pace
         )
+    cal = calibration_from(history, guest_kind(info))
     predictions = predict_all(
-        measurement,
-        downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms),
-        cal=calibration_from(history, guest_kind(info)),
+        measurement, downtime_limit_ms=qemu_downtime_limit_ms(goal.max_downtime_ms), cal=cal
     )
     return Plan(
         vm=info.name,
@@ -342,4 +342,5 @@ async def make_plan(
         goal=goal,
         choice=choose(predictions, goal),
         data=data,
+        calibration=cal,
     )
