@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -280,8 +281,11 @@ async def run_migration(
 
 def _zero_pricing(options: MigrationOptions) -> ZeroPricing | None:
     """The switchover bandwidth's keeper for a single-stream pre-copy (multifd's channels find
-    zero pages themselves and count them apart; post-copy has no switchover threshold)."""
+    zero pages themselves and count them apart; post-copy has no switchover threshold).
+    ``VMFERRY_ZERO_PRICING=0`` in the agent's environment leaves QEMU's estimate alone."""
     if options.mechanism not in ("precopy", "xbzrle", "auto-converge"):
+        return None
+    if os.environ.get("VMFERRY_ZERO_PRICING", "").strip() == "0":  # bench/zero_pricing.sh
         return None
     cap_bps = options.max_bandwidth_bps
     return ZeroPricing(options.downtime_limit_ms, float(cap_bps or 0), capped=cap_bps is not None)
