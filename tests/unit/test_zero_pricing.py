@@ -63,19 +63,26 @@ def test_more_zero_pages_per_round_raise_it_again_and_growing_data_sets_it_back(
     assert len(more) == 1
     assert more[0] > 1.5 * first[0]
     # The guest now re-sends data that does not fit half the limit at the link's rate.
-    back = _rounds(pricing, 6000, 6, zero_per_round=40_000_000, data_per_round=3_000_000)
+    back = _rounds(pricing, 6000, 6, zero_per_round=40_000_000, data_per_round=5_000_000)
     assert back == [_LINK_BPS]
 
 
 def test_a_guest_that_rewrites_few_zero_pages_is_left_to_qemu() -> None:
     pricing = _after_first_pass()
-    assert _rounds(pricing, 4000, 20, zero_per_round=200_000, data_per_round=100_000) == []
+    assert _rounds(pricing, 4000, 20, zero_per_round=40_000, data_per_round=100_000) == []
 
 
 def test_data_that_does_not_fit_the_limit_is_never_priced_away() -> None:
     pricing = _after_first_pass()
-    # 2 MB of data a round at 25 MB/s is 80 ms: over half a 150 ms limit.
-    assert _rounds(pricing, 4000, 20, zero_per_round=19_000_000, data_per_round=2_000_000) == []
+    # 4 MB of data a round at 25 MB/s is 160 ms: over a 150 ms limit.
+    assert _rounds(pricing, 4000, 20, zero_per_round=19_000_000, data_per_round=4_000_000) == []
+
+
+def test_a_paced_writer_whose_zero_pages_and_data_together_miss_the_threshold_is_priced() -> None:
+    # Measured: ~760 kB of zero pages and ~690 kB of data a round, a 50 ms limit at 25 MB/s.
+    pricing = _after_first_pass(limit_ms=50)
+    [told] = _rounds(pricing, 4000, 6, zero_per_round=760_000, data_per_round=690_000)
+    assert told * 0.050 > 760_000 + 690_000  # QEMU's threshold now takes a round of both
 
 
 def test_a_capped_stream_takes_its_cap_as_the_link() -> None:
