@@ -25,9 +25,7 @@ loaded host stretches. The next plan of that VM then takes the rewrites as keepi
 QEMU (``Measurement.blind_keeps_pace``), whatever their rate.
 
 Example:
-    >>> from vmferry.core.model import MigrationStats
-from vmferry.core.status import MigrationStatus
-from vmferry.core.strategy import Progress
+    >>> from vmferry.core.strategy import Progress
     >>> def at(ms, syncs, zeros):
     ...     return Progress(ms, 0, 0, 0, 0, syncs, None, zero_pages=zeros)
     >>> rewritten_unchanged_bps([at(9_000, 2, 0), at(10_000, 3, 250_000), at(12_000, 40, 850_000)])
@@ -144,9 +142,10 @@ class ZeroPricing:
     switchover bandwidth is the link's rate plus :data:`_PRICE_ZERO_ROUNDS` rounds of zero
     pages per limit: QEMU then switches with the data it would have anyway plus those zero
     pages pending. Should the data re-sent grow past that, it is set back to the link's rate.
-    A paced writer shows why the floor is low: 25 MB/s of zeros over 64 MiB of a 256 MiB lab
-    guest (200 Mbit/s, 50 ms) re-sent ~760 kB of zero pages and ~690 kB of data (its page
-    bookkeeping) a round; QEMU's threshold, ~1.1 MB, never took both, for 25 s and 856 syncs.
+    Where the data alone does not fit, nothing is told: a paced writer of 25 MB/s of zeros over
+    64 MiB of a 256 MiB lab guest (200 Mbit/s, a 50 ms goal, so a 14 ms limit) re-sent ~760 kB
+    of zero pages and ~690 kB of data (its page bookkeeping) a round, and ran into its deadline
+    either way: that data takes 28 ms at the link's rate.
 
     ``link_bps``: the stream's cap, or 0 to take the fastest rate seen in the first pass.
     """
