@@ -21,10 +21,13 @@ Two kinds of dirty page go round the loop:
   The rate a move sees is capped by QEMU's own: a page it re-protects costs the writer's next
   write to it a slow path under TCG, so a zeroing loop and QEMU settle at about the same pace
   (the lab: 1.18 GB/s of the 1.2 QEMU takes), and the pending pages then neither shrink nor
-  grow. A writer seen at :data:`KEEPS_PACE` of QEMU's rate or more is taken as keeping pace:
-  what the first pass left of its rewrites stays pending at every sync. So is one that stalled
-  a pre-copy of this VM before (``Measurement.blind_keeps_pace``): on a loaded host each sync
-  costs more and QEMU keeps pace with less (:mod:`vmferry.core.blind`).
+  grow. A writer seen at :data:`KEEPS_PACE` of QEMU's rate or more is taken as keeping pace,
+  and so is one that stalled a pre-copy of this VM before (``Measurement.blind_keeps_pace``:
+  on a loaded host each sync costs more and QEMU keeps pace with less): each sync then finds
+  one round of them, where the two balance (:func:`round_rewrites`). QEMU's own threshold
+  never lets that pass, but vmferry tells QEMU what they cost once the rounds show them
+  (:class:`vmferry.core.blind.ZeroPricing`): from then on they hold no switch back, and it
+  happens with one round of them pending.
 
 Example:
     >>> from vmferry.core.calibration import Calibration

@@ -249,7 +249,7 @@ async def run_migration(
                 while True:
                     stats = await _next_sample(src, listener, on_progress)
                     if pricing is not None and (told := pricing.feed(stats)) is not None:
-                        await set_switchover_bandwidth(src, told)
+                        pricing = await _tell_switchover(src, pricing, told)
                     if stats.status.is_postcopy and deadline.when() is not None:
                         # The destination owns the guest now: a post-copy cannot be
                         # cancelled, only completed (or paused and recovered), however long.
@@ -289,6 +289,18 @@ def _zero_pricing(options: MigrationOptions) -> ZeroPricing | None:
         return None
     cap_bps = options.max_bandwidth_bps
     return ZeroPricing(options.downtime_limit_ms, float(cap_bps or 0), capped=cap_bps is not None)
+
+
+async def _tell_switchover(
+    src: QmpSession, pricing: ZeroPricing, bandwidth_bps: int
+) -> ZeroPricing | None:
+    """Tell QEMU; a QEMU that refuses is left to its own estimate (the move goes on)."""
+    try:
+        await set_switchover_bandwidth(src, bandwidth_bps)
+    except FerryError as err:
+        logger.warning("migration.switchover_bandwidth %s not set: %s", src.name, err)
+        return None
+    return pricing
 
 
 async def set_switchover_bandwidth(src: QmpSession, bandwidth_bps: int) -> None:
