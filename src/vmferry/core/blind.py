@@ -38,15 +38,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from vmferry.core.model import MigrationStats
 from vmferry.core.status import MigrationStatus
-from vmferry.core.strategy import Progress
+
+if TYPE_CHECKING:  # the predictor's loop reads the pricing's constants: no import at run time
+    from vmferry.core.strategy import Progress
 
 __all__ = [
     "BLIND_FLOOR_BPS",
     "BLIND_MAX_AGE_S",
     "BLIND_MOVES",
+    "PRICED_AFTER_S",
+    "PRICED_AFTER_SYNCS",
     "Learnt",
     "ZeroPricing",
     "learnt_rewrites",
@@ -114,6 +119,9 @@ def learnt_rewrites(observed: Sequence[tuple[float, int, bool]]) -> Learnt:
 # of it tell what each round re-sends.
 _PRICE_SYNCS = 3
 _PRICE_SPAN_MS = 300
+# When pricing starts, as the predictor's loop counts it (core.precopy_loop).
+PRICED_AFTER_SYNCS = _FROM_SYNC + _PRICE_SYNCS
+PRICED_AFTER_S = _PRICE_SPAN_MS / 1000.0
 # Rounds re-sending less than this of zero pages (16 pages) are left to QEMU's own rule.
 _PRICE_MIN_ZERO_BYTES = 64 << 10
 # The threshold covers this many rounds' worth of zero pages (a round may find more).

@@ -34,6 +34,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from vmferry.core.calibration import Calibration
+from vmferry.core.felt import PAGE_BYTES
 from vmferry.core.measurement import Measurement
 from vmferry.core.model import Mechanism, MigrationStats
 from vmferry.core.predict_touch import destination_share, first_touch_s
@@ -55,7 +56,6 @@ _ZERO_PAGE_PRIOR_S = 1e-6
 _POSTCOPY_ZERO_PAGE_PRIOR_S = 2e-6
 # Checking an allocated page for zeros, before any first touch (the recordings above).
 _ZERO_PAGE_CHECK_S = 0.3e-6
-_PAGE_BYTES = 4096
 # The disk mirror's rate comes from its progress over this much of QEMU's time (QEMU's own
 # throughput figure reads each 16 MiB chunk's burst, ~1.6x the rate the copy keeps).
 _DISK_WINDOW_MS = 2000.0
@@ -101,7 +101,7 @@ def zero_page_s(m: Measurement, strategy: Mechanism, cal: Calibration) -> float 
     """What one of ``m``'s zero pages costs a move by ``strategy`` on average: QEMU's check,
     and the first touches of the holes it reads and of the pages its destination places
     (what the predictor counts, spread over the zero pages); None without zero pages."""
-    pages = m.zero_bytes / _PAGE_BYTES
+    pages = m.zero_bytes / PAGE_BYTES
     if pages < 1.0:
         return None
     touch_s = first_touch_s(m, cal, destination_share(strategy, cal))

@@ -35,8 +35,9 @@ Example:
     >>> from vmferry.core.transfer import Rates
     >>> m = Measurement(ram_bytes=1 << 30, zero_fraction=0.9, compress_ratio=1.0,
     ...                 dirty_rate_bps=0, bandwidth_bps=25_000_000, blind_dirty_bps=1_500_000_000)
-    >>> simulate(m, 300, Rates.plain(m, Calibration.default())).converges
-    False
+    >>> run = simulate(m, 300, Rates.plain(m, Calibration.default()))
+    >>> run.converges, run.syncs >= PRICED_AFTER_SYNCS  # only once the rewrites are priced
+    (True, True)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vmferry.core.blind import PRICED_AFTER_S, PRICED_AFTER_SYNCS
 from vmferry.core.measurement import Measurement
 from vmferry.core.transfer import Rates
 
@@ -83,10 +85,6 @@ _SYNC_S_PER_GIB = 0.010
 # The slack QEMU keeps per round against a writer at its pace (caps the balance's level; the
 # lab guest above, priced: 21-26 ms paused with ~1.1 GB/s of rewrites).
 _MIN_SLACK = 0.5
-# vmferry prices the rewrites once this many syncs and this long past the first pass show
-# them (core.blind.ZeroPricing: three syncs from the third, and 300 ms).
-_PRICED_SYNCS = 6
-_PRICED_S = 0.3
 # Dirty-rate headroom beyond this is "plenty"; bisection steps to find it (~0.001 precision).
 HEADROOM_CAP = 4.0
 _HEADROOM_STEPS = 12
@@ -229,7 +227,11 @@ def simulate(
         syncs += 1
         # vmferry then tells QEMU what they cost (core.blind.ZeroPricing): they no longer
         # hold the switch back, and it happens with one round of them pending.
-        priced = unchanged_rate > 0.0 and syncs >= _PRICED_SYNCS and copy_s - first_s >= _PRICED_S
+        priced = (
+            unchanged_rate > 0.0
+            and syncs >= PRICED_AFTER_SYNCS
+            and copy_s - first_s >= PRICED_AFTER_S
+        )
     final_s = pending / rates.paused_bps + unchanged / rates.zero_rescan_bps
     return Run(True, copy_s, final_s, sent + pending, syncs + 1, pending, throttle_pct, unchanged)
 
