@@ -357,10 +357,11 @@ _NOTED_UNCHANGED_BYTES = 1 << 20
 
 
 def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
+    stalled = "; a pre-copy stalled on them" if m.blind_keeps_pace else ""
     if not run.converges:
         unchanged = (
             f" and rewrites {format_rate(m.blind_dirty_bps)} unchanged (QEMU counts those too"
-            + ("; a pre-copy stalled on them)" if m.blind_keeps_pace else ")")
+            f"{stalled})"
             if m.blind_dirty_bps
             else ""
         )
@@ -371,10 +372,9 @@ def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
     paused = format_bytes(run.remainder_bytes)
     if run.unchanged_bytes >= _NOTED_UNCHANGED_BYTES:
         # QEMU is told what they cost (core.blind.ZeroPricing) and switches with them pending.
-        why = "; a pre-copy stalled on them" if m.blind_keeps_pace else ""
         paused += (
             f" and {format_bytes(run.unchanged_bytes)} of pages rewritten unchanged "
-            f"({format_rate(m.blind_dirty_bps)}{why})"
+            f"({format_rate(m.blind_dirty_bps)}{stalled})"
         )
     resent = run.sent_bytes - m.nonzero_bytes - run.remainder_bytes
     if resent < 1.0:
