@@ -352,8 +352,9 @@ def _from_run(
     )
 
 
-# Pages rewritten unchanged pending at the switch are named from this much on.
-_NOTED_UNCHANGED_BYTES = 1 << 20
+# Pages rewritten unchanged pending at the switch are named from one page on: a plan that
+# counted them says so, however few a slow writer leaves in one round.
+_NOTED_UNCHANGED_BYTES = 4096
 
 
 def _precopy_note(m: Measurement, run: Run, rates: Rates) -> str:
