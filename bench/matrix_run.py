@@ -159,13 +159,19 @@ def create(
 
 
 def _create_debian(lab_dir: Path, vm: str, cell: Cell, debian: DebianBoot) -> CliOutcome:
+    return boot_debian(lab_dir, vm, cell.memory, cell.workload, debian)
+
+
+def boot_debian(
+    lab_dir: Path, vm: str, memory: str, workload: str, debian: DebianBoot
+) -> CliOutcome:
     """The Debian guest on shared storage (only RAM moves, as for the lab guest), running the
     workload program from its kernel command line, its heartbeats on the lab channel."""
     from vmferry.core.workload import parse_workload
 
-    append = " ".join([debian.append, *parse_workload(cell.workload).kernel_args()])
+    append = " ".join([debian.append, *parse_workload(workload).kernel_args()])
     created = cli(
-        lab_dir, "vm", "create", vm, "--host", HOSTS[0], "--memory", cell.memory,
+        lab_dir, "vm", "create", vm, "--host", HOSTS[0], "--memory", memory,
         "--vcpus", str(DEBIAN_VCPUS), "--image", str(debian.disk), "--storage", "shared",
         "--kernel", str(debian.kernel), "--initrd", str(debian.initrd), "--append", append,
         "--heartbeat",

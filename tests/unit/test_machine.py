@@ -349,7 +349,7 @@ def test_a_recovery_waits_for_a_switch_the_destination_has_not_finished() -> Non
     d.request()
     d.samples(stats(S.POSTCOPY_ACTIVE, 60), after_s=2.0)
     assert d.kinds() == [m.RecoverPostcopy]
-    d.feed(m.SwitchUnderway())
+    d.feed(m.NotBroken("the destination has not started the guest yet"))
     assert d.kinds() == [m.Poll]
     for _ in range(9):  # quiet again: the switch's allowance, not a broken link's
         d.samples(stats(S.POSTCOPY_ACTIVE, 60), after_s=2.0)
@@ -366,11 +366,13 @@ def test_a_switch_that_never_ends_is_recovered_after_all() -> None:
     d.samples(stats(S.POSTCOPY_ACTIVE, 50), after_s=20.0)
     for _ in range(5):
         assert d.kinds() == [m.RecoverPostcopy]
-        d.feed(m.SwitchUnderway())
+        d.feed(m.NotBroken("the source's link to the destination works"))
         assert d.kinds() == [m.Poll]
         d.samples(stats(S.POSTCOPY_ACTIVE, 50), after_s=20.0)
     assert d.kinds() == [m.RecoverPostcopy]
-    d.feed(m.SwitchUnderway())  # the sixth: treated as a failed attempt
+    d.feed(
+        m.NotBroken("the source's link to the destination works")
+    )  # the sixth: treated as a failed attempt
     assert d.kinds() == [m.CheckSides]
 
 

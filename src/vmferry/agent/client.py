@@ -379,8 +379,9 @@ class AgentClient:
         self, name: str, attempt: int, timeout_s: float = 15.0
     ) -> MigrationStatus:
         """Pause a broken post-copy on this agent's side; returns ``postcopy-paused`` (or
-        ``completed`` if it finished meanwhile). ``attempt`` numbers the controller's recovery
-        attempts: the agent refuses older ones (requests TCP delivered late)."""
+        ``completed`` if it finished meanwhile; ``postcopy-active`` from a source whose link
+        to the destination works: nothing paused). ``attempt`` numbers the controller's
+        recovery attempts: the agent refuses older ones (requests TCP delivered late)."""
         data = await self._call(
             "POST", f"/vms/{name}/postcopy/pause", {"attempt": attempt}, timeout_s=timeout_s
         )

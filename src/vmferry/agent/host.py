@@ -463,7 +463,10 @@ class HostAgent:
             attempt: the controller's recovery attempt number (older ones are refused).
 
         Returns:
-            ``POSTCOPY_PAUSED``, or ``COMPLETED`` if it finished meanwhile.
+            ``POSTCOPY_PAUSED``, or ``COMPLETED`` if it finished meanwhile; a source whose
+            link to the destination still works (the kernel's view of QEMU's connections:
+            nothing unacknowledged, or acknowledgements coming) is not paused and answers
+            ``POSTCOPY_ACTIVE`` (a pause then would fail the migration inside QEMU).
 
         Raises:
             NotFound: no such VM.

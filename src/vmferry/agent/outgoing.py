@@ -165,10 +165,11 @@ class Outgoings:
             disk = await self._copy_disk(slot, vm, nbd, options, creds, deadline)
             outgoing.move(OutgoingState.RAM)
         hook = self._switchover_hook(slot, vm, nbd is not None, options.switch_priority)
+        outgoing.peer_address = uri_host(uri)
         pid, lowat_bytes = vm.process.pid, unsent_limit_bytes()
         limiter = None
         if pid is not None and lowat_bytes is not None:
-            limiter = UnsentLimiter(pid, uri_host(uri), lowat_bytes)
+            limiter = UnsentLimiter(pid, outgoing.peer_address, lowat_bytes)
 
         def push(stats: MigrationStats) -> None:
             if limiter is not None:  # multifd and post-copy open channels as they go

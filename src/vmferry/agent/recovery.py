@@ -9,13 +9,18 @@ is refused. Until both sides are paused, only OOB commands reach QEMU (see
 
 from __future__ import annotations
 
+import logging
+
 from vmferry.agent.slots import Slots, VmState
 from vmferry.agent.vm import RunningVm
 from vmferry.core.errors import StateError
 from vmferry.core.status import MigrationStatus
 from vmferry.qemu.postcopy_recovery import pause_postcopy, recover_incoming, resume_postcopy
+from vmferry.qemu.sockets import link_alive
 
 __all__ = ["Recovery"]
+
+logger = logging.getLogger(__name__)
 
 
 class Recovery:
@@ -51,9 +56,12 @@ class Recovery:
             # destination has every page, nothing is left to pause or recover.
             return MigrationStatus.COMPLETED
         vm = self._recovering(name, attempt, VmState.MIGRATING, VmState.INCOMING)
+        outgoing = self.slots.get(name).outgoing
         # A source's main loop never waits for pages: it may be asked its status; a
         # destination's may be held by a missing page, so it is only sent OOB commands.
         source = self.slots.get(name).state is VmState.MIGRATING
+        if source and outgoing is not None and await _link_works(vm, outgoing.peer_address):
+            return MigrationStatus.POSTCOPY_ACTIVE
         return await pause_postcopy(vm.qmp, may_query=source)
 
     async def listen(self, name: str, attempt: int) -> str:
@@ -65,3 +73,21 @@ class Recovery:
         """See :meth:`HostAgent.resume_outgoing`."""
         vm = self._recovering(name, attempt, VmState.MIGRATING)
         return await resume_postcopy(vm.qmp, uri)
+
+
+async def _link_works(vm: RunningVm, peer_address: str | None) -> bool:
+    """Whether the source QEMU's link to its destination still carries the post-copy. A quiet
+    post-copy is not always a broken one: a source that sent every page waits for its
+    destination to finish, one sending its last pages holds the lock its status is asked under.
+    Pausing either fails the migration inside QEMU (it cannot be resumed), so the source is
+    paused only when what it sent goes unacknowledged and nothing comes back."""
+    pid = vm.process.pid
+    if pid is None or peer_address is None:
+        return False
+    why = await link_alive(pid, peer_address)
+    if why is None:
+        return False
+    logger.warning(
+        "migration.pause_skipped %s: its link to %s works (%s)", vm.spec.name, peer_address, why
+    )
+    return True

@@ -45,6 +45,8 @@ class Outgoing:
     result: OutgoingResult | None = None
     # A bandwidth cap asked for after it started (None: the one it started with).
     cap_bps: int | None = None
+    # The destination's address its QEMU streams to (None until the RAM migration starts).
+    peer_address: str | None = None
     # Set, then replaced by a fresh one, at every change: a waiter takes the current one.
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 

@@ -92,8 +92,8 @@ class Sides:
                 return m.HandoverDone()
             case m.RecoverPostcopy(attempt=attempt, timeout_s=timeout_s):
                 if await still_switching(destination, name, timeout_s):
-                    return m.SwitchUnderway()
-                return m.RecoveryTried(await self._recover_once(name, attempt, timeout_s))
+                    return m.NotBroken("the destination has not started the guest yet")
+                return await self._recover_once(name, attempt, timeout_s)
             case m.CheckSides(timeout_s=timeout_s):
                 dead = await asyncio.gather(
                     is_dead(source, name, timeout_s), is_dead(destination, name, timeout_s)
@@ -127,8 +127,11 @@ class Sides:
         except FerryError as err:
             logger.warning("migration.hold_kept %s: %s", name, err)
 
-    async def _recover_once(self, name: str, attempt: int, timeout_s: float) -> bool:
-        """One post-copy recovery attempt; True when the post-copy runs (or completed) again.
+    async def _recover_once(
+        self, name: str, attempt: int, timeout_s: float
+    ) -> m.RecoveryTried | m.NotBroken:
+        """One post-copy recovery attempt: ok when the post-copy runs (or completed) again;
+        NotBroken when the source agent found its link working and paused nothing.
 
         Raises:
             FerryError: a step failed (an agent behind the broken link, QEMU not paused yet...).
@@ -137,12 +140,16 @@ class Sides:
         assert destination is not None
         paused = await source.pause_postcopy(name, attempt, timeout_s=timeout_s + 2)
         if paused is MigrationStatus.COMPLETED:
-            return True
+            return m.RecoveryTried(True)
+        if paused is MigrationStatus.POSTCOPY_ACTIVE:
+            return m.NotBroken("the source's link to the destination works")
         await destination.pause_postcopy(name, attempt, timeout_s=timeout_s)
         uri = await destination.recover_postcopy(name, attempt, timeout_s=timeout_s)
         status = await source.resume_postcopy(name, uri, attempt)
         logger.info("migration.resume_attempt %s #%d -> %s: %s", name, attempt, uri, status)
-        return status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED)
+        return m.RecoveryTried(
+            status in (MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.COMPLETED)
+        )
 
 
 def _without_destination(request: m.Request) -> m.Event:

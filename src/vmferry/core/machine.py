@@ -49,6 +49,7 @@ from vmferry.core.migration import (
     Interrupted,
     Mode,
     Move,
+    NotBroken,
     Notify,
     Poll,
     PrepareDestination,
@@ -62,7 +63,6 @@ from vmferry.core.migration import (
     SourceStartFailed,
     StartPostcopy,
     StartSource,
-    SwitchUnderway,
     Tick,
     Wait,
 )
@@ -103,9 +103,10 @@ Step = tuple[State, list[Action]]
 
 logger = logging.getLogger(__name__)
 
-# A recovery that finds QEMU still inside its switch to post-copy waits again (each wait is
-# ``Timing.postcopy_switch_s`` of allowed quiet); past this many it recovers as for a break.
-_SWITCH_WAITS = 5
+# A recovery that finds the post-copy not broken (QEMU inside its switch, or its link still
+# carrying it) waits again (each wait is ``Timing.postcopy_switch_s`` of allowed quiet); past
+# this many it recovers as for a break.
+_QUIET_WAITS = 5
 
 
 class MigrationMachine:
@@ -424,23 +425,20 @@ class MigrationMachine:
                 )
                 grace = now.mono_s + self.move.timing.recovery_grace_s
                 return Postcopy(flow, grace_until_s=grace), [self._poll(flow, True)]
-            case SwitchUnderway() if flow.switch_waits < _SWITCH_WAITS:
-                # Not broken: still switching. Its bytes so far were the switch's own; the
-                # quiet allowance of a switch starts again from here.
+            case NotBroken(why=why) if flow.quiet_waits < _QUIET_WAITS:
+                # Quiet, not broken: the allowance of a switch starts again from here.
                 logger.warning(
-                    "migration.postcopy_switching %s: the destination has not started the guest"
-                    " yet; waiting (not paused)",
-                    self.move.vm,
+                    "migration.postcopy_not_broken %s: %s; waiting (not paused)", self.move.vm, why
                 )
                 flow = replace(
                     flow,
                     progress_at_s=now.mono_s,
                     postcopy_from_bytes=flow.sent_bytes,
-                    switch_waits=flow.switch_waits + 1,
+                    quiet_waits=flow.quiet_waits + 1,
                 )
                 return Postcopy(flow), [self._poll(flow, True)]
-            case SwitchUnderway():
-                why = "the switch to post-copy did not end"
+            case NotBroken():
+                why = "the post-copy stayed quiet though nothing looked broken"
                 return self._recovering(state, RecoveryTried(ok=False, error=why), now)
             case RecoveryTried(error=error):
                 logger.info(

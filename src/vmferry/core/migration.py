@@ -61,6 +61,7 @@ __all__ = [
     "Interrupted",
     "Mode",
     "Move",
+    "NotBroken",
     "Notify",
     "Poll",
     "PrepareDestination",
@@ -79,7 +80,6 @@ __all__ = [
     "SourceStarted",
     "StartPostcopy",
     "StartSource",
-    "SwitchUnderway",
     "Tick",
     "Timing",
     "Wait",
@@ -256,10 +256,15 @@ class HandoverFailed:
 
 
 @dataclass(frozen=True, slots=True)
-class SwitchUnderway:
-    """Asked to recover a quiet post-copy, the destination QEMU had not started the guest yet:
-    QEMU is still inside its switch (loading the device state, placing the first pages), which
-    a pause would fail. Nothing was paused."""
+class NotBroken:
+    """Asked to recover a quiet post-copy, the sides found it working, and nothing was paused
+    (a pause would fail the migration inside QEMU, which cannot resume it then): the
+    destination QEMU had not started the guest yet (QEMU still inside its switch: loading the
+    device state, placing the first pages), or the source's link to it still carries the
+    stream or has nothing left to carry (a source that sent every page waits for its
+    destination to finish). ``why`` says which."""
+
+    why: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +359,7 @@ Event = (
     | HandoverDone
     | HandoverFailed
     | RecoveryTried
-    | SwitchUnderway
+    | NotBroken
     | SidesChecked
     | Arrived
     | ArrivalFailed
@@ -436,8 +441,8 @@ class HandOverDisk:
 @dataclass(frozen=True, slots=True)
 class RecoverPostcopy:
     """One recovery attempt: pause both sides (OOB commands only), the destination listens
-    again, the source resumes to it. -> RecoveryTried; SwitchUnderway (nothing paused) when
-    the destination has not started the guest yet."""
+    again, the source resumes to it. -> RecoveryTried; NotBroken (nothing paused) when the
+    destination has not started the guest yet or the source's link still works."""
 
     attempt: int
     timeout_s: float

@@ -50,7 +50,7 @@ class Flow:
         progress_at_s: when the sent byte count (RAM or disk) last grew.
         attempt: the number of the next post-copy recovery attempt.
         postcopy_from_bytes: the sent byte count at the first post-copy sample (None before).
-        switch_waits: times a recovery found QEMU still inside its switch to post-copy.
+        quiet_waits: times a recovery found the quiet post-copy not broken (``NotBroken``).
     """
 
     phase: Phase
@@ -64,7 +64,7 @@ class Flow:
     disk_sent_bytes: int = -1
     recoveries: int = 0
     postcopy_from_bytes: int | None = None
-    switch_waits: int = 0
+    quiet_waits: int = 0
 
     def quiet_s(self, now_s: float) -> float:
         """How long a pre-copy or disk copy has sent nothing (0 where silence is normal)."""
