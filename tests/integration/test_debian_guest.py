@@ -22,7 +22,9 @@ from vmferry.core.model import DiskSpec, MigrationReport, StorageMode, VmName, V
 from vmferry.guest.debian import debian_image
 from vmferry.lab.local import LocalLab
 
-pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
+# The two Debian tests (here and test_own_guest_cli.py) run one after the other on one worker:
+# two systemd boots at once under TCG starve each other (an agent missed its 150 s).
+pytestmark = [pytest.mark.qemu, pytest.mark.asyncio, pytest.mark.xdist_group("debian")]
 
 AGENT_TIMEOUT_S = 150.0
 FULL = VerifyMode.FULL

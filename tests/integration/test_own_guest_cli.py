@@ -16,7 +16,8 @@ from lxml import etree
 
 from vmferry.guest.debian import debian_image
 
-pytestmark = pytest.mark.qemu
+# One worker runs both Debian tests, one after the other (see test_debian_guest.py).
+pytestmark = [pytest.mark.qemu, pytest.mark.xdist_group("debian")]
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "libvirt"
 AGENT_TIMEOUT_S = 150.0
