@@ -11,8 +11,9 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 from labcli import Lab
@@ -33,6 +34,8 @@ pytestmark = [
 # land after its first 16 MiB.
 WORKLOAD = "dirty:rate=8M,size=96M,pattern=random,mode=paced"
 LINK_MBPS = "200"
+
+T = TypeVar("T")
 
 
 async def _wait_postcopy(
@@ -175,23 +178,27 @@ async def _abort_connections(lab: Lab, inside: str, peer: str) -> str:
     return stdout.decode()
 
 
-async def _migrate_with_abort(
-    lab: Lab, vm: str, source: str, destination: str, inside: str
-) -> tuple[int, dict[str, Any], str, str]:
-    """Run ``vmferry migrate`` (post-copy) and abort its connections from ``inside``'s
-    namespace once post-copy is under way; returns the exit status, report, log and what
-    ``ss`` killed."""
+async def _postcopy_move(
+    lab: Lab,
+    vm: str,
+    source: str,
+    destination: str,
+    during: Callable[[], Awaitable[T]],
+    *args: str,
+) -> tuple[int, dict[str, Any], str, T]:
+    """Run ``vmferry -v migrate`` (post-copy, ``args`` added) and, once post-copy is under way,
+    ``during()``; returns the exit status, the report, the CLI's log and what ``during``
+    returned."""
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
-        "--strategy", "postcopy", "--recovery-limit", "60", "--json", "--no-plan",
+        "--strategy", "postcopy", "--json", "--no-plan", *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "VMFERRY_LAB_DIR": str(lab.directory)},
     )  # fmt: skip
     communicate = asyncio.ensure_future(process.communicate())
     try:
         await _wait_postcopy(Inventory.load(lab.directory), source, vm, 16 << 20, communicate)
-        peer = destination if inside == source else source
-        killed = await _abort_connections(lab, inside, peer)
+        done = await during()
         async with asyncio.timeout(180):
             stdout, stderr = await communicate
     finally:
@@ -201,7 +208,20 @@ async def _migrate_with_abort(
         communicate.cancel()
     log = stderr.decode(errors="replace")
     assert stdout, log[-3000:]
-    return process.returncode or 0, json.loads(stdout), log, killed
+    return process.returncode or 0, json.loads(stdout), log, done
+
+
+async def _migrate_with_abort(
+    lab: Lab, vm: str, source: str, destination: str, inside: str
+) -> tuple[int, dict[str, Any], str, str]:
+    """Run ``vmferry migrate`` (post-copy) and abort its connections from ``inside``'s
+    namespace once post-copy is under way; returns the exit status, report, log and what
+    ``ss`` killed."""
+    peer = destination if inside == source else source
+    return await _postcopy_move(
+        lab, vm, source, destination, lambda: _abort_connections(lab, inside, peer),
+        "--recovery-limit", "60",
+    )  # fmt: skip
 
 
 async def _migrate_with_source_stopped(
@@ -211,32 +231,18 @@ async def _migrate_with_source_stopped(
     agent wrote) for ``stop_s`` once post-copy is under way: quiet on a link that works, as a
     QEMU holding its lock while it sends its last pages is. Returns the exit status, the report
     and the CLI's log."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "vmferry.cli.main", "-v", "migrate", vm, "--to", destination,
-        "--strategy", "postcopy", "--json", "--no-plan",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "VMFERRY_LAB_DIR": str(lab.directory)},
-    )  # fmt: skip
-    communicate = asyncio.ensure_future(process.communicate())
     pid_file = lab.directory / "hosts" / source / "vms" / vm / "qemu.pid"
-    try:
-        await _wait_postcopy(Inventory.load(lab.directory), source, vm, 16 << 20, communicate)
+
+    async def stop() -> None:
         pid = int(pid_file.read_text())
         os.kill(pid, signal.SIGSTOP)
         try:
             await asyncio.sleep(stop_s)
         finally:
             os.kill(pid, signal.SIGCONT)
-        async with asyncio.timeout(120):
-            stdout, stderr = await communicate
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-        communicate.cancel()
-    log = stderr.decode(errors="replace")
-    assert stdout, log[-3000:]
-    return process.returncode or 0, json.loads(stdout), log
+
+    code, report, log, _ = await _postcopy_move(lab, vm, source, destination, stop)
+    return code, report, log
 
 
 def test_postcopy_survives_aborted_connections(lab_dir: Path) -> None:
