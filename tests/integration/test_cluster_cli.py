@@ -190,6 +190,10 @@ def test_every_strategy_moves_a_busy_guest_intact(lab_dir: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
 @pytest.mark.xdist_group("netns")  # namespaces are machine-wide: one netns lab at a time
+# Known, not hidden: once in a clean clone's suite (1 Dec) the zeroing guest's first move
+# converged before its third sync, with no rounds of rewrites to price (resent_zero_bps None):
+# under the suite's load its writer had not rewritten its region yet. A second run must pass.
+@pytest.mark.flaky(reruns=1)
 def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     # Namespaces are machine-wide: clear any orphaned by an earlier crashed lab (a no-op when
     # none are, and it never touches a network whose lab still runs).
@@ -230,11 +234,12 @@ def test_live_migration_over_a_shaped_netns_link(lab_dir: Path) -> None:
     # and refuse (seen with four workers); what is under test is the pre-copy converging.
     report = lab.ok("migrate", "vm2", "--to", "host-2", "--strategy", "auto", "--force", *goal)
 
-    seen = {k: report[k] for k in ("strategy", "retried_from", "downtime_ms", "total_ms")}
+    shown = ("strategy", "retried_from", "downtime_ms", "total_ms", "iterations", "resent_zero_bps")
+    seen = {k: report[k] for k in shown}
     assert report["status"] == "completed", report["error"]
     assert report["retried_from"] is None, seen
     assert report["strategy"] in ("precopy", "xbzrle", "auto-converge"), seen
-    assert report["resent_zero_bps"] >= 32 << 20, seen  # rounds of them, priced
+    assert (report["resent_zero_bps"] or 0) >= 32 << 20, seen  # rounds of them, priced
     assert report["downtime_ms"] < 150, seen  # QEMU's pause: what its threshold now holds
     assert report["guest_downtime_ms"] is not None
     assert report["integrity"]["ok"] is True
