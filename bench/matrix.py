@@ -232,7 +232,7 @@ def _debian(cells: list[Cell]) -> DebianBoot | None:
     from vmferry.guest.debian import debian_image
 
     image = debian_image(on_progress=lambda line: print(f"debian image: {line}", flush=True))
-    return DebianBoot(image.disk, image.kernel, image.initrd, image.root_append)
+    return DebianBoot.of(image)
 
 
 def _print_plan(cells: list[Cell], args: argparse.Namespace) -> None:

@@ -21,11 +21,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from cluster_cli import vmferry_json
 from matrix_cells import Cell
 from matrix_summary import derive
+
+if TYPE_CHECKING:
+    from vmferry.guest.debian import DebianImage
 
 HOSTS = ("host-1", "host-2")
 DEBIAN_VCPUS = 2
@@ -51,6 +54,10 @@ class DebianBoot:
     kernel: Path
     initrd: Path
     append: str
+
+    @classmethod
+    def of(cls, image: DebianImage) -> DebianBoot:
+        return cls(image.disk, image.kernel, image.initrd, image.root_append)
 
 
 def cli(lab_dir: Path, *args: str, timeout_s: float = 300) -> CliOutcome:

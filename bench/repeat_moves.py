@@ -52,7 +52,7 @@ def _parse_args() -> argparse.Namespace:
 def _create(lab_dir: Path, memory: str, workload: str) -> None:
     """The Debian guest on shared storage, its workload running."""
     image = debian_image()
-    debian = DebianBoot(image.disk, image.kernel, image.initrd, image.root_append)
+    debian = DebianBoot.of(image)
     created = boot_debian(lab_dir, VM, memory, workload, debian)
     if created.exit_code != 0:
         sys.exit(f"vm create failed: {created.stderr_tail}")

@@ -9,13 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-50}
 GOAL=${2:-300}
-V=.venv/bin/vmferry
-OUT=bench/results/unsent_limit.jsonl
-mkdir -p bench/results
-: >"$OUT"
-export VMFERRY_LAB_DIR
-VMFERRY_LAB_DIR=$(mktemp -d /tmp/vmf-unsent-XXXXXX)
-trap '$V lab down >/dev/null 2>&1 || true; rm -rf "$VMFERRY_LAB_DIR"' EXIT
+# shellcheck source=bench/lab_env.sh
+source bench/lab_env.sh unsent_limit
 for limit in 0 131072; do
     $V lab down >/dev/null 2>&1 || true
     VMFERRY_UNSENT_LIMIT_BYTES=$limit $V lab up --hosts 2 --netns --link-mbps "$RATE" >/dev/null

@@ -11,13 +11,8 @@ cd "$(dirname "$0")/.."
 RATE=${1:-200}
 GOAL=${2:-150}
 REPEAT=${3:-2}
-V=.venv/bin/vmferry
-OUT=bench/results/zero_pricing.jsonl
-mkdir -p bench/results
-: >"$OUT"
-export VMFERRY_LAB_DIR
-VMFERRY_LAB_DIR=$(mktemp -d /tmp/vmf-zero-XXXXXX)
-trap '$V lab down >/dev/null 2>&1 || true; rm -rf "$VMFERRY_LAB_DIR"' EXIT
+# shellcheck source=bench/lab_env.sh
+source bench/lab_env.sh zero_pricing
 WORKLOADS=(
     "zero-cpu dirty:size=64M,pattern=zero,mode=cpu"
     "zero-paced dirty:rate=25M,size=64M,pattern=zero,mode=paced"

@@ -51,15 +51,16 @@ class Recovery:
 
     async def pause(self, name: str, attempt: int) -> MigrationStatus:
         """See :meth:`HostAgent.pause_postcopy`."""
-        if self.slots.get(name).state is VmState.MIGRATED:
+        slot = self.slots.get(name)
+        if slot.state is VmState.MIGRATED:
             # The source's QEMU completed the post-copy (a slow link looked cut): the
             # destination has every page, nothing is left to pause or recover.
             return MigrationStatus.COMPLETED
         vm = self._recovering(name, attempt, VmState.MIGRATING, VmState.INCOMING)
-        outgoing = self.slots.get(name).outgoing
         # A source's main loop never waits for pages: it may be asked its status; a
         # destination's may be held by a missing page, so it is only sent OOB commands.
-        source = self.slots.get(name).state is VmState.MIGRATING
+        source = slot.state is VmState.MIGRATING
+        outgoing = slot.outgoing
         if source and outgoing is not None and await _link_works(vm, outgoing.peer_address):
             return MigrationStatus.POSTCOPY_ACTIVE
         return await pause_postcopy(vm.qmp, may_query=source)
