@@ -78,6 +78,8 @@ KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 # exit (with -no-reboot) instead of a hang.
 KERNEL_BASE_ARGS = ("console=ttyS0", "panic=-1", "rdinit=/init")
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+APT_LISTS = Path("/var/lib/apt/lists")
+KERNEL_MEMO = "kernel-package.json"  # apt's answer, beside the images
 # Where /init finds the modules (<name>.ko) and the load orders (<prefix>.load, all.load).
 MODULE_DIR = "lib/modules"
 _TOOL_TIMEOUT_S = 600.0
@@ -204,6 +206,45 @@ def _is_static_elf(path: Path) -> bool:
         table = f.read(phentsize * phnum)
     pt_interp = 3
     return all(struct.unpack_from("<I", table, i * phentsize)[0] != pt_interp for i in range(phnum))
+
+
+def _apt_lists_signature() -> str | None:
+    """What apt's answers depend on: its package lists (``apt-get update`` replaces them).
+    None when they cannot be read (then nothing is remembered)."""
+    try:
+        entries = sorted(
+            (entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
+            for entry in APT_LISTS.iterdir()
+            if entry.is_file()
+        )
+    except OSError:
+        return None
+    return _sha256(repr(entries).encode()) if entries else None
+
+
+def _kernel_package(root: Path) -> tuple[str, str]:
+    """:func:`_resolve_kernel_package`, remembered in ``root`` for as long as apt's package
+    lists stay the same: every lab, agent and CLI start looks the image up, and one
+    ``apt-cache show`` costs a second of CPU on hosts without apt's binary cache."""
+    memo = root / KERNEL_MEMO
+    signature = _apt_lists_signature()
+    try:
+        known = json.loads(memo.read_text())
+        if signature is not None and known["lists"] == signature:
+            return str(known["package"]), str(known["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    package, version = _resolve_kernel_package()
+    if signature is not None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            fd, staging = tempfile.mkstemp(prefix=".kernel-", dir=root)
+            with os.fdopen(fd, "w") as out:
+                json.dump({"lists": signature, "package": package, "version": version}, out)
+            os.replace(staging, memo)
+        except OSError as err:  # a read-only cache still builds and loads images
+            logger.debug("cannot remember the kernel package in %s: %s", memo, err)
+    return package, version
 
 
 def _resolve_kernel_package() -> tuple[str, str]:
@@ -392,10 +433,9 @@ def build_image(
     busybox_path = _find_busybox()
     busybox = busybox_path.read_bytes()
     source = workload_source()
-    package, version = _resolve_kernel_package()
-    key = _cache_key(package, version, source, busybox)
-
     root = cache_dir if cache_dir is not None else default_cache_dir()
+    package, version = _kernel_package(root)
+    key = _cache_key(package, version, source, busybox)
     final = root / key
     if not force and (cached := _load_cached(final, key)) is not None:
         say(f"using cached image {key[:12]} ({cached.kernel_version})")
