@@ -12,13 +12,13 @@ import pytest
 
 from vmferry.agent.digest import find_ram_fd
 from vmferry.agent.vm import RunningVm
-from vmferry.core.dirty_curve import fit
+from vmferry.core.dirty_curve import fit, settled_bytes
 from vmferry.core.model import VmSpec
 from vmferry.core.workload import parse_workload
 from vmferry.guest.channel import now_ms
 from vmferry.lab.local import LocalLab
 from vmferry.qemu.measure import GuestProfile, measure_guest
-from vmferry.qemu.ram_scan import scan_changes
+from vmferry.qemu.ram_scan import RamScan, scan_changes
 
 pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 
@@ -124,3 +124,32 @@ async def test_memory_sampled_through_the_memfd_agrees_without_qemu(lab: LocalLa
     assert scan.changed_ratio is not None
     assert scan.changed_ratio < 1.6
     await _assert_still_running(vm, gap_ms)
+    # 2 MiB/s into 128 MiB is far from filling it: no settled set is read into it.
+    assert scan.far_bytes is None or settled_bytes(_windows(scan)) is None
+
+
+def _windows(scan: RamScan) -> tuple[tuple[float, float], ...]:
+    assert scan.far_s is not None
+    assert scan.far_bytes is not None
+    return (
+        (scan.short_s, scan.short_bytes),
+        (scan.long_s, scan.long_bytes),
+        (scan.far_s, scan.far_bytes),
+    )
+
+
+async def test_a_cpu_bound_writer_is_seen_settling_in_its_working_set(lab: LocalLab) -> None:
+    """A writer that fills its 24 MiB within a window looks "hot" over 1 s; the scan's third
+    window sees the count level off there, and the plan's dirty set is that, not the RAM."""
+    workload = parse_workload("dirty:size=24M,pattern=random,mode=cpu")
+    spec = VmSpec.build("settle-vm", memory="256M", workload=workload)
+    vm = await lab.boot(spec, "host-1")
+    assert vm.process.pid is not None
+    ram_file = find_ram_fd(vm.process.pid, spec.memory_bytes)
+    scan = await scan_changes(ram_file, ram_bytes=spec.memory_bytes)
+    print(f"\nscan: {scan}")
+    assert scan.far_s is not None
+    assert scan.far_s > scan.long_s
+    settled = settled_bytes(_windows(scan))
+    assert settled is not None
+    assert 20 * MIB <= settled <= 32 * MIB  # its 24 MiB, and the kernel's few hot pages

@@ -213,6 +213,9 @@ class GuestMeasurement:
     # Bytes written again within any short window (``core.dirty_curve``); 0 where the RAM could
     # not be scanned. The dirty rate is then the larger of QEMU's and the scan's.
     hot_bytes: int = 0
+    # The bytes the guest's writes settle into (its dirty set) where the scan saw its count
+    # level off within ~2.5 s (``core.dirty_curve.settled_bytes``); None: not seen (larger).
+    settled_bytes: int | None = None
     # Guest RAM this host has allocated (the memfd's blocks; ``core.predict_touch``): pages
     # never written are holes that a migration's zero check allocates. None where unreadable.
     resident_bytes: int | None = None
@@ -226,6 +229,7 @@ class GuestMeasurement:
             "dirty_compress_ratio": self.dirty_compress_ratio,
             "dirty_rate_bps": self.dirty_rate_bps,
             "hot_bytes": self.hot_bytes,
+            "settled_bytes": self.settled_bytes,
             "resident_bytes": self.resident_bytes,
             "zero_fraction": self.zero_fraction,
             "compress_ratio": self.compress_ratio,
@@ -239,6 +243,7 @@ class GuestMeasurement:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> GuestMeasurement:
         busy, resident = data.get("vcpu_busy"), data.get("resident_bytes")
+        settled = data.get("settled_bytes")
         dirty_ratio = data.get("dirty_compress_ratio")
         return cls(
             dirty_compress_ratio=None if dirty_ratio is None else float(dirty_ratio),
@@ -251,6 +256,7 @@ class GuestMeasurement:
             disk_allocated_bytes=int(data.get("disk_allocated_bytes", 0)),
             disk_write_bps=int(data.get("disk_write_bps", 0)),
             hot_bytes=int(data.get("hot_bytes", 0)),
+            settled_bytes=None if settled is None else int(settled),
             disk_shared=bool(data.get("disk_shared", False)),
             resident_bytes=None if resident is None else int(resident),
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from vmferry.agent.api import GuestMeasurement, NotFound
@@ -14,7 +15,7 @@ from vmferry.agent.digest import GuestRamNotFound, find_ram_fd
 from vmferry.agent.slots import Slots
 from vmferry.agent.store import VmStore
 from vmferry.agent.vm import RunningVm
-from vmferry.core.dirty_curve import DirtyCurve, fit
+from vmferry.core.dirty_curve import DirtyCurve, fit, settled_bytes
 from vmferry.core.errors import ConfigError
 from vmferry.core.model import VmSpec
 from vmferry.qemu.measure import MeasurementError, measure_disk_writes, measure_guest
@@ -55,27 +56,37 @@ def _resident_bytes(ram_file: Path | None) -> int | None:
         return None
 
 
-async def _dirty_curve(
-    ram_file: Path | None, ram_bytes: int
-) -> tuple[DirtyCurve | None, float | None]:
-    """The guest's short-window dirty curve from a scan of its RAM, and how well the pages it
-    changed compress; None where the RAM cannot be read (QEMU's ``calc-dirty-rate`` is then
-    all there is)."""
+@dataclass(frozen=True, slots=True)
+class _Scanned:
+    """What a scan of the guest's RAM tells (``qemu.ram_scan``): its short-window dirty curve,
+    how well the pages it changed compress, and the set its writes settle into, if seen."""
+
+    curve: DirtyCurve
+    changed_ratio: float | None
+    settled_bytes: int | None
+
+
+async def _scan(ram_file: Path | None, ram_bytes: int) -> _Scanned | None:
+    """None where the RAM cannot be read (QEMU's ``calc-dirty-rate`` is then all there is)."""
     if ram_file is None:
-        return None, None
+        return None
     try:
         scan = await scan_changes(ram_file, ram_bytes=ram_bytes)
     except (MeasurementError, ConfigError) as err:
         logger.info("measure.scan %s: %s", ram_file, err)
-        return None, None
+        return None
     curve = fit(
         short_s=scan.short_s,
         short_bytes=scan.short_bytes,
         long_s=scan.long_s,
         long_bytes=scan.long_bytes,
     )
-    logger.debug("measure.scan %s: %s -> %s", ram_file, scan, curve)
-    return curve, scan.changed_ratio
+    settled = None
+    if scan.far_s is not None and scan.far_bytes is not None:
+        windows = (scan.short_s, scan.short_bytes), (scan.long_s, scan.long_bytes)
+        settled = settled_bytes((*windows, (scan.far_s, scan.far_bytes)))
+    logger.debug("measure.scan %s: %s -> %s, settles in %s", ram_file, scan, curve, settled)
+    return _Scanned(curve, scan.changed_ratio, settled)
 
 
 class Preflight:
@@ -102,20 +113,22 @@ class Preflight:
             busy_task = vcpu_busy_fraction(pid, slot.spec.vcpus) if pid is not None else _none()
             scratch = self.scratch_dir or self.store.directory(name)
             ram_file = _ram_file(pid, slot.spec.memory_bytes)
-            profile, busy, disk, (curve, changed_ratio) = await asyncio.gather(
+            profile, busy, disk, scanned = await asyncio.gather(
                 measure_guest(vm.qmp, scratch, ram_file=ram_file),
                 busy_task,
                 self._measure_disk(slot.spec, vm),
-                _dirty_curve(ram_file, slot.spec.memory_bytes),
+                _scan(ram_file, slot.spec.memory_bytes),
             )
         allocated, write_bps = disk
+        curve = None if scanned is None else scanned.curve
         return GuestMeasurement(
             ram_bytes=profile.ram_bytes,
             dirty_rate_bps=max(profile.dirty_rate_bps, 0 if curve is None else curve.rate_bps),
             hot_bytes=0 if curve is None else curve.hot_bytes,
+            settled_bytes=None if scanned is None else scanned.settled_bytes,
             zero_fraction=profile.memory.zero_fraction,
             compress_ratio=profile.memory.compress_ratio,
-            dirty_compress_ratio=changed_ratio,
+            dirty_compress_ratio=None if scanned is None else scanned.changed_ratio,
             vcpu_busy=busy,
             elapsed_ms=profile.elapsed_ms,
             disk_allocated_bytes=allocated,

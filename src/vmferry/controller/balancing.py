@@ -25,7 +25,7 @@ from vmferry.controller.cluster import Cluster
 from vmferry.controller.evacuation import JobPlan, JobRequest, plan_placed
 from vmferry.controller.history import History
 from vmferry.controller.placing import LiveCluster
-from vmferry.controller.plan import GUEST_FRESH_S, calibration_from
+from vmferry.controller.plan import GUEST_FRESH_S, calibration_from, dirty_set_bound
 from vmferry.core import cluster_model as cm
 from vmferry.core.balance import (
     DEFAULT_SPREAD,
@@ -283,10 +283,8 @@ def _with_profiles(
             replace(
                 vm,
                 dirty_rate_bps=guest.dirty_rate_bps,
-                # As a plan takes it: the set a guest keeps rewriting lies in its non-zero part.
-                dirty_set_bytes=min(
-                    vm.memory_bytes, round(vm.memory_bytes * (1 - guest.zero_fraction))
-                ),
+                # As a plan takes it (its non-zero part, or where the scan saw it settle).
+                dirty_set_bytes=min(vm.memory_bytes, dirty_set_bound(guest)),
                 zero_fraction=guest.zero_fraction,
                 compress_ratio=max(1.0, guest.compress_ratio),
                 max_downtime_ms=max_downtime_ms,

@@ -42,6 +42,7 @@ __all__ = [
     "DataAge",
     "Plan",
     "calibration_from",
+    "dirty_set_bound",
     "guest_kind",
     "make_plan",
     "measure_path",
@@ -128,6 +129,8 @@ class Plan:
                 "rewritten_unchanged_bps": m.blind_dirty_bps,
                 "rewrites_keep_pace": m.blind_keeps_pace,
                 "hot_bytes": m.hot_bytes,
+                "dirty_set_bytes": m.dirty_set_bytes,
+                "dirty_set_seen": self.guest.settled_bytes is not None,
                 "resident_bytes": m.resident_bytes,
                 "zero_fraction": round(m.zero_fraction, 4),
                 "compress_ratio": round(m.compress_ratio, 3),
@@ -169,6 +172,16 @@ class Plan:
         }
 
 
+def dirty_set_bound(guest: GuestMeasurement) -> int:
+    """The set a dirtier keeps rewriting: where the agent's scan saw it level off, that; else
+    the non-zero part of RAM (pages that are zero now are not being rewritten; an upper bound,
+    the true set may be smaller)."""
+    nonzero = round(guest.ram_bytes * (1.0 - guest.zero_fraction))
+    if guest.settled_bytes is None:
+        return nonzero
+    return min(nonzero, max(guest.settled_bytes, guest.hot_bytes))
+
+
 async def measure_path(
     cluster: Cluster, info: VmInfo, destination: str, cap_bps: int | None
 ) -> tuple[GuestMeasurement, Measurement, DataAge]:
@@ -207,9 +220,7 @@ async def measure_path(
         hot_bytes=guest.hot_bytes,
         resident_bytes=guest.resident_bytes,
         bandwidth_bps=max(1, int(bandwidth_bps)),
-        # Pages that are zero now are not being rewritten: the set a dirtier keeps rewriting
-        # lies within the non-zero part of RAM (an upper bound; the true set may be smaller).
-        dirty_set_bytes=round(guest.ram_bytes * (1.0 - guest.zero_fraction)),
+        dirty_set_bytes=dirty_set_bound(guest),
         dirty_is_cpu_bound=guest.vcpu_busy is not None and guest.vcpu_busy > CPU_BOUND_BUSY,
         host_cpus=host.cpus,
         guest_busy_cores=None if guest.vcpu_busy is None else guest.vcpu_busy * info.vcpus,

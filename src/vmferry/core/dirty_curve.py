@@ -12,6 +12,16 @@ got under a 280 KiB threshold.
 :func:`fit` reads the line from two windows of the same page sample (``qemu.ram_scan``):
 ``changed(w) = hot + rate x w``.
 
+Over longer windows a writer confined to a working set levels off: every page of the set has
+been written, and the count stops growing. A 1 s window cannot tell a writer filling a large
+set at its rate from one that has filled a small set already (its intercept looks "hot"), and
+a plan bounding the set by the non-zero part of RAM then priced a CPU-bound writer of 47 MiB
+in a 2 GiB Debian guest as re-dirtying 216 MiB during a hybrid's 40 s pass (it re-sent 49).
+:func:`settled_bytes` reads a third, ~2.5 s window: when the count levels off between the
+windows it fits ``changed(w) = settled - a x exp(-w / tau)`` through the three and answers
+the level; when it still grows near linearly it answers None (the set is larger than a
+few seconds of writes show).
+
 Example:
     >>> curve = fit(short_s=0.15, short_bytes=593_920, long_s=2.2, long_bytes=3_952_640)
     >>> round(curve.hot_bytes / 1024), round(curve.rate_bps / 1e6, 2)
@@ -20,9 +30,13 @@ Example:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-__all__ = ["DirtyCurve", "fit"]
+__all__ = ["DirtyCurve", "fit", "settled_bytes"]
+
+# The third window's slope against the second's: at least this much is still growing (None).
+_STILL_GROWING = 0.6
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,3 +66,45 @@ def fit(*, short_s: float, short_bytes: float, long_s: float, long_bytes: float)
     rate = max(0.0, (long_bytes - short_bytes) / (long_s - short_s))
     hot = max(0.0, short_bytes - rate * short_s)
     return DirtyCurve(hot_bytes=round(hot), rate_bps=round(rate))
+
+
+def settled_bytes(windows: tuple[tuple[float, float], ...]) -> int | None:
+    """The bytes the guest's writes settle into (its dirty set), from three windows
+    ``(seconds, changed_bytes)`` in increasing order; None when the count still grows.
+
+    Examples:
+        A CPU-bound writer fills its 47 MiB at once; one at 450 MB/s fills 512 MiB
+        (536.9 MB) over seconds; one at 6.25 MB/s in 47 MiB is still far from full:
+
+        >>> round(settled_bytes(((0.16, 38.6e6), (1.07, 49.1e6), (2.5, 49.2e6))) / 1e6, 1)
+        49.2
+        >>> round(settled_bytes(((0.16, 67.4e6), (1.07, 317.9e6), (2.5, 470.8e6))) / 1e6, 1)
+        536.8
+        >>> settled_bytes(((0.16, 1.0e6), (1.07, 6.3e6), (2.5, 13.4e6))) is None
+        True
+
+    Raises:
+        ValueError: not three windows, or not increasing.
+    """
+    if len(windows) != 3 or not 0.0 < windows[0][0] < windows[1][0] < windows[2][0]:
+        raise ValueError(f"three increasing windows wanted, got {windows}")
+    (w1, c1), (w2, c2), (w3, c3) = windows
+    early, late = (c2 - c1) / (w2 - w1), (c3 - c2) / (w3 - w2)
+    if c3 <= 0.0 or late >= _STILL_GROWING * early > 0.0:
+        return None
+    if late <= 0.0 or early <= 0.0:
+        return round(max(c2, c3))  # levelled off already: the set is what changed
+    # changed(w) = settled - a exp(-k w): the late rise over the early one fixes k (it falls
+    # from the linear ratio towards 0 as k grows), then a and the level.
+    wanted = (c3 - c2) / (c2 - c1)
+
+    def rise_ratio(k: float) -> float:
+        return (math.exp(-k * w2) - math.exp(-k * w3)) / (math.exp(-k * w1) - math.exp(-k * w2))
+
+    low, high = 1e-6, 1e3
+    for _ in range(100):
+        mid = math.sqrt(low * high)
+        low, high = (mid, high) if rise_ratio(mid) > wanted else (low, mid)
+    k = math.sqrt(low * high)
+    a = (c2 - c1) / (math.exp(-k * w1) - math.exp(-k * w2))
+    return round(max(c3, c2 + a * math.exp(-k * w2)))
