@@ -10,6 +10,8 @@ import asyncio
 
 import pytest
 
+from vmferry.agent.vm import IDLE_HEARTBEAT_HZ
+from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.core.model import VmSpec
 from vmferry.core.phases import Phase
 from vmferry.core.workload import parse_workload
@@ -20,10 +22,23 @@ pytestmark = [pytest.mark.qemu, pytest.mark.asyncio]
 DIRTY = "dirty:rate=50M,size=256M,pattern=random,mode=paced"
 
 
+async def _beats_per_s(heartbeats: HeartbeatGaps, seconds: float = 1.0) -> float:
+    before = heartbeats.received
+    await asyncio.sleep(seconds)
+    return (heartbeats.received - before) / seconds
+
+
 async def test_idle_guest_migrates(lab: LocalLab) -> None:
     spec = VmSpec.build("idle-vm", memory="512M", workload=parse_workload("idle"))
     source = await lab.boot(spec, "host-1")
     phases: list[Phase] = []
+    # Unmeasured, the guest beats at the idle rate (each beat costs its QEMU and agent CPU);
+    # a move raises it to the workload's while it measures the guest's stalls.
+    assert await _beats_per_s(source.heartbeats) <= 1.5 * IDLE_HEARTBEAT_HZ
+    await source.heartbeat_for(measuring=True)
+    assert await _beats_per_s(source.heartbeats) >= 0.6 * spec.workload.heartbeat_hz
+    await source.heartbeat_for(measuring=False)
+    assert await _beats_per_s(source.heartbeats) <= 1.5 * IDLE_HEARTBEAT_HZ
 
     report = await lab.migrate(
         "idle-vm",
@@ -48,6 +63,8 @@ async def test_idle_guest_migrates(lab: LocalLab) -> None:
     assert phases[0] is Phase.PREPARING
     assert Phase.COMPLETED in phases
     assert phases.index(Phase.COMPLETED) > phases.index(Phase.SETUP)
+    # Arrived and checked, it beats slowly again.
+    assert await _beats_per_s(lab.get("idle-vm").heartbeats) <= 1.5 * IDLE_HEARTBEAT_HZ
 
 
 async def test_dirtying_guest_migrates_intact_and_back(lab: LocalLab) -> None:

@@ -20,6 +20,7 @@ from vmferry.guest.protocol import (
     VerifyResult,
     corrupt_block_command,
     corrupt_command,
+    heartbeat_rate_command,
     parse_line,
     pause_command,
     ready_command,
@@ -60,6 +61,7 @@ from vmferry.guest.protocol import (
         ("CORRUPTED block 0\r\n", CorruptedBlock(0)),
         ("ACK pause", Ack("pause")),
         ("ACK resume", Ack("resume")),
+        ("ACK hz 20", Ack("hz", 20)),
         ("ERR unknown command 'x'", ErrorReply("unknown command 'x'")),
     ],
 )
@@ -137,6 +139,8 @@ def render(message: GuestMessage) -> str:
             return f"CORRUPTED {page}\n"
         case CorruptedBlock(block):
             return f"CORRUPTED block {block}\n"
+        case Ack("hz", hz):
+            return f"ACK hz {hz}\n"
         case Ack(command):
             return f"ACK {command}\n"
         case ErrorReply(text):
@@ -159,6 +163,7 @@ messages: st.SearchStrategy[GuestMessage] = st.one_of(
     st.builds(Corrupted, u64),
     st.builds(CorruptedBlock, u64),
     st.builds(Ack, st.sampled_from(["pause", "resume"])),
+    st.builds(Ack, st.just("hz"), st.integers(1, 10_000)),
     st.builds(ErrorReply, st.text(alphabet="abc xyz'0123", min_size=1).map(str.strip).filter(bool)),
 )
 
@@ -199,10 +204,18 @@ def test_line_reader_skips_junk_and_overlong_lines() -> None:
         (pause_command(), b"pause\n"),
         (resume_command(), b"resume\n"),
         (ready_command(), b"ready\n"),
+        (heartbeat_rate_command(20), b"hz 20\n"),
+        (heartbeat_rate_command(10_000), b"hz 10000\n"),
     ],
 )
 def test_commands(command: bytes, wire: bytes) -> None:
     assert command == wire
+
+
+@pytest.mark.parametrize("hz", [0, -1, 10_001])
+def test_heartbeat_rate_out_of_range_is_refused(hz: int) -> None:
+    with pytest.raises(ConfigError, match="heartbeat rate"):
+        heartbeat_rate_command(hz)
 
 
 def test_corrupt_rejects_negative_index() -> None:

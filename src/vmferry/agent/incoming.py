@@ -98,7 +98,9 @@ class Incoming:
         await vm.channel.wait_heartbeat_after(0.0, _HEARTBEAT_TIMEOUT_S)
         first_ms = vm.heartbeats.first_arrival_ms
         assert first_ms is not None
-        return Arrival(first_ms, await vm.verify(), None)
+        integrity = await vm.verify()
+        await vm.heartbeat_for(measuring=False)  # the move's stalls are measured
+        return Arrival(first_ms, integrity, None)
 
     async def abort(self, name: str) -> None:
         """See :meth:`HostAgent.abort_incoming`."""

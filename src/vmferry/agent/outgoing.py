@@ -115,6 +115,7 @@ class Outgoings:
         outgoing = slot.outgoing
         assert outgoing is not None
         heartbeats = vm.heartbeats
+        await vm.heartbeat_for(measuring=True)  # its stalls are measured from here on
         heartbeats.open_window(now_ms())
         try:
             final, used_tls = await self._migrate(slot, vm, uri, options, nbd, tls_dir)
@@ -267,6 +268,9 @@ class Outgoings:
             # A post-copy that ended without completing: the guest left, never resume it.
             logger.error("migration.settle %s: %s", vm.label, err)
             outgoing.finish(result, OutgoingState.HANDED_OVER)
+            return
+        if target is OutgoingState.RETURNED:
+            await vm.heartbeat_for(measuring=False)  # it runs on here, unmeasured
 
     async def _hand_over_disk(self, slot: Slot, vm: RunningVm) -> None:
         """At the switchover pause: complete the mirror, tell the controller (stage

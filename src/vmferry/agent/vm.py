@@ -24,7 +24,14 @@ from vmferry.qemu.guest_agent import GuestAgent
 from vmferry.qemu.process import QemuProcess, tail_lines
 from vmferry.qemu.session import QmpSession
 
-__all__ = ["BOOT_TIMEOUT_S", "RunningVm", "check_guest_agent", "launch", "reattach"]
+__all__ = [
+    "BOOT_TIMEOUT_S",
+    "IDLE_HEARTBEAT_HZ",
+    "RunningVm",
+    "check_guest_agent",
+    "launch",
+    "reattach",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +42,10 @@ _START_TIMEOUT_S = 15.0
 # After a move a guest agent that ran before answers at once; one that never ran costs this.
 _GUEST_AGENT_PING_S = 2.0
 _GUEST_AGENT_CALL_S = 5.0
+# The lab guest's heartbeat rate while no move measures its stalls (a gap up to 50 ms then
+# says nothing; a move raises the rate to its workload's first).
+IDLE_HEARTBEAT_HZ = 20
+_RATE_TIMEOUT_S = 2.0  # the guest reads commands at least every 50 ms
 
 
 def _verify_timeout_s(spec: VmSpec) -> float:
@@ -93,6 +104,20 @@ class RunningVm:
             blocks_checked=result.blocks_checked,
             bad_blocks=result.bad_blocks,
         )
+
+    async def heartbeat_for(self, *, measuring: bool) -> None:
+        """Best effort: the lab guest's heartbeats at its workload's rate while a move measures
+        its stalls (``measuring``), else at :data:`IDLE_HEARTBEAT_HZ` (each heartbeat costs its
+        QEMU and this agent CPU: at 200 Hz ~25 % of a core between them under TCG). A guest
+        built before the rate command keeps its rate."""
+        if self.channel is None or not self.spec.is_lab_guest:
+            return
+        full_hz = self.spec.workload.heartbeat_hz
+        hz = full_hz if measuring else min(IDLE_HEARTBEAT_HZ, full_hz)
+        try:
+            await self.channel.set_heartbeat_rate(hz, _RATE_TIMEOUT_S)
+        except GuestError as err:
+            logger.info("vm.heartbeat_rate %s %d Hz: %s", self.label, hz, err)
 
     async def corrupt(self, page: int) -> None:
         """Damage one working-set page behind the guest's bookkeeping (for tests and drills).
@@ -188,6 +213,8 @@ async def launch(
     except BaseException:
         await vm.stop()
         raise
+    if not incoming:
+        await vm.heartbeat_for(measuring=False)
     logger.info("vm.launched %s pid=%s accel=%s", vm.label, process.pid, accel)
     return vm
 

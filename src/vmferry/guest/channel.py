@@ -18,6 +18,7 @@ from typing import TypeVar
 from vmferry.core.errors import GuestError
 from vmferry.core.heartbeat import HeartbeatGaps
 from vmferry.guest.protocol import (
+    Ack,
     Corrupted,
     CorruptedBlock,
     ErrorReply,
@@ -27,6 +28,7 @@ from vmferry.guest.protocol import (
     VerifyResult,
     corrupt_block_command,
     corrupt_command,
+    heartbeat_rate_command,
     parse_line,
     verify_command,
 )
@@ -70,6 +72,8 @@ class GuestChannel:
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
         self._path: Path | None = None
+        # One command at a time: a reply waiter drops replies of other types.
+        self._requests = asyncio.Lock()
 
     async def connect(self, path: Path, timeout_s: float = 10.0) -> None:
         """Connect to QEMU's chardev socket, retrying until it accepts.
@@ -146,9 +150,9 @@ class GuestChannel:
             raise GuestError(f"guest {self.name} sent no heartbeat in {timeout_s:g} s") from err
 
     async def request(self, command: bytes, reply_type: type[M], timeout_s: float) -> M:
-        """Send a command line and wait for its reply message of ``reply_type``; a connection
-        QEMU closed is made again first (:meth:`_reconnect`), and once more if it breaks as
-        the command is sent.
+        """Send a command line and wait for its reply message of ``reply_type`` (after any
+        command in flight has its reply); a connection QEMU closed is made again first
+        (:meth:`_reconnect`), and once more if it breaks as the command is sent.
 
         Raises:
             GuestError: no reply in time, the guest refused the command (``ERR``), or the
@@ -156,15 +160,16 @@ class GuestChannel:
         """
         if self._writer is None:
             raise GuestError(f"guest channel {self.name} is not connected")
-        if self._task is not None and self._task.done():
+        async with self._requests:
+            if self._task is not None and self._task.done():
+                await self._reconnect()
+            try:
+                return await self._exchange(command, reply_type, timeout_s)
+            except GuestError as err:
+                if not isinstance(err.__cause__, ConnectionError) or self._path is None:
+                    raise
             await self._reconnect()
-        try:
             return await self._exchange(command, reply_type, timeout_s)
-        except GuestError as err:
-            if not isinstance(err.__cause__, ConnectionError) or self._path is None:
-                raise
-        await self._reconnect()
-        return await self._exchange(command, reply_type, timeout_s)
 
     async def _exchange(self, command: bytes, reply_type: type[M], timeout_s: float) -> M:
         assert self._writer is not None
@@ -235,6 +240,16 @@ class GuestChannel:
                 in time, or the channel closed.
         """
         return await self.request(corrupt_block_command(block), CorruptedBlock, timeout_s)
+
+    async def set_heartbeat_rate(self, hz: int, timeout_s: float = _COMMAND_TIMEOUT_S) -> Ack:
+        """Have the guest send ``hz`` heartbeats per second from the next one.
+
+        Raises:
+            ConfigError: ``hz`` out of range.
+            GuestError: the guest refused (built before the command), did not confirm in
+                time, or the channel closed.
+        """
+        return await self.request(heartbeat_rate_command(hz), Ack, timeout_s)
 
     async def _reconnect(self) -> None:
         """Connect again after QEMU closed our connection while the guest runs on. QEMU's

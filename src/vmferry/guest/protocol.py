@@ -12,6 +12,7 @@ ASCII line. The guest sends::
     CORRUPTED <page>               reply to ``corrupt <page>``
     CORRUPTED block <n>            reply to ``corrupt-block <n>``
     ACK pause | ACK resume         reply to ``pause`` / ``resume`` (pause stops disk writes too)
+    ACK hz <n>                     reply to ``hz <n>``: heartbeats at <n> per second from the next
     ERR <text>                     reply to anything else
 
 Heartbeat sequence numbers count attempts, so a gap in ``seq`` is a dropped heartbeat, and
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vmferry.core.errors import ConfigError
-from vmferry.core.workload import Mode, Pattern
+from vmferry.core.workload import MAX_HEARTBEAT_HZ, Mode, Pattern
 
 __all__ = [
     "Ack",
@@ -49,6 +50,7 @@ __all__ = [
     "VerifyResult",
     "corrupt_block_command",
     "corrupt_command",
+    "heartbeat_rate_command",
     "parse_line",
     "pause_command",
     "ready_command",
@@ -121,9 +123,11 @@ class CorruptedBlock:
 
 @dataclass(frozen=True, slots=True)
 class Ack:
-    """Dirtying stopped (``pause``) or restarted (``resume``)."""
+    """Dirtying stopped (``pause``) or restarted (``resume``), or the heartbeat rate changed
+    (``hz``; ``hz`` is its new rate, 0 otherwise)."""
 
-    command: Literal["pause", "resume"]
+    command: Literal["pause", "resume", "hz"]
+    hz: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +143,7 @@ _UINT = r"(0|[1-9][0-9]{0,19})"
 _HB = re.compile(rf"HB {_UINT} {_UINT}")
 _VERIFY = re.compile(rf"VERIFY {_UINT} {_UINT} (-1|{_UINT})(?: {_UINT} {_UINT} (-1|{_UINT}))?")
 _CORRUPTED = re.compile(rf"CORRUPTED {_UINT}")
+_ACK_HZ = re.compile(rf"ACK hz {_UINT}")
 _CORRUPTED_BLOCK = re.compile(rf"CORRUPTED block {_UINT}")
 _READY = re.compile(
     rf"READY pages={_UINT} pattern=(zero|compressible|random) mode=(idle|paced|cpu) rate={_UINT}"
@@ -192,6 +197,8 @@ def parse_line(line: str) -> GuestMessage | None:
         return Ack("pause")
     if text == "ACK resume":
         return Ack("resume")
+    if match := _ACK_HZ.fullmatch(text):
+        return Ack("hz", int(match[1]))
     if text.startswith("ERR "):
         return ErrorReply(text[4:])
     return None
@@ -266,6 +273,18 @@ def corrupt_block_command(block: int) -> bytes:
 def pause_command() -> bytes:
     """Stop dirtying pages and writing disk blocks; heartbeats continue (``Ack("pause")``)."""
     return b"pause\n"
+
+
+def heartbeat_rate_command(hz: int) -> bytes:
+    """Send heartbeats at ``hz`` per second from the next one (answered by ``Ack("hz", hz)``;
+    a guest built before the command answers ``ERR``).
+
+    Raises:
+        ConfigError: ``hz`` outside 1..10000.
+    """
+    if not 1 <= hz <= MAX_HEARTBEAT_HZ:
+        raise ConfigError(f"heartbeat rate must be 1..{MAX_HEARTBEAT_HZ} Hz, got {hz}")
+    return f"hz {hz}\n".encode()
 
 
 def resume_command() -> bytes:

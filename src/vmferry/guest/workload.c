@@ -16,13 +16,16 @@
  *                  VERIFY <pages> <bad_pages> <first_bad_page|-1>
  *                         <blocks> <bad_blocks> <first_bad_block|-1>   (one line)
  *                  CORRUPTED <page> | CORRUPTED block <n>
- *                  ACK pause | ACK resume
+ *                  ACK pause | ACK resume | ACK hz <n>
  *                  ERR <text>
  *   host -> guest: verify | corrupt <page> | corrupt-block <n> | pause |
- *                  resume | ready
+ *                  resume | ready | hz <n>
  *
  * Heartbeats are best effort (dropped when the channel is full; the sequence
  * number makes drops visible). Replies are queued and retried until sent.
+ * "hz <n>" changes the heartbeat rate from the next heartbeat on (the host
+ * keeps it low while nothing measures the guest's stalls: each heartbeat costs
+ * the host's emulator and agent CPU).
  *
  * Disk: with disk_dev, the first disk_ws bytes of /dev/<disk_dev> (clamped to
  * the device) are the disk region of 4 KiB blocks. Every block is written once
@@ -112,6 +115,7 @@ static uint64_t stride;
 static uint64_t walk_k;
 static uint64_t dirtied_total;
 static int paused;
+static int hz_changed; /* "hz" ran: reschedule the next heartbeat */
 
 /* Disk state. block_gen is written by the writer thread (and by the fill,
  * before the thread starts); every access after that holds disk_lock. */
@@ -624,6 +628,8 @@ static void do_corrupt_block(const char *arg)
         reply("CORRUPTED block %llu\n", block);
 }
 
+static int parse_u64(const char *text, uint64_t *out);
+
 static void handle_command(char *line)
 {
     while (*line == ' ' || *line == '\t')
@@ -655,6 +661,15 @@ static void handle_command(char *line)
         reply("ACK resume\n");
     } else if (strcmp(line, "ready") == 0) {
         announce_ready();
+    } else if (strncmp(line, "hz ", 3) == 0) {
+        uint64_t v;
+        if (parse_u64(line + 3, &v) != 0 || v == 0 || v > 10000) {
+            reply("ERR hz wants 1..10000, got '%.32s'\n", line + 3);
+        } else {
+            cfg.hz = (uint32_t)v;
+            hz_changed = 1;
+            reply("ACK hz %llu\n", (unsigned long long)v);
+        }
     } else {
         reply("ERR unknown command '%.64s'\n", line);
     }
@@ -835,7 +850,7 @@ int main(int argc, char **argv)
     }
     announce_ready();
 
-    const uint64_t period_ns = 1000000000ull / cfg.hz;
+    uint64_t period_ns = 1000000000ull / cfg.hz;
     /* Token bucket for paced mode: at most ~50 ms of burst after a stall. */
     const double bucket_max = (double)cfg.rate_bps / 20.0 + (double)PAGE_SIZE_BYTES * PACED_CHUNK_PAGES;
     double tokens = 0.0;
@@ -853,6 +868,11 @@ int main(int argc, char **argv)
         }
         if (poll_commands()) {
             now = now_ns();
+            if (hz_changed) { /* the new rate from the next heartbeat on */
+                hz_changed = 0;
+                period_ns = 1000000000ull / cfg.hz;
+                next_hb = now + period_ns;
+            }
             if (next_hb <= now)
                 next_hb = now + period_ns;
             last_refill = now; /* no catch-up burst for time spent in a command */
