@@ -29,6 +29,7 @@ async def _boot_and_measure(lab: LocalLab, name: str, workload: str) -> GuestPro
     spec = VmSpec.build(name, memory="512M", workload=parse_workload(workload))
     vm = await lab.boot(spec, "host-1")
     heartbeats = vm.heartbeats
+    await vm.heartbeat_for(measuring=True)  # the measurement's stall, at 5 ms resolution
     heartbeats.open_window(now_ms())
     started = time.monotonic()
 
@@ -90,6 +91,7 @@ async def test_memory_sampled_through_the_memfd_agrees_without_qemu(lab: LocalLa
     assert vm.process.pid is not None
     via_qemu = await measure_guest(vm.qmp, lab.workdir)
     heartbeats = vm.heartbeats
+    await vm.heartbeat_for(measuring=True)  # the measurement's stall, at 5 ms resolution
     heartbeats.open_window(now_ms())
     ram_file = find_ram_fd(vm.process.pid, spec.memory_bytes)
     direct = await measure_guest(vm.qmp, lab.workdir, ram_file=ram_file)

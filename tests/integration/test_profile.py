@@ -58,6 +58,7 @@ async def test_plans_from_profiles_and_auto_skips_the_preflight(
     vm = await lab.boot(spec, "host-1")
     source = lab.cluster.client("host-1")
     assert isinstance(source, InProcessAgent)
+    await vm.heartbeat_for(measuring=True)  # the profiles' stalls, at 5 ms resolution
     vm.heartbeats.open_window(now_ms())
     profile = await _fresh_profile(source, "prof", timeout_s=15.0)
     await asyncio.sleep(4.5)  # two more background measurements, under the heartbeat window

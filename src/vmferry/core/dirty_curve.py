@@ -37,6 +37,10 @@ __all__ = ["DirtyCurve", "fit", "settled_bytes"]
 
 # The third window's slope against the second's: at least this much is still growing (None).
 _STILL_GROWING = 0.6
+# Unless the count grew by at most this share of its level over all three windows: then it has
+# levelled off, whatever the noise in its slopes (a writer adding less than that to its set per
+# ~2.5 s is not seen: 1 MB per 40 s to a 32 MiB set).
+_LEVEL = 0.02
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +94,9 @@ def settled_bytes(windows: tuple[tuple[float, float], ...]) -> int | None:
         raise ValueError(f"three increasing windows wanted, got {windows}")
     (w1, c1), (w2, c2), (w3, c3) = windows
     early, late = (c2 - c1) / (w2 - w1), (c3 - c2) / (w3 - w2)
-    if c3 <= 0.0 or late >= _STILL_GROWING * early > 0.0:
+    if c3 <= 0.0 or (late >= _STILL_GROWING * early > 0.0 and c3 - c1 > _LEVEL * c3):
         return None
-    if late <= 0.0 or early <= 0.0:
+    if late <= 0.0 or early <= 0.0 or c3 - c1 <= _LEVEL * c3:
         return round(max(c2, c3))  # levelled off already: the set is what changed
     # changed(w) = settled - a exp(-k w): the late rise over the early one fixes k (it falls
     # from the linear ratio towards 0 as k grows), then a and the level.
