@@ -92,7 +92,7 @@ def test_a_calm_or_levelled_guest_settles_on_what_changed() -> None:
     # Measured under load: flat within 0.4 %, its slopes noise.
     flat = ((0.4799, 25_448_448.0), (1.2419, 25_481_216.0), (2.7232, 25_538_560.0))
     assert settled_bytes(flat) == 25_538_560
-        # Noise: the late window saw fewer pages changed than the middle one.
+    # Noise: the late window saw fewer pages changed than the middle one.
     assert settled_bytes(((0.16, 2 * MIB), (1.07, 5 * MIB), (2.5, 4 * MIB))) == round(5 * MIB)
 
 
