@@ -3,9 +3,10 @@
 
 UV ?= uv
 PYTEST_ARGS ?=
-# Three workers on this machine kind's 2 cores: the suite mostly waits on guests (CPU ~30 % busy
-# with two; 1,196 tests: 6 min 38 s with two workers, 5 min 33 s with three). Tests marked
-# xdist_group("netns") share one worker; `solo` tests run alone (tests/DURATIONS.md).
+# Three workers on this machine kind's 2 cores (1,196 tests: 6 min 38 s with two workers, 5 min
+# 33 s with three; four were slower: counting the QEMUs, which `time` does not, a run keeps both
+# cores ~90 % busy). Tests marked xdist_group("netns") share one worker; `solo` tests run alone
+# (tests/DURATIONS.md).
 PYTEST_XDIST ?= -n 3 --dist loadgroup --durations=15
 
 setup:
