@@ -116,7 +116,7 @@ class RunningVm:
         hz = full_hz if measuring else min(IDLE_HEARTBEAT_HZ, full_hz)
         try:
             await self.channel.set_heartbeat_rate(hz, _RATE_TIMEOUT_S)
-        except GuestError as err:
+        except (GuestError, OSError) as err:
             logger.info("vm.heartbeat_rate %s %d Hz: %s", self.label, hz, err)
 
     async def corrupt(self, page: int) -> None:
