@@ -44,6 +44,7 @@ __all__ = [
     "Mode",
     "Pattern",
     "WorkloadSpec",
+    "check_heartbeat_hz",
     "format_size",
     "parse_size",
     "parse_workload",
@@ -168,10 +169,7 @@ class WorkloadSpec:
             raise ConfigError("mode=paced needs a positive rate (e.g. rate=50M)")
         if self.mode != "paced" and self.rate_bps != 0:
             raise ConfigError(f"a rate only applies to mode=paced, not mode={self.mode}")
-        if not 1 <= self.heartbeat_hz <= MAX_HEARTBEAT_HZ:
-            raise ConfigError(
-                f"heartbeat rate must be 1..{MAX_HEARTBEAT_HZ} Hz, got {self.heartbeat_hz}"
-            )
+        check_heartbeat_hz(self.heartbeat_hz)
         if self.disk_rate_bps < 0:
             raise ConfigError(f"disk rate must not be negative, got {self.disk_rate_bps}")
         if self.disk_size_bytes is not None and not (
@@ -277,6 +275,17 @@ def _parse_options(kind: str, body: str, allowed: tuple[str, ...]) -> dict[str, 
             raise ConfigError(f"{kind} option {key!r} given twice")
         options[key] = value
     return options
+
+
+def check_heartbeat_hz(hz: int) -> int:
+    """``hz`` if it is a heartbeat rate the guest workload takes.
+
+    Raises:
+        ConfigError: outside 1..MAX_HEARTBEAT_HZ.
+    """
+    if not 1 <= hz <= MAX_HEARTBEAT_HZ:
+        raise ConfigError(f"heartbeat rate must be 1..{MAX_HEARTBEAT_HZ} Hz, got {hz}")
+    return hz
 
 
 def _parse_hz(text: str) -> int:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vmferry.core.errors import ConfigError
-from vmferry.core.workload import MAX_HEARTBEAT_HZ, Mode, Pattern
+from vmferry.core.workload import Mode, Pattern, check_heartbeat_hz
 
 __all__ = [
     "Ack",
@@ -282,9 +282,7 @@ def heartbeat_rate_command(hz: int) -> bytes:
     Raises:
         ConfigError: ``hz`` outside 1..10000.
     """
-    if not 1 <= hz <= MAX_HEARTBEAT_HZ:
-        raise ConfigError(f"heartbeat rate must be 1..{MAX_HEARTBEAT_HZ} Hz, got {hz}")
-    return f"hz {hz}\n".encode()
+    return f"hz {check_heartbeat_hz(hz)}\n".encode()
 
 
 def resume_command() -> bytes:
