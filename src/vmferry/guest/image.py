@@ -212,13 +212,10 @@ def _apt_lists_signature() -> str | None:
     """What apt's answers depend on: its package lists (``apt-get update`` replaces them).
     None when they cannot be read (then nothing is remembered)."""
     try:
-        entries = sorted(
-            (entry.name, entry.stat().st_mtime_ns, entry.stat().st_size)
-            for entry in APT_LISTS.iterdir()
-            if entry.is_file()
-        )
+        stats = [(entry.name, entry.stat()) for entry in APT_LISTS.iterdir() if entry.is_file()]
     except OSError:
         return None
+    entries = sorted((name, st.st_mtime_ns, st.st_size) for name, st in stats)
     return _sha256(repr(entries).encode()) if entries else None
 
 
